@@ -1,1 +1,252 @@
-fn main() {}
+//! Project automation for vmsdk, run as `cargo xtask <task>`.
+//!
+//! * `ci` — install what the tests need (Debian packages, as root, only when missing), then run
+//!   `cargo fmt --check`, clippy with warnings denied, the whole test suite and the docs.
+//! * `deps` — only the install step of `ci`.
+//! * `fuzz [SECONDS]` — build every fuzz target and run each for a while (needs cargo-fuzz).
+//!
+//! The tool has no dependencies beyond std so that it builds in seconds on a fresh machine.
+
+#![forbid(unsafe_code)]
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+/// Debian packages the test suite talks to, with the command that proves each is present.
+///
+/// The peers are the real programs the integration tests run against: the guest agent, the NBD
+/// servers and clients, and QEMU for the virtual-machine test.
+const TEST_PEERS: &[(&str, &str)] = &[
+    ("qemu-guest-agent", "/usr/sbin/qemu-ga"),
+    ("qemu-utils", "/usr/bin/qemu-nbd"),
+    ("nbdkit", "/usr/bin/nbdkit"),
+    ("libnbd-bin", "/usr/bin/nbdinfo"),
+    ("systemd", "/usr/bin/systemd-detect-virt"),
+    ("util-linux", "/usr/bin/setpriv"),
+];
+
+/// Crates with a cargo-fuzz package of their own, outside the workspace.
+const FUZZ_DIRS: &[&str] = &["guest-stats/fuzz", "qga-proto/fuzz", "disk-transport/fuzz"];
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let task = args.first().map(String::as_str).unwrap_or("help");
+    let result = match task {
+        "ci" => ci(),
+        "deps" => install_test_peers(),
+        "fuzz" => fuzz(args.get(1).map(String::as_str)),
+        "help" | "-h" | "--help" => {
+            print_help();
+            Ok(())
+        }
+        other => Err(format!("unknown task `{other}`; run `cargo xtask help`")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_help() {
+    println!(
+        "usage: cargo xtask <task>\n\n\
+         tasks:\n  \
+         ci            install test peers, then fmt, clippy, tests and docs (what CI runs)\n  \
+         deps          install the Debian packages the tests need (as root, only if missing)\n  \
+         fuzz [SECS]   run every fuzz target for SECS seconds each (default 60; needs cargo-fuzz)"
+    );
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask lives one level below the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn ci() -> Result<(), String> {
+    let started = Instant::now();
+    install_test_peers()?;
+    let root = workspace_root();
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+
+    step(
+        &root,
+        "format",
+        &cargo,
+        &["fmt", "--all", "--", "--check"],
+        &[],
+    )?;
+    step(
+        &root,
+        "clippy",
+        &cargo,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--all-features",
+            "--",
+            "-D",
+            "warnings",
+        ],
+        &[],
+    )?;
+    // The peers were installed above, so a peer test that finds its peer missing must fail
+    // rather than skip: CI=true tells the tests so.
+    step(
+        &root,
+        "tests",
+        &cargo,
+        &["test", "--workspace", "--all-features"],
+        &[("CI", "true")],
+    )?;
+    step(
+        &root,
+        "docs",
+        &cargo,
+        &["doc", "--workspace", "--no-deps", "--all-features"],
+        &[("RUSTDOCFLAGS", "-D warnings")],
+    )?;
+    for dir in FUZZ_DIRS {
+        if root.join(dir).join("Cargo.toml").exists() {
+            step(
+                &root.join(dir),
+                &format!("fuzz targets build ({dir})"),
+                &cargo,
+                &["check", "--quiet"],
+                &[],
+            )?;
+        }
+    }
+    println!(
+        "xtask ci: all steps passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn step(
+    dir: &Path,
+    name: &str,
+    program: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> Result<(), String> {
+    println!("==> {name}: {program} {}", args.join(" "));
+    let started = Instant::now();
+    let status = Command::new(program)
+        .args(args)
+        .envs(envs.iter().copied())
+        .current_dir(dir)
+        .status()
+        .map_err(|e| format!("could not start `{program}`: {e}"))?;
+    println!(
+        "<== {name}: {} in {:.0} s",
+        if status.success() { "ok" } else { "FAILED" },
+        started.elapsed().as_secs_f64()
+    );
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("step `{name}` failed ({status})"))
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Installs the missing test peers with apt-get. Present packages are left alone, so a machine
+/// that already has everything never touches the network.
+fn install_test_peers() -> Result<(), String> {
+    let missing: Vec<&str> = TEST_PEERS
+        .iter()
+        .filter(|(_, probe)| !Path::new(probe).exists())
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        println!("==> test peers: all present");
+        return Ok(());
+    }
+    if !is_root() {
+        return Err(format!(
+            "the tests need these Debian packages: {}; run `sudo cargo xtask deps` or install them",
+            missing.join(" ")
+        ));
+    }
+    println!("==> test peers: installing {}", missing.join(" "));
+    let apt_env = [("DEBIAN_FRONTEND", "noninteractive")];
+    let root = workspace_root();
+    // The package lists of a fresh machine may be empty or stale; refresh once before installing.
+    step(
+        &root,
+        "apt-get update",
+        "apt-get",
+        &["update", "-q"],
+        &apt_env,
+    )?;
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(missing.iter().copied());
+    step(&root, "apt-get install", "apt-get", &install, &apt_env)?;
+    let still_missing: Vec<&str> = TEST_PEERS
+        .iter()
+        .filter(|(_, probe)| !Path::new(probe).exists())
+        .map(|(_, probe)| *probe)
+        .collect();
+    if still_missing.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "installed packages but these programs are still missing: {}",
+            still_missing.join(", ")
+        ))
+    }
+}
+
+fn fuzz(seconds: Option<&str>) -> Result<(), String> {
+    let seconds = seconds.unwrap_or("60");
+    seconds
+        .parse::<u32>()
+        .map_err(|_| format!("`{seconds}` is not a number of seconds"))?;
+    let root = workspace_root();
+    for dir in FUZZ_DIRS {
+        let dir = root.join(dir);
+        if !dir.join("Cargo.toml").exists() {
+            continue;
+        }
+        let listing = Command::new("cargo")
+            .args(["fuzz", "list"])
+            .current_dir(&dir)
+            .output()
+            .map_err(|e| format!("could not run cargo fuzz (cargo install cargo-fuzz): {e}"))?;
+        if !listing.status.success() {
+            return Err(format!(
+                "`cargo fuzz list` failed in {}: {}",
+                dir.display(),
+                String::from_utf8_lossy(&listing.stderr)
+            ));
+        }
+        for target in String::from_utf8_lossy(&listing.stdout).lines() {
+            let max_time = format!("-max_total_time={seconds}");
+            step(
+                &dir,
+                &format!("fuzz {target}"),
+                "cargo",
+                &["fuzz", "run", target, "--", &max_time],
+                &[("RUSTC_BOOTSTRAP", "1")],
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,273 @@
+//! The crate's one error type.
+
+use std::time::Duration;
+
+/// Result alias used throughout the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong while connecting to, opening, reading or writing a disk.
+///
+/// Native codes are kept where a backend has them: [`Error::Vix`] carries the 64-bit
+/// `VixError` of VDDK and [`Error::Nbd`] the errno an NBD server sent, so a user who knows the C
+/// APIs recognises every failure. Messages name the offset and, where there is one, what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An operating-system I/O error, with what was being done and where.
+    #[error("{op}{at}: {source}", at = fmt_offset(*offset))]
+    Io {
+        /// What was being done ("read", "connect to /run/nbd.sock", ...).
+        op: String,
+        /// Byte offset on the disk, when the operation had one.
+        offset: Option<u64>,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A VDDK call failed. `code` is the full `VixError`; [`Error::vix_code`] masks it.
+    #[error("VDDK {function} failed with VixError {code} ({message})")]
+    Vix {
+        /// The VDDK function that failed, e.g. `VixDiskLib_Open`.
+        function: String,
+        /// The raw 64-bit `VixError` (upper bits may carry extra data).
+        code: u64,
+        /// The text of `VixDiskLib_GetErrorText`.
+        message: String,
+    },
+    /// An NBD server answered a request with an error.
+    #[error("NBD server failed {command} of {length} bytes at offset {offset}: {} (errno {errno}){}",
+        nbd_errno_name(*errno), fmt_message(message))]
+    Nbd {
+        /// The command (`read`, `write`, `flush`, `trim`, `write-zeroes`, `block-status`).
+        command: &'static str,
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        length: u64,
+        /// The NBD error value (EPERM 1, EIO 5, ENOMEM 12, EINVAL 22, ENOSPC 28, ...).
+        errno: u32,
+        /// The human-readable message of a structured error chunk, if the server sent one.
+        message: String,
+    },
+    /// The peer broke the NBD protocol; the connection is unusable afterwards.
+    #[error("NBD protocol error: {0}")]
+    Protocol(String),
+    /// The NBD handshake failed (option refused, export unknown, TLS required, ...).
+    #[error("NBD handshake failed: {0}")]
+    Handshake(String),
+    /// An operation did not complete in time. The connection is closed afterwards.
+    #[error("{what}{at} did not complete within {after:?} (is the server alive? raise the timeout if it is just slow)",
+        at = fmt_offset(*offset))]
+    Timeout {
+        /// What timed out.
+        what: String,
+        /// Offset of the oldest request still waiting, if any.
+        offset: Option<u64>,
+        /// The timeout that expired.
+        after: Duration,
+    },
+    /// The connection was lost while a request was outstanding.
+    #[error("connection lost during {command}{at}: {reason}", at = fmt_offset(*offset))]
+    Disconnected {
+        /// The command that was waiting.
+        command: &'static str,
+        /// Its offset, if it had one.
+        offset: Option<u64>,
+        /// Why the connection ended.
+        reason: String,
+    },
+    /// A request reaches past the end of the disk.
+    #[error("{length} bytes at offset {offset} reach past the end of the disk ({capacity} bytes)")]
+    OutOfRange {
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        length: u64,
+        /// Disk size in bytes.
+        capacity: u64,
+    },
+    /// A request is not aligned as the backend requires (O_DIRECT, sector-based APIs, NBD
+    /// minimum block size).
+    #[error("{length} bytes at offset {offset} are not aligned to {alignment} bytes ({why})")]
+    Unaligned {
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        length: u64,
+        /// Required alignment.
+        alignment: u64,
+        /// Which rule demands it.
+        why: &'static str,
+    },
+    /// A write was attempted on something opened or connected read-only.
+    #[error("{0} is read-only (the connection or the open flags are read-only)")]
+    ReadOnly(String),
+    /// A disk, export or library was not found.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// A disk URI could not be understood.
+    #[error("invalid disk URI {uri:?}: {reason}")]
+    InvalidUri {
+        /// The URI as given.
+        uri: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Connection parameters are incomplete or contradictory.
+    #[error("invalid connection parameters: {0}")]
+    InvalidParams(String),
+    /// An InitEx configuration file has an error.
+    #[error("config{}:{line}: {message}", fmt_path(path))]
+    Config {
+        /// The file, if read from one.
+        path: Option<std::path::PathBuf>,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// No transport mode can serve this connection; each candidate says why it was rejected.
+    #[error("no usable transport mode: {}", fmt_rejections(.0))]
+    NoTransport(Vec<(crate::TransportMode, String)>),
+    /// SAN transport was chosen for a disk on local storage: VDDK would let the connection
+    /// succeed and fail every write later.
+    #[error("SAN transport cannot write to a disk on local storage; pass \"nbdssl\" or \"nbd\" as the transport modes, or connect read-only")]
+    SanOnLocalStorage,
+    /// The backend does not provide this operation.
+    #[error("{0} is not supported by this backend")]
+    Unsupported(String),
+    /// A failure injected by the [`memory`](crate::memory) fake.
+    #[error("injected {op} failure at offset {offset}")]
+    Injected {
+        /// The operation that failed.
+        op: &'static str,
+        /// The offset of the failing request.
+        offset: u64,
+    },
+}
+
+impl Error {
+    /// The VDDK error code with the upper bits masked (`VIX_ERROR_CODE(e) = e & 0xFFFF`), if this
+    /// is a VDDK error.
+    pub fn vix_code(&self) -> Option<u16> {
+        match self {
+            Error::Vix { code, .. } => Some((code & 0xFFFF) as u16),
+            _ => None,
+        }
+    }
+
+    /// The NBD errno, if the server reported an error.
+    pub fn nbd_errno(&self) -> Option<u32> {
+        match self {
+            Error::Nbd { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+
+    /// Whether the error leaves the connection unusable (timeouts, lost connections,
+    /// protocol violations).
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            Error::Timeout { .. } | Error::Disconnected { .. } | Error::Protocol(_)
+        )
+    }
+
+    pub(crate) fn io(op: impl Into<String>, offset: Option<u64>, source: std::io::Error) -> Self {
+        Error::Io {
+            op: op.into(),
+            offset,
+            source,
+        }
+    }
+}
+
+/// The symbolic name of an NBD error value as the protocol defines it.
+pub fn nbd_errno_name(errno: u32) -> &'static str {
+    match errno {
+        0 => "success",
+        1 => "EPERM: operation not permitted",
+        5 => "EIO: input/output error",
+        12 => "ENOMEM: out of memory",
+        22 => "EINVAL: invalid argument",
+        28 => "ENOSPC: no space left",
+        75 => "EOVERFLOW: value too large",
+        95 => "ENOTSUP: not supported",
+        108 => "ESHUTDOWN: server is shutting down",
+        _ => "unknown error",
+    }
+}
+
+fn fmt_offset(offset: Option<u64>) -> String {
+    offset.map(|o| format!(" at offset {o}")).unwrap_or_default()
+}
+
+fn fmt_message(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    }
+}
+
+fn fmt_path(path: &Option<std::path::PathBuf>) -> String {
+    path.as_ref()
+        .map(|p| format!(" {}", p.display()))
+        .unwrap_or_default()
+}
+
+fn fmt_rejections(rejections: &[(crate::TransportMode, String)]) -> String {
+    if rejections.is_empty() {
+        return "no candidates".to_owned();
+    }
+    rejections
+        .iter()
+        .map(|(mode, why)| format!("{mode}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vix_code_masks_upper_bits() {
+        let e = Error::Vix {
+            function: "VixDiskLib_Open".into(),
+            code: (7 << 32) | 16007,
+            message: "out of range".into(),
+        };
+        assert_eq!(e.vix_code(), Some(16007));
+        assert!(e.to_string().contains("VixDiskLib_Open"));
+    }
+
+    #[test]
+    fn nbd_error_names_offset_and_errno() {
+        let e = Error::Nbd {
+            command: "read",
+            offset: 4096,
+            length: 512,
+            errno: 5,
+            message: "bad sector".into(),
+        };
+        let text = e.to_string();
+        assert!(text.contains("offset 4096"), "{text}");
+        assert!(text.contains("EIO"), "{text}");
+        assert!(text.contains("bad sector"), "{text}");
+        assert_eq!(e.nbd_errno(), Some(5));
+        assert!(!e.is_fatal());
+    }
+
+    #[test]
+    fn timeout_is_fatal_and_says_what_to_do() {
+        let e = Error::Timeout {
+            what: "NBD read".into(),
+            offset: Some(1 << 20),
+            after: Duration::from_secs(2),
+        };
+        assert!(e.is_fatal());
+        assert!(e.to_string().contains("offset 1048576"));
+        assert!(e.to_string().contains("raise the timeout"));
+    }
+}

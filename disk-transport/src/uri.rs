@@ -1,0 +1,413 @@
+//! Opening a disk from a URI.
+//!
+//! | URI | backend |
+//! |---|---|
+//! | `mem://NAME?size=1G` | [`memory`](crate::memory): the process-wide disk `NAME`, created with `size` on first use |
+//! | `file:///path/disk.img`, `/path/disk.img`, `./disk.img` | [`file`](crate::file); `?direct=1` opens with `O_DIRECT` |
+//! | `nbd://HOST[:PORT]/[EXPORT]` | [`nbd`](crate::nbd) over TCP (port 10809 by default), as libnbd writes it |
+//! | `nbd+unix:///[EXPORT]?socket=PATH` | [`nbd`](crate::nbd) over a Unix socket |
+//!
+//! NBD URIs may carry `?timeout=SECONDS` and `?dirty-bitmap=NAME` (this crate's extensions);
+//! `nbds://` (TLS) and `nbd+vsock://` are recognised and refused with a clear error.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{Disk, Error, OpenFlags, Result};
+
+/// Where an NBD server listens.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum NbdAddress {
+    /// TCP host and port.
+    Tcp {
+        /// Host name or address (IPv6 without brackets).
+        host: String,
+        /// Port.
+        port: u16,
+    },
+    /// A Unix domain socket.
+    Unix(PathBuf),
+}
+
+/// A parsed disk URI; see the [module docs](self).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DiskUri {
+    /// `mem://NAME?size=SIZE`.
+    Memory {
+        /// Disk name.
+        name: String,
+        /// Size in bytes, needed when the disk does not exist yet.
+        size: Option<u64>,
+    },
+    /// `file:///PATH`.
+    File {
+        /// Path of the image or block device.
+        path: PathBuf,
+        /// Open with `O_DIRECT`.
+        direct: bool,
+    },
+    /// `nbd://` or `nbd+unix://`.
+    Nbd {
+        /// The server.
+        address: NbdAddress,
+        /// Export name ("" is the default export).
+        export: String,
+        /// Per-request timeout, if given.
+        timeout: Option<Duration>,
+        /// A `qemu:dirty-bitmap:NAME` context to negotiate, if given.
+        dirty_bitmap: Option<String>,
+    },
+}
+
+fn invalid(uri: &str, reason: impl Into<String>) -> Error {
+    Error::InvalidUri {
+        uri: uri.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Decodes `%XX` escapes.
+fn percent_decode(uri: &str, text: &str) -> Result<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = text
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| invalid(uri, "bad %-escape"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| invalid(uri, "escaped bytes are not UTF-8"))
+}
+
+/// Parses a size such as `4096`, `64K`, `1G`, `2GiB`, `1T` (binary multiples).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let number: u64 = text[..digits_end].parse().ok()?;
+    let shift = match text[digits_end..].to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        "p" | "pb" | "pib" => 50,
+        _ => return None,
+    };
+    number.checked_mul(1u64 << shift)
+}
+
+fn query_pairs<'a>(uri: &str, query: Option<&'a str>) -> Result<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    for item in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
+        let (k, v) = item.split_once('=').unwrap_or((item, ""));
+        pairs.push((percent_decode(uri, k)?, percent_decode(uri, v)?));
+    }
+    Ok(pairs)
+}
+
+impl std::str::FromStr for DiskUri {
+    type Err = Error;
+
+    fn from_str(uri: &str) -> Result<Self> {
+        if uri.starts_with('/') || uri.starts_with("./") || uri.starts_with("../") {
+            return Ok(DiskUri::File {
+                path: PathBuf::from(uri),
+                direct: false,
+            });
+        }
+        let (scheme, rest) = uri
+            .split_once("://")
+            .ok_or_else(|| invalid(uri, "expected SCHEME://... or an absolute path"))?;
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let query = query_pairs(uri, query)?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        match scheme {
+            "mem" => {
+                let name = percent_decode(uri, authority)?;
+                if name.is_empty() {
+                    return Err(invalid(uri, "missing disk name: mem://NAME?size=1G"));
+                }
+                let mut size = None;
+                for (k, v) in query {
+                    match k.as_str() {
+                        "size" => {
+                            size = Some(parse_size(&v).ok_or_else(|| {
+                                invalid(uri, format!("size {v:?} is not a size like 1G or 4096"))
+                            })?)
+                        }
+                        other => return Err(invalid(uri, format!("unknown parameter {other:?}"))),
+                    }
+                }
+                Ok(DiskUri::Memory { name, size })
+            }
+            "file" => {
+                if !authority.is_empty() && authority != "localhost" {
+                    return Err(invalid(uri, "file URIs name a local path: file:///path"));
+                }
+                if path.is_empty() {
+                    return Err(invalid(uri, "missing path"));
+                }
+                let mut direct = false;
+                for (k, v) in query {
+                    match k.as_str() {
+                        "direct" => direct = matches!(v.as_str(), "" | "1" | "true" | "on"),
+                        other => return Err(invalid(uri, format!("unknown parameter {other:?}"))),
+                    }
+                }
+                Ok(DiskUri::File {
+                    path: PathBuf::from(percent_decode(uri, path)?),
+                    direct,
+                })
+            }
+            "nbd" | "nbd+unix" => {
+                let export = percent_decode(uri, path.strip_prefix('/').unwrap_or(path))?;
+                let mut socket = None;
+                let mut timeout = None;
+                let mut dirty_bitmap = None;
+                for (k, v) in query {
+                    match k.as_str() {
+                        "socket" => socket = Some(PathBuf::from(v)),
+                        "timeout" => {
+                            let secs: f64 = v
+                                .parse()
+                                .ok()
+                                .filter(|s: &f64| s.is_finite() && *s > 0.0 && *s < 1e9)
+                                .ok_or_else(|| invalid(uri, "timeout must be seconds > 0"))?;
+                            timeout = Some(Duration::from_secs_f64(secs));
+                        }
+                        "dirty-bitmap" => dirty_bitmap = Some(v),
+                        // libnbd's TLS parameters and the like; they do not apply without TLS.
+                        _ => {}
+                    }
+                }
+                let address = if scheme == "nbd+unix" {
+                    if !authority.is_empty() {
+                        return Err(invalid(uri, "nbd+unix URIs have no host: nbd+unix:///EXPORT?socket=PATH"));
+                    }
+                    NbdAddress::Unix(socket.ok_or_else(|| invalid(uri, "missing ?socket=PATH"))?)
+                } else {
+                    let (host, port) = split_host_port(uri, authority)?;
+                    NbdAddress::Tcp { host, port }
+                };
+                Ok(DiskUri::Nbd {
+                    address,
+                    export,
+                    timeout,
+                    dirty_bitmap,
+                })
+            }
+            "nbds" | "nbds+unix" => Err(invalid(
+                uri,
+                "NBD over TLS is not supported yet; use nbd:// on a trusted network or a Unix socket",
+            )),
+            "nbd+vsock" | "nbds+vsock" => Err(invalid(uri, "NBD over vsock is not supported")),
+            other => Err(invalid(
+                uri,
+                format!("unknown scheme {other:?} (expected mem, file, nbd or nbd+unix)"),
+            )),
+        }
+    }
+}
+
+fn split_host_port(uri: &str, authority: &str) -> Result<(String, u16)> {
+    if authority.is_empty() {
+        return Err(invalid(uri, "missing host: nbd://HOST[:PORT]/EXPORT"));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| invalid(uri, "unterminated [IPv6] host"))?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        Some(p) => p
+            .parse()
+            .map_err(|_| invalid(uri, format!("port {p:?} is not a number 0-65535")))?,
+        None => 10809,
+    };
+    Ok((host.to_owned(), port))
+}
+
+/// Opens a disk from a URI (see the [module docs](self)). `flags.read_only` opens read-only.
+pub fn open_uri(uri: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
+    let parsed: DiskUri = uri.parse()?;
+    parsed.open(flags)
+}
+
+impl DiskUri {
+    /// Opens the disk this URI names.
+    pub fn open(&self, flags: OpenFlags) -> Result<Box<dyn Disk>> {
+        match self {
+            DiskUri::Memory { name, size } => {
+                let registry = crate::memory::shared();
+                let disk = match (registry.disk(name), size) {
+                    (Some(disk), Some(size)) if disk.capacity() != *size => {
+                        return Err(Error::InvalidParams(format!(
+                            "memory disk {name:?} exists with {} bytes, not {size}",
+                            disk.capacity()
+                        )))
+                    }
+                    (Some(disk), _) => disk,
+                    (None, Some(size)) => {
+                        let disk = crate::memory::MemoryDisk::new(*size);
+                        registry.insert(name.clone(), disk.clone());
+                        disk
+                    }
+                    (None, None) => {
+                        return Err(Error::NotFound(format!(
+                            "memory disk {name:?}; give ?size=SIZE to create it"
+                        )))
+                    }
+                };
+                Ok(Box::new(if flags.read_only {
+                    disk.read_only_handle()
+                } else {
+                    disk
+                }))
+            }
+            DiskUri::File { path, direct } => {
+                #[cfg(feature = "file")]
+                {
+                    let options = crate::file::FileOptions {
+                        read_only: flags.read_only,
+                        direct: *direct || flags.unbuffered,
+                        create_size: None,
+                    };
+                    Ok(Box::new(crate::file::FileDisk::open(path, &options)?))
+                }
+                #[cfg(not(feature = "file"))]
+                {
+                    let _ = (path, direct);
+                    Err(Error::Unsupported(
+                        "file:// (disk-transport was built without the `file` feature)".into(),
+                    ))
+                }
+            }
+            DiskUri::Nbd {
+                address,
+                export,
+                timeout,
+                dirty_bitmap,
+            } => {
+                #[cfg(feature = "nbd")]
+                {
+                    let mut options = crate::nbd::NbdOptions::new(address.clone())
+                        .export(export.clone())
+                        .read_only(flags.read_only);
+                    if let Some(t) = timeout {
+                        options = options.timeout(*t);
+                    }
+                    if let Some(b) = dirty_bitmap {
+                        options = options.dirty_bitmap(b.clone());
+                    }
+                    Ok(Box::new(crate::nbd::NbdDisk::connect(&options)?))
+                }
+                #[cfg(not(feature = "nbd"))]
+                {
+                    let _ = (address, export, timeout, dirty_bitmap);
+                    Err(Error::Unsupported(
+                        "nbd:// (disk-transport was built without the `nbd` feature)".into(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_libnbd_uris() {
+        assert_eq!(
+            "nbd://example.com/disk".parse::<DiskUri>().unwrap(),
+            DiskUri::Nbd {
+                address: NbdAddress::Tcp { host: "example.com".into(), port: 10809 },
+                export: "disk".into(),
+                timeout: None,
+                dirty_bitmap: None,
+            }
+        );
+        assert_eq!(
+            "nbd://[::1]:1234".parse::<DiskUri>().unwrap(),
+            DiskUri::Nbd {
+                address: NbdAddress::Tcp { host: "::1".into(), port: 1234 },
+                export: "".into(),
+                timeout: None,
+                dirty_bitmap: None,
+            }
+        );
+        assert_eq!(
+            "nbd+unix:///my%20disk?socket=/tmp/s.sock&timeout=2.5&dirty-bitmap=b0"
+                .parse::<DiskUri>()
+                .unwrap(),
+            DiskUri::Nbd {
+                address: NbdAddress::Unix("/tmp/s.sock".into()),
+                export: "my disk".into(),
+                timeout: Some(Duration::from_millis(2500)),
+                dirty_bitmap: Some("b0".into()),
+            }
+        );
+        assert!("nbd+unix:///x".parse::<DiskUri>().is_err());
+        assert!("nbds://h/x".parse::<DiskUri>().unwrap_err().to_string().contains("TLS"));
+        assert!("nbd://h:99999/".parse::<DiskUri>().is_err());
+        assert!("nbd://h/%zz".parse::<DiskUri>().is_err());
+    }
+
+    #[test]
+    fn parses_file_and_mem_uris() {
+        assert_eq!(
+            "file:///var/lib/d.img?direct=1".parse::<DiskUri>().unwrap(),
+            DiskUri::File { path: "/var/lib/d.img".into(), direct: true }
+        );
+        assert_eq!(
+            "/d.img".parse::<DiskUri>().unwrap(),
+            DiskUri::File { path: "/d.img".into(), direct: false }
+        );
+        assert_eq!(
+            "mem://a?size=2G".parse::<DiskUri>().unwrap(),
+            DiskUri::Memory { name: "a".into(), size: Some(2 << 30) }
+        );
+        assert!("mem://a?size=lots".parse::<DiskUri>().is_err());
+        assert!("ftp://x".parse::<DiskUri>().is_err());
+        assert_eq!(parse_size("64KiB"), Some(65536));
+        assert_eq!(parse_size("1T"), Some(1 << 40));
+        assert_eq!(parse_size("99999999999P"), None);
+    }
+
+    #[test]
+    fn mem_uris_share_one_disk() {
+        let a = open_uri("mem://uri-test-shared?size=1M", OpenFlags::read_write()).unwrap();
+        a.write_at(b"hello", 100).unwrap();
+        let b = open_uri("mem://uri-test-shared", OpenFlags::read_only()).unwrap();
+        let mut buf = [0u8; 5];
+        b.read_at(&mut buf, 100).unwrap();
+        assert_eq!(&buf, b"hello");
+        assert!(b.write_at(b"x", 0).is_err());
+        assert!(open_uri("mem://uri-test-shared?size=2M", OpenFlags::read_only()).is_err());
+        assert!(open_uri("mem://uri-test-missing", OpenFlags::read_only()).is_err());
+    }
+}

@@ -1,0 +1,186 @@
+//! The crate's error type.
+
+use std::time::Duration;
+
+pub use crate::types::ErrorClass;
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong talking to a guest agent.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The agent answered with an error object; `class` and `desc` are the agent's own.
+    #[error("guest agent error ({class}): {desc}")]
+    Agent {
+        /// QAPI error class, e.g. `GenericError`, `CommandNotFound`.
+        class: ErrorClass,
+        /// The agent's human-readable description.
+        desc: String,
+    },
+    /// `guest-info` says the agent does not have this command; nothing was sent.
+    #[error("the guest agent (version {agent_version}) does not have command {command}; upgrade qemu-ga in the guest")]
+    CommandNotSupported {
+        /// The command.
+        command: String,
+        /// Version the agent reported.
+        agent_version: String,
+    },
+    /// `guest-info` says the command is disabled in this agent; nothing was sent.
+    #[error("command {command} is disabled in the guest agent (version {agent_version}); enable it in the guest's qemu-ga configuration (--allow-rpcs/--block-rpcs)")]
+    CommandDisabled {
+        /// The command.
+        command: String,
+        /// Version the agent reported.
+        agent_version: String,
+    },
+    /// The agent did not answer the synchronisation handshake in time.
+    #[error("guest agent did not answer guest-sync within {} (is qemu-ga running in the guest?)", fmt_duration(*.timeout))]
+    SyncTimeout {
+        /// How long the client waited.
+        timeout: Duration,
+    },
+    /// The agent did not answer a command in time. The channel is re-synchronised
+    /// before the next command.
+    #[error("guest agent did not answer {command} within {} (the guest may be busy or the agent hung)", fmt_duration(*.timeout))]
+    Timeout {
+        /// The command.
+        command: String,
+        /// How long the client waited.
+        timeout: Duration,
+    },
+    /// The connection to the agent closed.
+    #[error("guest agent connection closed{}", .command.as_ref().map(|c| format!(" while waiting for the reply to {c}")).unwrap_or_default())]
+    Disconnected {
+        /// The command in flight, if any.
+        command: Option<String>,
+    },
+    /// A reply exceeded the configured size limit and was discarded.
+    #[error("guest agent reply larger than the limit of {limit} bytes (raise ClientConfig::max_reply_size or read in smaller chunks)")]
+    ReplyTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The agent sent something that is not a valid reply.
+    #[error("garbled reply from the guest agent: {detail}")]
+    Protocol {
+        /// What was wrong.
+        detail: String,
+    },
+    /// The reply was valid JSON but did not have the shape the command returns.
+    #[error("unexpected reply to {command}: {source}")]
+    Decode {
+        /// The command.
+        command: String,
+        /// serde's description.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The arguments could not be serialised.
+    #[error("cannot encode the arguments of {command}: {source}")]
+    Encode {
+        /// The command.
+        command: String,
+        /// serde's description.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// An address such as `qga+unix:///path` could not be understood.
+    #[error("invalid guest agent address '{address}': {reason}")]
+    InvalidAddress {
+        /// The address given.
+        address: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A process started with `guest-exec` did not finish in time.
+    #[error("guest process {pid} did not exit within {}", fmt_duration(*.timeout))]
+    ExecTimeout {
+        /// PID in the guest.
+        pid: i64,
+        /// How long the client waited.
+        timeout: Duration,
+    },
+    /// An I/O error on the channel.
+    #[error("I/O error on the guest agent channel: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// Whether the command is unavailable in this agent: unknown, compiled out or
+    /// disabled, whether the client knew it beforehand or the agent said so.
+    pub fn is_unsupported(&self) -> bool {
+        match self {
+            Error::CommandNotSupported { .. } | Error::CommandDisabled { .. } => true,
+            Error::Agent { class, .. } => {
+                matches!(class, ErrorClass::CommandNotFound)
+                    || matches!(class, ErrorClass::Other(c) if c == "CommandDisabled")
+            }
+            _ => false,
+        }
+    }
+
+    /// The agent's error class, for [`Error::Agent`].
+    pub fn class(&self) -> Option<&ErrorClass> {
+        match self {
+            Error::Agent { class, .. } => Some(class),
+            _ => None,
+        }
+    }
+
+    /// Whether the error says nothing about the agent itself but the channel
+    /// state is unknown (timeouts, disconnects, garbled replies).
+    pub fn is_channel_error(&self) -> bool {
+        matches!(
+            self,
+            Error::SyncTimeout { .. }
+                | Error::Timeout { .. }
+                | Error::Disconnected { .. }
+                | Error::ReplyTooLarge { .. }
+                | Error::Protocol { .. }
+                | Error::Io(_)
+        )
+    }
+}
+
+/// Formats a duration the way people write it: `5 s`, `250 ms`, `1.5 s`.
+pub(crate) fn fmt_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        format!("{ms} ms")
+    } else if ms % 1000 == 0 {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_timeout_message_tells_what_to_check() {
+        let e = Error::SyncTimeout { timeout: Duration::from_secs(5) };
+        assert_eq!(e.to_string(), "guest agent did not answer guest-sync within 5 s (is qemu-ga running in the guest?)");
+    }
+
+    #[test]
+    fn unsupported_covers_agent_and_client_side() {
+        let agent = Error::Agent { class: ErrorClass::CommandNotFound, desc: "x".into() };
+        assert!(agent.is_unsupported());
+        let generic = Error::Agent { class: ErrorClass::GenericError, desc: "x".into() };
+        assert!(!generic.is_unsupported());
+        let disabled = Error::CommandDisabled { command: "guest-exec".into(), agent_version: "7.2".into() };
+        assert!(disabled.is_unsupported());
+        assert!(disabled.to_string().contains("guest-exec"));
+    }
+
+    #[test]
+    fn durations_format_readably() {
+        assert_eq!(fmt_duration(Duration::from_millis(250)), "250 ms");
+        assert_eq!(fmt_duration(Duration::from_millis(1500)), "1.5 s");
+        assert_eq!(fmt_duration(Duration::from_secs(60)), "60 s");
+    }
+}

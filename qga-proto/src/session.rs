@@ -1,0 +1,345 @@
+//! The sans-I/O client state machine shared by [`crate::Client`] and
+//! [`crate::AsyncClient`]: synchronisation, request/reply matching, the
+//! capability cache. The clients only move bytes and keep time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::cmd;
+use crate::error::{Error, Result};
+use crate::types::GuestAgentInfo;
+use crate::wire::{self, Decoder, Frame, Reply};
+
+/// Settings shared by the blocking and the async client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    /// Longest wait for a command's reply (default 30 s). Long-running commands
+    /// (fsfreeze with hooks, fstrim) block the whole agent, so raise it for them.
+    pub timeout: Duration,
+    /// Longest wait for one synchronisation attempt (default 5 s, as libvirt).
+    pub sync_timeout: Duration,
+    /// Synchronisation attempts before giving up (default 2: a first attempt may
+    /// be eaten by garbage, as libvirt observed).
+    pub sync_attempts: u32,
+    /// How long commands that send nothing on success (shutdown, suspend) wait
+    /// for an error line before reporting success (default 1 s).
+    pub no_reply_grace: Duration,
+    /// Longest reply line accepted (default 10 MiB).
+    pub max_reply_size: usize,
+    /// Ask `guest-info` once per synchronisation and refuse, before sending,
+    /// commands the agent lacks or has disabled (default on).
+    pub check_capabilities: bool,
+    /// Put an `id` on every request and ignore replies with another id
+    /// (default off: it only adds a cross-check, strict FIFO already holds).
+    pub request_ids: bool,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            timeout: Duration::from_secs(30),
+            sync_timeout: Duration::from_secs(5),
+            sync_attempts: 2,
+            no_reply_grace: Duration::from_secs(1),
+            max_reply_size: wire::DEFAULT_MAX_REPLY_SIZE,
+            check_capabilities: true,
+            request_ids: false,
+        }
+    }
+}
+
+impl ClientConfig {
+    /// Sets [`timeout`](Self::timeout).
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Sets [`sync_timeout`](Self::sync_timeout).
+    pub fn sync_timeout(mut self, t: Duration) -> Self {
+        self.sync_timeout = t;
+        self
+    }
+
+    /// Sets [`sync_attempts`](Self::sync_attempts) (at least 1).
+    pub fn sync_attempts(mut self, n: u32) -> Self {
+        self.sync_attempts = n.max(1);
+        self
+    }
+
+    /// Sets [`no_reply_grace`](Self::no_reply_grace).
+    pub fn no_reply_grace(mut self, t: Duration) -> Self {
+        self.no_reply_grace = t;
+        self
+    }
+
+    /// Sets [`max_reply_size`](Self::max_reply_size).
+    pub fn max_reply_size(mut self, bytes: usize) -> Self {
+        self.max_reply_size = bytes;
+        self
+    }
+
+    /// Sets [`check_capabilities`](Self::check_capabilities).
+    pub fn check_capabilities(mut self, on: bool) -> Self {
+        self.check_capabilities = on;
+        self
+    }
+
+    /// Sets [`request_ids`](Self::request_ids).
+    pub fn request_ids(mut self, on: bool) -> Self {
+        self.request_ids = on;
+        self
+    }
+}
+
+/// A fresh, hard-to-guess sync id: a stale reply from another client must not
+/// match it by accident.
+pub(crate) fn random_id() -> i64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(t.as_nanos());
+    }
+    (h.finish() & 0x7fff_ffff_ffff_ffff) as i64
+}
+
+/// What the client waits for.
+#[derive(Debug, Clone)]
+pub(crate) enum Await {
+    /// The reply to our `guest-sync-delimited`.
+    Sync { id: i64, after_delimiter: bool },
+    /// The reply to a command.
+    Reply {
+        command: String,
+        id: Option<Value>,
+        /// `guest-sync-delimited` sent as an ordinary command: its reply follows a sentinel.
+        delimited: bool,
+        /// A sentinel arrived that was not ours: the reply after it is stale.
+        skip_next: bool,
+    },
+}
+
+/// Result of feeding frames to an [`Await`].
+#[derive(Debug)]
+pub(crate) enum Step {
+    /// Keep reading.
+    Pending,
+    /// Sync completed.
+    Synced,
+    /// The command's reply (or agent error).
+    Done(Result<Value>),
+}
+
+/// What the capability cache knows.
+#[derive(Debug, Clone)]
+pub(crate) enum Caps {
+    Unknown,
+    Known(GuestAgentInfo),
+    /// `guest-info` itself failed; fall back to the static command table.
+    Unavailable,
+}
+
+/// Client state independent of I/O.
+#[derive(Debug)]
+pub(crate) struct Session {
+    pub config: ClientConfig,
+    pub decoder: Decoder,
+    pub in_sync: bool,
+    pub caps: Caps,
+    next_id: u64,
+}
+
+impl Session {
+    pub fn new(config: ClientConfig) -> Self {
+        let decoder = Decoder::with_max_reply_size(config.max_reply_size);
+        Session { config, decoder, in_sync: false, caps: Caps::Unknown, next_id: 1 }
+    }
+
+    /// Forget everything tied to the old connection.
+    pub fn reset_connection(&mut self) {
+        self.decoder.reset();
+        self.in_sync = false;
+        self.caps = Caps::Unknown;
+    }
+
+    /// Whether the next command must first fetch `guest-info`.
+    pub fn needs_caps(&self) -> bool {
+        self.config.check_capabilities && matches!(self.caps, Caps::Unknown)
+    }
+
+    /// Checks `name` against the cache; returns whether the agent answers on success.
+    pub fn check_command(&self, name: &str) -> Result<bool> {
+        let static_reply = cmd::spec(name).map(|s| s.success_response).unwrap_or(true);
+        match &self.caps {
+            Caps::Known(info) if self.config.check_capabilities => {
+                // The handshake commands are answered even by agents that hide them.
+                if name == <cmd::GuestSync as cmd::Command>::NAME || name == <cmd::GuestSyncDelimited as cmd::Command>::NAME {
+                    return Ok(true);
+                }
+                match info.command(name) {
+                    None => Err(Error::CommandNotSupported {
+                        command: name.to_owned(),
+                        agent_version: info.version.clone(),
+                    }),
+                    Some(c) if !c.enabled => Err(Error::CommandDisabled {
+                        command: name.to_owned(),
+                        agent_version: info.version.clone(),
+                    }),
+                    Some(c) => Ok(c.success_response),
+                }
+            }
+            _ => Ok(static_reply),
+        }
+    }
+
+    /// Bytes and wait state for one synchronisation attempt.
+    pub fn begin_sync(&mut self) -> (Vec<u8>, Await) {
+        let id = random_id();
+        self.in_sync = false;
+        (wire::encode_sync_delimited(id), Await::Sync { id, after_delimiter: false })
+    }
+
+    /// Bytes and wait state for a command.
+    pub fn begin_command(&mut self, name: &str, args: Option<&Value>) -> Result<(Vec<u8>, Await)> {
+        let id = self.config.request_ids.then(|| {
+            let id = self.next_id;
+            self.next_id += 1;
+            Value::from(id)
+        });
+        let bytes = wire::encode_request_value(name, args.unwrap_or(&Value::Null), id.as_ref())?;
+        let delimited = name == <cmd::GuestSyncDelimited as cmd::Command>::NAME;
+        Ok((bytes, Await::Reply { command: name.to_owned(), id, delimited, skip_next: false }))
+    }
+
+    /// Drains decoded frames into `wait`.
+    pub fn poll(&mut self, wait: &mut Await) -> Step {
+        while let Some(frame) = self.decoder.next_frame() {
+            match feed(wait, frame) {
+                Step::Pending => continue,
+                Step::Synced => {
+                    self.in_sync = true;
+                    return Step::Synced;
+                }
+                done => return done,
+            }
+        }
+        Step::Pending
+    }
+}
+
+fn feed(wait: &mut Await, frame: Frame) -> Step {
+    match wait {
+        Await::Sync { id, after_delimiter } => {
+            match frame {
+                Frame::Delimiter => *after_delimiter = true,
+                Frame::Reply(Reply { outcome: Ok(v), .. }) if *after_delimiter && v.as_i64() == Some(*id) => {
+                    return Step::Synced
+                }
+                // Error lines (the agent's answer to our 0xFF), stale replies,
+                // garbage: all ignored until our delimited reply shows up.
+                _ => *after_delimiter = false,
+            }
+            Step::Pending
+        }
+        Await::Reply { command, id, delimited, skip_next } => match frame {
+            Frame::Delimiter => {
+                if !*delimited {
+                    *skip_next = true;
+                }
+                Step::Pending
+            }
+            Frame::Reply(reply) => {
+                if *skip_next {
+                    *skip_next = false;
+                    return Step::Pending;
+                }
+                if let Some(ours) = id {
+                    if reply.id.as_ref() != Some(ours) {
+                        return Step::Pending;
+                    }
+                }
+                Step::Done(reply.outcome.map_err(Error::from))
+            }
+            Frame::Invalid { excerpt, reason } => Step::Done(Err(Error::Protocol {
+                detail: format!("{reason} while waiting for the reply to {command}: {excerpt:?}"),
+            })),
+            Frame::Oversized { limit } => Step::Done(Err(Error::ReplyTooLarge { limit })),
+        },
+    }
+}
+
+/// Decodes a command's return value.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(command: &str, v: Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|source| Error::Decode { command: command.to_owned(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn sync_skips_error_line_and_stale_sync_replies() {
+        let mut s = Session::new(ClientConfig::default());
+        let (bytes, mut wait) = s.begin_sync();
+        assert_eq!(bytes[0], 0xFF);
+        let Await::Sync { id, .. } = wait else { panic!() };
+        s.decoder.push(b"{\"return\": {}}\n\xff{\"return\": 7}\n");
+        s.decoder.push(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\uFFFD'\"}}\n");
+        assert!(matches!(s.poll(&mut wait), Step::Pending));
+        s.decoder.push(format!("\u{0}garbage\n").as_bytes());
+        s.decoder.push(&[0xFF]);
+        s.decoder.push(format!("{{\"return\": {id}}}\n").as_bytes());
+        assert!(matches!(s.poll(&mut wait), Step::Synced));
+        assert!(s.in_sync);
+    }
+
+    #[test]
+    fn reply_after_foreign_sentinel_is_skipped() {
+        let mut s = Session::new(ClientConfig::default());
+        let (_, mut wait) = s.begin_command("guest-ping", None).unwrap();
+        s.decoder.push(b"\xff{\"return\": 99}\n{\"return\": {}}\n");
+        match s.poll(&mut wait) {
+            Step::Done(Ok(v)) => assert_eq!(v, json!({})),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ids_filter_stale_replies() {
+        let mut s = Session::new(ClientConfig::default().request_ids(true));
+        let (bytes, mut wait) = s.begin_command("guest-ping", None).unwrap();
+        assert!(String::from_utf8_lossy(&bytes).contains("\"id\":1"));
+        s.decoder.push(b"{\"return\": {}, \"id\": 0}\n{\"return\": {\"ok\": 1}, \"id\": 1}\n");
+        match s.poll(&mut wait) {
+            Step::Done(Ok(v)) => assert_eq!(v, json!({"ok": 1})),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn capabilities_refuse_missing_and_disabled() {
+        let mut s = Session::new(ClientConfig::default());
+        s.caps = Caps::Known(
+            serde_json::from_value(json!({"version": "7.2.22", "supported_commands": [
+                {"name": "guest-ping", "enabled": true, "success-response": true},
+                {"name": "guest-shutdown", "enabled": false, "success-response": false}
+            ]}))
+            .unwrap(),
+        );
+        assert!(s.check_command("guest-ping").unwrap());
+        assert!(matches!(s.check_command("guest-shutdown"), Err(Error::CommandDisabled { .. })));
+        assert!(matches!(s.check_command("guest-get-load"), Err(Error::CommandNotSupported { .. })));
+        assert!(s.check_command("guest-sync-delimited").unwrap());
+    }
+
+    #[test]
+    fn random_ids_differ() {
+        assert_ne!(random_id(), random_id());
+        assert!(random_id() >= 0);
+    }
+}
