@@ -3,6 +3,8 @@
 //! * `ci` — install what the tests need (Debian packages, as root, only when missing), then run
 //!   `cargo fmt --check`, clippy with warnings denied, the whole test suite and the docs.
 //! * `deps` — only the install step of `ci`.
+//! * `bench-detect [RUNS]` — wall time of `vmsdk detect` and `systemd-detect-virt` as whole
+//!   processes, interleaved in one run, with their ratio.
 //! * `fuzz [SECONDS]` — build every fuzz target and run each for a while (needs cargo-fuzz).
 //!
 //! The tool has no dependencies beyond std so that it builds in seconds on a fresh machine.
@@ -37,6 +39,7 @@ fn main() -> ExitCode {
         "ci" => ci(),
         "deps" => install_test_peers(),
         "fuzz" => fuzz(args.get(1).map(String::as_str)),
+        "bench-detect" => bench_detect(args.get(1).map(String::as_str)),
         "help" | "-h" | "--help" => {
             print_help();
             Ok(())
@@ -58,7 +61,8 @@ fn print_help() {
          tasks:\n  \
          ci            install test peers, then fmt, clippy, tests and docs (what CI runs)\n  \
          deps          install the Debian packages the tests need (as root, only if missing)\n  \
-         fuzz [SECS]   run every fuzz target for SECS seconds each (default 60; needs cargo-fuzz)"
+         fuzz [SECS]   run every fuzz target for SECS seconds each (default 60; needs cargo-fuzz)\n  \
+         bench-detect [RUNS]  time `vmsdk detect` against `systemd-detect-virt`, interleaved"
     );
 }
 
@@ -248,5 +252,60 @@ fn fuzz(seconds: Option<&str>) -> Result<(), String> {
             )?;
         }
     }
+    Ok(())
+}
+
+/// Times whole-process runs of `vmsdk detect` and `systemd-detect-virt`, alternating them so
+/// that both see the same machine state, and prints medians and the ratio.
+fn bench_detect(runs: Option<&str>) -> Result<(), String> {
+    let runs: usize = runs
+        .unwrap_or("200")
+        .parse()
+        .map_err(|_| "RUNS must be a number".to_owned())?;
+    let root = workspace_root();
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    step(
+        &root,
+        "build vmsdk (release)",
+        &cargo,
+        &["build", "--release", "--quiet", "-p", "vmsdk", "--bin", "vmsdk"],
+        &[],
+    )?;
+    let target = env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), PathBuf::from);
+    let ours = target.join("release/vmsdk");
+    let theirs = "systemd-detect-virt";
+    let time_one = |program: &Path, args: &[&str]| -> Result<f64, String> {
+        let started = Instant::now();
+        let out = Command::new(program)
+            .args(args)
+            .output()
+            .map_err(|e| format!("could not run {}: {e}", program.display()))?;
+        let elapsed = started.elapsed().as_secs_f64() * 1e3;
+        Ok(if out.stdout.is_empty() { f64::NAN } else { elapsed })
+    };
+    let mut ours_ms = Vec::with_capacity(runs);
+    let mut theirs_ms = Vec::with_capacity(runs);
+    // Warm the page cache for both binaries first.
+    time_one(&ours, &["detect"])?;
+    time_one(Path::new(theirs), &[])?;
+    for _ in 0..runs {
+        ours_ms.push(time_one(&ours, &["detect"])?);
+        theirs_ms.push(time_one(Path::new(theirs), &[])?);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (ours_mean, theirs_mean) = (mean(&ours_ms), mean(&theirs_ms));
+    let (ours_median, theirs_median) = (median(&mut ours_ms), median(&mut theirs_ms));
+    println!("runs each: {runs} (interleaved)");
+    println!("vmsdk detect          median {ours_median:7.3} ms  mean {ours_mean:7.3} ms");
+    println!("systemd-detect-virt   median {theirs_median:7.3} ms  mean {theirs_mean:7.3} ms");
+    println!(
+        "ratio vmsdk/systemd   median {:.2}x  mean {:.2}x  (goal <= 1x)",
+        ours_median / theirs_median,
+        ours_mean / theirs_mean
+    );
     Ok(())
 }
