@@ -2,18 +2,30 @@
 //! agent and virtual disks.
 //!
 //! ```
-//! let detection = vmsdk::detect::detect();
-//! match detection.vm {
+//! use vmsdk::{BackendChoice, Platform};
+//!
+//! // Detection runs on the real machine; the fake backend keeps this example portable.
+//! let platform = Platform::builder().backend(BackendChoice::Fake).build()?;
+//! match platform.detection().vm {
 //!     Some(hypervisor) => println!("running on {hypervisor}"),
 //!     None => println!("bare metal"),
 //! }
-//! for evidence in &detection.vm_evidence {
-//!     println!("{}: {}", evidence.source, evidence.observed);
-//! }
+//! let mut stats = platform.guest_stats()?;
+//! let session = stats.update()?;
+//! println!("session {session}: {} ms stolen", stats.cpu_stolen_ms()?);
+//! # Ok::<(), vmsdk::Error>(())
 //! ```
 
 #![forbid(unsafe_code)]
 
 pub mod detect;
+mod error;
+mod platform;
+pub mod prometheus;
 
 pub use detect::{detect, Container, Detection, Detector, Evidence, Hypervisor};
+pub use error::{Error, Result};
+pub use platform::{BackendChoice, Platform, PlatformBuilder};
+
+/// The crates the facade builds on, re-exported so one dependency is enough.
+pub use guest_stats;

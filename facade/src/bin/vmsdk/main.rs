@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod detect;
+mod stats;
 
 use std::process::ExitCode;
 
@@ -12,6 +13,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "vmsdk", version, about, propagate_version = true)]
 struct Cli {
+    /// Which backends to use: `auto` picks the real ones for this machine, `fake` the in-memory
+    /// fakes (default: $VMSDK_BACKEND, else auto).
+    #[arg(long, global = true, value_name = "auto|fake")]
+    backend: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,12 +25,15 @@ struct Cli {
 enum Command {
     /// Detect the hypervisor and container, like systemd-detect-virt (exit 1 when none).
     Detect(detect::DetectArgs),
+    /// Show the guest statistics of this VM (the vSphere Guest API set).
+    Stats(stats::StatsArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let outcome = match cli.command {
-        Command::Detect(args) => detect::run(&args),
+    let outcome = match &cli.command {
+        Command::Detect(args) => detect::run(args),
+        Command::Stats(args) => platform(&cli).and_then(|p| stats::run(&p, args)),
     };
     match outcome {
         Ok(code) => code,
@@ -38,3 +46,12 @@ fn main() -> ExitCode {
 
 /// What a subcommand reports when it cannot do its job; printed as `vmsdk: <message>`.
 type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
+
+/// The platform with the backend choice of `--backend`, else `VMSDK_BACKEND`.
+fn platform(cli: &Cli) -> Result<vmsdk::Platform, Box<dyn std::error::Error>> {
+    let mut builder = vmsdk::Platform::builder();
+    if let Some(word) = &cli.backend {
+        builder = builder.backend(word.parse()?);
+    }
+    Ok(builder.build()?)
+}

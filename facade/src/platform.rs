@@ -1,0 +1,190 @@
+//! `Platform`: detect the hypervisor once, then hand out the backends that fit it.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use guest_stats::GuestStats;
+
+use crate::detect::{Detection, Detector, Hypervisor};
+use crate::error::{Error, Result};
+
+/// Which family of backends to hand out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum BackendChoice {
+    /// The real backends that fit the detected hypervisor.
+    #[default]
+    Auto,
+    /// The in-memory fakes, whatever the machine: for demos and for users' tests.
+    Fake,
+}
+
+impl BackendChoice {
+    /// The environment variable that overrides the default choice.
+    pub const ENV: &'static str = "VMSDK_BACKEND";
+
+    /// The choice named by `VMSDK_BACKEND`, or `Auto` when it is unset.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var(Self::ENV) {
+            Ok(word) if !word.is_empty() => word.parse(),
+            _ => Ok(Self::Auto),
+        }
+    }
+}
+
+impl FromStr for BackendChoice {
+    type Err = Error;
+
+    fn from_str(word: &str) -> Result<Self> {
+        match word {
+            "auto" => Ok(Self::Auto),
+            "fake" => Ok(Self::Fake),
+            other => Err(Error::UnknownBackend(other.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for BackendChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Fake => "fake",
+        })
+    }
+}
+
+/// The machine as the SDK sees it: what runs it, and which backends to use.
+///
+/// ```
+/// use vmsdk::{BackendChoice, Platform};
+///
+/// let platform = Platform::builder().backend(BackendChoice::Fake).build()?;
+/// let mut stats = platform.guest_stats()?;
+/// stats.update()?;
+/// println!("stolen: {} ms", stats.cpu_stolen_ms()?);
+/// # Ok::<(), vmsdk::Error>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct Platform {
+    detection: Detection,
+    backend: BackendChoice,
+    root: PathBuf,
+}
+
+/// Builds a [`Platform`] with a chosen backend family and filesystem root.
+#[derive(Debug, Clone, Default)]
+pub struct PlatformBuilder {
+    backend: Option<BackendChoice>,
+    root: Option<PathBuf>,
+}
+
+impl PlatformBuilder {
+    /// Uses `backend` instead of `VMSDK_BACKEND`.
+    pub fn backend(mut self, backend: BackendChoice) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// Reads `/proc`, `/sys`, ... under `root` for detection and the Linux backend.
+    pub fn root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.root = Some(root.into());
+        self
+    }
+
+    /// Detects the hypervisor and container and settles the backend choice.
+    pub fn build(self) -> Result<Platform> {
+        let backend = match self.backend {
+            Some(choice) => choice,
+            None => BackendChoice::from_env()?,
+        };
+        let (detection, root) = match self.root {
+            Some(root) => {
+                let detector =
+                    Detector::new()
+                        .with_root(&root)
+                        .map_err(|source| Error::CpuidRecording {
+                            root: root.clone(),
+                            source,
+                        })?;
+                (detector.detect(), root)
+            }
+            None => (Detector::new().detect(), PathBuf::from("/")),
+        };
+        Ok(Platform {
+            detection,
+            backend,
+            root,
+        })
+    }
+}
+
+impl Platform {
+    /// Detects this machine, taking the backend choice from `VMSDK_BACKEND` (default `auto`).
+    pub fn detect() -> Result<Self> {
+        Self::builder().build()
+    }
+
+    /// A builder for a platform with explicit choices.
+    pub fn builder() -> PlatformBuilder {
+        PlatformBuilder::default()
+    }
+
+    /// What detection found, with its evidence.
+    pub fn detection(&self) -> &Detection {
+        &self.detection
+    }
+
+    /// The backend family in use.
+    pub fn backend(&self) -> BackendChoice {
+        self.backend
+    }
+
+    /// The guest statistics backend for this machine: the VMware backdoor on VMware, the Linux
+    /// backend on every other Linux guest, the scripted fake with [`BackendChoice::Fake`].
+    pub fn guest_stats(&self) -> Result<Box<dyn GuestStats>> {
+        if self.backend == BackendChoice::Fake {
+            return Ok(Box::new(guest_stats::fake::FakeGuestStats::example()));
+        }
+        stats_backend(self.detection.vm, &self.root)
+    }
+}
+
+fn stats_backend(vm: Option<Hypervisor>, root: &std::path::Path) -> Result<Box<dyn GuestStats>> {
+    let _ = root;
+    let what = vm.map_or_else(|| "bare metal".to_owned(), |h| h.to_string());
+    Err(Error::NoStatsBackend {
+        what,
+        why: "the real guest statistics backends are not implemented yet in this build; \
+              use `--backend fake` (or VMSDK_BACKEND=fake) to try the fake"
+            .to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_words_parse_and_print() {
+        assert_eq!(
+            "fake".parse::<BackendChoice>().unwrap(),
+            BackendChoice::Fake
+        );
+        assert_eq!(BackendChoice::Auto.to_string(), "auto");
+        let err = "vmware".parse::<BackendChoice>().unwrap_err();
+        assert!(err.to_string().contains("expected `auto` or `fake`"));
+    }
+
+    #[test]
+    fn fake_platform_hands_out_the_fake_stats() {
+        let platform = Platform::builder()
+            .backend(BackendChoice::Fake)
+            .build()
+            .unwrap();
+        let mut stats = platform.guest_stats().unwrap();
+        assert_eq!(stats.backend(), "fake");
+        stats.update().unwrap();
+        assert!(stats.snapshot().unwrap().available().count() > 10);
+    }
+}
