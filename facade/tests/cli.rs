@@ -1,0 +1,181 @@
+//! The `vmsdk` binary end to end on the fake backend: formats, --watch and the HTTP exporter.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn vmsdk(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_vmsdk"))
+        .args(args)
+        .env_remove("VMSDK_BACKEND")
+        .output()
+        .expect("vmsdk runs")
+}
+
+fn parse_exposition(text: &str) -> prometheus_parse::Scrape {
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines).expect("valid exposition format")
+}
+
+#[test]
+fn fake_stats_as_json_have_every_statistic_key() {
+    let out = vmsdk(&["--backend", "fake", "stats", "--format", "json"]);
+    assert!(out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["backend"], "fake");
+    for stat in guest_stats::Stat::ALL {
+        assert!(
+            json.get(stat.name()).is_some(),
+            "no key for {}",
+            stat.name()
+        );
+    }
+    assert!(json["cpu_stolen_ms"].as_u64().is_some());
+}
+
+#[test]
+fn fake_stats_table_names_every_statistic_with_its_unit() {
+    let out = vmsdk(&["--backend", "fake", "stats"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for stat in guest_stats::Stat::ALL {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(stat.name()))
+            .unwrap_or_else(|| panic!("no row for {}", stat.name()));
+        assert!(line.contains(&stat.unit().to_string()));
+    }
+}
+
+#[test]
+fn prometheus_output_parses_and_uses_base_units() {
+    let out = vmsdk(&["--backend", "fake", "stats", "--format", "prometheus"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let scrape = parse_exposition(&text);
+    let json = vmsdk(&["--backend", "fake", "stats", "--format", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let stolen = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == "vmsdk_cpu_stolen_seconds_total")
+        .expect("stolen time exported");
+    let prometheus_parse::Value::Counter(seconds) = stolen.value else {
+        panic!("stolen time is a counter, got {:?}", stolen.value);
+    };
+    // Both runs start the fake from its first sample, so the values agree.
+    assert_eq!(
+        seconds,
+        json["cpu_stolen_ms"].as_u64().unwrap() as f64 / 1000.0
+    );
+    assert!(text.contains("# HELP vmsdk_mem_ballooned_bytes "));
+    assert_eq!(stolen.labels.get("backend"), Some("fake"));
+}
+
+#[test]
+fn auto_backend_without_a_real_one_says_so_and_fails() {
+    // On a machine whose real backend is missing from the build the message must say what to
+    // do; on a machine with one, it must not pretend to be the fake.
+    let out = vmsdk(&["stats", "--format", "json"]);
+    if out.status.success() {
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_ne!(json["backend"], "fake");
+    } else {
+        let message = String::from_utf8(out.stderr).unwrap();
+        assert!(message.starts_with("vmsdk: "), "{message}");
+    }
+}
+
+#[test]
+fn watch_prints_the_requested_number_of_intervals_as_json_lines() {
+    let out = vmsdk(&[
+        "--backend",
+        "fake",
+        "stats",
+        "--watch",
+        "10ms",
+        "--count",
+        "3",
+        "--format",
+        "json",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for line in &lines {
+        assert!(line["cpu_used_percent"].as_f64().unwrap() > 0.0);
+        assert_eq!(line["session_changed"], false);
+    }
+}
+
+struct Exporter(Child);
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.to_owned(), body.to_owned())
+}
+
+#[test]
+fn listen_serves_metrics_over_http() {
+    let child = Command::new(env!("CARGO_BIN_EXE_vmsdk"))
+        .args(["--backend", "fake", "stats", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut exporter = Exporter(child);
+    let mut first_line = String::new();
+    BufReader::new(exporter.0.stdout.take().unwrap())
+        .read_line(&mut first_line)
+        .unwrap();
+    let addr = first_line
+        .trim()
+        .strip_prefix("serving http://")
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("unexpected banner {first_line:?}"))
+        .to_owned();
+
+    let (head, body) = http_get(&addr, "/metrics");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head
+        .to_ascii_lowercase()
+        .contains("content-type: text/plain; version=0.0.4"));
+    let first = parse_exposition(&body);
+    assert!(first.samples.len() > 20);
+
+    // Each scrape takes a fresh update: the fake's counters move between scrapes.
+    let (_, body) = http_get(&addr, "/metrics");
+    let second = parse_exposition(&body);
+    let used = |s: &prometheus_parse::Scrape| {
+        s.samples
+            .iter()
+            .find(|m| m.metric == "vmsdk_cpu_used_seconds_total")
+            .map(|m| format!("{:?}", m.value))
+    };
+    assert_ne!(used(&first), used(&second));
+
+    let (head, _) = http_get(&addr, "/nope");
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+}
