@@ -179,3 +179,30 @@ fn listen_serves_metrics_over_http() {
     let (head, _) = http_get(&addr, "/nope");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 }
+
+#[test]
+fn the_monitor_example_runs_on_the_fakes() {
+    // Examples are built by `cargo test`; the binary sits next to the test executables.
+    let exe = std::env::current_exe().unwrap();
+    let examples = exe.parent().unwrap().parent().unwrap().join("examples");
+    let monitor = examples.join("monitor");
+    assert!(monitor.is_file(), "{} not built", monitor.display());
+    let out = Command::new(monitor)
+        .args(["0.01", "3"])
+        .env("VMSDK_BACKEND", "fake")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 4, "{text}");
+    assert!(lines[0].ends_with("statistics from the fake backend"));
+    for line in &lines[1..] {
+        assert!(line.starts_with("cpu used "), "{line}");
+        assert!(line.contains("memory used "), "{line}");
+    }
+}
