@@ -11,7 +11,7 @@
 //!
 //! # fn main() -> Result<(), disk_transport::Error> {
 //! let config: Config = r#"
-//! # log level 0 to 6 for quiet ranging to verbose
+//! ## log level 0 to 6 for quiet ranging to verbose
 //! vixDiskLib.transport.LogLevel = 2
 //! vixDiskLib.nfc.ReadTimeoutMs = 60000   # one minute
 //! tmpDirectory = "/var/tmp/vddk"
@@ -301,9 +301,9 @@ fn parse_value(rest: &str) -> std::result::Result<String, String> {
 }
 
 fn int_in(name: &str, value: &str, min: u64, max: u64) -> std::result::Result<u64, String> {
-    let n: u64 = value
-        .parse()
-        .map_err(|_| format!("{name} must be a whole number from {min} to {max}, found {value:?}"))?;
+    let n: u64 = value.parse().map_err(|_| {
+        format!("{name} must be a whole number from {min} to {max}, found {value:?}")
+    })?;
     if n < min || n > max {
         return Err(format!("{name} must be from {min} to {max}, found {n}"));
     }
@@ -337,7 +337,12 @@ impl fmt::Display for Config {
         if let Some(dir) = &self.tmp_directory {
             writeln!(f, "{} = \"{}\"", keys::TMP_DIRECTORY, dir.display())?;
         }
-        writeln!(f, "{} = {}", keys::TRANSPORT_LOG_LEVEL, self.transport_log_level)?;
+        writeln!(
+            f,
+            "{} = {}",
+            keys::TRANSPORT_LOG_LEVEL,
+            self.transport_log_level
+        )?;
         for (key, ms) in [
             (keys::NFC_ACCEPT_TIMEOUT_MS, self.nfc_accept_timeout_ms),
             (keys::NFC_REQUEST_TIMEOUT_MS, self.nfc_request_timeout_ms),
@@ -430,7 +435,11 @@ tmpDirectory = "/var/tmp/vddk logs"
             ("vixDiskLib.transport.LogLevel = 7", 1, "from 0 to 6"),
             ("\n\nvixDiskLib.nfc.LogLevel = -1", 3, "whole number"),
             ("vixDiskLib.nfc.ReadTimeoutMs = 2147483649", 1, "2147483648"),
-            ("vixDiskLib.disklib.EnableCache = maybe", 1, "0 (off) or 1 (on)"),
+            (
+                "vixDiskLib.disklib.EnableCache = maybe",
+                1,
+                "0 (off) or 1 (on)",
+            ),
             ("just words", 1, "name = value"),
             ("= 3", 1, "missing name"),
             ("tmpDirectory = \"/tmp", 1, "unterminated"),
@@ -450,14 +459,18 @@ tmpDirectory = "/var/tmp/vddk logs"
         }
         assert!(MAX_TIMEOUT_MS.to_string().parse::<u32>().is_ok());
         let max = format!("vixDiskLib.nfc.ReadTimeoutMs = {MAX_TIMEOUT_MS}");
-        assert_eq!(max.parse::<Config>().unwrap().nfc_read_timeout_ms, MAX_TIMEOUT_MS);
+        assert_eq!(
+            max.parse::<Config>().unwrap().nfc_read_timeout_ms,
+            MAX_TIMEOUT_MS
+        );
     }
 
     #[test]
     fn unknown_keys_are_kept_and_names_are_case_insensitive() {
-        let c: Config = "VIXDISKLIB.NFC.LOGLEVEL = 4\nvixDiskLib.nfcAio.Session.BufCount = 16 # tuned\n"
-            .parse()
-            .unwrap();
+        let c: Config =
+            "VIXDISKLIB.NFC.LOGLEVEL = 4\nvixDiskLib.nfcAio.Session.BufCount = 16 # tuned\n"
+                .parse()
+                .unwrap();
         assert_eq!(c.nfc_log_level, 4);
         assert_eq!(c.extra("vixdisklib.nfcaio.session.bufcount"), Some("16"));
         assert_eq!(c.to_string().parse::<Config>().unwrap(), c);

@@ -199,7 +199,9 @@ pub fn nbd_errno_name(errno: u32) -> &'static str {
 }
 
 fn fmt_offset(offset: Option<u64>) -> String {
-    offset.map(|o| format!(" at offset {o}")).unwrap_or_default()
+    offset
+        .map(|o| format!(" at offset {o}"))
+        .unwrap_or_default()
 }
 
 fn fmt_message(message: &str) -> String {

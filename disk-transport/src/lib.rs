@@ -67,8 +67,8 @@
 //!
 //! # Features
 //!
-//! - `nbd` (default): [`nbd`], a pure-Rust NBD client.
-//! - `file` (default): [`file`], raw image files with `O_DIRECT` and `SEEK_DATA`/`SEEK_HOLE`.
+//! - `nbd` (default): `disk_transport::nbd`, a pure-Rust NBD client.
+//! - `file` (default): `disk_transport::file`, raw image files with `O_DIRECT` and `SEEK_DATA`/`SEEK_HOLE`.
 //! - `mock`: mockall mocks of the traits (`MockDiskTransport`, `MockConnection`, `MockDisk`).
 
 // The only unsafe code allowed is the FFI layer of a VDDK backend (`vddk::ffi`), which must opt in
@@ -86,12 +86,15 @@ mod types;
 pub mod config;
 pub mod copy;
 pub mod memory;
+pub mod null;
 pub mod uri;
 
 #[cfg(feature = "file")]
 pub mod file;
 #[cfg(feature = "nbd")]
 pub mod nbd;
+#[cfg(feature = "vddk")]
+pub mod vddk;
 
 pub use access::AccessGuard;
 pub use config::Config;
@@ -105,7 +108,7 @@ pub use params::{
     Compression, ConnectParams, ConnectParamsBuilder, Credentials, OpenFlags, Secret, Thumbprint,
 };
 pub use types::{clip_extents, push_extent, AdapterType, DiskInfo, Extent, ExtentKind, Geometry};
-pub use uri::{open_uri, DiskUri};
+pub use uri::{open_uri, parse_size, DiskUri, NbdAddress};
 
 /// Called when a submitted read completes: the filled buffer, or the error.
 pub type ReadCompletion = Box<dyn FnOnce(Result<Vec<u8>>) + Send>;
@@ -113,7 +116,9 @@ pub type ReadCompletion = Box<dyn FnOnce(Result<Vec<u8>>) + Send>;
 pub type WriteCompletion = Box<dyn FnOnce(Result<Vec<u8>>) + Send>;
 
 /// What `VixDiskLib_Cleanup` reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 pub struct CleanupStats {
     /// VMs whose leftover state was removed.
     pub cleaned_up: u32,

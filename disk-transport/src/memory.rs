@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use crate::mode::{select_transport, StorageKind, TransportContext, TransportMode};
 use crate::types::{push_extent, DiskInfo, Extent, ExtentKind};
 use crate::{
-    check_range, AccessGuard, CleanupStats, Connection, ConnectParams, Disk, DiskTransport,
-    Error, OpenFlags, Result,
+    check_range, AccessGuard, CleanupStats, ConnectParams, Connection, Disk, DiskTransport, Error,
+    OpenFlags, Result,
 };
 
 /// Allocation granularity of [`MemoryDisk`]: 64 KiB, VDDK's minimum `QueryAllocatedBlocks`
@@ -133,7 +133,11 @@ impl MemoryDisk {
     pub fn with_data(data: &[u8]) -> Self {
         let disk = MemoryDisk::new(data.len() as u64);
         {
-            let mut chunks = disk.shared.chunks.write().unwrap_or_else(|e| e.into_inner());
+            let mut chunks = disk
+                .shared
+                .chunks
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
             for (index, piece) in data.chunks(CHUNK_SIZE as usize).enumerate() {
                 if piece.iter().any(|&b| b != 0) {
                     let mut chunk = vec![0u8; CHUNK_SIZE as usize].into_boxed_slice();
@@ -166,16 +170,23 @@ impl MemoryDisk {
 
     /// The whole disk as a vector (for small disks in tests).
     pub fn to_vec(&self) -> Result<Vec<u8>> {
-        let mut out = vec![0u8; usize::try_from(self.capacity()).map_err(|_| {
-            Error::Unsupported("to_vec of a disk larger than the address space".into())
-        })?];
+        let mut out = vec![
+            0u8;
+            usize::try_from(self.capacity()).map_err(|_| {
+                Error::Unsupported("to_vec of a disk larger than the address space".into())
+            })?
+        ];
         self.copy_out(&mut out, 0)?;
         Ok(out)
     }
 
     /// How many times `flush` succeeded.
     pub fn flush_count(&self) -> u64 {
-        *self.shared.flushes.lock().unwrap_or_else(|e| e.into_inner())
+        *self
+            .shared
+            .flushes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Adds a fault.
@@ -207,7 +218,11 @@ impl MemoryDisk {
             if let Some(n) = fault.remaining.as_mut() {
                 *n -= 1;
             }
-            let at = if op == FaultOp::Flush { 0 } else { fault.start.max(offset) };
+            let at = if op == FaultOp::Flush {
+                0
+            } else {
+                fault.start.max(offset)
+            };
             faults.retain(|f| f.remaining != Some(0));
             return Err(Error::Injected {
                 op: op.name(),
@@ -360,7 +375,14 @@ impl Disk for MemoryDisk {
     }
 
     fn metadata_keys(&self) -> Result<Vec<String>> {
-        Ok(self.shared.metadata.lock().map_err(poisoned)?.keys().cloned().collect())
+        Ok(self
+            .shared
+            .metadata
+            .lock()
+            .map_err(poisoned)?
+            .keys()
+            .cloned()
+            .collect())
     }
 
     fn read_metadata(&self, key: &str) -> Result<String> {
@@ -619,8 +641,16 @@ mod tests {
         assert_eq!(
             extents,
             vec![
-                Extent { offset: 0, length: 2 * CHUNK_SIZE, kind: ExtentKind::Data },
-                Extent { offset: 2 * CHUNK_SIZE, length: (1 << 40) - 2 * CHUNK_SIZE, kind: ExtentKind::Hole },
+                Extent {
+                    offset: 0,
+                    length: 2 * CHUNK_SIZE,
+                    kind: ExtentKind::Data
+                },
+                Extent {
+                    offset: 2 * CHUNK_SIZE,
+                    length: (1 << 40) - 2 * CHUNK_SIZE,
+                    kind: ExtentKind::Hole
+                },
             ]
         );
         let part = disk.allocated_extents(100, CHUNK_SIZE * 3).unwrap();
@@ -634,8 +664,14 @@ mod tests {
     fn out_of_range_and_read_only_are_errors() {
         let disk = MemoryDisk::new(1000);
         let mut buf = [0u8; 10];
-        assert!(matches!(disk.read_at(&mut buf, 995), Err(Error::OutOfRange { .. })));
-        assert!(matches!(disk.read_at(&mut buf, u64::MAX), Err(Error::OutOfRange { .. })));
+        assert!(matches!(
+            disk.read_at(&mut buf, 995),
+            Err(Error::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            disk.read_at(&mut buf, u64::MAX),
+            Err(Error::OutOfRange { .. })
+        ));
         let ro = disk.read_only_handle();
         assert!(matches!(ro.write_at(&buf, 0), Err(Error::ReadOnly(_))));
         assert!(ro.info().unwrap().read_only);
@@ -677,7 +713,11 @@ mod tests {
             .user_password("root", "pw")
             .build()
             .unwrap();
-        assert!(t.connect(&remote).unwrap_err().to_string().contains("snapshot"));
+        assert!(t
+            .connect(&remote)
+            .unwrap_err()
+            .to_string()
+            .contains("snapshot"));
         let with_snapshot = ConnectParams::builder()
             .server("esx")
             .vm("moref=2")
@@ -692,7 +732,10 @@ mod tests {
         assert!(info.read_only);
         assert_eq!(info.transport_mode, Some(TransportMode::San));
         assert!(d.write_at(&[1], 0).is_err());
-        assert!(matches!(c.open("nope", OpenFlags::read_only()), Err(Error::NotFound(_))));
+        assert!(matches!(
+            c.open("nope", OpenFlags::read_only()),
+            Err(Error::NotFound(_))
+        ));
     }
 
     #[test]

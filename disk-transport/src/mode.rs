@@ -176,7 +176,7 @@ pub struct TransportPlan {
 }
 
 /// The alignment used for `O_DIRECT` I/O: the 512-byte VDDK sector; 4096 is safer for
-/// buffers on 4Kn devices, and [`aligned_buffer`](crate::aligned_buffer) uses that.
+/// buffers on 4Kn devices, and the file backend uses that.
 pub const DIRECT_IO_ALIGNMENT: u64 = 512;
 
 /// Chooses a transport mode the way VDDK's `ConnectEx` + first `Open` would, but tells why.
@@ -306,10 +306,7 @@ mod tests {
         let plan = select_transport(None, &ctx).unwrap();
         assert_eq!(plan.mode, Nbd);
         assert_eq!(plan.skipped.len(), 3);
-        assert!(plan
-            .skipped
-            .iter()
-            .all(|(_, why)| why.contains("snapshot")));
+        assert!(plan.skipped.iter().all(|(_, why)| why.contains("snapshot")));
     }
 
     #[test]

@@ -184,9 +184,7 @@ impl ConnectParams {
     }
     /// The transport modes as VDDK's colon-separated string, if set.
     pub fn transport_modes_string(&self) -> Option<String> {
-        self.transport_modes
-            .as_deref()
-            .map(format_transport_modes)
+        self.transport_modes.as_deref().map(format_transport_modes)
     }
     /// Directory holding `libvixDiskLib.so` (InitEx `libDir`).
     pub fn libdir(&self) -> Option<&std::path::Path> {
@@ -434,8 +432,14 @@ mod tests {
 
     #[test]
     fn thumbprints_are_checked() {
-        let good = (0..20).map(|i| format!("{i:02x}")).collect::<Vec<_>>().join(":");
-        assert_eq!(Thumbprint::new(&good).unwrap().as_str(), good.to_uppercase());
+        let good = (0..20)
+            .map(|i| format!("{i:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        assert_eq!(
+            Thumbprint::new(&good).unwrap().as_str(),
+            good.to_uppercase()
+        );
         assert!(Thumbprint::new("AA:BB").is_err());
         assert!(Thumbprint::new(&good.replace("0a", "0g")).is_err());
     }

@@ -227,18 +227,54 @@ mod tests {
     #[test]
     fn extents_merge_and_clip() {
         let mut v = Vec::new();
-        push_extent(&mut v, Extent { offset: 0, length: 10, kind: ExtentKind::Data });
-        push_extent(&mut v, Extent { offset: 10, length: 5, kind: ExtentKind::Data });
-        push_extent(&mut v, Extent { offset: 15, length: 0, kind: ExtentKind::Hole });
-        push_extent(&mut v, Extent { offset: 15, length: 5, kind: ExtentKind::Hole });
+        push_extent(
+            &mut v,
+            Extent {
+                offset: 0,
+                length: 10,
+                kind: ExtentKind::Data,
+            },
+        );
+        push_extent(
+            &mut v,
+            Extent {
+                offset: 10,
+                length: 5,
+                kind: ExtentKind::Data,
+            },
+        );
+        push_extent(
+            &mut v,
+            Extent {
+                offset: 15,
+                length: 0,
+                kind: ExtentKind::Hole,
+            },
+        );
+        push_extent(
+            &mut v,
+            Extent {
+                offset: 15,
+                length: 5,
+                kind: ExtentKind::Hole,
+            },
+        );
         assert_eq!(v.len(), 2);
         assert_eq!(v[0].length, 15);
         let c = clip_extents(&v, 5, 12);
         assert_eq!(
             c,
             vec![
-                Extent { offset: 5, length: 10, kind: ExtentKind::Data },
-                Extent { offset: 15, length: 2, kind: ExtentKind::Hole },
+                Extent {
+                    offset: 5,
+                    length: 10,
+                    kind: ExtentKind::Data
+                },
+                Extent {
+                    offset: 15,
+                    length: 2,
+                    kind: ExtentKind::Hole
+                },
             ]
         );
         let json = serde_json::to_string(&c[1]).unwrap();

@@ -3,9 +3,9 @@
 //! | URI | backend |
 //! |---|---|
 //! | `mem://NAME?size=1G` | [`memory`](crate::memory): the process-wide disk `NAME`, created with `size` on first use |
-//! | `file:///path/disk.img`, `/path/disk.img`, `./disk.img` | [`file`](crate::file); `?direct=1` opens with `O_DIRECT` |
-//! | `nbd://HOST[:PORT]/[EXPORT]` | [`nbd`](crate::nbd) over TCP (port 10809 by default), as libnbd writes it |
-//! | `nbd+unix:///[EXPORT]?socket=PATH` | [`nbd`](crate::nbd) over a Unix socket |
+//! | `file:///path/disk.img`, `/path/disk.img`, `./disk.img` | `file`; `?direct=1` opens with `O_DIRECT` |
+//! | `nbd://HOST[:PORT]/[EXPORT]` | `nbd` over TCP (port 10809 by default), as libnbd writes it |
+//! | `nbd+unix:///[EXPORT]?socket=PATH` | `nbd` over a Unix socket |
 //!
 //! NBD URIs may carry `?timeout=SECONDS` and `?dirty-bitmap=NAME` (this crate's extensions);
 //! `nbds://` (TLS) and `nbd+vsock://` are recognised and refused with a clear error.
@@ -107,7 +107,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
     number.checked_mul(1u64 << shift)
 }
 
-fn query_pairs<'a>(uri: &str, query: Option<&'a str>) -> Result<Vec<(String, String)>> {
+fn query_pairs(uri: &str, query: Option<&str>) -> Result<Vec<(String, String)>> {
     let mut pairs = Vec::new();
     for item in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
         let (k, v) = item.split_once('=').unwrap_or((item, ""));
@@ -345,7 +345,10 @@ mod tests {
         assert_eq!(
             "nbd://example.com/disk".parse::<DiskUri>().unwrap(),
             DiskUri::Nbd {
-                address: NbdAddress::Tcp { host: "example.com".into(), port: 10809 },
+                address: NbdAddress::Tcp {
+                    host: "example.com".into(),
+                    port: 10809
+                },
                 export: "disk".into(),
                 timeout: None,
                 dirty_bitmap: None,
@@ -354,7 +357,10 @@ mod tests {
         assert_eq!(
             "nbd://[::1]:1234".parse::<DiskUri>().unwrap(),
             DiskUri::Nbd {
-                address: NbdAddress::Tcp { host: "::1".into(), port: 1234 },
+                address: NbdAddress::Tcp {
+                    host: "::1".into(),
+                    port: 1234
+                },
                 export: "".into(),
                 timeout: None,
                 dirty_bitmap: None,
@@ -372,7 +378,11 @@ mod tests {
             }
         );
         assert!("nbd+unix:///x".parse::<DiskUri>().is_err());
-        assert!("nbds://h/x".parse::<DiskUri>().unwrap_err().to_string().contains("TLS"));
+        assert!("nbds://h/x"
+            .parse::<DiskUri>()
+            .unwrap_err()
+            .to_string()
+            .contains("TLS"));
         assert!("nbd://h:99999/".parse::<DiskUri>().is_err());
         assert!("nbd://h/%zz".parse::<DiskUri>().is_err());
     }
@@ -381,15 +391,24 @@ mod tests {
     fn parses_file_and_mem_uris() {
         assert_eq!(
             "file:///var/lib/d.img?direct=1".parse::<DiskUri>().unwrap(),
-            DiskUri::File { path: "/var/lib/d.img".into(), direct: true }
+            DiskUri::File {
+                path: "/var/lib/d.img".into(),
+                direct: true
+            }
         );
         assert_eq!(
             "/d.img".parse::<DiskUri>().unwrap(),
-            DiskUri::File { path: "/d.img".into(), direct: false }
+            DiskUri::File {
+                path: "/d.img".into(),
+                direct: false
+            }
         );
         assert_eq!(
             "mem://a?size=2G".parse::<DiskUri>().unwrap(),
-            DiskUri::Memory { name: "a".into(), size: Some(2 << 30) }
+            DiskUri::Memory {
+                name: "a".into(),
+                size: Some(2 << 30)
+            }
         );
         assert!("mem://a?size=lots".parse::<DiskUri>().is_err());
         assert!("ftp://x".parse::<DiskUri>().is_err());

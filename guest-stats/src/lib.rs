@@ -53,6 +53,8 @@
 
 mod error;
 pub mod fake;
+#[cfg(feature = "linux")]
+pub mod linux;
 mod sampler;
 mod snapshot;
 mod stat;

@@ -15,7 +15,7 @@
 //!     &cmd::GuestFileOpenArgs::new("/etc/os-release"),
 //!     None,
 //! )?;
-//! assert_eq!(request, br#"{"execute":"guest-file-open","arguments":{"path":"/etc/os-release"}}"#.to_vec() + b"\n");
+//! assert_eq!(request, b"{\"execute\":\"guest-file-open\",\"arguments\":{\"path\":\"/etc/os-release\"}}\n");
 //! # Ok(()) }
 //! ```
 

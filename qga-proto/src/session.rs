@@ -291,7 +291,7 @@ mod tests {
         s.decoder.push(b"{\"return\": {}}\n\xff{\"return\": 7}\n");
         s.decoder.push(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\uFFFD'\"}}\n");
         assert!(matches!(s.poll(&mut wait), Step::Pending));
-        s.decoder.push(format!("\u{0}garbage\n").as_bytes());
+        s.decoder.push(b"\x00garbage\n");
         s.decoder.push(&[0xFF]);
         s.decoder.push(format!("{{\"return\": {id}}}\n").as_bytes());
         assert!(matches!(s.poll(&mut wait), Step::Synced));

@@ -9,6 +9,8 @@
 
 use std::path::PathBuf;
 
+pub mod disk;
+
 /// Whether the tests run under CI, where every peer must be present.
 pub fn running_in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")

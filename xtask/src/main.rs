@@ -6,10 +6,14 @@
 //! * `bench-detect [RUNS]` — wall time of `vmsdk detect` and `systemd-detect-virt` as whole
 //!   processes, interleaved in one run, with their ratio.
 //! * `fuzz [SECONDS]` — build every fuzz target and run each for a while (needs cargo-fuzz).
+//! * `vm-test` — boot Debian's kernel under QEMU (TCG) and check the SDK inside the guest and
+//!   through the guest agent's virtio-serial channel.
 //!
 //! The tool has no dependencies beyond std so that it builds in seconds on a fresh machine.
 
 #![forbid(unsafe_code)]
+
+mod vm_test;
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
         "deps" => install_test_peers(),
         "fuzz" => fuzz(args.get(1).map(String::as_str)),
         "bench-detect" => bench_detect(args.get(1).map(String::as_str)),
+        "vm-test" => vm_test::run(&workspace_root()),
         "help" | "-h" | "--help" => {
             print_help();
             Ok(())
@@ -62,7 +67,8 @@ fn print_help() {
          ci            install test peers, then fmt, clippy, tests and docs (what CI runs)\n  \
          deps          install the Debian packages the tests need (as root, only if missing)\n  \
          fuzz [SECS]   run every fuzz target for SECS seconds each (default 60; needs cargo-fuzz)\n  \
-         bench-detect [RUNS]  time `vmsdk detect` against `systemd-detect-virt`, interleaved"
+         bench-detect [RUNS]  time `vmsdk detect` against `systemd-detect-virt`, interleaved\n  \
+         vm-test       boot a QEMU VM (TCG) and run the in-guest and guest-agent checks"
     );
 }
 

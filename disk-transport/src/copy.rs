@@ -1,0 +1,612 @@
+//! Copying any [`Disk`] to any other, fast.
+//!
+//! One coordinating thread keeps [`CopyOptions::requests_in_flight`] reads and writes going
+//! through [`Disk::submit_read`]/[`Disk::submit_write`]: a completed read is handed straight to
+//! the destination, a completed write frees its buffer for the next read. Ranges the source
+//! reports as zero or holes ([`Disk::allocated_extents`]) are never read; they are zeroed on the
+//! destination (`write_zeroes`, cheap on NBD and files), or skipped entirely when the caller
+//! knows the destination is already zero. Read buffers that turn out all-zero are zeroed the
+//! same way, keeping the destination sparse.
+//!
+//! Failures stop the copy with the first error, which names the offset; the copy never reports
+//! success for fewer bytes than the source has.
+//!
+//! ```
+//! use disk_transport::copy::{copy, CopyOptions};
+//! use disk_transport::memory::MemoryDisk;
+//! use disk_transport::Disk;
+//!
+//! # fn main() -> disk_transport::Result<()> {
+//! let src = MemoryDisk::new(64 << 20);
+//! src.write_at(&[1; 4096], 32 << 20)?;
+//! let dst = MemoryDisk::new(64 << 20);
+//! let report = copy(&src, &dst, &CopyOptions::default(), &mut |p| {
+//!     eprint!("\r{} / {} bytes", p.done, p.total);
+//! })?;
+//! assert_eq!(report.progress.read, disk_transport::memory::CHUNK_SIZE);
+//! assert_eq!(dst.to_vec()?, src.to_vec()?);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{push_extent, Extent, ExtentKind};
+use crate::{Disk, Error, Result};
+
+/// How to copy; chain the setters on [`CopyOptions::default`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyOptions {
+    request_size: usize,
+    requests_in_flight: usize,
+    extents: bool,
+    detect_zeroes: bool,
+    destination_is_zero: bool,
+    flush: bool,
+    stall_timeout: Duration,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        CopyOptions {
+            request_size: 256 * 1024,
+            requests_in_flight: 64,
+            extents: true,
+            detect_zeroes: true,
+            destination_is_zero: false,
+            flush: true,
+            stall_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl CopyOptions {
+    /// Bytes per read/write request (default 256 KiB; rounded to the disks' block sizes and
+    /// capped by their maximum request sizes).
+    pub fn request_size(mut self, bytes: usize) -> Self {
+        self.request_size = bytes.max(1);
+        self
+    }
+    /// Requests kept in flight (default 64).
+    pub fn requests_in_flight(mut self, n: usize) -> Self {
+        self.requests_in_flight = n.max(1);
+        self
+    }
+    /// Ask the source which ranges hold data (default on).
+    pub fn extents(mut self, on: bool) -> Self {
+        self.extents = on;
+        self
+    }
+    /// Turn all-zero read buffers into zeroing requests (default on).
+    pub fn detect_zeroes(mut self, on: bool) -> Self {
+        self.detect_zeroes = on;
+        self
+    }
+    /// The destination already reads as zeros (a new sparse file, a fresh export): skip
+    /// zero ranges instead of zeroing them (default off).
+    pub fn destination_is_zero(mut self, yes: bool) -> Self {
+        self.destination_is_zero = yes;
+        self
+    }
+    /// Flush the destination at the end (default on).
+    pub fn flush(mut self, on: bool) -> Self {
+        self.flush = on;
+        self
+    }
+    /// Give up if no request completes for this long (default 120 s; backends have their own,
+    /// shorter timeouts).
+    pub fn stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
+        self
+    }
+}
+
+/// Progress so far, passed to the callback after every completed request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CopyProgress {
+    /// Source size in bytes.
+    pub total: u64,
+    /// Bytes finished (copied, zeroed or skipped).
+    pub done: u64,
+    /// Bytes read from the source.
+    pub read: u64,
+    /// Bytes written to the destination.
+    pub written: u64,
+    /// Bytes zeroed on the destination without writing data.
+    pub zeroed: u64,
+    /// Bytes skipped because the destination was already zero.
+    pub skipped: u64,
+}
+
+/// What a finished copy did.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct CopyReport {
+    /// Final counters.
+    pub progress: CopyProgress,
+    /// Wall-clock time.
+    pub elapsed: Duration,
+}
+
+impl CopyReport {
+    /// Throughput over the whole source size, in bytes per second.
+    pub fn bytes_per_second(&self) -> f64 {
+        self.progress.total as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+enum Event {
+    Read(u64, Result<Vec<u8>>),
+    Written(Result<Vec<u8>>),
+}
+
+/// Extents window queried at a time, so huge disks need no huge extent lists.
+const EXTENT_WINDOW: u64 = 1 << 30;
+/// Largest single zeroing request issued by the engine.
+const MAX_ZERO_REQUEST: u64 = 1 << 30;
+
+struct Planner<'a> {
+    src: &'a dyn Disk,
+    size: u64,
+    align: u64,
+    request: u64,
+    use_extents: bool,
+    window_pos: u64,
+    queue: VecDeque<Extent>,
+}
+
+impl Planner<'_> {
+    /// The next piece: a data range of at most one request, or a whole zero range.
+    fn next(&mut self) -> Result<Option<Extent>> {
+        loop {
+            if let Some(front) = self.queue.front_mut() {
+                let take = if front.kind.reads_as_zero() {
+                    front.length.min(MAX_ZERO_REQUEST)
+                } else {
+                    front.length.min(self.request)
+                };
+                let piece = Extent {
+                    offset: front.offset,
+                    length: take,
+                    kind: front.kind,
+                };
+                front.offset += take;
+                front.length -= take;
+                if front.length == 0 {
+                    self.queue.pop_front();
+                }
+                return Ok(Some(piece));
+            }
+            if self.window_pos >= self.size {
+                return Ok(None);
+            }
+            let start = self.window_pos;
+            let length = (self.size - start).min(EXTENT_WINDOW);
+            let extents = if self.use_extents {
+                self.src.allocated_extents(start, length)?
+            } else {
+                vec![Extent {
+                    offset: start,
+                    length,
+                    kind: ExtentKind::Data,
+                }]
+            };
+            self.queue = normalise(&extents, start, length, self.align).into();
+            self.window_pos = start + length;
+        }
+    }
+}
+
+/// Makes extents cover `[start, start + length)` exactly, and shrinks zero extents to
+/// `align` boundaries (the partial blocks become data), so every request is aligned.
+fn normalise(extents: &[Extent], start: u64, length: u64, align: u64) -> Vec<Extent> {
+    let end = start + length;
+    let mut out = Vec::new();
+    let mut pos = start;
+    for e in extents {
+        let s = e.offset.max(pos);
+        let t = e.end().min(end);
+        if t <= s {
+            continue;
+        }
+        if s > pos {
+            // A gap the backend did not describe: copy it.
+            push_extent(
+                &mut out,
+                Extent {
+                    offset: pos,
+                    length: s - pos,
+                    kind: ExtentKind::Data,
+                },
+            );
+        }
+        if e.kind.reads_as_zero() {
+            let zs = s.next_multiple_of(align);
+            let zt = if t == end { t } else { t / align * align };
+            if zt > zs {
+                push_extent(
+                    &mut out,
+                    Extent {
+                        offset: s,
+                        length: zs - s,
+                        kind: ExtentKind::Data,
+                    },
+                );
+                push_extent(
+                    &mut out,
+                    Extent {
+                        offset: zs,
+                        length: zt - zs,
+                        kind: e.kind,
+                    },
+                );
+                push_extent(
+                    &mut out,
+                    Extent {
+                        offset: zt,
+                        length: t - zt,
+                        kind: ExtentKind::Data,
+                    },
+                );
+            } else {
+                push_extent(
+                    &mut out,
+                    Extent {
+                        offset: s,
+                        length: t - s,
+                        kind: ExtentKind::Data,
+                    },
+                );
+            }
+        } else {
+            push_extent(
+                &mut out,
+                Extent {
+                    offset: s,
+                    length: t - s,
+                    kind: ExtentKind::Data,
+                },
+            );
+        }
+        pos = t;
+    }
+    if pos < end {
+        push_extent(
+            &mut out,
+            Extent {
+                offset: pos,
+                length: end - pos,
+                kind: ExtentKind::Data,
+            },
+        );
+    }
+    out
+}
+
+/// Whether `buf` is all zeros (checked 4 KiB at a time, so data is rejected quickly).
+pub fn is_zero(buf: &[u8]) -> bool {
+    buf.chunks(4096)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+/// Copies all of `src` onto the start of `dst`; see the [module docs](self).
+pub fn copy(
+    src: &dyn Disk,
+    dst: &dyn Disk,
+    options: &CopyOptions,
+    progress: &mut dyn FnMut(&CopyProgress),
+) -> Result<CopyReport> {
+    let started = Instant::now();
+    let sinfo = src.info()?;
+    let dinfo = dst.info()?;
+    if dinfo.read_only {
+        return Err(Error::ReadOnly("the copy destination".into()));
+    }
+    if dinfo.capacity < sinfo.capacity {
+        return Err(Error::InvalidParams(format!(
+            "the destination ({} bytes) is smaller than the source ({} bytes)",
+            dinfo.capacity, sinfo.capacity
+        )));
+    }
+    let align = u64::from(sinfo.min_block_size.max(dinfo.min_block_size).max(1));
+    let max_request = u64::from(sinfo.max_request_size.min(dinfo.max_request_size)).max(align);
+    let request = (options.request_size as u64)
+        .max(u64::from(
+            sinfo.preferred_block_size.max(dinfo.preferred_block_size),
+        ))
+        .min(max_request)
+        / align
+        * align;
+    let in_flight = options.requests_in_flight.max(1);
+
+    let mut planner = Planner {
+        src,
+        size: sinfo.capacity,
+        align,
+        request: request.max(align),
+        use_extents: options.extents && sinfo.can_extents,
+        window_pos: 0,
+        queue: VecDeque::new(),
+    };
+    let mut p = CopyProgress {
+        total: sinfo.capacity,
+        ..CopyProgress::default()
+    };
+    let (tx, rx) = mpsc::channel::<Event>();
+    let mut pool: Vec<Vec<u8>> = Vec::new();
+    let mut outstanding = 0usize;
+    let mut first_error: Option<Error> = None;
+    let mut source_done = false;
+
+    let zero_range = |offset: u64, length: u64, p: &mut CopyProgress| -> Result<()> {
+        if options.destination_is_zero {
+            p.skipped += length;
+        } else {
+            dst.write_zeroes(offset, length)?;
+            p.zeroed += length;
+        }
+        p.done += length;
+        Ok(())
+    };
+
+    loop {
+        while first_error.is_none() && !source_done && outstanding < in_flight {
+            let piece = match planner.next() {
+                Ok(Some(piece)) => piece,
+                Ok(None) => {
+                    source_done = true;
+                    break;
+                }
+                Err(e) => {
+                    first_error = Some(e);
+                    break;
+                }
+            };
+            if piece.kind.reads_as_zero() {
+                if let Err(e) = zero_range(piece.offset, piece.length, &mut p) {
+                    first_error = Some(e);
+                }
+                progress(&p);
+                continue;
+            }
+            let mut buf = pool.pop().unwrap_or_default();
+            buf.resize(piece.length as usize, 0);
+            let tx = tx.clone();
+            let offset = piece.offset;
+            src.submit_read(
+                offset,
+                buf,
+                Box::new(move |r| {
+                    let _ = tx.send(Event::Read(offset, r));
+                }),
+            );
+            outstanding += 1;
+        }
+        if outstanding == 0 {
+            break;
+        }
+        let event = match rx.recv_timeout(options.stall_timeout) {
+            Ok(event) => event,
+            Err(_) => {
+                return Err(first_error.unwrap_or(Error::Timeout {
+                    what: format!(
+                        "copy ({outstanding} requests outstanding, {} of {} bytes done)",
+                        p.done, p.total
+                    ),
+                    offset: Some(p.done),
+                    after: options.stall_timeout,
+                }))
+            }
+        };
+        match event {
+            Event::Read(offset, Ok(buf)) => {
+                let length = buf.len() as u64;
+                if first_error.is_some() {
+                    outstanding -= 1;
+                    pool.push(buf);
+                    continue;
+                }
+                p.read += length;
+                if options.detect_zeroes && is_zero(&buf) {
+                    outstanding -= 1;
+                    pool.push(buf);
+                    if let Err(e) = zero_range(offset, length, &mut p) {
+                        first_error = Some(e);
+                    }
+                    progress(&p);
+                    continue;
+                }
+                let tx = tx.clone();
+                dst.submit_write(
+                    offset,
+                    buf,
+                    Box::new(move |r| {
+                        let _ = tx.send(Event::Written(r));
+                    }),
+                );
+            }
+            Event::Written(Ok(buf)) => {
+                outstanding -= 1;
+                p.written += buf.len() as u64;
+                p.done += buf.len() as u64;
+                pool.push(buf);
+                progress(&p);
+            }
+            Event::Read(_, Err(e)) | Event::Written(Err(e)) => {
+                outstanding -= 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    if p.done != p.total {
+        return Err(Error::Protocol(format!(
+            "copy finished {} of {} bytes; refusing to report success",
+            p.done, p.total
+        )));
+    }
+    if options.flush {
+        dst.flush()?;
+    }
+    Ok(CopyReport {
+        progress: p,
+        elapsed: started.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{Fault, MemoryDisk, CHUNK_SIZE};
+    use proptest::prelude::*;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) | 1)
+            .collect()
+    }
+
+    #[test]
+    fn copies_sparse_disks_exactly() {
+        let src = MemoryDisk::new(10 * CHUNK_SIZE + 123);
+        src.write_at(&pattern(5000, 1), 3).unwrap();
+        src.write_at(&pattern(CHUNK_SIZE as usize, 2), 7 * CHUNK_SIZE)
+            .unwrap();
+        src.write_at(&pattern(123, 3), 10 * CHUNK_SIZE).unwrap();
+        let dst = MemoryDisk::with_data(&vec![0xFFu8; (11 * CHUNK_SIZE) as usize]);
+        let mut calls = 0;
+        let report = copy(
+            &src,
+            &dst,
+            &CopyOptions::default().request_size(4096),
+            &mut |_| calls += 1,
+        )
+        .unwrap();
+        assert!(calls > 0);
+        assert_eq!(report.progress.done, src.capacity());
+        let out = dst.to_vec().unwrap();
+        assert_eq!(&out[..src.capacity() as usize], &src.to_vec().unwrap()[..]);
+        assert!(out[src.capacity() as usize..].iter().all(|&b| b == 0xFF));
+        assert_eq!(report.progress.read, 2 * CHUNK_SIZE + 123);
+        assert_eq!(dst.flush_count(), 1);
+    }
+
+    #[test]
+    fn destination_is_zero_skips_holes() {
+        let src = MemoryDisk::new(1 << 30);
+        src.write_at(b"x", 5 << 20).unwrap();
+        let dst = MemoryDisk::new(1 << 30);
+        let report = copy(
+            &src,
+            &dst,
+            &CopyOptions::default().destination_is_zero(true),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(report.progress.skipped, (1 << 30) - CHUNK_SIZE);
+        assert_eq!(dst.allocated_bytes(), CHUNK_SIZE);
+    }
+
+    #[test]
+    fn errors_stop_the_copy_and_name_the_offset() {
+        let src = MemoryDisk::with_data(&pattern(1 << 20, 9));
+        src.inject(Fault::read_at(600_000));
+        let dst = MemoryDisk::new(1 << 20);
+        let err = copy(&src, &dst, &CopyOptions::default(), &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::Injected {
+                    offset: 600_000,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        src.clear_faults();
+        dst.inject(Fault::write_at(100));
+        assert!(copy(&src, &dst, &CopyOptions::default(), &mut |_| {}).is_err());
+        dst.clear_faults();
+        dst.inject(Fault::flush());
+        assert!(copy(&src, &dst, &CopyOptions::default(), &mut |_| {}).is_err());
+        let small = MemoryDisk::new(100);
+        assert!(copy(&src, &small, &CopyOptions::default(), &mut |_| {}).is_err());
+        assert!(copy(
+            &src,
+            &dst.read_only_handle(),
+            &CopyOptions::default(),
+            &mut |_| {}
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn normalise_keeps_requests_aligned() {
+        let e = [
+            Extent {
+                offset: 0,
+                length: 1000,
+                kind: ExtentKind::Data,
+            },
+            Extent {
+                offset: 1000,
+                length: 9000,
+                kind: ExtentKind::Hole,
+            },
+            Extent {
+                offset: 10000,
+                length: 100,
+                kind: ExtentKind::Data,
+            },
+        ];
+        let n = normalise(&e, 0, 10100, 4096);
+        assert_eq!(
+            n,
+            vec![
+                Extent {
+                    offset: 0,
+                    length: 4096,
+                    kind: ExtentKind::Data
+                },
+                Extent {
+                    offset: 4096,
+                    length: 4096,
+                    kind: ExtentKind::Hole
+                },
+                Extent {
+                    offset: 8192,
+                    length: 1908,
+                    kind: ExtentKind::Data
+                },
+            ]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_sparse_layout_copies_exactly(
+            size in 1u64..(8 * CHUNK_SIZE),
+            writes in proptest::collection::vec((0u64..(8 * CHUNK_SIZE), 1usize..20000, any::<u8>()), 0..6),
+            request in 1usize..100_000,
+            in_flight in 1usize..8,
+            dest_zero in any::<bool>(),
+        ) {
+            let src = MemoryDisk::new(size);
+            for (off, len, seed) in writes {
+                let off = off % size;
+                let len = len.min((size - off) as usize);
+                src.write_at(&pattern(len, seed), off).unwrap();
+            }
+            let dst = MemoryDisk::new(size);
+            let options = CopyOptions::default().request_size(request).requests_in_flight(in_flight).destination_is_zero(dest_zero);
+            let report = copy(&src, &dst, &options, &mut |_| {}).unwrap();
+            prop_assert_eq!(report.progress.done, size);
+            prop_assert_eq!(dst.to_vec().unwrap(), src.to_vec().unwrap());
+        }
+    }
+}

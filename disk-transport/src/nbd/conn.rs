@@ -1,0 +1,853 @@
+//! One NBD connection in the transmission phase: requests are written by the calling thread,
+//! replies are read by one reader thread that matches them to requests by cookie, so any
+//! number of requests can be in flight.
+
+use std::collections::HashMap;
+use std::io::{self, BufReader, IoSlice, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::proto::{self, chunk, ReplyHeader};
+use crate::{Error, Result};
+
+/// A connected socket.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Stream {
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+        })
+    }
+    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(read)?;
+                s.set_write_timeout(write)
+            }
+        }
+    }
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
+            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.write_vectored(bufs),
+            Stream::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// An NBD command this client sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Command {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    WriteZeroes,
+    BlockStatus,
+}
+
+impl Command {
+    pub fn code(self) -> u16 {
+        match self {
+            Command::Read => proto::cmd::READ,
+            Command::Write => proto::cmd::WRITE,
+            Command::Flush => proto::cmd::FLUSH,
+            Command::Trim => proto::cmd::TRIM,
+            Command::WriteZeroes => proto::cmd::WRITE_ZEROES,
+            Command::BlockStatus => proto::cmd::BLOCK_STATUS,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Command::Read => "read",
+            Command::Write => "write",
+            Command::Flush => "flush",
+            Command::Trim => "trim",
+            Command::WriteZeroes => "write-zeroes",
+            Command::BlockStatus => "block-status",
+        }
+    }
+}
+
+/// What a completed request hands back.
+#[derive(Debug, Default)]
+pub(crate) struct Outcome {
+    /// The read data, or the written buffer returned for reuse.
+    pub buf: Option<Vec<u8>>,
+    /// Block status chunks: context id and descriptors.
+    pub block_status: Vec<(u32, Vec<(u32, u32)>)>,
+}
+
+pub(crate) type Done = Box<dyn FnOnce(Result<Outcome>) + Send>;
+
+struct Pending {
+    command: Command,
+    offset: u64,
+    length: u64,
+    buf: Option<Vec<u8>>,
+    covered: Vec<(u64, u64)>,
+    error: Option<Error>,
+    block_status: Vec<(u32, Vec<(u32, u32)>)>,
+    issued: Instant,
+    /// The request (with its payload) has been written completely.
+    sent: bool,
+    /// The reply arrived before `sent`; the writer completes the request.
+    finished: Option<Result<()>>,
+    done: Done,
+}
+
+impl Pending {
+    fn complete(mut self, result: Result<()>) {
+        let done = self.done;
+        let outcome = result.map(|()| Outcome {
+            buf: self.buf.take(),
+            block_status: std::mem::take(&mut self.block_status),
+        });
+        done(outcome);
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    pending: HashMap<u64, Pending>,
+    /// Why the connection is gone; set once, then no request is accepted.
+    dead: Option<String>,
+}
+
+/// State shared by the writers and the reader thread of one connection.
+pub(crate) struct Shared {
+    table: Mutex<Table>,
+    structured: bool,
+    timeout: Duration,
+    closing: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One connection.
+pub(crate) struct Conn {
+    writer: Mutex<Stream>,
+    control: Stream,
+    shared: Arc<Shared>,
+    next_cookie: AtomicU64,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("structured", &self.shared.structured)
+            .field("in_flight", &self.shared.lock().pending.len())
+            .finish()
+    }
+}
+
+/// How often an idle reader wakes to check deadlines.
+fn tick(timeout: Duration) -> Duration {
+    timeout.clamp(Duration::from_millis(10), Duration::from_millis(500))
+}
+
+impl Conn {
+    /// Starts the transmission phase on a negotiated stream.
+    pub fn start(stream: Stream, structured: bool, timeout: Duration) -> Result<Conn> {
+        let reader_stream = stream
+            .try_clone()
+            .map_err(|e| Error::io("clone NBD socket", None, e))?;
+        let control = stream
+            .try_clone()
+            .map_err(|e| Error::io("clone NBD socket", None, e))?;
+        stream
+            .set_timeouts(Some(tick(timeout)), Some(timeout))
+            .map_err(|e| Error::io("set NBD socket timeouts", None, e))?;
+        let shared = Arc::new(Shared {
+            table: Mutex::new(Table::default()),
+            structured,
+            timeout,
+            closing: AtomicBool::new(false),
+        });
+        let reader_shared = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("nbd-reader".into())
+            .spawn(move || run_reader(reader_stream, &reader_shared))
+            .map_err(|e| Error::io("start NBD reader thread", None, e))?;
+        Ok(Conn {
+            writer: Mutex::new(stream),
+            control,
+            shared,
+            next_cookie: AtomicU64::new(1),
+            reader: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// Sends a request; `done` is called exactly once, from the reader thread or from here.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit(
+        &self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: Option<Vec<u8>>,
+        read_buf: Option<Vec<u8>>,
+        done: Done,
+    ) {
+        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let pending = Pending {
+            command,
+            offset,
+            length: u64::from(length),
+            buf: read_buf,
+            covered: Vec::new(),
+            error: None,
+            block_status: Vec::new(),
+            issued: Instant::now(),
+            sent: payload.is_none(),
+            finished: None,
+            done,
+        };
+        {
+            let mut table = self.shared.lock();
+            if let Some(reason) = &table.dead {
+                let reason = reason.clone();
+                drop(table);
+                (pending.done)(Err(Error::Disconnected {
+                    command: command.name(),
+                    offset: Some(offset),
+                    reason,
+                }));
+                return;
+            }
+            table.pending.insert(cookie, pending);
+        }
+        let header = proto::encode_request(flags, command.code(), cookie, offset, length);
+        let sent = {
+            let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            write_request(&mut writer, &header, payload.as_deref().unwrap_or(&[]))
+        };
+        match sent {
+            Ok(()) => {
+                let Some(buf) = payload else { return };
+                let mut table = self.shared.lock();
+                let finished = match table.pending.get_mut(&cookie) {
+                    Some(p) if p.finished.is_some() => true,
+                    Some(p) => {
+                        p.buf = Some(buf);
+                        p.sent = true;
+                        return;
+                    }
+                    // Already failed by the reader when the connection died.
+                    None => return,
+                };
+                if finished {
+                    if let Some(mut p) = table.pending.remove(&cookie) {
+                        drop(table);
+                        let result = p.finished.take().unwrap_or(Ok(()));
+                        p.buf = Some(buf);
+                        p.complete(result);
+                    }
+                }
+            }
+            Err(e) => {
+                // The stream is out of step now: end the connection; the reader fails every
+                // request still waiting, this one included.
+                let reason = if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) {
+                    format!(
+                        "sending {} at offset {offset} did not finish within {:?}",
+                        command.name(),
+                        self.shared.timeout
+                    )
+                } else {
+                    format!("sending {} at offset {offset} failed: {e}", command.name())
+                };
+                self.kill(reason);
+            }
+        }
+    }
+
+    /// Ends the connection: no new requests, every waiting request fails with `reason`.
+    pub fn kill(&self, reason: String) {
+        {
+            let mut table = self.shared.lock();
+            if table.dead.is_none() {
+                table.dead = Some(reason);
+            }
+        }
+        self.control.shutdown();
+    }
+
+    /// Whether the connection has ended, and why.
+    pub fn dead_reason(&self) -> Option<String> {
+        self.shared.lock().dead.clone()
+    }
+
+    /// Sends `NBD_CMD_DISC` and stops the reader.
+    pub fn close(&self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        if self.dead_reason().is_none() {
+            let header = proto::encode_request(0, proto::cmd::DISC, 0, 0, 0);
+            let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = writer.write_all(&header);
+        }
+        self.kill("the connection was closed by the client".into());
+        if let Some(handle) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn write_request(w: &mut Stream, header: &[u8], payload: &[u8]) -> io::Result<()> {
+    let mut h = 0;
+    let mut p = 0;
+    while h < header.len() || p < payload.len() {
+        let slices = [IoSlice::new(&header[h..]), IoSlice::new(&payload[p..])];
+        let n = match w.write_vectored(&slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let from_header = n.min(header.len() - h);
+        h += from_header;
+        p += n - from_header;
+    }
+    Ok(())
+}
+
+/// Why the reader stopped.
+enum Stop {
+    Eof,
+    Closed,
+    Timeout { command: &'static str, offset: u64 },
+    Io(io::Error),
+    Protocol(String),
+}
+
+struct ReplyReader<'a, R> {
+    inner: BufReader<R>,
+    shared: &'a Shared,
+    /// Issue time of a request taken out of the table while its data is read.
+    in_hand: Option<(Instant, &'static str, u64)>,
+}
+
+impl<R: Read> ReplyReader<'_, R> {
+    fn fill(&mut self, buf: &mut [u8]) -> std::result::Result<(), Stop> {
+        let mut pos = 0;
+        while pos < buf.len() {
+            match self.inner.read(&mut buf[pos..]) {
+                Ok(0) => return Err(Stop::Eof),
+                Ok(n) => pos += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    self.check_deadline()?
+                }
+                Err(e) => return Err(Stop::Io(e)),
+            }
+        }
+        Ok(())
+    }
+
+    fn check_deadline(&self) -> std::result::Result<(), Stop> {
+        if self.shared.closing.load(Ordering::SeqCst) {
+            return Err(Stop::Closed);
+        }
+        let table = self.shared.lock();
+        if table.dead.is_some() {
+            return Err(Stop::Closed);
+        }
+        let oldest = table
+            .pending
+            .values()
+            .map(|p| (p.issued, p.command.name(), p.offset))
+            .chain(self.in_hand)
+            .min_by_key(|(issued, _, _)| *issued);
+        if let Some((issued, command, offset)) = oldest {
+            if issued.elapsed() > self.shared.timeout {
+                return Err(Stop::Timeout { command, offset });
+            }
+        }
+        Ok(())
+    }
+
+    fn skip(&mut self, mut n: u64) -> std::result::Result<(), Stop> {
+        let mut scratch = [0u8; 4096];
+        while n > 0 {
+            let k = n.min(scratch.len() as u64) as usize;
+            self.fill(&mut scratch[..k])?;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+
+    fn take(&mut self, cookie: u64) -> std::result::Result<Pending, Stop> {
+        let p = self
+            .shared
+            .lock()
+            .pending
+            .remove(&cookie)
+            .ok_or_else(|| Stop::Protocol(format!("reply for unknown cookie {cookie}")))?;
+        self.in_hand = Some((p.issued, p.command.name(), p.offset));
+        Ok(p)
+    }
+
+    fn put_back(&mut self, cookie: u64, p: Pending) {
+        self.in_hand = None;
+        self.shared.lock().pending.insert(cookie, p);
+    }
+
+    /// Completes a request whose final reply arrived.
+    fn finish(&mut self, cookie: u64, mut p: Pending, result: Result<()>) {
+        self.in_hand = None;
+        if !p.sent {
+            // The writer still owns the payload; it completes the request when done.
+            p.finished = Some(result);
+            self.shared.lock().pending.insert(cookie, p);
+            return;
+        }
+        p.complete(result);
+    }
+
+    fn one_reply(&mut self) -> std::result::Result<(), Stop> {
+        let mut magic = [0u8; 4];
+        self.fill(&mut magic)?;
+        let magic = u32::from_be_bytes(magic);
+        let rest_len =
+            proto::reply_header_rest_len(magic).map_err(|e| Stop::Protocol(e.to_string()))?;
+        let mut rest = [0u8; 16];
+        self.fill(&mut rest[..rest_len])?;
+        let header = proto::parse_reply_header(magic, &rest[..rest_len])
+            .map_err(|e| Stop::Protocol(e.to_string()))?;
+        match header {
+            ReplyHeader::Simple { error, cookie } => {
+                let mut p = self.take(cookie)?;
+                if error != 0 {
+                    let e = nbd_error(&p, error, String::new());
+                    self.finish(cookie, p, Err(e));
+                    return Ok(());
+                }
+                if p.command == Command::Read {
+                    if self.shared.structured {
+                        return Err(Stop::Protocol(
+                            "simple reply with data to a read after structured replies were negotiated".into(),
+                        ));
+                    }
+                    let length = p.length as usize;
+                    let mut buf = p.buf.take().unwrap_or_default();
+                    buf.resize(length, 0);
+                    let r = self.fill(&mut buf[..length]);
+                    p.buf = Some(buf);
+                    if let Err(stop) = r {
+                        let e = stop_error(&stop, self.shared.timeout, "read", p.offset);
+                        p.complete(Err(e));
+                        return Err(stop);
+                    }
+                }
+                self.finish(cookie, p, Ok(()));
+                Ok(())
+            }
+            ReplyHeader::Chunk {
+                flags,
+                kind,
+                cookie,
+                length,
+            } => {
+                let mut p = self.take(cookie)?;
+                let r = self.chunk(&mut p, kind, length);
+                if let Err(stop) = r {
+                    let e = stop_error(&stop, self.shared.timeout, p.command.name(), p.offset);
+                    self.in_hand = None;
+                    p.complete(Err(e));
+                    return Err(stop);
+                }
+                if flags & chunk::FLAG_DONE == 0 {
+                    self.put_back(cookie, p);
+                    return Ok(());
+                }
+                let result = match p.error.take() {
+                    Some(e) => Err(e),
+                    None if p.command == Command::Read => {
+                        match proto::check_coverage(&mut p.covered, p.length) {
+                            Ok(()) => Ok(()),
+                            Err(e) => {
+                                let text = e.to_string();
+                                p.complete(Err(e));
+                                self.in_hand = None;
+                                return Err(Stop::Protocol(text));
+                            }
+                        }
+                    }
+                    None => Ok(()),
+                };
+                self.finish(cookie, p, result);
+                Ok(())
+            }
+        }
+    }
+
+    fn payload(&mut self, length: u32, max: u32) -> std::result::Result<Vec<u8>, Stop> {
+        if length > max {
+            return Err(Stop::Protocol(format!(
+                "reply chunk of {length} bytes exceeds the limit of {max}"
+            )));
+        }
+        let mut v = vec![0u8; length as usize];
+        self.fill(&mut v)?;
+        Ok(v)
+    }
+
+    fn chunk(&mut self, p: &mut Pending, kind: u16, length: u32) -> std::result::Result<(), Stop> {
+        let protocol = |e: Error| Stop::Protocol(e.to_string());
+        match kind {
+            chunk::NONE => {
+                if length != 0 {
+                    return Err(Stop::Protocol("NONE chunk with a payload".into()));
+                }
+            }
+            chunk::OFFSET_DATA => {
+                if p.command != Command::Read || length < 8 {
+                    return Err(Stop::Protocol(format!(
+                        "OFFSET_DATA chunk of {length} bytes in reply to {}",
+                        p.command.name()
+                    )));
+                }
+                let mut off = [0u8; 8];
+                self.fill(&mut off)?;
+                let offset = u64::from_be_bytes(off);
+                let data_len = u64::from(length - 8);
+                proto::check_chunk_range(p.offset, p.length, offset, data_len).map_err(protocol)?;
+                let rel = (offset - p.offset) as usize;
+                let mut buf = p.buf.take().unwrap_or_default();
+                if buf.len() < p.length as usize {
+                    buf.resize(p.length as usize, 0);
+                }
+                let r = self.fill(&mut buf[rel..rel + data_len as usize]);
+                p.buf = Some(buf);
+                r?;
+                p.covered.push((rel as u64, data_len));
+            }
+            chunk::OFFSET_HOLE => {
+                if p.command != Command::Read {
+                    return Err(Stop::Protocol(
+                        "OFFSET_HOLE chunk in reply to a non-read".into(),
+                    ));
+                }
+                let payload = self.payload(length, 12)?;
+                let (offset, size) = proto::parse_hole(&payload).map_err(protocol)?;
+                proto::check_chunk_range(p.offset, p.length, offset, u64::from(size))
+                    .map_err(protocol)?;
+                let rel = (offset - p.offset) as usize;
+                let buf = p.buf.get_or_insert_with(Vec::new);
+                if buf.len() < p.length as usize {
+                    buf.resize(p.length as usize, 0);
+                }
+                buf[rel..rel + size as usize].fill(0);
+                p.covered.push((rel as u64, u64::from(size)));
+            }
+            chunk::BLOCK_STATUS => {
+                if p.command != Command::BlockStatus {
+                    return Err(Stop::Protocol(
+                        "BLOCK_STATUS chunk in reply to another command".into(),
+                    ));
+                }
+                let payload = self.payload(length, proto::MAX_BLOCK_STATUS_PAYLOAD)?;
+                let status = proto::parse_block_status(&payload).map_err(protocol)?;
+                p.block_status.push(status);
+            }
+            k if k & chunk::ERROR_BIT != 0 => {
+                let payload = self.payload(length, proto::MAX_ERROR_PAYLOAD)?;
+                let parsed = proto::parse_error_chunk(k, &payload).map_err(protocol)?;
+                if p.error.is_none() {
+                    let mut e = nbd_error(p, parsed.errno, parsed.message);
+                    if let (Error::Nbd { offset, .. }, Some(at)) = (&mut e, parsed.offset) {
+                        *offset = at;
+                    }
+                    p.error = Some(e);
+                }
+            }
+            other => {
+                self.skip(u64::from(length))?;
+                return Err(Stop::Protocol(format!("unknown reply chunk type {other}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn nbd_error(p: &Pending, errno: u32, message: String) -> Error {
+    Error::Nbd {
+        command: p.command.name(),
+        offset: p.offset,
+        length: p.length,
+        errno,
+        message,
+    }
+}
+
+fn stop_error(stop: &Stop, timeout: Duration, command: &'static str, offset: u64) -> Error {
+    match stop {
+        Stop::Timeout { .. } => Error::Timeout {
+            what: format!("NBD {command}"),
+            offset: Some(offset),
+            after: timeout,
+        },
+        Stop::Protocol(msg) => Error::Protocol(msg.clone()),
+        other => Error::Disconnected {
+            command,
+            offset: Some(offset),
+            reason: stop_reason(other, timeout),
+        },
+    }
+}
+
+fn stop_reason(stop: &Stop, timeout: Duration) -> String {
+    match stop {
+        Stop::Eof => "the server closed the connection".into(),
+        Stop::Closed => "the connection was closed".into(),
+        Stop::Timeout { command, offset } => {
+            format!("{command} at offset {offset} got no reply within {timeout:?}")
+        }
+        Stop::Io(e) => format!("socket error: {e}"),
+        Stop::Protocol(msg) => format!("protocol error: {msg}"),
+    }
+}
+
+/// The reader thread: parses replies until the connection ends, then fails every request
+/// still waiting, so no caller waits forever.
+pub(crate) fn run_reader<R: Read>(stream: R, shared: &Shared) {
+    let mut reader = ReplyReader {
+        inner: BufReader::with_capacity(64 * 1024, stream),
+        shared,
+        in_hand: None,
+    };
+    let stop = loop {
+        if let Err(stop) = reader.one_reply() {
+            break stop;
+        }
+    };
+    let drained: Vec<Pending> = {
+        let mut table = shared.lock();
+        let reason = match (&table.dead, &stop) {
+            // Our own kill (a failed send, a close) explains better than the EOF it caused.
+            (Some(reason), Stop::Eof | Stop::Closed | Stop::Io(_)) => reason.clone(),
+            _ => stop_reason(&stop, shared.timeout),
+        };
+        table.dead.get_or_insert(reason);
+        table.pending.drain().map(|(_, p)| p).collect()
+    };
+    let reason = shared.lock().dead.clone().unwrap_or_default();
+    for p in drained {
+        let e = match &stop {
+            Stop::Timeout { .. } => Error::Timeout {
+                what: format!("NBD {}", p.command.name()),
+                offset: Some(p.offset),
+                after: shared.timeout,
+            },
+            Stop::Protocol(msg) => Error::Protocol(msg.clone()),
+            _ => Error::Disconnected {
+                command: p.command.name(),
+                offset: Some(p.offset),
+                reason: reason.clone(),
+            },
+        };
+        p.complete(Err(e));
+    }
+}
+
+/// Feeds `bytes` as a reply stream to a reader expecting a few requests (a read of 4096 bytes
+/// at cookie 1, a block status at cookie 2, a write at cookie 3, a flush at cookie 4) and
+/// returns how many completed successfully. Used by the fuzz target and property tests: any
+/// input must end in completions or errors, never a panic or a hang.
+pub fn replay_reply_stream(bytes: &[u8], structured: bool) -> usize {
+    let shared = Shared {
+        table: Mutex::new(Table::default()),
+        structured,
+        timeout: Duration::from_secs(1),
+        closing: AtomicBool::new(false),
+    };
+    let ok = Arc::new(AtomicU64::new(0));
+    {
+        let mut table = shared.lock();
+        for (cookie, command, length) in [
+            (1u64, Command::Read, 4096u64),
+            (2, Command::BlockStatus, 1 << 20),
+            (3, Command::Write, 512),
+            (4, Command::Flush, 0),
+        ] {
+            let ok = ok.clone();
+            table.pending.insert(
+                cookie,
+                Pending {
+                    command,
+                    offset: 1 << 20,
+                    length,
+                    buf: (command == Command::Read).then(|| vec![0xEE; length as usize]),
+                    covered: Vec::new(),
+                    error: None,
+                    block_status: Vec::new(),
+                    issued: Instant::now(),
+                    sent: true,
+                    finished: None,
+                    done: Box::new(move |r| {
+                        if r.is_ok() {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }),
+                },
+            );
+        }
+    }
+    run_reader(bytes, &shared);
+    assert!(
+        shared.lock().pending.is_empty(),
+        "a request was left waiting"
+    );
+    ok.load(Ordering::SeqCst) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn chunk_bytes(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = proto::STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&kind.to_be_bytes());
+        v.extend_from_slice(&cookie.to_be_bytes());
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn simple(error: u32, cookie: u64) -> Vec<u8> {
+        let mut v = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&error.to_be_bytes());
+        v.extend_from_slice(&cookie.to_be_bytes());
+        v
+    }
+
+    fn valid_stream() -> Vec<u8> {
+        let mut s = Vec::new();
+        // Read: data for the first half, a hole for the second, in reverse order.
+        let mut hole = ((1u64 << 20) + 2048).to_be_bytes().to_vec();
+        hole.extend_from_slice(&2048u32.to_be_bytes());
+        s.extend(chunk_bytes(0, chunk::OFFSET_HOLE, 1, &hole));
+        let mut data = (1u64 << 20).to_be_bytes().to_vec();
+        data.extend_from_slice(&[7u8; 2048]);
+        s.extend(chunk_bytes(chunk::FLAG_DONE, chunk::OFFSET_DATA, 1, &data));
+        let mut bs = 1u32.to_be_bytes().to_vec();
+        bs.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        bs.extend_from_slice(&3u32.to_be_bytes());
+        s.extend(chunk_bytes(chunk::FLAG_DONE, chunk::BLOCK_STATUS, 2, &bs));
+        s.extend(simple(0, 3));
+        s.extend(chunk_bytes(chunk::FLAG_DONE, chunk::NONE, 4, &[]));
+        s
+    }
+
+    #[test]
+    fn a_valid_stream_completes_everything() {
+        assert_eq!(replay_reply_stream(&valid_stream(), true), 4);
+    }
+
+    #[test]
+    fn short_reads_and_errors_fail_requests() {
+        // Read reply covering only half: a protocol error, the rest fail too.
+        let mut data = (1u64 << 20).to_be_bytes().to_vec();
+        data.extend_from_slice(&[7u8; 2048]);
+        let s = chunk_bytes(chunk::FLAG_DONE, chunk::OFFSET_DATA, 1, &data);
+        assert_eq!(replay_reply_stream(&s, true), 0);
+        // An error chunk fails only its request.
+        let mut e = 5u32.to_be_bytes().to_vec();
+        e.extend_from_slice(&0u16.to_be_bytes());
+        let mut s = chunk_bytes(chunk::FLAG_DONE, chunk::ERROR, 1, &e);
+        s.extend(simple(0, 4));
+        assert_eq!(replay_reply_stream(&s, true), 1);
+        // Truncated stream: nothing hangs.
+        let v = valid_stream();
+        for cut in [1, 10, 30, 2000, v.len() - 1] {
+            assert!(replay_reply_stream(&v[..cut], true) < 4);
+        }
+    }
+
+    #[test]
+    fn simple_replies_carry_read_data_without_structured_replies() {
+        let mut s = simple(0, 1);
+        s.extend_from_slice(&[1u8; 4096]);
+        s.extend(simple(0, 3));
+        assert_eq!(replay_reply_stream(&s, false), 2);
+        assert_eq!(replay_reply_stream(&s, true), 0);
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_end_without_panic_or_hang(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = replay_reply_stream(&bytes, true);
+            let _ = replay_reply_stream(&bytes, false);
+        }
+
+        #[test]
+        fn mutated_valid_streams_never_panic(pos in 0usize..2200, byte in any::<u8>()) {
+            let mut v = valid_stream();
+            let pos = pos % v.len();
+            v[pos] = byte;
+            let _ = replay_reply_stream(&v, true);
+        }
+    }
+}

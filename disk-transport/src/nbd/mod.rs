@@ -1,0 +1,871 @@
+//! A pure-Rust NBD client.
+//!
+//! - Fixed-newstyle handshake with `NBD_OPT_GO` (falling back to `EXPORT_NAME` for old
+//!   servers), export info and block-size constraints.
+//! - Structured replies (falling back to simple replies), `base:allocation` block status for
+//!   [`Disk::allocated_extents`], and `qemu:dirty-bitmap:NAME` for incremental backups
+//!   ([`NbdDisk::dirty_extents`]).
+//! - READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS; any number of requests in flight per
+//!   connection: callers write requests, one reader thread per connection matches replies to
+//!   them by cookie. [`Disk::submit_read`]/[`Disk::submit_write`] return at once, so the
+//!   [`copy`](crate::copy) engine keeps 64 requests in flight from a single thread.
+//! - Optional multi-conn ([`NbdOptions::connections`]) when the server advertises
+//!   `CAN_MULTI_CONN`; requests are spread round-robin.
+//! - Every wait has a deadline ([`NbdOptions::timeout`], 30 s by default): a request without a
+//!   reply in time fails with [`Error::Timeout`] naming its offset, the connection is closed, and
+//!   every other waiting request fails too — never a hang, never a silent short read.
+//!
+//! URIs as libnbd writes them are accepted by [`open_uri`](crate::open_uri):
+//! `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`.
+//!
+//! ```no_run
+//! use disk_transport::nbd::{NbdDisk, NbdOptions};
+//! use disk_transport::{Disk, NbdAddress};
+//!
+//! # fn main() -> disk_transport::Result<()> {
+//! let disk = NbdDisk::connect(
+//!     &NbdOptions::new(NbdAddress::Unix("/run/nbd.sock".into())).export("disk").read_only(true),
+//! )?;
+//! for extent in disk.allocated_extents(0, disk.info()?.capacity)? {
+//!     println!("{} {} {:?}", extent.offset, extent.length, extent.kind);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+mod conn;
+mod handshake;
+pub mod proto;
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use conn::replay_reply_stream;
+use conn::{Command, Conn, Outcome, Stream};
+use handshake::{HandshakeRequest, Negotiated};
+use proto::tflag;
+
+use crate::types::{clip_extents, push_extent, DiskInfo, Extent, ExtentKind};
+use crate::uri::NbdAddress;
+use crate::{
+    check_range, AccessGuard, CleanupStats, ConnectParams, Connection, Disk, DiskTransport, Error,
+    OpenFlags, ReadCompletion, Result, TransportMode, WriteCompletion,
+};
+
+/// How to reach and use an NBD export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdOptions {
+    address: NbdAddress,
+    export: String,
+    read_only: bool,
+    timeout: Duration,
+    connect_timeout: Duration,
+    dirty_bitmap: Option<String>,
+    connections: usize,
+    structured_replies: bool,
+    extents: bool,
+}
+
+impl NbdOptions {
+    /// Options for the default export at `address`.
+    pub fn new(address: NbdAddress) -> Self {
+        NbdOptions {
+            address,
+            export: String::new(),
+            read_only: false,
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            dirty_bitmap: None,
+            connections: 1,
+            structured_replies: true,
+            extents: true,
+        }
+    }
+    /// Export name ("" is the server's default export).
+    pub fn export(mut self, export: impl Into<String>) -> Self {
+        self.export = export.into();
+        self
+    }
+    /// Refuse writes locally (the server may also be read-only).
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+    /// Longest wait for a reply, and for the handshake.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+    /// Longest wait for the TCP connection.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+    /// Also negotiate `qemu:dirty-bitmap:NAME` (fails if the server does not export it).
+    pub fn dirty_bitmap(mut self, name: impl Into<String>) -> Self {
+        self.dirty_bitmap = Some(name.into());
+        self
+    }
+    /// Open up to `n` connections when the server advertises multi-conn (else one).
+    pub fn connections(mut self, n: usize) -> Self {
+        self.connections = n.max(1);
+        self
+    }
+    /// Ask for structured replies (default on; off forces simple replies and no extents).
+    pub fn structured_replies(mut self, on: bool) -> Self {
+        self.structured_replies = on;
+        self
+    }
+    /// Ask for `base:allocation` (default on).
+    pub fn extents(mut self, on: bool) -> Self {
+        self.extents = on;
+        self
+    }
+}
+
+/// What the server told about the export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// Transmission flags (`proto::tflag`).
+    pub flags: u16,
+    /// Minimum block size.
+    pub min_block: u32,
+    /// Preferred block size.
+    pub preferred_block: u32,
+    /// Largest read/write payload this client sends (≤ 32 MiB).
+    pub max_payload: u32,
+    /// Whether structured replies are in use.
+    pub structured_replies: bool,
+    /// Whether `base:allocation` was negotiated.
+    pub base_allocation: bool,
+    /// Whether a dirty bitmap context was negotiated.
+    pub dirty_bitmap: bool,
+    /// Number of connections in use.
+    pub connections: usize,
+}
+
+/// A dirty or clean range from `qemu:dirty-bitmap:NAME`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DirtyExtent {
+    /// Start in bytes.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Whether the range changed since the bitmap was started.
+    pub dirty: bool,
+}
+
+/// Runs this client's side of the handshake against a recorded server byte stream (what the
+/// client sends is discarded) and returns what it negotiated. For fuzzing and tests: any bytes
+/// must end in `Ok` or a clear error, never a panic or a hang.
+pub fn replay_handshake(
+    server_bytes: &[u8],
+    export: &str,
+    dirty_bitmap: Option<&str>,
+) -> Result<ExportInfo> {
+    struct Replay<'a>(&'a [u8]);
+    impl std::io::Read for Replay<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            std::io::Read::read(&mut self.0, buf)
+        }
+    }
+    impl std::io::Write for Replay<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let n = handshake::negotiate(
+        &mut Replay(server_bytes),
+        &HandshakeRequest {
+            export,
+            structured: true,
+            extents: true,
+            dirty_bitmap,
+        },
+    )?;
+    Ok(ExportInfo {
+        size: n.size,
+        flags: n.flags,
+        min_block: n.min_block,
+        preferred_block: n.preferred_block,
+        max_payload: n.max_payload,
+        structured_replies: n.structured,
+        base_allocation: n.base_allocation.is_some(),
+        dirty_bitmap: n.dirty_bitmap.is_some(),
+        connections: 1,
+    })
+}
+
+/// An open NBD export; see the [module docs](self).
+#[derive(Debug)]
+pub struct NbdDisk {
+    conns: Vec<Conn>,
+    next: AtomicUsize,
+    negotiated: Negotiated,
+    read_only: bool,
+    timeout: Duration,
+    export: String,
+}
+
+fn connect_stream(options: &NbdOptions) -> Result<Stream> {
+    match &options.address {
+        NbdAddress::Tcp { host, port } => {
+            let what = format!("connect to NBD server {host}:{port}");
+            let addrs = (host.as_str(), *port)
+                .to_socket_addrs()
+                .map_err(|e| Error::io(what.clone(), None, e))?;
+            let mut last = None;
+            for addr in addrs {
+                match TcpStream::connect_timeout(&addr, options.connect_timeout) {
+                    Ok(s) => {
+                        s.set_nodelay(true)
+                            .map_err(|e| Error::io(what.clone(), None, e))?;
+                        return Ok(Stream::Tcp(s));
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(Error::io(
+                what,
+                None,
+                last.unwrap_or_else(|| std::io::Error::other("host name has no addresses")),
+            ))
+        }
+        NbdAddress::Unix(path) => UnixStream::connect(path)
+            .map(Stream::Unix)
+            .map_err(|e| Error::io(format!("connect to NBD socket {}", path.display()), None, e)),
+    }
+}
+
+fn open_one(options: &NbdOptions) -> Result<(Conn, Negotiated)> {
+    let mut stream = connect_stream(options)?;
+    stream
+        .set_timeouts(Some(options.timeout), Some(options.timeout))
+        .map_err(|e| Error::io("set NBD socket timeouts", None, e))?;
+    let negotiated = handshake::negotiate(
+        &mut stream,
+        &HandshakeRequest {
+            export: &options.export,
+            structured: options.structured_replies,
+            extents: options.extents,
+            dirty_bitmap: options.dirty_bitmap.as_deref(),
+        },
+    )
+    .map_err(|e| match e {
+        Error::Timeout { what, offset, .. } => Error::Timeout {
+            what,
+            offset,
+            after: options.timeout,
+        },
+        other => other,
+    })?;
+    let conn = Conn::start(stream, negotiated.structured, options.timeout)?;
+    Ok((conn, negotiated))
+}
+
+impl NbdDisk {
+    /// Connects and negotiates.
+    pub fn connect(options: &NbdOptions) -> Result<Self> {
+        let (first, negotiated) = open_one(options)?;
+        let mut conns = vec![first];
+        if options.connections > 1 && negotiated.flags & tflag::CAN_MULTI_CONN != 0 {
+            for _ in 1..options.connections {
+                let (conn, other) = open_one(options)?;
+                if other.size != negotiated.size || other.flags != negotiated.flags {
+                    return Err(Error::Protocol(
+                        "the server described the export differently on a second connection".into(),
+                    ));
+                }
+                conns.push(conn);
+            }
+        }
+        Ok(NbdDisk {
+            conns,
+            next: AtomicUsize::new(0),
+            read_only: options.read_only || negotiated.flags & tflag::READ_ONLY != 0,
+            negotiated,
+            timeout: options.timeout,
+            export: options.export.clone(),
+        })
+    }
+
+    /// What the server told about the export.
+    pub fn export_info(&self) -> ExportInfo {
+        let n = &self.negotiated;
+        ExportInfo {
+            size: n.size,
+            flags: n.flags,
+            min_block: n.min_block,
+            preferred_block: n.preferred_block,
+            max_payload: n.max_payload,
+            structured_replies: n.structured,
+            base_allocation: n.base_allocation.is_some(),
+            dirty_bitmap: n.dirty_bitmap.is_some(),
+            connections: self.conns.len(),
+        }
+    }
+
+    fn conn(&self) -> &Conn {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        &self.conns[i]
+    }
+
+    fn has(&self, flag: u16) -> bool {
+        self.negotiated.flags & flag != 0
+    }
+
+    fn check_io(&self, offset: u64, length: u64) -> Result<()> {
+        check_range(offset, length, self.negotiated.size)?;
+        let min = u64::from(self.negotiated.min_block);
+        let at_end = offset + length == self.negotiated.size;
+        if offset % min != 0 || (length % min != 0 && !at_end) {
+            return Err(Error::Unaligned {
+                offset,
+                length,
+                alignment: min,
+                why: "the NBD server's minimum block size",
+            });
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            let why = if self.has(tflag::READ_ONLY) {
+                " (the server exports it read-only)"
+            } else {
+                ""
+            };
+            return Err(Error::ReadOnly(format!(
+                "NBD export {:?}{why}",
+                self.export
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sends one request and waits for its outcome.
+    fn call(
+        &self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: Option<Vec<u8>>,
+    ) -> Result<Outcome> {
+        let (tx, rx) = mpsc::channel();
+        let read_buf = (command == Command::Read).then(|| vec![0u8; length as usize]);
+        self.conn().submit(
+            command,
+            flags,
+            offset,
+            length,
+            payload,
+            read_buf,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        self.wait(&rx, command, offset)
+    }
+
+    fn wait(
+        &self,
+        rx: &mpsc::Receiver<Result<Outcome>>,
+        command: Command,
+        offset: u64,
+    ) -> Result<Outcome> {
+        // The reader thread enforces the timeout; the margin covers its polling interval.
+        match rx.recv_timeout(self.timeout + Duration::from_secs(2)) {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout {
+                what: format!("NBD {}", command.name()),
+                offset: Some(offset),
+                after: self.timeout,
+            }),
+        }
+    }
+
+    /// Largest piece for one READ/WRITE, aligned to the minimum block size.
+    fn max_piece(&self) -> u64 {
+        let min = u64::from(self.negotiated.min_block);
+        (u64::from(self.negotiated.max_payload) / min * min).max(min)
+    }
+
+    /// Largest effect length for TRIM/WRITE_ZEROES/BLOCK_STATUS.
+    fn max_effect(&self) -> u64 {
+        let min = u64::from(self.negotiated.min_block);
+        u64::from(u32::MAX) / min * min
+    }
+
+    fn ranged(&self, command: Command, flags: u16, offset: u64, length: u64) -> Result<()> {
+        let mut done = 0;
+        while done < length {
+            let n = (length - done).min(self.max_effect());
+            self.call(command, flags, offset + done, n as u32, None)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, context: u32, offset: u64, length: u64) -> Result<Vec<(u64, u64, u32)>> {
+        check_range(offset, length, self.negotiated.size)?;
+        let end = offset + length;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(self.max_effect()).max(1);
+            let outcome = self.call(Command::BlockStatus, 0, pos, n as u32, None)?;
+            let descriptors = outcome
+                .block_status
+                .into_iter()
+                .find(|(id, _)| *id == context)
+                .map(|(_, d)| d)
+                .ok_or_else(|| {
+                    Error::Protocol(format!(
+                        "block status reply at offset {pos} lacks the negotiated context {context}"
+                    ))
+                })?;
+            let mut at = pos;
+            for (len, flags) in descriptors {
+                if at >= end {
+                    break;
+                }
+                let len = u64::from(len).min(end - at);
+                out.push((at, len, flags));
+                at += len;
+            }
+            if at == pos {
+                return Err(Error::Protocol(format!(
+                    "block status at offset {pos} made no progress"
+                )));
+            }
+            pos = at;
+        }
+        Ok(out)
+    }
+
+    /// Dirty and clean ranges of `[offset, offset + length)` from the negotiated
+    /// `qemu:dirty-bitmap:NAME` ([`NbdOptions::dirty_bitmap`]).
+    pub fn dirty_extents(&self, offset: u64, length: u64) -> Result<Vec<DirtyExtent>> {
+        let context = self.negotiated.dirty_bitmap.ok_or_else(|| {
+            Error::Unsupported("dirty extents without NbdOptions::dirty_bitmap".into())
+        })?;
+        let mut out: Vec<DirtyExtent> = Vec::new();
+        for (offset, length, flags) in self.block_status(context, offset, length)? {
+            let dirty = flags & 1 != 0;
+            match out.last_mut() {
+                Some(last) if last.dirty == dirty && last.offset + last.length == offset => {
+                    last.length += length
+                }
+                _ => out.push(DirtyExtent {
+                    offset,
+                    length,
+                    dirty,
+                }),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for NbdDisk {
+    fn drop(&mut self) {
+        for conn in &self.conns {
+            conn.close();
+        }
+    }
+}
+
+impl Disk for NbdDisk {
+    fn info(&self) -> Result<DiskInfo> {
+        let n = &self.negotiated;
+        let mut info = DiskInfo::new(n.size);
+        info.min_block_size = n.min_block;
+        info.preferred_block_size = n.preferred_block;
+        info.max_request_size = n.max_payload;
+        info.logical_sector_size = n.min_block.max(512);
+        info.physical_sector_size = n.preferred_block.max(512);
+        info.read_only = self.read_only;
+        info.can_extents = n.base_allocation.is_some();
+        info.can_multi_conn = self.has(tflag::CAN_MULTI_CONN);
+        Ok(info)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_io(offset, buf.len() as u64)?;
+        let piece = self.max_piece() as usize;
+        let (tx, rx) = mpsc::channel();
+        let pieces = buf.len().div_ceil(piece.max(1));
+        for i in 0..pieces {
+            let start = i * piece;
+            let len = piece.min(buf.len() - start);
+            let tx = tx.clone();
+            let at = offset + start as u64;
+            self.conn().submit(
+                Command::Read,
+                0,
+                at,
+                len as u32,
+                None,
+                Some(vec![0u8; len]),
+                Box::new(move |r| {
+                    let _ = tx.send((start, r));
+                }),
+            );
+        }
+        drop(tx);
+        let mut first_error = None;
+        for _ in 0..pieces {
+            match rx.recv_timeout(self.timeout + Duration::from_secs(2)) {
+                Ok((start, Ok(outcome))) => {
+                    let data = outcome.buf.unwrap_or_default();
+                    buf[start..start + data.len()].copy_from_slice(&data);
+                }
+                Ok((_, Err(e))) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        what: "NBD read".into(),
+                        offset: Some(offset),
+                        after: self.timeout,
+                    })
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_io(offset, buf.len() as u64)?;
+        let piece = self.max_piece() as usize;
+        for (i, part) in buf.chunks(piece.max(1)).enumerate() {
+            let at = offset + (i * piece) as u64;
+            self.call(
+                Command::Write,
+                0,
+                at,
+                part.len() as u32,
+                Some(part.to_vec()),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only || !self.has(tflag::SEND_FLUSH) {
+            // Nothing to flush: the server did not offer FLUSH (its writes are durable when
+            // acknowledged), or nothing was written.
+            return Ok(());
+        }
+        // With multi-conn one FLUSH covers writes completed on every connection.
+        self.call(Command::Flush, 0, 0, 0, None).map(|_| ())
+    }
+
+    fn allocated_extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        check_range(offset, length, self.negotiated.size)?;
+        let Some(context) = self.negotiated.base_allocation else {
+            let mut v = Vec::new();
+            push_extent(
+                &mut v,
+                Extent {
+                    offset,
+                    length,
+                    kind: ExtentKind::Data,
+                },
+            );
+            return Ok(v);
+        };
+        let mut extents = Vec::new();
+        for (at, len, flags) in self.block_status(context, offset, length)? {
+            push_extent(
+                &mut extents,
+                Extent {
+                    offset: at,
+                    length: len,
+                    kind: ExtentKind::from_nbd_flags(flags),
+                },
+            );
+        }
+        Ok(clip_extents(&extents, offset, length))
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_io(offset, length)?;
+        if self.has(tflag::SEND_WRITE_ZEROES) {
+            return self.ranged(Command::WriteZeroes, 0, offset, length);
+        }
+        let piece = self.max_piece().min(1 << 20) as usize;
+        let zeros = vec![0u8; piece];
+        let mut done = 0;
+        while done < length {
+            let n = (length - done).min(piece as u64) as usize;
+            self.write_at(&zeros[..n], offset + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, length: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_io(offset, length)?;
+        if !self.has(tflag::SEND_TRIM) {
+            return Ok(());
+        }
+        self.ranged(Command::Trim, 0, offset, length)
+    }
+
+    fn submit_read(&self, offset: u64, buf: Vec<u8>, done: ReadCompletion) {
+        let length = buf.len() as u64;
+        if let Err(e) = self.check_io(offset, length) {
+            return done(Err(e));
+        }
+        if length > self.max_piece() {
+            let mut buf = buf;
+            let r = self.read_at(&mut buf, offset).map(|()| buf);
+            return done(r);
+        }
+        self.conn().submit(
+            Command::Read,
+            0,
+            offset,
+            length as u32,
+            None,
+            Some(buf),
+            Box::new(move |r| done(r.map(|o| o.buf.unwrap_or_default()))),
+        );
+    }
+
+    fn submit_write(&self, offset: u64, buf: Vec<u8>, done: WriteCompletion) {
+        let length = buf.len() as u64;
+        if let Err(e) = self
+            .check_writable()
+            .and_then(|()| self.check_io(offset, length))
+        {
+            return done(Err(e));
+        }
+        if length > self.max_piece() {
+            let r = self.write_at(&buf, offset).map(|()| buf);
+            return done(r);
+        }
+        self.conn().submit(
+            Command::Write,
+            0,
+            offset,
+            length as u32,
+            Some(buf),
+            None,
+            Box::new(move |r| done(r.map(|o| o.buf.unwrap_or_default()))),
+        );
+    }
+
+    fn max_in_flight(&self) -> usize {
+        64 * self.conns.len()
+    }
+}
+
+/// NBD as a [`DiskTransport`]: the connection parameters name the server
+/// ([`ConnectParams::server`] is a host, or `unix:/path/to/socket`; the port defaults to
+/// 10809) and [`Connection::open`] takes the export name.
+///
+/// The NBD protocol has no PrepareForAccess; those calls return [`Error::Unsupported`].
+#[derive(Debug, Clone)]
+pub struct NbdTransport {
+    timeout: Duration,
+    connections: usize,
+}
+
+impl Default for NbdTransport {
+    fn default() -> Self {
+        NbdTransport {
+            timeout: Duration::from_secs(30),
+            connections: 1,
+        }
+    }
+}
+
+impl NbdTransport {
+    /// A transport with the default timeout (30 s) and one connection per disk.
+    pub fn new() -> Self {
+        NbdTransport::default()
+    }
+    /// Per-request timeout.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+    /// Connections per disk when the server allows multi-conn.
+    pub fn connections(mut self, n: usize) -> Self {
+        self.connections = n.max(1);
+        self
+    }
+}
+
+impl DiskTransport for NbdTransport {
+    fn name(&self) -> &'static str {
+        "nbd"
+    }
+
+    fn transport_modes(&self) -> Vec<TransportMode> {
+        vec![TransportMode::Nbd]
+    }
+
+    fn connect(&self, params: &ConnectParams) -> Result<Box<dyn Connection>> {
+        let server = params.server().ok_or_else(|| {
+            Error::InvalidParams("NBD needs a server (a host name, or unix:/path/to/socket)".into())
+        })?;
+        let address = match server.strip_prefix("unix:") {
+            Some(path) => NbdAddress::Unix(path.into()),
+            None => NbdAddress::Tcp {
+                host: server.to_owned(),
+                port: params.port().unwrap_or(10809),
+            },
+        };
+        Ok(Box::new(NbdConnection {
+            address,
+            read_only: params.read_only(),
+            timeout: self.timeout,
+            connections: self.connections,
+        }))
+    }
+
+    fn prepare_for_access(&self, _params: &ConnectParams, _identity: &str) -> Result<AccessGuard> {
+        Err(Error::Unsupported("PrepareForAccess over NBD".into()))
+    }
+
+    fn cleanup(&self, _params: &ConnectParams) -> Result<CleanupStats> {
+        // An NBD client leaves no state on the server once its sockets are closed.
+        Ok(CleanupStats::default())
+    }
+}
+
+#[derive(Debug)]
+struct NbdConnection {
+    address: NbdAddress,
+    read_only: bool,
+    timeout: Duration,
+    connections: usize,
+}
+
+impl Connection for NbdConnection {
+    fn open(&self, path: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
+        let flags = flags.effective(self.read_only);
+        let options = NbdOptions::new(self.address.clone())
+            .export(path)
+            .read_only(flags.read_only)
+            .timeout(self.timeout)
+            .connections(self.connections);
+        Ok(Box::new(NbdDisk::connect(&options)?))
+    }
+
+    fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proto::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    fn option_reply(option: u32, reply: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&option.to_be_bytes());
+        v.extend_from_slice(&reply.to_be_bytes());
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// What qemu-nbd answers: structured replies, base:allocation, export info, block sizes.
+    fn server_script() -> Vec<u8> {
+        let mut s = NBDMAGIC.to_be_bytes().to_vec();
+        s.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        s.extend_from_slice(&3u16.to_be_bytes());
+        s.extend(option_reply(opt::STRUCTURED_REPLY, rep::ACK, &[]));
+        let mut ctx = 7u32.to_be_bytes().to_vec();
+        ctx.extend_from_slice(b"base:allocation");
+        s.extend(option_reply(opt::SET_META_CONTEXT, rep::META_CONTEXT, &ctx));
+        s.extend(option_reply(opt::SET_META_CONTEXT, rep::ACK, &[]));
+        let mut export = 0u16.to_be_bytes().to_vec();
+        export.extend_from_slice(&(1u64 << 30).to_be_bytes());
+        export.extend_from_slice(
+            &(tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::CAN_MULTI_CONN).to_be_bytes(),
+        );
+        s.extend(option_reply(opt::GO, rep::INFO, &export));
+        let mut block = 3u16.to_be_bytes().to_vec();
+        for v in [1u32, 4096, 1 << 25] {
+            block.extend_from_slice(&v.to_be_bytes());
+        }
+        s.extend(option_reply(opt::GO, rep::INFO, &block));
+        s.extend(option_reply(opt::GO, rep::ACK, &[]));
+        s
+    }
+
+    #[test]
+    fn negotiates_like_qemu_nbd() {
+        let info = replay_handshake(&server_script(), "disk", None).unwrap();
+        assert_eq!(info.size, 1 << 30);
+        assert!(info.structured_replies && info.base_allocation);
+        assert_eq!(
+            (info.min_block, info.preferred_block, info.max_payload),
+            (1, 4096, 1 << 25)
+        );
+        let err = replay_handshake(&server_script(), "disk", Some("b0")).unwrap_err();
+        assert!(err.to_string().contains("qemu:dirty-bitmap:b0"));
+    }
+
+    #[test]
+    fn unknown_export_and_tls_are_explained() {
+        let mut s = server_script();
+        let go = s.len() - 3 * 20 - 12 - 14;
+        s.truncate(go);
+        s.extend(option_reply(opt::GO, rep::ERR_UNKNOWN, b"no such export"));
+        assert!(matches!(
+            replay_handshake(&s, "x", None),
+            Err(Error::NotFound(_))
+        ));
+        s.truncate(go);
+        s.extend(option_reply(opt::GO, rep::ERR_TLS_REQD, b""));
+        assert!(replay_handshake(&s, "x", None)
+            .unwrap_err()
+            .to_string()
+            .contains("TLS"));
+        for cut in [0, 5, 18, 30, go, s.len() - 1] {
+            assert!(replay_handshake(&s[..cut], "x", None).is_err());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_server_bytes_end_cleanly(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = replay_handshake(&bytes, "", None);
+            let mut script = server_script();
+            script.truncate(18);
+            script.extend_from_slice(&bytes);
+            let _ = replay_handshake(&script, "", Some("b"));
+        }
+
+        #[test]
+        fn mutated_scripts_end_cleanly(pos in 0usize..400, byte in any::<u8>()) {
+            let mut s = server_script();
+            let pos = pos % s.len();
+            s[pos] = byte;
+            let _ = replay_handshake(&s, "disk", None);
+        }
+    }
+}

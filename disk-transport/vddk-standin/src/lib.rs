@@ -1,0 +1,1335 @@
+//! A stand-in `libvixDiskLib.so` for testing the VDDK backend of `disk-transport` through its
+//! real `dlopen` path, the way nbdkit tests its VDDK plugin with `tests/dummy-vddk.c`.
+//!
+//! It exports the VDDK functions the backend uses, through the very function-pointer types the
+//! backend calls them with (`disk_transport::vddk::ffi`), so signatures cannot drift. It keeps
+//! disks in memory, checks how it is called and reports what it saw.
+//!
+//! # Disks
+//!
+//! The path given to `VixDiskLib_Open` names a disk and may carry options:
+//! `name?size=1048576&phys=4096&fail_open=4&fail_read=8:16007&fail_write=8:11&fail_flush=1&fail_query=6&async_delay_us=2000`.
+//! A disk is created on first open (`size` bytes, default 1 MiB) and keeps its contents, 64 KiB
+//! allocation map and metadata for the life of the process. `fail_read`/`fail_write` take
+//! `SECTOR:VIXERROR` and fail any request covering the sector; asynchronous requests report it
+//! through the completion callback. `async_delay_us` completes asynchronous requests on a thread
+//! after that delay (otherwise they complete inside the call, as VDDK does for local files).
+//!
+//! # Configuration (the InitEx configuration file)
+//!
+//! `standin.statsFile = PATH` — after every call, write a JSON snapshot of the counters there;
+//! `standin.password = PW` — remote logins with another password fail with
+//! `VIX_E_AUTHENTICATION_FAIL`; `standin.logPassword = 1` — ConnectEx logs the password (so tests
+//! can check that the caller redacts it); `standin.transportModes = LIST`;
+//! `standin.failInitEx = CODE`; `standin.delayUs = N` — sleep inside Open/Close and I/O calls to
+//! widen the window in which overlapping calls (which VDDK forbids) are detected.
+//!
+//! # Rule checks
+//!
+//! Each violation of VDDK's rules is counted under `violations` in the stats: InitEx twice,
+//! overlapping Open/Close/ConnectEx/Disconnect, concurrent calls on one handle, synchronous
+//! calls while asynchronous ones are outstanding, Disconnect with open disks, Close with
+//! outstanding requests, unknown handles, Exit with open handles, a non-NULL locale.
+#![allow(non_snake_case)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::{c_char, c_ulong, c_void, CStr, CString};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use disk_transport::vddk::ffi::*;
+use serde_json::{json, Value};
+
+extern "C" {
+    /// From shim.c: calls `func(fmt, va_list of the remaining arguments)`.
+    fn standin_log(func: Option<LogFn>, fmt: *const c_char, ...);
+    /// From shim.c: `sizeof(VixDiskLibConnectParams)` as gcc lays it out.
+    fn standin_connect_params_size() -> usize;
+}
+
+const CHUNK: u64 = 64 * 1024;
+
+#[derive(Debug, Clone, Default)]
+struct Faults {
+    open: Option<u64>,
+    read: Option<(u64, u64)>,
+    write: Option<(u64, u64)>,
+    flush: Option<u64>,
+    query: Option<u64>,
+    async_delay_us: u64,
+}
+
+#[derive(Debug, Default)]
+struct DiskData {
+    data: Vec<u8>,
+    allocated: BTreeSet<u64>,
+    metadata: BTreeMap<String, String>,
+    physical_sector: u32,
+    counters: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Debug)]
+struct Conn {
+    read_only: bool,
+    remote: bool,
+    transports: Option<String>,
+    open_handles: usize,
+}
+
+#[derive(Debug)]
+struct Handle {
+    conn: usize,
+    disk: String,
+    read_only: bool,
+    faults: Faults,
+    busy: Arc<AtomicBool>,
+    outstanding: Arc<AtomicUsize>,
+    threads: Vec<JoinHandle<()>>,
+    mode: &'static CStr,
+}
+
+#[derive(Debug, Default)]
+struct Global {
+    config: BTreeMap<String, String>,
+    log: Option<LogFn>,
+    warn: Option<LogFn>,
+    initialised: bool,
+    libdir: Option<String>,
+    calls: BTreeMap<&'static str, u64>,
+    violations: BTreeMap<&'static str, u64>,
+    disks: HashMap<String, DiskData>,
+    conns: HashMap<usize, Conn>,
+    handles: HashMap<usize, Handle>,
+    next_id: usize,
+    access: BTreeMap<String, (u64, u64)>,
+    connects: BTreeMap<String, Value>,
+    live: BTreeMap<&'static str, i64>,
+}
+
+static STATE: LazyLock<Mutex<Global>> = LazyLock::new(|| {
+    Mutex::new(Global {
+        next_id: 0x1000,
+        ..Global::default()
+    })
+});
+static OPEN_CLOSE_ACTIVE: AtomicUsize = AtomicUsize::new(0);
+static DELAY_US: AtomicUsize = AtomicUsize::new(0);
+
+fn state() -> MutexGuard<'static, Global> {
+    STATE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Global {
+    fn call(&mut self, name: &'static str) {
+        *self.calls.entry(name).or_default() += 1;
+    }
+
+    fn violation(&mut self, what: &'static str) {
+        *self.violations.entry(what).or_default() += 1;
+    }
+
+    fn live(&mut self, what: &'static str, delta: i64) {
+        *self.live.entry(what).or_default() += delta;
+    }
+
+    fn disk_count(&mut self, disk: &str, what: &'static str) {
+        if let Some(d) = self.disks.get_mut(disk) {
+            *d.counters.entry(what).or_default() += 1;
+        }
+    }
+
+    fn new_id(&mut self) -> usize {
+        self.next_id += 16;
+        self.next_id
+    }
+
+    /// Writes the stats file, if configured (the caller holds the lock, so writers never race).
+    fn publish(&self) {
+        let Some(path) = self.config.get("standin.statsfile") else { return };
+        let disks: BTreeMap<&String, Value> = self
+            .disks
+            .iter()
+            .map(|(name, d)| {
+                let mut v = json!(d.counters);
+                v["size"] = json!(d.data.len());
+                v["allocated_chunks"] = json!(d.allocated.len());
+                (name, v)
+            })
+            .collect();
+        let access: BTreeMap<&String, Value> = self
+            .access
+            .iter()
+            .map(|(id, (p, e))| (id, json!({"prepared": p, "ended": e})))
+            .collect();
+        let stats = json!({
+            "initialised": self.initialised,
+            "libdir": self.libdir,
+            "calls": self.calls,
+            "violations": self.violations,
+            "disks": disks,
+            "access": access,
+            "connects": self.connects,
+            "live": self.live,
+            "open_connections": self.conns.len(),
+            "open_handles": self.handles.len(),
+        });
+        let tmp = format!("{path}.tmp");
+        if std::fs::write(&tmp, stats.to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+}
+
+/// Runs `f` on the state and publishes the stats afterwards.
+fn with_state<R>(f: impl FnOnce(&mut Global) -> R) -> R {
+    let mut g = state();
+    let r = f(&mut g);
+    g.publish();
+    r
+}
+
+fn delay() {
+    let us = DELAY_US.load(Ordering::Relaxed);
+    if us > 0 {
+        std::thread::sleep(Duration::from_micros(us as u64));
+    }
+}
+
+/// Marks an Open/Close/ConnectEx/Disconnect in progress; overlapping ones are violations.
+struct OpenCloseSection;
+
+impl OpenCloseSection {
+    fn enter() -> Self {
+        if OPEN_CLOSE_ACTIVE.fetch_add(1, Ordering::SeqCst) > 0 {
+            with_state(|g| g.violation("open_close_overlap"));
+        }
+        delay();
+        OpenCloseSection
+    }
+}
+
+impl Drop for OpenCloseSection {
+    fn drop(&mut self) {
+        OPEN_CLOSE_ACTIVE.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Marks a call on a handle in progress; concurrent calls on one handle are violations.
+struct HandleSection(Arc<AtomicBool>);
+
+impl Drop for HandleSection {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+fn enter_handle(h: VixDiskLibHandle, name: &'static str, sync_io: bool) -> Result<HandleSection, VixError> {
+    let busy = with_state(|g| {
+        g.call(name);
+        let Some(handle) = g.handles.get(&(h as usize)) else {
+            g.violation("bad_handle");
+            return Err(VIX_E_INVALID_HANDLE);
+        };
+        let (busy, outstanding) = (Arc::clone(&handle.busy), handle.outstanding.load(Ordering::SeqCst));
+        if sync_io && outstanding > 0 {
+            g.violation("mixed_mode");
+            return Err(VIX_E_ASYNC_MIXEDMODE_UNSUPPORTED);
+        }
+        Ok(busy)
+    })?;
+    if busy.swap(true, Ordering::SeqCst) {
+        with_state(|g| g.violation("handle_concurrency"));
+    }
+    delay();
+    Ok(HandleSection(busy))
+}
+
+/// # Safety
+/// `p` must be NULL or a NUL-terminated string.
+unsafe fn text(p: *const c_char) -> Option<String> {
+    if p.is_null() {
+        None
+    } else {
+        // SAFETY: per the contract.
+        Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    }
+}
+
+fn parse_config(path: &str) -> std::io::Result<BTreeMap<String, String>> {
+    let body = std::fs::read_to_string(path)?;
+    Ok(body
+        .lines()
+        .filter_map(|line| {
+            let line = line.split('#').next()?.trim();
+            let (k, v) = line.split_once('=')?;
+            Some((k.trim().to_ascii_lowercase(), v.trim().trim_matches('"').to_owned()))
+        })
+        .collect())
+}
+
+fn parse_disk_spec(path: &str) -> (String, u64, u32, Faults) {
+    let (name, query) = path.split_once('?').unwrap_or((path, ""));
+    let mut size = 1 << 20;
+    let mut phys = 512;
+    let mut faults = Faults::default();
+    let at = |v: &str| -> Option<(u64, u64)> {
+        let (s, c) = v.split_once(':')?;
+        Some((s.parse().ok()?, c.parse().ok()?))
+    };
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "size" => size = v.parse().unwrap_or(size),
+            "phys" => phys = v.parse().unwrap_or(phys),
+            "fail_open" => faults.open = v.parse().ok(),
+            "fail_read" => faults.read = at(v),
+            "fail_write" => faults.write = at(v),
+            "fail_flush" => faults.flush = v.parse().ok(),
+            "fail_query" => faults.query = v.parse().ok(),
+            "async_delay_us" => faults.async_delay_us = v.parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    (name.to_owned(), size, phys, faults)
+}
+
+fn error_name(code: u16) -> &'static str {
+    match u64::from(code) {
+        VIX_OK => "The operation was successful",
+        VIX_E_FAIL => "Unknown error",
+        VIX_E_OUT_OF_MEMORY => "Memory allocation failed",
+        VIX_E_INVALID_ARG => "One of the parameters was invalid",
+        VIX_E_FILE_NOT_FOUND => "A file was not found",
+        VIX_E_NOT_SUPPORTED => "The operation is not supported",
+        VIX_E_FILE_READ_ONLY => "The file is write-protected",
+        VIX_E_BUFFER_TOOSMALL => "The buffer is too small",
+        VIX_E_AUTHENTICATION_FAIL => "Authentication failed",
+        VIX_E_INVALID_HANDLE => "The handle is not a valid VIX object",
+        VIX_E_DISK_OUTOFRANGE => "The sector is beyond the end of the disk",
+        VIX_E_DISK_KEY_NOTFOUND => "The metadata key was not found",
+        VIX_E_ASYNC_MIXEDMODE_UNSUPPORTED => "Mixing synchronous and asynchronous I/O is not supported",
+        _ => "Error",
+    }
+}
+
+static TRANSPORT_MODES: OnceLock<CString> = OnceLock::new();
+
+fn static_mode(name: &str) -> &'static CStr {
+    match name {
+        "file" => c"file",
+        "san" => c"san",
+        "hotadd" => c"hotadd",
+        "nbd" => c"nbd",
+        _ => c"nbdssl",
+    }
+}
+
+// Every export is checked against the type the loader calls it through.
+const _: InitExFn = VixDiskLib_InitEx;
+const _: ExitFn = VixDiskLib_Exit;
+const _: ListTransportModesFn = VixDiskLib_ListTransportModes;
+const _: GetErrorTextFn = VixDiskLib_GetErrorText;
+const _: FreeErrorTextFn = VixDiskLib_FreeErrorText;
+const _: AllocateConnectParamsFn = VixDiskLib_AllocateConnectParams;
+const _: FreeConnectParamsFn = VixDiskLib_FreeConnectParams;
+const _: ConnectExFn = VixDiskLib_ConnectEx;
+const _: DisconnectFn = VixDiskLib_Disconnect;
+const _: OpenFn = VixDiskLib_Open;
+const _: CloseFn = VixDiskLib_Close;
+const _: GetTransportModeFn = VixDiskLib_GetTransportMode;
+const _: GetInfoFn = VixDiskLib_GetInfo;
+const _: FreeInfoFn = VixDiskLib_FreeInfo;
+const _: ReadFn = VixDiskLib_Read;
+const _: WriteFn = VixDiskLib_Write;
+const _: ReadAsyncFn = VixDiskLib_ReadAsync;
+const _: WriteAsyncFn = VixDiskLib_WriteAsync;
+const _: WaitFn = VixDiskLib_Wait;
+const _: FlushFn = VixDiskLib_Flush;
+const _: QueryAllocatedBlocksFn = VixDiskLib_QueryAllocatedBlocks;
+const _: FreeBlockListFn = VixDiskLib_FreeBlockList;
+const _: PrepareForAccessFn = VixDiskLib_PrepareForAccess;
+const _: EndAccessFn = VixDiskLib_EndAccess;
+const _: CleanupFn = VixDiskLib_Cleanup;
+const _: GetMetadataKeysFn = VixDiskLib_GetMetadataKeys;
+const _: ReadMetadataFn = VixDiskLib_ReadMetadata;
+const _: WriteMetadataFn = VixDiskLib_WriteMetadata;
+
+/// `VixDiskLib_InitEx`.
+///
+/// # Safety
+/// `lib_dir` and `config_file` must be NULL or NUL-terminated strings.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_InitEx(
+    major: u32,
+    minor: u32,
+    log: Option<LogFn>,
+    warn: Option<LogFn>,
+    _panic: Option<LogFn>,
+    lib_dir: *const c_char,
+    config_file: *const c_char,
+) -> VixError {
+    // SAFETY: per the contract.
+    let (libdir, config_path) = unsafe { (text(lib_dir), text(config_file)) };
+    let config = match config_path.as_deref().map(parse_config).transpose() {
+        Ok(c) => c.unwrap_or_default(),
+        Err(_) => return VIX_E_FILE_NOT_FOUND,
+    };
+    // SAFETY: a plain C function without arguments.
+    let c_size = unsafe { standin_connect_params_size() };
+    let result = with_state(|g| {
+        g.call("VixDiskLib_InitEx");
+        if g.initialised {
+            g.violation("init_twice");
+        }
+        if let Some(code) = config.get("standin.failinitex").and_then(|c| c.parse().ok()) {
+            return code;
+        }
+        if c_size != std::mem::size_of::<VixDiskLibConnectParams>() {
+            return VIX_E_FAIL;
+        }
+        DELAY_US.store(
+            config.get("standin.delayus").and_then(|d| d.parse().ok()).unwrap_or(0),
+            Ordering::Relaxed,
+        );
+        g.config = config;
+        g.log = log;
+        g.warn = warn;
+        g.libdir = libdir.clone();
+        g.initialised = true;
+        VIX_OK
+    });
+    if result == VIX_OK {
+        let dir = CString::new(libdir.unwrap_or_default()).unwrap_or_default();
+        let long = CString::new("x".repeat(10_000)).unwrap_or_default();
+        // SAFETY: the format's conversions match the arguments' C types (%u u32, %s NUL-terminated
+        // strings, %lu unsigned long); the callback is the caller's log function or NULL.
+        unsafe {
+            standin_log(
+                log,
+                c"VixDiskLib: stand-in initialised (API %u.%u), libDir %s, connect params %lu bytes\n".as_ptr(),
+                major,
+                minor,
+                dir.as_ptr(),
+                std::mem::size_of::<VixDiskLibConnectParams>() as c_ulong,
+            );
+            standin_log(log, c"long message: %s".as_ptr(), long.as_ptr());
+        }
+    }
+    result
+}
+
+/// `VixDiskLib_Exit`.
+#[no_mangle]
+pub extern "C" fn VixDiskLib_Exit() {
+    with_state(|g| {
+        g.call("VixDiskLib_Exit");
+        if !g.handles.is_empty() || !g.conns.is_empty() {
+            g.violation("exit_with_open_handles");
+        }
+        g.initialised = false;
+        g.log = None;
+        g.warn = None;
+    });
+}
+
+/// `VixDiskLib_ListTransportModes`.
+#[no_mangle]
+pub extern "C" fn VixDiskLib_ListTransportModes() -> *const c_char {
+    let modes = with_state(|g| {
+        g.call("VixDiskLib_ListTransportModes");
+        g.config
+            .get("standin.transportmodes")
+            .cloned()
+            .unwrap_or_else(|| "file:san:hotadd:nbdssl:nbd".to_owned())
+    });
+    TRANSPORT_MODES
+        .get_or_init(|| CString::new(modes).unwrap_or_default())
+        .as_ptr()
+}
+
+/// `VixDiskLib_GetErrorText`.
+#[no_mangle]
+pub extern "C" fn VixDiskLib_GetErrorText(err: VixError, locale: *const c_char) -> *mut c_char {
+    with_state(|g| {
+        g.call("VixDiskLib_GetErrorText");
+        if !locale.is_null() {
+            g.violation("locale_not_null");
+        }
+        g.live("error_texts", 1);
+    });
+    let code = vix_error_code(err);
+    let message = format!("stand-in: {} (VixError {code})", error_name(code));
+    CString::new(message).unwrap_or_default().into_raw()
+}
+
+/// `VixDiskLib_FreeErrorText`.
+///
+/// # Safety
+/// `text` must be NULL or come from `VixDiskLib_GetErrorText`, and be freed once.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_FreeErrorText(text: *mut c_char) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: made by CString::into_raw in GetErrorText, freed once per the contract.
+    drop(unsafe { CString::from_raw(text) });
+    with_state(|g| {
+        g.call("VixDiskLib_FreeErrorText");
+        g.live("error_texts", -1);
+    });
+}
+
+/// `VixDiskLib_AllocateConnectParams`.
+#[no_mangle]
+pub extern "C" fn VixDiskLib_AllocateConnectParams() -> *mut VixDiskLibConnectParams {
+    with_state(|g| {
+        g.call("VixDiskLib_AllocateConnectParams");
+        g.live("connect_params", 1);
+    });
+    Box::into_raw(Box::new(VixDiskLibConnectParams::zeroed()))
+}
+
+/// `VixDiskLib_FreeConnectParams`.
+///
+/// # Safety
+/// `params` must be NULL or come from `VixDiskLib_AllocateConnectParams`, and be freed once.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_FreeConnectParams(params: *mut VixDiskLibConnectParams) {
+    if params.is_null() {
+        return;
+    }
+    // SAFETY: made by Box::into_raw in AllocateConnectParams, freed once per the contract.
+    drop(unsafe { Box::from_raw(params) });
+    with_state(|g| {
+        g.call("VixDiskLib_FreeConnectParams");
+        g.live("connect_params", -1);
+    });
+}
+
+/// What the stand-in reads from connection parameters.
+struct Params {
+    vmx_spec: Option<String>,
+    server: Option<String>,
+    thumbprint: Option<String>,
+    cred_type: i32,
+    user: Option<String>,
+    password: Option<String>,
+    cookie: Option<String>,
+    port: u32,
+    nfc_host_port: u32,
+}
+
+/// # Safety
+/// `p` must be NULL or point to connection parameters whose strings are NUL-terminated.
+unsafe fn read_params(p: *const VixDiskLibConnectParams) -> Option<Params> {
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: non-NULL and valid per the contract; the union member read is the one `cred_type`
+    // selects.
+    unsafe {
+        let p = &*p;
+        let (user, password, cookie) = match p.cred_type {
+            CRED_UID => (text(p.creds.uid.user_name), text(p.creds.uid.password), None),
+            CRED_SESSIONID => (
+                text(p.creds.session_id.user_name),
+                text(p.creds.session_id.key),
+                text(p.creds.session_id.cookie),
+            ),
+            _ => (None, None, None),
+        };
+        Some(Params {
+            vmx_spec: text(p.vmx_spec),
+            server: text(p.server_name),
+            thumbprint: text(p.thumb_print),
+            cred_type: p.cred_type,
+            user,
+            password,
+            cookie,
+            port: p.port,
+            nfc_host_port: p.nfc_host_port,
+        })
+    }
+}
+
+/// `VixDiskLib_ConnectEx`.
+///
+/// # Safety
+/// Pointers must be NULL or valid as VDDK documents them.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_ConnectEx(
+    params: *const VixDiskLibConnectParams,
+    read_only: c_char,
+    snapshot_ref: *const c_char,
+    transport_modes: *const c_char,
+    connection: *mut VixDiskLibConnection,
+) -> VixError {
+    let _section = OpenCloseSection::enter();
+    // SAFETY: per the contract.
+    let (p, snapshot, transports) = unsafe { (read_params(params), text(snapshot_ref), text(transport_modes)) };
+    let Some(p) = p else { return VIX_E_INVALID_ARG };
+    if connection.is_null() {
+        return VIX_E_INVALID_ARG;
+    }
+    let outcome = with_state(|g| {
+        g.call("VixDiskLib_ConnectEx");
+        if !g.initialised {
+            g.violation("not_initialised");
+            return Err(VIX_E_FAIL);
+        }
+        let remote = p.server.is_some();
+        if remote {
+            let creds_ok = match p.cred_type {
+                CRED_UID => p.user.is_some() && p.password.is_some(),
+                CRED_SESSIONID => p.user.is_some() && p.cookie.is_some(),
+                _ => false,
+            };
+            if p.vmx_spec.is_none() || !creds_ok {
+                return Err(VIX_E_INVALID_ARG);
+            }
+            if let Some(expected) = g.config.get("standin.password") {
+                if p.password.as_deref() != Some(expected.as_str()) {
+                    return Err(VIX_E_AUTHENTICATION_FAIL);
+                }
+            }
+        }
+        g.connects.insert(
+            p.vmx_spec.clone().unwrap_or_else(|| "local".to_owned()),
+            json!({
+                "read_only": read_only != 0,
+                "snapshot": snapshot,
+                "transports": transports,
+                "server": p.server,
+                "thumbprint": p.thumbprint,
+                "cred_type": p.cred_type,
+                "user": p.user,
+                "password_len": p.password.as_ref().map(String::len),
+                "port": p.port,
+                "nfc_host_port": p.nfc_host_port,
+            }),
+        );
+        let id = g.new_id();
+        g.conns.insert(
+            id,
+            Conn {
+                read_only: read_only != 0,
+                remote,
+                transports: transports.clone(),
+                open_handles: 0,
+            },
+        );
+        let log_password = g.config.get("standin.logpassword").is_some_and(|v| v == "1");
+        Ok((id, g.log, log_password))
+    });
+    match outcome {
+        Ok((id, log, log_password)) => {
+            // SAFETY: `connection` is a non-NULL out-pointer per the contract.
+            unsafe { *connection = id as VixDiskLibConnection };
+            if log_password && p.server.is_some() {
+                let server = CString::new(p.server.unwrap_or_default()).unwrap_or_default();
+                let user = CString::new(p.user.unwrap_or_default()).unwrap_or_default();
+                let password = CString::new(p.password.unwrap_or_default()).unwrap_or_default();
+                // SAFETY: three %s with three NUL-terminated strings.
+                unsafe {
+                    standin_log(
+                        log,
+                        c"ConnectEx: logging in to %s as %s with password %s".as_ptr(),
+                        server.as_ptr(),
+                        user.as_ptr(),
+                        password.as_ptr(),
+                    )
+                };
+            }
+            VIX_OK
+        }
+        Err(code) => code,
+    }
+}
+
+/// `VixDiskLib_Disconnect`.
+#[no_mangle]
+pub extern "C" fn VixDiskLib_Disconnect(connection: VixDiskLibConnection) -> VixError {
+    let _section = OpenCloseSection::enter();
+    with_state(|g| {
+        g.call("VixDiskLib_Disconnect");
+        match g.conns.remove(&(connection as usize)) {
+            None => {
+                g.violation("bad_connection");
+                VIX_E_INVALID_HANDLE
+            }
+            Some(c) => {
+                if c.open_handles > 0 {
+                    g.violation("disconnect_with_open_handles");
+                }
+                VIX_OK
+            }
+        }
+    })
+}
+
+/// `VixDiskLib_Open`.
+///
+/// # Safety
+/// `path` must be NULL or NUL-terminated; `handle` NULL or a valid out-pointer.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_Open(
+    connection: VixDiskLibConnection,
+    path: *const c_char,
+    flags: u32,
+    handle: *mut VixDiskLibHandle,
+) -> VixError {
+    let _section = OpenCloseSection::enter();
+    // SAFETY: per the contract.
+    let Some(path) = (unsafe { text(path) }) else { return VIX_E_INVALID_ARG };
+    if handle.is_null() {
+        return VIX_E_INVALID_ARG;
+    }
+    let (name, size, phys, faults) = parse_disk_spec(&path);
+    let outcome = with_state(|g| {
+        g.call("VixDiskLib_Open");
+        let Some(conn) = g.conns.get(&(connection as usize)) else {
+            g.violation("bad_connection");
+            return Err((VIX_E_INVALID_HANDLE, g.warn));
+        };
+        let read_only = conn.read_only || flags & FLAG_OPEN_READ_ONLY != 0;
+        let mode = if conn.remote {
+            static_mode(conn.transports.as_deref().and_then(|t| t.split(':').next()).unwrap_or("nbdssl"))
+        } else {
+            c"file"
+        };
+        if let Some(code) = faults.open {
+            return Err((code, g.warn));
+        }
+        let disk = g.disks.entry(name.clone()).or_insert_with(|| {
+            let sectors = size / 512;
+            DiskData {
+                data: vec![0; size as usize],
+                metadata: BTreeMap::from([
+                    ("adapterType".to_owned(), "lsilogic".to_owned()),
+                    ("geometry.cylinders".to_owned(), (sectors / (255 * 63)).to_string()),
+                    ("uuid".to_owned(), "60 00 c2 9b 7d 2e 5e 4b-a1 c0 0f 3e 9d 7a 11 22".to_owned()),
+                ]),
+                physical_sector: phys,
+                ..DiskData::default()
+            }
+        });
+        *disk.counters.entry("opens").or_default() += 1;
+        if read_only {
+            *disk.counters.entry("read_only_opens").or_default() += 1;
+        }
+        let id = g.new_id();
+        if let Some(c) = g.conns.get_mut(&(connection as usize)) {
+            c.open_handles += 1;
+        }
+        g.handles.insert(
+            id,
+            Handle {
+                conn: connection as usize,
+                disk: name.clone(),
+                read_only,
+                faults: faults.clone(),
+                busy: Arc::new(AtomicBool::new(false)),
+                outstanding: Arc::new(AtomicUsize::new(0)),
+                threads: Vec::new(),
+                mode,
+            },
+        );
+        Ok(id)
+    });
+    match outcome {
+        Ok(id) => {
+            // SAFETY: non-NULL out-pointer per the contract.
+            unsafe { *handle = id as VixDiskLibHandle };
+            VIX_OK
+        }
+        Err((code, warn)) => {
+            let disk = CString::new(name).unwrap_or_default();
+            // SAFETY: %s with a NUL-terminated string and %lu with an unsigned long.
+            unsafe { standin_log(warn, c"Open of %s failed: error %lu".as_ptr(), disk.as_ptr(), code as c_ulong) };
+            code
+        }
+    }
+}
+
+/// `VixDiskLib_Close`.
+#[no_mangle]
+pub extern "C" fn VixDiskLib_Close(handle: VixDiskLibHandle) -> VixError {
+    let _section = OpenCloseSection::enter();
+    with_state(|g| {
+        g.call("VixDiskLib_Close");
+        let Some(h) = g.handles.remove(&(handle as usize)) else {
+            g.violation("bad_handle");
+            return VIX_E_INVALID_HANDLE;
+        };
+        if h.outstanding.load(Ordering::SeqCst) > 0 || h.busy.load(Ordering::SeqCst) {
+            g.violation("close_with_outstanding");
+        }
+        if let Some(c) = g.conns.get_mut(&h.conn) {
+            c.open_handles -= 1;
+        }
+        g.disk_count(&h.disk, "closes");
+        VIX_OK
+    })
+}
+
+/// `VixDiskLib_GetTransportMode`.
+#[no_mangle]
+pub extern "C" fn VixDiskLib_GetTransportMode(handle: VixDiskLibHandle) -> *const c_char {
+    with_state(|g| {
+        g.call("VixDiskLib_GetTransportMode");
+        g.handles
+            .get(&(handle as usize))
+            .map_or(std::ptr::null(), |h| h.mode.as_ptr())
+    })
+}
+
+/// `VixDiskLib_GetInfo`.
+///
+/// # Safety
+/// `info` must be NULL or a valid out-pointer.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_GetInfo(handle: VixDiskLibHandle, info: *mut *mut VixDiskLibInfo) -> VixError {
+    let _section = match enter_handle(handle, "VixDiskLib_GetInfo", true) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if info.is_null() {
+        return VIX_E_INVALID_ARG;
+    }
+    let made = with_state(|g| {
+        let h = g.handles.get(&(handle as usize))?;
+        let disk = g.disks.get(&h.disk)?;
+        let sectors = disk.data.len() as u64 / 512;
+        let phys = disk.physical_sector;
+        let uuid = disk.metadata.get("uuid").cloned().unwrap_or_default();
+        let disk_name = h.disk.clone();
+        g.disk_count(&disk_name, "infos");
+        g.live("infos", 1);
+        let geometry = VixDiskLibGeometry {
+            cylinders: (sectors / (255 * 63)) as u32,
+            heads: 255,
+            sectors: 63,
+        };
+        Some(VixDiskLibInfo {
+            bios_geo: geometry,
+            phys_geo: geometry,
+            capacity: sectors,
+            adapter_type: 3,
+            num_links: 1,
+            parent_file_name_hint: std::ptr::null_mut(),
+            uuid: CString::new(uuid).unwrap_or_default().into_raw(),
+            logical_sector_size: 512,
+            physical_sector_size: phys,
+        })
+    });
+    match made {
+        Some(i) => {
+            // SAFETY: non-NULL out-pointer per the contract.
+            unsafe { *info = Box::into_raw(Box::new(i)) };
+            VIX_OK
+        }
+        None => VIX_E_INVALID_HANDLE,
+    }
+}
+
+/// `VixDiskLib_FreeInfo`.
+///
+/// # Safety
+/// `info` must be NULL or come from `VixDiskLib_GetInfo`, and be freed once.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_FreeInfo(info: *mut VixDiskLibInfo) {
+    if info.is_null() {
+        return;
+    }
+    // SAFETY: made by Box::into_raw in GetInfo (uuid by CString::into_raw), freed once.
+    unsafe {
+        let info = Box::from_raw(info);
+        if !info.uuid.is_null() {
+            drop(CString::from_raw(info.uuid));
+        }
+    }
+    with_state(|g| {
+        g.call("VixDiskLib_FreeInfo");
+        g.live("infos", -1);
+    });
+}
+
+/// Copies between the disk and `buf` (`write` = into the disk); applies faults and rules.
+fn transfer(handle: usize, start: u64, count: u64, buf: *mut u8, write: bool) -> VixError {
+    with_state(|g| {
+        let Some(h) = g.handles.get(&handle) else { return VIX_E_INVALID_HANDLE };
+        let (disk_name, read_only, faults) = (h.disk.clone(), h.read_only, h.faults.clone());
+        if write && read_only {
+            g.disk_count(&disk_name, "rejected_writes");
+            return VIX_E_FILE_READ_ONLY;
+        }
+        let fault = if write { faults.write } else { faults.read };
+        if let Some((sector, code)) = fault {
+            if sector >= start && sector < start.saturating_add(count) {
+                return code;
+            }
+        }
+        let Some(disk) = g.disks.get_mut(&disk_name) else { return VIX_E_INVALID_HANDLE };
+        let sectors = disk.data.len() as u64 / 512;
+        match start.checked_add(count) {
+            Some(end) if end <= sectors => {}
+            _ => return VIX_E_DISK_OUTOFRANGE,
+        }
+        let (a, len) = ((start * 512) as usize, (count * 512) as usize);
+        if write {
+            // SAFETY: the caller passed `buf` readable for `count` sectors (VDDK's contract).
+            let src = unsafe { std::slice::from_raw_parts(buf, len) };
+            disk.data[a..a + len].copy_from_slice(src);
+            if len > 0 {
+                for chunk in (a as u64 / CHUNK)..=((a + len - 1) as u64 / CHUNK) {
+                    disk.allocated.insert(chunk);
+                }
+            }
+            *disk.counters.entry("writes").or_default() += 1;
+        } else {
+            // SAFETY: the caller passed `buf` writable for `count` sectors (VDDK's contract).
+            let dst = unsafe { std::slice::from_raw_parts_mut(buf, len) };
+            dst.copy_from_slice(&disk.data[a..a + len]);
+            *disk.counters.entry("reads").or_default() += 1;
+        }
+        VIX_OK
+    })
+}
+
+/// `VixDiskLib_Read`.
+///
+/// # Safety
+/// `buf` must be writable for `count` sectors.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_Read(handle: VixDiskLibHandle, start: u64, count: u64, buf: *mut u8) -> VixError {
+    match enter_handle(handle, "VixDiskLib_Read", true) {
+        Ok(_section) => transfer(handle as usize, start, count, buf, false),
+        Err(code) => code,
+    }
+}
+
+/// `VixDiskLib_Write`.
+///
+/// # Safety
+/// `buf` must be readable for `count` sectors.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_Write(handle: VixDiskLibHandle, start: u64, count: u64, buf: *const u8) -> VixError {
+    match enter_handle(handle, "VixDiskLib_Write", true) {
+        Ok(_section) => transfer(handle as usize, start, count, buf.cast_mut(), true),
+        Err(code) => code,
+    }
+}
+
+struct SendPtr(*mut u8, *mut c_void);
+// SAFETY: the pointers are handed to the completion thread only; the caller keeps the buffer
+// and callback data alive until the callback runs (VDDK's async contract).
+unsafe impl Send for SendPtr {}
+
+#[allow(clippy::too_many_arguments)]
+fn submit_async(
+    handle: VixDiskLibHandle,
+    name: &'static str,
+    start: u64,
+    count: u64,
+    buf: *mut u8,
+    write: bool,
+    callback: Option<CompletionFn>,
+    data: *mut c_void,
+) -> VixError {
+    let _section = match enter_handle(handle, name, false) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let Some(callback) = callback else { return VIX_E_INVALID_ARG };
+    let queued = with_state(|g| {
+        let h = g.handles.get(&(handle as usize))?;
+        let (disk, delay_us, outstanding) = (h.disk.clone(), h.faults.async_delay_us, Arc::clone(&h.outstanding));
+        g.disk_count(&disk, if write { "async_writes" } else { "async_reads" });
+        Some((delay_us, outstanding))
+    });
+    let Some((delay_us, outstanding)) = queued else { return VIX_E_INVALID_HANDLE };
+    let id = handle as usize;
+    if delay_us == 0 {
+        let result = transfer(id, start, count, buf, write);
+        // SAFETY: VDDK's contract: `data` is the caller's, handed back once.
+        unsafe { callback(data, result) };
+        return VIX_ASYNC;
+    }
+    outstanding.fetch_add(1, Ordering::SeqCst);
+    let ptrs = SendPtr(buf, data);
+    let thread = std::thread::spawn(move || {
+        let ptrs = ptrs;
+        std::thread::sleep(Duration::from_micros(delay_us));
+        let result = transfer(id, start, count, ptrs.0, write);
+        outstanding.fetch_sub(1, Ordering::SeqCst);
+        // SAFETY: as above, once, from this VDDK-style worker thread.
+        unsafe { callback(ptrs.1, result) };
+    });
+    with_state(|g| {
+        if let Some(h) = g.handles.get_mut(&id) {
+            h.threads.push(thread);
+        }
+    });
+    VIX_ASYNC
+}
+
+/// `VixDiskLib_ReadAsync`.
+///
+/// # Safety
+/// `buf` must stay writable for `count` sectors until the callback runs.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_ReadAsync(
+    handle: VixDiskLibHandle,
+    start: u64,
+    count: u64,
+    buf: *mut u8,
+    callback: Option<CompletionFn>,
+    data: *mut c_void,
+) -> VixError {
+    submit_async(handle, "VixDiskLib_ReadAsync", start, count, buf, false, callback, data)
+}
+
+/// `VixDiskLib_WriteAsync`.
+///
+/// # Safety
+/// `buf` must stay readable for `count` sectors until the callback runs.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_WriteAsync(
+    handle: VixDiskLibHandle,
+    start: u64,
+    count: u64,
+    buf: *const u8,
+    callback: Option<CompletionFn>,
+    data: *mut c_void,
+) -> VixError {
+    submit_async(handle, "VixDiskLib_WriteAsync", start, count, buf.cast_mut(), true, callback, data)
+}
+
+/// `VixDiskLib_Wait`.
+#[no_mangle]
+pub extern "C" fn VixDiskLib_Wait(handle: VixDiskLibHandle) -> VixError {
+    let _section = match enter_handle(handle, "VixDiskLib_Wait", false) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let threads = with_state(|g| {
+        g.handles
+            .get_mut(&(handle as usize))
+            .map(|h| std::mem::take(&mut h.threads))
+            .unwrap_or_default()
+    });
+    for t in threads {
+        let _ = t.join();
+    }
+    VIX_OK
+}
+
+/// `VixDiskLib_Flush`.
+#[no_mangle]
+pub extern "C" fn VixDiskLib_Flush(handle: VixDiskLibHandle) -> VixError {
+    let _section = match enter_handle(handle, "VixDiskLib_Flush", true) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    with_state(|g| {
+        let Some(h) = g.handles.get(&(handle as usize)) else { return VIX_E_INVALID_HANDLE };
+        let (disk, fault) = (h.disk.clone(), h.faults.flush);
+        g.disk_count(&disk, "flushes");
+        fault.unwrap_or(VIX_OK)
+    })
+}
+
+/// `VixDiskLib_QueryAllocatedBlocks`.
+///
+/// # Safety
+/// `list` must be NULL or a valid out-pointer.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
+    handle: VixDiskLibHandle,
+    start: u64,
+    count: u64,
+    chunk_size: u64,
+    list: *mut *mut VixDiskLibBlockList,
+) -> VixError {
+    let _section = match enter_handle(handle, "VixDiskLib_QueryAllocatedBlocks", true) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if list.is_null() {
+        return VIX_E_INVALID_ARG;
+    }
+    let blocks = with_state(|g| {
+        let h = g.handles.get(&(handle as usize)).ok_or(VIX_E_INVALID_HANDLE)?;
+        let (disk_name, fault) = (h.disk.clone(), h.faults.query);
+        g.disk_count(&disk_name, "queries");
+        if let Some(code) = fault {
+            return Err(code);
+        }
+        let disk = g.disks.get(&disk_name).ok_or(VIX_E_INVALID_HANDLE)?;
+        let sectors = disk.data.len() as u64 / 512;
+        let valid = chunk_size >= MIN_CHUNK_SIZE
+            && start % chunk_size == 0
+            && count % chunk_size == 0
+            && count / chunk_size <= MAX_CHUNK_NUMBER
+            && start.checked_add(count).is_some_and(|e| e <= sectors);
+        if !valid {
+            return Err(VIX_E_INVALID_ARG);
+        }
+        // Runs of allocated 64 KiB chunks, in sectors, within the request.
+        let sectors_per_chunk = CHUNK / 512;
+        let mut runs: Vec<VixDiskLibBlock> = Vec::new();
+        for chunk in disk.allocated.range(start / sectors_per_chunk..(start + count).div_ceil(sectors_per_chunk)) {
+            let offset = chunk * sectors_per_chunk;
+            match runs.last_mut() {
+                Some(last) if last.offset + last.length == offset => last.length += sectors_per_chunk,
+                _ => runs.push(VixDiskLibBlock { offset, length: sectors_per_chunk }),
+            }
+        }
+        g.live("block_lists", 1);
+        Ok(runs)
+    });
+    let blocks = match blocks {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    let layout = block_list_layout(blocks.len());
+    // SAFETY: the layout has a non-zero size; the allocation is checked for NULL, then the header
+    // and `blocks.len()` entries (all inside the layout) are written before it is handed out.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<VixDiskLibBlockList>();
+        if p.is_null() {
+            return VIX_E_OUT_OF_MEMORY;
+        }
+        (*p).num_blocks = blocks.len() as u32;
+        let first = std::ptr::addr_of_mut!((*p).blocks).cast::<VixDiskLibBlock>();
+        for (i, b) in blocks.iter().enumerate() {
+            first.add(i).write(*b);
+        }
+        *list = p;
+    }
+    VIX_OK
+}
+
+fn block_list_layout(n: usize) -> std::alloc::Layout {
+    let size = std::mem::offset_of!(VixDiskLibBlockList, blocks) + n.max(1) * std::mem::size_of::<VixDiskLibBlock>();
+    std::alloc::Layout::from_size_align(size, std::mem::align_of::<VixDiskLibBlockList>())
+        .unwrap_or(std::alloc::Layout::new::<VixDiskLibBlockList>())
+}
+
+/// `VixDiskLib_FreeBlockList`.
+///
+/// # Safety
+/// `list` must be NULL or come from `VixDiskLib_QueryAllocatedBlocks`, and be freed once.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_FreeBlockList(list: *mut VixDiskLibBlockList) -> VixError {
+    if list.is_null() {
+        return VIX_OK;
+    }
+    // SAFETY: allocated in QueryAllocatedBlocks with the layout for its `num_blocks`.
+    unsafe {
+        let layout = block_list_layout((*list).num_blocks as usize);
+        std::alloc::dealloc(list.cast(), layout);
+    }
+    with_state(|g| {
+        g.call("VixDiskLib_FreeBlockList");
+        g.live("block_lists", -1);
+    });
+    VIX_OK
+}
+
+/// `VixDiskLib_PrepareForAccess`. An identity starting with `fail:` fails with `VIX_E_FAIL`.
+///
+/// # Safety
+/// Pointers must be NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_PrepareForAccess(
+    params: *const VixDiskLibConnectParams,
+    identity: *const c_char,
+) -> VixError {
+    // SAFETY: per the contract.
+    let (p, identity) = unsafe { (read_params(params), text(identity)) };
+    with_state(|g| {
+        g.call("VixDiskLib_PrepareForAccess");
+        let (Some(p), Some(identity)) = (p, identity) else { return VIX_E_INVALID_ARG };
+        if p.vmx_spec.is_none() {
+            return VIX_E_INVALID_ARG;
+        }
+        if identity.starts_with("fail:") {
+            return VIX_E_FAIL;
+        }
+        g.access.entry(identity).or_default().0 += 1;
+        VIX_OK
+    })
+}
+
+/// `VixDiskLib_EndAccess`.
+///
+/// # Safety
+/// Pointers must be NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_EndAccess(params: *const VixDiskLibConnectParams, identity: *const c_char) -> VixError {
+    // SAFETY: per the contract.
+    let (p, identity) = unsafe { (read_params(params), text(identity)) };
+    with_state(|g| {
+        g.call("VixDiskLib_EndAccess");
+        let (Some(p), Some(identity)) = (p, identity) else { return VIX_E_INVALID_ARG };
+        if p.vmx_spec.is_none() {
+            return VIX_E_INVALID_ARG;
+        }
+        let entry = g.access.entry(identity).or_default();
+        entry.1 += 1;
+        if entry.1 > entry.0 {
+            g.violation("unmatched_end_access");
+        }
+        VIX_OK
+    })
+}
+
+/// `VixDiskLib_Cleanup`: nothing is ever left over here; vmxSpec must be NULL.
+///
+/// # Safety
+/// Pointers must be NULL or valid.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_Cleanup(
+    params: *const VixDiskLibConnectParams,
+    cleaned_up: *mut u32,
+    remaining: *mut u32,
+) -> VixError {
+    // SAFETY: per the contract.
+    let p = unsafe { read_params(params) };
+    let code = with_state(|g| {
+        g.call("VixDiskLib_Cleanup");
+        match p {
+            Some(p) if p.vmx_spec.is_none() => VIX_OK,
+            _ => VIX_E_INVALID_ARG,
+        }
+    });
+    if code == VIX_OK {
+        // SAFETY: each out-pointer is NULL or valid per the contract.
+        unsafe {
+            if !cleaned_up.is_null() {
+                *cleaned_up = 0;
+            }
+            if !remaining.is_null() {
+                *remaining = 0;
+            }
+        }
+    }
+    code
+}
+
+/// Copies `value` plus a NUL into `buf` if it fits; sets `*required`.
+///
+/// # Safety
+/// `buf` must be NULL or writable for `len` bytes; `required` NULL or valid.
+unsafe fn copy_out(value: &[u8], buf: *mut c_char, len: usize, required: *mut usize) -> VixError {
+    let needed = value.len() + 1;
+    if !required.is_null() {
+        // SAFETY: valid per the contract.
+        unsafe { *required = needed };
+    }
+    if buf.is_null() || len < needed {
+        return VIX_E_BUFFER_TOOSMALL;
+    }
+    // SAFETY: `buf` is writable for `len >= needed` bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(value.as_ptr(), buf.cast::<u8>(), value.len());
+        *buf.add(value.len()) = 0;
+    }
+    VIX_OK
+}
+
+/// `VixDiskLib_GetMetadataKeys`.
+///
+/// # Safety
+/// As `copy_out`.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_GetMetadataKeys(
+    handle: VixDiskLibHandle,
+    keys: *mut c_char,
+    max_len: usize,
+    required_len: *mut usize,
+) -> VixError {
+    let _section = match enter_handle(handle, "VixDiskLib_GetMetadataKeys", true) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let joined = with_state(|g| {
+        let disk = g.handles.get(&(handle as usize)).and_then(|h| g.disks.get(&h.disk))?;
+        let mut out = Vec::new();
+        for key in disk.metadata.keys() {
+            out.extend_from_slice(key.as_bytes());
+            out.push(0);
+        }
+        Some(out)
+    });
+    let Some(joined) = joined else { return VIX_E_INVALID_HANDLE };
+    // SAFETY: per the contract (the trailing NUL of copy_out ends the list).
+    unsafe { copy_out(&joined, keys, max_len, required_len) }
+}
+
+/// `VixDiskLib_ReadMetadata`.
+///
+/// # Safety
+/// `key` NUL-terminated; the rest as `copy_out`.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_ReadMetadata(
+    handle: VixDiskLibHandle,
+    key: *const c_char,
+    buf: *mut c_char,
+    buf_len: usize,
+    required_len: *mut usize,
+) -> VixError {
+    let _section = match enter_handle(handle, "VixDiskLib_ReadMetadata", true) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    // SAFETY: per the contract.
+    let Some(key) = (unsafe { text(key) }) else { return VIX_E_INVALID_ARG };
+    let value = with_state(|g| {
+        let disk = g.handles.get(&(handle as usize)).and_then(|h| g.disks.get(&h.disk))?;
+        Some(disk.metadata.get(&key).cloned())
+    });
+    match value {
+        None => VIX_E_INVALID_HANDLE,
+        Some(None) => VIX_E_DISK_KEY_NOTFOUND,
+        // SAFETY: per the contract.
+        Some(Some(v)) => unsafe { copy_out(v.as_bytes(), buf, buf_len, required_len) },
+    }
+}
+
+/// `VixDiskLib_WriteMetadata`.
+///
+/// # Safety
+/// `key` and `value` NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_WriteMetadata(
+    handle: VixDiskLibHandle,
+    key: *const c_char,
+    value: *const c_char,
+) -> VixError {
+    let _section = match enter_handle(handle, "VixDiskLib_WriteMetadata", true) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    // SAFETY: per the contract.
+    let (Some(key), Some(value)) = (unsafe { text(key) }, unsafe { text(value) }) else {
+        return VIX_E_INVALID_ARG;
+    };
+    with_state(|g| {
+        let Some(h) = g.handles.get(&(handle as usize)) else { return VIX_E_INVALID_HANDLE };
+        if h.read_only {
+            return VIX_E_FILE_READ_ONLY;
+        }
+        let name = h.disk.clone();
+        match g.disks.get_mut(&name) {
+            Some(d) => {
+                d.metadata.insert(key, value);
+                VIX_OK
+            }
+            None => VIX_E_INVALID_HANDLE,
+        }
+    })
+}

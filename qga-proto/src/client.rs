@@ -1,0 +1,320 @@
+//! The blocking client.
+
+use std::io;
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::address::Address;
+use crate::cmd::{self, Command};
+use crate::error::{Error, Result};
+use crate::session::{decode, Await, Caps, ClientConfig, Session, Step};
+use crate::transport::{CharDevice, Transport};
+use crate::types::GuestAgentInfo;
+
+type Connector<S> = Box<dyn FnMut() -> io::Result<S> + Send>;
+
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Blocking guest agent client over any [`Transport`] (Unix socket, TCP,
+/// character device, or `Box<dyn Transport>`).
+///
+/// Same guarantees as [`crate::AsyncClient`]: every call is bounded in time,
+/// the channel is re-synchronised before the first command and after any
+/// fault, missing or disabled commands fail before anything is sent. The
+/// blocking client does not implement the async [`crate::GuestAgent`] trait
+/// (that would block an executor); typed calls go through [`Client::call`]:
+///
+/// ```
+/// # fn main() -> Result<(), qga_proto::Error> {
+/// use qga_proto::cmd;
+///
+/// let mut client = qga_proto::fake::FakeAgent::linux().connect_blocking()?;
+/// let os = client.call::<cmd::GuestGetOsinfo>(&())?;
+/// assert_eq!(os.id.as_deref(), Some("debian"));
+/// # Ok(()) }
+/// ```
+pub struct Client<S> {
+    stream: Option<S>,
+    session: Session,
+    connector: Option<Connector<S>>,
+    buf: Vec<u8>,
+}
+
+impl<S> std::fmt::Debug for Client<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("connected", &self.stream.is_some())
+            .field("in_sync", &self.session.in_sync)
+            .field("config", &self.session.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Transport> Client<S> {
+    /// A client on an already connected channel, with default settings.
+    pub fn new(stream: S) -> Self {
+        Self::with_config(stream, ClientConfig::default())
+    }
+
+    /// A client on an already connected channel.
+    pub fn with_config(stream: S, config: ClientConfig) -> Self {
+        Client { stream: Some(stream), session: Session::new(config), connector: None, buf: vec![0; READ_CHUNK] }
+    }
+
+    /// Lets the client reconnect with `connect` when the channel closes.
+    pub fn with_reconnect(mut self, connect: impl FnMut() -> io::Result<S> + Send + 'static) -> Self {
+        self.connector = Some(Box::new(connect));
+        self
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &ClientConfig {
+        &self.session.config
+    }
+
+    /// Changes the settings; takes effect with the next call.
+    pub fn set_config(&mut self, config: ClientConfig) {
+        if self.session.decoder.max_reply_size() != config.max_reply_size {
+            self.session.decoder = crate::wire::Decoder::with_max_reply_size(config.max_reply_size);
+            self.session.in_sync = false;
+        }
+        self.session.config = config;
+    }
+
+    /// Forces a re-synchronisation now.
+    pub fn resync(&mut self) -> Result<()> {
+        self.session.in_sync = false;
+        self.ready()
+    }
+
+    /// `guest-info` as cached by the capability check.
+    pub fn capabilities(&mut self) -> Result<Option<GuestAgentInfo>> {
+        self.ready()?;
+        if let Caps::Unknown = self.session.caps {
+            let t = self.session.config.timeout;
+            self.fetch_caps(t)?;
+        }
+        Ok(match &self.session.caps {
+            Caps::Known(info) => Some(info.clone()),
+            _ => None,
+        })
+    }
+
+    /// Sends `name` with `args` and returns the agent's `return` value.
+    pub fn execute_raw(&mut self, name: &str, args: Option<Value>) -> Result<Value> {
+        let t = self.session.config.timeout;
+        self.execute(name, args.as_ref(), t)
+    }
+
+    /// Like [`execute_raw`](Self::execute_raw) with an explicit timeout.
+    pub fn execute_with_timeout(&mut self, name: &str, args: Option<Value>, timeout: Duration) -> Result<Value> {
+        self.execute(name, args.as_ref(), timeout)
+    }
+
+    /// Typed call of command `C`.
+    pub fn call<C: Command>(&mut self, args: &C::Args) -> Result<C::Returns> {
+        let args = serde_json::to_value(args).map_err(|source| Error::Encode { command: C::NAME.to_owned(), source })?;
+        let args = (!args.is_null()).then_some(args);
+        let t = self.session.config.timeout;
+        let reply = self.execute(C::NAME, args.as_ref(), t)?;
+        if !C::SUCCESS_RESPONSE {
+            return decode(C::NAME, Value::Object(Default::default()));
+        }
+        decode(C::NAME, reply)
+    }
+
+    fn drop_connection(&mut self) {
+        self.stream = None;
+        self.session.reset_connection();
+    }
+
+    fn ready(&mut self) -> Result<()> {
+        if self.stream.is_none() {
+            let Some(connect) = self.connector.as_mut() else {
+                return Err(Error::Disconnected { command: None });
+            };
+            let stream = connect()?;
+            self.session.reset_connection();
+            self.stream = Some(stream);
+        }
+        if !self.session.in_sync {
+            self.sync()?;
+        }
+        if self.session.needs_caps() {
+            let t = self.session.config.timeout;
+            self.fetch_caps(t)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        let limit = self.session.config.sync_timeout;
+        for _ in 0..self.session.config.sync_attempts.max(1) {
+            let (bytes, mut wait) = self.session.begin_sync();
+            let deadline = Instant::now() + limit;
+            match self.write(&bytes, deadline, "guest-sync-delimited") {
+                Ok(()) => {}
+                Err(Error::Timeout { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+            if let Some(Step::Synced) = self.read_until(&mut wait, deadline, "guest-sync-delimited")? {
+                self.session.caps = Caps::Unknown;
+                return Ok(());
+            }
+        }
+        Err(Error::SyncTimeout { timeout: limit })
+    }
+
+    fn fetch_caps(&mut self, timeout: Duration) -> Result<()> {
+        let name = <cmd::GuestInfo as Command>::NAME;
+        match self.exchange(name, None, timeout, true) {
+            Ok(v) => {
+                self.session.caps = Caps::Known(decode(name, v)?);
+                Ok(())
+            }
+            Err(Error::Agent { .. }) => {
+                self.session.caps = Caps::Unavailable;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn execute(&mut self, name: &str, args: Option<&Value>, timeout: Duration) -> Result<Value> {
+        self.ready()?;
+        let replies = self.session.check_command(name)?;
+        self.exchange(name, args, timeout, replies)
+    }
+
+    fn exchange(&mut self, name: &str, args: Option<&Value>, timeout: Duration, replies: bool) -> Result<Value> {
+        let (bytes, mut wait) = self.session.begin_command(name, args)?;
+        self.session.in_sync = false;
+        let wait_for = if replies { timeout } else { self.session.config.no_reply_grace };
+        let deadline = Instant::now() + wait_for;
+        self.write(&bytes, deadline, name)?;
+        match self.read_until(&mut wait, deadline, name)? {
+            Some(Step::Done(result)) => {
+                if !matches!(&result, Err(e) if e.is_channel_error()) {
+                    self.session.in_sync = true;
+                }
+                result
+            }
+            Some(_) => Err(Error::Protocol { detail: "unexpected client state".into() }),
+            None if !replies => Ok(Value::Object(Default::default())),
+            None => Err(Error::Timeout { command: name.to_owned(), timeout: wait_for }),
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8], deadline: Instant, command: &str) -> Result<()> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Err(Error::Disconnected { command: Some(command.to_owned()) });
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let result = stream.set_write_timeout(Some(remaining)).and_then(|()| stream.write_all(bytes)).and_then(|()| stream.flush());
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if is_timeout(&e) => {
+                self.session.in_sync = false;
+                Err(Error::Timeout { command: command.to_owned(), timeout: remaining })
+            }
+            Err(e) => {
+                self.drop_connection();
+                Err(io_error(e, command))
+            }
+        }
+    }
+
+    fn read_until(&mut self, wait: &mut Await, deadline: Instant, command: &str) -> Result<Option<Step>> {
+        loop {
+            match self.session.poll(wait) {
+                Step::Pending => {}
+                step => return Ok(Some(step)),
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Ok(None);
+            }
+            let Some(stream) = self.stream.as_mut() else {
+                return Err(Error::Disconnected { command: Some(command.to_owned()) });
+            };
+            let result = stream.set_read_timeout(Some(remaining)).and_then(|()| stream.read(&mut self.buf));
+            match result {
+                Ok(0) => {
+                    self.drop_connection();
+                    return Err(Error::Disconnected { command: Some(command.to_owned()) });
+                }
+                Ok(n) => self.session.decoder.push(&self.buf[..n]),
+                Err(e) if is_timeout(&e) => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.drop_connection();
+                    return Err(io_error(e, command));
+                }
+            }
+        }
+    }
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+fn io_error(e: io::Error, command: &str) -> Error {
+    match e.kind() {
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof => {
+            Error::Disconnected { command: Some(command.to_owned()) }
+        }
+        _ => Error::Io(e),
+    }
+}
+
+impl Client<UnixStream> {
+    /// Connects to a Unix socket; reconnects to the same path if the connection drops.
+    pub fn connect_unix(path: impl AsRef<Path>, config: ClientConfig) -> Result<Self> {
+        let path = path.as_ref().to_owned();
+        let stream = UnixStream::connect(&path)?;
+        Ok(Self::with_config(stream, config).with_reconnect(move || UnixStream::connect(&path)))
+    }
+}
+
+impl Client<TcpStream> {
+    /// Connects to `host:port`; reconnects if the connection drops.
+    pub fn connect_tcp(addr: &str, config: ClientConfig) -> Result<Self> {
+        let addr = addr.to_owned();
+        let stream = TcpStream::connect(&addr)?;
+        Ok(Self::with_config(stream, config).with_reconnect(move || TcpStream::connect(&addr)))
+    }
+}
+
+impl Client<CharDevice> {
+    /// Opens a character device such as
+    /// [`VIRTIO_PORT_PATH`](crate::address::VIRTIO_PORT_PATH).
+    pub fn open_serial(path: impl AsRef<Path>, config: ClientConfig) -> Result<Self> {
+        Ok(Self::with_config(CharDevice::open(path)?, config))
+    }
+}
+
+impl Client<Box<dyn Transport>> {
+    /// Connects to an address such as `qga+unix:///run/qga.sock`.
+    pub fn connect(address: &str, config: ClientConfig) -> Result<Self> {
+        Self::connect_address(&Address::parse(address)?, config)
+    }
+
+    /// Connects to a parsed [`Address`].
+    pub fn connect_address(address: &Address, config: ClientConfig) -> Result<Self> {
+        fn open(address: &Address) -> io::Result<Box<dyn Transport>> {
+            Ok(match address {
+                Address::Unix(p) => Box::new(UnixStream::connect(p)?),
+                Address::Tcp(hp) => Box::new(TcpStream::connect(hp)?),
+                Address::Serial(p) => Box::new(CharDevice::open(p)?),
+            })
+        }
+        let stream = open(address)?;
+        let address = address.clone();
+        Ok(Self::with_config(stream, config).with_reconnect(move || open(&address)))
+    }
+}

@@ -1,0 +1,202 @@
+//! Helpers for the disk-transport tests: NBD servers (qemu-nbd, nbdkit) on Unix sockets in a
+//! temporary directory, test images, checksums and `nbdinfo --map`.
+//!
+//! Every server is started in the foreground as a child of the test and killed by its PID when
+//! the [`NbdServer`] is dropped.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::require_program;
+
+/// A running NBD server serving one export on a Unix socket.
+#[derive(Debug)]
+pub struct NbdServer {
+    child: Option<Child>,
+    socket: PathBuf,
+    export: String,
+    _dir: tempfile::TempDir,
+}
+
+impl NbdServer {
+    /// Starts `qemu-nbd` with `args` (e.g. `["-r", "-f", "raw", IMAGE]`), export name `disk`.
+    /// Returns `None` (after a skip notice) when qemu-nbd is missing outside CI.
+    pub fn qemu_nbd(args: &[&str]) -> Option<NbdServer> {
+        let program = require_program("qemu-nbd", "qemu-utils")?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("nbd.sock");
+        let mut command = Command::new(program);
+        command
+            .arg("-t")
+            .args(["-e", "8"])
+            .args(["-x", "disk"])
+            .arg("-k")
+            .arg(&socket)
+            .args(args);
+        Some(NbdServer::spawn(command, socket, "disk".into(), dir))
+    }
+
+    /// Starts `nbdkit` with `args` (filters, plugin and its parameters), default export.
+    /// Returns `None` (after a skip notice) when nbdkit is missing outside CI.
+    pub fn nbdkit(args: &[&str]) -> Option<NbdServer> {
+        let program = require_program("nbdkit", "nbdkit")?;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("nbd.sock");
+        let mut command = Command::new(program);
+        command
+            .arg("-f")
+            .arg("--exit-with-parent")
+            .arg("-U")
+            .arg(&socket)
+            .args(args);
+        Some(NbdServer::spawn(command, socket, String::new(), dir))
+    }
+
+    fn spawn(mut command: Command, socket: PathBuf, export: String, dir: tempfile::TempDir) -> Self {
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start NBD server");
+        let mut server = NbdServer {
+            child: Some(child),
+            socket,
+            export,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !server.socket.exists() {
+            if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("NBD server exited at start with {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "NBD server did not create {} within 10 s",
+                server.socket.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    /// The libnbd URI of the export.
+    pub fn uri(&self) -> String {
+        format!(
+            "nbd+unix:///{}?socket={}",
+            self.export,
+            self.socket.display()
+        )
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Kills the server now (by PID) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes a sparse image of `size` bytes with random data at each `(offset, length)`.
+pub fn sparse_image(path: &Path, size: u64, islands: &[(u64, usize)]) {
+    let file = std::fs::File::create(path).expect("create image");
+    file.set_len(size).expect("size image");
+    use std::os::unix::fs::FileExt;
+    for (i, &(offset, length)) in islands.iter().enumerate() {
+        file.write_all_at(&random_bytes(length, i as u64 + 1), offset)
+            .expect("write island");
+    }
+}
+
+/// Writes a fully random image.
+pub fn random_image(path: &Path, size: usize, seed: u64) {
+    let mut f = std::fs::File::create(path).expect("create image");
+    f.write_all(&random_bytes(size, seed)).expect("write image");
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(path: &Path) -> String {
+    let data = std::fs::read(path).expect("read for checksum");
+    sha256(&data)
+}
+
+/// SHA-256 of bytes, hex.
+pub fn sha256(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `nbdinfo --map[=CONTEXT] URI` as (offset, length, flags) triples, or `None` (after a skip
+/// notice) when nbdinfo is missing outside CI.
+pub fn nbdinfo_map(uri: &str, context: Option<&str>) -> Option<Vec<(u64, u64, u32)>> {
+    let program = require_program("nbdinfo", "libnbd-bin")?;
+    let map_arg = match context {
+        Some(c) => format!("--map={c}"),
+        None => "--map".to_owned(),
+    };
+    let out = Command::new(program)
+        .arg(map_arg)
+        .arg(uri)
+        .output()
+        .expect("run nbdinfo");
+    assert!(
+        out.status.success(),
+        "nbdinfo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("nbdinfo output is UTF-8");
+    Some(
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let mut it = l.split_whitespace();
+                let mut next = || it.next().and_then(|v| v.parse().ok()).expect("nbdinfo map line");
+                let (o, len, f) = (next(), next(), next());
+                (o, len, f as u32)
+            })
+            .collect(),
+    )
+}
+
+/// Merges adjacent triples with equal flags (nbdinfo prints server extents unmerged).
+pub fn merge_map(map: &[(u64, u64, u32)]) -> Vec<(u64, u64, u32)> {
+    let mut out: Vec<(u64, u64, u32)> = Vec::new();
+    for &(o, l, f) in map {
+        match out.last_mut() {
+            Some(last) if last.2 == f && last.0 + last.1 == o => last.1 += l,
+            _ => out.push((o, l, f)),
+        }
+    }
+    out
+}

@@ -1,0 +1,312 @@
+//! disk-transport's NBD client and copy engine against real servers: qemu-nbd and nbdkit
+//! (with its error and delay filters), checked with sha256 and `nbdinfo --map`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use disk_transport::copy::{copy, CopyOptions};
+use disk_transport::file::FileDisk;
+use disk_transport::nbd::{NbdDisk, NbdOptions};
+use disk_transport::{open_uri, Disk, Error, ExtentKind, NbdAddress, OpenFlags};
+use vmsdk_tests::disk::{
+    merge_map, nbdinfo_map, random_bytes, random_image, sha256, sha256_file, sparse_image,
+    NbdServer,
+};
+
+const MIB: u64 = 1 << 20;
+
+fn options(server: &NbdServer, export: &str) -> NbdOptions {
+    NbdOptions::new(NbdAddress::Unix(server.socket().to_owned()))
+        .export(export)
+        .timeout(Duration::from_secs(10))
+}
+
+/// Copies `image` out through qemu-nbd into a new file, then back into a writable qemu-nbd
+/// export, checking sha256 both ways.
+/// qemu-nbd rounds sizes up to 512 bytes, so odd sizes are served by nbdkit.
+fn serve(image: &std::path::Path, read_only: bool, nbdkit: bool) -> Option<(NbdServer, &'static str)> {
+    let path = image.to_str().unwrap();
+    match (nbdkit, read_only) {
+        (false, true) => NbdServer::qemu_nbd(&["-r", "-f", "raw", path]).map(|s| (s, "disk")),
+        (false, false) => NbdServer::qemu_nbd(&["-f", "raw", path]).map(|s| (s, "disk")),
+        (true, true) => NbdServer::nbdkit(&["-r", "file", path]).map(|s| (s, "")),
+        (true, false) => NbdServer::nbdkit(&["file", path]).map(|s| (s, "")),
+    }
+}
+
+fn round_trip(
+    image: &std::path::Path,
+    dir: &std::path::Path,
+    connections: usize,
+    structured: bool,
+    nbdkit: bool,
+) {
+    let expected = sha256_file(image);
+    let size = std::fs::metadata(image).unwrap().len();
+    let Some((server, export)) = serve(image, true, nbdkit) else {
+        return;
+    };
+    let src = NbdDisk::connect(
+        &options(&server, export)
+            .connections(connections)
+            .structured_replies(structured),
+    )
+    .unwrap();
+    assert_eq!(src.info().unwrap().capacity, size);
+    let out = dir.join("out.img");
+    let dst = FileDisk::create(&out, size).unwrap();
+    let report = copy(
+        &src,
+        &dst,
+        &CopyOptions::default().destination_is_zero(true),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(report.progress.done, size);
+    drop(dst);
+    assert_eq!(sha256_file(&out), expected, "export → file");
+    drop(src);
+    drop(server);
+
+    // And back: file → writable export (pre-filled with garbage so zeroing is checked).
+    let back = dir.join("back.img");
+    let garbage: Vec<(u64, usize)> = (0..8).map(|i| (size / 8 * i, 65536.min(size as usize / 8))).collect();
+    sparse_image(&back, size, &garbage);
+    let Some((server, export)) = serve(&back, false, nbdkit) else {
+        return;
+    };
+    let src = FileDisk::open(&out, &Default::default()).unwrap();
+    let dst = NbdDisk::connect(&options(&server, export).connections(connections)).unwrap();
+    copy(&src, &dst, &CopyOptions::default(), &mut |_| {}).unwrap();
+    drop(dst);
+    drop(server);
+    assert_eq!(sha256_file(&back), expected, "file → export");
+}
+
+#[test]
+fn copies_random_sparse_and_odd_sized_images_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let random = dir.path().join("random.img");
+    random_image(&random, 8 * MIB as usize, 1);
+    round_trip(&random, dir.path(), 1, true, false);
+    round_trip(&random, dir.path(), 1, true, true);
+
+    let sparse = dir.path().join("sparse.img");
+    sparse_image(
+        &sparse,
+        256 * MIB,
+        &[(0, 4096), (3 * MIB + 512, 70_000), (100 * MIB, 5 * MIB as usize), (256 * MIB - 4096, 4096)],
+    );
+    round_trip(&sparse, dir.path(), 1, true, false);
+
+    // Odd size: not a multiple of 512, data in the unaligned tail.
+    let odd = dir.path().join("odd.img");
+    sparse_image(&odd, 5 * MIB + 4097, &[(MIB, 1000), (5 * MIB, 4097)]);
+    round_trip(&odd, dir.path(), 1, true, true);
+}
+
+#[test]
+fn copies_with_multi_conn_and_with_simple_replies() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("random.img");
+    sparse_image(&image, 64 * MIB, &[(0, 8 * MIB as usize), (40 * MIB + 7, 123_457)]);
+    round_trip(&image, dir.path(), 2, true, false);
+    round_trip(&image, dir.path(), 2, true, true);
+    round_trip(&image, dir.path(), 1, false, false);
+}
+
+#[test]
+fn block_status_matches_nbdinfo_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("sparse.img");
+    sparse_image(
+        &image,
+        64 * MIB,
+        &[(MIB, 4096), (10 * MIB, 3 * MIB as usize), (63 * MIB, MIB as usize)],
+    );
+    let path = image.to_str().unwrap();
+    let servers = [
+        NbdServer::qemu_nbd(&["-r", "-f", "raw", path]),
+        NbdServer::nbdkit(&["-r", "file", path]),
+    ];
+    for server in servers.into_iter().flatten() {
+        let Some(expected) = nbdinfo_map(&server.uri(), None) else {
+            return;
+        };
+        let disk = open_uri(&server.uri(), OpenFlags::read_only()).unwrap();
+        assert!(disk.info().unwrap().can_extents);
+        let ours: Vec<(u64, u64, u32)> = disk
+            .allocated_extents(0, 64 * MIB)
+            .unwrap()
+            .iter()
+            .map(|e| (e.offset, e.length, e.kind.nbd_flags()))
+            .collect();
+        assert_eq!(ours, merge_map(&expected), "server {}", server.uri());
+        // A window in the middle of an extent starts and ends exactly at the window.
+        let part = disk.allocated_extents(10 * MIB + 5, MIB).unwrap();
+        assert_eq!(part.first().unwrap().offset, 10 * MIB + 5);
+        assert_eq!(part.last().unwrap().end(), 11 * MIB + 5);
+        assert!(part.iter().all(|e| e.kind == ExtentKind::Data));
+    }
+}
+
+#[test]
+fn dirty_bitmap_extents_match_nbdinfo() {
+    let Some(qemu_img) = vmsdk_tests::require_program("qemu-img", "qemu-utils") else {
+        return;
+    };
+    let Some(qemu_io) = vmsdk_tests::require_program("qemu-io", "qemu-utils") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let run = |program: &std::path::Path, args: &[&str]| {
+        let out = std::process::Command::new(program).args(args).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let path = image.to_str().unwrap();
+    run(&qemu_img, &["create", "-q", "-f", "qcow2", path, "64M"]);
+    run(&qemu_io, &["-c", "write -P 1 0 1M", path]);
+    run(&qemu_img, &["bitmap", "--add", path, "b0"]);
+    run(&qemu_io, &["-c", "write -P 2 8M 128k", "-c", "write -P 3 32M 64k", path]);
+    let Some(server) = NbdServer::qemu_nbd(&["-r", "-f", "qcow2", "-B", "b0", path]) else {
+        return;
+    };
+    let disk = NbdDisk::connect(&options(&server, "disk").dirty_bitmap("b0")).unwrap();
+    let dirty: Vec<(u64, u64, u32)> = disk
+        .dirty_extents(0, 64 * MIB)
+        .unwrap()
+        .iter()
+        .map(|d| (d.offset, d.length, u32::from(d.dirty)))
+        .collect();
+    let Some(expected) = nbdinfo_map(&server.uri(), Some("qemu:dirty-bitmap:b0")) else {
+        return;
+    };
+    assert_eq!(dirty, merge_map(&expected));
+    assert!(dirty.iter().any(|&(o, _, d)| d == 1 && o <= 8 * MIB));
+    // Asking for a bitmap that does not exist is a clear handshake error.
+    let err = NbdDisk::connect(&options(&server, "disk").dirty_bitmap("nope")).unwrap_err();
+    assert!(err.to_string().contains("qemu:dirty-bitmap:nope"), "{err}");
+}
+
+#[test]
+fn nbdkit_memory_read_write_zero_trim_flush() {
+    let Some(server) = NbdServer::nbdkit(&["memory", "size=16M"]) else {
+        return;
+    };
+    let disk = open_uri(&server.uri(), OpenFlags::read_write()).unwrap();
+    let data = random_bytes(3 * MIB as usize + 4096, 5);
+    disk.write_at(&data, 4096).unwrap();
+    let mut back = vec![0u8; data.len()];
+    disk.read_at(&mut back, 4096).unwrap();
+    assert_eq!(sha256(&back), sha256(&data));
+    disk.write_zeroes(MIB, MIB).unwrap();
+    disk.read_at(&mut back[..MIB as usize], MIB).unwrap();
+    assert!(back[..MIB as usize].iter().all(|&b| b == 0));
+    disk.trim(2 * MIB, MIB).unwrap();
+    disk.flush().unwrap();
+    let extents = disk.allocated_extents(0, 16 * MIB).unwrap();
+    assert_eq!(extents.last().unwrap().end(), 16 * MIB);
+    // Out of range and read-only errors are local and clear.
+    assert!(matches!(disk.read_at(&mut [0u8; 10], 16 * MIB - 5), Err(Error::OutOfRange { .. })));
+    let ro = open_uri(&server.uri(), OpenFlags::read_only()).unwrap();
+    assert!(matches!(ro.write_at(&[1], 0), Err(Error::ReadOnly(_))));
+}
+
+#[test]
+fn unknown_export_and_missing_socket_are_clear_errors() {
+    let Some(server) = NbdServer::qemu_nbd(&["-r", "-f", "raw", "/dev/null"]) else {
+        return;
+    };
+    let err = NbdDisk::connect(&options(&server, "no-such-export")).unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    assert!(err.to_string().contains("no-such-export"), "{err}");
+    let err = open_uri("nbd+unix:///disk?socket=/nonexistent/nbd.sock", OpenFlags::read_only())
+        .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/nbd.sock"), "{err}");
+}
+
+#[test]
+fn server_errors_name_the_offset() {
+    let Some(server) = NbdServer::nbdkit(&[
+        "--filter=error",
+        "pattern",
+        "size=64M",
+        "error-pread=EIO",
+        "error-pread-rate=100%",
+    ]) else {
+        return;
+    };
+    let disk = NbdDisk::connect(&options(&server, "")).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let err = disk.read_at(&mut buf, 3 * MIB).unwrap_err();
+    assert_eq!(err.nbd_errno(), Some(5), "{err}");
+    assert!(err.to_string().contains("offset 3145728"), "{err}");
+    // The connection survives a server error.
+    let err = disk.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(err.nbd_errno(), Some(5));
+
+    // A copy stops with that error instead of reporting success.
+    let dst = disk_transport::memory::MemoryDisk::new(64 * MIB);
+    let err = copy(&disk, &dst, &CopyOptions::default(), &mut |_| {}).unwrap_err();
+    assert_eq!(err.nbd_errno(), Some(5), "{err}");
+    assert!(err.to_string().contains("offset"), "{err}");
+}
+
+#[test]
+fn a_stalled_server_times_out_instead_of_hanging() {
+    let Some(server) = NbdServer::nbdkit(&["--filter=delay", "memory", "size=8M", "rdelay=30"]) else {
+        return;
+    };
+    let disk = NbdDisk::connect(&options(&server, "").timeout(Duration::from_secs(1))).unwrap();
+    let started = Instant::now();
+    let err = disk.read_at(&mut [0u8; 4096], 8192).unwrap_err();
+    assert!(matches!(err, Error::Timeout { offset: Some(8192), .. }), "{err}");
+    // Bounded, not a performance figure: the timeout is 1 s, a hang would be 30 s.
+    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    // The connection is closed afterwards; later calls fail at once.
+    let err = disk.read_at(&mut [0u8; 4096], 0).unwrap_err();
+    assert!(matches!(err, Error::Disconnected { .. } | Error::Timeout { .. }), "{err}");
+}
+
+#[test]
+fn killing_the_server_mid_copy_fails_with_the_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("big.img");
+    random_image(&image, 64 * MIB as usize, 3);
+    // A slow server (2 ms per read) so the copy is surely in progress when it is killed.
+    let Some(mut server) = NbdServer::nbdkit(&[
+        "-r",
+        "--filter=delay",
+        "file",
+        image.to_str().unwrap(),
+        "rdelay=2ms",
+    ]) else {
+        return;
+    };
+    let src = NbdDisk::connect(&options(&server, "").timeout(Duration::from_secs(5))).unwrap();
+    let dst = disk_transport::memory::MemoryDisk::new(64 * MIB);
+    let started = Arc::new(AtomicBool::new(false));
+    let flag = started.clone();
+    let killer = std::thread::spawn(move || {
+        while !flag.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        server.kill();
+    });
+    let t0 = Instant::now();
+    let result = copy(&src, &dst, &CopyOptions::default().request_size(64 * 1024), &mut |p| {
+        if p.done > 0 {
+            started.store(true, Ordering::SeqCst);
+        }
+    });
+    killer.join().unwrap();
+    let err = result.expect_err("a copy from a killed server must not succeed");
+    assert!(
+        matches!(err, Error::Disconnected { offset: Some(_), .. } | Error::Io { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("offset"), "{err}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "took {:?}", t0.elapsed());
+}

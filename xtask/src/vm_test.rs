@@ -1,0 +1,703 @@
+//! `cargo xtask vm-test`: boots a real QEMU virtual machine (software emulation, TCG) and proves
+//! the SDK where it is meant to run.
+//!
+//! * Guest: Debian's kernel and a small initramfs (busybox, virtio modules, the Debian qemu-ga,
+//!   `vmsdk` and the `guest_checks` program of `vmsdk-tests`). `/init` runs `guest_checks`, which
+//!   prints `VMSDK-CHECK <name> PASS|FAIL <detail>` lines on the serial console: `vmsdk detect`,
+//!   `vmsdk stats`, and the VMware backdoor's GETVERSION against QEMU's vmport device.
+//! * Host: the `vm_guest_agent` test of `vmsdk-tests` talks to the in-guest qemu-ga through the
+//!   virtio-serial chardev, and to QEMU's QMP socket, and ends the VM with `guest-shutdown`.
+//!
+//! Everything is cached under `<target>/vm-test/`, so a second run downloads nothing.
+
+mod cpio;
+mod initramfs;
+mod kernel;
+
+use std::env;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// The Debian packages the VM test needs, with the file that proves each is installed.
+const VM_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("busybox-static", "/bin/busybox"),
+    ("qemu-guest-agent", "/usr/sbin/qemu-ga"),
+    ("systemd", "/usr/bin/systemd-detect-virt"),
+    // strip keeps the initramfs small; ldd finds the libraries to ship.
+    ("binutils", "/usr/bin/strip"),
+    ("libc-bin", "/usr/bin/ldd"),
+];
+
+/// Kernel modules the guest loads: virtio over PCI, the console/serial ports qemu-ga uses, and
+/// the block device of the disk checks.
+const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_console", "virtio_blk"];
+
+/// Every check `guest_checks` must report; a missing one is a failure.
+const GUEST_CHECKS: &[&str] = &[
+    "detect",
+    "detect-evidence",
+    "detect-parity",
+    "stats",
+    "backdoor-getversion",
+];
+
+/// The VMX type QEMU's vmport is told to report (default 2); the guest checks it gets this one.
+const VMX_TYPE: u32 = 4;
+/// The backdoor version QEMU's vmport reports (6, what VMware products answer).
+const VMX_VERSION: u32 = 6;
+
+/// Time limits, generous for TCG on two cores but bounded.
+const BOOT_AND_GUEST_CHECKS: Duration = Duration::from_secs(300);
+const AGENT_START: Duration = Duration::from_secs(60);
+const HOST_TESTS: Duration = Duration::from_secs(300);
+const QEMU_EXIT: Duration = Duration::from_secs(60);
+
+/// The guest's virtio disk (`/dev/vda`, QEMU node `disk0`), zero-filled at every boot; the host
+/// checks export it over NBD with a dirty bitmap.
+const DISK_SIZE: u64 = 64 * 1024 * 1024;
+
+/// vCPUs of the guest: one is enough, and TCG on a two-core host runs it fastest.
+const GUEST_CPUS: u32 = 1;
+
+/// One timed step, printed as it starts and ends.
+pub(crate) struct Phase {
+    name: &'static str,
+    started: Instant,
+}
+
+impl Phase {
+    pub(crate) fn start(name: &'static str) -> Phase {
+        println!("==> vm-test: {name}");
+        Phase {
+            name,
+            started: Instant::now(),
+        }
+    }
+
+    pub(crate) fn done(self, detail: &str) {
+        println!(
+            "<== vm-test: {} ok in {:.1} s ({detail})",
+            self.name,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// Runs a command to completion and turns a failure into an error message with its output.
+pub(crate) fn run_checked(command: &mut Command, what: &str) -> Result<(), String> {
+    let out = command
+        .output()
+        .map_err(|e| format!("could not start {what}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Where the pieces of one run live.
+struct Layout {
+    root: PathBuf,
+    target: PathBuf,
+    /// `<target>/vm-test`: the kernel cache and the last run's image and console log.
+    cache: PathBuf,
+    /// Unix sockets need short paths (108 bytes), so they live in a private /tmp directory.
+    sockets: PathBuf,
+}
+
+pub fn run(root: &Path) -> Result<(), String> {
+    let started = Instant::now();
+    let target = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|dir| {
+            if dir.is_relative() {
+                root.join(dir)
+            } else {
+                dir
+            }
+        })
+        .unwrap_or_else(|| root.join("target"));
+    let layout = Layout {
+        root: root.to_path_buf(),
+        cache: target.join("vm-test"),
+        target,
+        sockets: env::temp_dir().join(format!("vmsdk-vm-test-{}", std::process::id())),
+    };
+    fs::create_dir_all(&layout.cache)
+        .map_err(|e| format!("create {}: {e}", layout.cache.display()))?;
+    fs::create_dir_all(&layout.sockets)
+        .map_err(|e| format!("create {}: {e}", layout.sockets.display()))?;
+    let result = run_in(&layout);
+    let _ = fs::remove_dir_all(&layout.sockets);
+    let total = started.elapsed().as_secs_f64();
+    match &result {
+        Ok(()) => println!("vm-test: PASSED in {total:.1} s"),
+        Err(_) => println!("vm-test: FAILED after {total:.1} s"),
+    }
+    result
+}
+
+fn run_in(layout: &Layout) -> Result<(), String> {
+    install_packages()?;
+    let kernel = kernel::fetch(&layout.cache)?;
+    let binaries = build_binaries(layout)?;
+    let image = layout.cache.join("initramfs.cpio");
+    build_image(&kernel, &binaries, &image)?;
+    let console = layout.cache.join("console.log");
+    let vm = Vm::boot(layout, &kernel, &image, &console)?;
+    let outcome = drive(vm, layout, &binaries, &kernel);
+    if outcome.is_err() {
+        print_console_tail(&console);
+    }
+    outcome
+}
+
+fn install_packages() -> Result<(), String> {
+    let phase = Phase::start("packages");
+    let missing: Vec<&str> = VM_PACKAGES
+        .iter()
+        .filter(|(_, probe)| !Path::new(probe).exists())
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        phase.done("all present");
+        return Ok(());
+    }
+    if !super::is_root() {
+        return Err(format!(
+            "the VM test needs these Debian packages: {}; install them or run as root",
+            missing.join(" ")
+        ));
+    }
+    let apt = |args: &[&str], what: &str| {
+        run_checked(
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+            what,
+        )
+    };
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(missing.iter().copied());
+    // Try with the lists there are; refresh them only when that fails.
+    if apt(&install, "apt-get install").is_err() {
+        apt(&["update", "-q"], "apt-get update")?;
+        apt(&install, "apt-get install")?;
+    }
+    phase.done(&format!("installed {}", missing.join(" ")));
+    Ok(())
+}
+
+/// The programs built from this workspace.
+struct Binaries {
+    vmsdk: PathBuf,
+    guest_checks: PathBuf,
+    host_test: PathBuf,
+}
+
+fn build_binaries(layout: &Layout) -> Result<Binaries, String> {
+    let phase = Phase::start("build");
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let status = Command::new(&cargo)
+        .args([
+            "build",
+            "-p",
+            "vmsdk",
+            "--bin",
+            "vmsdk",
+            "-p",
+            "vmsdk-tests",
+            "--bin",
+            "guest_checks",
+        ])
+        .env("CARGO_TARGET_DIR", &layout.target)
+        .current_dir(&layout.root)
+        .status()
+        .map_err(|e| format!("could not run cargo: {e}"))?;
+    if !status.success() {
+        return Err("building vmsdk and guest_checks failed".to_owned());
+    }
+    // The host half is a test target; its path comes from cargo's machine-readable output.
+    let out = Command::new(&cargo)
+        .args([
+            "test",
+            "--quiet",
+            "--no-run",
+            "--message-format=json",
+            "-p",
+            "vmsdk-tests",
+            "--test",
+            "vm_guest_agent",
+        ])
+        .env("CARGO_TARGET_DIR", &layout.target)
+        .current_dir(&layout.root)
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("could not run cargo: {e}"))?;
+    if !out.status.success() {
+        return Err("building the vm_guest_agent test failed".to_owned());
+    }
+    let host_test = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|line| line.contains("\"vm_guest_agent\""))
+        .find_map(json_executable)
+        .ok_or("cargo did not report the vm_guest_agent test executable")?;
+    let debug = layout.target.join("debug");
+    let binaries = Binaries {
+        vmsdk: debug.join("vmsdk"),
+        guest_checks: debug.join("guest_checks"),
+        host_test: PathBuf::from(host_test),
+    };
+    phase.done("vmsdk, guest_checks, vm_guest_agent");
+    Ok(binaries)
+}
+
+/// The `"executable"` string of one cargo JSON message (paths here need no unescaping beyond
+/// backslashes and quotes).
+fn json_executable(line: &str) -> Option<String> {
+    let rest = line.split_once("\"executable\":\"")?.1;
+    let mut value = String::new();
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(value),
+            '\\' => value.push(chars.next()?),
+            c => value.push(c),
+        }
+    }
+    None
+}
+
+fn build_image(kernel: &kernel::Kernel, binaries: &Binaries, image: &Path) -> Result<(), String> {
+    let phase = Phase::start("initramfs");
+    let modules = kernel::module_load_order(kernel, GUEST_MODULES)?;
+    let script = init_script(&kernel.release, &modules);
+    let qemu_ga = Path::new("/usr/sbin/qemu-ga");
+    let programs = [
+        initramfs::Program {
+            host: &binaries.vmsdk,
+            guest: "/usr/bin/vmsdk",
+        },
+        initramfs::Program {
+            host: &binaries.guest_checks,
+            guest: "/usr/bin/guest_checks",
+        },
+        initramfs::Program {
+            host: qemu_ga,
+            guest: "/usr/sbin/qemu-ga",
+        },
+        // The reference `vmsdk detect` is compared with, run in the same guest.
+        initramfs::Program {
+            host: Path::new("/usr/bin/systemd-detect-virt"),
+            guest: "/usr/bin/systemd-detect-virt",
+        },
+    ];
+    let size = initramfs::build(
+        &initramfs::Contents {
+            kernel,
+            modules: &modules,
+            busybox: Path::new("/bin/busybox"),
+            programs: &programs,
+            init_script: &script,
+        },
+        image,
+    )?;
+    let names: Vec<String> = modules
+        .iter()
+        .filter_map(|m| m.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .collect();
+    phase.done(&format!(
+        "{:.1} MiB, modules {}",
+        size as f64 / (1024.0 * 1024.0),
+        names.join(" ")
+    ));
+    Ok(())
+}
+
+/// The guest's `/init`: mount the pseudo filesystems, load the modules, run the checks, start
+/// qemu-ga on the virtio-serial port, then wait for the host to shut the VM down.
+fn init_script(release: &str, modules: &[PathBuf]) -> String {
+    let insmods: String = modules
+        .iter()
+        .map(|m| {
+            format!(
+                "insmod /lib/modules/{release}/{} || echo \"VMSDK-STAGE insmod-failed {}\"\n",
+                m.display(),
+                m.display()
+            )
+        })
+        .collect();
+    format!(
+        r#"#!/bin/sh
+/bin/busybox mkdir -p /usr/sbin /sbin
+/bin/busybox --install -s /bin
+export PATH=/usr/bin:/usr/sbin:/bin:/sbin HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+hostname vmsdk-vm-test
+echo "VMSDK-STAGE init $(uname -r)"
+{insmods}
+# udev is absent: find the agent's port by name and make the link udev would.
+port=""
+tries=0
+while [ -z "$port" ] && [ $tries -lt 200 ]; do
+  for dir in /sys/class/virtio-ports/*; do
+    if [ "$(cat "$dir/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && [ -e "/dev/${{dir##*/}}" ]; then
+      port="/dev/${{dir##*/}}"
+    fi
+  done
+  [ -z "$port" ] && sleep 0.1
+  tries=$((tries + 1))
+done
+if [ -n "$port" ]; then
+  mkdir -p /dev/virtio-ports
+  ln -sf "$port" /dev/virtio-ports/org.qemu.guest_agent.0
+fi
+echo "VMSDK-STAGE agent-port ${{port:-missing}}"
+/usr/bin/guest_checks --vmsdk /usr/bin/vmsdk
+echo "VMSDK-GUEST-CHECKS-DONE"
+mkdir -p /run/qemu-ga
+# This agent acts on the throwaway guest, so nothing is blocked: exec and shutdown are tested.
+qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run/qemu-ga -l /run/qemu-ga/qemu-ga.log &
+echo "VMSDK-STAGE agent-started $!"
+while true; do sleep 3600; done
+"#
+    )
+}
+
+/// The running QEMU and the paths of its sockets.
+struct Vm {
+    child: Child,
+    console: PathBuf,
+    qga_socket: PathBuf,
+    qmp_socket: PathBuf,
+}
+
+impl Vm {
+    fn boot(
+        layout: &Layout,
+        kernel: &kernel::Kernel,
+        image: &Path,
+        console: &Path,
+    ) -> Result<Vm, String> {
+        let phase = Phase::start("boot");
+        let qga_socket = layout.sockets.join("qga.sock");
+        let qmp_socket = layout.sockets.join("qmp.sock");
+        let _ = fs::remove_file(console);
+        let disk = layout.cache.join("disk.raw");
+        // Truncating to 0 first drops the last run's data: the disk starts all zeros.
+        fs::File::create(&disk)
+            .and_then(|file| file.set_len(DISK_SIZE))
+            .map_err(|e| format!("create {}: {e}", disk.display()))?;
+        let append = format!(
+            "console=ttyS0 panic=-1 quiet vmsdk.vmx_type={VMX_TYPE} vmsdk.vmx_version={VMX_VERSION}"
+        );
+        let mut command = Command::new("qemu-system-x86_64");
+        command
+            .args(["-accel", "tcg", "-machine", "q35,vmport=on", "-m", "512"])
+            .arg("-smp")
+            .arg(GUEST_CPUS.to_string())
+            .args(["-nographic", "-nodefaults", "-no-reboot"])
+            .arg("-global")
+            .arg(format!("vmport.vmware-vmx-type={VMX_TYPE}"))
+            .arg("-global")
+            .arg(format!("vmport.vmware-vmx-version={VMX_VERSION}"))
+            .arg("-kernel")
+            .arg(&kernel.image)
+            .arg("-initrd")
+            .arg(image)
+            .arg("-append")
+            .arg(append)
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp_socket.display()))
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=qga0,path={},server=on,wait=off",
+                qga_socket.display()
+            ))
+            .arg("-blockdev")
+            .arg(format!(
+                "driver=file,node-name=disk0-file,filename={}",
+                disk.display()
+            ))
+            .args(["-blockdev", "driver=raw,node-name=disk0,file=disk0-file"])
+            .args(["-device", "virtio-blk-pci,drive=disk0"])
+            .args(["-device", "virtio-serial-pci,id=virtio-serial0"])
+            .args([
+                "-device",
+                "virtserialport,bus=virtio-serial0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit());
+        let child = command
+            .spawn()
+            .map_err(|e| format!("could not start qemu-system-x86_64: {e}"))?;
+        let vm = Vm {
+            child,
+            console: console.to_path_buf(),
+            qga_socket,
+            qmp_socket,
+        };
+        phase.done(&format!("qemu pid {}", vm.child.id()));
+        Ok(vm)
+    }
+
+    /// Kills QEMU (by its own PID) if it is still running.
+    fn kill(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Follows the console log as QEMU writes it, echoing the `VMSDK-` lines.
+struct ConsoleWatch {
+    path: PathBuf,
+    offset: u64,
+    partial: String,
+    lines: Vec<String>,
+}
+
+impl ConsoleWatch {
+    fn new(path: &Path) -> ConsoleWatch {
+        ConsoleWatch {
+            path: path.to_path_buf(),
+            offset: 0,
+            partial: String::new(),
+            lines: Vec::new(),
+        }
+    }
+
+    fn poll(&mut self) {
+        let Ok(mut file) = fs::File::open(&self.path) else {
+            return;
+        };
+        if file.seek(SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut bytes = Vec::new();
+        if file.read_to_end(&mut bytes).is_err() {
+            return;
+        }
+        self.offset += bytes.len() as u64;
+        self.partial.push_str(&String::from_utf8_lossy(&bytes));
+        while let Some(end) = self.partial.find('\n') {
+            let line: String = self.partial.drain(..=end).collect();
+            let line = line.trim_end_matches(['\r', '\n']).to_owned();
+            // From the marker on: the firmware's screen-clearing escapes may precede it.
+            if let Some(at) = line.find("VMSDK-") {
+                println!("    guest| {}", &line[at..]);
+            }
+            self.lines.push(line);
+        }
+    }
+
+    fn find(&self, marker: &str) -> Option<&str> {
+        self.lines
+            .iter()
+            .find_map(|line| line.find(marker).map(|at| &line[at..]))
+    }
+
+    /// Waits until a console line contains `marker`; fails early if QEMU exits.
+    fn wait_for(&mut self, vm: &mut Vm, marker: &str, limit: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.poll();
+            if let Some(line) = self.find(marker) {
+                return Ok(line.to_owned());
+            }
+            if let Ok(Some(status)) = vm.child.try_wait() {
+                self.poll();
+                return Err(format!(
+                    "QEMU exited ({status}) before the guest printed `{marker}`"
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the guest did not print `{marker}` within {} s",
+                    limit.as_secs()
+                ));
+            }
+            sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn drive(
+    mut vm: Vm,
+    layout: &Layout,
+    binaries: &Binaries,
+    kernel: &kernel::Kernel,
+) -> Result<(), String> {
+    let mut failures = Vec::new();
+    let mut watch = ConsoleWatch::new(&vm.console);
+
+    let phase = Phase::start("guest boot and in-guest checks");
+    watch.wait_for(&mut vm, "VMSDK-GUEST-CHECKS-DONE", BOOT_AND_GUEST_CHECKS)?;
+    let mut passed = 0;
+    for name in GUEST_CHECKS {
+        let marker = format!("VMSDK-CHECK {name} ");
+        match watch.find(&marker) {
+            Some(line) if line[marker.len()..].starts_with("PASS") => passed += 1,
+            Some(line) => failures.push(format!("guest check {line}")),
+            None => failures.push(format!("guest check `{name}` reported nothing")),
+        }
+    }
+    // A check the harness does not know about must not fail unseen either.
+    for line in watch
+        .lines
+        .iter()
+        .filter_map(|l| l.find("VMSDK-CHECK ").map(|at| &l[at..]))
+    {
+        if line.contains(" FAIL") && !failures.iter().any(|f| f.contains(line)) {
+            failures.push(format!("guest check {line}"));
+        }
+    }
+    phase.done(&format!(
+        "{passed}/{} guest checks passed",
+        GUEST_CHECKS.len()
+    ));
+
+    let phase = Phase::start("agent start");
+    watch.wait_for(&mut vm, "VMSDK-STAGE agent-started", AGENT_START)?;
+    phase.done("qemu-ga running in the guest");
+
+    let phase = Phase::start("host checks through virtio-serial (vm_guest_agent)");
+    let qga_version = Command::new("/usr/sbin/qemu-ga")
+        .arg("-V")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mut host = Command::new(&binaries.host_test)
+        .env("VMSDK_VM_QGA_SOCKET", &vm.qga_socket)
+        .env("VMSDK_VM_QMP_SOCKET", &vm.qmp_socket)
+        .env("VMSDK_VM_KERNEL_RELEASE", &kernel.release)
+        .env("VMSDK_VM_QGA_VERSION", qga_version)
+        .env("VMSDK_VM_SOCKET_DIR", &layout.sockets)
+        .env("VMSDK_VM_DISK_SIZE", DISK_SIZE.to_string())
+        .env("VMSDK_VM_CPUS", GUEST_CPUS.to_string())
+        .current_dir(&layout.root)
+        .spawn()
+        .map_err(|e| format!("could not run {}: {e}", binaries.host_test.display()))?;
+    let deadline = Instant::now() + HOST_TESTS;
+    let host_status = loop {
+        watch.poll();
+        match host.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => sleep(Duration::from_millis(200)),
+            _ => {
+                let _ = host.kill();
+                let _ = host.wait();
+                break None;
+            }
+        }
+    };
+    match host_status {
+        Some(status) if status.success() => phase.done("all host checks passed"),
+        Some(status) => failures.push(format!("host checks failed ({status})")),
+        None => failures.push(format!(
+            "host checks did not finish within {} s",
+            HOST_TESTS.as_secs()
+        )),
+    }
+
+    let phase = Phase::start("qemu exit after guest-shutdown");
+    let deadline = Instant::now() + QEMU_EXIT;
+    let exit = loop {
+        watch.poll();
+        match vm.child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => sleep(Duration::from_millis(200)),
+            _ => break None,
+        }
+    };
+    match exit {
+        Some(status) if status.success() => phase.done("QEMU exited with status 0"),
+        Some(status) => failures.push(format!("QEMU exited with {status}")),
+        None => {
+            vm.kill();
+            failures.push(format!(
+                "QEMU still running {} s after guest-shutdown; killed",
+                QEMU_EXIT.as_secs()
+            ));
+        }
+    }
+
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        for failure in &failures {
+            println!("vm-test: FAIL {failure}");
+        }
+        Err(format!("{} vm-test check(s) failed", failures.len()))
+    }
+}
+
+fn print_console_tail(console: &Path) {
+    let text = fs::read_to_string(console).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(60);
+    println!(
+        "---- guest console ({}), last {} lines ----",
+        console.display(),
+        lines.len() - from
+    );
+    for line in &lines[from..] {
+        println!("{line}");
+    }
+    println!("---- end of guest console ----");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cargo_json_executable_is_extracted() {
+        let line = r#"{"reason":"compiler-artifact","target":{"name":"vm_guest_agent"},"executable":"/t/debug/deps/vm_guest_agent-0a1b","fresh":true}"#;
+        assert_eq!(
+            json_executable(line).as_deref(),
+            Some("/t/debug/deps/vm_guest_agent-0a1b")
+        );
+        assert_eq!(json_executable(r#"{"executable":null}"#), None);
+    }
+
+    #[test]
+    fn init_loads_modules_in_the_given_order() {
+        let script = init_script(
+            "6.1.0-1-amd64",
+            &[
+                PathBuf::from("kernel/drivers/virtio/virtio.ko"),
+                PathBuf::from("kernel/drivers/char/virtio_console.ko"),
+            ],
+        );
+        let first = script.find("virtio/virtio.ko").unwrap();
+        let second = script.find("virtio_console.ko").unwrap();
+        assert!(first < second);
+        assert!(script.contains("/lib/modules/6.1.0-1-amd64/kernel/drivers/virtio/virtio.ko"));
+        assert!(script.starts_with("#!/bin/sh\n"));
+    }
+}
