@@ -19,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod detect;
+pub mod disk;
 mod error;
 mod platform;
 pub mod prometheus;
@@ -28,4 +29,4 @@ pub use error::{Error, Result};
 pub use platform::{BackendChoice, Platform, PlatformBuilder};
 
 /// The crates the facade builds on, re-exported so one dependency is enough.
-pub use guest_stats;
+pub use {disk_transport, guest_stats};

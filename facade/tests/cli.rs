@@ -206,3 +206,62 @@ fn the_monitor_example_runs_on_the_fakes() {
         assert!(line.contains("memory used "), "{line}");
     }
 }
+
+#[test]
+fn fake_disk_info_and_map_describe_the_demo_disk() {
+    let out = vmsdk(&["--backend", "fake", "disk", "info", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["capacity"], 1u64 << 30);
+    let out = vmsdk(&["--backend", "fake", "disk", "map", "--json"]);
+    let extents: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let covered: u64 = extents.iter().map(|e| e["length"].as_u64().unwrap()).sum();
+    assert_eq!(covered, 1 << 30);
+    assert!(extents.iter().any(|e| e["kind"] == "data"));
+    assert!(extents.iter().any(|e| e["kind"] == "hole"));
+}
+
+#[test]
+fn disk_without_uri_on_the_real_backend_says_what_to_name() {
+    let out = vmsdk(&["disk", "info"]);
+    assert!(!out.status.success());
+    let message = String::from_utf8(out.stderr).unwrap();
+    assert!(message.contains("name a disk URI"), "{message}");
+}
+
+#[test]
+fn disk_copy_of_a_sparse_file_creates_an_identical_sparse_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let dst = dir.path().join("dst.img");
+    let file = std::fs::File::create(&src).unwrap();
+    // 64 MiB, data at 5 MiB and an unaligned tail.
+    file.set_len((64 << 20) + 777).unwrap();
+    let data: Vec<u8> = (0..(1 << 20) + 4321).map(|i| (i * 7 % 251) as u8).collect();
+    std::os::unix::fs::FileExt::write_at(&file, &data, 5 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_at(&file, b"tail", (64 << 20) + 773).unwrap();
+    drop(file);
+    let out = vmsdk(&[
+        "disk",
+        "copy",
+        "--no-progress",
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    let map = vmsdk(&["disk", "map", "--json", dst.to_str().unwrap()]);
+    let extents: Vec<serde_json::Value> = serde_json::from_slice(&map.stdout).unwrap();
+    assert!(
+        extents.iter().any(|e| e["kind"] == "hole"),
+        "the copy kept the holes: {extents:?}"
+    );
+}

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod detect;
+mod disk;
 mod stats;
 
 use std::process::ExitCode;
@@ -27,6 +28,8 @@ enum Command {
     Detect(detect::DetectArgs),
     /// Show the guest statistics of this VM (the vSphere Guest API set).
     Stats(stats::StatsArgs),
+    /// Inspect and copy virtual disks (file, NBD, memory; VDDK where installed).
+    Disk(disk::DiskArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +37,7 @@ fn main() -> ExitCode {
     let outcome = match &cli.command {
         Command::Detect(args) => detect::run(args),
         Command::Stats(args) => platform(&cli).and_then(|p| stats::run(&p, args)),
+        Command::Disk(args) => platform(&cli).and_then(|p| disk::run(&p, args)),
     };
     match outcome {
         Ok(code) => code,
