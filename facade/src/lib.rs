@@ -18,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod detect;
 pub mod disk;
 mod error;
@@ -29,4 +30,4 @@ pub use error::{Error, Result};
 pub use platform::{BackendChoice, Platform, PlatformBuilder};
 
 /// The crates the facade builds on, re-exported so one dependency is enough.
-pub use {disk_transport, guest_stats};
+pub use {disk_transport, guest_stats, qga_proto};

@@ -265,3 +265,44 @@ fn disk_copy_of_a_sparse_file_creates_an_identical_sparse_file() {
         "the copy kept the holes: {extents:?}"
     );
 }
+
+#[test]
+fn fake_agent_answers_typed_and_raw_commands_through_the_real_client() {
+    let out = vmsdk(&["--backend", "fake", "agent", "info"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let commands = info["supported_commands"].as_array().unwrap();
+    assert!(commands.iter().any(|c| c["name"] == "guest-get-osinfo"));
+
+    let out = vmsdk(&[
+        "--backend",
+        "fake",
+        "agent",
+        "raw",
+        r#"{"execute":"guest-get-host-name"}"#,
+    ]);
+    let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(reply["host-name"].as_str().is_some_and(|h| !h.is_empty()));
+
+    // A command the agent lacks is refused with a message naming it.
+    let out = vmsdk(&[
+        "--backend",
+        "fake",
+        "agent",
+        "raw",
+        r#"{"execute":"guest-no-such-command"}"#,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("guest-no-such-command"));
+}
+
+#[test]
+fn agent_without_an_address_on_the_real_backend_says_how_to_name_one() {
+    let out = vmsdk(&["agent", "info"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("qga+unix://"));
+}

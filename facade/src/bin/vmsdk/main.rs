@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod agent;
 mod detect;
 mod disk;
 mod stats;
@@ -30,6 +31,8 @@ enum Command {
     Stats(stats::StatsArgs),
     /// Inspect and copy virtual disks (file, NBD, memory; VDDK where installed).
     Disk(disk::DiskArgs),
+    /// Talk to a QEMU guest agent: read-only commands, typed, and raw JSON.
+    Agent(agent::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Command::Detect(args) => detect::run(args),
         Command::Stats(args) => platform(&cli).and_then(|p| stats::run(&p, args)),
         Command::Disk(args) => platform(&cli).and_then(|p| disk::run(&p, args)),
+        Command::Agent(args) => platform(&cli).and_then(|p| agent::run(&p, args)),
     };
     match outcome {
         Ok(code) => code,
@@ -49,7 +53,7 @@ fn main() -> ExitCode {
 }
 
 /// What a subcommand reports when it cannot do its job; printed as `vmsdk: <message>`.
-type CliResult = Result<ExitCode, Box<dyn std::error::Error>>;
+type CliResult<T = ExitCode> = Result<T, Box<dyn std::error::Error>>;
 
 /// The platform with the backend choice of `--backend`, else `VMSDK_BACKEND`.
 fn platform(cli: &Cli) -> Result<vmsdk::Platform, Box<dyn std::error::Error>> {

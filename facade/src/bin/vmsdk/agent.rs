@@ -1,0 +1,168 @@
+//! `vmsdk agent [URI] COMMAND`: the QEMU guest agent's read-only commands, typed, plus raw JSON
+//! as `virsh qemu-agent-command` takes it.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use qga_proto::GuestAgent;
+use serde::Serialize;
+use vmsdk::{BackendChoice, Platform};
+
+use crate::CliResult;
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// [URI] COMMAND [ARGS]: the agent address (qga+unix:///path, qga+tcp://host:port,
+    /// qga+serial:///dev/...; omitted with --backend fake) and the command.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+    words: Vec<String>,
+}
+
+/// The commands, parsed from the words after the optional URI.
+#[derive(Debug, Parser)]
+#[command(name = "vmsdk agent [URI]", no_binary_name = true)]
+struct Invocation {
+    /// Seconds to wait for each reply.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    #[command(subcommand)]
+    command: AgentCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentCommand {
+    /// Agent version and its commands (enabled or not).
+    Info,
+    /// Check that the agent answers.
+    Ping,
+    /// Operating system identification.
+    Osinfo,
+    /// Host name of the guest.
+    Hostname,
+    /// Guest time (nanoseconds since the epoch).
+    Time,
+    /// Guest time zone.
+    Timezone,
+    /// Logged-in users.
+    Users,
+    /// Mounted file systems with usage.
+    Fsinfo,
+    /// Network interfaces and addresses.
+    Interfaces,
+    /// Routing table.
+    Routes,
+    /// Virtual CPUs.
+    Vcpus,
+    /// Disks.
+    Disks,
+    /// Per-disk I/O statistics.
+    Diskstats,
+    /// Per-CPU time statistics.
+    Cpustats,
+    /// Load averages.
+    Load,
+    /// Memory blocks.
+    MemoryBlocks,
+    /// Memory block size.
+    MemoryBlockInfo,
+    /// PCI devices (Windows guests).
+    Devices,
+    /// File system freeze state.
+    FsfreezeStatus,
+    /// Send a raw command: '{"execute":"guest-info"}' (the reply's "return" is printed).
+    Raw {
+        /// The JSON request.
+        json: String,
+    },
+}
+
+impl AgentCommand {
+    /// Whether `word` is a command name, so that it is not taken for a URI.
+    fn is_command(word: &str) -> bool {
+        use clap::CommandFactory;
+        word.starts_with('-')
+            || Invocation::command()
+                .get_subcommands()
+                .any(|c| c.get_name() == word || word == "help")
+    }
+}
+
+fn to_json(value: impl Serialize) -> Result<serde_json::Value, serde_json::Error> {
+    serde_json::to_value(value)
+}
+
+async fn call(agent: &dyn GuestAgent, command: &AgentCommand) -> CliResult<serde_json::Value> {
+    let value = match command {
+        AgentCommand::Info => to_json(agent.info().await?)?,
+        AgentCommand::Ping => {
+            agent.ping().await?;
+            serde_json::json!({})
+        }
+        AgentCommand::Osinfo => to_json(agent.osinfo().await?)?,
+        AgentCommand::Hostname => to_json(agent.host_name().await?)?,
+        AgentCommand::Time => to_json(agent.time().await?)?,
+        AgentCommand::Timezone => to_json(agent.timezone().await?)?,
+        AgentCommand::Users => to_json(agent.users().await?)?,
+        AgentCommand::Fsinfo => to_json(agent.fsinfo().await?)?,
+        AgentCommand::Interfaces => to_json(agent.network_interfaces().await?)?,
+        AgentCommand::Routes => to_json(agent.network_routes().await?)?,
+        AgentCommand::Vcpus => to_json(agent.vcpus().await?)?,
+        AgentCommand::Disks => to_json(agent.disks().await?)?,
+        AgentCommand::Diskstats => to_json(agent.diskstats().await?)?,
+        AgentCommand::Cpustats => to_json(agent.cpustats().await?)?,
+        AgentCommand::Load => to_json(agent.load().await?)?,
+        AgentCommand::MemoryBlocks => to_json(agent.memory_blocks().await?)?,
+        AgentCommand::MemoryBlockInfo => to_json(agent.memory_block_info().await?)?,
+        AgentCommand::Devices => to_json(agent.devices().await?)?,
+        AgentCommand::FsfreezeStatus => to_json(agent.fsfreeze_status().await?)?,
+        AgentCommand::Raw { json } => {
+            let request: serde_json::Value = serde_json::from_str(json)
+                .map_err(|e| format!("the raw request is not JSON: {e}"))?;
+            let name = request
+                .get("execute")
+                .and_then(|v| v.as_str())
+                .ok_or("the raw request needs an \"execute\" member naming the command")?;
+            agent
+                .execute_raw(name, request.get("arguments").cloned())
+                .await?
+        }
+    };
+    Ok(value)
+}
+
+pub fn run(platform: &Platform, args: &AgentArgs) -> CliResult {
+    let (uri, rest) = match args.words.split_first() {
+        Some((first, rest)) if !AgentCommand::is_command(first) => (Some(first.as_str()), rest),
+        _ => (None, &args.words[..]),
+    };
+    let invocation = Invocation::try_parse_from(rest).map_err(|e| e.to_string())?;
+    if !(invocation.timeout.is_finite() && invocation.timeout > 0.0) {
+        return Err("--timeout must be a positive number of seconds".into());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let value = runtime.block_on(async {
+        let agent: Box<dyn GuestAgent> = match (uri, platform.backend()) {
+            (Some(uri), _) => {
+                let config = qga_proto::ClientConfig {
+                    timeout: Duration::from_secs_f64(invocation.timeout),
+                    ..qga_proto::ClientConfig::default()
+                };
+                vmsdk::agent::connect_with(uri, config).await?
+            }
+            (None, BackendChoice::Fake) => vmsdk::agent::fake(),
+            (None, _) => {
+                return Err(
+                    "name the agent: vmsdk agent qga+unix:///path/to/qga.sock COMMAND \
+                     (or --backend fake for the fake agent)"
+                        .into(),
+                )
+            }
+        };
+        call(agent.as_ref(), &invocation.command).await
+    })?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(ExitCode::SUCCESS)
+}
