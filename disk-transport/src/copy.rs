@@ -30,7 +30,8 @@
 //! ```
 
 use std::collections::VecDeque;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -48,6 +49,7 @@ pub struct CopyOptions {
     destination_is_zero: bool,
     flush: bool,
     stall_timeout: Duration,
+    threads: usize,
 }
 
 impl Default for CopyOptions {
@@ -60,6 +62,9 @@ impl Default for CopyOptions {
             destination_is_zero: false,
             flush: true,
             stall_timeout: Duration::from_secs(120),
+            threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(4),
         }
     }
 }
@@ -95,6 +100,13 @@ impl CopyOptions {
     /// Flush the destination at the end (default on).
     pub fn flush(mut self, on: bool) -> Self {
         self.flush = on;
+        self
+    }
+    /// Copying threads (default: the number of CPUs, at most 4). Each drives its share of the
+    /// requests in flight; more than one lets reading, writing and zero-detection of different
+    /// requests run on different cores.
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = n.max(1);
         self
     }
     /// Give up if no request completes for this long (default 120 s; backends have their own,
@@ -320,9 +332,10 @@ pub fn copy(
         .min(max_request)
         / align
         * align;
-    let in_flight = options.requests_in_flight.max(1);
+    let threads = options.threads.max(1);
+    let per_thread = options.requests_in_flight.max(1).div_ceil(threads);
 
-    let mut planner = Planner {
+    let planner = Mutex::new(Planner {
         src,
         size: sinfo.capacity,
         align,
@@ -330,118 +343,43 @@ pub fn copy(
         use_extents: options.extents && sinfo.can_extents,
         window_pos: 0,
         queue: VecDeque::new(),
+    });
+    let shared = WorkerShared {
+        planner,
+        stop: AtomicBool::new(false),
+        first_error: Mutex::new(None),
     };
     let mut p = CopyProgress {
         total: sinfo.capacity,
         ..CopyProgress::default()
     };
-    let (tx, rx) = mpsc::channel::<Event>();
-    let mut pool: Vec<Vec<u8>> = Vec::new();
-    let mut outstanding = 0usize;
-    let mut first_error: Option<Error> = None;
-    let mut source_done = false;
-
-    let zero_range = |offset: u64, length: u64, p: &mut CopyProgress| -> Result<()> {
-        if options.destination_is_zero {
-            p.skipped += length;
-        } else {
-            dst.write_zeroes(offset, length)?;
-            p.zeroed += length;
+    let (delta_tx, delta_rx) = mpsc::channel::<CopyProgress>();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let delta_tx = delta_tx.clone();
+            let shared = &shared;
+            scope.spawn(move || {
+                if let Err(e) = worker(src, dst, shared, per_thread, options, &delta_tx) {
+                    shared.fail(e);
+                }
+            });
         }
-        p.done += length;
-        Ok(())
-    };
-
-    loop {
-        while first_error.is_none() && !source_done && outstanding < in_flight {
-            let piece = match planner.next() {
-                Ok(Some(piece)) => piece,
-                Ok(None) => {
-                    source_done = true;
-                    break;
-                }
-                Err(e) => {
-                    first_error = Some(e);
-                    break;
-                }
-            };
-            if piece.kind.reads_as_zero() {
-                if let Err(e) = zero_range(piece.offset, piece.length, &mut p) {
-                    first_error = Some(e);
-                }
-                progress(&p);
-                continue;
-            }
-            let mut buf = pool.pop().unwrap_or_default();
-            buf.resize(piece.length as usize, 0);
-            let tx = tx.clone();
-            let offset = piece.offset;
-            src.submit_read(
-                offset,
-                buf,
-                Box::new(move |r| {
-                    let _ = tx.send(Event::Read(offset, r));
-                }),
-            );
-            outstanding += 1;
+        drop(delta_tx);
+        // Every worker ends (its waits have deadlines), and with it the channel.
+        for delta in delta_rx {
+            p.done += delta.done;
+            p.read += delta.read;
+            p.written += delta.written;
+            p.zeroed += delta.zeroed;
+            p.skipped += delta.skipped;
+            progress(&p);
         }
-        if outstanding == 0 {
-            break;
-        }
-        let event = match rx.recv_timeout(options.stall_timeout) {
-            Ok(event) => event,
-            Err(_) => {
-                return Err(first_error.unwrap_or(Error::Timeout {
-                    what: format!(
-                        "copy ({outstanding} requests outstanding, {} of {} bytes done)",
-                        p.done, p.total
-                    ),
-                    offset: Some(p.done),
-                    after: options.stall_timeout,
-                }))
-            }
-        };
-        match event {
-            Event::Read(offset, Ok(buf)) => {
-                let length = buf.len() as u64;
-                if first_error.is_some() {
-                    outstanding -= 1;
-                    pool.push(buf);
-                    continue;
-                }
-                p.read += length;
-                if options.detect_zeroes && is_zero(&buf) {
-                    outstanding -= 1;
-                    pool.push(buf);
-                    if let Err(e) = zero_range(offset, length, &mut p) {
-                        first_error = Some(e);
-                    }
-                    progress(&p);
-                    continue;
-                }
-                let tx = tx.clone();
-                dst.submit_write(
-                    offset,
-                    buf,
-                    Box::new(move |r| {
-                        let _ = tx.send(Event::Written(r));
-                    }),
-                );
-            }
-            Event::Written(Ok(buf)) => {
-                outstanding -= 1;
-                p.written += buf.len() as u64;
-                p.done += buf.len() as u64;
-                pool.push(buf);
-                progress(&p);
-            }
-            Event::Read(_, Err(e)) | Event::Written(Err(e)) => {
-                outstanding -= 1;
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    if let Some(e) = first_error {
+    });
+    if let Some(e) = shared
+        .first_error
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+    {
         return Err(e);
     }
     if p.done != p.total {
@@ -457,6 +395,160 @@ pub fn copy(
         progress: p,
         elapsed: started.elapsed(),
     })
+}
+
+struct WorkerShared<'a> {
+    planner: Mutex<Planner<'a>>,
+    stop: AtomicBool,
+    first_error: Mutex<Option<Error>>,
+}
+
+impl WorkerShared<'_> {
+    fn fail(&self, e: Error) {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
+        first.get_or_insert(e);
+    }
+
+    fn next_piece(&self) -> Result<Option<Extent>> {
+        if self.stop.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        self.planner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next()
+    }
+}
+
+/// One copying thread: pulls pieces from the shared planner and keeps up to `in_flight` of
+/// them moving, sending progress deltas to the coordinating thread.
+fn worker(
+    src: &dyn Disk,
+    dst: &dyn Disk,
+    shared: &WorkerShared<'_>,
+    in_flight: usize,
+    options: &CopyOptions,
+    deltas: &mpsc::Sender<CopyProgress>,
+) -> Result<()> {
+    let (tx, rx) = mpsc::channel::<Event>();
+    let mut pool: Vec<Vec<u8>> = Vec::new();
+    let mut outstanding = 0usize;
+    let mut first_error: Option<Error> = None;
+    let mut source_done = false;
+    let zero_range = |offset: u64, length: u64| -> Result<CopyProgress> {
+        let mut d = CopyProgress {
+            done: length,
+            ..CopyProgress::default()
+        };
+        if options.destination_is_zero {
+            d.skipped = length;
+        } else {
+            dst.write_zeroes(offset, length)?;
+            d.zeroed = length;
+        }
+        Ok(d)
+    };
+    loop {
+        while first_error.is_none() && !source_done && outstanding < in_flight {
+            let piece = match shared.next_piece() {
+                Ok(Some(piece)) => piece,
+                Ok(None) => {
+                    source_done = true;
+                    break;
+                }
+                Err(e) => {
+                    first_error = Some(e);
+                    break;
+                }
+            };
+            if piece.kind.reads_as_zero() {
+                match zero_range(piece.offset, piece.length) {
+                    Ok(d) => {
+                        let _ = deltas.send(d);
+                    }
+                    Err(e) => first_error = Some(e),
+                }
+                continue;
+            }
+            let mut buf = pool.pop().unwrap_or_default();
+            buf.resize(piece.length as usize, 0);
+            let tx = tx.clone();
+            let offset = piece.offset;
+            src.submit_read(
+                offset,
+                buf,
+                Box::new(move |r| {
+                    let _ = tx.send(Event::Read(offset, r));
+                }),
+            );
+            outstanding += 1;
+        }
+        if first_error.is_some() {
+            shared.stop.store(true, Ordering::SeqCst);
+        }
+        if outstanding == 0 {
+            break;
+        }
+        let event = match rx.recv_timeout(options.stall_timeout) {
+            Ok(event) => event,
+            Err(_) => {
+                return Err(first_error.unwrap_or(Error::Timeout {
+                    what: format!("copy ({outstanding} requests outstanding)"),
+                    offset: None,
+                    after: options.stall_timeout,
+                }))
+            }
+        };
+        match event {
+            Event::Read(offset, Ok(buf)) => {
+                let length = buf.len() as u64;
+                if first_error.is_some() || shared.stop.load(Ordering::SeqCst) {
+                    outstanding -= 1;
+                    pool.push(buf);
+                    continue;
+                }
+                if options.detect_zeroes && is_zero(&buf) {
+                    outstanding -= 1;
+                    pool.push(buf);
+                    match zero_range(offset, length) {
+                        Ok(mut d) => {
+                            d.read = length;
+                            let _ = deltas.send(d);
+                        }
+                        Err(e) => first_error = Some(e),
+                    }
+                    continue;
+                }
+                let _ = deltas.send(CopyProgress {
+                    read: length,
+                    ..CopyProgress::default()
+                });
+                let tx = tx.clone();
+                dst.submit_write(
+                    offset,
+                    buf,
+                    Box::new(move |r| {
+                        let _ = tx.send(Event::Written(r));
+                    }),
+                );
+            }
+            Event::Written(Ok(buf)) => {
+                outstanding -= 1;
+                let _ = deltas.send(CopyProgress {
+                    written: buf.len() as u64,
+                    done: buf.len() as u64,
+                    ..CopyProgress::default()
+                });
+                pool.push(buf);
+            }
+            Event::Read(_, Err(e)) | Event::Written(Err(e)) => {
+                outstanding -= 1;
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]

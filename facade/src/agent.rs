@@ -34,7 +34,7 @@ pub async fn connect_with(uri: &str, config: ClientConfig) -> Result<Box<dyn Gue
 /// # async fn main() -> Result<(), qga_proto::Error> {
 /// let agent = vmsdk::agent::fake();
 /// let info = agent.info().await?;
-/// assert!(info.supported_command.iter().any(|c| c.name == "guest-ping"));
+/// assert!(info.supported_commands.iter().any(|c| c.name == "guest-ping"));
 /// # Ok(())
 /// # }
 /// ```

@@ -172,13 +172,13 @@ impl<B: Backdoor> GuestStats for VmwareGuestStats<B> {
 
     fn update(&mut self) -> Result<SessionId> {
         let previous = self.current.take().map(|info| info.session_id);
-        // A new session (vMotion to another host, …) may speak another version: start over.
-        let first_try = match (self.version, previous) {
-            (Some(2), Some(_)) | (Some(3), _) | (None, _) => guestlib::DATA_VERSION,
-            (Some(version), _) => version,
-        };
+        let first_try = self.version.unwrap_or(guestlib::DATA_VERSION);
         let info = guestlib::fetch(&mut self.backdoor, &self.options, first_try)?;
-        let info = if info.version == 2 && previous.is_some_and(|p| p != info.session_id) {
+        // After a session change (a vMotion to another host, …) a v2 answer may only mean the
+        // old host was old: negotiate again from the newest version, as the C library does.
+        let info = if info.version < guestlib::DATA_VERSION
+            && previous.is_some_and(|previous| previous != info.session_id)
+        {
             guestlib::fetch(&mut self.backdoor, &self.options, guestlib::DATA_VERSION)?
         } else {
             info
