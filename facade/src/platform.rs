@@ -1,7 +1,7 @@
 //! `Platform`: detect the hypervisor once, then hand out the backends that fit it.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use guest_stats::GuestStats;
@@ -150,14 +150,17 @@ impl Platform {
     }
 }
 
-fn stats_backend(vm: Option<Hypervisor>, root: &std::path::Path) -> Result<Box<dyn GuestStats>> {
-    let _ = root;
-    let what = vm.map_or_else(|| "bare metal".to_owned(), |h| h.to_string());
+fn stats_backend(vm: Option<Hypervisor>, root: &Path) -> Result<Box<dyn GuestStats>> {
+    let linux = guest_stats::linux::LinuxGuestStats::with_root(root);
+    if linux.is_available() {
+        return Ok(Box::new(linux));
+    }
     Err(Error::NoStatsBackend {
-        what,
-        why: "the real guest statistics backends are not implemented yet in this build; \
-              use `--backend fake` (or VMSDK_BACKEND=fake) to try the fake"
-            .to_owned(),
+        what: vm.map_or_else(|| "bare metal".to_owned(), |h| h.to_string()),
+        why: format!(
+            "{} has no readable proc/stat; only Linux guests have a statistics backend besides              VMware's (use `--backend fake` to try the fake)",
+            root.display()
+        ),
     })
 }
 

@@ -257,6 +257,15 @@ pub enum Error {
         /// What was wrong and where.
         detail: String,
     },
+    /// A plain VMware backdoor command (GETVERSION, GETTIMEFULL, GETMHZ) gave no usable
+    /// answer.
+    #[error("VMware backdoor command {command} failed: {detail}")]
+    BackdoorCommand {
+        /// The command's name, e.g. `GETTIMEFULL`.
+        command: &'static str,
+        /// What was wrong with the answer.
+        detail: String,
+    },
     /// The VMware backdoor is there (CPUID says VMware) but using it faulted in a probe
     /// process. The host may restrict ring-3 access (`monitor_control.restrict_backdoor`), or the
     /// guest is a confidential VM whose kernel does not forward user-space hypercalls. The
@@ -286,6 +295,7 @@ impl Error {
             | Error::Parse { .. }
             | Error::Channel { .. }
             | Error::Decode { .. }
+            | Error::BackdoorCommand { .. }
             | Error::BackdoorDenied { .. } => ErrorCode::Other,
         }
     }

@@ -29,15 +29,24 @@ impl Address {
     /// `qga+serial:///dev/ttyS1` (also `serial:/path`), and a bare absolute
     /// path: a path under `/dev` is a character device, anything else a socket.
     pub fn parse(address: &str) -> Result<Address> {
-        let invalid = |reason: &str| Error::InvalidAddress { address: address.to_owned(), reason: reason.to_owned() };
+        let invalid = |reason: &str| Error::InvalidAddress {
+            address: address.to_owned(),
+            reason: reason.to_owned(),
+        };
         let (scheme, rest) = match address.split_once(':') {
             Some((s, r)) if !s.contains('/') => (s, r),
             _ => {
                 if address.starts_with('/') {
                     let path = PathBuf::from(address);
-                    return Ok(if address.starts_with("/dev/") { Address::Serial(path) } else { Address::Unix(path) });
+                    return Ok(if address.starts_with("/dev/") {
+                        Address::Serial(path)
+                    } else {
+                        Address::Unix(path)
+                    });
                 }
-                return Err(invalid("expected qga+unix:///path, qga+tcp://host:port or qga+serial:///dev/…"));
+                return Err(invalid(
+                    "expected qga+unix:///path, qga+tcp://host:port or qga+serial:///dev/…",
+                ));
             }
         };
         let scheme = scheme.strip_prefix("qga+").unwrap_or(scheme);
@@ -47,7 +56,9 @@ impl Address {
             "unix" | "serial" | "chardev" => {
                 let path = if rest.starts_with("//") {
                     if !body.starts_with('/') {
-                        return Err(invalid("a host is not allowed here; write three slashes: qga+unix:///path"));
+                        return Err(invalid(
+                            "a host is not allowed here; write three slashes: qga+unix:///path",
+                        ));
                     }
                     body
                 } else {
@@ -57,7 +68,11 @@ impl Address {
                     return Err(invalid("the path must be absolute"));
                 }
                 let path = PathBuf::from(path);
-                Ok(if scheme == "unix" { Address::Unix(path) } else { Address::Serial(path) })
+                Ok(if scheme == "unix" {
+                    Address::Unix(path)
+                } else {
+                    Address::Serial(path)
+                })
             }
             "tcp" => {
                 let hostport = body.trim_end_matches('/');
@@ -68,7 +83,9 @@ impl Address {
                     _ => Err(invalid("expected host:port")),
                 }
             }
-            other => Err(invalid(&format!("unknown scheme '{other}' (use qga+unix, qga+tcp or qga+serial)"))),
+            other => Err(invalid(&format!(
+                "unknown scheme '{other}' (use qga+unix, qga+tcp or qga+serial)"
+            ))),
         }
     }
 }
@@ -96,18 +113,46 @@ mod tests {
 
     #[test]
     fn parses_all_forms() {
-        assert_eq!(Address::parse("qga+unix:///run/qga.sock").unwrap(), Address::Unix("/run/qga.sock".into()));
-        assert_eq!(Address::parse("unix:/run/qga.sock").unwrap(), Address::Unix("/run/qga.sock".into()));
-        assert_eq!(Address::parse("qga+tcp://127.0.0.1:4444").unwrap(), Address::Tcp("127.0.0.1:4444".into()));
-        assert_eq!(Address::parse("tcp:[::1]:4444").unwrap(), Address::Tcp("[::1]:4444".into()));
-        assert_eq!(Address::parse("qga+serial:///dev/ttyS1").unwrap(), Address::Serial("/dev/ttyS1".into()));
-        assert_eq!(Address::parse(VIRTIO_PORT_PATH).unwrap(), Address::Serial(VIRTIO_PORT_PATH.into()));
-        assert_eq!(Address::parse("/tmp/x.sock").unwrap(), Address::Unix("/tmp/x.sock".into()));
+        assert_eq!(
+            Address::parse("qga+unix:///run/qga.sock").unwrap(),
+            Address::Unix("/run/qga.sock".into())
+        );
+        assert_eq!(
+            Address::parse("unix:/run/qga.sock").unwrap(),
+            Address::Unix("/run/qga.sock".into())
+        );
+        assert_eq!(
+            Address::parse("qga+tcp://127.0.0.1:4444").unwrap(),
+            Address::Tcp("127.0.0.1:4444".into())
+        );
+        assert_eq!(
+            Address::parse("tcp:[::1]:4444").unwrap(),
+            Address::Tcp("[::1]:4444".into())
+        );
+        assert_eq!(
+            Address::parse("qga+serial:///dev/ttyS1").unwrap(),
+            Address::Serial("/dev/ttyS1".into())
+        );
+        assert_eq!(
+            Address::parse(VIRTIO_PORT_PATH).unwrap(),
+            Address::Serial(VIRTIO_PORT_PATH.into())
+        );
+        assert_eq!(
+            Address::parse("/tmp/x.sock").unwrap(),
+            Address::Unix("/tmp/x.sock".into())
+        );
     }
 
     #[test]
     fn rejects_bad_forms_with_reasons() {
-        for bad in ["qga+unix://host/path", "qga+tcp://nohost", "ftp://x", "relative", "qga+unix:", "tcp::80"] {
+        for bad in [
+            "qga+unix://host/path",
+            "qga+tcp://nohost",
+            "ftp://x",
+            "relative",
+            "qga+unix:",
+            "tcp::80",
+        ] {
             let e = Address::parse(bad).unwrap_err();
             assert!(matches!(e, Error::InvalidAddress { .. }), "{bad}: {e}");
         }
@@ -115,7 +160,11 @@ mod tests {
 
     #[test]
     fn display_round_trips() {
-        for s in ["qga+unix:///a/b", "qga+tcp://h:1", "qga+serial:///dev/vport1p1"] {
+        for s in [
+            "qga+unix:///a/b",
+            "qga+tcp://h:1",
+            "qga+serial:///dev/vport1p1",
+        ] {
             assert_eq!(Address::parse(s).unwrap().to_string(), s);
         }
     }

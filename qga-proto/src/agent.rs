@@ -17,7 +17,10 @@ where
     C: Command,
     A: GuestAgent + ?Sized,
 {
-    let args = serde_json::to_value(args).map_err(|source| Error::Encode { command: C::NAME.to_owned(), source })?;
+    let args = serde_json::to_value(args).map_err(|source| Error::Encode {
+        command: C::NAME.to_owned(),
+        source,
+    })?;
     let args = match args {
         Value::Null => None,
         other => Some(other),
@@ -84,7 +87,9 @@ pub trait GuestAgent: Send + Sync {
 
     /// `guest-set-time`: sets the time (ns since the epoch), or from the RTC when `None`.
     async fn set_time(&self, time_ns: Option<i64>) -> Result<()> {
-        call::<cmd::GuestSetTime, _>(self, &cmd::GuestSetTimeArgs { time: time_ns }).await.map(drop)
+        call::<cmd::GuestSetTime, _>(self, &cmd::GuestSetTimeArgs { time: time_ns })
+            .await
+            .map(drop)
     }
 
     /// `guest-info`: version and command list.
@@ -94,17 +99,28 @@ pub trait GuestAgent: Send + Sync {
 
     /// `guest-shutdown` (no reply on success).
     async fn shutdown(&self, mode: Option<GuestShutdownMode>) -> Result<()> {
-        call::<cmd::GuestShutdown, _>(self, &cmd::GuestShutdownArgs { mode }).await.map(drop)
+        call::<cmd::GuestShutdown, _>(self, &cmd::GuestShutdownArgs { mode })
+            .await
+            .map(drop)
     }
 
     /// `guest-file-open`: returns a handle.
     async fn file_open(&self, path: &str, mode: Option<String>) -> Result<i64> {
-        call::<cmd::GuestFileOpen, _>(self, &cmd::GuestFileOpenArgs { path: path.to_owned(), mode }).await
+        call::<cmd::GuestFileOpen, _>(
+            self,
+            &cmd::GuestFileOpenArgs {
+                path: path.to_owned(),
+                mode,
+            },
+        )
+        .await
     }
 
     /// `guest-file-close`.
     async fn file_close(&self, handle: i64) -> Result<()> {
-        call::<cmd::GuestFileClose, _>(self, &cmd::GuestFileHandleArgs { handle }).await.map(drop)
+        call::<cmd::GuestFileClose, _>(self, &cmd::GuestFileHandleArgs { handle })
+            .await
+            .map(drop)
     }
 
     /// `guest-file-read`: at most `count` bytes (agent default 4 KiB).
@@ -114,18 +130,37 @@ pub trait GuestAgent: Send + Sync {
 
     /// `guest-file-write`.
     async fn file_write(&self, handle: i64, data: Vec<u8>) -> Result<GuestFileWrite> {
-        let args = cmd::GuestFileWriteArgs { handle, buf_b64: Base64Data(data), count: None };
+        let args = cmd::GuestFileWriteArgs {
+            handle,
+            buf_b64: Base64Data(data),
+            count: None,
+        };
         call::<cmd::GuestFileWrite, _>(self, &args).await
     }
 
     /// `guest-file-seek`.
-    async fn file_seek(&self, handle: i64, offset: i64, whence: GuestFileWhence) -> Result<GuestFileSeek> {
-        call::<cmd::GuestFileSeek, _>(self, &cmd::GuestFileSeekArgs { handle, offset, whence }).await
+    async fn file_seek(
+        &self,
+        handle: i64,
+        offset: i64,
+        whence: GuestFileWhence,
+    ) -> Result<GuestFileSeek> {
+        call::<cmd::GuestFileSeek, _>(
+            self,
+            &cmd::GuestFileSeekArgs {
+                handle,
+                offset,
+                whence,
+            },
+        )
+        .await
     }
 
     /// `guest-file-flush`.
     async fn file_flush(&self, handle: i64) -> Result<()> {
-        call::<cmd::GuestFileFlush, _>(self, &cmd::GuestFileHandleArgs { handle }).await.map(drop)
+        call::<cmd::GuestFileFlush, _>(self, &cmd::GuestFileHandleArgs { handle })
+            .await
+            .map(drop)
     }
 
     /// `guest-fsfreeze-status`.
@@ -141,7 +176,11 @@ pub trait GuestAgent: Send + Sync {
 
     /// `guest-fsfreeze-freeze-list`.
     async fn fsfreeze_freeze_list(&self, mountpoints: Option<Vec<String>>) -> Result<i64> {
-        call::<cmd::GuestFsfreezeFreezeList, _>(self, &cmd::GuestFsfreezeFreezeListArgs { mountpoints }).await
+        call::<cmd::GuestFsfreezeFreezeList, _>(
+            self,
+            &cmd::GuestFsfreezeFreezeListArgs { mountpoints },
+        )
+        .await
     }
 
     /// `guest-fsfreeze-thaw`: returns the number of filesystems thawed.
@@ -166,7 +205,9 @@ pub trait GuestAgent: Send + Sync {
 
     /// `guest-suspend-hybrid` (no reply on success).
     async fn suspend_hybrid(&self) -> Result<()> {
-        call::<cmd::GuestSuspendHybrid, _>(self, &()).await.map(drop)
+        call::<cmd::GuestSuspendHybrid, _>(self, &())
+            .await
+            .map(drop)
     }
 
     /// `guest-network-get-interfaces`.
@@ -195,9 +236,20 @@ pub trait GuestAgent: Send + Sync {
     }
 
     /// `guest-set-user-password`.
-    async fn set_user_password(&self, username: &str, password: Password, crypted: bool) -> Result<()> {
-        let args = cmd::GuestSetUserPasswordArgs { username: username.to_owned(), password, crypted };
-        call::<cmd::GuestSetUserPassword, _>(self, &args).await.map(drop)
+    async fn set_user_password(
+        &self,
+        username: &str,
+        password: Password,
+        crypted: bool,
+    ) -> Result<()> {
+        let args = cmd::GuestSetUserPasswordArgs {
+            username: username.to_owned(),
+            password,
+            crypted,
+        };
+        call::<cmd::GuestSetUserPassword, _>(self, &args)
+            .await
+            .map(drop)
     }
 
     /// `guest-get-memory-blocks`.
@@ -206,8 +258,12 @@ pub trait GuestAgent: Send + Sync {
     }
 
     /// `guest-set-memory-blocks`.
-    async fn set_memory_blocks(&self, mem_blks: Vec<GuestMemoryBlock>) -> Result<Vec<GuestMemoryBlockResponse>> {
-        call::<cmd::GuestSetMemoryBlocks, _>(self, &cmd::GuestSetMemoryBlocksArgs { mem_blks }).await
+    async fn set_memory_blocks(
+        &self,
+        mem_blks: Vec<GuestMemoryBlock>,
+    ) -> Result<Vec<GuestMemoryBlockResponse>> {
+        call::<cmd::GuestSetMemoryBlocks, _>(self, &cmd::GuestSetMemoryBlocksArgs { mem_blks })
+            .await
     }
 
     /// `guest-get-memory-block-info`.
@@ -254,20 +310,38 @@ pub trait GuestAgent: Send + Sync {
 
     /// `guest-ssh-get-authorized-keys`.
     async fn ssh_authorized_keys(&self, username: &str) -> Result<GuestAuthorizedKeys> {
-        let args = cmd::GuestSshGetAuthorizedKeysArgs { username: username.to_owned() };
+        let args = cmd::GuestSshGetAuthorizedKeysArgs {
+            username: username.to_owned(),
+        };
         call::<cmd::GuestSshGetAuthorizedKeys, _>(self, &args).await
     }
 
     /// `guest-ssh-add-authorized-keys`.
-    async fn ssh_add_authorized_keys(&self, username: &str, keys: Vec<String>, reset: Option<bool>) -> Result<()> {
-        let args = cmd::GuestSshAddAuthorizedKeysArgs { username: username.to_owned(), keys, reset };
-        call::<cmd::GuestSshAddAuthorizedKeys, _>(self, &args).await.map(drop)
+    async fn ssh_add_authorized_keys(
+        &self,
+        username: &str,
+        keys: Vec<String>,
+        reset: Option<bool>,
+    ) -> Result<()> {
+        let args = cmd::GuestSshAddAuthorizedKeysArgs {
+            username: username.to_owned(),
+            keys,
+            reset,
+        };
+        call::<cmd::GuestSshAddAuthorizedKeys, _>(self, &args)
+            .await
+            .map(drop)
     }
 
     /// `guest-ssh-remove-authorized-keys`.
     async fn ssh_remove_authorized_keys(&self, username: &str, keys: Vec<String>) -> Result<()> {
-        let args = cmd::GuestSshRemoveAuthorizedKeysArgs { username: username.to_owned(), keys };
-        call::<cmd::GuestSshRemoveAuthorizedKeys, _>(self, &args).await.map(drop)
+        let args = cmd::GuestSshRemoveAuthorizedKeysArgs {
+            username: username.to_owned(),
+            keys,
+        };
+        call::<cmd::GuestSshRemoveAuthorizedKeys, _>(self, &args)
+            .await
+            .map(drop)
     }
 
     /// `guest-get-diskstats`.

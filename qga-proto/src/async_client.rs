@@ -79,7 +79,12 @@ impl<S: AsyncStream> AsyncClient<S> {
     /// A client on an already connected stream.
     pub fn with_config(stream: S, config: ClientConfig) -> Self {
         AsyncClient {
-            inner: Mutex::new(Inner { stream: Some(stream), session: Session::new(config), connector: None, buf: vec![0; READ_CHUNK] }),
+            inner: Mutex::new(Inner {
+                stream: Some(stream),
+                session: Session::new(config),
+                connector: None,
+                buf: vec![0; READ_CHUNK],
+            }),
         }
     }
 
@@ -92,7 +97,9 @@ impl<S: AsyncStream> AsyncClient<S> {
     {
         let mut inner = self.inner.into_inner();
         inner.connector = Some(Box::new(move || Box::pin(connect())));
-        AsyncClient { inner: Mutex::new(inner) }
+        AsyncClient {
+            inner: Mutex::new(inner),
+        }
     }
 
     /// The settings in force.
@@ -104,7 +111,8 @@ impl<S: AsyncStream> AsyncClient<S> {
     pub async fn set_config(&self, config: ClientConfig) {
         let mut inner = self.inner.lock().await;
         if inner.session.decoder.max_reply_size() != config.max_reply_size {
-            inner.session.decoder = crate::wire::Decoder::with_max_reply_size(config.max_reply_size);
+            inner.session.decoder =
+                crate::wire::Decoder::with_max_reply_size(config.max_reply_size);
             inner.session.in_sync = false;
         }
         inner.session.config = config;
@@ -134,7 +142,12 @@ impl<S: AsyncStream> AsyncClient<S> {
 
     /// Sends `name` with `args`, waiting at most `timeout` (or the configured
     /// timeout) for the reply.
-    pub async fn execute(&self, name: &str, args: Option<Value>, timeout: Option<Duration>) -> Result<Value> {
+    pub async fn execute(
+        &self,
+        name: &str,
+        args: Option<Value>,
+        timeout: Option<Duration>,
+    ) -> Result<Value> {
         let mut inner = self.inner.lock().await;
         let timeout = timeout.unwrap_or(inner.session.config.timeout);
         inner.execute(name, args.as_ref(), timeout).await
@@ -182,7 +195,10 @@ impl<S: AsyncStream> Inner<S> {
                 Err(Error::Timeout { .. }) => continue,
                 Err(e) => return Err(e),
             }
-            match self.read_until(&mut wait, deadline, "guest-sync-delimited").await? {
+            match self
+                .read_until(&mut wait, deadline, "guest-sync-delimited")
+                .await?
+            {
                 Some(Step::Synced) => {
                     // A new sync may mean a restarted (maybe upgraded) agent.
                     self.session.caps = Caps::Unknown;
@@ -209,18 +225,33 @@ impl<S: AsyncStream> Inner<S> {
         }
     }
 
-    async fn execute(&mut self, name: &str, args: Option<&Value>, timeout: Duration) -> Result<Value> {
+    async fn execute(
+        &mut self,
+        name: &str,
+        args: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<Value> {
         self.ready().await?;
         let replies = self.session.check_command(name)?;
         self.exchange(name, args, timeout, replies).await
     }
 
-    async fn exchange(&mut self, name: &str, args: Option<&Value>, timeout: Duration, replies: bool) -> Result<Value> {
+    async fn exchange(
+        &mut self,
+        name: &str,
+        args: Option<&Value>,
+        timeout: Duration,
+        replies: bool,
+    ) -> Result<Value> {
         let (bytes, mut wait) = self.session.begin_command(name, args)?;
         // Until the reply is consumed the channel state is unknown: if this
         // future is dropped half-way, the next call re-synchronises.
         self.session.in_sync = false;
-        let wait_for = if replies { timeout } else { self.session.config.no_reply_grace };
+        let wait_for = if replies {
+            timeout
+        } else {
+            self.session.config.no_reply_grace
+        };
         let deadline = Instant::now() + wait_for;
         self.write(&bytes, deadline, name).await?;
         match self.read_until(&mut wait, deadline, name).await? {
@@ -230,19 +261,26 @@ impl<S: AsyncStream> Inner<S> {
                 }
                 result
             }
-            Some(Step::Synced) | Some(Step::Pending) => Err(Error::Protocol { detail: "unexpected client state".into() }),
+            Some(Step::Synced) | Some(Step::Pending) => Err(Error::Protocol {
+                detail: "unexpected client state".into(),
+            }),
             None if !replies => {
                 // No error line within the grace period: the command was taken.
                 // The guest is going down or asleep, so the next call re-syncs.
                 Ok(Value::Object(Default::default()))
             }
-            None => Err(Error::Timeout { command: name.to_owned(), timeout: wait_for }),
+            None => Err(Error::Timeout {
+                command: name.to_owned(),
+                timeout: wait_for,
+            }),
         }
     }
 
     async fn write(&mut self, bytes: &[u8], deadline: Instant, command: &str) -> Result<()> {
         let Some(stream) = self.stream.as_mut() else {
-            return Err(Error::Disconnected { command: Some(command.to_owned()) });
+            return Err(Error::Disconnected {
+                command: Some(command.to_owned()),
+            });
         };
         let result = timeout_at(deadline, async {
             stream.write_all(bytes).await?;
@@ -257,26 +295,38 @@ impl<S: AsyncStream> Inner<S> {
             }
             Err(_) => {
                 self.session.in_sync = false;
-                Err(Error::Timeout { command: command.to_owned(), timeout: Duration::ZERO })
+                Err(Error::Timeout {
+                    command: command.to_owned(),
+                    timeout: Duration::ZERO,
+                })
             }
         }
     }
 
     /// Reads until `wait` completes; `Ok(None)` when `deadline` passes first.
-    async fn read_until(&mut self, wait: &mut Await, deadline: Instant, command: &str) -> Result<Option<Step>> {
+    async fn read_until(
+        &mut self,
+        wait: &mut Await,
+        deadline: Instant,
+        command: &str,
+    ) -> Result<Option<Step>> {
         loop {
             match self.session.poll(wait) {
                 Step::Pending => {}
                 step => return Ok(Some(step)),
             }
             let Some(stream) = self.stream.as_mut() else {
-                return Err(Error::Disconnected { command: Some(command.to_owned()) });
+                return Err(Error::Disconnected {
+                    command: Some(command.to_owned()),
+                });
             };
             match timeout_at(deadline, stream.read(&mut self.buf)).await {
                 Err(_) => return Ok(None),
                 Ok(Ok(0)) => {
                     self.drop_connection();
-                    return Err(Error::Disconnected { command: Some(command.to_owned()) });
+                    return Err(Error::Disconnected {
+                        command: Some(command.to_owned()),
+                    });
                 }
                 Ok(Ok(n)) => self.session.decoder.push(&self.buf[..n]),
                 Ok(Err(e)) => {
@@ -290,9 +340,11 @@ impl<S: AsyncStream> Inner<S> {
 
 fn io_error(e: io::Error, command: &str) -> Error {
     match e.kind() {
-        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof => {
-            Error::Disconnected { command: Some(command.to_owned()) }
-        }
+        io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::UnexpectedEof => Error::Disconnected {
+            command: Some(command.to_owned()),
+        },
         _ => Error::Io(e),
     }
 }
@@ -310,7 +362,8 @@ impl AsyncClient<UnixStream> {
     pub async fn connect_unix(path: impl AsRef<Path>, config: ClientConfig) -> Result<Self> {
         let path = path.as_ref().to_owned();
         let stream = UnixStream::connect(&path).await?;
-        Ok(Self::with_config(stream, config).with_reconnect(move || UnixStream::connect(path.clone())))
+        Ok(Self::with_config(stream, config)
+            .with_reconnect(move || UnixStream::connect(path.clone())))
     }
 }
 
@@ -319,7 +372,8 @@ impl AsyncClient<TcpStream> {
     pub async fn connect_tcp(addr: &str, config: ClientConfig) -> Result<Self> {
         let addr = addr.to_owned();
         let stream = TcpStream::connect(&addr).await?;
-        Ok(Self::with_config(stream, config).with_reconnect(move || TcpStream::connect(addr.clone())))
+        Ok(Self::with_config(stream, config)
+            .with_reconnect(move || TcpStream::connect(addr.clone())))
     }
 }
 

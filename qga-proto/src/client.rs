@@ -62,11 +62,19 @@ impl<S: Transport> Client<S> {
 
     /// A client on an already connected channel.
     pub fn with_config(stream: S, config: ClientConfig) -> Self {
-        Client { stream: Some(stream), session: Session::new(config), connector: None, buf: vec![0; READ_CHUNK] }
+        Client {
+            stream: Some(stream),
+            session: Session::new(config),
+            connector: None,
+            buf: vec![0; READ_CHUNK],
+        }
     }
 
     /// Lets the client reconnect with `connect` when the channel closes.
-    pub fn with_reconnect(mut self, connect: impl FnMut() -> io::Result<S> + Send + 'static) -> Self {
+    pub fn with_reconnect(
+        mut self,
+        connect: impl FnMut() -> io::Result<S> + Send + 'static,
+    ) -> Self {
         self.connector = Some(Box::new(connect));
         self
     }
@@ -111,13 +119,21 @@ impl<S: Transport> Client<S> {
     }
 
     /// Like [`execute_raw`](Self::execute_raw) with an explicit timeout.
-    pub fn execute_with_timeout(&mut self, name: &str, args: Option<Value>, timeout: Duration) -> Result<Value> {
+    pub fn execute_with_timeout(
+        &mut self,
+        name: &str,
+        args: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value> {
         self.execute(name, args.as_ref(), timeout)
     }
 
     /// Typed call of command `C`.
     pub fn call<C: Command>(&mut self, args: &C::Args) -> Result<C::Returns> {
-        let args = serde_json::to_value(args).map_err(|source| Error::Encode { command: C::NAME.to_owned(), source })?;
+        let args = serde_json::to_value(args).map_err(|source| Error::Encode {
+            command: C::NAME.to_owned(),
+            source,
+        })?;
         let args = (!args.is_null()).then_some(args);
         let t = self.session.config.timeout;
         let reply = self.execute(C::NAME, args.as_ref(), t)?;
@@ -161,7 +177,9 @@ impl<S: Transport> Client<S> {
                 Err(Error::Timeout { .. }) => continue,
                 Err(e) => return Err(e),
             }
-            if let Some(Step::Synced) = self.read_until(&mut wait, deadline, "guest-sync-delimited")? {
+            if let Some(Step::Synced) =
+                self.read_until(&mut wait, deadline, "guest-sync-delimited")?
+            {
                 self.session.caps = Caps::Unknown;
                 return Ok(());
             }
@@ -190,10 +208,20 @@ impl<S: Transport> Client<S> {
         self.exchange(name, args, timeout, replies)
     }
 
-    fn exchange(&mut self, name: &str, args: Option<&Value>, timeout: Duration, replies: bool) -> Result<Value> {
+    fn exchange(
+        &mut self,
+        name: &str,
+        args: Option<&Value>,
+        timeout: Duration,
+        replies: bool,
+    ) -> Result<Value> {
         let (bytes, mut wait) = self.session.begin_command(name, args)?;
         self.session.in_sync = false;
-        let wait_for = if replies { timeout } else { self.session.config.no_reply_grace };
+        let wait_for = if replies {
+            timeout
+        } else {
+            self.session.config.no_reply_grace
+        };
         let deadline = Instant::now() + wait_for;
         self.write(&bytes, deadline, name)?;
         match self.read_until(&mut wait, deadline, name)? {
@@ -203,23 +231,36 @@ impl<S: Transport> Client<S> {
                 }
                 result
             }
-            Some(_) => Err(Error::Protocol { detail: "unexpected client state".into() }),
+            Some(_) => Err(Error::Protocol {
+                detail: "unexpected client state".into(),
+            }),
             None if !replies => Ok(Value::Object(Default::default())),
-            None => Err(Error::Timeout { command: name.to_owned(), timeout: wait_for }),
+            None => Err(Error::Timeout {
+                command: name.to_owned(),
+                timeout: wait_for,
+            }),
         }
     }
 
     fn write(&mut self, bytes: &[u8], deadline: Instant, command: &str) -> Result<()> {
         let Some(stream) = self.stream.as_mut() else {
-            return Err(Error::Disconnected { command: Some(command.to_owned()) });
+            return Err(Error::Disconnected {
+                command: Some(command.to_owned()),
+            });
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let result = stream.set_write_timeout(Some(remaining)).and_then(|()| stream.write_all(bytes)).and_then(|()| stream.flush());
+        let result = stream
+            .set_write_timeout(Some(remaining))
+            .and_then(|()| stream.write_all(bytes))
+            .and_then(|()| stream.flush());
         match result {
             Ok(()) => Ok(()),
             Err(e) if is_timeout(&e) => {
                 self.session.in_sync = false;
-                Err(Error::Timeout { command: command.to_owned(), timeout: remaining })
+                Err(Error::Timeout {
+                    command: command.to_owned(),
+                    timeout: remaining,
+                })
             }
             Err(e) => {
                 self.drop_connection();
@@ -228,7 +269,12 @@ impl<S: Transport> Client<S> {
         }
     }
 
-    fn read_until(&mut self, wait: &mut Await, deadline: Instant, command: &str) -> Result<Option<Step>> {
+    fn read_until(
+        &mut self,
+        wait: &mut Await,
+        deadline: Instant,
+        command: &str,
+    ) -> Result<Option<Step>> {
         loop {
             match self.session.poll(wait) {
                 Step::Pending => {}
@@ -239,13 +285,19 @@ impl<S: Transport> Client<S> {
                 return Ok(None);
             }
             let Some(stream) = self.stream.as_mut() else {
-                return Err(Error::Disconnected { command: Some(command.to_owned()) });
+                return Err(Error::Disconnected {
+                    command: Some(command.to_owned()),
+                });
             };
-            let result = stream.set_read_timeout(Some(remaining)).and_then(|()| stream.read(&mut self.buf));
+            let result = stream
+                .set_read_timeout(Some(remaining))
+                .and_then(|()| stream.read(&mut self.buf));
             match result {
                 Ok(0) => {
                     self.drop_connection();
-                    return Err(Error::Disconnected { command: Some(command.to_owned()) });
+                    return Err(Error::Disconnected {
+                        command: Some(command.to_owned()),
+                    });
                 }
                 Ok(n) => self.session.decoder.push(&self.buf[..n]),
                 Err(e) if is_timeout(&e) => return Ok(None),
@@ -260,14 +312,19 @@ impl<S: Transport> Client<S> {
 }
 
 fn is_timeout(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
 }
 
 fn io_error(e: io::Error, command: &str) -> Error {
     match e.kind() {
-        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof => {
-            Error::Disconnected { command: Some(command.to_owned()) }
-        }
+        io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::UnexpectedEof => Error::Disconnected {
+            command: Some(command.to_owned()),
+        },
         _ => Error::Io(e),
     }
 }

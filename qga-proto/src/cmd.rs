@@ -69,11 +69,19 @@ pub struct ParamSpec {
 }
 
 const fn req(name: &'static str, kind: ParamKind) -> ParamSpec {
-    ParamSpec { name, kind, optional: false }
+    ParamSpec {
+        name,
+        kind,
+        optional: false,
+    }
 }
 
 const fn opt(name: &'static str, kind: ParamKind) -> ParamSpec {
-    ParamSpec { name, kind, optional: true }
+    ParamSpec {
+        name,
+        kind,
+        optional: true,
+    }
 }
 
 /// Static facts about a command, one entry of [`COMMANDS`].
@@ -92,7 +100,12 @@ pub struct CommandSpec {
 impl CommandSpec {
     /// The entry for command type `C`.
     pub const fn of<C: Command>() -> CommandSpec {
-        CommandSpec { name: C::NAME, since: C::SINCE, success_response: C::SUCCESS_RESPONSE, params: C::PARAMS }
+        CommandSpec {
+            name: C::NAME,
+            since: C::SINCE,
+            success_response: C::SUCCESS_RESPONSE,
+            params: C::PARAMS,
+        }
     }
 }
 
@@ -292,7 +305,10 @@ pub struct GuestFileOpenArgs {
 impl GuestFileOpenArgs {
     /// Opens `path` with the agent's default mode (`"r"`).
     pub fn new(path: impl Into<String>) -> Self {
-        GuestFileOpenArgs { path: path.into(), mode: None }
+        GuestFileOpenArgs {
+            path: path.into(),
+            mode: None,
+        }
     }
 
     /// Sets the `fopen()` mode (`"r"`, `"w"`, `"a+"`, ...).
@@ -353,7 +369,11 @@ impl GuestFileSeekArgs {
             std::io::SeekFrom::Start(n) => i64::try_from(n).unwrap_or(i64::MAX),
             std::io::SeekFrom::Current(n) | std::io::SeekFrom::End(n) => n,
         };
-        GuestFileSeekArgs { handle, offset, whence: pos.into() }
+        GuestFileSeekArgs {
+            handle,
+            offset,
+            whence: pos.into(),
+        }
     }
 }
 
@@ -429,7 +449,13 @@ pub struct GuestExecArgs {
 impl GuestExecArgs {
     /// Runs `path` with no arguments, no input and no capture.
     pub fn new(path: impl Into<String>) -> Self {
-        GuestExecArgs { path: path.into(), arg: None, env: None, input_data: None, capture_output: None }
+        GuestExecArgs {
+            path: path.into(),
+            arg: None,
+            env: None,
+            input_data: None,
+            capture_output: None,
+        }
     }
 
     /// Appends one argument.
@@ -444,13 +470,17 @@ impl GuestExecArgs {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        self.arg.get_or_insert_with(Vec::new).extend(args.into_iter().map(Into::into));
+        self.arg
+            .get_or_insert_with(Vec::new)
+            .extend(args.into_iter().map(Into::into));
         self
     }
 
     /// Adds an environment variable.
     pub fn env(mut self, name: &str, value: &str) -> Self {
-        self.env.get_or_insert_with(Vec::new).push(format!("{name}={value}"));
+        self.env
+            .get_or_insert_with(Vec::new)
+            .push(format!("{name}={value}"));
         self
     }
 

@@ -162,17 +162,31 @@ mod tests {
 
     #[test]
     fn sync_timeout_message_tells_what_to_check() {
-        let e = Error::SyncTimeout { timeout: Duration::from_secs(5) };
-        assert_eq!(e.to_string(), "guest agent did not answer guest-sync within 5 s (is qemu-ga running in the guest?)");
+        let e = Error::SyncTimeout {
+            timeout: Duration::from_secs(5),
+        };
+        assert_eq!(
+            e.to_string(),
+            "guest agent did not answer guest-sync within 5 s (is qemu-ga running in the guest?)"
+        );
     }
 
     #[test]
     fn unsupported_covers_agent_and_client_side() {
-        let agent = Error::Agent { class: ErrorClass::CommandNotFound, desc: "x".into() };
+        let agent = Error::Agent {
+            class: ErrorClass::CommandNotFound,
+            desc: "x".into(),
+        };
         assert!(agent.is_unsupported());
-        let generic = Error::Agent { class: ErrorClass::GenericError, desc: "x".into() };
+        let generic = Error::Agent {
+            class: ErrorClass::GenericError,
+            desc: "x".into(),
+        };
         assert!(!generic.is_unsupported());
-        let disabled = Error::CommandDisabled { command: "guest-exec".into(), agent_version: "7.2".into() };
+        let disabled = Error::CommandDisabled {
+            command: "guest-exec".into(),
+            agent_version: "7.2".into(),
+        };
         assert!(disabled.is_unsupported());
         assert!(disabled.to_string().contains("guest-exec"));
     }

@@ -83,7 +83,11 @@ pub trait GuestAgentExt: GuestAgent {
     /// [`capture`](cmd::GuestExecArgs::capture) to the arguments to collect
     /// stdout and stderr. `timeout` bounds the wait for the exit.
     #[cfg(feature = "tokio")]
-    async fn exec_wait(&self, args: cmd::GuestExecArgs, timeout: Option<Duration>) -> Result<ExecOutput> {
+    async fn exec_wait(
+        &self,
+        args: cmd::GuestExecArgs,
+        timeout: Option<Duration>,
+    ) -> Result<ExecOutput> {
         let pid = self.exec(args).await?.pid;
         let started = tokio::time::Instant::now();
         let mut backoff = Backoff::new();
@@ -96,7 +100,10 @@ pub trait GuestAgentExt: GuestAgent {
             if let Some(limit) = timeout {
                 let elapsed = started.elapsed();
                 if elapsed >= limit {
-                    return Err(Error::ExecTimeout { pid, timeout: limit });
+                    return Err(Error::ExecTimeout {
+                        pid,
+                        timeout: limit,
+                    });
                 }
                 pause = pause.min(limit - elapsed);
             }
@@ -132,7 +139,11 @@ pub trait GuestAgentExt: GuestAgent {
                 let written = self.file_write(handle, chunk.to_vec()).await?;
                 if written.count != chunk.len() as i64 {
                     return Err(Error::Protocol {
-                        detail: format!("guest-file-write wrote {} of {} bytes", written.count, chunk.len()),
+                        detail: format!(
+                            "guest-file-write wrote {} of {} bytes",
+                            written.count,
+                            chunk.len()
+                        ),
                     });
                 }
             }
@@ -145,7 +156,10 @@ pub trait GuestAgentExt: GuestAgent {
 
     /// Current position of a file handle (`guest-file-seek` by 0 from `cur`).
     async fn file_position(&self, handle: i64) -> Result<i64> {
-        Ok(self.file_seek(handle, 0, GuestFileWhence::Value(1)).await?.position)
+        Ok(self
+            .file_seek(handle, 0, GuestFileWhence::Value(1))
+            .await?
+            .position)
     }
 }
 
@@ -168,12 +182,18 @@ mod freeze {
     /// without it thaws in the background on the current tokio runtime (or a
     /// short-lived one of its own), because a frozen guest must not stay frozen
     /// when the caller bails out with `?`.
-    pub async fn freeze_filesystems(agent: Arc<dyn GuestAgent>, mountpoints: Option<Vec<String>>) -> Result<FsFreezeGuard> {
+    pub async fn freeze_filesystems(
+        agent: Arc<dyn GuestAgent>,
+        mountpoints: Option<Vec<String>>,
+    ) -> Result<FsFreezeGuard> {
         let frozen = match mountpoints {
             None => agent.fsfreeze_freeze().await?,
             Some(list) => agent.fsfreeze_freeze_list(Some(list)).await?,
         };
-        Ok(FsFreezeGuard { agent: Some(agent), frozen })
+        Ok(FsFreezeGuard {
+            agent: Some(agent),
+            frozen,
+        })
     }
 
     /// Thaws frozen filesystems when dropped; see [`freeze_filesystems`].
@@ -185,7 +205,10 @@ mod freeze {
 
     impl std::fmt::Debug for FsFreezeGuard {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.debug_struct("FsFreezeGuard").field("frozen", &self.frozen).field("armed", &self.agent.is_some()).finish()
+            f.debug_struct("FsFreezeGuard")
+                .field("frozen", &self.frozen)
+                .field("armed", &self.agent.is_some())
+                .finish()
         }
     }
 
@@ -206,7 +229,9 @@ mod freeze {
 
     impl Drop for FsFreezeGuard {
         fn drop(&mut self) {
-            let Some(agent) = self.agent.take() else { return };
+            let Some(agent) = self.agent.take() else {
+                return;
+            };
             match tokio::runtime::Handle::try_current() {
                 Ok(handle) => {
                     handle.spawn(async move {
@@ -214,11 +239,16 @@ mod freeze {
                     });
                 }
                 Err(_) => {
-                    let _ = std::thread::Builder::new().name("qga-thaw".into()).spawn(move || {
-                        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                            let _ = rt.block_on(agent.fsfreeze_thaw());
-                        }
-                    });
+                    let _ = std::thread::Builder::new()
+                        .name("qga-thaw".into())
+                        .spawn(move || {
+                            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                                .enable_all()
+                                .build()
+                            {
+                                let _ = rt.block_on(agent.fsfreeze_thaw());
+                            }
+                        });
                 }
             }
         }

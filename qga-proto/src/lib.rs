@@ -51,15 +51,15 @@ pub mod types;
 pub mod wire;
 
 pub use address::Address;
-pub use agent::{call, GuestAgent};
 #[cfg(feature = "mock")]
 pub use agent::MockGuestAgent;
+pub use agent::{call, GuestAgent};
 #[cfg(feature = "tokio")]
 pub use async_client::{AsyncClient, AsyncStream, BoxedStream};
 pub use client::Client;
 pub use error::{Error, ErrorClass, Result};
-pub use ext::{ExecOutput, GuestAgentExt, FILE_CHUNK};
 #[cfg(feature = "tokio")]
 pub use ext::{freeze_filesystems, FsFreezeGuard};
+pub use ext::{ExecOutput, GuestAgentExt, FILE_CHUNK};
 pub use session::ClientConfig;
 pub use transport::Transport;

@@ -66,4 +66,3 @@ macro_rules! open_enum {
         }
     };
 }
-

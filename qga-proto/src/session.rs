@@ -156,7 +156,13 @@ pub(crate) struct Session {
 impl Session {
     pub fn new(config: ClientConfig) -> Self {
         let decoder = Decoder::with_max_reply_size(config.max_reply_size);
-        Session { config, decoder, in_sync: false, caps: Caps::Unknown, next_id: 1 }
+        Session {
+            config,
+            decoder,
+            in_sync: false,
+            caps: Caps::Unknown,
+            next_id: 1,
+        }
     }
 
     /// Forget everything tied to the old connection.
@@ -177,7 +183,9 @@ impl Session {
         match &self.caps {
             Caps::Known(info) if self.config.check_capabilities => {
                 // The handshake commands are answered even by agents that hide them.
-                if name == <cmd::GuestSync as cmd::Command>::NAME || name == <cmd::GuestSyncDelimited as cmd::Command>::NAME {
+                if name == <cmd::GuestSync as cmd::Command>::NAME
+                    || name == <cmd::GuestSyncDelimited as cmd::Command>::NAME
+                {
                     return Ok(true);
                 }
                 match info.command(name) {
@@ -200,7 +208,13 @@ impl Session {
     pub fn begin_sync(&mut self) -> (Vec<u8>, Await) {
         let id = random_id();
         self.in_sync = false;
-        (wire::encode_sync_delimited(id), Await::Sync { id, after_delimiter: false })
+        (
+            wire::encode_sync_delimited(id),
+            Await::Sync {
+                id,
+                after_delimiter: false,
+            },
+        )
     }
 
     /// Bytes and wait state for a command.
@@ -212,7 +226,15 @@ impl Session {
         });
         let bytes = wire::encode_request_value(name, args.unwrap_or(&Value::Null), id.as_ref())?;
         let delimited = name == <cmd::GuestSyncDelimited as cmd::Command>::NAME;
-        Ok((bytes, Await::Reply { command: name.to_owned(), id, delimited, skip_next: false }))
+        Ok((
+            bytes,
+            Await::Reply {
+                command: name.to_owned(),
+                id,
+                delimited,
+                skip_next: false,
+            },
+        ))
     }
 
     /// Drains decoded frames into `wait`.
@@ -233,10 +255,15 @@ impl Session {
 
 fn feed(wait: &mut Await, frame: Frame) -> Step {
     match wait {
-        Await::Sync { id, after_delimiter } => {
+        Await::Sync {
+            id,
+            after_delimiter,
+        } => {
             match frame {
                 Frame::Delimiter => *after_delimiter = true,
-                Frame::Reply(Reply { outcome: Ok(v), .. }) if *after_delimiter && v.as_i64() == Some(*id) => {
+                Frame::Reply(Reply { outcome: Ok(v), .. })
+                    if *after_delimiter && v.as_i64() == Some(*id) =>
+                {
                     return Step::Synced
                 }
                 // Error lines (the agent's answer to our 0xFF), stale replies,
@@ -245,7 +272,12 @@ fn feed(wait: &mut Await, frame: Frame) -> Step {
             }
             Step::Pending
         }
-        Await::Reply { command, id, delimited, skip_next } => match frame {
+        Await::Reply {
+            command,
+            id,
+            delimited,
+            skip_next,
+        } => match frame {
             Frame::Delimiter => {
                 if !*delimited {
                     *skip_next = true;
@@ -274,7 +306,10 @@ fn feed(wait: &mut Await, frame: Frame) -> Step {
 
 /// Decodes a command's return value.
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(command: &str, v: Value) -> Result<T> {
-    serde_json::from_value(v).map_err(|source| Error::Decode { command: command.to_owned(), source })
+    serde_json::from_value(v).map_err(|source| Error::Decode {
+        command: command.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -287,7 +322,9 @@ mod tests {
         let mut s = Session::new(ClientConfig::default());
         let (bytes, mut wait) = s.begin_sync();
         assert_eq!(bytes[0], 0xFF);
-        let Await::Sync { id, .. } = wait else { panic!() };
+        let Await::Sync { id, .. } = wait else {
+            panic!()
+        };
         s.decoder.push(b"{\"return\": {}}\n\xff{\"return\": 7}\n");
         s.decoder.push(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"JSON parse error, stray '\\uFFFD'\"}}\n");
         assert!(matches!(s.poll(&mut wait), Step::Pending));
@@ -314,7 +351,8 @@ mod tests {
         let mut s = Session::new(ClientConfig::default().request_ids(true));
         let (bytes, mut wait) = s.begin_command("guest-ping", None).unwrap();
         assert!(String::from_utf8_lossy(&bytes).contains("\"id\":1"));
-        s.decoder.push(b"{\"return\": {}, \"id\": 0}\n{\"return\": {\"ok\": 1}, \"id\": 1}\n");
+        s.decoder
+            .push(b"{\"return\": {}, \"id\": 0}\n{\"return\": {\"ok\": 1}, \"id\": 1}\n");
         match s.poll(&mut wait) {
             Step::Done(Ok(v)) => assert_eq!(v, json!({"ok": 1})),
             other => panic!("{other:?}"),
@@ -332,8 +370,14 @@ mod tests {
             .unwrap(),
         );
         assert!(s.check_command("guest-ping").unwrap());
-        assert!(matches!(s.check_command("guest-shutdown"), Err(Error::CommandDisabled { .. })));
-        assert!(matches!(s.check_command("guest-get-load"), Err(Error::CommandNotSupported { .. })));
+        assert!(matches!(
+            s.check_command("guest-shutdown"),
+            Err(Error::CommandDisabled { .. })
+        ));
+        assert!(matches!(
+            s.check_command("guest-get-load"),
+            Err(Error::CommandNotSupported { .. })
+        ));
         assert!(s.check_command("guest-sync-delimited").unwrap());
     }
 

@@ -2,9 +2,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
-use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -67,8 +67,16 @@ pub struct CharDevice {
 impl CharDevice {
     /// Opens `path` read-write and non-blocking.
     pub fn open(path: impl AsRef<Path>) -> io::Result<CharDevice> {
-        let file = OpenOptions::new().read(true).write(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)?;
-        Ok(CharDevice { file, read_timeout: None, write_timeout: None })
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)?;
+        Ok(CharDevice {
+            file,
+            read_timeout: None,
+            write_timeout: None,
+        })
     }
 
     /// The underlying file (non-blocking).
@@ -82,7 +90,10 @@ impl CharDevice {
     }
 }
 
-fn retry_until<T>(timeout: Option<Duration>, mut op: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+fn retry_until<T>(
+    timeout: Option<Duration>,
+    mut op: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
     let start = Instant::now();
     let mut backoff = Duration::from_millis(1);
     loop {
@@ -91,7 +102,10 @@ fn retry_until<T>(timeout: Option<Duration>, mut op: impl FnMut() -> io::Result<
                 if let Some(limit) = timeout {
                     let elapsed = start.elapsed();
                     if elapsed >= limit {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "character device timed out"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "character device timed out",
+                        ));
                     }
                     backoff = backoff.min(limit - elapsed);
                 }
@@ -170,13 +184,21 @@ mod async_chardev {
     }
 
     impl AsyncRead for AsyncCharDevice {
-        fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
             Pin::new(&mut self.get_mut().rx).poll_read(cx, buf)
         }
     }
 
     impl AsyncWrite for AsyncCharDevice {
-        fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
             Pin::new(&mut self.get_mut().tx).poll_write(cx, buf)
         }
 

@@ -622,21 +622,33 @@ pub struct GuestNVMeSmart {
 }
 
 /// Splits a flat QAPI union object into its discriminator and the rest.
-fn split_union<E: serde::de::Error>(value: Value, tag: &str) -> Result<(String, Map<String, Value>), E> {
+fn split_union<E: serde::de::Error>(
+    value: Value,
+    tag: &str,
+) -> Result<(String, Map<String, Value>), E> {
     let mut map = match value {
         Value::Object(m) => m,
         other => return Err(E::custom(format_args!("expected an object, got {other}"))),
     };
     let kind = match map.remove(tag) {
         Some(Value::String(s)) => s,
-        Some(other) => return Err(E::custom(format_args!("'{tag}' must be a string, got {other}"))),
+        Some(other) => {
+            return Err(E::custom(format_args!(
+                "'{tag}' must be a string, got {other}"
+            )))
+        }
         None => return Err(E::custom(format_args!("missing discriminator '{tag}'"))),
     };
     Ok((kind, map))
 }
 
 /// Serialises `inner` and puts the discriminator next to its members.
-fn join_union<S: Serializer, T: Serialize>(s: S, tag: &str, kind: &str, inner: &T) -> Result<S::Ok, S::Error> {
+fn join_union<S: Serializer, T: Serialize>(
+    s: S,
+    tag: &str,
+    kind: &str,
+    inner: &T,
+) -> Result<S::Ok, S::Error> {
     use serde::ser::Error as _;
     let mut map = match serde_json::to_value(inner).map_err(S::Error::custom)? {
         Value::Object(m) => m,
@@ -664,7 +676,9 @@ impl Serialize for GuestDiskSmart {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
             GuestDiskSmart::Nvme(v) => join_union(s, "type", "nvme", v),
-            GuestDiskSmart::Other { bus_type, members } => join_union(s, "type", bus_type.as_str(), members),
+            GuestDiskSmart::Other { bus_type, members } => {
+                join_union(s, "type", bus_type.as_str(), members)
+            }
         }
     }
 }
@@ -676,7 +690,10 @@ impl<'de> Deserialize<'de> for GuestDiskSmart {
             GuestDiskBusType::Nvme => serde_json::from_value(Value::Object(rest))
                 .map(GuestDiskSmart::Nvme)
                 .map_err(D::Error::custom),
-            bus_type => Ok(GuestDiskSmart::Other { bus_type, members: rest }),
+            bus_type => Ok(GuestDiskSmart::Other {
+                bus_type,
+                members: rest,
+            }),
         }
     }
 }
@@ -1075,7 +1092,10 @@ impl<'de> Deserialize<'de> for GuestDeviceId {
             GuestDeviceType::Pci => serde_json::from_value(Value::Object(rest))
                 .map(GuestDeviceId::Pci)
                 .map_err(D::Error::custom),
-            kind => Ok(GuestDeviceId::Other { kind, members: rest }),
+            kind => Ok(GuestDeviceId::Other {
+                kind,
+                members: rest,
+            }),
         }
     }
 }

@@ -46,15 +46,28 @@ const EXCERPT_LEN: usize = 200;
 ///
 /// `arguments` is left out when `args` serialises to `null` (the `()` of
 /// commands without arguments) or to an empty object.
-pub fn encode_request<A: Serialize + ?Sized>(name: &str, args: &A, id: Option<&Value>) -> Result<Vec<u8>, Error> {
-    let args =
-        serde_json::to_value(args).map_err(|source| Error::Encode { command: name.to_owned(), source })?;
+pub fn encode_request<A: Serialize + ?Sized>(
+    name: &str,
+    args: &A,
+    id: Option<&Value>,
+) -> Result<Vec<u8>, Error> {
+    let args = serde_json::to_value(args).map_err(|source| Error::Encode {
+        command: name.to_owned(),
+        source,
+    })?;
     encode_request_value(name, &args, id)
 }
 
 /// Like [`encode_request`] for arguments that are already a JSON value.
-pub fn encode_request_value(name: &str, args: &Value, id: Option<&Value>) -> Result<Vec<u8>, Error> {
-    let encode_err = |source| Error::Encode { command: name.to_owned(), source };
+pub fn encode_request_value(
+    name: &str,
+    args: &Value,
+    id: Option<&Value>,
+) -> Result<Vec<u8>, Error> {
+    let encode_err = |source| Error::Encode {
+        command: name.to_owned(),
+        source,
+    };
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(b"{\"execute\":");
     serde_json::to_writer(&mut out, name).map_err(encode_err)?;
@@ -67,7 +80,10 @@ pub fn encode_request_value(name: &str, args: &Value, id: Option<&Value>) -> Res
         }
         other => {
             return Err(Error::Protocol {
-                detail: format!("arguments of {name} must be a JSON object, not {}", json_kind(other)),
+                detail: format!(
+                    "arguments of {name} must be a JSON object, not {}",
+                    json_kind(other)
+                ),
             })
         }
     }
@@ -84,7 +100,10 @@ pub fn encode_request_value(name: &str, args: &Value, id: Option<&Value>) -> Res
 /// `guest-sync-delimited` with `id`.
 pub fn encode_sync_delimited(id: i64) -> Vec<u8> {
     let mut out = vec![SENTINEL];
-    out.extend_from_slice(format!("{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{id}}}}}\n").as_bytes());
+    out.extend_from_slice(
+        format!("{{\"execute\":\"guest-sync-delimited\",\"arguments\":{{\"id\":{id}}}}}\n")
+            .as_bytes(),
+    );
     out
 }
 
@@ -110,7 +129,10 @@ pub struct AgentError {
 
 impl From<AgentError> for Error {
     fn from(e: AgentError) -> Self {
-        Error::Agent { class: e.class, desc: e.desc }
+        Error::Agent {
+            class: e.class,
+            desc: e.desc,
+        }
     }
 }
 
@@ -171,7 +193,12 @@ impl Decoder {
 
     /// A decoder that rejects reply lines longer than `limit` bytes.
     pub fn with_max_reply_size(limit: usize) -> Self {
-        Decoder { line: Vec::new(), frames: VecDeque::new(), max_reply_size: limit.max(1), discarding: false }
+        Decoder {
+            line: Vec::new(),
+            frames: VecDeque::new(),
+            max_reply_size: limit.max(1),
+            discarding: false,
+        }
     }
 
     /// The reply size limit.
@@ -203,7 +230,9 @@ impl Decoder {
                 if self.line.len() + chunk.len() > self.max_reply_size {
                     self.line.clear();
                     self.discarding = true;
-                    self.frames.push_back(Frame::Oversized { limit: self.max_reply_size });
+                    self.frames.push_back(Frame::Oversized {
+                        limit: self.max_reply_size,
+                    });
                 } else {
                     self.line.extend_from_slice(chunk);
                 }
@@ -251,7 +280,12 @@ fn parse_line(line: &[u8]) -> Option<Frame> {
     if trimmed.is_empty() {
         return None;
     }
-    let invalid = |reason: String| Some(Frame::Invalid { excerpt: excerpt(trimmed), reason });
+    let invalid = |reason: String| {
+        Some(Frame::Invalid {
+            excerpt: excerpt(trimmed),
+            reason,
+        })
+    };
     let value: Value = match serde_json::from_slice(trimmed) {
         Ok(v) => v,
         Err(e) => return invalid(format!("not JSON: {e}")),
@@ -261,7 +295,10 @@ fn parse_line(line: &[u8]) -> Option<Frame> {
     };
     let id = map.remove("id");
     if let Some(ret) = map.remove("return") {
-        return Some(Frame::Reply(Reply { id, outcome: Ok(ret) }));
+        return Some(Frame::Reply(Reply {
+            id,
+            outcome: Ok(ret),
+        }));
     }
     match map.remove("error") {
         Some(Value::Object(err)) => {
@@ -273,7 +310,10 @@ fn parse_line(line: &[u8]) -> Option<Frame> {
                 Some(Value::String(d)) => d.clone(),
                 _ => String::new(),
             };
-            Some(Frame::Reply(Reply { id, outcome: Err(AgentError { class, desc }) }))
+            Some(Frame::Reply(Reply {
+                id,
+                outcome: Err(AgentError { class, desc }),
+            }))
         }
         Some(_) => invalid("'error' is not an object".to_owned()),
         None => invalid("neither 'return' nor 'error'".to_owned()),
@@ -291,7 +331,10 @@ mod tests {
 
     #[test]
     fn encodes_without_arguments_and_with_id() {
-        assert_eq!(encode_request("guest-ping", &(), None).unwrap(), b"{\"execute\":\"guest-ping\"}\n");
+        assert_eq!(
+            encode_request("guest-ping", &(), None).unwrap(),
+            b"{\"execute\":\"guest-ping\"}\n"
+        );
         let with_id = encode_request("guest-ping", &(), Some(&json!("abc-1"))).unwrap();
         assert_eq!(with_id, b"{\"execute\":\"guest-ping\",\"id\":\"abc-1\"}\n");
     }
@@ -301,7 +344,10 @@ mod tests {
         let bytes = encode_sync_delimited(123456789);
         assert_eq!(bytes[0], 0xFF);
         let v: Value = serde_json::from_slice(&bytes[1..]).unwrap();
-        assert_eq!(v, json!({"execute": "guest-sync-delimited", "arguments": {"id": 123456789}}));
+        assert_eq!(
+            v,
+            json!({"execute": "guest-sync-delimited", "arguments": {"id": 123456789}})
+        );
     }
 
     #[test]
@@ -317,9 +363,24 @@ mod tests {
         d.push(bytes);
         let f = frames(&mut d);
         assert_eq!(f.len(), 3);
-        assert!(matches!(&f[0], Frame::Reply(Reply { outcome: Err(AgentError { class: ErrorClass::GenericError, .. }), .. })));
+        assert!(matches!(
+            &f[0],
+            Frame::Reply(Reply {
+                outcome: Err(AgentError {
+                    class: ErrorClass::GenericError,
+                    ..
+                }),
+                ..
+            })
+        ));
         assert_eq!(f[1], Frame::Delimiter);
-        assert_eq!(f[2], Frame::Reply(Reply { id: None, outcome: Ok(json!(123456789)) }));
+        assert_eq!(
+            f[2],
+            Frame::Reply(Reply {
+                id: None,
+                outcome: Ok(json!(123456789))
+            })
+        );
     }
 
     #[test]
@@ -327,7 +388,16 @@ mod tests {
         let mut d = Decoder::new();
         d.push(b"{\"return\": {\"half");
         d.push(b"\xff{\"return\": 1}\n");
-        assert_eq!(frames(&mut d), vec![Frame::Delimiter, Frame::Reply(Reply { id: None, outcome: Ok(json!(1)) })]);
+        assert_eq!(
+            frames(&mut d),
+            vec![
+                Frame::Delimiter,
+                Frame::Reply(Reply {
+                    id: None,
+                    outcome: Ok(json!(1))
+                })
+            ]
+        );
     }
 
     #[test]
@@ -343,7 +413,16 @@ mod tests {
     fn oversized_line_is_skipped_and_decoding_resumes() {
         let mut d = Decoder::with_max_reply_size(16);
         d.push(b"{\"return\": \"0123456789abcdef\"}\n{\"return\": 1}\n");
-        assert_eq!(frames(&mut d), vec![Frame::Oversized { limit: 16 }, Frame::Reply(Reply { id: None, outcome: Ok(json!(1)) })]);
+        assert_eq!(
+            frames(&mut d),
+            vec![
+                Frame::Oversized { limit: 16 },
+                Frame::Reply(Reply {
+                    id: None,
+                    outcome: Ok(json!(1))
+                })
+            ]
+        );
         assert_eq!(d.buffered(), 0);
     }
 

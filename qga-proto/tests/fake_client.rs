@@ -27,7 +27,9 @@ struct Recorder(Mutex<Vec<String>>);
 impl GuestAgent for Recorder {
     async fn execute_raw(&self, name: &str, _args: Option<Value>) -> qga_proto::Result<Value> {
         self.0.lock().unwrap().push(name.to_owned());
-        Err(Error::Protocol { detail: "recorder".into() })
+        Err(Error::Protocol {
+            detail: "recorder".into(),
+        })
     }
 }
 
@@ -100,7 +102,10 @@ async fn read_only_commands_through_dyn_agent() -> qga_proto::Result<()> {
     assert_eq!(agent.osinfo().await?.id.as_deref(), Some("debian"));
     assert_eq!(agent.users().await?.len(), 1);
     assert_eq!(agent.network_interfaces().await?[0].name, "lo");
-    assert_eq!(agent.network_routes().await?[0].gateway.as_deref(), Some("192.0.2.1"));
+    assert_eq!(
+        agent.network_routes().await?[0].gateway.as_deref(),
+        Some("192.0.2.1")
+    );
     assert_eq!(agent.fsinfo().await?[0].mountpoint, "/");
     assert_eq!(agent.disks().await?[0].name, "/dev/vda");
     assert_eq!(agent.diskstats().await?[0].major, 254);
@@ -125,19 +130,62 @@ async fn state_changing_commands_change_the_fake() -> qga_proto::Result<()> {
     let agent = fake.clone().connect_async_with(quick());
     agent.set_time(Some(1_000_000_000)).await?;
     assert!(agent.time().await? < 2_000_000_000);
-    assert_eq!(agent.set_vcpus(vec![GuestLogicalProcessor { logical_id: 1, online: false, can_offline: None }]).await?, 1);
+    assert_eq!(
+        agent
+            .set_vcpus(vec![GuestLogicalProcessor {
+                logical_id: 1,
+                online: false,
+                can_offline: None
+            }])
+            .await?,
+        1
+    );
     assert!(!agent.vcpus().await?[1].online);
-    let err = agent.set_vcpus(vec![GuestLogicalProcessor { logical_id: 0, online: false, can_offline: None }]).await;
-    assert!(matches!(err, Err(Error::Agent { class: ErrorClass::GenericError, .. })));
-    let res = agent.set_memory_blocks(vec![GuestMemoryBlock { phys_index: 99, online: false, can_offline: None }]).await?;
+    let err = agent
+        .set_vcpus(vec![GuestLogicalProcessor {
+            logical_id: 0,
+            online: false,
+            can_offline: None,
+        }])
+        .await;
+    assert!(matches!(
+        err,
+        Err(Error::Agent {
+            class: ErrorClass::GenericError,
+            ..
+        })
+    ));
+    let res = agent
+        .set_memory_blocks(vec![GuestMemoryBlock {
+            phys_index: 99,
+            online: false,
+            can_offline: None,
+        }])
+        .await?;
     assert_eq!(res[0].response, GuestMemoryBlockResponseType::NotFound);
-    agent.set_user_password("debian", Password::new("s3cret"), false).await?;
-    assert_eq!(fake.state().accounts["debian"].password.as_ref().unwrap().0.expose(), "s3cret");
-    agent.ssh_add_authorized_keys("root", vec!["ssh-ed25519 AAAA k".into()], None).await?;
-    agent.ssh_remove_authorized_keys("debian", fake.state().accounts["debian"].authorized_keys.clone()).await?;
+    agent
+        .set_user_password("debian", Password::new("s3cret"), false)
+        .await?;
+    assert_eq!(
+        fake.state().accounts["debian"]
+            .password
+            .as_ref()
+            .unwrap()
+            .0
+            .expose(),
+        "s3cret"
+    );
+    agent
+        .ssh_add_authorized_keys("root", vec!["ssh-ed25519 AAAA k".into()], None)
+        .await?;
+    let keys = fake.state().accounts["debian"].authorized_keys.clone();
+    agent.ssh_remove_authorized_keys("debian", keys).await?;
     assert!(agent.ssh_authorized_keys("debian").await?.keys.is_empty());
     let err = agent.ssh_authorized_keys("nobody-here").await.unwrap_err();
-    assert_eq!(err.to_string(), "guest agent error (GenericError): failed to lookup user 'nobody-here': Success");
+    assert_eq!(
+        err.to_string(),
+        "guest agent error (GenericError): failed to lookup user 'nobody-here': Success"
+    );
     assert_eq!(agent.fstrim(None).await?.paths[0].path, "/");
     Ok(())
 }
@@ -148,14 +196,23 @@ async fn silent_commands_return_after_the_grace_period() -> qga_proto::Result<()
     let agent = fake.clone().connect_async_with(quick());
     agent.shutdown(Some(GuestShutdownMode::Reboot)).await?;
     agent.suspend_ram().await?;
-    assert_eq!(fake.state().events, vec![FakeEvent::Shutdown("reboot".into()), FakeEvent::SuspendRam]);
+    assert_eq!(
+        fake.state().events,
+        vec![FakeEvent::Shutdown("reboot".into()), FakeEvent::SuspendRam]
+    );
     // An error line within the grace period is reported.
-    let err = agent.shutdown(Some(GuestShutdownMode::Other("sideways".into()))).await.unwrap_err();
+    let err = agent
+        .shutdown(Some(GuestShutdownMode::Other("sideways".into())))
+        .await
+        .unwrap_err();
     assert_eq!(err.class(), Some(&ErrorClass::GenericError));
     // Disabled: refused before sending.
     fake.state().disable("guest-suspend-disk");
     let agent = fake.clone().connect_async_with(quick());
-    assert!(matches!(agent.suspend_disk().await, Err(Error::CommandDisabled { .. })));
+    assert!(matches!(
+        agent.suspend_disk().await,
+        Err(Error::CommandDisabled { .. })
+    ));
     agent.ping().await
 }
 
@@ -163,19 +220,29 @@ async fn silent_commands_return_after_the_grace_period() -> qga_proto::Result<()
 async fn files_stream_in_chunks_and_handles_start_at_1000() -> qga_proto::Result<()> {
     let fake = FakeAgent::linux();
     let agent = fake.clone().connect_async_with(quick());
-    let data: Vec<u8> = (0..(qga_proto::FILE_CHUNK * 2 + 123)).map(|i| (i % 251) as u8).collect();
+    let data: Vec<u8> = (0..(qga_proto::FILE_CHUNK * 2 + 123))
+        .map(|i| (i % 251) as u8)
+        .collect();
     agent.write_file("/tmp/blob", &data).await?;
     assert_eq!(agent.read_file("/tmp/blob").await?, data);
     let h = agent.file_open("/etc/hostname", None).await?;
     assert_eq!(h, 1002);
     let part = agent.file_read(h, Some(4)).await?;
-    assert_eq!((part.count, part.buf_b64.0.as_slice(), part.eof), (4, &b"fake"[..], false));
+    assert_eq!(
+        (part.count, part.buf_b64.0.as_slice(), part.eof),
+        (4, &b"fake"[..], false)
+    );
     assert_eq!(agent.file_position(h).await?, 4);
-    agent.file_seek(h, -1, GuestFileWhence::Name(QGASeek::End)).await?;
+    agent
+        .file_seek(h, -1, GuestFileWhence::Name(QGASeek::End))
+        .await?;
     assert_eq!(agent.file_read(h, None).await?.buf_b64.0, b"\n");
     agent.file_close(h).await?;
     let err = agent.file_read(h, None).await.unwrap_err();
-    assert_eq!(err.to_string(), "guest agent error (GenericError): handle '1002' has not been found");
+    assert_eq!(
+        err.to_string(),
+        "guest agent error (GenericError): handle '1002' has not been found"
+    );
     let err = agent.file_open("/nonexistent/x", None).await.unwrap_err();
     assert!(err.to_string().contains("No such file or directory"));
     Ok(())
@@ -184,33 +251,67 @@ async fn files_stream_in_chunks_and_handles_start_at_1000() -> qga_proto::Result
 #[tokio::test]
 async fn exec_waits_and_process_is_forgotten_after_exit() -> qga_proto::Result<()> {
     let agent = FakeAgent::linux().connect_async_with(quick());
-    let out = agent.exec_wait(cmd::GuestExecArgs::new("/bin/cat").input("from-stdin\n").capture(), None).await?;
+    let out = agent
+        .exec_wait(
+            cmd::GuestExecArgs::new("/bin/cat")
+                .input("from-stdin\n")
+                .capture(),
+            None,
+        )
+        .await?;
     assert_eq!(out.stdout, b"from-stdin\n");
     assert!(out.success());
-    let out = agent.exec_wait(cmd::GuestExecArgs::new("/bin/sh").args(["-c", "kill -TERM $$"]), None).await?;
+    let out = agent
+        .exec_wait(
+            cmd::GuestExecArgs::new("/bin/sh").args(["-c", "kill -TERM $$"]),
+            None,
+        )
+        .await?;
     assert_eq!(out.signal, Some(15));
-    let out = agent.exec_wait(cmd::GuestExecArgs::new("sleep").arg("0.05"), Some(Duration::from_secs(5))).await?;
+    let out = agent
+        .exec_wait(
+            cmd::GuestExecArgs::new("sleep").arg("0.05"),
+            Some(Duration::from_secs(5)),
+        )
+        .await?;
     assert!(out.success());
     assert!(out.stdout.is_empty(), "no capture requested");
     let pid = out.pid;
     let err = agent.exec_status(pid).await.unwrap_err();
-    assert_eq!(err.to_string(), "guest agent error (GenericError): Invalid parameter 'pid'");
-    let err = agent.exec_wait(cmd::GuestExecArgs::new("/bin/sleep").arg("30"), Some(Duration::from_millis(50))).await;
+    assert_eq!(
+        err.to_string(),
+        "guest agent error (GenericError): Invalid parameter 'pid'"
+    );
+    let err = agent
+        .exec_wait(
+            cmd::GuestExecArgs::new("/bin/sleep").arg("30"),
+            Some(Duration::from_millis(50)),
+        )
+        .await;
     assert!(matches!(err, Err(Error::ExecTimeout { .. })));
-    let err = agent.exec(cmd::GuestExecArgs::new("/nonexistent/bin")).await.unwrap_err();
-    assert!(err.to_string().contains("Failed to execute child process \u{201C}/nonexistent/bin\u{201D}"));
+    let err = agent
+        .exec(cmd::GuestExecArgs::new("/nonexistent/bin"))
+        .await
+        .unwrap_err();
+    assert!(err
+        .to_string()
+        .contains("Failed to execute child process \u{201C}/nonexistent/bin\u{201D}"));
     Ok(())
 }
 
 #[tokio::test]
 async fn freeze_guard_thaws() -> qga_proto::Result<()> {
     let fake = FakeAgent::linux();
-    let agent: std::sync::Arc<dyn GuestAgent> = std::sync::Arc::new(fake.clone().connect_async_with(quick()));
+    let agent: std::sync::Arc<dyn GuestAgent> =
+        std::sync::Arc::new(fake.clone().connect_async_with(quick()));
     let guard = qga_proto::freeze_filesystems(agent.clone(), None).await?;
     assert_eq!(guard.frozen(), 1);
     assert!(fake.state().frozen);
     // While frozen, other commands are disabled, as in qemu-ga.
-    let err = agent.execute_raw("guest-get-osinfo", None).await.unwrap_err();
+    let err = agent
+        .execute_raw("guest-get-osinfo", None)
+        .await
+        .unwrap_err();
     assert!(err.is_unsupported(), "{err}");
     assert_eq!(guard.thaw().await?, 1);
     assert!(!fake.state().frozen);
@@ -232,11 +333,17 @@ async fn freeze_guard_thaws() -> qga_proto::Result<()> {
 #[tokio::test]
 async fn handlers_replace_behaviour_and_add_commands() -> qga_proto::Result<()> {
     let fake = FakeAgent::linux();
-    fake.handler("guest-get-host-name", |_, _| Response::ok(json!({"host-name": "scripted"})));
-    fake.handler("guest-vendor-thing", |_, args| Response::Return(json!({"echo": args})));
+    fake.handler("guest-get-host-name", |_, _| {
+        Response::ok(json!({"host-name": "scripted"}))
+    });
+    fake.handler("guest-vendor-thing", |_, args| {
+        Response::Return(json!({"echo": args}))
+    });
     let agent = fake.clone().connect_async_with(quick());
     assert_eq!(agent.host_name().await?.host_name, "scripted");
-    let v = agent.execute_raw("guest-vendor-thing", Some(json!({"a": 1}))).await?;
+    let v = agent
+        .execute_raw("guest-vendor-thing", Some(json!({"a": 1})))
+        .await?;
     assert_eq!(v, json!({"echo": {"a": 1}}));
     Ok(())
 }
@@ -250,12 +357,21 @@ async fn desync_faults_leave_the_client_usable() -> qga_proto::Result<()> {
     // A stale reply in front of the real one: taken as the reply, since the
     // agent is FIFO; with ids on it is skipped.
     let with_ids = fake.clone().connect_async_with(quick().request_ids(true));
-    fake.fault_on("guest-get-host-name", Fault::StaleReply(json!({"host-name": "stale"})));
+    fake.fault_on(
+        "guest-get-host-name",
+        Fault::StaleReply(json!({"host-name": "stale"})),
+    );
     assert_eq!(with_ids.host_name().await?.host_name, "fake-guest");
 
     // Garbage instead of a reply: a clear error, then a resync.
-    fake.fault_on("guest-get-timezone", Fault::Garbage(b"\x00\x01 not json\n".to_vec()));
-    assert!(matches!(agent.timezone().await, Err(Error::Protocol { .. })));
+    fake.fault_on(
+        "guest-get-timezone",
+        Fault::Garbage(b"\x00\x01 not json\n".to_vec()),
+    );
+    assert!(matches!(
+        agent.timezone().await,
+        Err(Error::Protocol { .. })
+    ));
     assert_eq!(agent.timezone().await?.offset, 0);
 
     // A late reply (agent busy): timeout, then the late reply is skipped.
@@ -281,18 +397,31 @@ async fn desync_faults_leave_the_client_usable() -> qga_proto::Result<()> {
     hung_agent.fault(Fault::Hang);
     let agent2 = fake.clone().connect_async_with(quick().sync_attempts(1));
     let err = agent2.ping().await.unwrap_err();
-    assert_eq!(err.to_string(), "guest agent did not answer guest-sync within 500 ms (is qemu-ga running in the guest?)");
+    assert_eq!(
+        err.to_string(),
+        "guest agent did not answer guest-sync within 500 ms (is qemu-ga running in the guest?)"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn oversized_reply_is_refused_and_recovered() -> qga_proto::Result<()> {
     let fake = FakeAgent::linux();
-    fake.state().files.insert("/big".into(), vec![b'x'; 64 * 1024]);
-    let agent = fake.clone().connect_async_with(quick().max_reply_size(16 * 1024));
+    fake.state()
+        .files
+        .insert("/big".into(), vec![b'x'; 64 * 1024]);
+    let agent = fake
+        .clone()
+        .connect_async_with(quick().max_reply_size(16 * 1024));
     let h = agent.file_open("/big", None).await?;
     let err = agent.file_read(h, Some(64 * 1024)).await.unwrap_err();
-    assert!(matches!(err, Error::ReplyTooLarge { limit: 16384 }), "{err}");
+    assert!(
+        matches!(err, Error::ReplyTooLarge { limit: 16384 }),
+        "{err}"
+    );
+    // The agent did read (the position moved); the channel is usable again.
+    assert_eq!(agent.file_position(h).await?, 64 * 1024);
+    agent.file_seek(h, 0, GuestFileWhence::Value(0)).await?;
     assert_eq!(agent.file_read(h, Some(1024)).await?.count, 1024);
     Ok(())
 }
@@ -302,7 +431,10 @@ async fn cancelled_call_forces_resync() -> qga_proto::Result<()> {
     let fake = FakeAgent::linux();
     let agent = fake.clone().connect_async_with(quick());
     agent.ping().await?;
-    fake.fault_on("guest-get-host-name", Fault::Delay(Duration::from_millis(200)));
+    fake.fault_on(
+        "guest-get-host-name",
+        Fault::Delay(Duration::from_millis(200)),
+    );
     let cancelled = tokio::time::timeout(Duration::from_millis(20), agent.host_name()).await;
     assert!(cancelled.is_err());
     // The reply of the cancelled call arrives later and must not be taken for this one.
@@ -314,24 +446,57 @@ async fn cancelled_call_forces_resync() -> qga_proto::Result<()> {
 fn blocking_client_against_the_fake() -> qga_proto::Result<()> {
     let fake = FakeAgent::linux();
     let mut client = fake.clone().connect_blocking_with(quick())?;
-    assert_eq!(client.call::<cmd::GuestGetHostName>(&())?.host_name, "fake-guest");
+    assert_eq!(
+        client.call::<cmd::GuestGetHostName>(&())?.host_name,
+        "fake-guest"
+    );
     let h = client.call::<cmd::GuestFileOpen>(&cmd::GuestFileOpenArgs::new("/tmp/f").mode("w+"))?;
-    let w = client.call::<cmd::GuestFileWrite>(&cmd::GuestFileWriteArgs { handle: h, buf_b64: "abc".into(), count: None })?;
+    let w = client.call::<cmd::GuestFileWrite>(&cmd::GuestFileWriteArgs {
+        handle: h,
+        buf_b64: "abc".into(),
+        count: None,
+    })?;
     assert_eq!(w.count, 3);
-    client.call::<cmd::GuestFileSeek>(&cmd::GuestFileSeekArgs::from_seek(h, std::io::SeekFrom::Start(0)))?;
-    assert_eq!(client.call::<cmd::GuestFileRead>(&cmd::GuestFileReadArgs { handle: h, count: None })?.buf_b64.0, b"abc");
+    client.call::<cmd::GuestFileSeek>(&cmd::GuestFileSeekArgs::from_seek(
+        h,
+        std::io::SeekFrom::Start(0),
+    ))?;
+    assert_eq!(
+        client
+            .call::<cmd::GuestFileRead>(&cmd::GuestFileReadArgs {
+                handle: h,
+                count: None
+            })?
+            .buf_b64
+            .0,
+        b"abc"
+    );
     client.call::<cmd::GuestShutdown>(&cmd::GuestShutdownArgs::default())?;
-    assert_eq!(fake.state().events, vec![FakeEvent::Shutdown("powerdown".into())]);
+    assert_eq!(
+        fake.state().events,
+        vec![FakeEvent::Shutdown("powerdown".into())]
+    );
 
-    fake.fault_on("guest-get-timezone", Fault::Delay(Duration::from_millis(700)));
-    assert!(matches!(client.call::<cmd::GuestGetTimezone>(&()), Err(Error::Timeout { .. })));
+    fake.fault_on(
+        "guest-get-timezone",
+        Fault::Delay(Duration::from_millis(700)),
+    );
+    assert!(matches!(
+        client.call::<cmd::GuestGetTimezone>(&()),
+        Err(Error::Timeout { .. })
+    ));
     assert_eq!(client.call::<cmd::GuestGetTimezone>(&())?.offset, 0);
     fake.fault_on("guest-ping", Fault::Disconnect);
-    assert!(matches!(client.call::<cmd::GuestPing>(&()), Err(Error::Disconnected { .. })));
+    assert!(matches!(
+        client.call::<cmd::GuestPing>(&()),
+        Err(Error::Disconnected { .. })
+    ));
     client.call::<cmd::GuestPing>(&())?;
     fake.state().disable("guest-exec");
     client.resync()?;
-    let err = client.call::<cmd::GuestExec>(&cmd::GuestExecArgs::new("/bin/true")).unwrap_err();
+    let err = client
+        .call::<cmd::GuestExec>(&cmd::GuestExecArgs::new("/bin/true"))
+        .unwrap_err();
     assert!(matches!(err, Error::CommandDisabled { .. }), "{err}");
     Ok(())
 }

@@ -17,8 +17,13 @@ use serde_json::{json, Value};
 fn round_trip<T: DeserializeOwned + Serialize + std::fmt::Debug>(reply_line: &str) -> T {
     let reply: Value = serde_json::from_str(reply_line).expect("recorded line is JSON");
     let ret = reply["return"].clone();
-    let typed: T = serde_json::from_value(ret.clone()).unwrap_or_else(|e| panic!("{reply_line}: {e}"));
-    assert_eq!(serde_json::to_value(&typed).unwrap(), ret, "round trip of {reply_line}");
+    let typed: T =
+        serde_json::from_value(ret.clone()).unwrap_or_else(|e| panic!("{reply_line}: {e}"));
+    assert_eq!(
+        serde_json::to_value(&typed).unwrap(),
+        ret,
+        "round trip of {reply_line}"
+    );
     typed
 }
 
@@ -45,7 +50,10 @@ fn probe_replies_round_trip() {
     let ifs: Vec<GuestNetworkInterface> = round_trip(
         r#"{"return": [{"name": "lo", "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "127.0.0.1", "prefix": 8}, {"ip-address-type": "ipv6", "ip-address": "::1", "prefix": 128}], "statistics": {"tx-packets": 29, "tx-errs": 0, "rx-bytes": 3193, "rx-dropped": 0, "rx-packets": 29, "rx-errs": 0, "tx-bytes": 3193, "tx-dropped": 0}, "hardware-address": "00:00:00:00:00:00"}, {"name": "ifb0", "hardware-address": "16:4c:0f:1e:a6:ea"}]}"#,
     );
-    assert_eq!(ifs[0].ip_addresses.as_ref().unwrap()[1].ip_address_type, GuestIpAddressType::Ipv6);
+    assert_eq!(
+        ifs[0].ip_addresses.as_ref().unwrap()[1].ip_address_type,
+        GuestIpAddressType::Ipv6
+    );
     assert!(ifs[1].statistics.is_none());
     let fs: Vec<GuestFilesystemInfo> = round_trip(
         r#"{"return": [{"name": "vda", "total-bytes": 97572749312, "mountpoint": "/", "disk": [{"bus-type": "virtio", "bus": 0, "unit": 0, "pci-controller": {"bus": 0, "slot": 2, "domain": 0, "function": 0}, "dev": "/dev/vda", "target": 0}], "used-bytes": 12019163136, "type": "ext4"}]}"#,
@@ -72,14 +80,16 @@ fn probe_replies_round_trip() {
 fn probe_exec_and_file_replies_round_trip() {
     let pid: GuestExec = round_trip(r#"{"return": {"pid": 9544}}"#);
     assert_eq!(pid.pid, 9544);
-    let st: GuestExecStatus =
-        round_trip(r#"{"return": {"exitcode": 0, "out-data": "aGVsbG8gcWdhCg==", "out-truncated": false, "exited": true}}"#);
+    let st: GuestExecStatus = round_trip(
+        r#"{"return": {"exitcode": 0, "out-data": "aGVsbG8gcWdhCg==", "out-truncated": false, "exited": true}}"#,
+    );
     assert_eq!(st.out_data.unwrap().0, b"hello qga\n");
     let st: GuestExecStatus = round_trip(r#"{"return": {"signal": 15, "exited": true}}"#);
     assert_eq!(st.signal, Some(15));
     let st: GuestExecStatus = round_trip(r#"{"return": {"exited": false}}"#);
     assert!(!st.exited);
-    let read: GuestFileRead = round_trip(r#"{"return": {"count": 5, "buf-b64": "aGVsbG8=", "eof": false}}"#);
+    let read: GuestFileRead =
+        round_trip(r#"{"return": {"count": 5, "buf-b64": "aGVsbG8=", "eof": false}}"#);
     assert_eq!(read.buf_b64.0, b"hello");
     let eof: GuestFileRead = round_trip(r#"{"return": {"count": 0, "buf-b64": "", "eof": true}}"#);
     assert!(eof.eof);
@@ -112,11 +122,19 @@ fn old_agents_without_success_response_decode() {
 #[test]
 fn unknown_enum_values_and_union_variants_are_kept() {
     let addr: GuestIpAddress =
-        serde_json::from_value(json!({"ip-address": "x", "ip-address-type": "ipv7", "prefix": 1})).unwrap();
-    assert_eq!(addr.ip_address_type, GuestIpAddressType::Other("ipv7".into()));
-    assert_eq!(serde_json::to_value(&addr).unwrap()["ip-address-type"], "ipv7");
+        serde_json::from_value(json!({"ip-address": "x", "ip-address-type": "ipv7", "prefix": 1}))
+            .unwrap();
+    assert_eq!(
+        addr.ip_address_type,
+        GuestIpAddressType::Other("ipv7".into())
+    );
+    assert_eq!(
+        serde_json::to_value(&addr).unwrap()["ip-address-type"],
+        "ipv7"
+    );
 
-    let stats: GuestCpuStats = serde_json::from_value(json!({"type": "freebsd", "cpu": 0, "user": 1})).unwrap();
+    let stats: GuestCpuStats =
+        serde_json::from_value(json!({"type": "freebsd", "cpu": 0, "user": 1})).unwrap();
     match &stats {
         GuestCpuStats::Other { os, members } => {
             assert_eq!(os.as_str(), "freebsd");
@@ -124,55 +142,104 @@ fn unknown_enum_values_and_union_variants_are_kept() {
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(serde_json::to_value(&stats).unwrap(), json!({"type": "freebsd", "cpu": 0, "user": 1}));
+    assert_eq!(
+        serde_json::to_value(&stats).unwrap(),
+        json!({"type": "freebsd", "cpu": 0, "user": 1})
+    );
 
     let smart: GuestDiskSmart = serde_json::from_value(json!({"type": "scsi"})).unwrap();
-    assert!(matches!(smart, GuestDiskSmart::Other { bus_type: GuestDiskBusType::Scsi, .. }));
-    let id: GuestDeviceId = serde_json::from_value(json!({"type": "pci", "vendor-id": 6900, "device-id": 4097})).unwrap();
-    assert_eq!(id, GuestDeviceId::Pci(GuestDeviceIdPCI { vendor_id: 6900, device_id: 4097 }));
-    assert_eq!(serde_json::to_value(&id).unwrap(), json!({"type": "pci", "vendor-id": 6900, "device-id": 4097}));
+    assert!(matches!(
+        smart,
+        GuestDiskSmart::Other {
+            bus_type: GuestDiskBusType::Scsi,
+            ..
+        }
+    ));
+    let id: GuestDeviceId =
+        serde_json::from_value(json!({"type": "pci", "vendor-id": 6900, "device-id": 4097}))
+            .unwrap();
+    assert_eq!(
+        id,
+        GuestDeviceId::Pci(GuestDeviceIdPCI {
+            vendor_id: 6900,
+            device_id: 4097
+        })
+    );
+    assert_eq!(
+        serde_json::to_value(&id).unwrap(),
+        json!({"type": "pci", "vendor-id": 6900, "device-id": 4097})
+    );
 }
 
 #[test]
 fn alternates_use_both_wire_forms() {
-    let args = cmd::GuestFileSeekArgs { handle: 1000, offset: 0, whence: GuestFileWhence::Name(QGASeek::Set) };
-    assert_eq!(serde_json::to_value(&args).unwrap(), json!({"handle": 1000, "offset": 0, "whence": "set"}));
+    let args = cmd::GuestFileSeekArgs {
+        handle: 1000,
+        offset: 0,
+        whence: GuestFileWhence::Name(QGASeek::Set),
+    };
+    assert_eq!(
+        serde_json::to_value(&args).unwrap(),
+        json!({"handle": 1000, "offset": 0, "whence": "set"})
+    );
     let args = cmd::GuestFileSeekArgs::from_seek(1000, std::io::SeekFrom::Current(0));
-    assert_eq!(serde_json::to_value(&args).unwrap(), json!({"handle": 1000, "offset": 0, "whence": 1}));
+    assert_eq!(
+        serde_json::to_value(&args).unwrap(),
+        json!({"handle": 1000, "offset": 0, "whence": 1})
+    );
     let w: GuestFileWhence = serde_json::from_value(json!(2)).unwrap();
     assert_eq!(w, GuestFileWhence::Value(2));
 
-    let exec = cmd::GuestExecArgs::new("/bin/sh").args(["-c", "cat; echo err >&2; exit 3"]).input("from-stdin\n").capture();
+    let exec = cmd::GuestExecArgs::new("/bin/sh")
+        .args(["-c", "cat; echo err >&2; exit 3"])
+        .input("from-stdin\n")
+        .capture();
     assert_eq!(
         serde_json::to_value(&exec).unwrap(),
         json!({"path": "/bin/sh", "arg": ["-c", "cat; echo err >&2; exit 3"], "input-data": "ZnJvbS1zdGRpbgo=", "capture-output": true})
     );
-    let mode = cmd::GuestExecArgs::new("/bin/echo").capture_mode(GuestExecCaptureOutputMode::Separated);
-    assert_eq!(serde_json::to_value(&mode).unwrap()["capture-output"], "separated");
+    let mode =
+        cmd::GuestExecArgs::new("/bin/echo").capture_mode(GuestExecCaptureOutputMode::Separated);
+    assert_eq!(
+        serde_json::to_value(&mode).unwrap()["capture-output"],
+        "separated"
+    );
 }
 
 #[test]
 fn passwords_are_base64_on_the_wire_and_redacted_in_debug() {
-    let args = cmd::GuestSetUserPasswordArgs { username: "root".into(), password: Password::new("hunter2"), crypted: false };
+    let args = cmd::GuestSetUserPasswordArgs {
+        username: "root".into(),
+        password: Password::new("hunter2"),
+        crypted: false,
+    };
     let debug = format!("{args:?}");
     assert!(!debug.contains("hunter2"), "{debug}");
     assert!(debug.contains("<redacted>"));
-    assert_eq!(serde_json::to_value(&args).unwrap()["password"], "aHVudGVyMg==");
+    assert_eq!(
+        serde_json::to_value(&args).unwrap()["password"],
+        "aHVudGVyMg=="
+    );
 }
 
 #[test]
 fn broken_base64_is_a_decode_error() {
-    let r: Result<GuestFileRead, _> = serde_json::from_value(json!({"count": 1, "buf-b64": "!!", "eof": false}));
+    let r: Result<GuestFileRead, _> =
+        serde_json::from_value(json!({"count": 1, "buf-b64": "!!", "eof": false}));
     assert!(r.unwrap_err().to_string().contains("base64"));
 }
 
 fn reference_names() -> BTreeSet<String> {
     let list = include_str!("data/commands-reference.txt");
-    let mut names: BTreeSet<String> =
-        list.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).map(str::to_owned).collect();
+    let mut names: BTreeSet<String> = list
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect();
     // Where the workspace sits next to shared/, re-read the seed itself so the
     // fixture cannot drift from it.
-    let seed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/seeds/002_1225759bb29ff578.txt");
+    let seed =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/seeds/002_1225759bb29ff578.txt");
     if let Ok(text) = std::fs::read_to_string(&seed) {
         for line in text.lines() {
             if let Some(rest) = line.strip_prefix("Command ") {
@@ -192,7 +259,10 @@ fn every_reference_command_has_a_command_type() {
     assert_eq!(reference.len(), 44);
     let missing: Vec<_> = reference.difference(&ours).collect();
     let extra: Vec<_> = ours.difference(&reference).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, extra {extra:?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, extra {extra:?}"
+    );
     assert_eq!(COMMANDS.len(), ours.len(), "duplicate entries");
 }
 
@@ -201,8 +271,23 @@ fn command_facts_match_the_reference() {
     assert_eq!(cmd::GuestGetLoad::SINCE, (10, 0));
     assert_eq!(cmd::GuestNetworkGetRoute::SINCE, (9, 1));
     assert_eq!(cmd::GuestSyncDelimited::SINCE, (1, 1));
-    let silent: Vec<_> = COMMANDS.iter().filter(|c| !c.success_response).map(|c| c.name).collect();
-    assert_eq!(silent, ["guest-shutdown", "guest-suspend-disk", "guest-suspend-ram", "guest-suspend-hybrid"]);
+    let silent: Vec<_> = COMMANDS
+        .iter()
+        .filter(|c| !c.success_response)
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(
+        silent,
+        [
+            "guest-shutdown",
+            "guest-suspend-disk",
+            "guest-suspend-ram",
+            "guest-suspend-hybrid"
+        ]
+    );
     let exec = cmd::spec("guest-exec").unwrap();
-    assert_eq!(exec.params.iter().map(|p| p.name).collect::<Vec<_>>(), ["path", "arg", "env", "input-data", "capture-output"]);
+    assert_eq!(
+        exec.params.iter().map(|p| p.name).collect::<Vec<_>>(),
+        ["path", "arg", "env", "input-data", "capture-output"]
+    );
 }

@@ -7,8 +7,8 @@
 //!   the sizes and offsets gcc reports for the VDDK 7 header on x86-64 Linux, so a field typo
 //!   cannot compile. The stand-in library used by the tests (`vddk-standin`) exports its functions
 //!   through these same types, so the two sides cannot drift apart.
-//! - **Owning wrappers** (crate-private): [`Library`] (the `dlopen`ed library and its function
-//!   table), [`RawConnection`] and [`RawDisk`]. They are the only way to obtain a VDDK connection
+//! - **Owning wrappers** (crate-private): `Library` (the `dlopen`ed library and its function
+//!   table), `RawConnection` and `RawDisk`. They are the only way to obtain a VDDK connection
 //!   or disk handle, a handle is closed exactly once by `Drop`, a disk keeps its connection alive,
 //!   and every I/O method takes `&mut RawDisk` — so "one thread at a time per handle" and
 //!   "close before disconnect" are enforced by the borrow checker, and `Open`/`Close`/`ConnectEx`/

@@ -147,7 +147,9 @@ impl Global {
 
     /// Writes the stats file, if configured (the caller holds the lock, so writers never race).
     fn publish(&self) {
-        let Some(path) = self.config.get("standin.statsfile") else { return };
+        let Some(path) = self.config.get("standin.statsfile") else {
+            return;
+        };
         let disks: BTreeMap<&String, Value> = self
             .disks
             .iter()
@@ -225,14 +227,21 @@ impl Drop for HandleSection {
     }
 }
 
-fn enter_handle(h: VixDiskLibHandle, name: &'static str, sync_io: bool) -> Result<HandleSection, VixError> {
+fn enter_handle(
+    h: VixDiskLibHandle,
+    name: &'static str,
+    sync_io: bool,
+) -> Result<HandleSection, VixError> {
     let busy = with_state(|g| {
         g.call(name);
         let Some(handle) = g.handles.get(&(h as usize)) else {
             g.violation("bad_handle");
             return Err(VIX_E_INVALID_HANDLE);
         };
-        let (busy, outstanding) = (Arc::clone(&handle.busy), handle.outstanding.load(Ordering::SeqCst));
+        let (busy, outstanding) = (
+            Arc::clone(&handle.busy),
+            handle.outstanding.load(Ordering::SeqCst),
+        );
         if sync_io && outstanding > 0 {
             g.violation("mixed_mode");
             return Err(VIX_E_ASYNC_MIXEDMODE_UNSUPPORTED);
@@ -264,7 +273,10 @@ fn parse_config(path: &str) -> std::io::Result<BTreeMap<String, String>> {
         .filter_map(|line| {
             let line = line.split('#').next()?.trim();
             let (k, v) = line.split_once('=')?;
-            Some((k.trim().to_ascii_lowercase(), v.trim().trim_matches('"').to_owned()))
+            Some((
+                k.trim().to_ascii_lowercase(),
+                v.trim().trim_matches('"').to_owned(),
+            ))
         })
         .collect())
 }
@@ -309,7 +321,9 @@ fn error_name(code: u16) -> &'static str {
         VIX_E_INVALID_HANDLE => "The handle is not a valid VIX object",
         VIX_E_DISK_OUTOFRANGE => "The sector is beyond the end of the disk",
         VIX_E_DISK_KEY_NOTFOUND => "The metadata key was not found",
-        VIX_E_ASYNC_MIXEDMODE_UNSUPPORTED => "Mixing synchronous and asynchronous I/O is not supported",
+        VIX_E_ASYNC_MIXEDMODE_UNSUPPORTED => {
+            "Mixing synchronous and asynchronous I/O is not supported"
+        }
         _ => "Error",
     }
 }
@@ -383,14 +397,20 @@ pub unsafe extern "C" fn VixDiskLib_InitEx(
         if g.initialised {
             g.violation("init_twice");
         }
-        if let Some(code) = config.get("standin.failinitex").and_then(|c| c.parse().ok()) {
+        if let Some(code) = config
+            .get("standin.failinitex")
+            .and_then(|c| c.parse().ok())
+        {
             return code;
         }
         if c_size != std::mem::size_of::<VixDiskLibConnectParams>() {
             return VIX_E_FAIL;
         }
         DELAY_US.store(
-            config.get("standin.delayus").and_then(|d| d.parse().ok()).unwrap_or(0),
+            config
+                .get("standin.delayus")
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(0),
             Ordering::Relaxed,
         );
         g.config = config;
@@ -532,7 +552,11 @@ unsafe fn read_params(p: *const VixDiskLibConnectParams) -> Option<Params> {
     unsafe {
         let p = &*p;
         let (user, password, cookie) = match p.cred_type {
-            CRED_UID => (text(p.creds.uid.user_name), text(p.creds.uid.password), None),
+            CRED_UID => (
+                text(p.creds.uid.user_name),
+                text(p.creds.uid.password),
+                None,
+            ),
             CRED_SESSIONID => (
                 text(p.creds.session_id.user_name),
                 text(p.creds.session_id.key),
@@ -568,7 +592,13 @@ pub unsafe extern "C" fn VixDiskLib_ConnectEx(
 ) -> VixError {
     let _section = OpenCloseSection::enter();
     // SAFETY: per the contract.
-    let (p, snapshot, transports) = unsafe { (read_params(params), text(snapshot_ref), text(transport_modes)) };
+    let (p, snapshot, transports) = unsafe {
+        (
+            read_params(params),
+            text(snapshot_ref),
+            text(transport_modes),
+        )
+    };
     let Some(p) = p else { return VIX_E_INVALID_ARG };
     if connection.is_null() {
         return VIX_E_INVALID_ARG;
@@ -620,7 +650,10 @@ pub unsafe extern "C" fn VixDiskLib_ConnectEx(
                 open_handles: 0,
             },
         );
-        let log_password = g.config.get("standin.logpassword").is_some_and(|v| v == "1");
+        let log_password = g
+            .config
+            .get("standin.logpassword")
+            .is_some_and(|v| v == "1");
         Ok((id, g.log, log_password))
     });
     match outcome {
@@ -682,7 +715,9 @@ pub unsafe extern "C" fn VixDiskLib_Open(
 ) -> VixError {
     let _section = OpenCloseSection::enter();
     // SAFETY: per the contract.
-    let Some(path) = (unsafe { text(path) }) else { return VIX_E_INVALID_ARG };
+    let Some(path) = (unsafe { text(path) }) else {
+        return VIX_E_INVALID_ARG;
+    };
     if handle.is_null() {
         return VIX_E_INVALID_ARG;
     }
@@ -695,7 +730,12 @@ pub unsafe extern "C" fn VixDiskLib_Open(
         };
         let read_only = conn.read_only || flags & FLAG_OPEN_READ_ONLY != 0;
         let mode = if conn.remote {
-            static_mode(conn.transports.as_deref().and_then(|t| t.split(':').next()).unwrap_or("nbdssl"))
+            static_mode(
+                conn.transports
+                    .as_deref()
+                    .and_then(|t| t.split(':').next())
+                    .unwrap_or("nbdssl"),
+            )
         } else {
             c"file"
         };
@@ -708,8 +748,14 @@ pub unsafe extern "C" fn VixDiskLib_Open(
                 data: vec![0; size as usize],
                 metadata: BTreeMap::from([
                     ("adapterType".to_owned(), "lsilogic".to_owned()),
-                    ("geometry.cylinders".to_owned(), (sectors / (255 * 63)).to_string()),
-                    ("uuid".to_owned(), "60 00 c2 9b 7d 2e 5e 4b-a1 c0 0f 3e 9d 7a 11 22".to_owned()),
+                    (
+                        "geometry.cylinders".to_owned(),
+                        (sectors / (255 * 63)).to_string(),
+                    ),
+                    (
+                        "uuid".to_owned(),
+                        "60 00 c2 9b 7d 2e 5e 4b-a1 c0 0f 3e 9d 7a 11 22".to_owned(),
+                    ),
                 ]),
                 physical_sector: phys,
                 ..DiskData::default()
@@ -747,7 +793,14 @@ pub unsafe extern "C" fn VixDiskLib_Open(
         Err((code, warn)) => {
             let disk = CString::new(name).unwrap_or_default();
             // SAFETY: %s with a NUL-terminated string and %lu with an unsigned long.
-            unsafe { standin_log(warn, c"Open of %s failed: error %lu".as_ptr(), disk.as_ptr(), code as c_ulong) };
+            unsafe {
+                standin_log(
+                    warn,
+                    c"Open of %s failed: error %lu".as_ptr(),
+                    disk.as_ptr(),
+                    code as c_ulong,
+                )
+            };
             code
         }
     }
@@ -790,7 +843,10 @@ pub extern "C" fn VixDiskLib_GetTransportMode(handle: VixDiskLibHandle) -> *cons
 /// # Safety
 /// `info` must be NULL or a valid out-pointer.
 #[no_mangle]
-pub unsafe extern "C" fn VixDiskLib_GetInfo(handle: VixDiskLibHandle, info: *mut *mut VixDiskLibInfo) -> VixError {
+pub unsafe extern "C" fn VixDiskLib_GetInfo(
+    handle: VixDiskLibHandle,
+    info: *mut *mut VixDiskLibInfo,
+) -> VixError {
     let _section = match enter_handle(handle, "VixDiskLib_GetInfo", true) {
         Ok(s) => s,
         Err(code) => return code,
@@ -859,7 +915,9 @@ pub unsafe extern "C" fn VixDiskLib_FreeInfo(info: *mut VixDiskLibInfo) {
 /// Copies between the disk and `buf` (`write` = into the disk); applies faults and rules.
 fn transfer(handle: usize, start: u64, count: u64, buf: *mut u8, write: bool) -> VixError {
     with_state(|g| {
-        let Some(h) = g.handles.get(&handle) else { return VIX_E_INVALID_HANDLE };
+        let Some(h) = g.handles.get(&handle) else {
+            return VIX_E_INVALID_HANDLE;
+        };
         let (disk_name, read_only, faults) = (h.disk.clone(), h.read_only, h.faults.clone());
         if write && read_only {
             g.disk_count(&disk_name, "rejected_writes");
@@ -871,7 +929,9 @@ fn transfer(handle: usize, start: u64, count: u64, buf: *mut u8, write: bool) ->
                 return code;
             }
         }
-        let Some(disk) = g.disks.get_mut(&disk_name) else { return VIX_E_INVALID_HANDLE };
+        let Some(disk) = g.disks.get_mut(&disk_name) else {
+            return VIX_E_INVALID_HANDLE;
+        };
         let sectors = disk.data.len() as u64 / 512;
         match start.checked_add(count) {
             Some(end) if end <= sectors => {}
@@ -903,7 +963,12 @@ fn transfer(handle: usize, start: u64, count: u64, buf: *mut u8, write: bool) ->
 /// # Safety
 /// `buf` must be writable for `count` sectors.
 #[no_mangle]
-pub unsafe extern "C" fn VixDiskLib_Read(handle: VixDiskLibHandle, start: u64, count: u64, buf: *mut u8) -> VixError {
+pub unsafe extern "C" fn VixDiskLib_Read(
+    handle: VixDiskLibHandle,
+    start: u64,
+    count: u64,
+    buf: *mut u8,
+) -> VixError {
     match enter_handle(handle, "VixDiskLib_Read", true) {
         Ok(_section) => transfer(handle as usize, start, count, buf, false),
         Err(code) => code,
@@ -915,7 +980,12 @@ pub unsafe extern "C" fn VixDiskLib_Read(handle: VixDiskLibHandle, start: u64, c
 /// # Safety
 /// `buf` must be readable for `count` sectors.
 #[no_mangle]
-pub unsafe extern "C" fn VixDiskLib_Write(handle: VixDiskLibHandle, start: u64, count: u64, buf: *const u8) -> VixError {
+pub unsafe extern "C" fn VixDiskLib_Write(
+    handle: VixDiskLibHandle,
+    start: u64,
+    count: u64,
+    buf: *const u8,
+) -> VixError {
     match enter_handle(handle, "VixDiskLib_Write", true) {
         Ok(_section) => transfer(handle as usize, start, count, buf.cast_mut(), true),
         Err(code) => code,
@@ -942,14 +1012,22 @@ fn submit_async(
         Ok(s) => s,
         Err(code) => return code,
     };
-    let Some(callback) = callback else { return VIX_E_INVALID_ARG };
+    let Some(callback) = callback else {
+        return VIX_E_INVALID_ARG;
+    };
     let queued = with_state(|g| {
         let h = g.handles.get(&(handle as usize))?;
-        let (disk, delay_us, outstanding) = (h.disk.clone(), h.faults.async_delay_us, Arc::clone(&h.outstanding));
+        let (disk, delay_us, outstanding) = (
+            h.disk.clone(),
+            h.faults.async_delay_us,
+            Arc::clone(&h.outstanding),
+        );
         g.disk_count(&disk, if write { "async_writes" } else { "async_reads" });
         Some((delay_us, outstanding))
     });
-    let Some((delay_us, outstanding)) = queued else { return VIX_E_INVALID_HANDLE };
+    let Some((delay_us, outstanding)) = queued else {
+        return VIX_E_INVALID_HANDLE;
+    };
     let id = handle as usize;
     if delay_us == 0 {
         let result = transfer(id, start, count, buf, write);
@@ -988,7 +1066,16 @@ pub unsafe extern "C" fn VixDiskLib_ReadAsync(
     callback: Option<CompletionFn>,
     data: *mut c_void,
 ) -> VixError {
-    submit_async(handle, "VixDiskLib_ReadAsync", start, count, buf, false, callback, data)
+    submit_async(
+        handle,
+        "VixDiskLib_ReadAsync",
+        start,
+        count,
+        buf,
+        false,
+        callback,
+        data,
+    )
 }
 
 /// `VixDiskLib_WriteAsync`.
@@ -1004,7 +1091,16 @@ pub unsafe extern "C" fn VixDiskLib_WriteAsync(
     callback: Option<CompletionFn>,
     data: *mut c_void,
 ) -> VixError {
-    submit_async(handle, "VixDiskLib_WriteAsync", start, count, buf.cast_mut(), true, callback, data)
+    submit_async(
+        handle,
+        "VixDiskLib_WriteAsync",
+        start,
+        count,
+        buf.cast_mut(),
+        true,
+        callback,
+        data,
+    )
 }
 
 /// `VixDiskLib_Wait`.
@@ -1034,7 +1130,9 @@ pub extern "C" fn VixDiskLib_Flush(handle: VixDiskLibHandle) -> VixError {
         Err(code) => return code,
     };
     with_state(|g| {
-        let Some(h) = g.handles.get(&(handle as usize)) else { return VIX_E_INVALID_HANDLE };
+        let Some(h) = g.handles.get(&(handle as usize)) else {
+            return VIX_E_INVALID_HANDLE;
+        };
         let (disk, fault) = (h.disk.clone(), h.faults.flush);
         g.disk_count(&disk, "flushes");
         fault.unwrap_or(VIX_OK)
@@ -1061,7 +1159,10 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
         return VIX_E_INVALID_ARG;
     }
     let blocks = with_state(|g| {
-        let h = g.handles.get(&(handle as usize)).ok_or(VIX_E_INVALID_HANDLE)?;
+        let h = g
+            .handles
+            .get(&(handle as usize))
+            .ok_or(VIX_E_INVALID_HANDLE)?;
         let (disk_name, fault) = (h.disk.clone(), h.faults.query);
         g.disk_count(&disk_name, "queries");
         if let Some(code) = fault {
@@ -1080,11 +1181,19 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
         // Runs of allocated 64 KiB chunks, in sectors, within the request.
         let sectors_per_chunk = CHUNK / 512;
         let mut runs: Vec<VixDiskLibBlock> = Vec::new();
-        for chunk in disk.allocated.range(start / sectors_per_chunk..(start + count).div_ceil(sectors_per_chunk)) {
+        for chunk in disk
+            .allocated
+            .range(start / sectors_per_chunk..(start + count).div_ceil(sectors_per_chunk))
+        {
             let offset = chunk * sectors_per_chunk;
             match runs.last_mut() {
-                Some(last) if last.offset + last.length == offset => last.length += sectors_per_chunk,
-                _ => runs.push(VixDiskLibBlock { offset, length: sectors_per_chunk }),
+                Some(last) if last.offset + last.length == offset => {
+                    last.length += sectors_per_chunk
+                }
+                _ => runs.push(VixDiskLibBlock {
+                    offset,
+                    length: sectors_per_chunk,
+                }),
             }
         }
         g.live("block_lists", 1);
@@ -1113,7 +1222,8 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
 }
 
 fn block_list_layout(n: usize) -> std::alloc::Layout {
-    let size = std::mem::offset_of!(VixDiskLibBlockList, blocks) + n.max(1) * std::mem::size_of::<VixDiskLibBlock>();
+    let size = std::mem::offset_of!(VixDiskLibBlockList, blocks)
+        + n.max(1) * std::mem::size_of::<VixDiskLibBlock>();
     std::alloc::Layout::from_size_align(size, std::mem::align_of::<VixDiskLibBlockList>())
         .unwrap_or(std::alloc::Layout::new::<VixDiskLibBlockList>())
 }
@@ -1152,7 +1262,9 @@ pub unsafe extern "C" fn VixDiskLib_PrepareForAccess(
     let (p, identity) = unsafe { (read_params(params), text(identity)) };
     with_state(|g| {
         g.call("VixDiskLib_PrepareForAccess");
-        let (Some(p), Some(identity)) = (p, identity) else { return VIX_E_INVALID_ARG };
+        let (Some(p), Some(identity)) = (p, identity) else {
+            return VIX_E_INVALID_ARG;
+        };
         if p.vmx_spec.is_none() {
             return VIX_E_INVALID_ARG;
         }
@@ -1169,12 +1281,17 @@ pub unsafe extern "C" fn VixDiskLib_PrepareForAccess(
 /// # Safety
 /// Pointers must be NULL or valid.
 #[no_mangle]
-pub unsafe extern "C" fn VixDiskLib_EndAccess(params: *const VixDiskLibConnectParams, identity: *const c_char) -> VixError {
+pub unsafe extern "C" fn VixDiskLib_EndAccess(
+    params: *const VixDiskLibConnectParams,
+    identity: *const c_char,
+) -> VixError {
     // SAFETY: per the contract.
     let (p, identity) = unsafe { (read_params(params), text(identity)) };
     with_state(|g| {
         g.call("VixDiskLib_EndAccess");
-        let (Some(p), Some(identity)) = (p, identity) else { return VIX_E_INVALID_ARG };
+        let (Some(p), Some(identity)) = (p, identity) else {
+            return VIX_E_INVALID_ARG;
+        };
         if p.vmx_spec.is_none() {
             return VIX_E_INVALID_ARG;
         }
@@ -1257,7 +1374,10 @@ pub unsafe extern "C" fn VixDiskLib_GetMetadataKeys(
         Err(code) => return code,
     };
     let joined = with_state(|g| {
-        let disk = g.handles.get(&(handle as usize)).and_then(|h| g.disks.get(&h.disk))?;
+        let disk = g
+            .handles
+            .get(&(handle as usize))
+            .and_then(|h| g.disks.get(&h.disk))?;
         let mut out = Vec::new();
         for key in disk.metadata.keys() {
             out.extend_from_slice(key.as_bytes());
@@ -1265,7 +1385,9 @@ pub unsafe extern "C" fn VixDiskLib_GetMetadataKeys(
         }
         Some(out)
     });
-    let Some(joined) = joined else { return VIX_E_INVALID_HANDLE };
+    let Some(joined) = joined else {
+        return VIX_E_INVALID_HANDLE;
+    };
     // SAFETY: per the contract (the trailing NUL of copy_out ends the list).
     unsafe { copy_out(&joined, keys, max_len, required_len) }
 }
@@ -1287,9 +1409,14 @@ pub unsafe extern "C" fn VixDiskLib_ReadMetadata(
         Err(code) => return code,
     };
     // SAFETY: per the contract.
-    let Some(key) = (unsafe { text(key) }) else { return VIX_E_INVALID_ARG };
+    let Some(key) = (unsafe { text(key) }) else {
+        return VIX_E_INVALID_ARG;
+    };
     let value = with_state(|g| {
-        let disk = g.handles.get(&(handle as usize)).and_then(|h| g.disks.get(&h.disk))?;
+        let disk = g
+            .handles
+            .get(&(handle as usize))
+            .and_then(|h| g.disks.get(&h.disk))?;
         Some(disk.metadata.get(&key).cloned())
     });
     match value {
@@ -1319,7 +1446,9 @@ pub unsafe extern "C" fn VixDiskLib_WriteMetadata(
         return VIX_E_INVALID_ARG;
     };
     with_state(|g| {
-        let Some(h) = g.handles.get(&(handle as usize)) else { return VIX_E_INVALID_HANDLE };
+        let Some(h) = g.handles.get(&(handle as usize)) else {
+            return VIX_E_INVALID_HANDLE;
+        };
         if h.read_only {
             return VIX_E_FILE_READ_ONLY;
         }

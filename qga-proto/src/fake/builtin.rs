@@ -25,7 +25,11 @@ fn string<'a>(args: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
 fn strings(args: &Map<String, Value>, key: &str) -> Vec<String> {
     args.get(key)
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -37,11 +41,16 @@ fn unb64(args: &Map<String, Value>, key: &str) -> Result<Vec<u8>, Response> {
     let text = string(args, key).unwrap_or_default();
     base64::engine::general_purpose::STANDARD
         .decode(text)
-        .map_err(|_| Response::generic("Guest agent command failed, error was 'Invalid base64 data'"))
+        .map_err(|_| {
+            Response::generic("Guest agent command failed, error was 'Invalid base64 data'")
+        })
 }
 
 fn now_ns() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
 }
 
 fn handle_not_found(handle: i64) -> Response {
@@ -57,7 +66,9 @@ fn user_lookup_failed(user: &str) -> Response {
 /// against the command's parameter list.
 pub(crate) fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) -> Response {
     match name {
-        "guest-sync" | "guest-sync-delimited" => Response::Return(json!(int(args, "id").unwrap_or(0))),
+        "guest-sync" | "guest-sync-delimited" => {
+            Response::Return(json!(int(args, "id").unwrap_or(0)))
+        }
         "guest-ping" => Response::Return(json!({})),
         "guest-get-time" => Response::Return(json!(now_ns().saturating_add(state.clock_offset_ns))),
         "guest-set-time" => {
@@ -73,7 +84,8 @@ pub(crate) fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) 
                 .iter()
                 .map(|c| GuestAgentCommandInfo {
                     name: c.name.clone(),
-                    enabled: c.enabled && (!state.frozen || super::FROZEN_ALLOWED.contains(&c.name.as_str())),
+                    enabled: c.enabled
+                        && (!state.frozen || super::FROZEN_ALLOWED.contains(&c.name.as_str())),
                     success_response: c.success_response,
                 })
                 .collect(),
@@ -81,7 +93,9 @@ pub(crate) fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) 
         "guest-shutdown" => {
             let mode = string(args, "mode").unwrap_or("powerdown");
             if !matches!(mode, "halt" | "powerdown" | "reboot") {
-                return Response::generic(format!("Parameter 'mode' expects halt|powerdown|reboot, not '{mode}'"));
+                return Response::generic(format!(
+                    "Parameter 'mode' expects halt|powerdown|reboot, not '{mode}'"
+                ));
             }
             state.events.push(FakeEvent::Shutdown(mode.to_owned()));
             Response::NoReply
@@ -117,9 +131,11 @@ pub(crate) fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) 
                 handle_not_found(handle)
             }
         }
-        "guest-fsfreeze-status" => {
-            Response::ok(if state.frozen { GuestFsfreezeStatus::Frozen } else { GuestFsfreezeStatus::Thawed })
-        }
+        "guest-fsfreeze-status" => Response::ok(if state.frozen {
+            GuestFsfreezeStatus::Frozen
+        } else {
+            GuestFsfreezeStatus::Thawed
+        }),
         "guest-fsfreeze-freeze" => {
             state.frozen = true;
             Response::Return(json!(state.filesystems.len()))
@@ -127,13 +143,21 @@ pub(crate) fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) 
         "guest-fsfreeze-freeze-list" => {
             let count = match args.get("mountpoints").and_then(Value::as_array) {
                 None => state.filesystems.len(),
-                Some(list) => state.filesystems.iter().filter(|fs| list.iter().any(|m| m.as_str() == Some(&fs.mountpoint))).count(),
+                Some(list) => state
+                    .filesystems
+                    .iter()
+                    .filter(|fs| list.iter().any(|m| m.as_str() == Some(&fs.mountpoint)))
+                    .count(),
             };
             state.frozen = count > 0;
             Response::Return(json!(count))
         }
         "guest-fsfreeze-thaw" => {
-            let count = if state.frozen { state.filesystems.len() } else { 0 };
+            let count = if state.frozen {
+                state.filesystems.len()
+            } else {
+                0
+            };
             state.frozen = false;
             Response::Return(json!(count))
         }
@@ -159,7 +183,9 @@ pub(crate) fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) 
         "guest-get-cpustats" => Response::ok(&state.cpustats),
         "guest-get-load" => Response::ok(&state.load),
         "guest-get-memory-blocks" => Response::ok(&state.memory_blocks),
-        "guest-get-memory-block-info" => Response::ok(GuestMemoryBlockInfo { size: state.memory_block_size }),
+        "guest-get-memory-block-info" => Response::ok(GuestMemoryBlockInfo {
+            size: state.memory_block_size,
+        }),
         "guest-set-memory-blocks" => set_memory_blocks(state, args),
         "guest-set-user-password" => {
             let user = string(args, "username").unwrap_or_default().to_owned();
@@ -167,16 +193,23 @@ pub(crate) fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) 
                 Ok(p) => p,
                 Err(e) => return e,
             };
-            let crypted = args.get("crypted").and_then(Value::as_bool).unwrap_or(false);
+            let crypted = args
+                .get("crypted")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
             let Some(account) = state.accounts.get_mut(&user) else {
-                return Response::generic(format!("child process has failed to set user password: user '{user}' does not exist"));
+                return Response::generic(format!(
+                    "child process has failed to set user password: user '{user}' does not exist"
+                ));
             };
             account.password = Some((Password::new(String::from_utf8_lossy(&password)), crypted));
             Response::Return(json!({}))
         }
         "guest-exec" => exec(state, args),
         "guest-exec-status" => exec_status(state, args),
-        "guest-get-host-name" => Response::ok(GuestHostName { host_name: state.host_name.clone() }),
+        "guest-get-host-name" => Response::ok(GuestHostName {
+            host_name: state.host_name.clone(),
+        }),
         "guest-get-users" => Response::ok(&state.users),
         "guest-get-timezone" => Response::ok(&state.timezone),
         "guest-get-osinfo" => Response::ok(&state.osinfo),
@@ -184,7 +217,9 @@ pub(crate) fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) 
         "guest-ssh-get-authorized-keys" => {
             let user = string(args, "username").unwrap_or_default();
             match state.accounts.get(user) {
-                Some(a) => Response::ok(GuestAuthorizedKeys { keys: a.authorized_keys.clone() }),
+                Some(a) => Response::ok(GuestAuthorizedKeys {
+                    keys: a.authorized_keys.clone(),
+                }),
                 None => user_lookup_failed(user),
             }
         }
@@ -214,7 +249,10 @@ pub(crate) fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) 
             account.authorized_keys.retain(|k| !keys.contains(k));
             Response::Return(json!({}))
         }
-        other => Response::error("CommandNotFound", format!("The command {other} has not been found")),
+        other => Response::error(
+            "CommandNotFound",
+            format!("The command {other} has not been found"),
+        ),
     }
 }
 
@@ -233,22 +271,41 @@ fn file_open(state: &mut FakeState, args: &Map<String, Value>) -> Response {
     };
     let exists = state.files.contains_key(&path);
     if !exists && !create {
-        return Response::generic(format!("failed to open file '{path}' (mode: '{mode}'): No such file or directory"));
+        return Response::generic(format!(
+            "failed to open file '{path}' (mode: '{mode}'): No such file or directory"
+        ));
     }
     if !exists || truncate {
         let parent_ok = match path.rsplit_once('/') {
             Some(("", _)) => true,
-            Some((dir, _)) => state.files.keys().any(|f| f.starts_with(&format!("{dir}/"))) || dir == "/tmp",
+            Some((dir, _)) => {
+                state
+                    .files
+                    .keys()
+                    .any(|f| f.starts_with(&format!("{dir}/")))
+                    || dir == "/tmp"
+            }
             None => false,
         };
         if !parent_ok {
-            return Response::generic(format!("failed to open file '{path}' (mode: '{mode}'): No such file or directory"));
+            return Response::generic(format!(
+                "failed to open file '{path}' (mode: '{mode}'): No such file or directory"
+            ));
         }
         state.files.insert(path.clone(), Vec::new());
     }
     let handle = state.next_handle;
     state.next_handle += 1;
-    state.open_files.insert(handle, OpenFile { path, position: 0, readable, writable, append });
+    state.open_files.insert(
+        handle,
+        OpenFile {
+            path,
+            position: 0,
+            readable,
+            writable,
+            append,
+        },
+    );
     Response::Return(json!(handle))
 }
 
@@ -264,7 +321,11 @@ fn file_read(state: &mut FakeState, args: &Map<String, Value>) -> Response {
     if !file.readable {
         return Response::generic("failed to read file: Bad file descriptor");
     }
-    let data = state.files.get(&file.path).map(Vec::as_slice).unwrap_or_default();
+    let data = state
+        .files
+        .get(&file.path)
+        .map(Vec::as_slice)
+        .unwrap_or_default();
     let start = (file.position as usize).min(data.len());
     let end = start.saturating_add(count as usize).min(data.len());
     let chunk = &data[start..end];
@@ -320,7 +381,11 @@ fn file_seek(state: &mut FakeState, args: &Map<String, Value>) -> Response {
             "set" => 0,
             "cur" => file.position as i64,
             "end" => state.files.get(&file.path).map_or(0, |d| d.len() as i64),
-            other => return Response::generic(format!("Parameter 'whence' does not accept value '{other}'")),
+            other => {
+                return Response::generic(format!(
+                    "Parameter 'whence' does not accept value '{other}'"
+                ))
+            }
         },
         _ => return Response::generic("Parameter 'whence' is missing"),
     };
@@ -334,21 +399,32 @@ fn file_seek(state: &mut FakeState, args: &Map<String, Value>) -> Response {
 }
 
 fn set_vcpus(state: &mut FakeState, args: &Map<String, Value>) -> Response {
-    let requested: Vec<GuestLogicalProcessor> = match serde_json::from_value(args.get("vcpus").cloned().unwrap_or_default()) {
-        Ok(v) => v,
-        Err(e) => return Response::generic(format!("Invalid parameter 'vcpus': {e}")),
-    };
+    let requested: Vec<GuestLogicalProcessor> =
+        match serde_json::from_value(args.get("vcpus").cloned().unwrap_or_default()) {
+            Ok(v) => v,
+            Err(e) => return Response::generic(format!("Invalid parameter 'vcpus': {e}")),
+        };
     let mut processed = 0;
     for req in &requested {
-        let Some(cpu) = state.vcpus.iter_mut().find(|c| c.logical_id == req.logical_id) else {
+        let Some(cpu) = state
+            .vcpus
+            .iter_mut()
+            .find(|c| c.logical_id == req.logical_id)
+        else {
             if processed == 0 {
-                return Response::generic(format!("Invalid parameter 'logical-id' ({})", req.logical_id));
+                return Response::generic(format!(
+                    "Invalid parameter 'logical-id' ({})",
+                    req.logical_id
+                ));
             }
             break;
         };
         if !req.online && cpu.can_offline == Some(false) {
             if processed == 0 {
-                return Response::generic(format!("logical processor #{} can't be offlined", req.logical_id));
+                return Response::generic(format!(
+                    "logical processor #{} can't be offlined",
+                    req.logical_id
+                ));
             }
             break;
         }
@@ -359,22 +435,39 @@ fn set_vcpus(state: &mut FakeState, args: &Map<String, Value>) -> Response {
 }
 
 fn set_memory_blocks(state: &mut FakeState, args: &Map<String, Value>) -> Response {
-    let requested: Vec<GuestMemoryBlock> = match serde_json::from_value(args.get("mem-blks").cloned().unwrap_or_default()) {
-        Ok(v) => v,
-        Err(e) => return Response::generic(format!("Invalid parameter 'mem-blks': {e}")),
-    };
+    let requested: Vec<GuestMemoryBlock> =
+        match serde_json::from_value(args.get("mem-blks").cloned().unwrap_or_default()) {
+            Ok(v) => v,
+            Err(e) => return Response::generic(format!("Invalid parameter 'mem-blks': {e}")),
+        };
     let results: Vec<GuestMemoryBlockResponse> = requested
         .iter()
-        .map(|req| match state.memory_blocks.iter_mut().find(|b| b.phys_index == req.phys_index) {
-            None => GuestMemoryBlockResponse { phys_index: req.phys_index, response: GuestMemoryBlockResponseType::NotFound, error_code: None },
-            Some(b) if !req.online && b.can_offline == Some(false) => GuestMemoryBlockResponse {
-                phys_index: req.phys_index,
-                response: GuestMemoryBlockResponseType::OperationFailed,
-                error_code: Some(16), // EBUSY
-            },
-            Some(b) => {
-                b.online = req.online;
-                GuestMemoryBlockResponse { phys_index: req.phys_index, response: GuestMemoryBlockResponseType::Success, error_code: None }
+        .map(|req| {
+            match state
+                .memory_blocks
+                .iter_mut()
+                .find(|b| b.phys_index == req.phys_index)
+            {
+                None => GuestMemoryBlockResponse {
+                    phys_index: req.phys_index,
+                    response: GuestMemoryBlockResponseType::NotFound,
+                    error_code: None,
+                },
+                Some(b) if !req.online && b.can_offline == Some(false) => {
+                    GuestMemoryBlockResponse {
+                        phys_index: req.phys_index,
+                        response: GuestMemoryBlockResponseType::OperationFailed,
+                        error_code: Some(16), // EBUSY
+                    }
+                }
+                Some(b) => {
+                    b.online = req.online;
+                    GuestMemoryBlockResponse {
+                        phys_index: req.phys_index,
+                        response: GuestMemoryBlockResponseType::Success,
+                        error_code: None,
+                    }
+                }
             }
         })
         .collect();
@@ -401,21 +494,39 @@ fn exec(state: &mut FakeState, args: &Map<String, Value>) -> Response {
             GuestExecCaptureOutputMode::Separated => (true, true, false),
             GuestExecCaptureOutputMode::Merged => (true, false, true),
             GuestExecCaptureOutputMode::Other(m) => {
-                return Response::generic(format!("Parameter 'capture-output' does not accept value '{m}'"))
+                return Response::generic(format!(
+                    "Parameter 'capture-output' does not accept value '{m}'"
+                ))
             }
         },
-        Some(_) => return Response::generic("Invalid parameter type for 'capture-output', expected: GuestExecCaptureOutput"),
+        Some(_) => {
+            return Response::generic(
+                "Invalid parameter type for 'capture-output', expected: GuestExecCaptureOutput",
+            )
+        }
     };
     let Some(program) = state.find_program(&path) else {
         return Response::generic(format!(
             "Guest agent command failed, error was 'Failed to execute child process \u{201C}{path}\u{201D} (No such file or directory)'"
         ));
     };
-    let request = ExecRequest { path, args: strings(args, "arg"), env: strings(args, "env"), input };
+    let request = ExecRequest {
+        path,
+        args: strings(args, "arg"),
+        env: strings(args, "env"),
+        input,
+    };
     let outcome = program(&request);
     let pid = state.next_pid;
     state.next_pid += 1;
-    state.processes.insert(pid, FakeProcess { outcome, started: Instant::now(), capture });
+    state.processes.insert(
+        pid,
+        FakeProcess {
+            outcome,
+            started: Instant::now(),
+            capture,
+        },
+    );
     Response::ok(GuestExec { pid })
 }
 
@@ -451,11 +562,18 @@ fn exec_status(state: &mut FakeState, args: &Map<String, Value>) -> Response {
         both.extend(outcome.stderr);
         (Some(cap(both)), None)
     } else {
-        (capture_out.then(|| cap(outcome.stdout)), capture_err.then(|| cap(outcome.stderr)))
+        (
+            capture_out.then(|| cap(outcome.stdout)),
+            capture_err.then(|| cap(outcome.stderr)),
+        )
     };
     Response::ok(GuestExecStatus {
         exited: true,
-        exitcode: if outcome.signal.is_some() { None } else { Some(outcome.exitcode.unwrap_or(0)) },
+        exitcode: if outcome.signal.is_some() {
+            None
+        } else {
+            Some(outcome.exitcode.unwrap_or(0))
+        },
         signal: outcome.signal,
         out_truncated: out.as_ref().map(|(_, t)| *t),
         err_truncated: err.as_ref().map(|(_, t)| *t),

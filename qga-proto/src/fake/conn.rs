@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::{Fault, FakeShared, Response};
+use super::{FakeShared, Fault, Response};
 use crate::cmd::{self, ParamKind};
 use crate::wire::SENTINEL;
 
@@ -35,7 +35,14 @@ pub(crate) struct Connection {
 
 impl Connection {
     pub fn new(shared: FakeShared) -> Self {
-        Connection { shared, buf: Vec::new(), depth: 0, in_string: false, escape: false, hung: false }
+        Connection {
+            shared,
+            buf: Vec::new(),
+            depth: 0,
+            in_string: false,
+            escape: false,
+            hung: false,
+        }
     }
 
     fn reset_lexer(&mut self) {
@@ -61,7 +68,11 @@ impl Connection {
                     String::new()
                 };
                 self.reset_lexer();
-                out.push(Output::Bytes(error_line(None, "GenericError", &format!("JSON parse error, stray '{stray}\u{FFFD}'"))));
+                out.push(Output::Bytes(error_line(
+                    None,
+                    "GenericError",
+                    &format!("JSON parse error, stray '{stray}\u{FFFD}'"),
+                )));
                 continue;
             }
             if self.depth == 0 && self.buf.is_empty() && b.is_ascii_whitespace() {
@@ -69,7 +80,11 @@ impl Connection {
             }
             if self.buf.len() >= MAX_REQUEST {
                 self.reset_lexer();
-                out.push(Output::Bytes(error_line(None, "GenericError", "JSON parse error, request too large")));
+                out.push(Output::Bytes(error_line(
+                    None,
+                    "GenericError",
+                    "JSON parse error, request too large",
+                )));
                 continue;
             }
             self.buf.push(b);
@@ -95,7 +110,9 @@ impl Connection {
                             complete = self.depth == 0;
                         }
                     }
-                    _ if self.depth == 0 && (b.is_ascii_whitespace() || b == b',') => complete = true,
+                    _ if self.depth == 0 && (b.is_ascii_whitespace() || b == b',') => {
+                        complete = true
+                    }
                     _ => {}
                 }
             }
@@ -117,17 +134,31 @@ impl Connection {
             Ok(v) => v,
             Err(_) => {
                 let shown = String::from_utf8_lossy(text);
-                return vec![Output::Bytes(error_line(None, "GenericError", &format!("JSON parse error, stray '{shown}'")))];
+                return vec![Output::Bytes(error_line(
+                    None,
+                    "GenericError",
+                    &format!("JSON parse error, stray '{shown}'"),
+                ))];
             }
         };
         let Value::Object(mut request) = value else {
-            return vec![Output::Bytes(error_line(None, "GenericError", "QMP input must be a JSON object"))];
+            return vec![Output::Bytes(error_line(
+                None,
+                "GenericError",
+                "QMP input must be a JSON object",
+            ))];
         };
         let id = request.remove("id");
-        let reply_err = |class: &str, desc: &str| vec![Output::Bytes(error_line(id.as_ref(), class, desc))];
+        let reply_err =
+            |class: &str, desc: &str| vec![Output::Bytes(error_line(id.as_ref(), class, desc))];
         let name = match request.remove("execute") {
             Some(Value::String(s)) => s,
-            Some(_) => return reply_err("GenericError", "QMP input member 'execute' must be a string"),
+            Some(_) => {
+                return reply_err(
+                    "GenericError",
+                    "QMP input member 'execute' must be a string",
+                )
+            }
             None => {
                 if request.contains_key("exec-oob") {
                     return reply_err("GenericError", "QMP input member 'exec-oob' is unexpected");
@@ -138,10 +169,18 @@ impl Connection {
         let args = match request.remove("arguments") {
             None => Map::new(),
             Some(Value::Object(m)) => m,
-            Some(_) => return reply_err("GenericError", "QMP input member 'arguments' must be an object"),
+            Some(_) => {
+                return reply_err(
+                    "GenericError",
+                    "QMP input member 'arguments' must be an object",
+                )
+            }
         };
         if let Some(extra) = request.keys().next() {
-            return reply_err("GenericError", &format!("QMP input member '{extra}' is unexpected"));
+            return reply_err(
+                "GenericError",
+                &format!("QMP input member '{extra}' is unexpected"),
+            );
         }
 
         let (fault, response) = {
@@ -245,10 +284,16 @@ fn kind_name(kind: ParamKind, param: &str) -> &'static str {
 /// Looks the command up, checks it is enabled and its arguments, then runs it.
 fn dispatch(state: &mut super::FakeState, name: &str, args: Map<String, Value>) -> Response {
     let Some(entry) = state.commands.iter().find(|c| c.name == name) else {
-        return Response::error("CommandNotFound", format!("The command {name} has not been found"));
+        return Response::error(
+            "CommandNotFound",
+            format!("The command {name} has not been found"),
+        );
     };
     if !entry.enabled || (state.frozen && !super::FROZEN_ALLOWED.contains(&name)) {
-        return Response::error("CommandNotFound", format!("Command {name} has been disabled"));
+        return Response::error(
+            "CommandNotFound",
+            format!("Command {name} has been disabled"),
+        );
     }
     if let Some(handler) = state.handlers.get(name).cloned() {
         return handler(state, &Value::Object(args));
@@ -256,17 +301,29 @@ fn dispatch(state: &mut super::FakeState, name: &str, args: Map<String, Value>) 
     if let Some(spec) = cmd::spec(name) {
         for p in spec.params {
             match args.get(p.name) {
-                None if !p.optional => return Response::error("GenericError", format!("Parameter '{}' is missing", p.name)),
+                None if !p.optional => {
+                    return Response::error(
+                        "GenericError",
+                        format!("Parameter '{}' is missing", p.name),
+                    )
+                }
                 Some(v) if !kind_matches(p.kind, v) => {
                     return Response::error(
                         "GenericError",
-                        format!("Invalid parameter type for '{}', expected: {}", p.name, kind_name(p.kind, p.name)),
+                        format!(
+                            "Invalid parameter type for '{}', expected: {}",
+                            p.name,
+                            kind_name(p.kind, p.name)
+                        ),
                     )
                 }
                 _ => {}
             }
         }
-        if let Some(extra) = args.keys().find(|k| !spec.params.iter().any(|p| p.name == k.as_str())) {
+        if let Some(extra) = args
+            .keys()
+            .find(|k| !spec.params.iter().any(|p| p.name == k.as_str()))
+        {
             return Response::error("GenericError", format!("Parameter '{extra}' is unexpected"));
         }
     }
@@ -291,7 +348,8 @@ mod tests {
     #[test]
     fn splits_requests_without_newlines_and_echoes_ids() {
         let mut c = Connection::new(FakeAgent::linux().shared());
-        let out = bytes(c.receive(br#"{"execute":"guest-ping","id":1}{"execute":"guest-ping","id":2}"#));
+        let out =
+            bytes(c.receive(br#"{"execute":"guest-ping","id":1}{"execute":"guest-ping","id":2}"#));
         assert_eq!(out, b"{\"id\":1,\"return\":{}}\n{\"id\":2,\"return\":{}}\n");
     }
 
@@ -310,11 +368,26 @@ mod tests {
         let cases: &[(&[u8], &str)] = &[
             (b"[1,2]", "QMP input must be a JSON object"),
             (b"{\"arguments\": {}}", "QMP input lacks member 'execute'"),
-            (b"{\"execute\": \"guest-ping\", \"foo\": 1}", "QMP input member 'foo' is unexpected"),
-            (b"{\"execute\": \"guest-sync\"}", "Parameter 'id' is missing"),
-            (b"{\"execute\": \"guest-sync\", \"arguments\": {\"id\": \"x\"}}", "Invalid parameter type for 'id', expected: integer"),
-            (b"{\"execute\": \"guest-ping\", \"arguments\": {\"bogus\": 1}}", "Parameter 'bogus' is unexpected"),
-            (b"{\"execute\": \"guest-no-such-command\"}", "The command guest-no-such-command has not been found"),
+            (
+                b"{\"execute\": \"guest-ping\", \"foo\": 1}",
+                "QMP input member 'foo' is unexpected",
+            ),
+            (
+                b"{\"execute\": \"guest-sync\"}",
+                "Parameter 'id' is missing",
+            ),
+            (
+                b"{\"execute\": \"guest-sync\", \"arguments\": {\"id\": \"x\"}}",
+                "Invalid parameter type for 'id', expected: integer",
+            ),
+            (
+                b"{\"execute\": \"guest-ping\", \"arguments\": {\"bogus\": 1}}",
+                "Parameter 'bogus' is unexpected",
+            ),
+            (
+                b"{\"execute\": \"guest-no-such-command\"}",
+                "The command guest-no-such-command has not been found",
+            ),
         ];
         for (req, desc) in cases {
             let out = String::from_utf8(bytes(c.receive(req))).unwrap();

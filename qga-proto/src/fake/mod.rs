@@ -56,7 +56,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-pub use self::state::{Account, ExecOutcome, ExecRequest, FakeCommand, FakeEvent, FakeState, OpenFile, Program};
+pub use self::state::{
+    Account, ExecOutcome, ExecRequest, FakeCommand, FakeEvent, FakeState, OpenFile, Program,
+};
 use crate::client::Client;
 use crate::session::ClientConfig;
 
@@ -81,7 +83,10 @@ pub enum Response {
 impl Response {
     /// An error response.
     pub fn error(class: &str, desc: impl Into<String>) -> Self {
-        Response::Error { class: class.to_owned(), desc: desc.into() }
+        Response::Error {
+            class: class.to_owned(),
+            desc: desc.into(),
+        }
     }
 
     /// A `GenericError` response.
@@ -126,7 +131,9 @@ pub(crate) struct FakeShared(Arc<Mutex<FakeState>>);
 impl FakeShared {
     pub(crate) fn lock(&self) -> MutexGuard<'_, FakeState> {
         // A panicking handler must not take the whole fake down with it.
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -145,7 +152,9 @@ impl FakeAgent {
 
     /// A fake with the given state.
     pub fn with_state(state: FakeState) -> Self {
-        FakeAgent { shared: FakeShared(Arc::new(Mutex::new(state))) }
+        FakeAgent {
+            shared: FakeShared(Arc::new(Mutex::new(state))),
+        }
     }
 
     pub(crate) fn shared(&self) -> FakeShared {
@@ -178,7 +187,9 @@ impl FakeAgent {
 
     /// Applies `fault` to the next request for command `name`.
     pub fn fault_on(&self, name: &str, fault: Fault) -> &Self {
-        self.state().faults.push_back((Some(name.to_owned()), fault));
+        self.state()
+            .faults
+            .push_back((Some(name.to_owned()), fault));
         self
     }
 
@@ -218,11 +229,16 @@ impl FakeAgent {
     }
 
     /// Like [`connect_blocking`](Self::connect_blocking) with settings.
-    pub fn connect_blocking_with(self, config: ClientConfig) -> std::io::Result<Client<UnixStream>> {
+    pub fn connect_blocking_with(
+        self,
+        config: ClientConfig,
+    ) -> std::io::Result<Client<UnixStream>> {
         let open = move || -> std::io::Result<UnixStream> {
             let (client, server) = UnixStream::pair()?;
             let agent = self.clone();
-            std::thread::Builder::new().name("qga-fake-agent".into()).spawn(move || agent.serve_blocking(server))?;
+            std::thread::Builder::new()
+                .name("qga-fake-agent".into())
+                .spawn(move || agent.serve_blocking(server))?;
             Ok(client)
         };
         let stream = open()?;
@@ -251,7 +267,8 @@ mod async_side {
                 for output in conn.receive(&buf[..n]) {
                     match output {
                         conn::Output::Bytes(b) => {
-                            if stream.write_all(&b).await.is_err() || stream.flush().await.is_err() {
+                            if stream.write_all(&b).await.is_err() || stream.flush().await.is_err()
+                            {
                                 return;
                             }
                         }
@@ -292,7 +309,10 @@ mod async_side {
 
 impl FakeState {
     pub(crate) fn take_fault(&mut self, name: &str) -> Option<Fault> {
-        let index = self.faults.iter().position(|(target, _)| target.as_deref().map_or(true, |t| t == name))?;
+        let index = self
+            .faults
+            .iter()
+            .position(|(target, _)| target.as_deref().map_or(true, |t| t == name))?;
         self.faults.remove(index).map(|(_, f)| f)
     }
 }

@@ -87,7 +87,11 @@ pub struct ExecOutcome {
 impl ExecOutcome {
     /// Exit with `code` after writing `stdout`.
     pub fn exit(code: i64, stdout: impl Into<Vec<u8>>) -> Self {
-        ExecOutcome { exitcode: Some(code), stdout: stdout.into(), ..Default::default() }
+        ExecOutcome {
+            exitcode: Some(code),
+            stdout: stdout.into(),
+            ..Default::default()
+        }
     }
 }
 
@@ -200,7 +204,11 @@ impl FakeState {
             c.enabled = enabled;
         } else {
             let success_response = crate::cmd::spec(name).map_or(true, |s| s.success_response);
-            self.commands.push(FakeCommand { name: name.to_owned(), enabled, success_response });
+            self.commands.push(FakeCommand {
+                name: name.to_owned(),
+                enabled,
+                success_response,
+            });
         }
     }
 
@@ -237,7 +245,9 @@ impl FakeState {
         if path.contains('/') {
             return self.programs.get(path).cloned();
         }
-        ["/usr/bin/", "/bin/"].iter().find_map(|dir| self.programs.get(&format!("{dir}{path}")).cloned())
+        ["/usr/bin/", "/bin/"]
+            .iter()
+            .find_map(|dir| self.programs.get(&format!("{dir}{path}")).cloned())
     }
 
     /// The state of a small Debian 12 guest running qemu-ga 10.0.
@@ -246,11 +256,20 @@ impl FakeState {
             .iter()
             // Windows-only; compiled out of Linux builds since 9.1.
             .filter(|c| c.name != "guest-get-devices")
-            .map(|c| FakeCommand { name: c.name.to_owned(), enabled: true, success_response: c.success_response })
+            .map(|c| FakeCommand {
+                name: c.name.to_owned(),
+                enabled: true,
+                success_response: c.success_response,
+            })
             .collect();
 
         let disk_address = GuestDiskAddress {
-            pci_controller: GuestPCIAddress { domain: 0, bus: 0, slot: 2, function: 0 },
+            pci_controller: GuestPCIAddress {
+                domain: 0,
+                bus: 0,
+                slot: 2,
+                function: 0,
+            },
             bus_type: GuestDiskBusType::Virtio,
             bus: 0,
             target: 0,
@@ -263,7 +282,12 @@ impl FakeState {
         accounts.insert("root".to_owned(), Account::default());
         accounts.insert(
             "debian".to_owned(),
-            Account { password: None, authorized_keys: vec!["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTests debian@host".into()] },
+            Account {
+                password: None,
+                authorized_keys: vec![
+                    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyForTests debian@host".into(),
+                ],
+            },
         );
         let mut files = BTreeMap::new();
         files.insert("/etc/hostname".to_owned(), b"fake-guest\n".to_vec());
@@ -289,17 +313,32 @@ impl FakeState {
                 variant_id: None,
             },
             host_name: "fake-guest".into(),
-            timezone: GuestTimezone { zone: Some("UTC".into()), offset: 0 },
+            timezone: GuestTimezone {
+                zone: Some("UTC".into()),
+                offset: 0,
+            },
             clock_offset_ns: 0,
-            users: vec![GuestUser { user: "debian".into(), domain: None, login_time: 1_700_000_000.25 }],
+            users: vec![GuestUser {
+                user: "debian".into(),
+                domain: None,
+                login_time: 1_700_000_000.25,
+            }],
             accounts,
             interfaces: vec![
                 GuestNetworkInterface {
                     name: "lo".into(),
                     hardware_address: Some("00:00:00:00:00:00".into()),
                     ip_addresses: Some(vec![
-                        GuestIpAddress { ip_address: "127.0.0.1".into(), ip_address_type: GuestIpAddressType::Ipv4, prefix: 8 },
-                        GuestIpAddress { ip_address: "::1".into(), ip_address_type: GuestIpAddressType::Ipv6, prefix: 128 },
+                        GuestIpAddress {
+                            ip_address: "127.0.0.1".into(),
+                            ip_address_type: GuestIpAddressType::Ipv4,
+                            prefix: 8,
+                        },
+                        GuestIpAddress {
+                            ip_address: "::1".into(),
+                            ip_address_type: GuestIpAddressType::Ipv6,
+                            prefix: 128,
+                        },
                     ]),
                     statistics: Some(GuestNetworkInterfaceStat {
                         rx_bytes: 3193,
@@ -396,12 +435,30 @@ impl FakeState {
                     })
                 })
                 .collect(),
-            load: GuestLoadAverage { load1m: 0.08, load5m: 0.03, load15m: 0.01 },
+            load: GuestLoadAverage {
+                load1m: 0.08,
+                load5m: 0.03,
+                load15m: 0.01,
+            },
             vcpus: vec![
-                GuestLogicalProcessor { logical_id: 0, online: true, can_offline: Some(false) },
-                GuestLogicalProcessor { logical_id: 1, online: true, can_offline: Some(true) },
+                GuestLogicalProcessor {
+                    logical_id: 0,
+                    online: true,
+                    can_offline: Some(false),
+                },
+                GuestLogicalProcessor {
+                    logical_id: 1,
+                    online: true,
+                    can_offline: Some(true),
+                },
             ],
-            memory_blocks: (0..8).map(|i| GuestMemoryBlock { phys_index: i, online: true, can_offline: Some(i > 0) }).collect(),
+            memory_blocks: (0..8)
+                .map(|i| GuestMemoryBlock {
+                    phys_index: i,
+                    online: true,
+                    can_offline: Some(i > 0),
+                })
+                .collect(),
             memory_block_size: 128 * 1024 * 1024,
             files,
             open_files: BTreeMap::new(),
@@ -436,9 +493,17 @@ fn install_programs(state: &mut FakeState) {
     state.program("/bin/true", |_| ExecOutcome::exit(0, Vec::new()));
     state.program("/bin/false", |_| ExecOutcome::exit(1, Vec::new()));
     state.program("/bin/sleep", |r| {
-        let secs = r.args.first().and_then(|a| a.parse::<f64>().ok()).filter(|s| s.is_finite() && *s >= 0.0);
+        let secs = r
+            .args
+            .first()
+            .and_then(|a| a.parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0);
         match secs {
-            Some(s) => ExecOutcome { exitcode: Some(0), runtime: Duration::from_secs_f64(s.min(3600.0)), ..Default::default() },
+            Some(s) => ExecOutcome {
+                exitcode: Some(0),
+                runtime: Duration::from_secs_f64(s.min(3600.0)),
+                ..Default::default()
+            },
             None => ExecOutcome {
                 exitcode: Some(1),
                 stderr: b"sleep: invalid time interval\n".to_vec(),
@@ -450,14 +515,30 @@ fn install_programs(state: &mut FakeState) {
     state.program("/bin/sh", |r| {
         let script = match r.args.as_slice() {
             [flag, script, ..] if flag == "-c" => script.trim(),
-            _ => return ExecOutcome { exitcode: Some(2), stderr: b"sh: only -c is supported by the fake\n".to_vec(), ..Default::default() },
+            _ => {
+                return ExecOutcome {
+                    exitcode: Some(2),
+                    stderr: b"sh: only -c is supported by the fake\n".to_vec(),
+                    ..Default::default()
+                }
+            }
         };
-        if let Some(code) = script.strip_prefix("exit ").and_then(|c| c.trim().parse().ok()) {
+        if let Some(code) = script
+            .strip_prefix("exit ")
+            .and_then(|c| c.trim().parse().ok())
+        {
             return ExecOutcome::exit(code, Vec::new());
         }
         if script == "kill -TERM $$" {
-            return ExecOutcome { signal: Some(15), ..Default::default() };
+            return ExecOutcome {
+                signal: Some(15),
+                ..Default::default()
+            };
         }
-        ExecOutcome { exitcode: Some(127), stderr: format!("sh: 1: {script}: not found\n").into_bytes(), ..Default::default() }
+        ExecOutcome {
+            exitcode: Some(127),
+            stderr: format!("sh: 1: {script}: not found\n").into_bytes(),
+            ..Default::default()
+        }
     });
 }

@@ -1,0 +1,337 @@
+//! The VMware backdoor on real hardware: the only module of the crate with `unsafe` code.
+//!
+//! [`HardwareBackdoor::open`] reads CPUID, decides with [`detect`](super::detect) whether this
+//! is VMware, and probes the backdoor once in a forked child process, so that a host that
+//! refuses ring-3 access (a fault: SIGSEGV for the port, SIGILL for a hypercall) kills the
+//! child, not the caller. Only then can a [`HardwareBackdoor`] exist, so the instructions below
+//! never run where they could fault.
+//!
+//! x86-64 Linux only; on every other target `open` returns [`Error::NotRunningInVm`].
+
+use std::path::Path;
+
+use super::detect::{self, CpuidFacts, Interface};
+use super::{Backdoor, Registers};
+use crate::{Error, Result};
+
+/// I/O port of low-bandwidth calls.
+pub const PORT_LOW_BANDWIDTH: u16 = 0x5658;
+/// I/O port of high-bandwidth transfers.
+pub const PORT_HIGH_BANDWIDTH: u16 = 0x5659;
+/// `BDOOR_CMD_GETVERSION`.
+pub const CMD_GET_VERSION: u16 = 10;
+
+/// Hypercall flags in DX (they replace the port number): low bandwidth.
+const HYPERCALL_LOW_BANDWIDTH: u32 = 0;
+/// Hypercall flags: high bandwidth, host to guest.
+const HYPERCALL_HB_READ: u32 = 1;
+/// Hypercall flags: high bandwidth, guest to host.
+const HYPERCALL_HB_WRITE: u32 = 3;
+
+/// How long the probe child may take before it is killed and the backdoor deemed unusable.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The backdoor of the VMware host this program runs on.
+///
+/// It can only be obtained from [`HardwareBackdoor::open`], which proves the backdoor works
+/// first.
+#[derive(Debug)]
+pub struct HardwareBackdoor {
+    interface: Interface,
+}
+
+impl HardwareBackdoor {
+    /// Detects VMware (CPUID, else DMI under `/`) and probes the backdoor.
+    pub fn open() -> Result<HardwareBackdoor> {
+        HardwareBackdoor::open_with_root(Path::new("/"))
+    }
+
+    /// Like [`open`](HardwareBackdoor::open), reading DMI under `root`.
+    ///
+    /// Errors: [`Error::NotRunningInVm`] when CPUID/DMI do not say VMware or the backdoor
+    /// does not answer with VMware's magic; [`Error::BackdoorDenied`] when VMware is there but
+    /// the probe faulted (restricted backdoor, confidential VM) or could not run.
+    pub fn open_with_root(root: &Path) -> Result<HardwareBackdoor> {
+        let interface = detect::select_interface(&read_cpuid(), detect::dmi_says_vmware(root))?;
+        arch::probe(interface)?;
+        Ok(HardwareBackdoor { interface })
+    }
+
+    /// The instruction this host wants.
+    pub fn interface(&self) -> Interface {
+        self.interface
+    }
+}
+
+impl Backdoor for HardwareBackdoor {
+    fn call(&mut self, registers: Registers) -> Registers {
+        arch::low_bandwidth(self.interface, registers)
+    }
+
+    fn send_high_bandwidth(&mut self, registers: Registers, data: &[u8]) -> Registers {
+        arch::send_high_bandwidth(self.interface, registers, data)
+    }
+
+    fn receive_high_bandwidth(&mut self, registers: Registers, buffer: &mut [u8]) -> Registers {
+        arch::receive_high_bandwidth(self.interface, registers, buffer)
+    }
+}
+
+/// Reads the CPUID leaves detection needs (all zero off x86-64).
+pub fn read_cpuid() -> CpuidFacts {
+    arch::read_cpuid()
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+mod arch {
+    use std::arch::asm;
+    use std::arch::x86_64::{CpuidResult, __cpuid};
+    use std::time::Instant;
+
+    use super::*;
+    use crate::vmware::BDOOR_MAGIC;
+
+    fn cpuid(leaf: u32) -> CpuidResult {
+        // SAFETY: CPUID exists on every x86-64 CPU and only reads identification registers.
+        // (`__cpuid` is a safe function on newer compilers, an unsafe one on the minimum
+        // supported version.)
+        #[allow(unused_unsafe)]
+        unsafe {
+            __cpuid(leaf)
+        }
+    }
+
+    pub(super) fn read_cpuid() -> CpuidFacts {
+        let hypervisor_bit = cpuid(1).ecx & (1 << 31) != 0;
+        if !hypervisor_bit {
+            return CpuidFacts::default();
+        }
+        let leaf = cpuid(detect::LEAF_HYPERVISOR);
+        let mut vendor = [0u8; 12];
+        vendor[0..4].copy_from_slice(&leaf.ebx.to_le_bytes());
+        vendor[4..8].copy_from_slice(&leaf.ecx.to_le_bytes());
+        vendor[8..12].copy_from_slice(&leaf.edx.to_le_bytes());
+        let vmware_features_ecx = (&vendor == detect::VMWARE_SIGNATURE
+            && leaf.eax >= detect::LEAF_VMWARE_FEATURES)
+            .then(|| cpuid(detect::LEAF_VMWARE_FEATURES).ecx);
+        CpuidFacts {
+            hypervisor_bit,
+            vendor,
+            max_leaf: leaf.eax,
+            vmware_features_ecx,
+        }
+    }
+
+    /// One low-bandwidth call with `$instruction`. RBX cannot be an asm operand (LLVM reserves
+    /// it), so it is swapped with a scratch register around the instruction.
+    macro_rules! low_bandwidth_call {
+        ($instruction:tt, $r:expr, $dx_low:expr) => {{
+            let r: Registers = $r;
+            let mut ebx = u64::from(r.ebx);
+            let (mut eax, mut ecx, mut esi, mut edi) = (r.eax, r.ecx, r.esi, r.edi);
+            let mut edx = (r.edx & 0xFFFF_0000) | $dx_low;
+            // SAFETY: only reached through a `HardwareBackdoor`, which exists only after CPUID
+            // (or DMI) said VMware and a probe of this very call succeeded in a child process,
+            // so the hypervisor handles the instruction instead of faulting. The registers are
+            // all declared (RBX is restored by the second xchg); the call touches no memory of
+            // this process and no stack.
+            unsafe {
+                asm!(
+                    "xchg rbx, {ebx}",
+                    $instruction,
+                    "xchg rbx, {ebx}",
+                    ebx = inout(reg) ebx,
+                    inout("eax") eax,
+                    inout("ecx") ecx,
+                    inout("edx") edx,
+                    inout("esi") esi,
+                    inout("edi") edi,
+                    options(nostack, nomem),
+                );
+            }
+            Registers { eax, ebx: ebx as u32, ecx, edx, esi, edi, ebp: r.ebp }
+        }};
+    }
+
+    pub(super) fn low_bandwidth(interface: Interface, r: Registers) -> Registers {
+        match interface {
+            Interface::IoPort => {
+                low_bandwidth_call!("in eax, dx", r, u32::from(PORT_LOW_BANDWIDTH))
+            }
+            Interface::Vmcall => low_bandwidth_call!("vmcall", r, HYPERCALL_LOW_BANDWIDTH),
+            Interface::Vmmcall => low_bandwidth_call!("vmmcall", r, HYPERCALL_LOW_BANDWIDTH),
+        }
+    }
+
+    /// One high-bandwidth transfer with `$instruction`. RBX and RBP cannot be asm operands, so
+    /// both are swapped with scratch registers around the instruction (no stack is used, so
+    /// the red zone is safe).
+    macro_rules! high_bandwidth_call {
+        ($instruction:tt, $r:expr, $dx_low:expr, $pointer_reg:tt, $pointer:expr, $other_reg:tt, $other:expr, $count:expr, $($memory:ident)?) => {{
+            let r: Registers = $r;
+            let mut ebx = u64::from(r.ebx);
+            let mut ebp = u64::from(r.ebp);
+            let mut eax = r.eax;
+            let mut edx = (r.edx & 0xFFFF_0000) | $dx_low;
+            let mut other: u32 = $other;
+            // SAFETY: as for low-bandwidth calls, the backdoor is known to work here. The
+            // string instruction (or hypercall) moves exactly `count` bytes through the pointer
+            // register, which points at a live buffer of exactly that many bytes, borrowed
+            // (mutably for a receive) for the duration of the call. RBX and RBP are restored by
+            // the second xchg; the direction flag is cleared first as `rep` needs.
+            unsafe {
+                asm!(
+                    "xchg rbx, {ebx}",
+                    "xchg rbp, {ebp}",
+                    "cld",
+                    $instruction,
+                    "xchg rbp, {ebp}",
+                    "xchg rbx, {ebx}",
+                    ebx = inout(reg) ebx,
+                    ebp = inout(reg) ebp,
+                    inout("eax") eax,
+                    inout("rcx") $count => _,
+                    inout("edx") edx,
+                    inout($pointer_reg) $pointer => _,
+                    inout($other_reg) other,
+                    options(nostack $(, $memory)?),
+                );
+            }
+            let _ = other;
+            Registers { eax, ebx: ebx as u32, ecx: 0, edx, esi: 0, edi: 0, ebp: ebp as u32 }
+        }};
+    }
+
+    pub(super) fn send_high_bandwidth(interface: Interface, r: Registers, data: &[u8]) -> Registers {
+        let (pointer, count) = (data.as_ptr() as u64, data.len() as u64);
+        match interface {
+            Interface::IoPort => high_bandwidth_call!(
+                "rep outsb", r, u32::from(PORT_HIGH_BANDWIDTH), "rsi", pointer, "edi", r.edi, count, readonly
+            ),
+            Interface::Vmcall => high_bandwidth_call!(
+                "vmcall", r, HYPERCALL_HB_WRITE, "rsi", pointer, "edi", r.edi, count, readonly
+            ),
+            Interface::Vmmcall => high_bandwidth_call!(
+                "vmmcall", r, HYPERCALL_HB_WRITE, "rsi", pointer, "edi", r.edi, count, readonly
+            ),
+        }
+    }
+
+    pub(super) fn receive_high_bandwidth(
+        interface: Interface,
+        r: Registers,
+        buffer: &mut [u8],
+    ) -> Registers {
+        let (pointer, count) = (buffer.as_mut_ptr() as u64, buffer.len() as u64);
+        match interface {
+            Interface::IoPort => high_bandwidth_call!(
+                "rep insb", r, u32::from(PORT_HIGH_BANDWIDTH), "rdi", pointer, "esi", r.esi, count,
+            ),
+            Interface::Vmcall => high_bandwidth_call!(
+                "vmcall", r, HYPERCALL_HB_READ, "rdi", pointer, "esi", r.esi, count,
+            ),
+            Interface::Vmmcall => high_bandwidth_call!(
+                "vmmcall", r, HYPERCALL_HB_READ, "rdi", pointer, "esi", r.esi, count,
+            ),
+        }
+    }
+
+    fn get_version_registers() -> Registers {
+        let mut registers = Registers::command(CMD_GET_VERSION, 0xFFFF);
+        registers.ebx = !BDOOR_MAGIC;
+        registers
+    }
+
+    /// Runs GETVERSION in a child process and reports how it ended.
+    pub(super) fn probe(interface: Interface) -> Result<()> {
+        // SAFETY: fork has no memory-safety preconditions. In the child (which may be a copy
+        // of a multi-threaded process) only async-signal-safe things happen: one backdoor
+        // instruction on registers and `_exit`, which runs no destructors or atexit handlers.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(Error::BackdoorDenied {
+                detail: format!(
+                    "cannot fork the probe process: {}",
+                    std::io::Error::last_os_error()
+                ),
+            });
+        }
+        if pid == 0 {
+            let out = low_bandwidth(interface, get_version_registers());
+            let code = if out.ebx == BDOOR_MAGIC { 0 } else { 1 };
+            // SAFETY: `_exit` ends the child at once; nothing of the parent's state is touched.
+            unsafe { libc::_exit(code) };
+        }
+        let started = Instant::now();
+        let mut status = 0;
+        loop {
+            // SAFETY: `pid` is our own child and `status` a valid place for the result.
+            let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if reaped == pid {
+                break;
+            }
+            if reaped < 0 {
+                let error = std::io::Error::last_os_error();
+                if error.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::BackdoorDenied {
+                    detail: format!("cannot wait for the probe process: {error}"),
+                });
+            }
+            if started.elapsed() > PROBE_TIMEOUT {
+                // SAFETY: signalling and reaping our own child, which has not been reaped yet.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, &mut status, 0);
+                }
+                return Err(Error::BackdoorDenied {
+                    detail: format!("the probe did not finish within {PROBE_TIMEOUT:?}"),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        if libc::WIFSIGNALED(status) {
+            let signal = libc::WTERMSIG(status);
+            let what = match signal {
+                libc::SIGSEGV => "SIGSEGV: the host refuses ring-3 I/O port access",
+                libc::SIGILL => "SIGILL: the host does not accept the hypercall from ring 3",
+                _ => "an unexpected signal",
+            };
+            return Err(Error::BackdoorDenied {
+                detail: format!("the probe was killed by signal {signal} ({what}, via {interface:?})"),
+            });
+        }
+        match libc::WEXITSTATUS(status) {
+            0 => Ok(()),
+            _ => Err(Error::NotRunningInVm),
+        }
+    }
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+mod arch {
+    use super::*;
+
+    pub(super) fn read_cpuid() -> CpuidFacts {
+        CpuidFacts::default()
+    }
+
+    pub(super) fn probe(_interface: Interface) -> Result<()> {
+        Err(Error::NotRunningInVm)
+    }
+
+    // A `HardwareBackdoor` cannot be constructed here (`probe` always fails), so these are
+    // never called; they answer like a host without a backdoor.
+    pub(super) fn low_bandwidth(_interface: Interface, r: Registers) -> Registers {
+        Registers { eax: u32::MAX, ..r }
+    }
+
+    pub(super) fn send_high_bandwidth(_: Interface, r: Registers, _: &[u8]) -> Registers {
+        Registers { ebx: 0, ..r }
+    }
+
+    pub(super) fn receive_high_bandwidth(_: Interface, r: Registers, _: &mut [u8]) -> Registers {
+        Registers { ebx: 0, ..r }
+    }
+}
