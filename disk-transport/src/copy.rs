@@ -1,8 +1,10 @@
 //! Copying any [`Disk`] to any other, fast.
 //!
-//! One coordinating thread keeps [`CopyOptions::requests_in_flight`] reads and writes going
+//! A few worker threads ([`CopyOptions::threads`], one per CPU by default) pull request-sized
+//! pieces from a shared plan and keep [`CopyOptions::requests_in_flight`] reads and writes going
 //! through [`Disk::submit_read`]/[`Disk::submit_write`]: a completed read is handed straight to
-//! the destination, a completed write frees its buffer for the next read. Ranges the source
+//! the destination, a completed write frees its buffer for the next read. The calling thread
+//! only sums progress and calls the callback. Ranges the source
 //! reports as zero or holes ([`Disk::allocated_extents`]) are never read; they are zeroed on the
 //! destination (`write_zeroes`, cheap on NBD and files), or skipped entirely when the caller
 //! knows the destination is already zero. Read buffers that turn out all-zero are zeroed the

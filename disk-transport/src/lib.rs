@@ -69,6 +69,8 @@
 //!
 //! - `nbd` (default): `disk_transport::nbd`, a pure-Rust NBD client.
 //! - `file` (default): `disk_transport::file`, raw image files with `O_DIRECT` and `SEEK_DATA`/`SEEK_HOLE`.
+//! - `vddk` (default): `disk_transport::vddk`, VMware VDDK (`libvixDiskLib.so`) loaded at run time;
+//!   nothing is linked, so it builds everywhere.
 //! - `mock`: mockall mocks of the traits (`MockDiskTransport`, `MockConnection`, `MockDisk`).
 
 // The only unsafe code allowed is the FFI layer of a VDDK backend (`vddk::ffi`), which must opt in
@@ -93,7 +95,7 @@ pub mod uri;
 pub mod file;
 #[cfg(feature = "nbd")]
 pub mod nbd;
-#[cfg(feature = "vddk")]
+#[cfg(all(feature = "vddk", unix))]
 pub mod vddk;
 
 pub use access::AccessGuard;

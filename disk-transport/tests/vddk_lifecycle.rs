@@ -1,7 +1,7 @@
 //! A whole VDDK session in one process, in order: InitEx, connections, disks, I/O, errors,
 //! access guards — then every resource the library handed out must be back, every handle
 //! closed, no rule broken, and `shutdown` must call `VixDiskLib_Exit` exactly once.
-#![cfg(feature = "vddk")]
+#![cfg(all(feature = "vddk", target_os = "linux"))]
 
 mod vddk_support;
 
@@ -61,7 +61,7 @@ fn session_releases_everything_and_exit_runs_once() {
     );
     assert_eq!(
         count(&stats["calls"]["VixDiskLib_Disconnect"]),
-        2,
+        1,
         "{stats}"
     );
 

@@ -1,6 +1,6 @@
 //! Finding and initialising the library: clear errors for a missing library, a library that is
 //! not VDDK, an unreadable configuration file and a failing InitEx — and a clean retry after.
-#![cfg(feature = "vddk")]
+#![cfg(all(feature = "vddk", target_os = "linux"))]
 
 mod vddk_support;
 

@@ -2,7 +2,7 @@
 //!
 //! All tests of this file share one process and therefore one InitEx; they use distinct disk
 //! names and VM MoRefs so their counters in the stand-in do not mix.
-#![cfg(feature = "vddk")]
+#![cfg(all(feature = "vddk", target_os = "linux"))]
 
 mod vddk_support;
 
@@ -73,6 +73,14 @@ fn init_ex_runs_once_and_lists_transport_modes() {
         ]
     );
     assert_eq!(disk_transport::vddk::loaded_library().as_ref(), Some(info));
+    assert_eq!(
+        disk_transport::vddk::find_library(Some(&fixture.libdir)),
+        Some((fixture.libdir.join("lib64/libvixDiskLib.so.8"), Some(8)))
+    );
+    assert_eq!(
+        disk_transport::vddk::find_library(Some(std::path::Path::new("/nonexistent"))),
+        None
+    );
 }
 
 #[test]
@@ -153,6 +161,14 @@ fn local_disk_reads_writes_flushes_and_describes_itself() {
     assert_eq!(count(&d["queries"]), 1, "the extents probe: {d}");
     assert_eq!(count(&d["flushes"]), 1);
     assert_eq!(count(&d["opens"]), 1);
+    // The SDK's own statistics of VDDK calls (shared by all tests of this process, hence >=).
+    let calls = disk_transport::vddk::call_stats();
+    let of = |f: &str| calls.iter().find(|c| c.function == f).cloned().unwrap();
+    assert!(of("VixDiskLib_Read").calls >= 3);
+    assert!(of("VixDiskLib_Read").bytes >= 8192 + (3 << 20));
+    assert!(of("VixDiskLib_Write").bytes >= 8192 + (3 << 20));
+    assert!(of("VixDiskLib_Open").calls >= 1 && of("VixDiskLib_InitEx").calls == 1);
+    assert!(calls.windows(2).all(|w| w[0].total >= w[1].total));
     drop(disk);
     drop(connection);
     let stats = fixture.stats();
@@ -706,6 +722,16 @@ fn cleanup_and_libdir_conflicts() {
         vddk.connect(&params),
         Err(Error::InvalidParams(_))
     ));
+    // So is another InitEx configuration file; the one in use is fine.
+    let other = fixture.libdir.join("other.conf");
+    std::fs::write(&other, "").unwrap();
+    let err = VddkTransport::new(&fixture.options().config_path(&other)).unwrap_err();
+    assert!(err.to_string().contains("configuration"), "{err}");
+    let same = VddkTransport::new(&fixture.options()).unwrap();
+    assert_eq!(
+        same.library().config_path.as_deref(),
+        Some(std::fs::canonicalize(&fixture.config).unwrap().as_path())
+    );
     // The same directory through the parameters is fine.
     let same = ConnectParams::builder()
         .libdir(&fixture.libdir)
@@ -713,4 +739,57 @@ fn cleanup_and_libdir_conflicts() {
         .unwrap();
     let t = VddkTransport::from_params(&same).unwrap();
     t.connect(&same).unwrap();
+}
+
+#[test]
+fn the_copy_engine_backs_up_a_vddk_disk_and_restores_onto_one() {
+    use disk_transport::copy::{copy, CopyOptions};
+    use disk_transport::memory::MemoryDisk;
+
+    let (fixture, vddk) = shared();
+    let connection = vddk.connect(&local_rw()).unwrap();
+    // Completions arrive on the stand-in's threads after a delay, as over a network.
+    let src = connection
+        .open(
+            "copy-src?size=4194304&async_delay_us=500",
+            OpenFlags::read_write(),
+        )
+        .unwrap();
+    src.write_at(&pattern(65536, 3), 0).unwrap();
+    src.write_at(&pattern(131072, 4), 2 << 20).unwrap();
+
+    let options = CopyOptions::default().request_size(65536);
+    let backup = MemoryDisk::new(4 << 20);
+    let report = copy(src.as_ref(), &backup, &options, &mut |_| {}).unwrap();
+    // Only the allocated chunks were read.
+    assert_eq!(report.progress.read, 65536 + 131072);
+    let (mut a, mut b) = (vec![0u8; 4 << 20], vec![0u8; 4 << 20]);
+    src.read_at(&mut a, 0).unwrap();
+    backup.read_at(&mut b, 0).unwrap();
+    assert!(a == b);
+
+    // And back onto another VDDK disk.
+    let dst = connection
+        .open(
+            "copy-dst?size=4194304&async_delay_us=500",
+            OpenFlags::read_write(),
+        )
+        .unwrap();
+    copy(&backup, dst.as_ref(), &options, &mut |_| {}).unwrap();
+    dst.read_at(&mut a, 0).unwrap();
+    assert!(a == b);
+
+    let stats = fixture.stats();
+    assert!(
+        count(&stats["disks"]["copy-src"]["async_reads"]) >= 3,
+        "{stats}"
+    );
+    assert!(
+        count(&stats["disks"]["copy-dst"]["async_writes"]) >= 3,
+        "{stats}"
+    );
+    assert!(count(&stats["disks"]["copy-dst"]["flushes"]) >= 1);
+    for rule in ["mixed_mode", "handle_concurrency", "close_with_outstanding"] {
+        assert_eq!(count(&stats["violations"][rule]), 0, "{rule}: {stats}");
+    }
 }

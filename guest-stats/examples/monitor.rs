@@ -8,6 +8,7 @@
 //!
 //! or on the real thing: `linux` (any Linux guest) or `vmware` (a VMware guest).
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use guest_stats::fake::FakeGuestStats;
@@ -26,7 +27,18 @@ fn open(backend: &str) -> Result<Box<dyn GuestStats>, Box<dyn std::error::Error>
     })
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("monitor: {error}");
+            // EX_UNAVAILABLE, as vmware-toolbox-cmd exits when the Guest API is missing.
+            ExitCode::from(69)
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let backend = args.next().unwrap_or_else(|| "fake".to_owned());
     let rounds: u32 = args.next().map_or(Ok(5), |n| n.parse())?;

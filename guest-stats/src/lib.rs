@@ -58,6 +58,8 @@ pub mod linux;
 mod sampler;
 mod snapshot;
 mod stat;
+#[cfg(feature = "vmware")]
+pub mod vmware;
 
 pub use error::{Error, ErrorCode, Result};
 pub use sampler::{Interval, Sampler};

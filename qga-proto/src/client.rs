@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::address::Address;
 use crate::cmd::{self, Command};
 use crate::error::{Error, Result};
+use crate::ext::{Backoff, ExecOutput, FILE_CHUNK};
 use crate::session::{decode, Await, Caps, ClientConfig, Session, Step};
 use crate::transport::{CharDevice, Transport};
 use crate::types::GuestAgentInfo;
@@ -141,6 +142,119 @@ impl<S: Transport> Client<S> {
             return decode(C::NAME, Value::Object(Default::default()));
         }
         decode(C::NAME, reply)
+    }
+
+    /// Starts a process, polls `guest-exec-status` with back-off until it
+    /// exits, and returns its decoded output; `timeout` bounds the wait.
+    pub fn exec_wait(
+        &mut self,
+        args: cmd::GuestExecArgs,
+        timeout: Option<Duration>,
+    ) -> Result<ExecOutput> {
+        let pid = self.call::<cmd::GuestExec>(&args)?.pid;
+        let started = Instant::now();
+        let mut backoff = Backoff::new();
+        loop {
+            let status = self.call::<cmd::GuestExecStatus>(&cmd::GuestExecStatusArgs { pid })?;
+            if status.exited {
+                return Ok(ExecOutput::from_status(pid, status));
+            }
+            let mut pause = backoff.next();
+            if let Some(limit) = timeout {
+                let elapsed = started.elapsed();
+                if elapsed >= limit {
+                    return Err(Error::ExecTimeout {
+                        pid,
+                        timeout: limit,
+                    });
+                }
+                pause = pause.min(limit - elapsed);
+            }
+            std::thread::sleep(pause);
+        }
+    }
+
+    /// Reads a whole guest file in [`FILE_CHUNK`] pieces; always closes the handle.
+    pub fn read_file(&mut self, path: &str) -> Result<Vec<u8>> {
+        let handle =
+            self.call::<cmd::GuestFileOpen>(&cmd::GuestFileOpenArgs::new(path).mode("r"))?;
+        let mut data = Vec::new();
+        let result = loop {
+            match self.call::<cmd::GuestFileRead>(&cmd::GuestFileReadArgs {
+                handle,
+                count: Some(FILE_CHUNK as i64),
+            }) {
+                Ok(chunk) => {
+                    data.extend_from_slice(&chunk.buf_b64.0);
+                    if chunk.eof || chunk.count == 0 {
+                        break Ok(());
+                    }
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let closed = self
+            .call::<cmd::GuestFileClose>(&cmd::GuestFileHandleArgs { handle })
+            .map(drop);
+        result.and(closed).map(|()| data)
+    }
+
+    /// Creates or truncates a guest file and writes `data` in [`FILE_CHUNK`]
+    /// pieces; always closes the handle.
+    pub fn write_file(&mut self, path: &str, data: &[u8]) -> Result<()> {
+        let handle =
+            self.call::<cmd::GuestFileOpen>(&cmd::GuestFileOpenArgs::new(path).mode("w"))?;
+        let mut result = Ok(());
+        for chunk in data.chunks(FILE_CHUNK) {
+            let args = cmd::GuestFileWriteArgs {
+                handle,
+                buf_b64: chunk.into(),
+                count: None,
+            };
+            match self.call::<cmd::GuestFileWrite>(&args) {
+                Ok(w) if w.count == chunk.len() as i64 => {}
+                Ok(w) => {
+                    result = Err(Error::Protocol {
+                        detail: format!(
+                            "guest-file-write wrote {} of {} bytes",
+                            w.count,
+                            chunk.len()
+                        ),
+                    });
+                    break;
+                }
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            result = self
+                .call::<cmd::GuestFileFlush>(&cmd::GuestFileHandleArgs { handle })
+                .map(drop);
+        }
+        let closed = self
+            .call::<cmd::GuestFileClose>(&cmd::GuestFileHandleArgs { handle })
+            .map(drop);
+        result.and(closed)
+    }
+
+    /// Freezes filesystems (all, or `mountpoints`); the guard thaws when dropped.
+    pub fn freeze(&mut self, mountpoints: Option<Vec<String>>) -> Result<FreezeGuard<'_, S>> {
+        let frozen = match mountpoints {
+            None => self.call::<cmd::GuestFsfreezeFreeze>(&())?,
+            Some(list) => {
+                self.call::<cmd::GuestFsfreezeFreezeList>(&cmd::GuestFsfreezeFreezeListArgs {
+                    mountpoints: Some(list),
+                })?
+            }
+        };
+        Ok(FreezeGuard {
+            client: self,
+            frozen,
+            armed: true,
+        })
     }
 
     fn drop_connection(&mut self) {
@@ -373,5 +487,37 @@ impl Client<Box<dyn Transport>> {
         let stream = open(address)?;
         let address = address.clone();
         Ok(Self::with_config(stream, config).with_reconnect(move || open(&address)))
+    }
+}
+
+/// Frozen filesystems of a blocking [`Client`]; thaws when dropped.
+#[must_use = "dropping the guard thaws the filesystems at once"]
+#[derive(Debug)]
+pub struct FreezeGuard<'a, S: Transport> {
+    client: &'a mut Client<S>,
+    frozen: i64,
+    armed: bool,
+}
+
+impl<S: Transport> FreezeGuard<'_, S> {
+    /// Number of filesystems the freeze reported.
+    pub fn frozen(&self) -> i64 {
+        self.frozen
+    }
+
+    /// Thaws now; returns the number of filesystems thawed.
+    pub fn thaw(mut self) -> Result<i64> {
+        self.armed = false;
+        self.client.call::<cmd::GuestFsfreezeThaw>(&())
+    }
+}
+
+impl<S: Transport> Drop for FreezeGuard<'_, S> {
+    fn drop(&mut self) {
+        if self.armed {
+            // Nobody is left to report a failure to; the agent's own freeze
+            // timeout (Windows VSS) or the next thaw call recovers.
+            let _ = self.client.call::<cmd::GuestFsfreezeThaw>(&());
+        }
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::agent::GuestAgent;
-use crate::cmd::{self, Command};
+use crate::cmd::Command;
 use crate::error::{Error, Result};
 use crate::types::{GuestExecStatus, GuestFileWhence};
 
@@ -80,12 +80,12 @@ pub trait GuestAgentExt: GuestAgent {
 
     /// Starts a process with `guest-exec`, polls `guest-exec-status` with
     /// back-off until it exits, and returns its decoded output. Add
-    /// [`capture`](cmd::GuestExecArgs::capture) to the arguments to collect
+    /// [`capture`](crate::cmd::GuestExecArgs::capture) to the arguments to collect
     /// stdout and stderr. `timeout` bounds the wait for the exit.
     #[cfg(feature = "tokio")]
     async fn exec_wait(
         &self,
-        args: cmd::GuestExecArgs,
+        args: crate::cmd::GuestExecArgs,
         timeout: Option<Duration>,
     ) -> Result<ExecOutput> {
         let pid = self.exec(args).await?.pid;

@@ -1,5 +1,6 @@
 //! The real clients against the fake agent: every typed method, helpers,
 //! capability checks, silent commands, and desync faults.
+#![cfg(feature = "tokio")]
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -498,5 +499,22 @@ fn blocking_client_against_the_fake() -> qga_proto::Result<()> {
         .call::<cmd::GuestExec>(&cmd::GuestExecArgs::new("/bin/true"))
         .unwrap_err();
     assert!(matches!(err, Error::CommandDisabled { .. }), "{err}");
+    fake.state().enable("guest-exec");
+    client.resync()?;
+    let out = client.exec_wait(
+        cmd::GuestExecArgs::new("/bin/echo")
+            .args(["-n", "hi"])
+            .capture(),
+        Some(Duration::from_secs(5)),
+    )?;
+    assert_eq!(out.stdout, b"hi");
+    client.write_file("/tmp/b", b"blocking")?;
+    assert_eq!(client.read_file("/tmp/b")?, b"blocking");
+    {
+        let guard = client.freeze(None)?;
+        assert_eq!(guard.frozen(), 1);
+        assert!(fake.state().frozen);
+    }
+    assert!(!fake.state().frozen);
     Ok(())
 }

@@ -56,7 +56,12 @@ impl NbdServer {
         Some(NbdServer::spawn(command, socket, String::new(), dir))
     }
 
-    fn spawn(mut command: Command, socket: PathBuf, export: String, dir: tempfile::TempDir) -> Self {
+    fn spawn(
+        mut command: Command,
+        socket: PathBuf,
+        export: String,
+        dir: tempfile::TempDir,
+    ) -> Self {
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -70,7 +75,11 @@ impl NbdServer {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while !server.socket.exists() {
-            if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = server
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("NBD server exited at start with {status}");
             }
             assert!(
@@ -181,7 +190,11 @@ pub fn nbdinfo_map(uri: &str, context: Option<&str>) -> Option<Vec<(u64, u64, u3
             .filter(|l| !l.trim().is_empty())
             .map(|l| {
                 let mut it = l.split_whitespace();
-                let mut next = || it.next().and_then(|v| v.parse().ok()).expect("nbdinfo map line");
+                let mut next = || {
+                    it.next()
+                        .and_then(|v| v.parse().ok())
+                        .expect("nbdinfo map line")
+                };
                 let (o, len, f) = (next(), next(), next());
                 (o, len, f as u32)
             })

@@ -10,6 +10,7 @@
 use std::path::PathBuf;
 
 pub mod disk;
+pub mod qga;
 
 /// Whether the tests run under CI, where every peer must be present.
 pub fn running_in_ci() -> bool {

@@ -25,7 +25,11 @@ fn options(server: &NbdServer, export: &str) -> NbdOptions {
 /// Copies `image` out through qemu-nbd into a new file, then back into a writable qemu-nbd
 /// export, checking sha256 both ways.
 /// qemu-nbd rounds sizes up to 512 bytes, so odd sizes are served by nbdkit.
-fn serve(image: &std::path::Path, read_only: bool, nbdkit: bool) -> Option<(NbdServer, &'static str)> {
+fn serve(
+    image: &std::path::Path,
+    read_only: bool,
+    nbdkit: bool,
+) -> Option<(NbdServer, &'static str)> {
     let path = image.to_str().unwrap();
     match (nbdkit, read_only) {
         (false, true) => NbdServer::qemu_nbd(&["-r", "-f", "raw", path]).map(|s| (s, "disk")),
@@ -71,7 +75,9 @@ fn round_trip(
 
     // And back: file → writable export (pre-filled with garbage so zeroing is checked).
     let back = dir.join("back.img");
-    let garbage: Vec<(u64, usize)> = (0..8).map(|i| (size / 8 * i, 65536.min(size as usize / 8))).collect();
+    let garbage: Vec<(u64, usize)> = (0..8)
+        .map(|i| (size / 8 * i, 65536.min(size as usize / 8)))
+        .collect();
     sparse_image(&back, size, &garbage);
     let Some((server, export)) = serve(&back, false, nbdkit) else {
         return;
@@ -96,7 +102,12 @@ fn copies_random_sparse_and_odd_sized_images_both_ways() {
     sparse_image(
         &sparse,
         256 * MIB,
-        &[(0, 4096), (3 * MIB + 512, 70_000), (100 * MIB, 5 * MIB as usize), (256 * MIB - 4096, 4096)],
+        &[
+            (0, 4096),
+            (3 * MIB + 512, 70_000),
+            (100 * MIB, 5 * MIB as usize),
+            (256 * MIB - 4096, 4096),
+        ],
     );
     round_trip(&sparse, dir.path(), 1, true, false);
 
@@ -110,7 +121,11 @@ fn copies_random_sparse_and_odd_sized_images_both_ways() {
 fn copies_with_multi_conn_and_with_simple_replies() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("random.img");
-    sparse_image(&image, 64 * MIB, &[(0, 8 * MIB as usize), (40 * MIB + 7, 123_457)]);
+    sparse_image(
+        &image,
+        64 * MIB,
+        &[(0, 8 * MIB as usize), (40 * MIB + 7, 123_457)],
+    );
     round_trip(&image, dir.path(), 2, true, false);
     round_trip(&image, dir.path(), 2, true, true);
     round_trip(&image, dir.path(), 1, false, false);
@@ -123,7 +138,11 @@ fn block_status_matches_nbdinfo_map() {
     sparse_image(
         &image,
         64 * MIB,
-        &[(MIB, 4096), (10 * MIB, 3 * MIB as usize), (63 * MIB, MIB as usize)],
+        &[
+            (MIB, 4096),
+            (10 * MIB, 3 * MIB as usize),
+            (63 * MIB, MIB as usize),
+        ],
     );
     let path = image.to_str().unwrap();
     let servers = [
@@ -162,14 +181,24 @@ fn dirty_bitmap_extents_match_nbdinfo() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
     let run = |program: &std::path::Path, args: &[&str]| {
-        let out = std::process::Command::new(program).args(args).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     let path = image.to_str().unwrap();
     run(&qemu_img, &["create", "-q", "-f", "qcow2", path, "64M"]);
     run(&qemu_io, &["-c", "write -P 1 0 1M", path]);
     run(&qemu_img, &["bitmap", "--add", path, "b0"]);
-    run(&qemu_io, &["-c", "write -P 2 8M 128k", "-c", "write -P 3 32M 64k", path]);
+    run(
+        &qemu_io,
+        &["-c", "write -P 2 8M 128k", "-c", "write -P 3 32M 64k", path],
+    );
     let Some(server) = NbdServer::qemu_nbd(&["-r", "-f", "qcow2", "-B", "b0", path]) else {
         return;
     };
@@ -209,7 +238,10 @@ fn nbdkit_memory_read_write_zero_trim_flush() {
     let extents = disk.allocated_extents(0, 16 * MIB).unwrap();
     assert_eq!(extents.last().unwrap().end(), 16 * MIB);
     // Out of range and read-only errors are local and clear.
-    assert!(matches!(disk.read_at(&mut [0u8; 10], 16 * MIB - 5), Err(Error::OutOfRange { .. })));
+    assert!(matches!(
+        disk.read_at(&mut [0u8; 10], 16 * MIB - 5),
+        Err(Error::OutOfRange { .. })
+    ));
     let ro = open_uri(&server.uri(), OpenFlags::read_only()).unwrap();
     assert!(matches!(ro.write_at(&[1], 0), Err(Error::ReadOnly(_))));
 }
@@ -222,8 +254,11 @@ fn unknown_export_and_missing_socket_are_clear_errors() {
     let err = NbdDisk::connect(&options(&server, "no-such-export")).unwrap_err();
     assert!(matches!(err, Error::NotFound(_)), "{err}");
     assert!(err.to_string().contains("no-such-export"), "{err}");
-    let err = open_uri("nbd+unix:///disk?socket=/nonexistent/nbd.sock", OpenFlags::read_only())
-        .unwrap_err();
+    let err = open_uri(
+        "nbd+unix:///disk?socket=/nonexistent/nbd.sock",
+        OpenFlags::read_only(),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("/nonexistent/nbd.sock"), "{err}");
 }
 
@@ -256,18 +291,35 @@ fn server_errors_name_the_offset() {
 
 #[test]
 fn a_stalled_server_times_out_instead_of_hanging() {
-    let Some(server) = NbdServer::nbdkit(&["--filter=delay", "memory", "size=8M", "rdelay=30"]) else {
+    let Some(server) = NbdServer::nbdkit(&["--filter=delay", "memory", "size=8M", "rdelay=30"])
+    else {
         return;
     };
     let disk = NbdDisk::connect(&options(&server, "").timeout(Duration::from_secs(1))).unwrap();
     let started = Instant::now();
     let err = disk.read_at(&mut [0u8; 4096], 8192).unwrap_err();
-    assert!(matches!(err, Error::Timeout { offset: Some(8192), .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Timeout {
+                offset: Some(8192),
+                ..
+            }
+        ),
+        "{err}"
+    );
     // Bounded, not a performance figure: the timeout is 1 s, a hang would be 30 s.
-    assert!(started.elapsed() < Duration::from_secs(15), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
     // The connection is closed afterwards; later calls fail at once.
     let err = disk.read_at(&mut [0u8; 4096], 0).unwrap_err();
-    assert!(matches!(err, Error::Disconnected { .. } | Error::Timeout { .. }), "{err}");
+    assert!(
+        matches!(err, Error::Disconnected { .. } | Error::Timeout { .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -296,17 +348,32 @@ fn killing_the_server_mid_copy_fails_with_the_offset() {
         server.kill();
     });
     let t0 = Instant::now();
-    let result = copy(&src, &dst, &CopyOptions::default().request_size(64 * 1024), &mut |p| {
-        if p.done > 0 {
-            started.store(true, Ordering::SeqCst);
-        }
-    });
+    let result = copy(
+        &src,
+        &dst,
+        &CopyOptions::default().request_size(64 * 1024),
+        &mut |p| {
+            if p.done > 0 {
+                started.store(true, Ordering::SeqCst);
+            }
+        },
+    );
     killer.join().unwrap();
     let err = result.expect_err("a copy from a killed server must not succeed");
     assert!(
-        matches!(err, Error::Disconnected { offset: Some(_), .. } | Error::Io { .. }),
+        matches!(
+            err,
+            Error::Disconnected {
+                offset: Some(_),
+                ..
+            } | Error::Io { .. }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("offset"), "{err}");
-    assert!(t0.elapsed() < Duration::from_secs(30), "took {:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t0.elapsed()
+    );
 }

@@ -12,7 +12,8 @@
 //! * `VMSDK_VM_QGA_VERSION`: `qemu-ga -V` of the agent put into the guest;
 //! * `VMSDK_VM_SOCKET_DIR`: a private directory for the NBD server's socket;
 //! * `VMSDK_VM_DISK_SIZE`: the size of the guest's zero-filled virtio disk (node `disk0`);
-//! * `VMSDK_VM_CPUS`: the number of vCPUs QEMU gave the guest.
+//! * `VMSDK_VM_CPUS`: the number of vCPUs QEMU gave the guest;
+//! * `VMSDK_VM_VMSDK_BIN`: the `vmsdk` CLI, whose `agent` command is run against the guest.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -37,6 +38,11 @@ fn main() -> ExitCode {
             Some(socket) => killed_client(Path::new(socket)),
             None => ExitCode::from(2),
         };
+    }
+    // The expectations' own arithmetic, checked with or without a VM.
+    if let Err(e) = check_expectations() {
+        println!("vm_guest_agent: {e}");
+        return ExitCode::FAILURE;
     }
     let Some(env) = Env::from_environment() else {
         // libtest-style arguments (e.g. `--list` from tooling) need no answer here.
@@ -66,6 +72,10 @@ fn main() -> ExitCode {
         &exec_blocking,
     );
     run("async client: exec_wait", &exec_async);
+    run(
+        "vmsdk agent CLI: osinfo and cpustats over qga+unix://",
+        &cli_agent,
+    );
     run(
         "resync after a client killed mid-command",
         &resync_after_kill,
@@ -97,6 +107,8 @@ struct Env {
     socket_dir: PathBuf,
     /// vCPUs QEMU gave the guest.
     cpus: usize,
+    /// The `vmsdk` CLI built for the host.
+    vmsdk: PathBuf,
     /// Size of the guest's virtio disk (`/dev/vda`), exported over NBD.
     disk_size: u64,
 }
@@ -112,6 +124,7 @@ impl Env {
             socket_dir: var("VMSDK_VM_SOCKET_DIR")?.into(),
             disk_size: var("VMSDK_VM_DISK_SIZE")?.parse().ok()?,
             cpus: var("VMSDK_VM_CPUS")?.parse().ok()?,
+            vmsdk: var("VMSDK_VM_VMSDK_BIN")?.into(),
         })
     }
 
@@ -294,6 +307,42 @@ fn exec_async(env: &Env) -> Step {
     })
 }
 
+/// The facade's `vmsdk agent` command against the same channel, as a user would type it.
+fn cli_agent(env: &Env) -> Step {
+    let uri = format!("qga+unix://{}", env.qga_socket.display());
+    let run = |command: &str| -> Result<Value, String> {
+        let out = Command::new(&env.vmsdk)
+            .args(["agent", &uri, command])
+            .output()
+            .map_err(|e| format!("run {}: {e}", env.vmsdk.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "vmsdk agent {command}: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("vmsdk agent {command} printed invalid JSON: {e}"))
+    };
+    let os = run("osinfo")?;
+    if os["kernel-release"] != json!(env.kernel_release) {
+        return Err(format!("vmsdk agent osinfo: {os}"));
+    }
+    let cpus = run("cpustats")?;
+    let count = cpus.as_array().map_or(0, Vec::len);
+    if count != env.cpus {
+        return Err(format!(
+            "vmsdk agent cpustats: {count} CPUs, expected {}: {cpus}",
+            env.cpus
+        ));
+    }
+    Ok(format!(
+        "kernel-release {} and {count} CPU(s) of guest-get-cpustats",
+        env.kernel_release
+    ))
+}
+
 /// Typed reads of what the guest sees, through the async client: a file written and read back in
 /// chunks, the virtio disk the backup step wrote to, its I/O counters, the vCPUs.
 fn guest_view_async(env: &Env) -> Step {
@@ -404,6 +453,12 @@ fn killed_client(socket: &Path) -> ExitCode {
     let Ok(mut stream) = UnixStream::connect(socket) else {
         return ExitCode::FAILURE;
     };
+    if stream
+        .set_write_timeout(Some(Duration::from_secs(10)))
+        .is_err()
+    {
+        return ExitCode::FAILURE;
+    }
     let whole = b"{\"execute\": \"guest-get-fsinfo\"}\n";
     let half = b"{\"execute\": \"guest-get-osinfo\", \"argum";
     if stream
@@ -581,7 +636,7 @@ fn read_changed_blocks(socket: &Path, image: &[u8], writes: &[(u64, usize)]) -> 
 }
 
 /// The granularity-aligned ranges a set of writes dirties, merged.
-fn dirty_clusters(writes: &[(u64, usize)]) -> Vec<(u64, u64)> {
+fn dirty_clusters(writes: &[GuestWrite]) -> Vec<Extent> {
     let mut clusters: Vec<u64> = writes
         .iter()
         .flat_map(|&(offset, length)| {
@@ -601,6 +656,42 @@ fn dirty_clusters(writes: &[(u64, usize)]) -> Vec<(u64, u64)> {
         }
     }
     ranges
+}
+
+/// A guest write: offset and length in bytes.
+type GuestWrite = (u64, usize);
+/// A disk range: offset and length in bytes.
+type Extent = (u64, u64);
+
+/// The cluster arithmetic and the data pattern the backup step relies on.
+fn check_expectations() -> Result<(), String> {
+    let k = 1024;
+    let cases: [(&[GuestWrite], &[Extent]); 4] = [
+        // Inside one cluster; the whole cluster is dirty.
+        (&[(4 * k, 8192)], &[(0, 64 * k)]),
+        // Straddling a boundary: two clusters, merged into one extent.
+        (&[(64 * k - 1, 2)], &[(0, 128 * k)]),
+        // Exactly one cluster, and a far one: two extents, in order.
+        (
+            &[(1024 * k, 65536), (64 * k, 1)],
+            &[(64 * k, 64 * k), (1024 * k, 64 * k)],
+        ),
+        // Overlapping writes count once.
+        (&[(0, 10), (5, 10)], &[(0, 64 * k)]),
+    ];
+    for (writes, expected) in cases {
+        let got = dirty_clusters(writes);
+        if got != expected {
+            return Err(format!(
+                "dirty_clusters({writes:?}) = {got:?}, expected {expected:?}"
+            ));
+        }
+    }
+    let a = pattern(1, 4096);
+    if a != pattern(1, 4096) || a == pattern(2, 4096) || a.iter().all(|&b| b == a[0]) {
+        return Err("pattern() must be deterministic, differ per seed and not be constant".into());
+    }
+    Ok(())
 }
 
 /// Deterministic, incompressible-looking bytes (xorshift64), different per `seed`.

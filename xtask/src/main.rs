@@ -135,6 +135,15 @@ fn ci() -> Result<(), String> {
             )?;
         }
     }
+    // The end-to-end test in a real virtual machine comes last: it needs the binaries the
+    // steps above built and checked.
+    println!("==> vm-test");
+    let vm_started = Instant::now();
+    vm_test::run(&root)?;
+    println!(
+        "<== vm-test: ok in {:.0} s",
+        vm_started.elapsed().as_secs_f64()
+    );
     println!(
         "xtask ci: all steps passed in {:.0} s",
         started.elapsed().as_secs_f64()
@@ -274,7 +283,15 @@ fn bench_detect(runs: Option<&str>) -> Result<(), String> {
         &root,
         "build vmsdk (release)",
         &cargo,
-        &["build", "--release", "--quiet", "-p", "vmsdk", "--bin", "vmsdk"],
+        &[
+            "build",
+            "--release",
+            "--quiet",
+            "-p",
+            "vmsdk",
+            "--bin",
+            "vmsdk",
+        ],
         &[],
     )?;
     let target = env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), PathBuf::from);
@@ -287,7 +304,11 @@ fn bench_detect(runs: Option<&str>) -> Result<(), String> {
             .output()
             .map_err(|e| format!("could not run {}: {e}", program.display()))?;
         let elapsed = started.elapsed().as_secs_f64() * 1e3;
-        Ok(if out.stdout.is_empty() { f64::NAN } else { elapsed })
+        Ok(if out.stdout.is_empty() {
+            f64::NAN
+        } else {
+            elapsed
+        })
     };
     let mut ours_ms = Vec::with_capacity(runs);
     let mut theirs_ms = Vec::with_capacity(runs);

@@ -1,14 +1,26 @@
-//! `cargo xtask vm-test`: boots a real QEMU virtual machine (software emulation, TCG) and proves
-//! the SDK where it is meant to run.
+//! `cargo xtask vm-test`: boots a real QEMU virtual machine (software emulation, TCG, q35 with
+//! `vmport=on`) and proves the SDK where it is meant to run.
 //!
-//! * Guest: Debian's kernel and a small initramfs (busybox, virtio modules, the Debian qemu-ga,
-//!   `vmsdk` and the `guest_checks` program of `vmsdk-tests`). `/init` runs `guest_checks`, which
-//!   prints `VMSDK-CHECK <name> PASS|FAIL <detail>` lines on the serial console: `vmsdk detect`,
-//!   `vmsdk stats`, and the VMware backdoor's GETVERSION against QEMU's vmport device.
-//! * Host: the `vm_guest_agent` test of `vmsdk-tests` talks to the in-guest qemu-ga through the
-//!   virtio-serial chardev, and to QEMU's QMP socket, and ends the VM with `guest-shutdown`.
+//! * Guest: Debian's own kernel (`apt-get download` + `dpkg -x`, cached) and a small initramfs
+//!   written here (busybox, the virtio modules in dependency order, the Debian qemu-ga and
+//!   systemd-detect-virt with their shared libraries, `vmsdk` and the `guest_checks` program of
+//!   `vmsdk-tests`). `/init` runs `guest_checks`, which prints
+//!   `VMSDK-CHECK <name> PASS|FAIL <detail>` lines on the serial console (captured to
+//!   `<target>/vm-test/console-<profile>.log`); the host requires every expected check to PASS.
+//! * Two boots of the same image ([`Profile`]):
+//!   - `qemu`: QEMU as it is. `vmsdk detect` against systemd-detect-virt, `vmsdk stats` with the
+//!     Linux backend, the backdoor refused under QEMU's CPUID signature. Then the guest starts
+//!     qemu-ga and the host runs the `vm_guest_agent` test of `vmsdk-tests` through the
+//!     virtio-serial chardev and QMP: qga-proto's clients, the `vmsdk agent` CLI, a killed
+//!     client and resync, an incremental backup (dirty bitmap, QEMU's NBD server,
+//!     disk-transport's NBD client), and `guest-shutdown` last, after which QEMU must exit 0.
+//!   - `vmware-dmi`: no CPUID hypervisor bit and a VMware DMI vendor, so guest-stats' own
+//!     detection accepts the backdoor and QEMU's vmport answers it: the fault guard without
+//!     I/O privilege, then GETVERSION through the real `asm!` port I/O after `iopl(3)`.
 //!
-//! Everything is cached under `<target>/vm-test/`, so a second run downloads nothing.
+//! Every wait is bounded; a failure prints the guest console's tail. Everything is cached under
+//! `<target>/vm-test/` (`CARGO_TARGET_DIR` is honoured), so a second run downloads nothing;
+//! delete `<target>/vm-test/kernel` to take a newer Debian kernel.
 
 mod cpio;
 mod initramfs;
@@ -37,14 +49,53 @@ const VM_PACKAGES: &[(&str, &str)] = &[
 /// the block device of the disk checks.
 const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_console", "virtio_blk"];
 
-/// Every check `guest_checks` must report; a missing one is a failure.
-const GUEST_CHECKS: &[&str] = &[
-    "detect",
-    "detect-evidence",
-    "detect-parity",
-    "stats",
-    "backdoor-getversion",
-];
+/// One way of booting the guest: what QEMU pretends to be, and what the guest must report.
+#[derive(Debug)]
+struct Profile {
+    /// `vmsdk.profile=` on the kernel command line; `guest_checks` picks its checks by it.
+    name: &'static str,
+    /// Every check `guest_checks` must report here; a missing one is a failure.
+    checks: &'static [&'static str],
+    /// Extra QEMU arguments.
+    qemu_args: &'static [&'static str],
+    /// Whether the guest starts qemu-ga and the host checks run (else the guest powers off
+    /// after its checks).
+    agent: bool,
+}
+
+/// QEMU as it is: detection, statistics, the library refusing a non-VMware backdoor, then the
+/// guest agent and disk checks from the host.
+const QEMU: Profile = Profile {
+    name: "qemu",
+    checks: &[
+        "detect",
+        "detect-evidence",
+        "detect-parity",
+        "stats",
+        "backdoor-refused",
+    ],
+    qemu_args: &[],
+    agent: true,
+};
+
+/// QEMU dressed as a VMware guest that hides the hypervisor bit (DMI says VMware), so that the
+/// library's own detection accepts the backdoor, which QEMU's vmport device then answers.
+const VMWARE_DMI: Profile = Profile {
+    name: "vmware-dmi",
+    checks: &[
+        "vmware-environment",
+        "detect-parity",
+        "backdoor-guard",
+        "backdoor-getversion",
+    ],
+    qemu_args: &[
+        "-cpu",
+        "qemu64,hypervisor=off",
+        "-smbios",
+        "type=1,manufacturer=VMware,, Inc.,product=VMware Virtual Platform",
+    ],
+    agent: false,
+};
 
 /// The VMX type QEMU's vmport is told to report (default 2); the guest checks it gets this one.
 const VMX_TYPE: u32 = 4;
@@ -66,12 +117,13 @@ const GUEST_CPUS: u32 = 1;
 
 /// One timed step, printed as it starts and ends.
 pub(crate) struct Phase {
-    name: &'static str,
+    name: String,
     started: Instant,
 }
 
 impl Phase {
-    pub(crate) fn start(name: &'static str) -> Phase {
+    pub(crate) fn start(name: impl Into<String>) -> Phase {
+        let name = name.into();
         println!("==> vm-test: {name}");
         Phase {
             name,
@@ -153,13 +205,24 @@ fn run_in(layout: &Layout) -> Result<(), String> {
     let binaries = build_binaries(layout)?;
     let image = layout.cache.join("initramfs.cpio");
     build_image(&kernel, &binaries, &image)?;
-    let console = layout.cache.join("console.log");
-    let vm = Vm::boot(layout, &kernel, &image, &console)?;
-    let outcome = drive(vm, layout, &binaries, &kernel);
-    if outcome.is_err() {
-        print_console_tail(&console);
+    let mut failures = Vec::new();
+    for profile in [&QEMU, &VMWARE_DMI] {
+        let console = layout.cache.join(format!("console-{}.log", profile.name));
+        let vm = Vm::boot(layout, &kernel, &image, &console, profile)?;
+        let found = drive(vm, layout, &binaries, &kernel, profile);
+        if !found.is_empty() {
+            print_console_tail(&console);
+        }
+        failures.extend(found);
     }
-    outcome
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        for failure in &failures {
+            println!("vm-test: FAIL {failure}");
+        }
+        Err(format!("{} vm-test check(s) failed", failures.len()))
+    }
 }
 
 fn install_packages() -> Result<(), String> {
@@ -369,6 +432,10 @@ fi
 echo "VMSDK-STAGE agent-port ${{port:-missing}}"
 /usr/bin/guest_checks --vmsdk /usr/bin/vmsdk
 echo "VMSDK-GUEST-CHECKS-DONE"
+if ! grep -q "vmsdk.agent=1" /proc/cmdline; then
+  sync
+  poweroff -f
+fi
 mkdir -p /run/qemu-ga
 # This agent acts on the throwaway guest, so nothing is blocked: exec and shutdown are tested.
 qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 -t /run/qemu-ga -l /run/qemu-ga/qemu-ga.log &
@@ -392,8 +459,9 @@ impl Vm {
         kernel: &kernel::Kernel,
         image: &Path,
         console: &Path,
+        profile: &Profile,
     ) -> Result<Vm, String> {
-        let phase = Phase::start("boot");
+        let phase = Phase::start(format!("boot ({})", profile.name));
         let qga_socket = layout.sockets.join("qga.sock");
         let qmp_socket = layout.sockets.join("qmp.sock");
         let _ = fs::remove_file(console);
@@ -403,7 +471,10 @@ impl Vm {
             .and_then(|file| file.set_len(DISK_SIZE))
             .map_err(|e| format!("create {}: {e}", disk.display()))?;
         let append = format!(
-            "console=ttyS0 panic=-1 quiet vmsdk.vmx_type={VMX_TYPE} vmsdk.vmx_version={VMX_VERSION}"
+            "console=ttyS0 panic=-1 quiet vmsdk.profile={} vmsdk.agent={} \
+             vmsdk.vmx_type={VMX_TYPE} vmsdk.vmx_version={VMX_VERSION}",
+            profile.name,
+            u8::from(profile.agent)
         );
         let mut command = Command::new("qemu-system-x86_64");
         command
@@ -442,6 +513,7 @@ impl Vm {
                 "-device",
                 "virtserialport,bus=virtio-serial0.0,chardev=qga0,name=org.qemu.guest_agent.0",
             ])
+            .args(profile.qemu_args)
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit());
@@ -546,87 +618,26 @@ impl ConsoleWatch {
     }
 }
 
+/// Runs one boot to its end and returns what failed.
 fn drive(
     mut vm: Vm,
     layout: &Layout,
     binaries: &Binaries,
     kernel: &kernel::Kernel,
-) -> Result<(), String> {
+    profile: &Profile,
+) -> Vec<String> {
     let mut failures = Vec::new();
     let mut watch = ConsoleWatch::new(&vm.console);
-
-    let phase = Phase::start("guest boot and in-guest checks");
-    watch.wait_for(&mut vm, "VMSDK-GUEST-CHECKS-DONE", BOOT_AND_GUEST_CHECKS)?;
-    let mut passed = 0;
-    for name in GUEST_CHECKS {
-        let marker = format!("VMSDK-CHECK {name} ");
-        match watch.find(&marker) {
-            Some(line) if line[marker.len()..].starts_with("PASS") => passed += 1,
-            Some(line) => failures.push(format!("guest check {line}")),
-            None => failures.push(format!("guest check `{name}` reported nothing")),
+    if let Err(e) = guest_checks(&mut vm, &mut watch, profile, &mut failures) {
+        failures.push(e);
+        return failures;
+    }
+    if profile.agent {
+        if let Err(e) = host_checks(&mut vm, &mut watch, layout, binaries, kernel) {
+            failures.push(e);
         }
     }
-    // A check the harness does not know about must not fail unseen either.
-    for line in watch
-        .lines
-        .iter()
-        .filter_map(|l| l.find("VMSDK-CHECK ").map(|at| &l[at..]))
-    {
-        let mut words = line.split_whitespace().skip(1);
-        let (name, status) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-        if status != "PASS" && !GUEST_CHECKS.contains(&name) {
-            failures.push(format!("guest check {line}"));
-        }
-    }
-    phase.done(&format!(
-        "{passed}/{} guest checks passed",
-        GUEST_CHECKS.len()
-    ));
-
-    let phase = Phase::start("agent start");
-    watch.wait_for(&mut vm, "VMSDK-STAGE agent-started", AGENT_START)?;
-    phase.done("qemu-ga running in the guest");
-
-    let phase = Phase::start("host checks through virtio-serial (vm_guest_agent)");
-    let qga_version = Command::new("/usr/sbin/qemu-ga")
-        .arg("-V")
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let mut host = Command::new(&binaries.host_test)
-        .env("VMSDK_VM_QGA_SOCKET", &vm.qga_socket)
-        .env("VMSDK_VM_QMP_SOCKET", &vm.qmp_socket)
-        .env("VMSDK_VM_KERNEL_RELEASE", &kernel.release)
-        .env("VMSDK_VM_QGA_VERSION", qga_version)
-        .env("VMSDK_VM_SOCKET_DIR", &layout.sockets)
-        .env("VMSDK_VM_DISK_SIZE", DISK_SIZE.to_string())
-        .env("VMSDK_VM_CPUS", GUEST_CPUS.to_string())
-        .current_dir(&layout.root)
-        .spawn()
-        .map_err(|e| format!("could not run {}: {e}", binaries.host_test.display()))?;
-    let deadline = Instant::now() + HOST_TESTS;
-    let host_status = loop {
-        watch.poll();
-        match host.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() < deadline => sleep(Duration::from_millis(200)),
-            _ => {
-                let _ = host.kill();
-                let _ = host.wait();
-                break None;
-            }
-        }
-    };
-    match host_status {
-        Some(status) if status.success() => phase.done("all host checks passed"),
-        Some(status) => failures.push(format!("host checks failed ({status})")),
-        None => failures.push(format!(
-            "host checks did not finish within {} s",
-            HOST_TESTS.as_secs()
-        )),
-    }
-
-    let phase = Phase::start("qemu exit after guest-shutdown");
+    let phase = Phase::start(format!("qemu exit ({})", profile.name));
     let deadline = Instant::now() + QEMU_EXIT;
     let exit = loop {
         watch.poll();
@@ -642,19 +653,114 @@ fn drive(
         None => {
             vm.kill();
             failures.push(format!(
-                "QEMU still running {} s after guest-shutdown; killed",
+                "QEMU still running {} s after the guest was told to power off; killed",
                 QEMU_EXIT.as_secs()
             ));
         }
     }
+    failures
+}
 
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        for failure in &failures {
-            println!("vm-test: FAIL {failure}");
+/// Waits for the guest's own checks and collects their verdicts.
+fn guest_checks(
+    vm: &mut Vm,
+    watch: &mut ConsoleWatch,
+    profile: &Profile,
+    failures: &mut Vec<String>,
+) -> Result<(), String> {
+    let phase = Phase::start(format!("guest boot and in-guest checks ({})", profile.name));
+    watch.wait_for(vm, "VMSDK-GUEST-CHECKS-DONE", BOOT_AND_GUEST_CHECKS)?;
+    let mut passed = 0;
+    for name in profile.checks {
+        let marker = format!("VMSDK-CHECK {name} ");
+        match watch.find(&marker) {
+            Some(line) if line[marker.len()..].starts_with("PASS") => passed += 1,
+            Some(line) => failures.push(format!("{}: guest check {line}", profile.name)),
+            None => failures.push(format!(
+                "{}: guest check `{name}` reported nothing",
+                profile.name
+            )),
         }
-        Err(format!("{} vm-test check(s) failed", failures.len()))
+    }
+    // A check the harness does not know about must not fail unseen either.
+    for line in watch
+        .lines
+        .iter()
+        .filter_map(|l| l.find("VMSDK-CHECK ").map(|at| &l[at..]))
+    {
+        let mut words = line.split_whitespace().skip(1);
+        let (name, status) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        if status != "PASS" && !profile.checks.contains(&name) {
+            failures.push(format!("{}: guest check {line}", profile.name));
+        }
+    }
+    if let Some(line) = watch.find("VMSDK-STAGE insmod-failed") {
+        failures.push(format!("{}: {line}", profile.name));
+    }
+    phase.done(&format!(
+        "{passed}/{} guest checks passed",
+        profile.checks.len()
+    ));
+    Ok(())
+}
+
+/// Runs the `vm_guest_agent` test against the guest's qemu-ga; it ends with guest-shutdown.
+fn host_checks(
+    vm: &mut Vm,
+    watch: &mut ConsoleWatch,
+    layout: &Layout,
+    binaries: &Binaries,
+    kernel: &kernel::Kernel,
+) -> Result<(), String> {
+    let phase = Phase::start("agent start");
+    watch.wait_for(vm, "VMSDK-STAGE agent-started", AGENT_START)?;
+    // Without its port the agent cannot answer; say so now rather than after sync timeouts.
+    if watch.find("VMSDK-STAGE agent-port missing").is_some() {
+        return Err("the guest found no org.qemu.guest_agent.0 virtio-serial port".to_owned());
+    }
+    phase.done("qemu-ga running in the guest");
+
+    let phase = Phase::start("host checks through virtio-serial and QMP (vm_guest_agent)");
+    let qga_version = Command::new("/usr/sbin/qemu-ga")
+        .arg("-V")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        .unwrap_or_default();
+    let mut host = Command::new(&binaries.host_test)
+        .env("VMSDK_VM_QGA_SOCKET", &vm.qga_socket)
+        .env("VMSDK_VM_QMP_SOCKET", &vm.qmp_socket)
+        .env("VMSDK_VM_KERNEL_RELEASE", &kernel.release)
+        .env("VMSDK_VM_QGA_VERSION", qga_version)
+        .env("VMSDK_VM_SOCKET_DIR", &layout.sockets)
+        .env("VMSDK_VM_DISK_SIZE", DISK_SIZE.to_string())
+        .env("VMSDK_VM_CPUS", GUEST_CPUS.to_string())
+        .env("VMSDK_VM_VMSDK_BIN", &binaries.vmsdk)
+        .current_dir(&layout.root)
+        .spawn()
+        .map_err(|e| format!("could not run {}: {e}", binaries.host_test.display()))?;
+    let deadline = Instant::now() + HOST_TESTS;
+    let status = loop {
+        watch.poll();
+        match host.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => sleep(Duration::from_millis(200)),
+            _ => {
+                let _ = host.kill();
+                let _ = host.wait();
+                break None;
+            }
+        }
+    };
+    match status {
+        Some(status) if status.success() => {
+            phase.done("all host checks passed");
+            Ok(())
+        }
+        Some(status) => Err(format!("host checks failed ({status})")),
+        None => Err(format!(
+            "host checks did not finish within {} s",
+            HOST_TESTS.as_secs()
+        )),
     }
 }
 

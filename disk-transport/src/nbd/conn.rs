@@ -2,7 +2,7 @@
 //! replies are read by one reader thread that matches them to requests by cookie, so any
 //! number of requests can be in flight.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
@@ -129,10 +129,6 @@ struct Pending {
     error: Option<Error>,
     block_status: Vec<(u32, Vec<(u32, u32)>)>,
     issued: Instant,
-    /// The request (with its payload) has been written completely.
-    sent: bool,
-    /// The reply arrived before `sent`; the writer completes the request.
-    finished: Option<Result<()>>,
     done: Done,
 }
 
@@ -147,9 +143,19 @@ impl Pending {
     }
 }
 
+/// Requests by cookie. A request with a payload belongs to two parties: the writer (until the
+/// payload is sent, because it holds the buffer) and the reader (until the reply arrives);
+/// whichever finishes second completes it. `unsent`, `early` and `returned` hand it over; all
+/// are changed only under the table lock and never removed temporarily.
 #[derive(Default)]
 struct Table {
     pending: HashMap<u64, Pending>,
+    /// Requests whose payload is still being written.
+    unsent: HashSet<u64>,
+    /// Replied requests whose payload was still being written, with their result.
+    early: HashMap<u64, (Pending, Result<()>)>,
+    /// Payload buffers handed back by the writer, for the reader to return on completion.
+    returned: HashMap<u64, Vec<u8>>,
     /// Why the connection is gone; set once, then no request is accepted.
     dead: Option<String>,
 }
@@ -245,8 +251,6 @@ impl Conn {
             error: None,
             block_status: Vec::new(),
             issued: Instant::now(),
-            sent: payload.is_none(),
-            finished: None,
             done,
         };
         {
@@ -262,6 +266,9 @@ impl Conn {
                 return;
             }
             table.pending.insert(cookie, pending);
+            if payload.is_some() {
+                table.unsent.insert(cookie);
+            }
         }
         let header = proto::encode_request(flags, command.code(), cookie, offset, length);
         let sent = {
@@ -272,23 +279,13 @@ impl Conn {
             Ok(()) => {
                 let Some(buf) = payload else { return };
                 let mut table = self.shared.lock();
-                let finished = match table.pending.get_mut(&cookie) {
-                    Some(p) if p.finished.is_some() => true,
-                    Some(p) => {
-                        p.buf = Some(buf);
-                        p.sent = true;
-                        return;
-                    }
-                    // Already failed by the reader when the connection died.
-                    None => return,
-                };
-                if finished {
-                    if let Some(mut p) = table.pending.remove(&cookie) {
-                        drop(table);
-                        let result = p.finished.take().unwrap_or(Ok(()));
-                        p.buf = Some(buf);
-                        p.complete(result);
-                    }
+                table.unsent.remove(&cookie);
+                if let Some((mut p, result)) = table.early.remove(&cookie) {
+                    drop(table);
+                    p.buf = Some(buf);
+                    p.complete(result);
+                } else if table.dead.is_none() {
+                    table.returned.insert(cookie, buf);
                 }
             }
             Err(e) => {
@@ -455,12 +452,16 @@ impl<R: Read> ReplyReader<'_, R> {
     /// Completes a request whose final reply arrived.
     fn finish(&mut self, cookie: u64, mut p: Pending, result: Result<()>) {
         self.in_hand = None;
-        if !p.sent {
+        let mut table = self.shared.lock();
+        if table.unsent.contains(&cookie) {
             // The writer still owns the payload; it completes the request when done.
-            p.finished = Some(result);
-            self.shared.lock().pending.insert(cookie, p);
+            table.early.insert(cookie, (p, result));
             return;
         }
+        if let Some(buf) = table.returned.remove(&cookie) {
+            p.buf = Some(buf);
+        }
+        drop(table);
         p.complete(result);
     }
 
@@ -689,7 +690,10 @@ pub(crate) fn run_reader<R: Read>(stream: R, shared: &Shared) {
             _ => stop_reason(&stop, shared.timeout),
         };
         table.dead.get_or_insert(reason);
-        table.pending.drain().map(|(_, p)| p).collect()
+        table.unsent.clear();
+        table.returned.clear();
+        let early: Vec<Pending> = table.early.drain().map(|(_, (p, _))| p).collect();
+        table.pending.drain().map(|(_, p)| p).chain(early).collect()
     };
     let reason = shared.lock().dead.clone().unwrap_or_default();
     for p in drained {
@@ -742,8 +746,6 @@ pub fn replay_reply_stream(bytes: &[u8], structured: bool) -> usize {
                     error: None,
                     block_status: Vec::new(),
                     issued: Instant::now(),
-                    sent: true,
-                    finished: None,
                     done: Box::new(move |r| {
                         if r.is_ok() {
                             ok.fetch_add(1, Ordering::SeqCst);
@@ -754,10 +756,12 @@ pub fn replay_reply_stream(bytes: &[u8], structured: bool) -> usize {
         }
     }
     run_reader(bytes, &shared);
+    let table = shared.lock();
     assert!(
-        shared.lock().pending.is_empty(),
+        table.pending.is_empty() && table.early.is_empty(),
         "a request was left waiting"
     );
+    drop(table);
     ok.load(Ordering::SeqCst) as usize
 }
 

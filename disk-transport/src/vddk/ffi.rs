@@ -455,6 +455,29 @@ pub type WriteMetadataFn = unsafe extern "C" fn(
     value: *const c_char,
 ) -> VixError;
 
+/// Times one VDDK call for [`call_stats`](super::call_stats); records when dropped.
+struct CallTimer {
+    function: &'static str,
+    bytes: u64,
+    started: std::time::Instant,
+}
+
+impl CallTimer {
+    fn start(function: &'static str, bytes: u64) -> Self {
+        CallTimer {
+            function,
+            bytes,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for CallTimer {
+    fn drop(&mut self) {
+        super::record_call(self.function, self.started.elapsed(), self.bytes);
+    }
+}
+
 /// A failed VDDK call: which function, and its `VixError`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Vix {
@@ -716,6 +739,7 @@ impl Library {
     ) -> Result<(), Vix> {
         // A later InitEx (impossible through the caller) must not replace the first sink.
         let _ = LOG_SINK.set(sink);
+        let _timer = CallTimer::start("VixDiskLib_InitEx", 0);
         // SAFETY: the callbacks have the `VixDiskLibGenericLogFunc` ABI and never unwind;
         // libdir and config are NUL-terminated and outlive the call (VDDK copies them).
         let code = unsafe {
@@ -828,6 +852,7 @@ impl Library {
         )
         .ok_or(None)?;
         let params = self.allocate_params(spec);
+        let _timer = CallTimer::start("VixDiskLib_PrepareForAccess", 0);
         // SAFETY: the params and the strings they point to (owned by `spec`) and `identity`
         // live until the call returns.
         let code = unsafe { f(params.as_ptr(), identity.as_ptr()) };
@@ -843,6 +868,7 @@ impl Library {
     ) -> Result<(), Option<Vix>> {
         let f = optional!(self, end_access, EndAccessFn, "VixDiskLib_EndAccess").ok_or(None)?;
         let params = self.allocate_params(spec);
+        let _timer = CallTimer::start("VixDiskLib_EndAccess", 0);
         // SAFETY: as for PrepareForAccess.
         let code = unsafe { f(params.as_ptr(), identity.as_ptr()) };
         self.free_params(params);
@@ -854,6 +880,7 @@ impl Library {
         let f = optional!(self, cleanup, CleanupFn, "VixDiskLib_Cleanup").ok_or(None)?;
         let params = self.allocate_params(spec);
         let (mut cleaned, mut remaining) = (0u32, 0u32);
+        let _timer = CallTimer::start("VixDiskLib_Cleanup", 0);
         // SAFETY: params valid for the call; the out-pointers point to live u32s.
         let code = unsafe { f(params.as_ptr(), &mut cleaned, &mut remaining) };
         self.free_params(params);
@@ -915,6 +942,7 @@ impl RawConnection {
         let mut raw: VixDiskLibConnection = std::ptr::null_mut();
         let code = {
             let _serial = lib.open_close_lock();
+            let _timer = CallTimer::start("VixDiskLib_ConnectEx", 0);
             // SAFETY: params and every string they point to (owned by `spec`, moved into the
             // returned connection) outlive the connection; snapshot/transports are NULL or
             // NUL-terminated; `raw` is a valid out-pointer.
@@ -945,6 +973,7 @@ impl Drop for RawConnection {
     fn drop(&mut self) {
         {
             let _serial = self.lib.open_close_lock();
+            let _timer = CallTimer::start("VixDiskLib_Disconnect", 0);
             // SAFETY: `raw` came from a successful ConnectEx and every disk opened on it holds an
             // `Arc<RawConnection>`, so all of them are closed by now; Disconnect runs once.
             let code = unsafe { (self.lib.required.disconnect)(self.raw) };
@@ -1009,6 +1038,7 @@ impl RawDisk {
         let mut raw: VixDiskLibHandle = std::ptr::null_mut();
         let code = {
             let _serial = conn.lib.open_close_lock();
+            let _timer = CallTimer::start("VixDiskLib_Open", 0);
             // SAFETY: `conn.raw` is a live connection (we hold an Arc); path is NUL-terminated;
             // `raw` is a valid out-pointer.
             unsafe { (conn.lib.required.open)(conn.raw, path.as_ptr(), flags, &mut raw) }
@@ -1033,6 +1063,7 @@ impl RawDisk {
     pub(crate) fn info(&mut self, vddk7: bool) -> Result<RawInfo, Vix> {
         self.wait()?;
         let mut ptr: *mut VixDiskLibInfo = std::ptr::null_mut();
+        let _timer = CallTimer::start("VixDiskLib_GetInfo", 0);
         // SAFETY: a live handle and a valid out-pointer.
         let code = unsafe { (self.lib().required.get_info)(self.raw, &mut ptr) };
         check("VixDiskLib_GetInfo", code)?;
@@ -1076,6 +1107,7 @@ impl RawDisk {
         let Some(wait) = optional!(self.lib(), wait, WaitFn, "VixDiskLib_Wait") else {
             return Ok(());
         };
+        let _timer = CallTimer::start("VixDiskLib_Wait", 0);
         // SAFETY: a live handle.
         let code = unsafe { wait(self.raw) };
         self.async_outstanding = false;
@@ -1096,6 +1128,7 @@ impl RawDisk {
     pub(crate) fn read(&mut self, start_sector: u64, buf: &mut [u8]) -> Result<(), Vix> {
         let count = Self::sectors("VixDiskLib_Read", buf.len())?;
         self.wait()?;
+        let _timer = CallTimer::start("VixDiskLib_Read", buf.len() as u64);
         // SAFETY: a live handle; `buf` is writable for exactly `count` sectors.
         let code =
             unsafe { (self.lib().required.read)(self.raw, start_sector, count, buf.as_mut_ptr()) };
@@ -1106,6 +1139,7 @@ impl RawDisk {
     pub(crate) fn write(&mut self, start_sector: u64, buf: &[u8]) -> Result<(), Vix> {
         let count = Self::sectors("VixDiskLib_Write", buf.len())?;
         self.wait()?;
+        let _timer = CallTimer::start("VixDiskLib_Write", buf.len() as u64);
         // SAFETY: a live handle; `buf` is readable for exactly `count` sectors.
         let code =
             unsafe { (self.lib().required.write)(self.raw, start_sector, count, buf.as_ptr()) };
@@ -1115,6 +1149,7 @@ impl RawDisk {
     /// `VixDiskLib_Flush` (after Wait).
     pub(crate) fn flush(&mut self) -> Result<(), Vix> {
         self.wait()?;
+        let _timer = CallTimer::start("VixDiskLib_Flush", 0);
         // SAFETY: a live handle.
         let code = unsafe { (self.lib().required.flush)(self.raw) };
         check("VixDiskLib_Flush", code)
@@ -1166,6 +1201,7 @@ impl RawDisk {
         });
         // One reference for the completion callback, released by it (or below if it never runs).
         let callback_ref = Arc::into_raw(Arc::clone(&request)) as *mut c_void;
+        let timer = CallTimer::start(function, count * SECTOR_SIZE);
         // SAFETY: a live handle; `data_ptr` points into the heap buffer of the Vec that
         // `request` owns, which is neither moved nor freed until the completion has run (the
         // completion takes it out of `request`); the callback has the VixDiskLibCompletionCB
@@ -1191,11 +1227,16 @@ impl RawDisk {
                 _ => VIX_E_NOT_SUPPORTED,
             }
         };
-        if code == VIX_ASYNC {
+        drop(timer);
+        if code == VIX_ASYNC || code == VIX_OK {
+            // Queued (VIX_ASYNC) or, from a library that says VIX_OK instead, done or queued:
+            // either way the result comes through the callback, and the Wait before the next
+            // synchronous call or Close collects it. Freeing the request here could free it
+            // under a callback still to come.
             self.async_outstanding = true;
             return Ok(());
         }
-        // Not queued: VDDK will not call back. If it did so anyway before failing, the state is
+        // An error: VDDK will not call back. If it did so anyway before failing, the state is
         // already taken and the callback released its reference.
         let taken = request
             .state
@@ -1207,7 +1248,6 @@ impl RawDisk {
                 // SAFETY: the callback did not run, so its reference is still unreleased;
                 // release it here, once.
                 drop(unsafe { Arc::from_raw(callback_ref as *const AsyncRequest) });
-                let code = if code == VIX_OK { VIX_E_FAIL } else { code };
                 Err((Vix { function, code }, buf, done))
             }
             None => {
@@ -1246,6 +1286,7 @@ impl RawDisk {
         };
         self.wait()?;
         let mut list: *mut VixDiskLibBlockList = std::ptr::null_mut();
+        let _timer = CallTimer::start("VixDiskLib_QueryAllocatedBlocks", 0);
         // SAFETY: a live handle and a valid out-pointer.
         let code = unsafe { query(self.raw, start_sector, num_sectors, chunk_size, &mut list) };
         check(function, code)?;
@@ -1269,8 +1310,8 @@ impl RawDisk {
         Ok(blocks)
     }
 
-    /// `VixDiskLib_GetMetadataKeys` (`Err(None)` if absent).
-    pub(crate) fn metadata_keys(&mut self) -> Result<Vec<String>, Option<Vix>> {
+    /// `VixDiskLib_GetMetadataKeys`: the raw NUL-separated list (`Err(None)` if absent).
+    pub(crate) fn metadata_keys(&mut self) -> Result<Vec<u8>, Option<Vix>> {
         let f = optional!(
             self.lib(),
             get_metadata_keys,
@@ -1292,11 +1333,7 @@ impl RawDisk {
         // SAFETY: `buf` is writable for `buf.len()` bytes.
         let code = unsafe { f(self.raw, buf.as_mut_ptr().cast(), buf.len(), &mut needed) };
         check("VixDiskLib_GetMetadataKeys", code).map_err(Some)?;
-        Ok(buf
-            .split(|&b| b == 0)
-            .take_while(|k| !k.is_empty())
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-            .collect())
+        Ok(buf)
     }
 
     /// `VixDiskLib_ReadMetadata` (`Err(None)` if absent).
@@ -1358,6 +1395,7 @@ impl Drop for RawDisk {
             super::log_library_error(e.function, e.code, self.lib());
         }
         let _serial = self.lib().open_close_lock();
+        let _timer = CallTimer::start("VixDiskLib_Close", 0);
         // SAFETY: `raw` came from a successful Open, no request is outstanding (Wait above), and
         // Close runs once; the connection is still alive (we hold an Arc to it).
         let code = unsafe { (self.lib().required.close)(self.raw) };

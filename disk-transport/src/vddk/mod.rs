@@ -88,11 +88,13 @@ pub mod ffi;
 
 use std::borrow::Cow;
 use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -219,6 +221,8 @@ pub struct LibraryInfo {
     /// The soname number (6, 7, 8, 9), `None` for an unversioned `libvixDiskLib.so`. VDDK does
     /// not report its version otherwise.
     pub version: Option<u32>,
+    /// The InitEx configuration file (canonicalised), if one was passed.
+    pub config_path: Option<PathBuf>,
 }
 
 /// The files tried for `libdir`, in order: `lib64/libvixDiskLib.so.N` and
@@ -236,6 +240,19 @@ pub fn candidate_paths(libdir: &Path) -> Vec<(PathBuf, Option<u32>)> {
     paths
 }
 
+/// The library file [`VddkTransport::new`] would load — the first of [`candidate_paths`] that
+/// exists, in `libdir` or else the [`DEFAULT_LIBDIRS`] — with its soname number, without
+/// loading it. For detection ("is VDDK installed?"); loading can still fail.
+pub fn find_library(libdir: Option<&Path>) -> Option<(PathBuf, Option<u32>)> {
+    let dirs: Vec<PathBuf> = match libdir {
+        Some(dir) => vec![dir.to_path_buf()],
+        None => DEFAULT_LIBDIRS.iter().map(PathBuf::from).collect(),
+    };
+    dirs.iter()
+        .flat_map(|d| candidate_paths(d))
+        .find(|(path, _)| path.is_file())
+}
+
 enum State {
     Unloaded,
     Ready(Arc<Library>, LibraryInfo),
@@ -243,7 +260,8 @@ enum State {
 }
 
 static STATE: Mutex<State> = Mutex::new(State::Unloaded);
-static LOG_HOOK: OnceLock<Option<LogHook>> = OnceLock::new();
+/// Replaced by each load attempt until one succeeds; fixed from then on.
+static LOG_HOOK: RwLock<Option<LogHook>> = RwLock::new(None);
 
 fn state() -> MutexGuard<'static, State> {
     STATE.lock().unwrap_or_else(PoisonError::into_inner)
@@ -294,6 +312,18 @@ fn load(options: &VddkOptions) -> Result<(Arc<Library>, LibraryInfo)> {
     let mut state = state();
     match &*state {
         State::Ready(lib, info) => {
+            if let Some(config) = &options.config_path {
+                if info.config_path.as_deref() != Some(canonical(config).as_path()) {
+                    return Err(Error::InvalidParams(format!(
+                        "VDDK is already initialised in this process with configuration {} and \
+                         InitEx runs once per process; {} cannot be used as well",
+                        info.config_path
+                            .as_deref()
+                            .map_or("(none)".into(), |p| p.display().to_string()),
+                        config.display()
+                    )));
+                }
+            }
             if let Some(dir) = &options.libdir {
                 if canonical(dir) != info.libdir {
                     return Err(Error::InvalidParams(format!(
@@ -368,7 +398,7 @@ fn load(options: &VddkOptions) -> Result<(Arc<Library>, LibraryInfo)> {
         }
         None => None,
     };
-    let _ = LOG_HOOK.set(options.log_hook.clone());
+    *LOG_HOOK.write().unwrap_or_else(PoisonError::into_inner) = options.log_hook.clone();
     if let Err(e) = lib.init_ex(&libdir_c, config_c.as_deref(), deliver_log) {
         return Err(vix_error(&lib, e.function.to_owned(), e.code));
     }
@@ -377,6 +407,7 @@ fn load(options: &VddkOptions) -> Result<(Arc<Library>, LibraryInfo)> {
         path,
         libdir,
         version,
+        config_path: options.config_path.as_deref().map(canonical),
     };
     tracing::debug!(target: "disk_transport::vddk", library = %info.path.display(), "VixDiskLib_InitEx done");
     let lib = Arc::new(lib);
@@ -423,6 +454,58 @@ pub(crate) fn log_library_error(function: &str, code: u64, lib: &Library) {
         "{function} failed with VixError {code} ({})",
         lib.error_text(code)
     );
+}
+
+/// Time spent in one VDDK function by this process (like nbdkit's `-D vddk.stats=1`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CallStats {
+    /// The VDDK function, e.g. `VixDiskLib_Read`.
+    pub function: String,
+    /// How often it was called.
+    pub calls: u64,
+    /// Total time inside it (for asynchronous calls: the submission only).
+    pub total: Duration,
+    /// Bytes it read or wrote.
+    pub bytes: u64,
+}
+
+static CALLS: Mutex<BTreeMap<&'static str, (u64, Duration, u64)>> = Mutex::new(BTreeMap::new());
+
+pub(crate) fn record_call(function: &'static str, elapsed: Duration, bytes: u64) {
+    tracing::trace!(
+        target: "disk_transport::vddk::calls",
+        function,
+        elapsed_us = elapsed.as_micros() as u64,
+        bytes,
+        "VDDK call"
+    );
+    let mut calls = CALLS.lock().unwrap_or_else(PoisonError::into_inner);
+    let entry = calls.entry(function).or_default();
+    entry.0 += 1;
+    entry.1 += elapsed;
+    entry.2 += bytes;
+}
+
+/// Calls into VDDK so far, per function, the most time-consuming first. Connect and open cost
+/// seconds on real hosts, and `QueryAllocatedBlocks` about one second per call: this shows
+/// where a slow backup spends its time.
+pub fn call_stats() -> Vec<CallStats> {
+    let calls = CALLS.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut stats: Vec<CallStats> = calls
+        .iter()
+        .map(|(function, (calls, total, bytes))| CallStats {
+            function: (*function).to_owned(),
+            calls: *calls,
+            total: *total,
+            bytes: *bytes,
+        })
+        .collect();
+    stats.sort_by(|a, b| {
+        b.total
+            .cmp(&a.total)
+            .then_with(|| a.function.cmp(&b.function))
+    });
+    stats
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -508,8 +591,12 @@ fn deliver_log(level: LogLevel, message: &str) {
     } else {
         level
     };
-    match LOG_HOOK.get() {
-        Some(Some(hook)) => hook(level, &message),
+    let hook = LOG_HOOK
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    match hook {
+        Some(hook) => hook(level, &message),
         _ => match level {
             LogLevel::Log => tracing::debug!(target: "disk_transport::vddk", "{message}"),
             LogLevel::Warning => tracing::warn!(target: "disk_transport::vddk", "{message}"),
@@ -658,7 +745,7 @@ fn optional_call<T>(
 ) -> Result<T> {
     result.map_err(|e| match e {
         Some(v) => vix_error(lib, v.function.to_owned(), v.code),
-        None => Error::Unsupported(format!("{what} (this libvixDiskLib.so does not export it)")),
+        None => Error::Unsupported(format!("{what} (absent from this libvixDiskLib.so)")),
     })
 }
 
@@ -1025,6 +1112,76 @@ impl VddkDisk {
     }
 }
 
+/// Appends to `out` the extents of the byte range `[start, stop)` given the allocated ranges
+/// `blocks` that `VixDiskLib_QueryAllocatedBlocks` returned for it, as (first sector, sector
+/// count) pairs: allocated ranges are [`ExtentKind::Data`], the gaps `hole`.
+///
+/// The library's answer is not trusted: ranges may come unsorted, overlapping, empty, partly or
+/// wholly outside the request, or overflow; the result still covers `[start, stop)` exactly,
+/// in order, without gaps.
+pub fn extents_from_blocks(
+    start: u64,
+    stop: u64,
+    blocks: &[(u64, u64)],
+    hole: ExtentKind,
+    out: &mut Vec<Extent>,
+) {
+    if start >= stop {
+        return;
+    }
+    let mut ranges: Vec<(u64, u64)> = blocks
+        .iter()
+        .filter_map(|&(s, n)| {
+            let a = s.checked_mul(ffi::SECTOR_SIZE)?.max(start);
+            let b = s.checked_add(n)?.checked_mul(ffi::SECTOR_SIZE)?.min(stop);
+            (a < b).then_some((a, b))
+        })
+        .collect();
+    ranges.sort_unstable();
+    let mut cursor = start;
+    for (a, b) in ranges {
+        if a > cursor {
+            push_extent(
+                out,
+                Extent {
+                    offset: cursor,
+                    length: a - cursor,
+                    kind: hole,
+                },
+            );
+            cursor = a;
+        }
+        if b > cursor {
+            push_extent(
+                out,
+                Extent {
+                    offset: cursor,
+                    length: b - cursor,
+                    kind: ExtentKind::Data,
+                },
+            );
+            cursor = b;
+        }
+    }
+    push_extent(
+        out,
+        Extent {
+            offset: cursor,
+            length: stop - cursor,
+            kind: hole,
+        },
+    );
+}
+
+/// Splits the buffer `VixDiskLib_GetMetadataKeys` fills: keys separated by NUL, the list ended
+/// by an empty key (two NULs) or the end of the buffer. Invalid UTF-8 is replaced.
+pub fn parse_metadata_keys(buf: &[u8]) -> Vec<String> {
+    buf.split(|&b| b == 0)
+        .take_while(|k| !k.is_empty())
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect()
+}
+
 impl Disk for VddkDisk {
     fn info(&self) -> Result<DiskInfo> {
         Ok(self.info.clone())
@@ -1104,48 +1261,7 @@ impl Disk for VddkDisk {
             let blocks = raw
                 .query_allocated_blocks(start_sector, sectors, ffi::MIN_CHUNK_SIZE)
                 .map_err(|e| self.io_error(e, start_sector, sectors))?;
-            let mut ranges: Vec<(u64, u64)> = blocks
-                .into_iter()
-                .filter_map(|(s, n)| {
-                    let a = s.checked_mul(ffi::SECTOR_SIZE)?.max(pos);
-                    let b = s.checked_add(n)?.checked_mul(ffi::SECTOR_SIZE)?.min(stop);
-                    (a < b).then_some((a, b))
-                })
-                .collect();
-            ranges.sort_unstable();
-            let mut cursor = pos;
-            for (a, b) in ranges {
-                if a > cursor {
-                    push_extent(
-                        &mut extents,
-                        Extent {
-                            offset: cursor,
-                            length: a - cursor,
-                            kind: hole,
-                        },
-                    );
-                    cursor = a;
-                }
-                if b > cursor {
-                    push_extent(
-                        &mut extents,
-                        Extent {
-                            offset: cursor,
-                            length: b - cursor,
-                            kind: ExtentKind::Data,
-                        },
-                    );
-                    cursor = b;
-                }
-            }
-            push_extent(
-                &mut extents,
-                Extent {
-                    offset: cursor,
-                    length: stop - cursor,
-                    kind: hole,
-                },
-            );
+            extents_from_blocks(pos, stop, &blocks, hole, &mut extents);
             pos = stop;
         }
         drop(raw);
@@ -1165,6 +1281,7 @@ impl Disk for VddkDisk {
     fn metadata_keys(&self) -> Result<Vec<String>> {
         let result = self.lock().metadata_keys();
         optional_call(&self.lib, "VixDiskLib_GetMetadataKeys", result)
+            .map(|b| parse_metadata_keys(&b))
     }
 
     fn read_metadata(&self, key: &str) -> Result<String> {
@@ -1238,6 +1355,91 @@ mod tests {
         assert!(is_noise("[NFC ERROR] Get CEIP status failed"));
         assert!(is_noise("VDDK_PhoneHome: cannot reach server"));
         assert!(!is_noise("Open failed"));
+    }
+
+    #[test]
+    fn blocks_become_extents() {
+        let mut out = Vec::new();
+        // Unsorted, overlapping, partly outside, empty and overflowing ranges.
+        let blocks = [
+            (256, 128),
+            (0, 128),
+            (64, 128),
+            (1000, 0),
+            (u64::MAX, 2),
+            (500, 10_000),
+        ];
+        extents_from_blocks(0, 512 * 512, &blocks, ExtentKind::Hole, &mut out);
+        let ext = |offset, length, kind| Extent {
+            offset,
+            length,
+            kind,
+        };
+        assert_eq!(
+            out,
+            vec![
+                ext(0, 192 * 512, ExtentKind::Data),
+                ext(192 * 512, 64 * 512, ExtentKind::Hole),
+                ext(256 * 512, 128 * 512, ExtentKind::Data),
+                ext(384 * 512, 116 * 512, ExtentKind::Hole),
+                ext(500 * 512, 12 * 512, ExtentKind::Data),
+            ]
+        );
+        assert_eq!(
+            parse_metadata_keys(b"uuid\0adapterType\0\0junk"),
+            ["uuid", "adapterType"]
+        );
+        assert!(parse_metadata_keys(b"").is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn extents_cover_the_range_and_match_the_blocks(
+            start in 0u64..64,
+            len in 1u64..64,
+            blocks in proptest::collection::vec((0u64..160, 0u64..40), 0..12),
+            wild in proptest::collection::vec((proptest::num::u64::ANY, proptest::num::u64::ANY), 0..3),
+        ) {
+            let (start_b, stop_b) = (start * 512, (start + len) * 512);
+            let mut all = blocks.clone();
+            all.extend(wild.iter().copied().filter(|(s, n)| s.checked_add(*n).and_then(|e| e.checked_mul(512)).is_none()));
+            let mut out = Vec::new();
+            extents_from_blocks(start_b, stop_b, &all, ExtentKind::Hole, &mut out);
+            // Contiguous cover of exactly the range, no empty extents, neighbours differ.
+            proptest::prop_assert_eq!(out.first().map(|e| e.offset), Some(start_b));
+            proptest::prop_assert_eq!(out.last().map(|e| e.end()), Some(stop_b));
+            for pair in out.windows(2) {
+                proptest::prop_assert_eq!(pair[0].end(), pair[1].offset);
+                proptest::prop_assert_ne!(pair[0].kind, pair[1].kind);
+            }
+            // Every sector is data exactly when some block covers it.
+            for sector in start..start + len {
+                let covered = blocks.iter().any(|&(s, n)| sector >= s && sector < s + n);
+                let kind = out.iter().find(|e| e.offset <= sector * 512 && sector * 512 < e.end()).map(|e| e.kind);
+                proptest::prop_assert_eq!(kind, Some(if covered { ExtentKind::Data } else { ExtentKind::Hole }));
+            }
+        }
+
+        #[test]
+        fn metadata_key_lists_round_trip(
+            keys in proptest::collection::vec("[a-zA-Z0-9._]{1,12}", 0..6),
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..16),
+        ) {
+            let mut buf = Vec::new();
+            for k in &keys {
+                buf.extend_from_slice(k.as_bytes());
+                buf.push(0);
+            }
+            buf.push(0);
+            buf.extend_from_slice(&tail);
+            proptest::prop_assert_eq!(parse_metadata_keys(&buf), keys);
+        }
+
+        #[test]
+        fn any_metadata_buffer_parses(buf in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let keys = parse_metadata_keys(&buf);
+            proptest::prop_assert!(keys.iter().all(|k| !k.is_empty() && !k.contains('\0')));
+        }
     }
 
     #[test]

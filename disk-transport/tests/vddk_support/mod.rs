@@ -15,49 +15,74 @@ use disk_transport::vddk::{LogLevel, VddkOptions, VddkTransport};
 pub fn standin_library() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            if let Some(path) = std::env::var_os("VDDK_STANDIN_LIB") {
-                return PathBuf::from(path);
-            }
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("vddk-standin/Cargo.toml");
-            let mut cmd = Command::new(cargo);
-            cmd.arg("build")
-                .arg("--manifest-path")
-                .arg(&manifest)
-                .arg("-p")
-                .arg("vddk-standin")
-                .arg("--message-format=json-render-diagnostics");
-            if !cfg!(debug_assertions) {
-                cmd.arg("--release");
-            }
-            let out = cmd
-                .output()
-                .expect("run cargo to build the vddk-standin library");
-            assert!(
-                out.status.success(),
-                "building vddk-standin failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            stdout
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter(|m| {
-                    m["reason"] == "compiler-artifact" && m["target"]["name"] == "vixDiskLib"
-                })
-                .flat_map(|m| {
-                    m["filenames"]
-                        .as_array()
-                        .cloned()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .filter_map(|f| f.as_str().map(PathBuf::from))
-                })
-                .find(|p| p.extension().is_some_and(|e| e == "so"))
-                .expect("cargo reported no libvixDiskLib.so for vddk-standin")
+        .get_or_init(|| match std::env::var_os("VDDK_STANDIN_LIB") {
+            Some(path) => PathBuf::from(path),
+            None => build_standin(&[], None),
         })
         .clone()
+}
+
+/// The stand-in built with `--features minimal` (only the functions of VDDK 6.5), in its own
+/// target directory next to this test's so the two builds do not replace each other's file.
+pub fn minimal_standin_library() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            // This test runs as <target>/<profile>/deps/<name>.
+            let exe = std::env::current_exe().expect("test executable path");
+            let target = exe
+                .ancestors()
+                .nth(3)
+                .expect("the test runs inside a cargo target directory");
+            build_standin(
+                &["--features", "minimal"],
+                Some(&target.join("vddk-standin-minimal")),
+            )
+        })
+        .clone()
+}
+
+/// Runs `cargo build -p vddk-standin` with the same cargo and profile and returns the `.so`.
+fn build_standin(extra: &[&str], target_dir: Option<&Path>) -> PathBuf {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("vddk-standin/Cargo.toml");
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build")
+        .arg("--manifest-path")
+        .arg(&manifest)
+        .arg("-p")
+        .arg("vddk-standin")
+        .arg("--message-format=json-render-diagnostics")
+        .args(extra);
+    if let Some(dir) = target_dir {
+        cmd.arg("--target-dir").arg(dir);
+    }
+    if !cfg!(debug_assertions) {
+        cmd.arg("--release");
+    }
+    let out = cmd
+        .output()
+        .expect("run cargo to build the vddk-standin library");
+    assert!(
+        out.status.success(),
+        "building vddk-standin failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "vixDiskLib")
+        .flat_map(|m| {
+            m["filenames"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|f| f.as_str().map(PathBuf::from))
+        })
+        .find(|p| p.extension().is_some_and(|e| e == "so"))
+        .expect("cargo reported no libvixDiskLib.so for vddk-standin")
 }
 
 /// A directory laid out like an unpacked VDDK, holding the stand-in as `lib64/libvixDiskLib.so.8`,
@@ -72,6 +97,11 @@ pub const PASSWORD: &str = "correct horse battery staple";
 
 impl Fixture {
     pub fn new(extra_config: &str) -> Fixture {
+        Fixture::with_library(&standin_library(), "libvixDiskLib.so.8", extra_config)
+    }
+
+    /// `library` laid out as `lib64/<soname>`.
+    pub fn with_library(library: &Path, soname: &str, extra_config: &str) -> Fixture {
         let dir = tempfile::Builder::new()
             .prefix("vddk-standin-")
             .tempdir()
@@ -79,7 +109,7 @@ impl Fixture {
             .keep();
         let lib64 = dir.join("lib64");
         std::fs::create_dir_all(&lib64).unwrap();
-        std::os::unix::fs::symlink(standin_library(), lib64.join("libvixDiskLib.so.8")).unwrap();
+        std::os::unix::fs::symlink(library, lib64.join(soname)).unwrap();
         let stats = dir.join("stats.json");
         let config = dir.join("vddk.conf");
         std::fs::write(

@@ -31,6 +31,8 @@
 //! calls while asynchronous ones are outstanding, Disconnect with open disks, Close with
 //! outstanding requests, unknown handles, Exit with open handles, a non-NULL locale.
 #![allow(non_snake_case)]
+// The `minimal` build leaves out the exports that use some helpers and fields.
+#![cfg_attr(feature = "minimal", allow(dead_code, unused_imports))]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{c_char, c_ulong, c_void, CStr, CString};
@@ -346,6 +348,7 @@ const _: ExitFn = VixDiskLib_Exit;
 const _: ListTransportModesFn = VixDiskLib_ListTransportModes;
 const _: GetErrorTextFn = VixDiskLib_GetErrorText;
 const _: FreeErrorTextFn = VixDiskLib_FreeErrorText;
+#[cfg(not(feature = "minimal"))]
 const _: AllocateConnectParamsFn = VixDiskLib_AllocateConnectParams;
 const _: FreeConnectParamsFn = VixDiskLib_FreeConnectParams;
 const _: ConnectExFn = VixDiskLib_ConnectEx;
@@ -357,17 +360,28 @@ const _: GetInfoFn = VixDiskLib_GetInfo;
 const _: FreeInfoFn = VixDiskLib_FreeInfo;
 const _: ReadFn = VixDiskLib_Read;
 const _: WriteFn = VixDiskLib_Write;
+#[cfg(not(feature = "minimal"))]
 const _: ReadAsyncFn = VixDiskLib_ReadAsync;
+#[cfg(not(feature = "minimal"))]
 const _: WriteAsyncFn = VixDiskLib_WriteAsync;
+#[cfg(not(feature = "minimal"))]
 const _: WaitFn = VixDiskLib_Wait;
 const _: FlushFn = VixDiskLib_Flush;
+#[cfg(not(feature = "minimal"))]
 const _: QueryAllocatedBlocksFn = VixDiskLib_QueryAllocatedBlocks;
+#[cfg(not(feature = "minimal"))]
 const _: FreeBlockListFn = VixDiskLib_FreeBlockList;
+#[cfg(not(feature = "minimal"))]
 const _: PrepareForAccessFn = VixDiskLib_PrepareForAccess;
+#[cfg(not(feature = "minimal"))]
 const _: EndAccessFn = VixDiskLib_EndAccess;
+#[cfg(not(feature = "minimal"))]
 const _: CleanupFn = VixDiskLib_Cleanup;
+#[cfg(not(feature = "minimal"))]
 const _: GetMetadataKeysFn = VixDiskLib_GetMetadataKeys;
+#[cfg(not(feature = "minimal"))]
 const _: ReadMetadataFn = VixDiskLib_ReadMetadata;
+#[cfg(not(feature = "minimal"))]
 const _: WriteMetadataFn = VixDiskLib_WriteMetadata;
 
 /// `VixDiskLib_InitEx`.
@@ -501,6 +515,7 @@ pub unsafe extern "C" fn VixDiskLib_FreeErrorText(text: *mut c_char) {
     });
 }
 
+#[cfg(not(feature = "minimal"))]
 /// `VixDiskLib_AllocateConnectParams`.
 #[no_mangle]
 pub extern "C" fn VixDiskLib_AllocateConnectParams() -> *mut VixDiskLibConnectParams {
@@ -992,11 +1007,14 @@ pub unsafe extern "C" fn VixDiskLib_Write(
     }
 }
 
+#[cfg(not(feature = "minimal"))]
 struct SendPtr(*mut u8, *mut c_void);
 // SAFETY: the pointers are handed to the completion thread only; the caller keeps the buffer
 // and callback data alive until the callback runs (VDDK's async contract).
+#[cfg(not(feature = "minimal"))]
 unsafe impl Send for SendPtr {}
 
+#[cfg(not(feature = "minimal"))]
 #[allow(clippy::too_many_arguments)]
 fn submit_async(
     handle: VixDiskLibHandle,
@@ -1053,6 +1071,7 @@ fn submit_async(
     VIX_ASYNC
 }
 
+#[cfg(not(feature = "minimal"))]
 /// `VixDiskLib_ReadAsync`.
 ///
 /// # Safety
@@ -1078,6 +1097,7 @@ pub unsafe extern "C" fn VixDiskLib_ReadAsync(
     )
 }
 
+#[cfg(not(feature = "minimal"))]
 /// `VixDiskLib_WriteAsync`.
 ///
 /// # Safety
@@ -1103,6 +1123,7 @@ pub unsafe extern "C" fn VixDiskLib_WriteAsync(
     )
 }
 
+#[cfg(not(feature = "minimal"))]
 /// `VixDiskLib_Wait`.
 #[no_mangle]
 pub extern "C" fn VixDiskLib_Wait(handle: VixDiskLibHandle) -> VixError {
@@ -1139,6 +1160,7 @@ pub extern "C" fn VixDiskLib_Flush(handle: VixDiskLibHandle) -> VixError {
     })
 }
 
+#[cfg(not(feature = "minimal"))]
 /// `VixDiskLib_QueryAllocatedBlocks`.
 ///
 /// # Safety
@@ -1221,6 +1243,7 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
     VIX_OK
 }
 
+#[cfg(not(feature = "minimal"))]
 fn block_list_layout(n: usize) -> std::alloc::Layout {
     let size = std::mem::offset_of!(VixDiskLibBlockList, blocks)
         + n.max(1) * std::mem::size_of::<VixDiskLibBlock>();
@@ -1228,6 +1251,7 @@ fn block_list_layout(n: usize) -> std::alloc::Layout {
         .unwrap_or(std::alloc::Layout::new::<VixDiskLibBlockList>())
 }
 
+#[cfg(not(feature = "minimal"))]
 /// `VixDiskLib_FreeBlockList`.
 ///
 /// # Safety
@@ -1249,6 +1273,7 @@ pub unsafe extern "C" fn VixDiskLib_FreeBlockList(list: *mut VixDiskLibBlockList
     VIX_OK
 }
 
+#[cfg(not(feature = "minimal"))]
 /// `VixDiskLib_PrepareForAccess`. An identity starting with `fail:` fails with `VIX_E_FAIL`.
 ///
 /// # Safety
@@ -1276,6 +1301,7 @@ pub unsafe extern "C" fn VixDiskLib_PrepareForAccess(
     })
 }
 
+#[cfg(not(feature = "minimal"))]
 /// `VixDiskLib_EndAccess`.
 ///
 /// # Safety
@@ -1304,6 +1330,7 @@ pub unsafe extern "C" fn VixDiskLib_EndAccess(
     })
 }
 
+#[cfg(not(feature = "minimal"))]
 /// `VixDiskLib_Cleanup`: nothing is ever left over here; vmxSpec must be NULL.
 ///
 /// # Safety
@@ -1337,6 +1364,7 @@ pub unsafe extern "C" fn VixDiskLib_Cleanup(
     code
 }
 
+#[cfg(not(feature = "minimal"))]
 /// Copies `value` plus a NUL into `buf` if it fits; sets `*required`.
 ///
 /// # Safety
@@ -1358,6 +1386,7 @@ unsafe fn copy_out(value: &[u8], buf: *mut c_char, len: usize, required: *mut us
     VIX_OK
 }
 
+#[cfg(not(feature = "minimal"))]
 /// `VixDiskLib_GetMetadataKeys`.
 ///
 /// # Safety
@@ -1392,6 +1421,7 @@ pub unsafe extern "C" fn VixDiskLib_GetMetadataKeys(
     unsafe { copy_out(&joined, keys, max_len, required_len) }
 }
 
+#[cfg(not(feature = "minimal"))]
 /// `VixDiskLib_ReadMetadata`.
 ///
 /// # Safety
@@ -1427,6 +1457,7 @@ pub unsafe extern "C" fn VixDiskLib_ReadMetadata(
     }
 }
 
+#[cfg(not(feature = "minimal"))]
 /// `VixDiskLib_WriteMetadata`.
 ///
 /// # Safety
@@ -1461,4 +1492,168 @@ pub unsafe extern "C" fn VixDiskLib_WriteMetadata(
             None => VIX_E_INVALID_HANDLE,
         }
     })
+}
+
+/// Negative controls: the rule checks the backend's tests rely on ("no violation counted")
+/// must really fire when the rules are broken, which only code calling the exports directly
+/// can do.
+#[cfg(all(test, not(feature = "minimal")))]
+mod tests {
+    use super::*;
+
+    fn init() {
+        static INIT: OnceLock<()> = OnceLock::new();
+        INIT.get_or_init(|| {
+            let config =
+                std::env::temp_dir().join(format!("vddk-standin-unit-{}.conf", std::process::id()));
+            std::fs::write(&config, "standin.delayUs = 20000\n").unwrap();
+            let path = CString::new(config.to_str().unwrap()).unwrap();
+            // SAFETY: NULL callbacks are allowed; the strings are NUL-terminated.
+            let code = unsafe {
+                VixDiskLib_InitEx(6, 5, None, None, None, c"/nowhere".as_ptr(), path.as_ptr())
+            };
+            assert_eq!(code, VIX_OK);
+            let _ = std::fs::remove_file(config);
+        });
+    }
+
+    fn violations(what: &str) -> u64 {
+        state().violations.get(what).copied().unwrap_or(0)
+    }
+
+    fn connect() -> VixDiskLibConnection {
+        let params = VixDiskLibConnectParams::zeroed();
+        let mut conn = std::ptr::null_mut();
+        // SAFETY: valid params (local: all NULL) and out-pointer.
+        let code = unsafe {
+            VixDiskLib_ConnectEx(&params, 0, std::ptr::null(), std::ptr::null(), &mut conn)
+        };
+        assert_eq!(code, VIX_OK);
+        conn
+    }
+
+    fn open(conn: VixDiskLibConnection, path: &CStr) -> VixDiskLibHandle {
+        let mut handle = std::ptr::null_mut();
+        // SAFETY: a live connection, a NUL-terminated path and a valid out-pointer.
+        let code = unsafe { VixDiskLib_Open(conn, path.as_ptr(), 0, &mut handle) };
+        assert_eq!(code, VIX_OK);
+        handle
+    }
+
+    #[test]
+    fn overlapping_open_and_close_are_detected() {
+        init();
+        let conn = connect() as usize;
+        let before = violations("open_close_overlap");
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                std::thread::spawn(move || open(conn as VixDiskLibConnection, c"overlap") as usize)
+            })
+            .collect();
+        let handles: Vec<usize> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        assert!(violations("open_close_overlap") > before);
+        for h in handles {
+            assert_eq!(VixDiskLib_Close(h as VixDiskLibHandle), VIX_OK);
+        }
+        assert_eq!(VixDiskLib_Disconnect(conn as VixDiskLibConnection), VIX_OK);
+    }
+
+    #[test]
+    fn concurrent_calls_on_one_handle_are_detected() {
+        init();
+        let conn = connect();
+        let handle = open(conn, c"concurrent") as usize;
+        let before = violations("handle_concurrency");
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 512];
+                    // SAFETY: a live handle and a one-sector buffer.
+                    unsafe { VixDiskLib_Read(handle as VixDiskLibHandle, 0, 1, buf.as_mut_ptr()) }
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap(), VIX_OK);
+        }
+        assert!(violations("handle_concurrency") > before);
+        // Disconnecting with the disk still open is a violation too.
+        let before = violations("disconnect_with_open_handles");
+        assert_eq!(VixDiskLib_Disconnect(conn), VIX_OK);
+        assert!(violations("disconnect_with_open_handles") > before);
+        assert_eq!(VixDiskLib_Close(handle as VixDiskLibHandle), VIX_OK);
+        assert_eq!(
+            VixDiskLib_Close(handle as VixDiskLibHandle),
+            VIX_E_INVALID_HANDLE
+        );
+    }
+
+    unsafe extern "C" fn record(data: *mut c_void, result: VixError) {
+        // SAFETY: `data` points to the AtomicU64 the test keeps alive until after Wait.
+        unsafe { &*(data as *const std::sync::atomic::AtomicU64) }
+            .store(result + 1, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn mixing_sync_and_async_io_is_refused_until_wait() {
+        init();
+        let conn = connect();
+        let handle = open(conn, c"mixed?async_delay_us=100000");
+        let result = std::sync::atomic::AtomicU64::new(0);
+        let mut abuf = [0u8; 512];
+        let mut sbuf = [0u8; 512];
+        // SAFETY: the buffer and `result` outlive the request (Wait below).
+        let code = unsafe {
+            VixDiskLib_ReadAsync(
+                handle,
+                0,
+                1,
+                abuf.as_mut_ptr(),
+                Some(record),
+                &result as *const _ as *mut c_void,
+            )
+        };
+        assert_eq!(code, VIX_ASYNC);
+        // SAFETY: a live handle and a one-sector buffer.
+        let code = unsafe { VixDiskLib_Read(handle, 0, 1, sbuf.as_mut_ptr()) };
+        assert_eq!(code, VIX_E_ASYNC_MIXEDMODE_UNSUPPORTED);
+        assert_eq!(VixDiskLib_Wait(handle), VIX_OK);
+        assert_eq!(result.load(Ordering::SeqCst), VIX_OK + 1);
+        // SAFETY: as above.
+        let code = unsafe { VixDiskLib_Read(handle, 0, 1, sbuf.as_mut_ptr()) };
+        assert_eq!(code, VIX_OK);
+        assert_eq!(VixDiskLib_Close(handle), VIX_OK);
+        assert_eq!(VixDiskLib_Disconnect(conn), VIX_OK);
+    }
+
+    #[test]
+    fn query_allocated_blocks_insists_on_whole_chunks() {
+        init();
+        let conn = connect();
+        let handle = open(conn, c"chunks?size=1048576");
+        let mut list = std::ptr::null_mut();
+        // SAFETY: a live handle and a valid out-pointer.
+        unsafe {
+            assert_eq!(
+                VixDiskLib_QueryAllocatedBlocks(handle, 1, 128, 128, &mut list),
+                VIX_E_INVALID_ARG
+            );
+            assert_eq!(
+                VixDiskLib_QueryAllocatedBlocks(handle, 0, 100, 128, &mut list),
+                VIX_E_INVALID_ARG
+            );
+            assert_eq!(
+                VixDiskLib_QueryAllocatedBlocks(handle, 0, 4096, 128, &mut list),
+                VIX_E_INVALID_ARG
+            );
+            assert_eq!(
+                VixDiskLib_QueryAllocatedBlocks(handle, 0, 2048, 128, &mut list),
+                VIX_OK
+            );
+            assert_eq!((*list).num_blocks, 0);
+            assert_eq!(VixDiskLib_FreeBlockList(list), VIX_OK);
+        }
+        assert_eq!(VixDiskLib_Close(handle), VIX_OK);
+        assert_eq!(VixDiskLib_Disconnect(conn), VIX_OK);
+    }
 }

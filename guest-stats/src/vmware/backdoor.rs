@@ -1,6 +1,6 @@
 //! The VMware backdoor on real hardware: the only module of the crate with `unsafe` code.
 //!
-//! [`HardwareBackdoor::open`] reads CPUID, decides with [`detect`](super::detect) whether this
+//! [`HardwareBackdoor::open`] reads CPUID, decides with [`detect`] whether this
 //! is VMware, and probes the backdoor once in a forked child process, so that a host that
 //! refuses ring-3 access (a fault: SIGSEGV for the port, SIGILL for a hypercall) kills the
 //! child, not the caller. Only then can a [`HardwareBackdoor`] exist, so the instructions below
@@ -85,7 +85,7 @@ pub fn read_cpuid() -> CpuidFacts {
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
 mod arch {
     use std::arch::asm;
-    use std::arch::x86_64::{CpuidResult, __cpuid};
+    use std::arch::x86_64::{__cpuid, CpuidResult};
     use std::time::Instant;
 
     use super::*;
@@ -202,17 +202,45 @@ mod arch {
         }};
     }
 
-    pub(super) fn send_high_bandwidth(interface: Interface, r: Registers, data: &[u8]) -> Registers {
+    pub(super) fn send_high_bandwidth(
+        interface: Interface,
+        r: Registers,
+        data: &[u8],
+    ) -> Registers {
         let (pointer, count) = (data.as_ptr() as u64, data.len() as u64);
         match interface {
             Interface::IoPort => high_bandwidth_call!(
-                "rep outsb", r, u32::from(PORT_HIGH_BANDWIDTH), "rsi", pointer, "edi", r.edi, count, readonly
+                "rep outsb",
+                r,
+                u32::from(PORT_HIGH_BANDWIDTH),
+                "rsi",
+                pointer,
+                "edi",
+                r.edi,
+                count,
+                readonly
             ),
             Interface::Vmcall => high_bandwidth_call!(
-                "vmcall", r, HYPERCALL_HB_WRITE, "rsi", pointer, "edi", r.edi, count, readonly
+                "vmcall",
+                r,
+                HYPERCALL_HB_WRITE,
+                "rsi",
+                pointer,
+                "edi",
+                r.edi,
+                count,
+                readonly
             ),
             Interface::Vmmcall => high_bandwidth_call!(
-                "vmmcall", r, HYPERCALL_HB_WRITE, "rsi", pointer, "edi", r.edi, count, readonly
+                "vmmcall",
+                r,
+                HYPERCALL_HB_WRITE,
+                "rsi",
+                pointer,
+                "edi",
+                r.edi,
+                count,
+                readonly
             ),
         }
     }
@@ -225,13 +253,34 @@ mod arch {
         let (pointer, count) = (buffer.as_mut_ptr() as u64, buffer.len() as u64);
         match interface {
             Interface::IoPort => high_bandwidth_call!(
-                "rep insb", r, u32::from(PORT_HIGH_BANDWIDTH), "rdi", pointer, "esi", r.esi, count,
+                "rep insb",
+                r,
+                u32::from(PORT_HIGH_BANDWIDTH),
+                "rdi",
+                pointer,
+                "esi",
+                r.esi,
+                count,
             ),
             Interface::Vmcall => high_bandwidth_call!(
-                "vmcall", r, HYPERCALL_HB_READ, "rdi", pointer, "esi", r.esi, count,
+                "vmcall",
+                r,
+                HYPERCALL_HB_READ,
+                "rdi",
+                pointer,
+                "esi",
+                r.esi,
+                count,
             ),
             Interface::Vmmcall => high_bandwidth_call!(
-                "vmmcall", r, HYPERCALL_HB_READ, "rdi", pointer, "esi", r.esi, count,
+                "vmmcall",
+                r,
+                HYPERCALL_HB_READ,
+                "rdi",
+                pointer,
+                "esi",
+                r.esi,
+                count,
             ),
         }
     }
@@ -244,9 +293,51 @@ mod arch {
 
     /// Runs GETVERSION in a child process and reports how it ended.
     pub(super) fn probe(interface: Interface) -> Result<()> {
-        // SAFETY: fork has no memory-safety preconditions. In the child (which may be a copy
-        // of a multi-threaded process) only async-signal-safe things happen: one backdoor
-        // instruction on registers and `_exit`, which runs no destructors or atexit handlers.
+        // The child must only do async-signal-safe things (see `run_in_child`): one backdoor
+        // instruction on registers, then exit.
+        fn child(interface: Interface) -> i32 {
+            let out = low_bandwidth(interface, get_version_registers());
+            i32::from(out.ebx != BDOOR_MAGIC)
+        }
+        let status = run_in_child(|| child(interface), PROBE_TIMEOUT)?;
+        match status {
+            ChildEnd::Exited(0) => Ok(()),
+            ChildEnd::Exited(_) => Err(Error::NotRunningInVm),
+            ChildEnd::Signalled(signal) => {
+                let what = match signal {
+                    libc::SIGSEGV => "SIGSEGV: the host refuses ring-3 I/O port access",
+                    libc::SIGILL => "SIGILL: the host does not accept the hypercall from ring 3",
+                    _ => "an unexpected signal",
+                };
+                Err(Error::BackdoorDenied {
+                    detail: format!(
+                        "the probe was killed by signal {signal} ({what}, via {interface:?})"
+                    ),
+                })
+            }
+            ChildEnd::TimedOut => Err(Error::BackdoorDenied {
+                detail: format!("the probe did not finish within {PROBE_TIMEOUT:?}"),
+            }),
+        }
+    }
+
+    #[derive(Debug, PartialEq, Eq)]
+    pub(super) enum ChildEnd {
+        Exited(i32),
+        Signalled(i32),
+        TimedOut,
+    }
+
+    /// Runs `body` in a forked child (without core dumps) and waits for it at most `timeout`,
+    /// killing it after that. `body` must be async-signal-safe: the child of a multi-threaded
+    /// process may not allocate or take locks.
+    pub(super) fn run_in_child(
+        body: impl FnOnce() -> i32,
+        timeout: std::time::Duration,
+    ) -> Result<ChildEnd> {
+        // SAFETY: fork has no memory-safety preconditions. The child runs only `body` (which
+        // the caller keeps async-signal-safe), prctl and `_exit`; `_exit` runs no destructors
+        // or atexit handlers, so nothing of the parent's state is touched twice.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             return Err(Error::BackdoorDenied {
@@ -257,9 +348,11 @@ mod arch {
             });
         }
         if pid == 0 {
-            let out = low_bandwidth(interface, get_version_registers());
-            let code = if out.ebx == BDOOR_MAGIC { 0 } else { 1 };
-            // SAFETY: `_exit` ends the child at once; nothing of the parent's state is touched.
+            // SAFETY: prctl(PR_SET_DUMPABLE, 0) only changes this process's core-dump flag, so a
+            // fault of the probe leaves no core file behind.
+            unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+            let code = body();
+            // SAFETY: `_exit` ends the child at once, as explained above.
             unsafe { libc::_exit(code) };
         }
         let started = Instant::now();
@@ -279,32 +372,73 @@ mod arch {
                     detail: format!("cannot wait for the probe process: {error}"),
                 });
             }
-            if started.elapsed() > PROBE_TIMEOUT {
+            if started.elapsed() > timeout {
                 // SAFETY: signalling and reaping our own child, which has not been reaped yet.
                 unsafe {
                     libc::kill(pid, libc::SIGKILL);
                     libc::waitpid(pid, &mut status, 0);
                 }
-                return Err(Error::BackdoorDenied {
-                    detail: format!("the probe did not finish within {PROBE_TIMEOUT:?}"),
-                });
+                return Ok(ChildEnd::TimedOut);
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        if libc::WIFSIGNALED(status) {
-            let signal = libc::WTERMSIG(status);
-            let what = match signal {
-                libc::SIGSEGV => "SIGSEGV: the host refuses ring-3 I/O port access",
-                libc::SIGILL => "SIGILL: the host does not accept the hypercall from ring 3",
-                _ => "an unexpected signal",
-            };
-            return Err(Error::BackdoorDenied {
-                detail: format!("the probe was killed by signal {signal} ({what}, via {interface:?})"),
-            });
+        Ok(if libc::WIFSIGNALED(status) {
+            ChildEnd::Signalled(libc::WTERMSIG(status))
+        } else {
+            ChildEnd::Exited(libc::WEXITSTATUS(status))
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use std::time::Duration;
+
+        // These exercise the fork/wait machinery of the probe with children that end in each
+        // way a probe can, without ever running a backdoor instruction.
+        #[test]
+        fn child_exit_codes_are_reported() {
+            assert_eq!(
+                run_in_child(|| 0, PROBE_TIMEOUT).unwrap(),
+                ChildEnd::Exited(0)
+            );
+            assert_eq!(
+                run_in_child(|| 3, PROBE_TIMEOUT).unwrap(),
+                ChildEnd::Exited(3)
+            );
         }
-        match libc::WEXITSTATUS(status) {
-            0 => Ok(()),
-            _ => Err(Error::NotRunningInVm),
+
+        #[test]
+        fn a_faulting_child_is_reported_not_fatal() {
+            let end = run_in_child(
+                || {
+                    // std's SIGSEGV handler lets a *raised* (not faulting) signal return, so
+                    // restore the default action, as a real fault ends up with.
+                    // SAFETY: changing a signal disposition and raising the signal only affect
+                    // the forked child, which it ends.
+                    unsafe {
+                        libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+                        libc::raise(libc::SIGSEGV);
+                    }
+                    0
+                },
+                PROBE_TIMEOUT,
+            )
+            .unwrap();
+            assert_eq!(end, ChildEnd::Signalled(libc::SIGSEGV));
+        }
+
+        #[test]
+        fn a_hanging_child_is_killed() {
+            let end = run_in_child(
+                || loop {
+                    // SAFETY: pause only sleeps until a signal arrives (SIGKILL, here).
+                    unsafe { libc::pause() };
+                },
+                Duration::from_millis(50),
+            )
+            .unwrap();
+            assert_eq!(end, ChildEnd::TimedOut);
         }
     }
 }

@@ -70,10 +70,13 @@ pub fn select_interface(cpuid: &CpuidFacts, dmi_says_vmware: bool) -> Result<Int
 /// (`/sys/class/dmi/id/sys_vendor` is "VMware, Inc." on VMware hosts; both files are readable
 /// without root).
 pub fn dmi_says_vmware(root: &Path) -> bool {
-    ["sys/class/dmi/id/sys_vendor", "sys/class/dmi/id/product_name"]
-        .iter()
-        .filter_map(|file| std::fs::read_to_string(root.join(file)).ok())
-        .any(|text| text.contains("VMware"))
+    [
+        "sys/class/dmi/id/sys_vendor",
+        "sys/class/dmi/id/product_name",
+    ]
+    .iter()
+    .filter_map(|file| std::fs::read_to_string(root.join(file)).ok())
+    .any(|text| text.contains("VMware"))
 }
 
 #[cfg(test)]
@@ -84,14 +87,21 @@ mod tests {
         CpuidFacts {
             hypervisor_bit: true,
             vendor: *vendor,
-            max_leaf: if features.is_some() { LEAF_VMWARE_FEATURES } else { LEAF_HYPERVISOR },
+            max_leaf: if features.is_some() {
+                LEAF_VMWARE_FEATURES
+            } else {
+                LEAF_HYPERVISOR
+            },
             vmware_features_ecx: features,
         }
     }
 
     #[test]
     fn interface_follows_cpuid() {
-        assert_eq!(select_interface(&facts(VMWARE_SIGNATURE, None), false).unwrap(), Interface::IoPort);
+        assert_eq!(
+            select_interface(&facts(VMWARE_SIGNATURE, None), false).unwrap(),
+            Interface::IoPort
+        );
         assert_eq!(
             select_interface(&facts(VMWARE_SIGNATURE, Some(FEATURE_VMCALL)), false).unwrap(),
             Interface::Vmcall
@@ -101,8 +111,11 @@ mod tests {
             Interface::Vmmcall
         );
         assert_eq!(
-            select_interface(&facts(VMWARE_SIGNATURE, Some(FEATURE_VMCALL | FEATURE_VMMCALL)), false)
-                .unwrap(),
+            select_interface(
+                &facts(VMWARE_SIGNATURE, Some(FEATURE_VMCALL | FEATURE_VMMCALL)),
+                false
+            )
+            .unwrap(),
             Interface::Vmcall
         );
     }
@@ -112,10 +125,16 @@ mod tests {
         // KVM (even with its VMware backdoor emulation on), Xen, Hyper-V: never the backdoor,
         // whatever DMI says.
         for vendor in [b"KVMKVMKVM\0\0\0", b"XenVMMXenVMM", b"Microsoft Hv"] {
-            assert!(matches!(select_interface(&facts(vendor, None), true), Err(Error::NotRunningInVm)));
+            assert!(matches!(
+                select_interface(&facts(vendor, None), true),
+                Err(Error::NotRunningInVm)
+            ));
         }
         let bare = CpuidFacts::default();
-        assert!(matches!(select_interface(&bare, false), Err(Error::NotRunningInVm)));
+        assert!(matches!(
+            select_interface(&bare, false),
+            Err(Error::NotRunningInVm)
+        ));
         assert_eq!(select_interface(&bare, true).unwrap(), Interface::IoPort);
     }
 

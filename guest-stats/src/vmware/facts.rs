@@ -93,7 +93,9 @@ pub struct HostTime {
 impl HostTime {
     /// The host time as a `SystemTime`.
     pub fn system_time(&self) -> SystemTime {
-        UNIX_EPOCH + Duration::from_secs(self.seconds) + Duration::from_micros(u64::from(self.micros))
+        UNIX_EPOCH
+            + Duration::from_secs(self.seconds)
+            + Duration::from_micros(u64::from(self.micros))
     }
 }
 

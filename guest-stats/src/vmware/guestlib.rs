@@ -174,14 +174,20 @@ pub fn decode_v2(bytes: &[u8]) -> Result<GuestlibInfo> {
     if bytes.len() != V2_LEN {
         return Err(decode_error(
             2,
-            format!("reply is {} bytes, a v2 reply is exactly {V2_LEN}", bytes.len()),
+            format!(
+                "reply is {} bytes, a v2 reply is exactly {V2_LEN}",
+                bytes.len()
+            ),
         ));
     }
     let le_u32 = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default());
     let le_u64 = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
     let version = le_u32(0);
     if version != 2 {
-        return Err(decode_error(2, format!("header says version {version}, expected 2")));
+        return Err(decode_error(
+            2,
+            format!("header says version {version}, expected 2"),
+        ));
     }
     let mut info = GuestlibInfo::new(2, SessionId::new(le_u64(4)));
     for (stat, offset, wide) in V2_LAYOUT {
@@ -266,12 +272,18 @@ pub fn decode_v3(bytes: &[u8]) -> Result<GuestlibInfo> {
     if bytes.len() < V3_HEADER_LEN {
         return Err(decode_error(
             3,
-            format!("reply is {} bytes, shorter than the {V3_HEADER_LEN}-byte header", bytes.len()),
+            format!(
+                "reply is {} bytes, shorter than the {V3_HEADER_LEN}-byte header",
+                bytes.len()
+            ),
         ));
     }
     let version = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     if version != 3 {
-        return Err(decode_error(3, format!("header says version {version}, expected 3")));
+        return Err(decode_error(
+            3,
+            format!("header says version {version}, expected 3"),
+        ));
     }
     let mut session = [0u8; 8];
     session.copy_from_slice(&bytes[4..12]);
@@ -300,7 +312,10 @@ pub fn decode_v3(bytes: &[u8]) -> Result<GuestlibInfo> {
     if count as usize > xdr.remaining() / 8 {
         return Err(decode_error(
             3,
-            format!("count of {count} statistics cannot fit in {} bytes", xdr.remaining()),
+            format!(
+                "count of {count} statistics cannot fit in {} bytes",
+                xdr.remaining()
+            ),
         ));
     }
     let mut info = GuestlibInfo::new(3, session_id);
@@ -357,7 +372,8 @@ pub fn decode_v3(bytes: &[u8]) -> Result<GuestlibInfo> {
             .insert(Stat::ResourcePoolPath, Some(StatValue::Text(path)));
     }
     if let Some(shares) = shares_64 {
-        info.values.insert(Stat::MemShares, Some(StatValue::U64(shares)));
+        info.values
+            .insert(Stat::MemShares, Some(StatValue::U64(shares)));
     }
     Ok(info)
 }
@@ -367,7 +383,10 @@ pub fn decode(version: u32, bytes: &[u8]) -> Result<GuestlibInfo> {
     match version {
         2 => decode_v2(bytes),
         3 => decode_v3(bytes),
-        other => Err(decode_error(other, "this crate speaks guestlib versions 2 and 3")),
+        other => Err(decode_error(
+            other,
+            "this crate speaks guestlib versions 2 and 3",
+        )),
     }
 }
 
@@ -379,7 +398,11 @@ pub fn encode_v2(info: &GuestlibInfo) -> Vec<u8> {
     bytes[0..4].copy_from_slice(&2u32.to_le_bytes());
     bytes[4..12].copy_from_slice(&info.session_id.get().to_le_bytes());
     for (stat, offset, wide) in V2_LAYOUT {
-        let Some(Some(value)) = info.values.get(&stat).map(|v| v.as_ref().and_then(StatValue::as_u64)) else {
+        let Some(Some(value)) = info
+            .values
+            .get(&stat)
+            .map(|v| v.as_ref().and_then(StatValue::as_u64))
+        else {
             continue;
         };
         if wide {
@@ -446,7 +469,9 @@ pub fn encode_v3(info: &GuestlibInfo) -> Vec<u8> {
         };
         match arm {
             Arm::U32 => {
-                let number = value.and_then(|v| v.as_u64()).and_then(|v| u32::try_from(v).ok());
+                let number = value
+                    .and_then(|v| v.as_u64())
+                    .and_then(|v| u32::try_from(v).ok());
                 put_u32(&mut data, u32::from(number.is_some()));
                 put_u32(&mut data, number.unwrap_or(0));
             }
@@ -536,12 +561,10 @@ mod tests {
             let stats: Vec<Stat> = Stat::ALL[..count].to_vec();
             let values: Vec<_> = stats.iter().map(|&stat| value_strategy(stat)).collect();
             values.prop_map(move |values| {
-                stats
-                    .iter()
-                    .zip(values)
-                    .fold(GuestlibInfo::new(3, SessionId::new(session)), |info, (&stat, value)| {
-                        info.with(stat, value)
-                    })
+                stats.iter().zip(values).fold(
+                    GuestlibInfo::new(3, SessionId::new(session)),
+                    |info, (&stat, value)| info.with(stat, value),
+                )
             })
         })
     }
@@ -563,7 +586,8 @@ mod tests {
                 };
                 prop_assert_eq!(decoded.stat(stat).ok(), expected);
             }
-            prop_assert!(matches!(decoded.stat(Stat::CpuStolenMs), Err(Error::UnsupportedVersion { .. })));
+            let unsupported = matches!(decoded.stat(Stat::CpuStolenMs), Err(Error::UnsupportedVersion { .. }));
+            prop_assert!(unsupported);
         }
 
         #[test]

@@ -28,7 +28,9 @@
 //! anyway, `open` reports [`Error::BackdoorDenied`] (the probe runs in a child process, so the
 //! fault does not kill the caller).
 
+#[allow(unsafe_code)]
 pub mod backdoor;
+pub mod detect;
 pub mod facts;
 pub mod guestlib;
 pub mod rpci;
@@ -162,6 +164,21 @@ impl<B: Backdoor> VmwareGuestStats<B> {
     /// The guestlib data version the host last answered with (3, or 2 for older hosts).
     pub fn data_version(&self) -> Option<u32> {
         self.version
+    }
+
+    /// The backdoor version and VMware product (GETVERSION); see [`facts::version`].
+    pub fn backdoor_version(&mut self) -> Result<facts::BackdoorVersion> {
+        facts::version(&mut self.backdoor)
+    }
+
+    /// The host's clock (GETTIMEFULL, else GETTIME); see [`facts::host_time`].
+    pub fn host_time(&mut self) -> Result<facts::HostTime> {
+        facts::host_time(&mut self.backdoor)
+    }
+
+    /// The processor speed the host reports (GETMHZ); see [`facts::processor_mhz`].
+    pub fn processor_mhz(&mut self) -> Result<u32> {
+        facts::processor_mhz(&mut self.backdoor)
     }
 }
 

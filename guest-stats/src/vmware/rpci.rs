@@ -185,21 +185,32 @@ impl<'b, B: Backdoor + ?Sized> Channel<'b, B> {
     /// Opens an RPCI channel: first asking for a cookie, then (older hosts) without.
     pub fn open(backdoor: &'b mut B, options: RpciOptions) -> Result<Channel<'b, B>> {
         let mut last_status = 0;
-        for protocol in [PROTOCOL_RPCI | FLAG_COOKIE, PROTOCOL_RPCI] {
+        let mut checkpoints = 0;
+        let mut protocols = [PROTOCOL_RPCI | FLAG_COOKIE, PROTOCOL_RPCI]
+            .into_iter()
+            .peekable();
+        while let Some(&protocol) = protocols.peek() {
             let mut registers = Registers::command(CMD_MESSAGE, TYPE_OPEN);
             registers.ebx = protocol;
             let out = backdoor.call(registers);
             last_status = status_of(out.ecx);
-            if last_status & STATUS_SUCCESS != 0 {
-                let with_cookie = protocol & FLAG_COOKIE != 0;
-                return Ok(Channel {
-                    backdoor,
-                    id: status_of(out.edx),
-                    cookie_high: if with_cookie { out.esi } else { 0 },
-                    cookie_low: if with_cookie { out.edi } else { 0 },
-                    options,
-                });
+            if last_status & STATUS_SUCCESS == 0 {
+                // A checkpoint says nothing about cookie support: ask the same again.
+                if last_status & STATUS_CPT != 0 && checkpoints < options.checkpoint_retries {
+                    checkpoints += 1;
+                } else {
+                    protocols.next();
+                }
+                continue;
             }
+            let with_cookie = protocol & FLAG_COOKIE != 0;
+            return Ok(Channel {
+                backdoor,
+                id: status_of(out.edx),
+                cookie_high: if with_cookie { out.esi } else { 0 },
+                cookie_low: if with_cookie { out.edi } else { 0 },
+                options,
+            });
         }
         Err(channel_error(format!(
             "the host refused to open an RPCI channel ({}); is the backdoor restricted?",
@@ -252,8 +263,8 @@ impl<'b, B: Backdoor + ?Sized> Channel<'b, B> {
 
     /// Sends one request.
     pub fn send(&mut self, request: &[u8]) -> Result<()> {
-        let length = u32::try_from(request.len())
-            .map_err(|_| channel_error("request longer than 4 GiB"))?;
+        let length =
+            u32::try_from(request.len()).map_err(|_| channel_error("request longer than 4 GiB"))?;
         let mut attempt = 0;
         'restart: loop {
             let mut registers = self.registers(TYPE_SEND_SIZE);
@@ -316,9 +327,9 @@ impl<'b, B: Backdoor + ?Sized> Channel<'b, B> {
             }
             let length = out.ebx;
             if length > MAX_REPLY_LEN {
-                return Err(self.abort(
-                    format!("reply of {length} bytes is larger than the {MAX_REPLY_LEN}-byte limit"),
-                ));
+                return Err(self.abort(format!(
+                    "reply of {length} bytes is larger than the {MAX_REPLY_LEN}-byte limit"
+                )));
             }
             let mut reply = vec![0u8; length as usize];
             if length > 0 && status & STATUS_HB != 0 && self.options.high_bandwidth {
@@ -373,18 +384,18 @@ impl<'b, B: Backdoor + ?Sized> Channel<'b, B> {
         channel_error(detail)
     }
 
-    /// Closes the channel.
+    /// Closes the channel (retrying after checkpoints, so the host does not keep it until it
+    /// times out).
     pub fn close(self) -> Result<()> {
-        let out = self.backdoor.call(self.registers(TYPE_CLOSE));
-        let status = status_of(out.ecx);
-        if status & STATUS_SUCCESS == 0 {
-            return Err(channel_error(format!(
-                "CLOSE failed on channel {} ({})",
-                self.id,
-                describe(status)
-            )));
+        let mut attempt = 0;
+        loop {
+            let out = self.backdoor.call(self.registers(TYPE_CLOSE));
+            let status = status_of(out.ecx);
+            if status & STATUS_SUCCESS != 0 {
+                return Ok(());
+            }
+            self.retry_or_fail(&mut attempt, "CLOSE", status)?;
         }
-        Ok(())
     }
 }
 

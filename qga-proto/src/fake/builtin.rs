@@ -552,19 +552,21 @@ fn exec_status(state: &mut FakeState, args: &Map<String, Value>) -> Response {
     };
     let (capture_out, capture_err, merged) = process.capture;
     let outcome = process.outcome;
+    // qemu-ga reports a captured stream (and its truncation flag) only when
+    // the process wrote something to it.
     let cap = |mut data: Vec<u8>| {
         let truncated = data.len() > MAX_CAPTURE;
         data.truncate(MAX_CAPTURE);
-        (Base64Data(data), truncated)
+        (!data.is_empty()).then_some((Base64Data(data), truncated))
     };
     let (out, err) = if merged {
         let mut both = outcome.stdout;
         both.extend(outcome.stderr);
-        (Some(cap(both)), None)
+        (cap(both), None)
     } else {
         (
-            capture_out.then(|| cap(outcome.stdout)),
-            capture_err.then(|| cap(outcome.stderr)),
+            capture_out.then(|| cap(outcome.stdout)).flatten(),
+            capture_err.then(|| cap(outcome.stderr)).flatten(),
         )
     };
     Response::ok(GuestExecStatus {

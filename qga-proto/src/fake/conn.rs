@@ -394,4 +394,35 @@ mod tests {
             assert!(out.contains(desc), "{out} lacks {desc}");
         }
     }
+
+    proptest::proptest! {
+        /// Any bytes: the fake never panics and never answers more lines than
+        /// it could have received requests.
+        #[test]
+        fn any_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..1024)) {
+            let mut c = Connection::new(FakeAgent::linux().shared());
+            let out = bytes(c.receive(&data));
+            let lines = out.iter().filter(|&&b| b == b'\n').count();
+            proptest::prop_assert!(lines <= data.len());
+        }
+
+        /// Well-formed requests in any chunking get one reply each, in order.
+        #[test]
+        fn chunked_requests_get_one_reply_each(ids in proptest::collection::vec(0i64..1000, 1..8),
+                                               cut in 1usize..40) {
+            let mut c = Connection::new(FakeAgent::linux().shared());
+            let mut stream = Vec::new();
+            for id in &ids {
+                stream.extend(format!(" {{\"execute\": \"guest-sync\", \"arguments\": {{\"id\": {id}}}}}\n").into_bytes());
+            }
+            let mut out = Vec::new();
+            for chunk in stream.chunks(cut) {
+                out.extend(bytes(c.receive(chunk)));
+            }
+            let replies: Vec<serde_json::Value> =
+                out.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice(l).unwrap()).collect();
+            let echoed: Vec<i64> = replies.iter().map(|r| r["return"].as_i64().unwrap()).collect();
+            proptest::prop_assert_eq!(echoed, ids);
+        }
+    }
 }

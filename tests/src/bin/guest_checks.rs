@@ -11,10 +11,22 @@
 //!   same answers and exit codes (plain, `--vm`, `--container`).
 //! * `stats`: `vmsdk stats --format json` succeeds with the Linux backend, and its values agree
 //!   with the guest's own `/proc`.
-//! * `backdoor-getversion`: with the I/O privilege raised (`iopl(3)`, here only — the library
-//!   never does it), the guest-stats backdoor's GETVERSION reaches QEMU's vmport device and gets
-//!   the magic back, with the version and VMX type the host configured.
+//! * `backdoor-refused`: guest-stats' `HardwareBackdoor::open` refuses QEMU (its CPUID signature
+//!   is not VMware's) without touching the port, although vmport would answer.
 //!
+//! The host boots the guest a second time dressed as a VMware guest that hides the hypervisor
+//! bit (`vmsdk.profile=vmware-dmi`: no CPUID hypervisor bit, DMI vendor "VMware, Inc."), where
+//! QEMU's vmport device plays the VMware backdoor:
+//!
+//! * `vmware-environment`: that is what the guest sees;
+//! * `detect-parity`: `vmsdk detect` still agrees with systemd-detect-virt;
+//! * `backdoor-guard`: without I/O privilege the `in` faults, the forked probe takes the SIGSEGV
+//!   and `open` reports `BackdoorDenied`;
+//! * `backdoor-getversion`: with the I/O privilege raised (`iopl(3)`, here only — the library
+//!   never does it), the real `asm!` port I/O reaches vmport: the magic in EBX, and the version
+//!   and VMX type the host configured, raw and through `facts::version`.
+//!
+//! The profile comes from `vmsdk.profile=` on the kernel command line.
 //! Usage: `guest_checks [--vmsdk PATH]` (default `/usr/bin/vmsdk`). Exits 1 if any check failed.
 
 #![deny(unsafe_code)]
@@ -40,13 +52,36 @@ fn main() -> ExitCode {
         }
     }
 
-    let detection = run_json(&vmsdk, &["detect", "--json"], "detect");
+    let profile = kernel_word("profile").unwrap_or_default();
     let mut all_passed = true;
-    all_passed &= report("detect", check_detect(&detection));
-    all_passed &= report("detect-evidence", check_detect_evidence(&detection));
-    all_passed &= report("detect-parity", check_detect_parity(&vmsdk));
-    all_passed &= report("stats", check_stats(&vmsdk));
-    all_passed &= report("backdoor-getversion", backdoor::check());
+    match profile.as_str() {
+        // QEMU as it is: DMI "QEMU", the TCG CPUID signature, and the vmport device.
+        "qemu" => {
+            let detection = run_json(&vmsdk, &["detect", "--json"], "detect");
+            all_passed &= report("detect", check_detect(&detection));
+            all_passed &= report("detect-evidence", check_detect_evidence(&detection));
+            all_passed &= report("detect-parity", check_detect_parity(&vmsdk));
+            all_passed &= report("stats", check_stats(&vmsdk));
+            all_passed &= report("backdoor-refused", backdoor::check_refused());
+        }
+        // QEMU dressed as a VMware guest that hides the hypervisor bit: DMI says VMware, and
+        // QEMU's vmport device answers the backdoor.
+        "vmware-dmi" => {
+            all_passed &= report("vmware-environment", backdoor::check_environment());
+            all_passed &= report("detect-parity", check_detect_parity(&vmsdk));
+            all_passed &= report("backdoor-guard", backdoor::check_guard());
+            all_passed &= report("backdoor-getversion", backdoor::check_get_version());
+        }
+        other => {
+            report(
+                "profile",
+                Err(format!(
+                    "unknown vmsdk.profile={other:?} on the kernel command line"
+                )),
+            );
+            all_passed = false;
+        }
+    }
     if all_passed {
         ExitCode::SUCCESS
     } else {
@@ -281,62 +316,124 @@ fn uptime_ms() -> Result<u64, String> {
     Ok((seconds * 1000.0) as u64 + 10)
 }
 
-/// What the host told QEMU's vmport to answer, from `vmsdk.<key>=` on the kernel command line.
-fn kernel_parameter(key: &str) -> Result<u32, String> {
+/// What the host told the guest, from `vmsdk.<key>=` on the kernel command line.
+fn kernel_word(key: &str) -> Result<String, String> {
     let cmdline =
         std::fs::read_to_string("/proc/cmdline").map_err(|e| format!("read /proc/cmdline: {e}"))?;
     let prefix = format!("vmsdk.{key}=");
     cmdline
         .split_whitespace()
         .find_map(|word| word.strip_prefix(&prefix))
-        .ok_or_else(|| format!("no {prefix} on the kernel command line"))?
-        .parse()
-        .map_err(|e| format!("{prefix}: {e}"))
+        .map(str::to_owned)
+        .ok_or_else(|| format!("no {prefix} on the kernel command line"))
 }
 
+/// A number the host told QEMU's vmport to answer, from the kernel command line.
+fn kernel_parameter(key: &str) -> Result<u32, String> {
+    kernel_word(key)?
+        .parse()
+        .map_err(|e| format!("vmsdk.{key}: {e}"))
+}
+
+/// The guest-stats VMware backdoor layer on real (emulated) hardware: QEMU's vmport device.
 mod backdoor {
+    use guest_stats::vmware::backdoor::{HardwareBackdoor, CMD_GET_VERSION};
+    use guest_stats::vmware::detect::Interface;
+    use guest_stats::vmware::facts::{self, VmxProduct};
+    use guest_stats::vmware::{Backdoor, Registers, BDOOR_MAGIC};
+    use guest_stats::Error;
+
     use super::{ffi, kernel_parameter, Outcome};
 
-    /// "VMXh": what a VMware-compatible backdoor puts in EBX.
-    const MAGIC: u32 = 0x564D_5868;
+    /// In the plain QEMU guest the vmport device would answer, but CPUID carries QEMU's own
+    /// signature, and a backdoor answer proves nothing where other hypervisors emulate it: the
+    /// library must refuse without touching the port, even with the I/O privilege raised.
+    pub fn check_refused() -> Outcome {
+        ffi::raise_io_privilege()?;
+        match HardwareBackdoor::open() {
+            Err(Error::NotRunningInVm) => Ok(
+                "HardwareBackdoor::open() -> NotRunningInVm under the TCGTCGTCGTCG signature"
+                    .to_owned(),
+            ),
+            Err(other) => Err(format!("expected NotRunningInVm, got {other:?}")),
+            Ok(backdoor) => Err(format!(
+                "the library opened the backdoor ({:?}) on a non-VMware hypervisor",
+                backdoor.interface()
+            )),
+        }
+    }
 
-    pub fn check() -> Outcome {
+    /// The VMware-impersonating boot is what the host meant it to be.
+    pub fn check_environment() -> Outcome {
+        let cpuid = guest_stats::vmware::backdoor::read_cpuid();
+        let vendor = std::fs::read_to_string("/sys/class/dmi/id/sys_vendor")
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| format!("read sys_vendor: {e}"))?;
+        if cpuid.hypervisor_bit || !vendor.contains("VMware") {
+            return Err(format!(
+                "expected no hypervisor bit and a VMware DMI vendor, got bit={} vendor={vendor:?}",
+                cpuid.hypervisor_bit
+            ));
+        }
+        Ok(format!(
+            "CPUID hypervisor bit clear, DMI sys_vendor {vendor:?}"
+        ))
+    }
+
+    /// Without I/O privilege QEMU faults the `in` (ring 3, IOPL 0): the probe in the forked
+    /// child takes the SIGSEGV and `open` reports BackdoorDenied instead of crashing.
+    pub fn check_guard() -> Outcome {
+        match HardwareBackdoor::open() {
+            Err(Error::BackdoorDenied { detail }) => Ok(format!(
+                "without iopl: BackdoorDenied ({detail}); this process survived"
+            )),
+            Err(other) => Err(format!(
+                "expected BackdoorDenied without iopl, got {other:?}"
+            )),
+            Ok(_) => Err(
+                "the backdoor opened without I/O privilege (QEMU should fault ring-3 IN)"
+                    .to_owned(),
+            ),
+        }
+    }
+
+    /// With `iopl(3)`: detection (DMI) picks the I/O port, the forked probe succeeds, and
+    /// GETVERSION returns the magic with the version and VMX type the host configured.
+    pub fn check_get_version() -> Outcome {
         let version = kernel_parameter("vmx_version")?;
         let vmx_type = kernel_parameter("vmx_type")?;
         // QEMU, unlike VMware, does not let ring 3 at the port without I/O privilege.
         ffi::raise_io_privilege()?;
-        let answer = get_version()?;
-        let detail = format!(
-            "eax(version)={} ebx={:#010x} ecx(vmx type)={} via iopl(3) + IN 0x5658",
-            answer.version, answer.magic, answer.vmx_type
-        );
-        if answer.magic != MAGIC {
-            return Err(format!("no magic in EBX: {detail}"));
+        let mut backdoor =
+            HardwareBackdoor::open().map_err(|e| format!("HardwareBackdoor::open(): {e:?}"))?;
+        if backdoor.interface() != Interface::IoPort {
+            return Err(format!(
+                "expected the I/O port, got {:?}",
+                backdoor.interface()
+            ));
         }
-        if answer.version != version || answer.vmx_type != vmx_type {
+        // The raw call first, to see every register QEMU answers...
+        let mut request = Registers::command(CMD_GET_VERSION, 0xFFFF);
+        request.ebx = !BDOOR_MAGIC;
+        let raw = backdoor.call(request);
+        let detail = format!(
+            "raw IN 0x5658: eax(version)={} ebx={:#010x} ecx(vmx type)={}",
+            raw.eax, raw.ebx, raw.ecx
+        );
+        if raw.ebx != BDOOR_MAGIC {
+            return Err(format!("no 'VMXh' magic in EBX: {detail}"));
+        }
+        if raw.eax != version || raw.ecx != vmx_type {
             return Err(format!(
                 "expected version {version} and VMX type {vmx_type} as configured on the host: {detail}"
             ));
         }
-        Ok(detail)
-    }
-
-    struct Answer {
-        version: u32,
-        magic: u32,
-        vmx_type: u32,
-    }
-
-    fn get_version() -> Result<Answer, String> {
-        Err(
-            "guest-stats exposes no backdoor GETVERSION yet (guest_stats::vmware::backdoor)"
-                .to_owned(),
-        )
-        .map(|()| Answer {
-            version: 0,
-            magic: 0,
-            vmx_type: 0,
-        })
+        // ...then the typed layer on top of it.
+        let typed = facts::version(&mut backdoor).map_err(|e| format!("facts::version: {e:?}"))?;
+        if typed.version != version || typed.product != VmxProduct::from_ecx(vmx_type) {
+            return Err(format!("facts::version gave {typed:?}; {detail}"));
+        }
+        Ok(format!("{detail}; facts::version: {typed:?}"))
     }
 }
 

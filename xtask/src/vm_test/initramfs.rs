@@ -129,11 +129,16 @@ fn shared_libraries(program: &Path) -> Result<Vec<String>, String> {
             ))
         };
     }
+    parse_ldd(&text).map_err(|line| format!("{}: library {line}", program.display()))
+}
+
+/// The absolute paths in `ldd` output, or the first line naming a library that is not found.
+fn parse_ldd(text: &str) -> Result<Vec<String>, String> {
     let mut libraries = Vec::new();
     for line in text.lines() {
         let line = line.trim();
         if line.contains("not found") {
-            return Err(format!("{}: library {line}", program.display()));
+            return Err(line.to_owned());
         }
         // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or "/lib64/ld-linux-x86-64.so.2 (0x…)";
         // the vDSO has no path.
@@ -148,4 +153,29 @@ fn shared_libraries(program: &Path) -> Result<Vec<String>, String> {
         }
     }
     Ok(libraries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output_gives_library_paths_and_the_loader() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                    \tlibglib-2.0.so.0 => /lib/x86_64-linux-gnu/libglib-2.0.so.0 (0x00007f1)\n\
+                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f2)\n";
+        assert_eq!(
+            parse_ldd(text).unwrap(),
+            [
+                "/lib/x86_64-linux-gnu/libglib-2.0.so.0",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_missing_library_is_an_error() {
+        let text = "\tlibfoo.so.1 => not found\n";
+        assert_eq!(parse_ldd(text).unwrap_err(), "libfoo.so.1 => not found");
+    }
 }

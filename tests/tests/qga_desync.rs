@@ -1,0 +1,266 @@
+//! Desync suite: the same channel faults against the real qemu-ga and the
+//! fake agent. Every scenario ends with the client usable again or a clear
+//! error, never a hang.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use qga_proto::fake::{FakeAgent, Fault};
+use qga_proto::{AsyncClient, BoxedStream, ClientConfig, Error, ErrorClass, GuestAgent};
+use tokio::io::AsyncWriteExt;
+use vmsdk_tests::qga::{QemuGa, BLOCKED_RPCS};
+
+fn config() -> ClientConfig {
+    ClientConfig::default()
+        .timeout(Duration::from_secs(2))
+        .sync_timeout(Duration::from_millis(700))
+        .sync_attempts(1)
+        .no_reply_grace(Duration::from_millis(200))
+}
+
+/// Upper bound for any single call in this suite: a hang guard, not a benchmark.
+const HANG_GUARD: Duration = Duration::from_secs(15);
+
+type Connect = Box<
+    dyn Fn() -> Pin<Box<dyn Future<Output = std::io::Result<BoxedStream>> + Send>> + Send + Sync,
+>;
+
+/// One end of the agent channel, real or fake.
+enum Peer {
+    Real(QemuGa),
+    Fake(FakeAgent),
+}
+
+impl Peer {
+    fn connector(&self) -> Connect {
+        match self {
+            Peer::Real(qga) => {
+                let socket = qga.socket();
+                Box::new(move || {
+                    let socket = socket.clone();
+                    Box::pin(async move {
+                        Ok(Box::new(tokio::net::UnixStream::connect(socket).await?) as BoxedStream)
+                    })
+                })
+            }
+            Peer::Fake(fake) => {
+                let fake = fake.clone();
+                Box::new(move || {
+                    let (client, server) = tokio::io::duplex(64 * 1024);
+                    let agent = fake.clone();
+                    tokio::spawn(async move { agent.serve_async(server).await });
+                    Box::pin(async move { Ok(Box::new(client) as BoxedStream) })
+                })
+            }
+        }
+    }
+
+    async fn raw(&self) -> BoxedStream {
+        (self.connector())().await.expect("connect to agent")
+    }
+
+    fn client(&self, stream: BoxedStream, config: ClientConfig) -> AsyncClient<BoxedStream> {
+        let connect = self.connector();
+        AsyncClient::with_config(stream, config).with_reconnect(connect)
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Peer::Real(_) => "qemu-ga",
+            Peer::Fake(_) => "fake",
+        }
+    }
+
+    /// Makes the agent stop answering (SIGSTOP for the real one, a long delay
+    /// for the fake).
+    fn freeze(&self) {
+        match self {
+            Peer::Real(qga) => qga.signal("STOP"),
+            Peer::Fake(fake) => {
+                fake.fault(Fault::Delay(Duration::from_millis(1500)));
+            }
+        }
+    }
+
+    fn thaw(&self) {
+        if let Peer::Real(qga) = self {
+            qga.signal("CONT");
+        }
+    }
+
+    fn after_scenario(&mut self) {
+        if let Peer::Real(qga) = self {
+            qga.ensure_running();
+        }
+    }
+}
+
+async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(HANG_GUARD, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} hung"))
+}
+
+async fn assert_usable(peer: &str, client: &AsyncClient<BoxedStream>) {
+    bounded("ping", client.ping())
+        .await
+        .unwrap_or_else(|e| panic!("{peer}: client unusable: {e}"));
+    let host = bounded("host-name", client.host_name())
+        .await
+        .unwrap_or_else(|e| panic!("{peer}: {e}"));
+    assert!(!host.host_name.is_empty());
+}
+
+async fn run_suite(mut peer: Peer) {
+    let name = peer.name();
+
+    // 1. Half a request left by an earlier client.
+    let mut raw = peer.raw().await;
+    raw.write_all(b"{\"execute\": \"guest-get-osi")
+        .await
+        .unwrap();
+    let client = peer.client(raw, config());
+    assert_usable(name, &client).await;
+    drop(client);
+    peer.after_scenario();
+
+    // 2. A stray 0xFF (the agent answers it with a parse error line).
+    let mut raw = peer.raw().await;
+    raw.write_all(&[0xFF]).await.unwrap();
+    let client = peer.client(raw, config());
+    assert_usable(name, &client).await;
+    drop(client);
+    peer.after_scenario();
+
+    // 3. A reply an earlier client never read.
+    let mut raw = peer.raw().await;
+    raw.write_all(b"{\"execute\":\"guest-info\"}\n{\"execute\":\"guest-get-osinfo\"}")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let client = peer.client(raw, config());
+    let info = bounded("info", client.info()).await.unwrap();
+    assert!(!info.version.is_empty());
+    assert_usable(name, &client).await;
+    drop(client);
+    peer.after_scenario();
+
+    // 4. An agent that does not answer: a bounded, clear error; usable once it answers again.
+    let client = peer.client(peer.raw().await, config());
+    assert_usable(name, &client).await;
+    client.resync().await.unwrap();
+    peer.freeze();
+    let started = Instant::now();
+    let err = bounded("frozen agent", client.resync()).await.unwrap_err();
+    assert!(matches!(err, Error::SyncTimeout { .. }), "{name}: {err}");
+    assert!(err.to_string().contains("is qemu-ga running in the guest?"));
+    assert!(started.elapsed() < HANG_GUARD);
+    peer.thaw();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_usable(name, &client).await;
+    drop(client);
+    peer.after_scenario();
+
+    // 5. The agent restarts in the middle of a call.
+    let client = peer.client(peer.raw().await, config());
+    assert_usable(name, &client).await;
+    match &mut peer {
+        Peer::Real(qga) => {
+            qga.signal("STOP");
+            let call = client.host_name();
+            let restart = async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                qga.restart();
+            };
+            let (result, ()) =
+                bounded("call during restart", async { tokio::join!(call, restart) }).await;
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, Error::Disconnected { .. } | Error::Timeout { .. }),
+                "{name}: {err}"
+            );
+        }
+        Peer::Fake(fake) => {
+            fake.fault_on("guest-get-host-name", Fault::Disconnect);
+            let err = bounded("call during restart", client.host_name())
+                .await
+                .unwrap_err();
+            assert!(matches!(err, Error::Disconnected { .. }), "{name}: {err}");
+        }
+    }
+    assert_usable(name, &client).await;
+    drop(client);
+    peer.after_scenario();
+
+    // 6. A disabled command: refused locally, or the agent's own error when checks are off.
+    let disabled = "guest-ssh-get-authorized-keys";
+    let args = serde_json::json!({"username": "nobody"});
+    let client = peer.client(peer.raw().await, config());
+    let err = bounded("disabled", client.execute_raw(disabled, Some(args.clone())))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::CommandDisabled { .. }),
+        "{name}: {err}"
+    );
+    assert_usable(name, &client).await;
+    drop(client);
+    let client = peer.client(peer.raw().await, config().check_capabilities(false));
+    let err = bounded("disabled", client.execute_raw(disabled, Some(args)))
+        .await
+        .unwrap_err();
+    match &err {
+        Error::Agent { class, desc } => {
+            assert_eq!(class, &ErrorClass::CommandNotFound);
+            assert_eq!(desc, &format!("Command {disabled} has been disabled"));
+        }
+        other => panic!("{name}: {other}"),
+    }
+    assert!(err.is_unsupported());
+    assert_usable(name, &client).await;
+
+    // 7. An unknown command.
+    let err = bounded("unknown", client.execute_raw("guest-no-such-command", None))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.class(),
+        Some(&ErrorClass::CommandNotFound),
+        "{name}: {err}"
+    );
+    assert!(err
+        .to_string()
+        .ends_with("The command guest-no-such-command has not been found"));
+    drop(client);
+    let client = peer.client(peer.raw().await, config());
+    let err = bounded("unknown", client.execute_raw("guest-no-such-command", None))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::CommandNotSupported { .. }),
+        "{name}: {err}"
+    );
+    assert_usable(name, &client).await;
+    drop(client);
+    peer.after_scenario();
+}
+
+fn fake_like_the_test_agent() -> FakeAgent {
+    let fake = FakeAgent::linux();
+    for rpc in BLOCKED_RPCS {
+        fake.state().disable(rpc);
+    }
+    fake
+}
+
+#[tokio::test]
+async fn desync_suite_against_the_fake() {
+    run_suite(Peer::Fake(fake_like_the_test_agent())).await;
+}
+
+#[tokio::test]
+async fn desync_suite_against_qemu_ga() {
+    let Some(qga) = QemuGa::start() else { return };
+    run_suite(Peer::Real(qga)).await;
+}
