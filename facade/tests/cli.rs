@@ -306,3 +306,32 @@ fn agent_without_an_address_on_the_real_backend_says_how_to_name_one() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("qga+unix://"));
 }
+
+#[test]
+fn fake_agent_exec_and_cat_print_guest_output() {
+    let out = vmsdk(&[
+        "--backend",
+        "fake",
+        "agent",
+        "exec",
+        "/bin/echo",
+        "hello",
+        "guest",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"hello guest\n");
+    let out = vmsdk(&["--backend", "fake", "agent", "cat", "/etc/hostname"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"fake-guest\n");
+    let out = vmsdk(&["--backend", "fake", "agent", "cat", "/no/such/file"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/file"));
+}

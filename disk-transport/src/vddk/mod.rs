@@ -13,7 +13,8 @@
 //! - **InitEx once per process.** The first [`VddkTransport`] initialises the library; later
 //!   ones share it (asking for a different `libdir` is an error). [`shutdown`] calls
 //!   `VixDiskLib_Exit` once nothing uses the library any more; VDDK cannot be initialised again
-//!   in the same process afterwards. Do not `fork` after InitEx: VDDK's threads do not survive it.
+//!   in the same process afterwards. VDDK's threads do not survive `fork`: a forked child that
+//!   uses the library gets an error, not the hang it would otherwise meet.
 //! - **Open/Close never interleaved across threads.** `ConnectEx`, `Open`, `Close` and
 //!   `Disconnect` run under one process-wide lock.
 //! - **One thread at a time per disk handle.** Each [`VddkDisk`] serialises its calls; different
@@ -92,7 +93,7 @@ use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -260,6 +261,24 @@ enum State {
 }
 
 static STATE: Mutex<State> = Mutex::new(State::Unloaded);
+/// The process that ran InitEx (0: none yet).
+static INIT_PID: AtomicU32 = AtomicU32::new(0);
+
+/// VDDK starts threads in InitEx and `fork` does not copy them: a child that goes on using the
+/// library hangs (RHBZ 1846309). Refuse instead.
+fn check_not_forked() -> Result<()> {
+    forked_check(INIT_PID.load(Ordering::SeqCst), std::process::id())
+}
+
+fn forked_check(init_pid: u32, pid: u32) -> Result<()> {
+    if init_pid != 0 && init_pid != pid {
+        return Err(Error::InvalidParams(format!(
+            "VDDK was initialised in process {init_pid}, and this is process {pid}, forked from it: \
+             VDDK's threads do not survive fork, so initialise VDDK after forking"
+        )));
+    }
+    Ok(())
+}
 /// Replaced by each load attempt until one succeeds; fixed from then on.
 static LOG_HOOK: RwLock<Option<LogHook>> = RwLock::new(None);
 
@@ -312,6 +331,7 @@ fn load(options: &VddkOptions) -> Result<(Arc<Library>, LibraryInfo)> {
     let mut state = state();
     match &*state {
         State::Ready(lib, info) => {
+            check_not_forked()?;
             if let Some(config) = &options.config_path {
                 if info.config_path.as_deref() != Some(canonical(config).as_path()) {
                     return Err(Error::InvalidParams(format!(
@@ -410,6 +430,7 @@ fn load(options: &VddkOptions) -> Result<(Arc<Library>, LibraryInfo)> {
         config_path: options.config_path.as_deref().map(canonical),
     };
     tracing::debug!(target: "disk_transport::vddk", library = %info.path.display(), "VixDiskLib_InitEx done");
+    INIT_PID.store(std::process::id(), Ordering::SeqCst);
     let lib = Arc::new(lib);
     *state = State::Ready(Arc::clone(&lib), info.clone());
     Ok((lib, info))
@@ -759,6 +780,7 @@ impl DiskTransport for VddkTransport {
     }
 
     fn connect(&self, params: &ConnectParams) -> Result<Box<dyn Connection>> {
+        check_not_forked()?;
         self.check_libdir(params)?;
         let viable = self.plan(params)?;
         // With no list from the caller, VDDK applies its own default order.
@@ -797,6 +819,7 @@ impl DiskTransport for VddkTransport {
     }
 
     fn prepare_for_access(&self, params: &ConnectParams, identity: &str) -> Result<AccessGuard> {
+        check_not_forked()?;
         self.check_libdir(params)?;
         if params.vm().is_none() {
             return Err(Error::InvalidParams(
@@ -822,6 +845,7 @@ impl DiskTransport for VddkTransport {
     }
 
     fn cleanup(&self, params: &ConnectParams) -> Result<CleanupStats> {
+        check_not_forked()?;
         self.check_libdir(params)?;
         // Cleanup works per host: VDDK wants vmxSpec NULL.
         let spec = connect_spec(params, false)?;
@@ -865,6 +889,7 @@ impl VddkConnection {
 
     /// Opens a disk, with the concrete type (see [`Connection::open`]).
     pub fn open_disk(&self, path: &str, flags: OpenFlags) -> Result<VddkDisk> {
+        check_not_forked()?;
         let flags = flags.effective(self.read_only);
         let path_c = c_string("the disk path", path)?;
         let mut raw =
@@ -1348,6 +1373,17 @@ mod tests {
             assert_eq!(redact(msg), "login u/<redacted> failed");
         }
         assert_eq!(redact(msg), msg);
+    }
+
+    #[test]
+    fn a_forked_child_is_refused() {
+        assert!(forked_check(0, 42).is_ok());
+        assert!(forked_check(42, 42).is_ok());
+        let err = forked_check(42, 43).unwrap_err().to_string();
+        assert!(
+            err.contains("forked") && err.contains("after forking"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use qga_proto::GuestAgent;
+use std::io::Write as _;
+
+use qga_proto::cmd::GuestExecArgs;
+use qga_proto::{GuestAgent, GuestAgentExt};
 use serde::Serialize;
 use vmsdk::{BackendChoice, Platform};
 
@@ -70,6 +73,25 @@ enum AgentCommand {
     Devices,
     /// File system freeze state.
     FsfreezeStatus,
+    /// Run a program in the guest, wait for it, and print its output; exits with its code.
+    Exec {
+        /// Seconds to wait for the program to exit.
+        #[arg(long, default_value_t = 60.0)]
+        wait: f64,
+        /// Feed this text to the program's standard input.
+        #[arg(long)]
+        input: Option<String>,
+        /// The program (a path or a name the agent finds in its PATH).
+        program: String,
+        /// Its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Print a guest file (read through guest-file-open/read/close).
+    Cat {
+        /// The file's path in the guest.
+        path: String,
+    },
     /// Send a raw command: '{"execute":"guest-info"}' (the reply's "return" is printed).
     Raw {
         /// The JSON request.
@@ -88,12 +110,59 @@ impl AgentCommand {
     }
 }
 
+/// What a command produced: JSON to print, or bytes and an exit code (exec, cat).
+enum Outcome {
+    Json(serde_json::Value),
+    Output {
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+        code: u8,
+    },
+}
+
 fn to_json(value: impl Serialize) -> Result<serde_json::Value, serde_json::Error> {
     serde_json::to_value(value)
 }
 
-async fn call(agent: &dyn GuestAgent, command: &AgentCommand) -> CliResult<serde_json::Value> {
+async fn call(agent: &dyn GuestAgent, command: &AgentCommand) -> CliResult<Outcome> {
     let value = match command {
+        AgentCommand::Exec {
+            wait,
+            input,
+            program,
+            args,
+        } => {
+            if !(wait.is_finite() && *wait > 0.0) {
+                return Err("--wait must be a positive number of seconds".into());
+            }
+            let mut request = GuestExecArgs::new(program.as_str())
+                .args(args.iter().map(String::as_str))
+                .capture();
+            if let Some(input) = input {
+                request = request.input(input.as_bytes());
+            }
+            let output = agent
+                .exec_wait(request, Some(Duration::from_secs_f64(*wait)))
+                .await?;
+            // Like a shell: the exit code, or 128 + the signal that ended the program.
+            let code = match (output.exitcode, output.signal) {
+                (Some(code), _) => code,
+                (None, Some(signal)) => 128 + signal,
+                (None, None) => 0,
+            };
+            return Ok(Outcome::Output {
+                stdout: output.stdout,
+                stderr: output.stderr,
+                code: u8::try_from(code).unwrap_or(u8::MAX),
+            });
+        }
+        AgentCommand::Cat { path } => {
+            return Ok(Outcome::Output {
+                stdout: agent.read_file(path).await?,
+                stderr: Vec::new(),
+                code: 0,
+            })
+        }
         AgentCommand::Info => to_json(agent.info().await?)?,
         AgentCommand::Ping => {
             agent.ping().await?;
@@ -128,7 +197,7 @@ async fn call(agent: &dyn GuestAgent, command: &AgentCommand) -> CliResult<serde
                 .await?
         }
     };
-    Ok(value)
+    Ok(Outcome::Json(value))
 }
 
 pub fn run(platform: &Platform, args: &AgentArgs) -> CliResult {
@@ -143,7 +212,7 @@ pub fn run(platform: &Platform, args: &AgentArgs) -> CliResult {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let value = runtime.block_on(async {
+    let outcome = runtime.block_on(async {
         let agent: Box<dyn GuestAgent> = match (uri, platform.backend()) {
             (Some(uri), _) => {
                 let config = qga_proto::ClientConfig {
@@ -163,6 +232,19 @@ pub fn run(platform: &Platform, args: &AgentArgs) -> CliResult {
         };
         call(agent.as_ref(), &invocation.command).await
     })?;
-    println!("{}", serde_json::to_string_pretty(&value)?);
-    Ok(ExitCode::SUCCESS)
+    match outcome {
+        Outcome::Json(value) => {
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Output {
+            stdout,
+            stderr,
+            code,
+        } => {
+            std::io::stdout().write_all(&stdout)?;
+            std::io::stderr().write_all(&stderr)?;
+            Ok(ExitCode::from(code))
+        }
+    }
 }
