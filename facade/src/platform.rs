@@ -156,7 +156,7 @@ fn stats_backend(vm: Option<Hypervisor>, root: &Path) -> Result<Box<dyn GuestSta
         // tells what procfs knows, which beats failing a monitoring agent outright.
         match guest_stats::vmware::VmwareGuestStats::open() {
             Ok(stats) => return Ok(Box::new(stats)),
-            Err(error) => tracing_fallback(&error),
+            Err(error) => warn_fallback(&error),
         }
     }
     let linux = guest_stats::linux::LinuxGuestStats::with_root(root);
@@ -172,9 +172,9 @@ fn stats_backend(vm: Option<Hypervisor>, root: &Path) -> Result<Box<dyn GuestSta
     })
 }
 
-/// Says on stderr why the VMware backend was passed over; the SDK has no logger of its own.
-fn tracing_fallback(error: &guest_stats::Error) {
-    eprintln!("vmsdk: VMware backdoor unavailable ({error}); using the Linux backend");
+/// Logs why the VMware backend was passed over, for whoever collects the program's traces.
+fn warn_fallback(error: &guest_stats::Error) {
+    tracing::warn!(%error, "VMware backdoor unavailable; using the Linux statistics backend");
 }
 
 #[cfg(test)]
