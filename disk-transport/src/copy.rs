@@ -164,11 +164,11 @@ const MAX_ZERO_REQUEST: u64 = 1 << 30;
 
 struct Planner<'a> {
     src: &'a dyn Disk,
-    size: u64,
     align: u64,
     request: u64,
     use_extents: bool,
-    window_pos: u64,
+    /// Ranges still to plan, in order.
+    ranges: VecDeque<(u64, u64)>,
     queue: VecDeque<Extent>,
 }
 
@@ -194,11 +194,16 @@ impl Planner<'_> {
                 }
                 return Ok(Some(piece));
             }
-            if self.window_pos >= self.size {
+            let Some(range) = self.ranges.front_mut() else {
                 return Ok(None);
+            };
+            let start = range.0;
+            let length = range.1.min(EXTENT_WINDOW);
+            range.0 += length;
+            range.1 -= length;
+            if range.1 == 0 {
+                self.ranges.pop_front();
             }
-            let start = self.window_pos;
-            let length = (self.size - start).min(EXTENT_WINDOW);
             let extents = if self.use_extents {
                 self.src.allocated_extents(start, length)?
             } else {
@@ -209,9 +214,44 @@ impl Planner<'_> {
                 }]
             };
             self.queue = normalise(&extents, start, length, self.align).into();
-            self.window_pos = start + length;
         }
     }
+}
+
+/// Checks, widens to `align`, sorts and merges the ranges to copy.
+fn plan_ranges(
+    ranges: Option<&[(u64, u64)]>,
+    size: u64,
+    align: u64,
+) -> Result<VecDeque<(u64, u64)>> {
+    let Some(ranges) = ranges else {
+        return Ok(if size == 0 {
+            VecDeque::new()
+        } else {
+            VecDeque::from([(0, size)])
+        });
+    };
+    let mut spans: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for &(offset, length) in ranges {
+        crate::check_range(offset, length, size)?;
+        if length == 0 {
+            continue;
+        }
+        let start = offset / align * align;
+        let end = (offset + length).next_multiple_of(align).min(size);
+        spans.push((start, end));
+    }
+    spans.sort_unstable();
+    let mut merged: VecDeque<(u64, u64)> = VecDeque::new();
+    for (start, end) in spans {
+        match merged.back_mut() {
+            Some(last) if start <= last.0 + last.1 => {
+                last.1 = last.1.max(end - last.0);
+            }
+            _ => merged.push_back((start, end - start)),
+        }
+    }
+    Ok(merged)
 }
 
 /// Makes extents cover `[start, start + length)` exactly, and shrinks zero extents to
@@ -313,6 +353,38 @@ pub fn copy(
     options: &CopyOptions,
     progress: &mut dyn FnMut(&CopyProgress),
 ) -> Result<CopyReport> {
+    copy_ranges(src, dst, None, options, progress)
+}
+
+/// Copies only the given `(offset, length)` ranges of `src` to the same offsets of `dst` —
+/// an incremental backup from the dirty ranges of a changed-block bitmap
+/// ([`NbdDisk::dirty_extents`](crate::nbd::NbdDisk::dirty_extents) or VDDK's changed areas).
+/// `None` copies everything. Ranges are widened to the disks' block size, sorted and merged;
+/// [`CopyProgress::total`] is the sum of their lengths.
+///
+/// ```
+/// use disk_transport::copy::{copy_ranges, CopyOptions};
+/// use disk_transport::memory::MemoryDisk;
+/// use disk_transport::Disk;
+///
+/// # fn main() -> disk_transport::Result<()> {
+/// let vm = MemoryDisk::with_data(&[1u8; 1 << 20]);
+/// let backup = MemoryDisk::with_data(&[1u8; 1 << 20]);
+/// vm.write_at(&[2u8; 4096], 65536)?; // changed since the last backup
+/// let changed = [(65536, 4096)];
+/// let report = copy_ranges(&vm, &backup, Some(&changed), &CopyOptions::default(), &mut |_| {})?;
+/// assert_eq!(report.progress.total, 4096);
+/// assert_eq!(backup.to_vec()?, vm.to_vec()?);
+/// # Ok(())
+/// # }
+/// ```
+pub fn copy_ranges(
+    src: &dyn Disk,
+    dst: &dyn Disk,
+    ranges: Option<&[(u64, u64)]>,
+    options: &CopyOptions,
+    progress: &mut dyn FnMut(&CopyProgress),
+) -> Result<CopyReport> {
     let started = Instant::now();
     let sinfo = src.info()?;
     let dinfo = dst.info()?;
@@ -337,13 +409,14 @@ pub fn copy(
     let threads = options.threads.max(1);
     let per_thread = options.requests_in_flight.max(1).div_ceil(threads);
 
+    let ranges = plan_ranges(ranges, sinfo.capacity, align)?;
+    let total = ranges.iter().map(|r| r.1).sum();
     let planner = Mutex::new(Planner {
         src,
-        size: sinfo.capacity,
         align,
         request: request.max(align),
         use_extents: options.extents && sinfo.can_extents,
-        window_pos: 0,
+        ranges,
         queue: VecDeque::new(),
     });
     let shared = WorkerShared {
@@ -352,7 +425,7 @@ pub fn copy(
         first_error: Mutex::new(None),
     };
     let mut p = CopyProgress {
-        total: sinfo.capacity,
+        total,
         ..CopyProgress::default()
     };
     let (delta_tx, delta_rx) = mpsc::channel::<CopyProgress>();
@@ -640,6 +713,36 @@ mod tests {
     }
 
     #[test]
+    fn ranges_are_widened_sorted_and_merged() {
+        let r = plan_ranges(
+            Some(&[(9000, 10), (0, 100), (4000, 200), (10_000, 0)]),
+            10_000,
+            4096,
+        )
+        .unwrap();
+        assert_eq!(r, VecDeque::from([(0, 10_000)]));
+        let r = plan_ranges(Some(&[(20_000, 1), (0, 1)]), 30_000, 4096).unwrap();
+        assert_eq!(r, VecDeque::from([(0, 4096), (16384, 4096)]));
+        assert!(plan_ranges(Some(&[(9999, 2)]), 10_000, 1).is_err());
+        assert_eq!(plan_ranges(None, 0, 1).unwrap(), VecDeque::new());
+        let src = MemoryDisk::with_data(&pattern(1 << 20, 1));
+        let dst = MemoryDisk::new(1 << 20);
+        let report = copy_ranges(
+            &src,
+            &dst,
+            Some(&[(100_000, 10), (5, 5)]),
+            &CopyOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(report.progress.total, 15);
+        let (s, d) = (src.to_vec().unwrap(), dst.to_vec().unwrap());
+        assert_eq!(&d[100_000..100_010], &s[100_000..100_010]);
+        assert_eq!(&d[5..10], &s[5..10]);
+        assert!(d[..5].iter().all(|&b| b == 0));
+    }
+
+    #[test]
     fn normalise_keeps_requests_aligned() {
         let e = [
             Extent {
@@ -679,6 +782,40 @@ mod tests {
                 },
             ]
         );
+    }
+
+    #[cfg(feature = "mock")]
+    #[test]
+    fn a_short_mocked_source_cannot_fake_success() {
+        use crate::{DiskInfo, MockDisk};
+        let mut src = MockDisk::new();
+        src.expect_info().returning(|| {
+            Ok(DiskInfo {
+                can_extents: true,
+                ..DiskInfo::new(1 << 20)
+            })
+        });
+        // A broken backend that describes only half the disk: the rest is copied as data.
+        src.expect_allocated_extents().returning(|offset, _| {
+            Ok(vec![Extent {
+                offset,
+                length: 1 << 19,
+                kind: ExtentKind::Hole,
+            }])
+        });
+        src.expect_max_in_flight().returning(|| 1);
+        src.expect_submit_read()
+            .returning(|_, buf, done| done(Ok(buf)));
+        let dst = MemoryDisk::new(1 << 20);
+        let report = copy(
+            &src,
+            &dst,
+            &CopyOptions::default().detect_zeroes(false),
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(report.progress.done, 1 << 20);
+        assert_eq!(report.progress.read, 1 << 19);
     }
 
     proptest! {

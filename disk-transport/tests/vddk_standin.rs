@@ -231,7 +231,7 @@ fn read_only_connection_makes_every_open_read_only_and_writes_fail() {
 
 #[test]
 fn extents_come_from_query_allocated_blocks() {
-    let (_, vddk) = shared();
+    let (fixture, vddk) = shared();
     let connection = vddk.connect(&local_rw()).unwrap();
     // As nbdkit's regression test: three data chunks, a hole, and a 1536-byte tail that cannot
     // be queried (reported as data).
@@ -281,6 +281,22 @@ fn extents_come_from_query_allocated_blocks() {
     assert_eq!(
         single.allocated_extents(196_608, 65_536).unwrap(),
         vec![ext(196_608, 65_536, ExtentKind::Unallocated)]
+    );
+
+    // A read-only disk's map is fetched once (the probe plus one query), then served from memory.
+    let before = count(&fixture.stats()["disks"]["extents"]["queries"]);
+    let ro = connection.open("extents", OpenFlags::read_only()).unwrap();
+    for (offset, length) in [(0, capacity), (65_536, 65_536), (196_608, 1024)] {
+        assert_eq!(
+            ro.allocated_extents(offset, length).unwrap(),
+            disk.allocated_extents(offset, length).unwrap()
+        );
+    }
+    let after_rw = count(&fixture.stats()["disks"]["extents"]["queries"]);
+    assert_eq!(
+        after_rw - before,
+        1 + 1 + 3,
+        "probe + one map + the three read-write queries"
     );
 
     // When the probe fails, everything is data.

@@ -11,6 +11,7 @@ pub const VIRTIO_PORT_PATH: &str = "/dev/virtio-ports/org.qemu.guest_agent.0";
 
 /// A channel to a guest agent.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum Address {
     /// A Unix socket: QEMU's `-chardev socket,server=on` host end, or
     /// `qemu-ga -m unix-listen`.

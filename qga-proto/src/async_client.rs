@@ -277,6 +277,7 @@ impl<S: AsyncStream> Inner<S> {
     }
 
     async fn write(&mut self, bytes: &[u8], deadline: Instant, command: &str) -> Result<()> {
+        let budget = deadline.saturating_duration_since(Instant::now());
         let Some(stream) = self.stream.as_mut() else {
             return Err(Error::Disconnected {
                 command: Some(command.to_owned()),
@@ -297,7 +298,7 @@ impl<S: AsyncStream> Inner<S> {
                 self.session.in_sync = false;
                 Err(Error::Timeout {
                     command: command.to_owned(),
-                    timeout: Duration::ZERO,
+                    timeout: budget,
                 })
             }
         }

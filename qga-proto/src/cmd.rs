@@ -42,6 +42,7 @@ pub trait Command {
 
 /// JSON type of a parameter, as the agent's argument checker sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum ParamKind {
     /// A JSON integer.
     Int,

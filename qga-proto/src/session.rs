@@ -12,8 +12,10 @@ use crate::error::{Error, Result};
 use crate::types::GuestAgentInfo;
 use crate::wire::{self, Decoder, Frame, Reply};
 
-/// Settings shared by the blocking and the async client.
+/// Settings shared by the blocking and the async client. Start from
+/// `ClientConfig::default()` and change fields with the setters.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// Longest wait for a command's reply (default 30 s). Long-running commands
     /// (fsfreeze with hooks, fstrim) block the whole agent, so raise it for them.
@@ -385,5 +387,38 @@ mod tests {
     fn random_ids_differ() {
         assert_ne!(random_id(), random_id());
         assert!(random_id() >= 0);
+    }
+
+    proptest::proptest! {
+        /// Whatever precedes it, the agent's delimited reply completes the sync,
+        /// and nothing but that reply does.
+        #[test]
+        fn sync_survives_any_preceding_bytes(junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+                                             cut in 1usize..64) {
+            let mut s = Session::new(ClientConfig::default());
+            let (_, mut wait) = s.begin_sync();
+            let Await::Sync { id, .. } = wait else { unreachable!() };
+            let mut early = false;
+            for chunk in junk.chunks(cut) {
+                s.decoder.push(chunk);
+                early |= matches!(s.poll(&mut wait), Step::Synced);
+            }
+            proptest::prop_assert!(!early, "synced on junk");
+            s.decoder.push(format!("\n\u{ff}{{\"return\": {id}}}\n").as_bytes());
+            // The two bytes of U+00FF in UTF-8 are not the sentinel; push the real one.
+            s.decoder.push(&[0xFF]);
+            s.decoder.push(format!("{{\"return\": {id}}}\n").as_bytes());
+            proptest::prop_assert!(matches!(s.poll(&mut wait), Step::Synced));
+        }
+
+        /// A command waiting for its reply gets a result or keeps waiting; it
+        /// never panics, whatever arrives.
+        #[test]
+        fn command_wait_never_panics(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let mut s = Session::new(ClientConfig::default().max_reply_size(64));
+            let (_, mut wait) = s.begin_command("guest-ping", None).unwrap();
+            s.decoder.push(&data);
+            let _ = s.poll(&mut wait);
+        }
     }
 }

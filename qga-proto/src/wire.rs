@@ -147,6 +147,7 @@ pub struct Reply {
 
 /// What the decoder found in the byte stream.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Frame {
     /// A `0xFF` sentinel: everything before it was dropped; the reply to
     /// `guest-sync-delimited` follows.

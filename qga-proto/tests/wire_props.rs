@@ -13,7 +13,11 @@ fn frames_of(chunks: &[&[u8]], limit: usize) -> Vec<Frame> {
         while let Some(f) = d.next_frame() {
             out.push(f);
         }
-        assert!(d.buffered() <= limit, "decoder holds {} bytes with a limit of {limit}", d.buffered());
+        assert!(
+            d.buffered() <= limit,
+            "decoder holds {} bytes with a limit of {limit}",
+            d.buffered()
+        );
     }
     out
 }
@@ -52,10 +56,12 @@ fn json_value() -> impl Strategy<Value = Value> {
 fn reply() -> impl Strategy<Value = Reply> {
     let outcome = prop_oneof![
         json_value().prop_map(Ok),
-        ("[A-Za-z]{1,16}", "\\PC{0,40}").prop_map(|(class, desc)| Err(qga_proto::wire::AgentError {
-            class: ErrorClass::from(class.as_str()),
-            desc
-        })),
+        ("[A-Za-z]{1,16}", "\\PC{0,40}").prop_map(|(class, desc)| Err(
+            qga_proto::wire::AgentError {
+                class: ErrorClass::from(class.as_str()),
+                desc
+            }
+        )),
     ];
     (prop::option::of(json_value()), outcome).prop_map(|(id, outcome)| Reply { id, outcome })
 }
@@ -67,7 +73,10 @@ fn encode_reply(r: &Reply) -> Vec<u8> {
             obj.insert("return".into(), v.clone());
         }
         Err(e) => {
-            obj.insert("error".into(), serde_json::json!({"class": e.class.as_str(), "desc": e.desc}));
+            obj.insert(
+                "error".into(),
+                serde_json::json!({"class": e.class.as_str(), "desc": e.desc}),
+            );
         }
     }
     if let Some(id) = &r.id {

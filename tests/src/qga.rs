@@ -34,13 +34,17 @@ pub const BLOCKED_RPCS: &[&str] = &[
     "guest-ssh-get-authorized-keys",
 ];
 
-/// A running `qemu-ga -m unix-listen`.
+/// A running `qemu-ga`: `-m unix-listen`, or `-m isa-serial` on one end of a
+/// pseudo-terminal pair made by `socat` (the other end plays the host's
+/// character device, which outlives clients and agent restarts like a
+/// virtio-serial port).
 #[derive(Debug)]
 pub struct QemuGa {
     binary: PathBuf,
     child: Option<Child>,
     dir: tempfile::TempDir,
     unprivileged: bool,
+    socat: Option<Child>,
 }
 
 const NOBODY_UID: u32 = 65534;
@@ -61,7 +65,23 @@ impl QemuGa {
     /// Starts an agent, or returns `None` after a skip notice when qemu-ga is
     /// not installed (fails under `CI=true`).
     pub fn start() -> Option<QemuGa> {
+        Self::start_inner(false)
+    }
+
+    /// Starts an agent on a serial line (a pty pair from `socat`); the host
+    /// end is [`QemuGa::serial_path`]. `None` after a skip notice when qemu-ga
+    /// or socat is missing (fails under `CI=true`).
+    pub fn start_serial() -> Option<QemuGa> {
+        Self::start_inner(true)
+    }
+
+    fn start_inner(serial: bool) -> Option<QemuGa> {
         let binary = crate::require_program("qemu-ga", "qemu-guest-agent")?;
+        let socat = if serial {
+            Some(crate::require_program("socat", "socat")?)
+        } else {
+            None
+        };
         let dir = tempfile::Builder::new()
             .prefix("vmsdk-qga-")
             .tempdir()
@@ -86,14 +106,55 @@ impl QemuGa {
             child: None,
             dir,
             unprivileged,
+            socat: None,
         };
+        if let Some(socat) = socat {
+            agent.start_socat(&socat);
+        }
         agent.spawn();
         Some(agent)
     }
 
+    fn start_socat(&mut self, socat: &Path) {
+        let host = format!(
+            "pty,raw,echo=0,ignoreeof,link={}",
+            self.serial_path().display()
+        );
+        let mut guest = format!(
+            "pty,raw,echo=0,ignoreeof,mode=600,link={}",
+            self.guest_serial_path().display()
+        );
+        if self.unprivileged {
+            guest.push_str(",user=nobody");
+        }
+        let child = Command::new(socat)
+            .arg(host)
+            .arg(guest)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start socat");
+        self.socat = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(self.serial_path().exists() && self.guest_serial_path().exists()) {
+            assert!(
+                Instant::now() < deadline,
+                "socat did not create its ptys within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn spawn(&mut self) {
+        let serial = self.socat.is_some();
         let socket = self.socket();
         let _ = std::fs::remove_file(&socket);
+        let (method, channel) = if serial {
+            ("isa-serial", self.guest_serial_path())
+        } else {
+            ("unix-listen", socket.clone())
+        };
         let mut cmd = if self.unprivileged {
             let mut c = Command::new("setpriv");
             c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
@@ -103,13 +164,13 @@ impl QemuGa {
             Command::new(&self.binary)
         };
         cmd.arg("-m")
-            .arg("unix-listen")
+            .arg(method)
             .arg("-p")
-            .arg(&socket)
+            .arg(&channel)
             .arg("-t")
             .arg(self.dir.path().join("state"))
             .arg("-l")
-            .arg(self.dir.path().join("qga.log"))
+            .arg(self.dir.path().join("state").join("qga.log"))
             .arg("-v")
             .arg(format!("--block-rpcs={}", BLOCKED_RPCS.join(",")))
             .stdin(Stdio::null())
@@ -118,11 +179,27 @@ impl QemuGa {
         let child = cmd.spawn().expect("start qemu-ga");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
+        let pty = std::fs::read_link(&channel).unwrap_or_default();
+        let pid = self.pid().unwrap_or_default();
+        // The agent is ready once it holds the channel open: the socket file
+        // exists, or the pty shows up among its file descriptors.
+        let ready = || {
+            if serial {
+                std::fs::read_dir(format!("/proc/{pid}/fd"))
+                    .map(|fds| {
+                        fds.flatten()
+                            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == pty))
+                    })
+                    .unwrap_or(false)
+            } else {
+                socket.exists()
+            }
+        };
+        while !ready() {
             assert!(
                 Instant::now() < deadline,
-                "qemu-ga did not create {} within 10 s; log:\n{}",
-                socket.display(),
+                "qemu-ga did not open {} within 10 s; log:\n{}",
+                channel.display(),
                 self.log()
             );
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
@@ -138,6 +215,15 @@ impl QemuGa {
     /// The agent's Unix socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("qga.sock")
+    }
+
+    /// The host end of the serial line (agents from [`QemuGa::start_serial`]).
+    pub fn serial_path(&self) -> PathBuf {
+        self.dir.path().join("host-tty")
+    }
+
+    fn guest_serial_path(&self) -> PathBuf {
+        self.dir.path().join("guest-tty")
     }
 
     /// A directory the agent may read and write (owned by the agent's user).
@@ -201,7 +287,7 @@ impl QemuGa {
 
     /// The agent's log, for failure messages.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("qga.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("state").join("qga.log")).unwrap_or_default()
     }
 
     /// The directory holding everything of this agent.
@@ -213,5 +299,9 @@ impl QemuGa {
 impl Drop for QemuGa {
     fn drop(&mut self) {
         self.stop();
+        if let Some(mut socat) = self.socat.take() {
+            let _ = socat.kill();
+            let _ = socat.wait();
+        }
     }
 }

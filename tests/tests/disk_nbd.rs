@@ -68,6 +68,7 @@ fn round_trip(
     )
     .unwrap();
     assert_eq!(report.progress.done, size);
+    eprintln!("export → file: {report:?}");
     drop(dst);
     assert_eq!(sha256_file(&out), expected, "export → file");
     drop(src);
@@ -84,7 +85,8 @@ fn round_trip(
     };
     let src = FileDisk::open(&out, &Default::default()).unwrap();
     let dst = NbdDisk::connect(&options(&server, export).connections(connections)).unwrap();
-    copy(&src, &dst, &CopyOptions::default(), &mut |_| {}).unwrap();
+    let report = copy(&src, &dst, &CopyOptions::default(), &mut |_| {}).unwrap();
+    eprintln!("file → export: {report:?}");
     drop(dst);
     drop(server);
     assert_eq!(sha256_file(&back), expected, "file → export");
@@ -278,6 +280,7 @@ fn server_errors_name_the_offset() {
     let err = disk.read_at(&mut buf, 3 * MIB).unwrap_err();
     assert_eq!(err.nbd_errno(), Some(5), "{err}");
     assert!(err.to_string().contains("offset 3145728"), "{err}");
+    eprintln!("server error: {err}");
     // The connection survives a server error.
     let err = disk.read_at(&mut buf, 0).unwrap_err();
     assert_eq!(err.nbd_errno(), Some(5));
@@ -360,6 +363,7 @@ fn killing_the_server_mid_copy_fails_with_the_offset() {
     );
     killer.join().unwrap();
     let err = result.expect_err("a copy from a killed server must not succeed");
+    eprintln!("killed server: {err}");
     assert!(
         matches!(
             err,
@@ -376,4 +380,73 @@ fn killing_the_server_mid_copy_fails_with_the_offset() {
         "took {:?}",
         t0.elapsed()
     );
+}
+
+#[test]
+fn block_size_constraints_are_obeyed() {
+    // The server refuses (EINVAL) any request breaking its advertised sizes.
+    let Some(server) = NbdServer::nbdkit(&[
+        "--filter=blocksize-policy",
+        "memory",
+        "size=8M",
+        "blocksize-minimum=4096",
+        "blocksize-preferred=65536",
+        "blocksize-maximum=131072",
+        "blocksize-error-policy=error",
+    ]) else {
+        return;
+    };
+    let disk = NbdDisk::connect(&options(&server, "")).unwrap();
+    let info = disk.info().unwrap();
+    assert_eq!((info.min_block_size, info.max_request_size), (4096, 131072));
+    // Large requests are split at the server's maximum.
+    let data = random_bytes(3 * MIB as usize, 11);
+    disk.write_at(&data, MIB).unwrap();
+    let mut back = vec![0u8; data.len()];
+    disk.read_at(&mut back, MIB).unwrap();
+    assert_eq!(sha256(&back), sha256(&data));
+    // Unaligned requests are refused locally, naming the rule.
+    let err = disk.read_at(&mut [0u8; 100], 4096).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Unaligned {
+                alignment: 4096,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // The copy engine rounds its request size to the constraints, both ways.
+    let mem = disk_transport::memory::MemoryDisk::new(8 * MIB);
+    let options = CopyOptions::default().request_size(1_000_000);
+    copy(&disk, &mem, &options, &mut |_| {}).unwrap();
+    assert_eq!(
+        sha256(&mem.to_vec().unwrap()[MIB as usize..4 * MIB as usize]),
+        sha256(&data)
+    );
+    mem.write_at(&random_bytes(5000, 12), 7 * MIB).unwrap();
+    copy(&mem, &disk, &options, &mut |_| {}).unwrap();
+    let mut all = vec![0u8; 8 * MIB as usize];
+    disk.read_at(&mut all, 0).unwrap();
+    assert_eq!(sha256(&all), sha256(&mem.to_vec().unwrap()));
+}
+
+#[test]
+fn a_failing_destination_stops_the_copy_with_the_offset() {
+    let Some(server) = NbdServer::nbdkit(&[
+        "--filter=error",
+        "memory",
+        "size=16M",
+        "error-pwrite=ENOSPC",
+        "error-pwrite-rate=100%",
+    ]) else {
+        return;
+    };
+    let dst = NbdDisk::connect(&options(&server, "")).unwrap();
+    let src = disk_transport::memory::MemoryDisk::with_data(&random_bytes(16 * MIB as usize, 4));
+    let err = copy(&src, &dst, &CopyOptions::default(), &mut |_| {}).unwrap_err();
+    assert_eq!(err.nbd_errno(), Some(28), "{err}");
+    assert!(err.to_string().contains("ENOSPC"), "{err}");
+    assert!(err.to_string().contains("offset"), "{err}");
 }

@@ -264,3 +264,42 @@ async fn desync_suite_against_qemu_ga() {
     let Some(qga) = QemuGa::start() else { return };
     run_suite(Peer::Real(qga)).await;
 }
+
+#[test]
+fn blocking_client_recovers_on_a_dirty_channel_of_qemu_ga() {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    use qga_proto::cmd;
+    use qga_proto::Client;
+
+    let Some(qga) = QemuGa::start() else { return };
+    // An earlier client left half a request, an unread reply and a stray 0xFF.
+    let mut raw = UnixStream::connect(qga.socket()).expect("connect");
+    raw.write_all(b"{\"execute\":\"guest-info\"}\n{\"execute\": \"guest-get-ti")
+        .expect("write");
+    raw.write_all(&[0xFF]).expect("write");
+    std::thread::sleep(Duration::from_millis(100));
+    let mut client = Client::with_config(raw, config());
+    let host = client
+        .call::<cmd::GuestGetHostName>(&())
+        .expect("usable after resync");
+    assert!(!host.host_name.is_empty());
+
+    // A stopped agent: a bounded SyncTimeout, then usable once it runs again.
+    qga.signal("STOP");
+    let started = Instant::now();
+    let err = client.resync().unwrap_err();
+    assert!(matches!(err, Error::SyncTimeout { .. }), "{err}");
+    assert!(started.elapsed() < HANG_GUARD);
+    qga.signal("CONT");
+    client
+        .call::<cmd::GuestPing>(&())
+        .expect("usable after the agent resumed");
+    assert_eq!(
+        client
+            .call::<cmd::GuestSync>(&cmd::GuestSyncArgs { id: 31337 })
+            .expect("sync"),
+        31337
+    );
+}

@@ -73,8 +73,17 @@ fn stats_match_procfs_read_around_the_same_moment() {
         "mem_active_mb {active} outside [{low}, {high}]"
     );
     // What procfs cannot tell stays unknown instead of being made up.
-    for stat in ["cpu_reservation_mhz", "mem_shares", "resource_pool_path", "mem_overhead_mb"] {
-        assert!(json[stat].is_null(), "{stat} should be null, got {}", json[stat]);
+    for stat in [
+        "cpu_reservation_mhz",
+        "mem_shares",
+        "resource_pool_path",
+        "mem_overhead_mb",
+    ] {
+        assert!(
+            json[stat].is_null(),
+            "{stat} should be null, got {}",
+            json[stat]
+        );
     }
     let elapsed = json["elapsed_ms"].as_u64().unwrap();
     let uptime: f64 = std::fs::read_to_string("/proc/uptime")

@@ -677,9 +677,19 @@ pub(crate) fn run_reader<R: Read>(stream: R, shared: &Shared) {
         shared,
         in_hand: None,
     };
+    // Deadlines are checked when the socket is idle, and also every tick while replies keep
+    // coming, so a request the server never answers fails even on a busy connection.
+    let tick = tick(shared.timeout);
+    let mut last_check = Instant::now();
     let stop = loop {
         if let Err(stop) = reader.one_reply() {
             break stop;
+        }
+        if last_check.elapsed() >= tick {
+            last_check = Instant::now();
+            if let Err(stop) = reader.check_deadline() {
+                break stop;
+            }
         }
     };
     let drained: Vec<Pending> = {

@@ -267,6 +267,13 @@ fn open_one(options: &NbdOptions) -> Result<(Conn, Negotiated)> {
             offset,
             after: options.timeout,
         },
+        // A refused option leaves the server waiting for the next one: say goodbye properly
+        // (NBD_OPT_ABORT) rather than just hanging up. Best effort; the error is what matters.
+        refused @ (Error::NotFound(_) | Error::Handshake(_)) => {
+            use std::io::Write;
+            let _ = stream.write_all(&proto::encode_option(proto::opt::ABORT, &[]));
+            refused
+        }
         other => other,
     })?;
     let conn = Conn::start(stream, negotiated.structured, options.timeout)?;
@@ -633,6 +640,9 @@ impl Disk for NbdDisk {
         if let Err(e) = self.check_io(offset, length) {
             return done(Err(e));
         }
+        if length == 0 {
+            return done(Ok(buf));
+        }
         if length > self.max_piece() {
             let mut buf = buf;
             let r = self.read_at(&mut buf, offset).map(|()| buf);
@@ -656,6 +666,9 @@ impl Disk for NbdDisk {
             .and_then(|()| self.check_io(offset, length))
         {
             return done(Err(e));
+        }
+        if length == 0 {
+            return done(Ok(buf));
         }
         if length > self.max_piece() {
             let r = self.write_at(&buf, offset).map(|()| buf);

@@ -21,16 +21,6 @@ pub const PORT_HIGH_BANDWIDTH: u16 = 0x5659;
 /// `BDOOR_CMD_GETVERSION`.
 pub const CMD_GET_VERSION: u16 = 10;
 
-/// Hypercall flags in DX (they replace the port number): low bandwidth.
-const HYPERCALL_LOW_BANDWIDTH: u32 = 0;
-/// Hypercall flags: high bandwidth, host to guest.
-const HYPERCALL_HB_READ: u32 = 1;
-/// Hypercall flags: high bandwidth, guest to host.
-const HYPERCALL_HB_WRITE: u32 = 3;
-
-/// How long the probe child may take before it is killed and the backdoor deemed unusable.
-const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-
 /// The backdoor of the VMware host this program runs on.
 ///
 /// It can only be obtained from [`HardwareBackdoor::open`], which proves the backdoor works
@@ -90,6 +80,16 @@ mod arch {
 
     use super::*;
     use crate::vmware::BDOOR_MAGIC;
+
+    /// Hypercall flags in DX (they replace the port number): low bandwidth.
+    const HYPERCALL_LOW_BANDWIDTH: u32 = 0;
+    /// Hypercall flags: high bandwidth, host to guest.
+    const HYPERCALL_HB_READ: u32 = 1;
+    /// Hypercall flags: high bandwidth, guest to host.
+    const HYPERCALL_HB_WRITE: u32 = 3;
+
+    /// How long the probe child may take before it is killed and the backdoor deemed unusable.
+    const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
     fn cpuid(leaf: u32) -> CpuidResult {
         // SAFETY: CPUID exists on every x86-64 CPU and only reads identification registers.

@@ -210,6 +210,24 @@ pub fn decode_v2(bytes: &[u8]) -> Result<GuestlibInfo> {
     Ok(info)
 }
 
+/// What an XDR read is for, named in errors (built only when one happens).
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    Count,
+    Id,
+    Stat(u32),
+}
+
+impl std::fmt::Display for Field {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Field::Count => f.write_str("statistic count"),
+            Field::Id => f.write_str("statistic id"),
+            Field::Stat(id) => write!(f, "statistic {id}"),
+        }
+    }
+}
+
 /// A big-endian XDR reader over a byte slice that reports where it ran out.
 struct Xdr<'a> {
     bytes: &'a [u8],
@@ -217,7 +235,7 @@ struct Xdr<'a> {
 }
 
 impl<'a> Xdr<'a> {
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
+    fn take(&mut self, n: usize, what: Field) -> Result<&'a [u8]> {
         let end = self
             .offset
             .checked_add(n)
@@ -237,17 +255,17 @@ impl<'a> Xdr<'a> {
         Ok(slice)
     }
 
-    fn u32(&mut self, what: &str) -> Result<u32> {
+    fn u32(&mut self, what: Field) -> Result<u32> {
         let bytes = self.take(4, what)?;
         Ok(u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]))
     }
 
-    fn u64(&mut self, what: &str) -> Result<u64> {
+    fn u64(&mut self, what: Field) -> Result<u64> {
         Ok((u64::from(self.u32(what)?) << 32) | u64::from(self.u32(what)?))
     }
 
     /// A variable-length `opaque<max>`/`string<max>`: length, bytes, zero padding to 4.
-    fn opaque(&mut self, max: Option<usize>, what: &str) -> Result<&'a [u8]> {
+    fn opaque(&mut self, max: Option<usize>, what: Field) -> Result<&'a [u8]> {
         let length = self.u32(what)? as usize;
         if let Some(max) = max {
             if length > max {
@@ -306,7 +324,7 @@ pub fn decode_v3(bytes: &[u8]) -> Result<GuestlibInfo> {
         bytes: data,
         offset: 0,
     };
-    let count = xdr.u32("statistic count")?;
+    let count = xdr.u32(Field::Count)?;
     // Every statistic takes at least 8 bytes: a count beyond that is a lie, caught before
     // looping on it.
     if count as usize > xdr.remaining() / 8 {
@@ -323,7 +341,7 @@ pub fn decode_v3(bytes: &[u8]) -> Result<GuestlibInfo> {
     let mut shares_64: Option<u64> = None;
     for index in 0..count {
         let expected = index + 1;
-        let id = xdr.u32("statistic id")?;
+        let id = xdr.u32(Field::Id)?;
         if id != expected {
             return Err(decode_error(
                 3,
@@ -335,18 +353,18 @@ pub fn decode_v3(bytes: &[u8]) -> Result<GuestlibInfo> {
             break;
         }
         let (stat, arm) = V3_LAYOUT[(id - 1) as usize];
-        let what = format!("statistic {id}");
-        let valid = xdr.u32(&what)? != 0;
+        let what = Field::Stat(id);
+        let valid = xdr.u32(what)? != 0;
         let value = match arm {
-            Arm::U32 => StatValue::U64(u64::from(xdr.u32(&what)?)),
-            Arm::U64 => StatValue::U64(xdr.u64(&what)?),
+            Arm::U32 => StatValue::U64(u64::from(xdr.u32(what)?)),
+            Arm::U64 => StatValue::U64(xdr.u64(what)?),
             Arm::Text => {
-                let text = xdr.opaque(Some(POOL_PATH_MAX), &what)?;
+                let text = xdr.opaque(Some(POOL_PATH_MAX), what)?;
                 let text = text.split(|&b| b == 0).next().unwrap_or_default();
                 StatValue::Text(String::from_utf8_lossy(text).into_owned())
             }
             Arm::Opaque => {
-                let text = xdr.opaque(None, &what)?;
+                let text = xdr.opaque(None, what)?;
                 let text = text.split(|&b| b == 0).next().unwrap_or_default();
                 StatValue::Text(String::from_utf8_lossy(text).into_owned())
             }

@@ -6,7 +6,7 @@
 //! `guest-info` lists the Linux commands, the informational commands answer
 //! with plausible data, files live in an in-memory filesystem (handles count
 //! from 1000 as in qemu-ga), `guest-exec` runs a few canned programs
-//! (`echo`, `cat`, `true`, `false`, `sleep`, `sh -c 'exit N'`) and forgets a
+//! (`echo`, `cat`, `true`, `false`, `sleep`, `uname`, `sh -c 'exit N'`) and forgets a
 //! process after reporting its exit once, shutdown and suspend answer nothing.
 //! Errors use qemu-ga's classes and texts.
 //!
@@ -108,6 +108,7 @@ pub type Handler = Arc<dyn Fn(&mut FakeState, &Value) -> Response + Send + Sync>
 
 /// A scripted misbehaviour, applied to one request.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub enum Fault {
     /// Write these bytes before the reply.
     Garbage(Vec<u8>),

@@ -108,6 +108,7 @@ pub(crate) struct FakeProcess {
 
 /// Something that happened to the fake guest that has no reply to show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FakeEvent {
     /// `guest-shutdown` with this mode.
     Shutdown(String),
@@ -490,6 +491,15 @@ fn install_programs(state: &mut FakeState) {
         ExecOutcome::exit(0, out)
     });
     state.program("/bin/cat", |r| ExecOutcome::exit(0, r.input.clone()));
+    state.program("/bin/uname", |r| {
+        let all = r.args.iter().any(|a| a == "-a");
+        let text: &[u8] = if all {
+            b"Linux fake-guest 6.1.0-28-amd64 #1 SMP PREEMPT_DYNAMIC Debian 6.1.119-1 (2024-11-22) x86_64 GNU/Linux\n"
+        } else {
+            b"Linux\n"
+        };
+        ExecOutcome::exit(0, text)
+    });
     state.program("/bin/true", |_| ExecOutcome::exit(0, Vec::new()));
     state.program("/bin/false", |_| ExecOutcome::exit(1, Vec::new()));
     state.program("/bin/sleep", |r| {
