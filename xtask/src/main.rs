@@ -239,6 +239,19 @@ fn fuzz(seconds: Option<&str>) -> Result<(), String> {
         .parse::<u32>()
         .map_err(|_| format!("`{seconds}` is not a number of seconds"))?;
     let root = workspace_root();
+    let has_cargo_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if !has_cargo_fuzz {
+        step(
+            &root,
+            "install cargo-fuzz",
+            "cargo",
+            &["install", "--locked", "cargo-fuzz"],
+            &[],
+        )?;
+    }
     for dir in FUZZ_DIRS {
         let dir = root.join(dir);
         if !dir.join("Cargo.toml").exists() {
@@ -258,11 +271,24 @@ fn fuzz(seconds: Option<&str>) -> Result<(), String> {
         }
         for target in String::from_utf8_lossy(&listing.stdout).lines() {
             let max_time = format!("-max_total_time={seconds}");
+            // A corpus directory of its own per target, seeded from `seeds/<target>` when the
+            // crate ships valid inputs, so the fuzzer starts past the header checks.
+            let corpus = format!("corpus/{target}");
+            std::fs::create_dir_all(dir.join(&corpus))
+                .map_err(|e| format!("cannot create {corpus}: {e}"))?;
+            let seeds = format!("seeds/{target}");
+            let mut args = vec!["fuzz", "run", target, corpus.as_str()];
+            if dir.join(&seeds).is_dir() {
+                args.push(seeds.as_str());
+            }
+            args.extend(["--", max_time.as_str()]);
+            // cargo-fuzz needs nightly-only flags; the one stable toolchain here allows them
+            // with RUSTC_BOOTSTRAP.
             step(
                 &dir,
                 &format!("fuzz {target}"),
                 "cargo",
-                &["fuzz", "run", target, "--", &max_time],
+                &args,
                 &[("RUSTC_BOOTSTRAP", "1")],
             )?;
         }
