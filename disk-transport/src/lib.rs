@@ -65,6 +65,27 @@
 //! # }
 //! ```
 //!
+//! # Backends
+//!
+//! | backend | module | reaches | extents from |
+//! |---|---|---|---|
+//! | in-memory fake | [`memory`] | named sparse disks in this process | allocated chunks |
+//! | sink | [`null`] | nothing (like nbdcopy's `null:`) | all holes |
+//! | raw files, block devices | `file` | local paths, optionally `O_DIRECT` | `SEEK_DATA`/`SEEK_HOLE` |
+//! | NBD client | `nbd` | qemu-nbd, nbdkit, qemu's NBD server, ... | `base:allocation`, `qemu:dirty-bitmap:*` |
+//! | VDDK | `vddk` | vSphere (SAN, HotAdd, NBD/NBDSSL) and local VMDKs | `QueryAllocatedBlocks` |
+//!
+//! Copies between any two of them go through [`copy::copy`] (whole disks) or
+//! [`copy::copy_ranges`] (incremental backups from changed-block ranges).
+//!
+//! # Failure model
+//!
+//! Every network wait has a deadline: a request without a reply in time fails with
+//! [`Error::Timeout`] naming its offset and the connection is closed, so no call hangs. A lost
+//! connection fails every waiting request with [`Error::Disconnected`]. Short reads are protocol
+//! errors, never zero-filled data. Server errors keep the server's errno ([`Error::nbd_errno`])
+//! or VDDK code ([`Error::vix_code`]).
+//!
 //! # Features
 //!
 //! - `nbd` (default): `disk_transport::nbd`, a pure-Rust NBD client.

@@ -1,5 +1,5 @@
 //! The backend against a library with only what every supported VDDK (6.5) exports: the
-//! stand-in built with `--features minimal`, installed as `libvixDiskLib.so.6`. Every optional
+//! stand-in built with `VDDK_STANDIN_MINIMAL=1`, installed as `libvixDiskLib.so.6`. Every optional
 //! function is absent, so each fallback runs: connection parameters allocated by the SDK, no
 //! extents, synchronous submissions, the 6.x `VixDiskLibInfo` without sector sizes, and clear
 //! "not supported" errors for what cannot be emulated.

@@ -39,9 +39,6 @@ pub async fn connect_with(uri: &str, config: ClientConfig) -> Result<Box<dyn Gue
 /// # }
 /// ```
 pub fn fake() -> Box<dyn GuestAgent> {
-    let config = ClientConfig {
-        timeout: Duration::from_secs(5),
-        ..ClientConfig::default()
-    };
+    let config = ClientConfig::default().timeout(Duration::from_secs(5));
     Box::new(qga_proto::fake::FakeAgent::linux().connect_async_with(config))
 }

@@ -154,8 +154,13 @@ fn stats_backend(vm: Option<Hypervisor>, root: &Path) -> Result<Box<dyn GuestSta
     if vm == Some(Hypervisor::Vmware) && root == Path::new("/") {
         // The backdoor needs I/O privilege (root and iopl); without it the Linux backend still
         // tells what procfs knows, which beats failing a monitoring agent outright.
+        // Workstation and Fusion answer the backdoor but have no guestlib: their first update
+        // says NotEnabled, and procfs is then the better source.
         match guest_stats::vmware::VmwareGuestStats::open() {
-            Ok(stats) => return Ok(Box::new(stats)),
+            Ok(mut stats) => match stats.update() {
+                Err(error @ guest_stats::Error::NotEnabled) => warn_fallback(&error),
+                _ => return Ok(Box::new(stats)),
+            },
             Err(error) => warn_fallback(&error),
         }
     }

@@ -184,6 +184,13 @@ pub enum Error {
         /// The statistic that was asked for.
         stat: Stat,
     },
+    /// `VMGUESTLIB_ERROR_NOT_AVAILABLE` (4) for a raw statistic of `guestlib.stat.get`
+    /// (`VMGuestLib_StatGet`, `vmware-toolbox-cmd stat raw`), which has no [`Stat`].
+    #[error("The information requested is not available on this host. (raw statistic `{name}`)")]
+    RawStatNotAvailable {
+        /// The statistic and its parameter as requested, e.g. `vnet 00:50:56:aa:bb:cc`.
+        name: String,
+    },
     /// `VMGUESTLIB_ERROR_NO_INFO` (5): [`GuestStats::update`](crate::GuestStats::update) has not
     /// succeeded yet (or the last one failed, which invalidates earlier data as in the C API).
     #[error(
@@ -195,9 +202,10 @@ pub enum Error {
     /// so this crate never returns it; it exists so every C code has a variant.
     #[error("There is not enough memory available to complete the call.")]
     Memory,
-    /// `VMGUESTLIB_ERROR_BUFFER_TOO_SMALL` (7): in C, the caller's buffer for the resource pool
-    /// path was too small. Rust returns an owned `String`, so this crate never returns it; it
-    /// exists so every C code has a variant.
+    /// `VMGUESTLIB_ERROR_BUFFER_TOO_SMALL` (7). In C it also means the caller's buffer for the
+    /// resource pool path was too small; Rust returns an owned `String`, so here it only means
+    /// what `VMGuestLib_StatGet` uses it for: a raw statistic request longer than the 256
+    /// bytes the host accepts.
     #[error(
         "The buffer is too small to accommodate the function call. For example, when you call \
          VMGuestLib_GetResourcePoolPath, if the path buffer is too small for the resulting \
@@ -284,7 +292,9 @@ impl Error {
             Error::Other => ErrorCode::Other,
             Error::NotRunningInVm => ErrorCode::NotRunningInVm,
             Error::NotEnabled => ErrorCode::NotEnabled,
-            Error::NotAvailable { .. } => ErrorCode::NotAvailable,
+            Error::NotAvailable { .. } | Error::RawStatNotAvailable { .. } => {
+                ErrorCode::NotAvailable
+            }
             Error::NoInfo => ErrorCode::NoInfo,
             Error::Memory => ErrorCode::Memory,
             Error::BufferTooSmall => ErrorCode::BufferTooSmall,
@@ -310,7 +320,9 @@ impl Error {
     pub fn is_missing_statistic(&self) -> bool {
         matches!(
             self,
-            Error::NotAvailable { .. } | Error::UnsupportedVersion { .. }
+            Error::NotAvailable { .. }
+                | Error::RawStatNotAvailable { .. }
+                | Error::UnsupportedVersion { .. }
         )
     }
 

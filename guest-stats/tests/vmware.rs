@@ -69,7 +69,7 @@ impl Xdr {
     fn string(mut self, text: &str) -> Self {
         self = self.u32(text.len() as u32);
         self.0.extend_from_slice(text.as_bytes());
-        while self.0.len() % 4 != 0 {
+        while !self.0.len().is_multiple_of(4) {
             self.0.push(0);
         }
         self
@@ -675,4 +675,41 @@ mod properties {
             }
         }
     }
+}
+
+#[test]
+fn raw_statistics_like_stat_raw() {
+    use guest_stats::vmware::guestlib::StatEncoding;
+    let host = SimHost::new(|request| match request {
+        b"guestlib.stat.get json session" => b"1 {\"session\":{\"type\":\"static\"}}".to_vec(),
+        b"guestlib.stat.get text" => b"1 session\nhost\nresources\nvscsi\nvnet\n".to_vec(),
+        _ => b"0 Unknown stat".to_vec(),
+    });
+    let mut stats = VmwareGuestStats::with_backdoor(host);
+    assert_eq!(
+        stats.stat_raw(StatEncoding::Json, "session").unwrap(),
+        "{\"session\":{\"type\":\"static\"}}"
+    );
+    assert!(stats
+        .stat_raw(StatEncoding::Text, "")
+        .unwrap()
+        .contains("vnet"));
+    let error = stats
+        .stat_raw(StatEncoding::Yaml, "vnet 00:50:56:aa:bb:cc")
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::RawStatNotAvailable { name } if name == "vnet 00:50:56:aa:bb:cc")
+    );
+    assert_eq!(error.code(), 4);
+    assert!(error.is_missing_statistic());
+    assert!(matches!(
+        stats.stat_raw(StatEncoding::Text, &"x".repeat(300)),
+        Err(Error::BufferTooSmall)
+    ));
+    assert!(matches!(
+        stats.stat_raw(StatEncoding::Text, "a\0b"),
+        Err(Error::InvalidArg)
+    ));
+    // Only the three well-formed requests reached the host.
+    assert_eq!(stats.backdoor_mut().requests().len(), 3);
 }

@@ -216,6 +216,31 @@ fn dirty_bitmap_extents_match_nbdinfo() {
     };
     assert_eq!(dirty, merge_map(&expected));
     assert!(dirty.iter().any(|&(o, _, d)| d == 1 && o <= 8 * MIB));
+
+    // Incremental backup: the backup taken when the bitmap was added, plus the dirty ranges,
+    // equals the disk now.
+    let backup = disk_transport::memory::MemoryDisk::new(64 * MIB);
+    backup.write_at(&[1u8; MIB as usize], 0).unwrap();
+    let changed: Vec<(u64, u64)> = dirty
+        .iter()
+        .filter(|&&(_, _, d)| d == 1)
+        .map(|&(o, l, _)| (o, l))
+        .collect();
+    let report = disk_transport::copy::copy_ranges(
+        &disk,
+        &backup,
+        Some(&changed),
+        &CopyOptions::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    assert_eq!(
+        report.progress.total,
+        changed.iter().map(|r| r.1).sum::<u64>()
+    );
+    let mut now = vec![0u8; 64 * MIB as usize];
+    disk.read_at(&mut now, 0).unwrap();
+    assert_eq!(sha256(&backup.to_vec().unwrap()), sha256(&now));
     // Asking for a bitmap that does not exist is a clear handshake error.
     let err = NbdDisk::connect(&options(&server, "disk").dirty_bitmap("nope")).unwrap_err();
     assert!(err.to_string().contains("qemu:dirty-bitmap:nope"), "{err}");

@@ -1115,7 +1115,7 @@ impl RawDisk {
     }
 
     fn sectors(function: &'static str, len: usize) -> Result<u64, Vix> {
-        if len as u64 % SECTOR_SIZE != 0 {
+        if !(len as u64).is_multiple_of(SECTOR_SIZE) {
             return Err(Vix {
                 function,
                 code: VIX_E_INVALID_ARG,

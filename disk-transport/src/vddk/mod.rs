@@ -187,7 +187,8 @@ impl VddkOptions {
         self
     }
 
-    /// The InitEx configuration file (see [`Config`](crate::Config)).
+    /// The InitEx configuration file. Build one with [`Config`](crate::Config) and write its
+    /// `Display` form (`std::fs::write(path, config.to_string())`); the NFC timeouts belong there.
     pub fn config_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.config_path = Some(path.into());
         self
@@ -499,7 +500,19 @@ pub struct CallStats {
 
 static CALLS: Mutex<BTreeMap<&'static str, (u64, Duration, u64)>> = Mutex::new(BTreeMap::new());
 
+/// Calls slower than this are logged as warnings: nothing can interrupt them, but the log then
+/// says where a stuck backup waits.
+pub const SLOW_CALL: Duration = Duration::from_secs(30);
+
 pub(crate) fn record_call(function: &'static str, elapsed: Duration, bytes: u64) {
+    if elapsed >= SLOW_CALL {
+        tracing::warn!(
+            target: "disk_transport::vddk",
+            "{function} took {:.1} s; NFC timeouts (vixDiskLib.nfc.*TimeoutMs in the InitEx \
+             configuration file) bound network calls",
+            elapsed.as_secs_f64()
+        );
+    }
     tracing::trace!(
         target: "disk_transport::vddk::calls",
         function,
@@ -1062,7 +1075,7 @@ impl VddkDisk {
 
     fn check_io(&self, offset: u64, length: u64) -> Result<()> {
         check_range(offset, length, self.info.capacity)?;
-        if offset % ffi::SECTOR_SIZE != 0 || length % ffi::SECTOR_SIZE != 0 {
+        if !offset.is_multiple_of(ffi::SECTOR_SIZE) || !length.is_multiple_of(ffi::SECTOR_SIZE) {
             return Err(Error::Unaligned {
                 offset,
                 length,

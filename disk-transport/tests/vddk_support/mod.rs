@@ -17,13 +17,13 @@ pub fn standin_library() -> PathBuf {
     BUILT
         .get_or_init(|| match std::env::var_os("VDDK_STANDIN_LIB") {
             Some(path) => PathBuf::from(path),
-            None => build_standin(&[], None),
+            None => build_standin(false, None),
         })
         .clone()
 }
 
-/// The stand-in built with `--features minimal` (only the functions of VDDK 6.5), in its own
-/// target directory next to this test's so the two builds do not replace each other's file.
+/// The stand-in built with `VDDK_STANDIN_MINIMAL=1` (only the functions of VDDK 6.5), in its
+/// own target directory next to this test's so the two builds do not replace each other's file.
 pub fn minimal_standin_library() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
@@ -34,16 +34,13 @@ pub fn minimal_standin_library() -> PathBuf {
                 .ancestors()
                 .nth(3)
                 .expect("the test runs inside a cargo target directory");
-            build_standin(
-                &["--features", "minimal"],
-                Some(&target.join("vddk-standin-minimal")),
-            )
+            build_standin(true, Some(&target.join("vddk-standin-minimal")))
         })
         .clone()
 }
 
 /// Runs `cargo build -p vddk-standin` with the same cargo and profile and returns the `.so`.
-fn build_standin(extra: &[&str], target_dir: Option<&Path>) -> PathBuf {
+fn build_standin(minimal: bool, target_dir: Option<&Path>) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("vddk-standin/Cargo.toml");
     let mut cmd = Command::new(cargo);
@@ -52,8 +49,14 @@ fn build_standin(extra: &[&str], target_dir: Option<&Path>) -> PathBuf {
         .arg(&manifest)
         .arg("-p")
         .arg("vddk-standin")
-        .arg("--message-format=json-render-diagnostics")
-        .args(extra);
+        .arg("--message-format=json-render-diagnostics");
+    // Unset rather than "0" for the full build, as in a plain `cargo build`, so the two do not
+    // make each other rerun the build script.
+    if minimal {
+        cmd.env("VDDK_STANDIN_MINIMAL", "1");
+    } else {
+        cmd.env_remove("VDDK_STANDIN_MINIMAL");
+    }
     if let Some(dir) = target_dir {
         cmd.arg("--target-dir").arg(dir);
     }

@@ -24,6 +24,11 @@
 //! `standin.failInitEx = CODE`; `standin.delayUs = N` — sleep inside Open/Close and I/O calls to
 //! widen the window in which overlapping calls (which VDDK forbids) are detected.
 //!
+//! # The minimal variant
+//!
+//! Built with `VDDK_STANDIN_MINIMAL=1` (see `build.rs`), it exports only what VDDK 6.5 has, so
+//! the loader's fallbacks for absent functions can be tested.
+//!
 //! # Rule checks
 //!
 //! Each violation of VDDK's rules is counted under `violations` in the stats: InitEx twice,
@@ -31,8 +36,8 @@
 //! calls while asynchronous ones are outstanding, Disconnect with open disks, Close with
 //! outstanding requests, unknown handles, Exit with open handles, a non-NULL locale.
 #![allow(non_snake_case)]
-// The `minimal` build leaves out the exports that use some helpers and fields.
-#![cfg_attr(feature = "minimal", allow(dead_code, unused_imports))]
+// The minimal build (`VDDK_STANDIN_MINIMAL=1`, see build.rs) leaves out the exports that use some helpers and fields.
+#![cfg_attr(standin_minimal, allow(dead_code, unused_imports))]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::{c_char, c_ulong, c_void, CStr, CString};
@@ -348,7 +353,7 @@ const _: ExitFn = VixDiskLib_Exit;
 const _: ListTransportModesFn = VixDiskLib_ListTransportModes;
 const _: GetErrorTextFn = VixDiskLib_GetErrorText;
 const _: FreeErrorTextFn = VixDiskLib_FreeErrorText;
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 const _: AllocateConnectParamsFn = VixDiskLib_AllocateConnectParams;
 const _: FreeConnectParamsFn = VixDiskLib_FreeConnectParams;
 const _: ConnectExFn = VixDiskLib_ConnectEx;
@@ -360,28 +365,28 @@ const _: GetInfoFn = VixDiskLib_GetInfo;
 const _: FreeInfoFn = VixDiskLib_FreeInfo;
 const _: ReadFn = VixDiskLib_Read;
 const _: WriteFn = VixDiskLib_Write;
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 const _: ReadAsyncFn = VixDiskLib_ReadAsync;
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 const _: WriteAsyncFn = VixDiskLib_WriteAsync;
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 const _: WaitFn = VixDiskLib_Wait;
 const _: FlushFn = VixDiskLib_Flush;
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 const _: QueryAllocatedBlocksFn = VixDiskLib_QueryAllocatedBlocks;
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 const _: FreeBlockListFn = VixDiskLib_FreeBlockList;
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 const _: PrepareForAccessFn = VixDiskLib_PrepareForAccess;
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 const _: EndAccessFn = VixDiskLib_EndAccess;
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 const _: CleanupFn = VixDiskLib_Cleanup;
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 const _: GetMetadataKeysFn = VixDiskLib_GetMetadataKeys;
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 const _: ReadMetadataFn = VixDiskLib_ReadMetadata;
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 const _: WriteMetadataFn = VixDiskLib_WriteMetadata;
 
 /// `VixDiskLib_InitEx`.
@@ -515,7 +520,7 @@ pub unsafe extern "C" fn VixDiskLib_FreeErrorText(text: *mut c_char) {
     });
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 /// `VixDiskLib_AllocateConnectParams`.
 #[no_mangle]
 pub extern "C" fn VixDiskLib_AllocateConnectParams() -> *mut VixDiskLibConnectParams {
@@ -1007,14 +1012,14 @@ pub unsafe extern "C" fn VixDiskLib_Write(
     }
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 struct SendPtr(*mut u8, *mut c_void);
 // SAFETY: the pointers are handed to the completion thread only; the caller keeps the buffer
 // and callback data alive until the callback runs (VDDK's async contract).
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 unsafe impl Send for SendPtr {}
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 #[allow(clippy::too_many_arguments)]
 fn submit_async(
     handle: VixDiskLibHandle,
@@ -1071,7 +1076,7 @@ fn submit_async(
     VIX_ASYNC
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 /// `VixDiskLib_ReadAsync`.
 ///
 /// # Safety
@@ -1097,7 +1102,7 @@ pub unsafe extern "C" fn VixDiskLib_ReadAsync(
     )
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 /// `VixDiskLib_WriteAsync`.
 ///
 /// # Safety
@@ -1123,7 +1128,7 @@ pub unsafe extern "C" fn VixDiskLib_WriteAsync(
     )
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 /// `VixDiskLib_Wait`.
 #[no_mangle]
 pub extern "C" fn VixDiskLib_Wait(handle: VixDiskLibHandle) -> VixError {
@@ -1160,7 +1165,7 @@ pub extern "C" fn VixDiskLib_Flush(handle: VixDiskLibHandle) -> VixError {
     })
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 /// `VixDiskLib_QueryAllocatedBlocks`.
 ///
 /// # Safety
@@ -1193,8 +1198,8 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
         let disk = g.disks.get(&disk_name).ok_or(VIX_E_INVALID_HANDLE)?;
         let sectors = disk.data.len() as u64 / 512;
         let valid = chunk_size >= MIN_CHUNK_SIZE
-            && start % chunk_size == 0
-            && count % chunk_size == 0
+            && start.is_multiple_of(chunk_size)
+            && count.is_multiple_of(chunk_size)
             && count / chunk_size <= MAX_CHUNK_NUMBER
             && start.checked_add(count).is_some_and(|e| e <= sectors);
         if !valid {
@@ -1243,7 +1248,7 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
     VIX_OK
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 fn block_list_layout(n: usize) -> std::alloc::Layout {
     let size = std::mem::offset_of!(VixDiskLibBlockList, blocks)
         + n.max(1) * std::mem::size_of::<VixDiskLibBlock>();
@@ -1251,7 +1256,7 @@ fn block_list_layout(n: usize) -> std::alloc::Layout {
         .unwrap_or(std::alloc::Layout::new::<VixDiskLibBlockList>())
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 /// `VixDiskLib_FreeBlockList`.
 ///
 /// # Safety
@@ -1273,7 +1278,7 @@ pub unsafe extern "C" fn VixDiskLib_FreeBlockList(list: *mut VixDiskLibBlockList
     VIX_OK
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 /// `VixDiskLib_PrepareForAccess`. An identity starting with `fail:` fails with `VIX_E_FAIL`.
 ///
 /// # Safety
@@ -1301,7 +1306,7 @@ pub unsafe extern "C" fn VixDiskLib_PrepareForAccess(
     })
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 /// `VixDiskLib_EndAccess`.
 ///
 /// # Safety
@@ -1330,7 +1335,7 @@ pub unsafe extern "C" fn VixDiskLib_EndAccess(
     })
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 /// `VixDiskLib_Cleanup`: nothing is ever left over here; vmxSpec must be NULL.
 ///
 /// # Safety
@@ -1364,7 +1369,7 @@ pub unsafe extern "C" fn VixDiskLib_Cleanup(
     code
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 /// Copies `value` plus a NUL into `buf` if it fits; sets `*required`.
 ///
 /// # Safety
@@ -1386,7 +1391,7 @@ unsafe fn copy_out(value: &[u8], buf: *mut c_char, len: usize, required: *mut us
     VIX_OK
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 /// `VixDiskLib_GetMetadataKeys`.
 ///
 /// # Safety
@@ -1421,7 +1426,7 @@ pub unsafe extern "C" fn VixDiskLib_GetMetadataKeys(
     unsafe { copy_out(&joined, keys, max_len, required_len) }
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 /// `VixDiskLib_ReadMetadata`.
 ///
 /// # Safety
@@ -1457,7 +1462,7 @@ pub unsafe extern "C" fn VixDiskLib_ReadMetadata(
     }
 }
 
-#[cfg(not(feature = "minimal"))]
+#[cfg(not(standin_minimal))]
 /// `VixDiskLib_WriteMetadata`.
 ///
 /// # Safety
@@ -1497,7 +1502,7 @@ pub unsafe extern "C" fn VixDiskLib_WriteMetadata(
 /// Negative controls: the rule checks the backend's tests rely on ("no violation counted")
 /// must really fire when the rules are broken, which only code calling the exports directly
 /// can do.
-#[cfg(all(test, not(feature = "minimal")))]
+#[cfg(all(test, not(standin_minimal)))]
 mod tests {
     use super::*;
 

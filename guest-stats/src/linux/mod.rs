@@ -161,10 +161,13 @@ impl LinuxGuestStats {
     fn read_optional(&self, path: &Path) -> Result<Option<String>> {
         match std::fs::read_to_string(path) {
             Ok(text) => Ok(Some(text)),
-            // ENOTDIR: a path component is a file (a sysfs node that is not a directory here).
+            // NotADirectory: a path component is a file (a sysfs node that is not a directory
+            // on this kernel).
             Err(error)
-                if error.kind() == io::ErrorKind::NotFound
-                    || error.raw_os_error() == Some(libc::ENOTDIR) =>
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                ) =>
             {
                 Ok(None)
             }

@@ -92,13 +92,9 @@ mod arch {
     const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
     fn cpuid(leaf: u32) -> CpuidResult {
-        // SAFETY: CPUID exists on every x86-64 CPU and only reads identification registers.
-        // (`__cpuid` is a safe function on newer compilers, an unsafe one on the minimum
-        // supported version.)
-        #[allow(unused_unsafe)]
-        unsafe {
-            __cpuid(leaf)
-        }
+        // CPUID exists on every x86-64 CPU and only reads identification registers; the
+        // intrinsic is safe since Rust 1.87 (the workspace's minimum).
+        __cpuid(leaf)
     }
 
     pub(super) fn read_cpuid() -> CpuidFacts {

@@ -548,6 +548,66 @@ pub fn fetch<B: Backdoor + ?Sized>(
     }
 }
 
+/// The longest `guestlib.stat.get` request the host accepts (the C client's buffer).
+pub const STAT_GET_MAX_REQUEST: usize = 256;
+
+/// The formats `guestlib.stat.get` answers in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StatEncoding {
+    /// `key = value` lines.
+    Text,
+    /// JSON, with each metric's type and units.
+    Json,
+    /// XML (`<metrics session="…">`).
+    Xml,
+    /// YAML.
+    Yaml,
+}
+
+impl std::fmt::Display for StatEncoding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StatEncoding::Text => "text",
+            StatEncoding::Json => "json",
+            StatEncoding::Xml => "xml",
+            StatEncoding::Yaml => "yaml",
+        })
+    }
+}
+
+/// `VMGuestLib_StatGet` (`vmware-toolbox-cmd stat raw <encoding> <stat> [<param>]`): asks the
+/// host for a raw statistic such as `session`, `host`, `resources`, `vscsi <device>` or
+/// `vnet <mac>`, in the given encoding, and returns the host's text. An empty `stat` lists the
+/// categories.
+///
+/// A request longer than [`STAT_GET_MAX_REQUEST`] bytes is [`Error::BufferTooSmall`] (as in
+/// C), a `stat` with a NUL byte [`Error::InvalidArg`], a refusal
+/// [`Error::RawStatNotAvailable`].
+pub fn stat_get<B: Backdoor + ?Sized>(
+    backdoor: &mut B,
+    options: &RpciOptions,
+    encoding: StatEncoding,
+    stat: &str,
+) -> Result<String> {
+    if stat.contains('\0') {
+        return Err(Error::InvalidArg);
+    }
+    let request = format!("guestlib.stat.get {encoding} {}", stat.trim());
+    let request = request.trim_end();
+    if request.len() > STAT_GET_MAX_REQUEST {
+        return Err(Error::BufferTooSmall);
+    }
+    let reply = rpci::send_one(backdoor, options, request.as_bytes())?;
+    if reply.success {
+        Ok(reply.text())
+    } else {
+        Err(Error::RawStatNotAvailable {
+            name: stat.trim().to_owned(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -176,6 +176,11 @@ impl<B: Backdoor> VmwareGuestStats<B> {
         facts::host_time(&mut self.backdoor)
     }
 
+    /// A raw statistic of the host (`VMGuestLib_StatGet`); see [`guestlib::stat_get`].
+    pub fn stat_raw(&mut self, encoding: guestlib::StatEncoding, stat: &str) -> Result<String> {
+        guestlib::stat_get(&mut self.backdoor, &self.options, encoding, stat)
+    }
+
     /// The processor speed the host reports (GETMHZ); see [`facts::processor_mhz`].
     pub fn processor_mhz(&mut self) -> Result<u32> {
         facts::processor_mhz(&mut self.backdoor)

@@ -313,7 +313,7 @@ impl FakeState {
         let index = self
             .faults
             .iter()
-            .position(|(target, _)| target.as_deref().map_or(true, |t| t == name))?;
+            .position(|(target, _)| target.as_deref().is_none_or(|t| t == name))?;
         self.faults.remove(index).map(|(_, f)| f)
     }
 }

@@ -204,7 +204,7 @@ impl FakeState {
         if let Some(c) = self.commands.iter_mut().find(|c| c.name == name) {
             c.enabled = enabled;
         } else {
-            let success_response = crate::cmd::spec(name).map_or(true, |s| s.success_response);
+            let success_response = crate::cmd::spec(name).is_none_or(|s| s.success_response);
             self.commands.push(FakeCommand {
                 name: name.to_owned(),
                 enabled,

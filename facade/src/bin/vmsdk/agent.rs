@@ -215,10 +215,8 @@ pub fn run(platform: &Platform, args: &AgentArgs) -> CliResult {
     let outcome = runtime.block_on(async {
         let agent: Box<dyn GuestAgent> = match (uri, platform.backend()) {
             (Some(uri), _) => {
-                let config = qga_proto::ClientConfig {
-                    timeout: Duration::from_secs_f64(invocation.timeout),
-                    ..qga_proto::ClientConfig::default()
-                };
+                let config = qga_proto::ClientConfig::default()
+                    .timeout(Duration::from_secs_f64(invocation.timeout));
                 vmsdk::agent::connect_with(uri, config).await?
             }
             (None, BackendChoice::Fake) => vmsdk::agent::fake(),

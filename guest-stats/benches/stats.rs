@@ -1,0 +1,82 @@
+//! What one update costs: decoding guestlib replies, the whole VMware client stack against the
+//! simulated host (so: the Rust side of an update, without the hypervisor's own time), and the
+//! Linux backend reading a fixture tree.
+//!
+//! `cargo bench -p guest-stats --bench stats`
+
+use std::path::PathBuf;
+
+use criterion::{black_box, criterion_group, criterion_main, Criterion};
+use guest_stats::linux::LinuxGuestStats;
+use guest_stats::vmware::guestlib::{self, GuestlibInfo};
+use guest_stats::vmware::sim::SimHost;
+use guest_stats::vmware::VmwareGuestStats;
+use guest_stats::{GuestStats, SessionId, Stat, StatValue};
+
+fn full_info() -> GuestlibInfo {
+    Stat::ALL.iter().enumerate().fold(
+        GuestlibInfo::new(3, SessionId::new(0x5a17)),
+        |info, (index, &stat)| {
+            let value = if stat == Stat::ResourcePoolPath {
+                StatValue::Text("/Datacenter/host/Cluster/Resources/prod".into())
+            } else {
+                StatValue::U64(index as u64 * 1_000)
+            };
+            info.with(stat, Some(value))
+        },
+    )
+}
+
+fn decoders(c: &mut Criterion) {
+    let v3 = guestlib::encode_v3(&full_info());
+    let v2 = guestlib::encode_v2(&full_info());
+    c.bench_function("decode_v3 (36 statistics)", |b| {
+        b.iter(|| guestlib::decode_v3(black_box(&v3)).unwrap())
+    });
+    c.bench_function("decode_v2 (669 bytes)", |b| {
+        b.iter(|| guestlib::decode_v2(black_box(&v2)).unwrap())
+    });
+}
+
+fn vmware_update(c: &mut Criterion) {
+    let mut high_bandwidth =
+        VmwareGuestStats::with_backdoor(SimHost::guestlib(vec![full_info()], 3));
+    c.bench_function("vmware update, simulated host, high bandwidth", |b| {
+        b.iter(|| high_bandwidth.update().unwrap())
+    });
+    let mut low_bandwidth = VmwareGuestStats::with_backdoor(
+        SimHost::guestlib(vec![full_info()], 3).without_high_bandwidth(),
+    );
+    c.bench_function("vmware update, simulated host, 4 bytes a call", |b| {
+        b.iter(|| low_bandwidth.update().unwrap())
+    });
+}
+
+fn linux_update(c: &mut Criterion) {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/xen-hvm-cgroup2");
+    let mut fixture = LinuxGuestStats::with_root(root);
+    c.bench_function("linux update + snapshot, fixture tree", |b| {
+        b.iter(|| {
+            fixture.update().unwrap();
+            fixture.snapshot().unwrap()
+        })
+    });
+    let mut live = LinuxGuestStats::new();
+    if live.update().is_ok() {
+        c.bench_function("linux update + snapshot, this machine", |b| {
+            b.iter(|| {
+                live.update().unwrap();
+                live.snapshot().unwrap()
+            })
+        });
+    }
+}
+
+// The macro generates an undocumented function.
+#[allow(missing_docs)]
+mod group {
+    use super::*;
+    criterion_group!(benches, decoders, vmware_update, linux_update);
+}
+use group::benches;
+criterion_main!(benches);
