@@ -147,7 +147,7 @@ impl FileDisk {
         }
         let a = Self::DIRECT_IO_ALIGNMENT;
         let tail_ok = for_read && offset + length == self.capacity;
-        if offset % a != 0 || (length % a != 0 && !tail_ok) {
+        if !offset.is_multiple_of(a) || (!length.is_multiple_of(a) && !tail_ok) {
             return Err(Error::Unaligned {
                 offset,
                 length,
@@ -215,7 +215,9 @@ impl Disk for FileDisk {
         check_range(offset, buf.len() as u64, self.capacity)?;
         self.check_direct(offset, buf.len() as u64, true)?;
         let a = Self::DIRECT_IO_ALIGNMENT as usize;
-        if self.direct && (buf.as_ptr() as usize % a != 0 || buf.len() % a != 0) {
+        if self.direct
+            && (!(buf.as_ptr() as usize).is_multiple_of(a) || !buf.len().is_multiple_of(a))
+        {
             let mut bounce = aligned_buffer(buf.len().next_multiple_of(a), a);
             let mut done = 0;
             while done < buf.len() {
@@ -248,7 +250,7 @@ impl Disk for FileDisk {
         check_range(offset, buf.len() as u64, self.capacity)?;
         self.check_direct(offset, buf.len() as u64, false)?;
         let a = Self::DIRECT_IO_ALIGNMENT as usize;
-        if self.direct && buf.as_ptr() as usize % a != 0 {
+        if self.direct && !(buf.as_ptr() as usize).is_multiple_of(a) {
             let mut bounce = aligned_buffer(buf.len(), a);
             bounce.copy_from_slice(buf);
             return self

@@ -437,10 +437,13 @@ fn transports_are_planned_and_passed_to_connect_ex() {
         .build()
         .unwrap();
     assert_eq!(vddk.plan(&params).unwrap(), vec![TransportMode::Nbd]);
-    let connection = vddk.connect(&params).unwrap();
+    let connection = vddk.connect_vddk(&params).unwrap();
+    assert_eq!(connection.planned_transports(), [TransportMode::Nbd]);
     let disk = connection
-        .open("[ds1] vm2/vm2.vmdk", OpenFlags::read_only())
+        .open_disk("[ds1] vm2/vm2.vmdk", OpenFlags::read_only())
         .unwrap();
+    assert_eq!(disk.path(), "[ds1] vm2/vm2.vmdk");
+    assert_eq!(disk.transport_mode_text(), Some("nbd"));
     assert_eq!(
         disk.info().unwrap().transport_mode,
         Some(TransportMode::Nbd)

@@ -63,6 +63,22 @@ fn linux_update(c: &mut Criterion) {
     });
     let mut live = LinuxGuestStats::new();
     if live.update().is_ok() {
+        // The floor: only read and split the two files every Linux backend must read.
+        c.bench_function("baseline: read + split /proc/stat and /proc/meminfo", |b| {
+            b.iter(|| {
+                let mut fields = 0usize;
+                for path in ["/proc/stat", "/proc/meminfo"] {
+                    let text = std::fs::read_to_string(path).unwrap();
+                    for line in text.lines() {
+                        fields += line
+                            .split_whitespace()
+                            .filter_map(|f| f.parse::<u64>().ok())
+                            .count();
+                    }
+                }
+                black_box(fields)
+            })
+        });
         c.bench_function("linux update + snapshot, this machine", |b| {
             b.iter(|| {
                 live.update().unwrap();

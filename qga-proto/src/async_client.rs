@@ -118,6 +118,27 @@ impl<S: AsyncStream> AsyncClient<S> {
         inner.session.config = config;
     }
 
+    /// Closes the channel. If a call was left unfinished (timeout, cancelled
+    /// call, silent command), replies still in flight are read first for up
+    /// to [`DRAIN_TIME`](crate::DRAIN_TIME): qemu-ga 7.2 exits when a
+    /// client closes a Unix socket with replies unread. Prefer this to a
+    /// plain drop when talking to such agents.
+    pub async fn close(self) {
+        let mut inner = self.inner.into_inner();
+        if inner.session.in_sync {
+            return;
+        }
+        let deadline = Instant::now() + crate::client::DRAIN_TIME;
+        let Inner { stream, buf, .. } = &mut inner;
+        if let Some(stream) = stream.as_mut() {
+            while let Ok(Ok(n)) = timeout_at(deadline, stream.read(buf)).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+    }
+
     /// Forces a re-synchronisation now.
     pub async fn resync(&self) -> Result<()> {
         let mut inner = self.inner.lock().await;

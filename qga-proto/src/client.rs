@@ -20,6 +20,10 @@ type Connector<S> = Box<dyn FnMut() -> io::Result<S> + Send>;
 
 const READ_CHUNK: usize = 64 * 1024;
 
+/// How long closing a client whose last call was left unfinished keeps
+/// reading late replies.
+pub const DRAIN_TIME: Duration = Duration::from_millis(100);
+
 /// Blocking guest agent client over any [`Transport`] (Unix socket, TCP,
 /// character device, or `Box<dyn Transport>`).
 ///
@@ -38,14 +42,14 @@ const READ_CHUNK: usize = 64 * 1024;
 /// assert_eq!(os.id.as_deref(), Some("debian"));
 /// # Ok(()) }
 /// ```
-pub struct Client<S> {
+pub struct Client<S: Transport> {
     stream: Option<S>,
     session: Session,
     connector: Option<Connector<S>>,
     buf: Vec<u8>,
 }
 
-impl<S> std::fmt::Debug for Client<S> {
+impl<S: Transport> std::fmt::Debug for Client<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
             .field("connected", &self.stream.is_some())
@@ -98,6 +102,34 @@ impl<S: Transport> Client<S> {
     pub fn resync(&mut self) -> Result<()> {
         self.session.in_sync = false;
         self.ready()
+    }
+
+    /// Closes the channel. If a call was left unfinished (timeout, silent
+    /// command), replies still in flight are read first for up to
+    /// [`DRAIN_TIME`]: qemu-ga 7.2 exits when a client closes a Unix socket
+    /// with replies unread. Dropping the client does the same.
+    pub fn close(self) {
+        drop(self);
+    }
+
+    fn drain(&mut self) {
+        if self.session.in_sync {
+            return;
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            return;
+        };
+        let deadline = Instant::now() + DRAIN_TIME;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() || stream.set_read_timeout(Some(remaining)).is_err() {
+                return;
+            }
+            match stream.read(&mut self.buf) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
     }
 
     /// `guest-info` as cached by the capability check.
@@ -440,6 +472,12 @@ fn io_error(e: io::Error, command: &str) -> Error {
             command: Some(command.to_owned()),
         },
         _ => Error::Io(e),
+    }
+}
+
+impl<S: Transport> Drop for Client<S> {
+    fn drop(&mut self) {
+        self.drain();
     }
 }
 

@@ -56,7 +56,7 @@ pub use agent::MockGuestAgent;
 pub use agent::{call, GuestAgent};
 #[cfg(feature = "tokio")]
 pub use async_client::{AsyncClient, AsyncStream, BoxedStream};
-pub use client::{Client, FreezeGuard};
+pub use client::{Client, FreezeGuard, DRAIN_TIME};
 pub use error::{Error, ErrorClass, Result};
 #[cfg(feature = "tokio")]
 pub use ext::{freeze_filesystems, FsFreezeGuard};

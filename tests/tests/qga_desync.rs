@@ -303,3 +303,47 @@ fn blocking_client_recovers_on_a_dirty_channel_of_qemu_ga() {
         31337
     );
 }
+
+/// qemu-ga 7.2 exits when a client closes with replies unread; closing a
+/// client after a timed-out call reads the late replies first.
+#[tokio::test]
+async fn closing_after_a_timeout_keeps_qemu_ga_alive() {
+    use qga_proto::Client;
+
+    let Some(mut qga) = QemuGa::start() else {
+        return;
+    };
+    let short = config().timeout(Duration::from_millis(300));
+
+    let client = AsyncClient::connect_unix(qga.socket(), short.clone())
+        .await
+        .expect("connect");
+    client.ping().await.expect("ping");
+    qga.signal("STOP");
+    let err = client.host_name().await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    qga.signal("CONT");
+    client.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        qga.is_running(),
+        "qemu-ga exited after the async client closed; log:\n{}",
+        qga.log()
+    );
+
+    let mut client = Client::connect_unix(qga.socket(), short).expect("connect");
+    client.execute_raw("guest-ping", None).expect("ping");
+    qga.signal("STOP");
+    assert!(matches!(
+        client.execute_raw("guest-get-host-name", None),
+        Err(Error::Timeout { .. })
+    ));
+    qga.signal("CONT");
+    drop(client);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        qga.is_running(),
+        "qemu-ga exited after the blocking client closed; log:\n{}",
+        qga.log()
+    );
+}

@@ -335,7 +335,7 @@ impl NbdDisk {
         check_range(offset, length, self.negotiated.size)?;
         let min = u64::from(self.negotiated.min_block);
         let at_end = offset + length == self.negotiated.size;
-        if offset % min != 0 || (length % min != 0 && !at_end) {
+        if !offset.is_multiple_of(min) || (!length.is_multiple_of(min) && !at_end) {
             return Err(Error::Unaligned {
                 offset,
                 length,
@@ -425,14 +425,20 @@ impl NbdDisk {
         Ok(())
     }
 
+    /// Descriptors covering exactly `[offset, offset + length)`. Requests are widened to the
+    /// server's minimum block size and answers clipped back, so any range may be asked.
     fn block_status(&self, context: u32, offset: u64, length: u64) -> Result<Vec<(u64, u64, u32)>> {
         check_range(offset, length, self.negotiated.size)?;
+        let min = u64::from(self.negotiated.min_block);
         let end = offset + length;
         let mut out = Vec::new();
-        let mut pos = offset;
-        while pos < end {
-            let n = (end - pos).min(self.max_effect()).max(1);
-            let outcome = self.call(Command::BlockStatus, 0, pos, n as u32, None)?;
+        // Everything before `covered` has been reported.
+        let mut covered = offset;
+        while covered < end {
+            let start = covered / min * min;
+            let stop = end.next_multiple_of(min).min(self.negotiated.size);
+            let n = (stop - start).min(self.max_effect()).max(1);
+            let outcome = self.call(Command::BlockStatus, 0, start, n as u32, None)?;
             let descriptors = outcome
                 .block_status
                 .into_iter()
@@ -440,24 +446,28 @@ impl NbdDisk {
                 .map(|(_, d)| d)
                 .ok_or_else(|| {
                     Error::Protocol(format!(
-                        "block status reply at offset {pos} lacks the negotiated context {context}"
+                        "block status reply at offset {start} lacks the negotiated context {context}"
                     ))
                 })?;
-            let mut at = pos;
+            let before = covered;
+            let mut at = start;
             for (len, flags) in descriptors {
+                let next = at.saturating_add(u64::from(len));
+                let (s, t) = (at.max(covered), next.min(end));
+                if s < t {
+                    out.push((s, t - s, flags));
+                    covered = t;
+                }
+                at = next;
                 if at >= end {
                     break;
                 }
-                let len = u64::from(len).min(end - at);
-                out.push((at, len, flags));
-                at += len;
             }
-            if at == pos {
+            if covered == before {
                 return Err(Error::Protocol(format!(
-                    "block status at offset {pos} made no progress"
+                    "block status at offset {start} made no progress"
                 )));
             }
-            pos = at;
         }
         Ok(out)
     }

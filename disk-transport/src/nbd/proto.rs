@@ -528,7 +528,7 @@ pub fn parse_error_chunk(kind: u16, payload: &[u8]) -> Result<ErrorChunk> {
 
 /// Parses a `BLOCK_STATUS` payload: context id and (length, flags) descriptors.
 pub fn parse_block_status(payload: &[u8]) -> Result<(u32, Vec<(u32, u32)>)> {
-    if payload.len() < 12 || (payload.len() - 4) % 8 != 0 {
+    if payload.len() < 12 || !(payload.len() - 4).is_multiple_of(8) {
         return Err(proto(
             "BLOCK_STATUS chunk must hold a context id and at least one descriptor",
         ));

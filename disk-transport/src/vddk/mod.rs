@@ -738,6 +738,46 @@ impl VddkTransport {
         Ok(viable)
     }
 
+    /// Connects (`VixDiskLib_ConnectEx`), with the concrete type (see [`DiskTransport::connect`]).
+    pub fn connect_vddk(&self, params: &ConnectParams) -> Result<VddkConnection> {
+        check_not_forked()?;
+        self.check_libdir(params)?;
+        let viable = self.plan(params)?;
+        // With no list from the caller, VDDK applies its own default order.
+        let transports = match params.transport_modes() {
+            Some(_) => Some(c_string(
+                "the transport list",
+                &format_transport_modes(&viable),
+            )?),
+            None => None,
+        };
+        let snapshot = params
+            .snapshot()
+            .map(|s| c_string("the snapshot MoRef", s))
+            .transpose()?;
+        let spec = connect_spec(params, true)?;
+        let secrets = SecretRegistration::new(params);
+        let raw = RawConnection::connect(
+            &self.lib,
+            spec,
+            params.read_only(),
+            snapshot.as_ref().map(ZeroingCString::as_c_str),
+            transports.as_ref().map(ZeroingCString::as_c_str),
+        )
+        .map_err(|e| vix_error(&self.lib, e.function.to_owned(), e.code))?;
+        Ok(VddkConnection {
+            shared: Arc::new(ConnectionShared {
+                raw: Arc::new(raw),
+                _secrets: secrets,
+            }),
+            lib: Arc::clone(&self.lib),
+            library: self.info.clone(),
+            read_only: params.read_only(),
+            remote: params.is_remote(),
+            planned: viable,
+        })
+    }
+
     fn check_libdir(&self, params: &ConnectParams) -> Result<()> {
         match params.libdir() {
             Some(dir) if canonical(dir) != self.info.libdir => Err(Error::InvalidParams(format!(
@@ -800,42 +840,7 @@ impl DiskTransport for VddkTransport {
     }
 
     fn connect(&self, params: &ConnectParams) -> Result<Box<dyn Connection>> {
-        check_not_forked()?;
-        self.check_libdir(params)?;
-        let viable = self.plan(params)?;
-        // With no list from the caller, VDDK applies its own default order.
-        let transports = match params.transport_modes() {
-            Some(_) => Some(c_string(
-                "the transport list",
-                &format_transport_modes(&viable),
-            )?),
-            None => None,
-        };
-        let snapshot = params
-            .snapshot()
-            .map(|s| c_string("the snapshot MoRef", s))
-            .transpose()?;
-        let spec = connect_spec(params, true)?;
-        let secrets = SecretRegistration::new(params);
-        let raw = RawConnection::connect(
-            &self.lib,
-            spec,
-            params.read_only(),
-            snapshot.as_ref().map(ZeroingCString::as_c_str),
-            transports.as_ref().map(ZeroingCString::as_c_str),
-        )
-        .map_err(|e| vix_error(&self.lib, e.function.to_owned(), e.code))?;
-        Ok(Box::new(VddkConnection {
-            shared: Arc::new(ConnectionShared {
-                raw: Arc::new(raw),
-                _secrets: secrets,
-            }),
-            lib: Arc::clone(&self.lib),
-            library: self.info.clone(),
-            read_only: params.read_only(),
-            remote: params.is_remote(),
-            planned: viable,
-        }))
+        Ok(Box::new(self.connect_vddk(params)?))
     }
 
     fn prepare_for_access(&self, params: &ConnectParams, identity: &str) -> Result<AccessGuard> {
