@@ -60,11 +60,18 @@ pub fn aligned_buffer(length: usize, alignment: usize) -> AlignedBuffer {
 }
 
 /// A heap buffer whose start is aligned; see [`aligned_buffer`].
-#[derive(Debug)]
 pub struct AlignedBuffer {
     storage: Vec<u8>,
     start: usize,
     length: usize,
+}
+
+impl std::fmt::Debug for AlignedBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlignedBuffer")
+            .field("length", &self.length)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::ops::Deref for AlignedBuffer {

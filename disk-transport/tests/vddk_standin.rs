@@ -494,6 +494,31 @@ fn transports_are_planned_and_passed_to_connect_ex() {
 }
 
 #[test]
+fn session_cookies_go_as_sessionid_credentials() {
+    let (fixture, vddk) = shared();
+    let params = ConnectParams::builder()
+        .server("vc.example")
+        .vm("moref=vm-cookie")
+        .credentials(disk_transport::Credentials::SessionId {
+            cookie: "vmware_soap_session=\"52f3\"".into(),
+            user: "admin".into(),
+            key: PASSWORD.into(),
+        })
+        .build()
+        .unwrap();
+    let connection = vddk.connect(&params).unwrap();
+    assert!(!format!("{connection:?} {params:?}").contains("52f3"));
+    let c = &fixture.stats()["connects"]["moref=vm-cookie"];
+    assert_eq!(c["cred_type"], 2, "{c}");
+    assert_eq!(c["user"], "admin");
+    assert_eq!(
+        c["password_len"],
+        PASSWORD.len(),
+        "the key goes where VDDK expects it"
+    );
+}
+
+#[test]
 fn access_guard_ends_access_on_drop_on_panic_and_explicitly() {
     let (fixture, vddk) = shared();
     let params = remote("moref=vm-access").build().unwrap();

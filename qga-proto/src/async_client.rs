@@ -53,24 +53,24 @@ const READ_CHUNK: usize = 64 * 1024;
 /// assert_eq!(host, same);
 /// # Ok(()) }
 /// ```
-pub struct AsyncClient<S> {
+pub struct AsyncClient<S: AsyncStream + 'static> {
     inner: Mutex<Inner<S>>,
 }
 
-struct Inner<S> {
+struct Inner<S: AsyncStream + 'static> {
     stream: Option<S>,
     session: Session,
     connector: Option<Connector<S>>,
     buf: Vec<u8>,
 }
 
-impl<S> std::fmt::Debug for AsyncClient<S> {
+impl<S: AsyncStream + 'static> std::fmt::Debug for AsyncClient<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AsyncClient").finish_non_exhaustive()
     }
 }
 
-impl<S: AsyncStream> AsyncClient<S> {
+impl<S: AsyncStream + 'static> AsyncClient<S> {
     /// A client on an already connected stream, with default settings.
     pub fn new(stream: S) -> Self {
         Self::with_config(stream, ClientConfig::default())
@@ -95,11 +95,9 @@ impl<S: AsyncStream> AsyncClient<S> {
         F: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = io::Result<S>> + Send + 'static,
     {
-        let mut inner = self.inner.into_inner();
-        inner.connector = Some(Box::new(move || Box::pin(connect())));
-        AsyncClient {
-            inner: Mutex::new(inner),
-        }
+        let mut this = self;
+        this.inner.get_mut().connector = Some(Box::new(move || Box::pin(connect())));
+        this
     }
 
     /// The settings in force.
@@ -123,14 +121,14 @@ impl<S: AsyncStream> AsyncClient<S> {
     /// to [`DRAIN_TIME`](crate::DRAIN_TIME): qemu-ga 7.2 exits when a
     /// client closes a Unix socket with replies unread. Prefer this to a
     /// plain drop when talking to such agents.
-    pub async fn close(self) {
-        let mut inner = self.inner.into_inner();
+    pub async fn close(mut self) {
+        let inner = self.inner.get_mut();
         if inner.session.in_sync {
             return;
         }
-        let deadline = Instant::now() + crate::client::DRAIN_TIME;
-        let Inner { stream, buf, .. } = &mut inner;
-        if let Some(stream) = stream.as_mut() {
+        let deadline = Instant::now() + crate::DRAIN_TIME;
+        let Inner { stream, buf, .. } = inner;
+        if let Some(mut stream) = stream.take() {
             while let Ok(Ok(n)) = timeout_at(deadline, stream.read(buf)).await {
                 if n == 0 {
                     break;
@@ -180,7 +178,7 @@ impl<S: AsyncStream> AsyncClient<S> {
     }
 }
 
-impl<S: AsyncStream> Inner<S> {
+impl<S: AsyncStream + 'static> Inner<S> {
     fn drop_connection(&mut self) {
         self.stream = None;
         self.session.reset_connection();
@@ -192,7 +190,11 @@ impl<S: AsyncStream> Inner<S> {
             let Some(connect) = &self.connector else {
                 return Err(Error::Disconnected { command: None });
             };
-            let stream = connect().await?;
+            let limit = self.session.config.sync_timeout;
+            let stream = match tokio::time::timeout(limit, connect()).await {
+                Ok(result) => result?,
+                Err(_) => return Err(connect_timed_out(limit)),
+            };
             self.session.reset_connection();
             self.stream = Some(stream);
         }
@@ -360,6 +362,51 @@ impl<S: AsyncStream> Inner<S> {
     }
 }
 
+impl<S: AsyncStream + 'static> Drop for AsyncClient<S> {
+    fn drop(&mut self) {
+        // Same as `close`, in the background: read late replies so that
+        // qemu-ga 7.2 does not see the socket reset and exit.
+        let inner = self.inner.get_mut();
+        if inner.session.in_sync {
+            return;
+        }
+        let (Some(mut stream), Ok(runtime)) =
+            (inner.stream.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            let deadline = Instant::now() + crate::DRAIN_TIME;
+            let mut buf = [0u8; 4096];
+            while let Ok(Ok(n)) = timeout_at(deadline, stream.read(&mut buf)).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+fn connect_timed_out(limit: Duration) -> Error {
+    Error::Io(io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!(
+            "connecting to the guest agent channel timed out after {}",
+            crate::error::fmt_duration(limit)
+        ),
+    ))
+}
+
+async fn bounded_connect<T>(
+    limit: Duration,
+    connect: impl Future<Output = io::Result<T>>,
+) -> Result<T> {
+    match tokio::time::timeout(limit, connect).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(connect_timed_out(limit)),
+    }
+}
+
 fn io_error(e: io::Error, command: &str) -> Error {
     match e.kind() {
         io::ErrorKind::BrokenPipe
@@ -372,7 +419,7 @@ fn io_error(e: io::Error, command: &str) -> Error {
 }
 
 #[async_trait]
-impl<S: AsyncStream> GuestAgent for AsyncClient<S> {
+impl<S: AsyncStream + 'static> GuestAgent for AsyncClient<S> {
     async fn execute_raw(&self, name: &str, args: Option<Value>) -> Result<Value> {
         self.execute(name, args, None).await
     }
@@ -383,7 +430,7 @@ impl AsyncClient<UnixStream> {
     /// reconnects to the same path if the connection drops.
     pub async fn connect_unix(path: impl AsRef<Path>, config: ClientConfig) -> Result<Self> {
         let path = path.as_ref().to_owned();
-        let stream = UnixStream::connect(&path).await?;
+        let stream = bounded_connect(config.sync_timeout, UnixStream::connect(&path)).await?;
         Ok(Self::with_config(stream, config)
             .with_reconnect(move || UnixStream::connect(path.clone())))
     }
@@ -393,7 +440,7 @@ impl AsyncClient<TcpStream> {
     /// Connects to `host:port`; reconnects if the connection drops.
     pub async fn connect_tcp(addr: &str, config: ClientConfig) -> Result<Self> {
         let addr = addr.to_owned();
-        let stream = TcpStream::connect(&addr).await?;
+        let stream = bounded_connect(config.sync_timeout, TcpStream::connect(&addr)).await?;
         Ok(Self::with_config(stream, config)
             .with_reconnect(move || TcpStream::connect(addr.clone())))
     }
@@ -422,7 +469,7 @@ impl AsyncClient<BoxedStream> {
                 Address::Serial(p) => Box::new(AsyncCharDevice::open(p)?),
             })
         }
-        let stream = open(address.clone()).await?;
+        let stream = bounded_connect(config.sync_timeout, open(address.clone())).await?;
         let address = address.clone();
         Ok(Self::with_config(stream, config).with_reconnect(move || open(address.clone())))
     }

@@ -494,8 +494,9 @@ impl Client<TcpStream> {
     /// Connects to `host:port`; reconnects if the connection drops.
     pub fn connect_tcp(addr: &str, config: ClientConfig) -> Result<Self> {
         let addr = addr.to_owned();
-        let stream = TcpStream::connect(&addr)?;
-        Ok(Self::with_config(stream, config).with_reconnect(move || TcpStream::connect(&addr)))
+        let limit = config.sync_timeout;
+        let stream = tcp_connect(&addr, limit)?;
+        Ok(Self::with_config(stream, config).with_reconnect(move || tcp_connect(&addr, limit)))
     }
 }
 
@@ -515,13 +516,14 @@ impl Client<Box<dyn Transport>> {
 
     /// Connects to a parsed [`Address`].
     pub fn connect_address(address: &Address, config: ClientConfig) -> Result<Self> {
-        fn open(address: &Address) -> io::Result<Box<dyn Transport>> {
+        let limit = config.sync_timeout;
+        let open = move |address: &Address| -> io::Result<Box<dyn Transport>> {
             Ok(match address {
                 Address::Unix(p) => Box::new(UnixStream::connect(p)?),
-                Address::Tcp(hp) => Box::new(TcpStream::connect(hp)?),
+                Address::Tcp(hp) => Box::new(tcp_connect(hp, limit)?),
                 Address::Serial(p) => Box::new(CharDevice::open(p)?),
             })
-        }
+        };
         let stream = open(address)?;
         let address = address.clone();
         Ok(Self::with_config(stream, config).with_reconnect(move || open(&address)))
@@ -558,4 +560,20 @@ impl<S: Transport> Drop for FreezeGuard<'_, S> {
             let _ = self.client.call::<cmd::GuestFsfreezeThaw>(&());
         }
     }
+}
+
+/// Connects to `host:port`, trying each resolved address for at most `limit`.
+fn tcp_connect(addr: &str, limit: Duration) -> io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{addr} resolves to no address"),
+    );
+    for candidate in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&candidate, limit.max(Duration::from_millis(1))) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }

@@ -518,3 +518,53 @@ fn blocking_client_against_the_fake() -> qga_proto::Result<()> {
     assert!(!fake.state().frozen);
     Ok(())
 }
+
+#[tokio::test]
+async fn tcp_and_unix_addresses_reach_a_fake_served_on_sockets() -> qga_proto::Result<()> {
+    let fake = FakeAgent::linux();
+
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let tcp_addr = tcp.local_addr()?;
+    let dir = std::env::temp_dir().join(format!("qga-proto-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let sock = dir.join("agent.sock");
+    let _ = std::fs::remove_file(&sock);
+    let unix = tokio::net::UnixListener::bind(&sock)?;
+    let served = fake.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Ok((s, _)) = tcp.accept() => { let a = served.clone(); tokio::spawn(async move { a.serve_async(s).await }); }
+                Ok((s, _)) = unix.accept() => { let a = served.clone(); tokio::spawn(async move { a.serve_async(s).await }); }
+            }
+        }
+    });
+
+    let by_tcp = qga_proto::AsyncClient::connect(&format!("qga+tcp://{tcp_addr}"), quick()).await?;
+    assert_eq!(by_tcp.host_name().await?.host_name, "fake-guest");
+    let by_unix =
+        qga_proto::AsyncClient::connect(&format!("qga+unix://{}", sock.display()), quick()).await?;
+    assert_eq!(by_unix.sync(9).await?, 9);
+
+    let addr = tcp_addr.to_string();
+    let sock2 = sock.clone();
+    tokio::task::spawn_blocking(move || -> qga_proto::Result<()> {
+        let mut c = qga_proto::Client::connect(&format!("tcp:{addr}"), quick())?;
+        assert_eq!(c.call::<cmd::GuestGetTimezone>(&())?.offset, 0);
+        let mut c = qga_proto::Client::connect(sock2.to_str().unwrap(), quick())?;
+        c.call::<cmd::GuestPing>(&())?;
+        Ok(())
+    })
+    .await
+    .expect("blocking task")?;
+
+    // Nothing listens here: a clear I/O error, no hang.
+    let refused = qga_proto::AsyncClient::connect(
+        &format!("qga+unix://{}", dir.join("nobody.sock").display()),
+        quick(),
+    )
+    .await;
+    assert!(matches!(refused, Err(Error::Io(_))));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -67,3 +67,40 @@ pub fn vmsdk_binary() -> Option<PathBuf> {
     eprintln!("SKIPPED: {message}");
     None
 }
+
+/// The stand-in `libvixDiskLib.so` (package `vddk-standin`), built on first use with the cargo
+/// and target directory of this test run, laid out as a VDDK distribution
+/// (`<libdir>/lib64/libvixDiskLib.so.8`). Returns the libdir.
+///
+/// # Panics
+///
+/// When the build fails: the stand-in is part of this workspace, so that is a real failure.
+pub fn vddk_standin_libdir() -> PathBuf {
+    static LIBDIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    LIBDIR
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("test executable path");
+            // Test executables run as <target>/<profile>/deps/<name>.
+            let profile_dir = exe.parent().and_then(|d| d.parent()).expect("profile dir");
+            let target = profile_dir.parent().expect("target dir");
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut build = std::process::Command::new(cargo);
+            build
+                .args(["build", "--quiet", "-p", "vddk-standin"])
+                .env("CARGO_TARGET_DIR", target)
+                .env_remove("VDDK_STANDIN_MINIMAL");
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("run cargo build -p vddk-standin");
+            assert!(status.success(), "building the VDDK stand-in failed");
+            let library = profile_dir.join("libvixDiskLib.so");
+            assert!(library.is_file(), "{} was not built", library.display());
+            let libdir = target.join("vmsdk-tests-vddk");
+            std::fs::create_dir_all(libdir.join("lib64")).expect("create the stand-in libdir");
+            let installed = libdir.join("lib64/libvixDiskLib.so.8");
+            std::fs::copy(&library, &installed).expect("install the stand-in");
+            libdir
+        })
+        .clone()
+}

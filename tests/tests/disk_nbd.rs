@@ -430,6 +430,10 @@ fn block_size_constraints_are_obeyed() {
     let mut back = vec![0u8; data.len()];
     disk.read_at(&mut back, MIB).unwrap();
     assert_eq!(sha256(&back), sha256(&data));
+    // Block status of any range works: widened to 4096 for the server, clipped back.
+    let extents = disk.allocated_extents(MIB + 100, 5000).unwrap();
+    assert_eq!(extents.first().unwrap().offset, MIB + 100);
+    assert_eq!(extents.last().unwrap().end(), MIB + 5100);
     // Unaligned requests are refused locally, naming the rule.
     let err = disk.read_at(&mut [0u8; 100], 4096).unwrap_err();
     assert!(
@@ -474,4 +478,21 @@ fn a_failing_destination_stops_the_copy_with_the_offset() {
     assert_eq!(err.nbd_errno(), Some(28), "{err}");
     assert!(err.to_string().contains("ENOSPC"), "{err}");
     assert!(err.to_string().contains("offset"), "{err}");
+}
+
+#[test]
+fn lists_exports_like_nbdinfo() {
+    let Some(server) =
+        NbdServer::qemu_nbd(&["-r", "-D", "the test disk", "-f", "raw", "/dev/null"])
+    else {
+        return;
+    };
+    let address = NbdAddress::Unix(server.socket().to_owned());
+    let exports = disk_transport::nbd::list_exports(&address, Duration::from_secs(10)).unwrap();
+    assert_eq!(exports.len(), 1, "{exports:?}");
+    assert_eq!(exports[0].name, "disk");
+    assert_eq!(exports[0].description, "the test disk");
+    // The listing session ended cleanly: the server still serves the export.
+    let disk = NbdDisk::connect(&options(&server, "disk")).unwrap();
+    assert_eq!(disk.info().unwrap().capacity, 0);
 }

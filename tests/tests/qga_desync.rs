@@ -331,6 +331,25 @@ async fn closing_after_a_timeout_keeps_qemu_ga_alive() {
         qga.log()
     );
 
+    // A plain drop inside a runtime drains in the background.
+    let client = AsyncClient::connect_unix(qga.socket(), short.clone())
+        .await
+        .expect("connect");
+    client.ping().await.expect("ping");
+    qga.signal("STOP");
+    assert!(matches!(
+        client.host_name().await,
+        Err(Error::Timeout { .. })
+    ));
+    qga.signal("CONT");
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        qga.is_running(),
+        "qemu-ga exited after the async client was dropped; log:\n{}",
+        qga.log()
+    );
+
     let mut client = Client::connect_unix(qga.socket(), short).expect("connect");
     client.execute_raw("guest-ping", None).expect("ping");
     qga.signal("STOP");

@@ -423,6 +423,14 @@ impl<R: Read> ReplyReader<'_, R> {
         Ok(())
     }
 
+    /// After ESHUTDOWN: requests in flight still get their replies, new ones fail at once.
+    fn refuse_new_requests(&self) {
+        self.shared
+            .lock()
+            .dead
+            .get_or_insert_with(|| "the server is shutting down (ESHUTDOWN)".to_owned());
+    }
+
     fn skip(&mut self, mut n: u64) -> std::result::Result<(), Stop> {
         let mut scratch = [0u8; 4096];
         while n > 0 {
@@ -478,6 +486,9 @@ impl<R: Read> ReplyReader<'_, R> {
         match header {
             ReplyHeader::Simple { error, cookie } => {
                 let mut p = self.take(cookie)?;
+                if error == ESHUTDOWN {
+                    self.refuse_new_requests();
+                }
                 if error != 0 {
                     let e = nbd_error(&p, error, String::new());
                     self.finish(cookie, p, Err(e));
@@ -614,6 +625,9 @@ impl<R: Read> ReplyReader<'_, R> {
             k if k & chunk::ERROR_BIT != 0 => {
                 let payload = self.payload(length, proto::MAX_ERROR_PAYLOAD)?;
                 let parsed = proto::parse_error_chunk(k, &payload).map_err(protocol)?;
+                if parsed.errno == ESHUTDOWN {
+                    self.refuse_new_requests();
+                }
                 if p.error.is_none() {
                     let mut e = nbd_error(p, parsed.errno, parsed.message);
                     if let (Error::Nbd { offset, .. }, Some(at)) = (&mut e, parsed.offset) {
@@ -630,6 +644,9 @@ impl<R: Read> ReplyReader<'_, R> {
         Ok(())
     }
 }
+
+/// NBD's ESHUTDOWN: the server is going away; the client must not send new requests.
+const ESHUTDOWN: u32 = 108;
 
 fn nbd_error(p: &Pending, errno: u32, message: String) -> Error {
     Error::Nbd {

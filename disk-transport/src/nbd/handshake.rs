@@ -60,11 +60,8 @@ fn option_error(option: &str, reply: u32, payload: &[u8]) -> String {
     }
 }
 
-/// Runs the handshake on a stream whose timeouts are already set.
-pub(crate) fn negotiate<S: Read + Write>(
-    s: &mut S,
-    req: &HandshakeRequest<'_>,
-) -> Result<Negotiated> {
+/// Reads the greeting and answers with the client flags; returns whether NO_ZEROES is on.
+fn greet<S: Read + Write>(s: &mut S) -> Result<bool> {
     let mut greeting = [0u8; 18];
     s.read_exact(&mut greeting).map_err(io_err)?;
     let greeting = proto::parse_greeting(&greeting)?;
@@ -76,6 +73,41 @@ pub(crate) fn negotiate<S: Read + Write>(
             0
         };
     s.write_all(&client_flags.to_be_bytes()).map_err(io_err)?;
+    Ok(no_zeroes)
+}
+
+/// Lists the server's exports (`NBD_OPT_LIST`), then ends the session with `NBD_OPT_ABORT`.
+pub(crate) fn list_exports<S: Read + Write>(s: &mut S) -> Result<Vec<(String, String)>> {
+    greet(s)?;
+    s.write_all(&proto::encode_option(opt::LIST, &[]))
+        .map_err(io_err)?;
+    let mut exports = Vec::new();
+    loop {
+        let (reply, payload) = read_option_reply(s, opt::LIST)?;
+        match reply {
+            rep::ACK => break,
+            rep::SERVER => exports.push(proto::parse_server_reply(&payload)?),
+            r if r & rep::ERR_BIT != 0 => {
+                return Err(Error::Handshake(option_error("NBD_OPT_LIST", r, &payload)))
+            }
+            other => {
+                return Err(Error::Protocol(format!(
+                    "unexpected reply {other} to NBD_OPT_LIST"
+                )))
+            }
+        }
+    }
+    // The server may close without acknowledging the abort; either is fine.
+    let _ = s.write_all(&proto::encode_option(opt::ABORT, &[]));
+    Ok(exports)
+}
+
+/// Runs the handshake on a stream whose timeouts are already set.
+pub(crate) fn negotiate<S: Read + Write>(
+    s: &mut S,
+    req: &HandshakeRequest<'_>,
+) -> Result<Negotiated> {
+    let no_zeroes = greet(s)?;
 
     let mut structured = false;
     if req.structured {

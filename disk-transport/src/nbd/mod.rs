@@ -13,7 +13,12 @@
 //!   `CAN_MULTI_CONN`; requests are spread round-robin.
 //! - Every wait has a deadline ([`NbdOptions::timeout`], 30 s by default): a request without a
 //!   reply in time fails with [`Error::Timeout`] naming its offset, the connection is closed, and
-//!   every other waiting request fails too — never a hang, never a silent short read.
+//!   every other waiting request fails too — never a hang, never a silent short read. TCP
+//!   connects wait at most [`NbdOptions::connect_timeout`]; the handshake, every send and every
+//!   reply at most [`NbdOptions::timeout`]. (Host names are resolved by the system resolver,
+//!   under its own timeouts.)
+//! - Not implemented yet: TLS (`nbds://`), extended headers (64-bit lengths), FUA and
+//!   FAST_ZERO flags.
 //!
 //! URIs as libnbd writes them are accepted by [`open_uri`](crate::open_uri):
 //! `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`.
@@ -160,6 +165,33 @@ pub struct DirtyExtent {
     pub length: u64,
     /// Whether the range changed since the bitmap was started.
     pub dirty: bool,
+}
+
+/// An export a server offers ([`list_exports`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ExportEntry {
+    /// Export name, as given to [`NbdOptions::export`].
+    pub name: String,
+    /// Description, empty if the server gave none.
+    pub description: String,
+}
+
+/// Lists the exports of the server at `address` (`NBD_OPT_LIST`, what `nbdinfo --list` shows).
+/// Servers may refuse (policy); that is an [`Error::Handshake`].
+pub fn list_exports(address: &NbdAddress, timeout: Duration) -> Result<Vec<ExportEntry>> {
+    let options = NbdOptions::new(address.clone())
+        .timeout(timeout)
+        .connect_timeout(timeout);
+    let mut stream = connect_stream(&options)?;
+    stream
+        .set_timeouts(Some(timeout), Some(timeout))
+        .map_err(|e| Error::io("set NBD socket timeouts", None, e))?;
+    let exports = handshake::list_exports(&mut stream)?;
+    stream.shutdown();
+    Ok(exports
+        .into_iter()
+        .map(|(name, description)| ExportEntry { name, description })
+        .collect())
 }
 
 /// Runs this client's side of the handshake against a recorded server byte stream (what the

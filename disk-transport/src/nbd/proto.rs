@@ -399,6 +399,23 @@ pub fn parse_meta_context(payload: &[u8]) -> Result<(u32, String)> {
     Ok((be32(payload), name.to_owned()))
 }
 
+/// Parses an `NBD_REP_SERVER` payload (a reply to `NBD_OPT_LIST`): export name and
+/// description (empty if the server sent none).
+pub fn parse_server_reply(payload: &[u8]) -> Result<(String, String)> {
+    if payload.len() < 4 {
+        return Err(proto("NBD_REP_SERVER shorter than 4 bytes"));
+    }
+    let name_len = be32(payload) as usize;
+    let rest = &payload[4..];
+    if name_len > rest.len() {
+        return Err(proto("NBD_REP_SERVER name longer than the reply"));
+    }
+    let name =
+        std::str::from_utf8(&rest[..name_len]).map_err(|_| proto("export name is not UTF-8"))?;
+    let description = String::from_utf8_lossy(&rest[name_len..]).into_owned();
+    Ok((name.to_owned(), description))
+}
+
 /// Text of an option error reply, for messages.
 pub fn option_error_text(reply: u32) -> &'static str {
     match reply {
@@ -678,6 +695,7 @@ mod tests {
         fn parsers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64), kind in any::<u16>()) {
             let _ = parse_info(&bytes);
             let _ = parse_meta_context(&bytes);
+            let _ = parse_server_reply(&bytes);
             let _ = parse_hole(&bytes);
             let _ = parse_error_chunk(kind, &bytes);
             let _ = parse_block_status(&bytes);

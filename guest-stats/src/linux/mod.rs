@@ -35,6 +35,32 @@
 //! configurable root), else 100, the value of every architecture Linux runs VMs on;
 //! [`LinuxGuestStatsBuilder::user_hz`] overrides it.
 //!
+//! # What is read once
+//!
+//! An update reads what changes: `/proc/stat`, `/proc/uptime`, `/proc/meminfo`, the boot id,
+//! `/proc/self/cgroup` and the limit files of this process's cgroups (plus `/proc/vmstat` and
+//! the Xen balloon files only when `/proc/meminfo` has no `Balloon` line). The files stay open
+//! between updates and are read again from offset 0, which makes the kernel print them afresh;
+//! no path is looked up again.
+//!
+//! What cannot change within a boot is found once and kept: USER_HZ and the page size (from
+//! `/proc/self/auxv`), `cpu MHz` of `/proc/cpuinfo` (the rate the kernel calibrated at boot
+//! in a guest), where this process's cgroups are (from `/proc/self/mountinfo`), and which
+//! optional files exist (a missing `memory.max` in the root cgroup, no Xen balloon, …). All of
+//! it is found again
+//!
+//! - when the session id changes (a new boot id: a reboot, or another tree under the root);
+//! - when `/proc/self/cgroup` changes (the process was moved to another cgroup);
+//! - when a kept file fails to read or parse (a cgroup was removed): the update is retried
+//!   once with everything looked up afresh, and only a failure then is reported;
+//! - after [`LinuxGuestStatsBuilder::refresh_interval`] (default 10 s), so a controller
+//!   enabled on an ancestor cgroup, a balloon driver loaded later or a CPU rate that does vary
+//!   (cpufreq or APERF/MPERF exposed to the guest) is seen within that interval.
+//!
+//! A tree under a custom root that is changed by replacing files (rename over) rather than
+//! rewriting them in place is seen only after one of these; set the interval to zero to look
+//! everything up on every update.
+//!
 //! ```no_run
 //! use guest_stats::linux::LinuxGuestStats;
 //! use guest_stats::GuestStats;
@@ -48,9 +74,12 @@
 mod cgroup;
 mod procfs;
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::fs::File;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::{Error, GuestStats, Result, SessionId, Snapshot, Stat, StatValue};
 
@@ -59,6 +88,7 @@ const AT_CLKTCK: u64 = 17;
 const DEFAULT_USER_HZ: u64 = 100;
 const DEFAULT_PAGE_SIZE: u64 = 4096;
 const XEN_MEMORY: &str = "sys/devices/system/xen_memory/xen_memory0";
+const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Builds a [`LinuxGuestStats`] with a non-default root or clock rate.
 #[derive(Debug, Clone)]
@@ -66,6 +96,7 @@ pub struct LinuxGuestStatsBuilder {
     root: PathBuf,
     user_hz: Option<u64>,
     cgroups: bool,
+    refresh_interval: Duration,
 }
 
 impl LinuxGuestStatsBuilder {
@@ -89,25 +120,58 @@ impl LinuxGuestStatsBuilder {
         self
     }
 
+    /// How long what is read once (clock rate, page size, CPU MHz, where the cgroups are,
+    /// which optional files exist) is trusted before it is looked up again; see
+    /// [What is read once](self#what-is-read-once). Default 10 s; zero looks everything up on
+    /// every update.
+    pub fn refresh_interval(mut self, interval: Duration) -> Self {
+        self.refresh_interval = interval;
+        self
+    }
+
     /// The backend, before its first update. Nothing is read until then.
     pub fn build(self) -> LinuxGuestStats {
         LinuxGuestStats {
             root: self.root,
             user_hz: self.user_hz,
             cgroups: self.cgroups,
+            refresh_interval: self.refresh_interval,
             current: None,
+            layout: None,
+            files: OpenFiles::default(),
         }
     }
 }
 
 /// [`GuestStats`] from the guest kernel's procfs, sysfs and cgroupfs; see the
 /// [module documentation](self).
-#[derive(Debug, Clone)]
+///
+/// It keeps the files it reads open between updates. A clone shares no files: it opens its
+/// own on its first update.
+#[derive(Debug)]
 pub struct LinuxGuestStats {
     root: PathBuf,
     user_hz: Option<u64>,
     cgroups: bool,
+    refresh_interval: Duration,
     current: Option<Snapshot>,
+    /// What was found once; `None` until the first update and after anything made it stale.
+    layout: Option<Layout>,
+    files: OpenFiles,
+}
+
+impl Clone for LinuxGuestStats {
+    fn clone(&self) -> Self {
+        LinuxGuestStats {
+            root: self.root.clone(),
+            user_hz: self.user_hz,
+            cgroups: self.cgroups,
+            refresh_interval: self.refresh_interval,
+            current: self.current.clone(),
+            layout: None,
+            files: OpenFiles::default(),
+        }
+    }
 }
 
 impl Default for LinuxGuestStats {
@@ -133,13 +197,14 @@ impl LinuxGuestStats {
             root: PathBuf::from("/"),
             user_hz: None,
             cgroups: true,
+            refresh_interval: DEFAULT_REFRESH_INTERVAL,
         }
     }
 
     /// Whether this looks like a Linux system the backend can read (`/proc/stat` exists under
     /// the root).
     pub fn is_available(&self) -> bool {
-        self.path("proc/stat").is_file()
+        self.root.join("proc/stat").is_file()
     }
 
     /// The root everything is read under.
@@ -147,77 +212,36 @@ impl LinuxGuestStats {
         &self.root
     }
 
-    fn path(&self, relative: &str) -> PathBuf {
-        self.root.join(relative)
-    }
-
-    fn read(&self, relative: &str) -> Result<String> {
-        let path = self.path(relative);
-        std::fs::read_to_string(&path).map_err(|error| Error::io(path, error))
-    }
-
-    /// Like `read`, but a missing file (or directory) is `None`: many of these files exist only
-    /// with some drivers or kernels.
-    fn read_optional(&self, path: &Path) -> Result<Option<String>> {
+    /// The old way of reading a file whole, for what is read once: a missing file (or
+    /// directory) is `None`, as many of these files exist only with some drivers or kernels.
+    fn read_once(path: &Path) -> Result<Option<String>> {
         match std::fs::read_to_string(path) {
             Ok(text) => Ok(Some(text)),
-            // NotADirectory: a path component is a file (a sysfs node that is not a directory
-            // on this kernel).
-            Err(error)
-                if matches!(
-                    error.kind(),
-                    io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-                ) =>
-            {
-                Ok(None)
-            }
+            Err(error) if is_absent(&error) => Ok(None),
             Err(error) => Err(Error::io(path, error)),
         }
     }
 
-    fn parsed<T>(
-        &self,
-        relative: &str,
-        parse: impl FnOnce(&str) -> Result<T, String>,
-    ) -> Result<T> {
-        let text = self.read(relative)?;
-        parse(&text).map_err(|detail| Error::parse(self.path(relative), detail))
-    }
+    /// Finds what is kept across updates; see [What is read once](self#what-is-read-once).
+    fn discover(&mut self) -> Result<Layout> {
+        self.files.clear();
+        let path = |relative: &str| self.root.join(relative);
+        let paths = Paths {
+            stat: path("proc/stat"),
+            uptime: path("proc/uptime"),
+            meminfo: path("proc/meminfo"),
+            vmstat: path("proc/vmstat"),
+            boot_id: path("proc/sys/kernel/random/boot_id"),
+            memberships: path("proc/self/cgroup"),
+            xen_target: path(&format!("{XEN_MEMORY}/target_kb")),
+            xen_low: path(&format!("{XEN_MEMORY}/info/low_kb")),
+            xen_high: path(&format!("{XEN_MEMORY}/info/high_kb")),
+        };
 
-    fn optional_number(&self, relative: &str) -> Result<Option<u64>> {
-        let path = self.path(relative);
-        match self.read_optional(&path)? {
-            Some(text) => procfs::parse_number(&text)
-                .map(Some)
-                .map_err(|detail| Error::parse(path, detail)),
-            None => Ok(None),
-        }
-    }
-
-    fn auxv(&self) -> BTreeMap<u64, u64> {
         // auxv only refines defaults, so an unreadable one is not an error.
-        std::fs::read(self.path("proc/self/auxv"))
+        let auxv = std::fs::read(path("proc/self/auxv"))
             .map(|bytes| procfs::parse_auxv(&bytes))
-            .unwrap_or_default()
-    }
-
-    fn session(&self, stat: &procfs::ProcStat) -> Result<SessionId> {
-        let boot_id_path = self.path("proc/sys/kernel/random/boot_id");
-        if let Some(text) = self.read_optional(&boot_id_path)? {
-            let id = procfs::parse_boot_id(&text).map_err(|d| Error::parse(&boot_id_path, d))?;
-            return Ok(SessionId::new(id));
-        }
-        match stat.btime {
-            Some(btime) => Ok(SessionId::new(btime.max(1))),
-            None => Err(Error::parse(
-                self.path("proc/stat"),
-                "no boot id (proc/sys/kernel/random/boot_id) and no btime line to identify the boot",
-            )),
-        }
-    }
-
-    fn read_all(&self) -> Result<Snapshot> {
-        let auxv = self.auxv();
+            .unwrap_or_default();
         let user_hz = self
             .user_hz
             .or_else(|| auxv.get(&AT_CLKTCK).copied().filter(|&hz| hz > 0))
@@ -227,198 +251,268 @@ impl LinuxGuestStats {
             .copied()
             .filter(|&size| size > 0)
             .unwrap_or(DEFAULT_PAGE_SIZE);
-        let ticks_to_ms = |ticks: u64| (u128::from(ticks) * 1_000 / u128::from(user_hz)) as u64;
 
-        let stat = self.parsed("proc/stat", procfs::parse_proc_stat)?;
-        let session = self.session(&stat)?;
-        let mut snapshot = Snapshot::new(session, "linux");
-        let mut set = |stat: Stat, value: Option<u64>| {
-            snapshot.set(stat, value.map(StatValue::U64));
-        };
-
-        set(Stat::CpuUsedMs, Some(ticks_to_ms(stat.busy_ticks)));
-        set(Stat::CpuStolenMs, stat.steal_ticks.map(ticks_to_ms));
-        set(
-            Stat::ElapsedMs,
-            Some(self.parsed("proc/uptime", procfs::parse_uptime_ms)?),
-        );
-
-        let cpuinfo_path = self.path("proc/cpuinfo");
-        let mhz = self
-            .read_optional(&cpuinfo_path)?
+        // The whole of cpuinfo is costly to print (every flag of every CPU) for one number
+        // that, in a guest, is the rate calibrated at boot.
+        let mhz = Self::read_once(&path("proc/cpuinfo"))?
             .and_then(|text| procfs::parse_cpuinfo_mhz(&text));
-        set(Stat::HostProcessorSpeedMhz, mhz);
 
-        let meminfo = self.parsed("proc/meminfo", procfs::parse_meminfo)?;
-        set(Stat::MemActiveMb, meminfo.get("Active").map(|kb| kb / 1024));
-
-        let vmstat_path = self.path("proc/vmstat");
-        let vmstat = match self.read_optional(&vmstat_path)? {
-            Some(text) => procfs::parse_vmstat(&text).map_err(|d| Error::parse(&vmstat_path, d))?,
-            None => BTreeMap::new(),
-        };
-        set(
-            Stat::MemBalloonedMb,
-            self.ballooned_mb(&meminfo, &vmstat, page_size)?,
-        );
-        set(
-            Stat::MemTargetSizeMb,
-            self.optional_number(&format!("{XEN_MEMORY}/target_kb"))?
-                .map(|kb| kb / 1024),
-        );
-
+        let mut memberships = None;
+        let mut memory_chains = Vec::new();
+        let mut cpu_chains = Vec::new();
         if self.cgroups {
-            self.read_cgroups(&mut snapshot, mhz)?;
+            if let Some(text) = self.files.read_optional(&paths.memberships)? {
+                let parsed = cgroup::parse_memberships(text)
+                    .map_err(|d| Error::parse(&paths.memberships, d))?;
+                memberships = Some(text.to_owned());
+                let mounts = Self::read_once(&path("proc/self/mountinfo"))?
+                    .map(|text| cgroup::parse_cgroup_mounts(&text))
+                    .unwrap_or_default();
+                memory_chains = cgroup::chains(&self.root, &parsed, &mounts, "memory");
+                cpu_chains = cgroup::chains(&self.root, &parsed, &mounts, "cpu");
+            }
+        }
+
+        Ok(Layout {
+            found_at: Instant::now(),
+            session: None,
+            paths,
+            user_hz,
+            page_size,
+            mhz,
+            memberships,
+            memory_chains,
+            cpu_chains,
+        })
+    }
+
+    /// One update with the layout found earlier (or just now). `Ok(None)`: something the
+    /// layout holds is stale (a new session, the process moved to another cgroup); a layout
+    /// read for the first time is never stale.
+    fn read_all(&mut self) -> Result<Option<Snapshot>> {
+        let mut layout = match self.layout.take() {
+            Some(layout) => layout,
+            None => self.discover()?,
+        };
+        let snapshot = self.read_with(&mut layout)?;
+        if snapshot.is_some() {
+            self.layout = Some(layout);
         }
         Ok(snapshot)
     }
 
-    fn ballooned_mb(
-        &self,
-        meminfo: &BTreeMap<String, u64>,
-        vmstat: &BTreeMap<String, u64>,
-        page_size: u64,
-    ) -> Result<Option<u64>> {
-        let pages_to_mb = |pages: u64| ((u128::from(pages) * u128::from(page_size)) >> 20) as u64;
-        if let Some(kb) = meminfo.get("Balloon") {
-            return Ok(Some(kb / 1024));
+    fn read_with(&mut self, layout: &mut Layout) -> Result<Option<Snapshot>> {
+        let files = &mut self.files;
+        let paths = &layout.paths;
+        let user_hz = layout.user_hz;
+        let ticks_to_ms = |ticks: u64| (u128::from(ticks) * 1_000 / u128::from(user_hz)) as u64;
+
+        let stat = procfs::parse_proc_stat(files.read(&paths.stat)?)
+            .map_err(|d| Error::parse(&paths.stat, d))?;
+        let session = match files.read_optional(&paths.boot_id)? {
+            Some(text) => SessionId::new(
+                procfs::parse_boot_id(text).map_err(|d| Error::parse(&paths.boot_id, d))?,
+            ),
+            None => match stat.btime {
+                Some(btime) => SessionId::new(btime.max(1)),
+                None => {
+                    return Err(Error::parse(
+                        &paths.stat,
+                        "no boot id (proc/sys/kernel/random/boot_id) and no btime line to identify the boot",
+                    ))
+                }
+            },
+        };
+        let warm = layout.session.is_some();
+        if warm && layout.session != Some(session) {
+            return Ok(None);
         }
-        if let Some(&pages) = vmstat.get("nr_balloon_pages") {
+        layout.session = Some(session);
+
+        let mut snapshot = Snapshot::new(session, "linux");
+        let mut set = |stat: Stat, value: Option<u64>| {
+            snapshot.set(stat, value.map(StatValue::U64));
+        };
+        set(Stat::CpuUsedMs, Some(ticks_to_ms(stat.busy_ticks)));
+        set(Stat::CpuStolenMs, stat.steal_ticks.map(ticks_to_ms));
+        let uptime = procfs::parse_uptime_ms(files.read(&paths.uptime)?)
+            .map_err(|d| Error::parse(&paths.uptime, d))?;
+        set(Stat::ElapsedMs, Some(uptime));
+        set(Stat::HostProcessorSpeedMhz, layout.mhz);
+
+        let meminfo = procfs::parse_meminfo(files.read(&paths.meminfo)?)
+            .map_err(|d| Error::parse(&paths.meminfo, d))?;
+        set(Stat::MemActiveMb, meminfo.active_kb.map(|kb| kb / 1024));
+        let ballooned = match meminfo.balloon_kb {
+            Some(kb) => Some(kb / 1024),
+            None => Self::ballooned_mb_without_meminfo(&self.root, files, layout)?,
+        };
+        set(Stat::MemBalloonedMb, ballooned);
+        set(
+            Stat::MemTargetSizeMb,
+            optional_number(files, &paths.xen_target)?.map(|kb| kb / 1024),
+        );
+
+        if self.cgroups && layout.memberships.is_some() {
+            // A process moved to another cgroup has other chains to read.
+            let memberships = files.read_optional(&paths.memberships)?;
+            if warm && memberships != layout.memberships.as_deref() {
+                return Ok(None);
+            }
+            read_cgroups(files, layout, &mut snapshot)?;
+        }
+        Ok(Some(snapshot))
+    }
+
+    /// The balloon on kernels whose `/proc/meminfo` has no `Balloon` line.
+    fn ballooned_mb_without_meminfo(
+        root: &Path,
+        files: &mut OpenFiles,
+        layout: &Layout,
+    ) -> Result<Option<u64>> {
+        let paths = &layout.paths;
+        let page_size = layout.page_size;
+        let pages_to_mb = |pages: u64| ((u128::from(pages) * u128::from(page_size)) >> 20) as u64;
+        let vmstat = match files.read_optional(&paths.vmstat)? {
+            Some(text) => procfs::parse_vmstat(text).map_err(|d| Error::parse(&paths.vmstat, d))?,
+            None => procfs::VmStat::default(),
+        };
+        if let Some(pages) = vmstat.balloon_pages {
             return Ok(Some(pages_to_mb(pages)));
         }
-        let low = self.optional_number(&format!("{XEN_MEMORY}/info/low_kb"))?;
-        let high = self.optional_number(&format!("{XEN_MEMORY}/info/high_kb"))?;
+        let low = optional_number(files, &paths.xen_low)?;
+        let high = optional_number(files, &paths.xen_high)?;
         if low.is_some() || high.is_some() {
             return Ok(Some((low.unwrap_or(0) + high.unwrap_or(0)) / 1024));
         }
         // balloon_compaction counts every page the virtio and VMware drivers put in or take
         // out of their balloon, so the difference is the balloon's size. Other drivers (Hyper-V)
         // do not count there, so the difference is trusted only when one of these is bound.
-        let (Some(&inflated), Some(&deflated)) =
-            (vmstat.get("balloon_inflate"), vmstat.get("balloon_deflate"))
+        let (Some(inflated), Some(deflated)) = (vmstat.balloon_inflate, vmstat.balloon_deflate)
         else {
             return Ok(None);
         };
-        if self.compaction_balloon_bound() {
+        if compaction_balloon_bound(root) {
             Ok(Some(pages_to_mb(inflated.saturating_sub(deflated))))
         } else {
             Ok(None)
         }
     }
+}
 
-    fn compaction_balloon_bound(&self) -> bool {
-        let virtio_bound = std::fs::read_dir(self.path("sys/bus/virtio/drivers/virtio_balloon"))
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .any(|entry| entry.file_name().to_string_lossy().starts_with("virtio"))
-            })
-            .unwrap_or(false);
-        virtio_bound || self.path("sys/module/vmw_balloon").is_dir()
-    }
-
-    fn read_cgroups(&self, snapshot: &mut Snapshot, mhz: Option<u64>) -> Result<()> {
-        let memberships_path = self.path("proc/self/cgroup");
-        let Some(memberships) = self.read_optional(&memberships_path)? else {
-            return Ok(());
-        };
-        let memberships = cgroup::parse_memberships(&memberships)
-            .map_err(|d| Error::parse(&memberships_path, d))?;
-        let mounts = self
-            .read_optional(&self.path("proc/self/mountinfo"))?
-            .map(|text| cgroup::parse_cgroup_mounts(&text))
-            .unwrap_or_default();
-
-        let mut memory_limit: Option<u64> = None;
-        let mut memory_min: Option<u64> = None;
-        for chain in cgroup::chains(&self.root, &memberships, &mounts, "memory") {
-            for dir in &chain.dirs {
-                let (limit, min) = if chain.unified {
-                    (
-                        self.cgroup_value(&dir.join("memory.max"), cgroup::parse_memory_max)?,
-                        self.cgroup_value(&dir.join("memory.min"), cgroup::parse_memory_max)?,
-                    )
-                } else {
-                    let limit = self.cgroup_value(&dir.join("memory.limit_in_bytes"), |text| {
-                        procfs::parse_number(text)
-                            .map(|bytes| (bytes < cgroup::V1_UNLIMITED_BYTES).then_some(bytes))
-                    })?;
-                    (limit, None)
-                };
-                memory_limit = min_option(memory_limit, limit);
-                // The root cgroup has no memory.min, so a value here is a real protection.
-                memory_min = min_option(memory_min, min);
-            }
-        }
-        snapshot.set(
-            Stat::MemLimitMb,
-            memory_limit.map(|bytes| StatValue::U64(bytes >> 20)),
-        );
-        snapshot.set(
-            Stat::MemReservationMb,
-            memory_min.map(|bytes| StatValue::U64(bytes >> 20)),
-        );
-
-        let mut cpus: Option<f64> = None;
-        let mut shares: Option<u64> = None;
-        for chain in cgroup::chains(&self.root, &memberships, &mounts, "cpu") {
-            for dir in &chain.dirs {
-                let quota = if chain.unified {
-                    self.cgroup_value(&dir.join("cpu.max"), cgroup::parse_cpu_max)?
-                } else {
-                    self.v1_cpu_quota(dir)?
-                };
-                cpus = match (cpus, quota) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-            }
-            if !chain.is_root() && shares.is_none() {
-                let file = if chain.unified {
-                    "cpu.weight"
-                } else {
-                    "cpu.shares"
-                };
-                shares = self.cgroup_value(&chain.dirs[0].join(file), |text| {
-                    procfs::parse_number(text).map(Some)
-                })?;
-            }
-        }
-        snapshot.set(
-            Stat::CpuLimitMhz,
-            cpus.zip(mhz)
-                .map(|(cpus, mhz)| StatValue::U64((cpus * mhz as f64).round() as u64)),
-        );
-        snapshot.set(Stat::CpuShares, shares.map(StatValue::U64));
-        Ok(())
-    }
-
-    fn v1_cpu_quota(&self, dir: &Path) -> Result<Option<f64>> {
-        let parse_signed = |text: &str| {
-            text.trim()
-                .parse::<i64>()
-                .map(Some)
-                .map_err(|_| format!("`{}` is not a number", text.trim()))
-        };
-        let quota = self.cgroup_value(&dir.join("cpu.cfs_quota_us"), parse_signed)?;
-        let period = self.cgroup_value(&dir.join("cpu.cfs_period_us"), parse_signed)?;
-        Ok(match (quota, period) {
-            (Some(quota), Some(period)) if quota > 0 && period > 0 => {
-                Some(quota as f64 / period as f64)
-            }
-            _ => None,
+/// Whether a virtio or VMware balloon driver is bound. Asked only on kernels without the
+/// `Balloon` line and without `nr_balloon_pages`, where the driver may be loaded at any time,
+/// so it is not kept.
+fn compaction_balloon_bound(root: &Path) -> bool {
+    let virtio_bound = std::fs::read_dir(root.join("sys/bus/virtio/drivers/virtio_balloon"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|entry| entry.file_name().to_string_lossy().starts_with("virtio"))
         })
-    }
+        .unwrap_or(false);
+    virtio_bound || root.join("sys/module/vmw_balloon").is_dir()
+}
 
-    fn cgroup_value<T>(
-        &self,
-        path: &Path,
-        parse: impl FnOnce(&str) -> Result<Option<T>, String>,
-    ) -> Result<Option<T>> {
-        match self.read_optional(path)? {
-            Some(text) => parse(&text).map_err(|detail| Error::parse(path, detail)),
-            None => Ok(None),
+fn read_cgroups(files: &mut OpenFiles, layout: &Layout, snapshot: &mut Snapshot) -> Result<()> {
+    let mut memory_limit: Option<u64> = None;
+    let mut memory_min: Option<u64> = None;
+    for chain in &layout.memory_chains {
+        for dir in &chain.dirs {
+            let (limit, min) = if chain.unified {
+                (
+                    cgroup_value(files, &dir.join("memory.max"), cgroup::parse_memory_max)?,
+                    cgroup_value(files, &dir.join("memory.min"), cgroup::parse_memory_max)?,
+                )
+            } else {
+                let limit = cgroup_value(files, &dir.join("memory.limit_in_bytes"), |text| {
+                    procfs::parse_number(text)
+                        .map(|bytes| (bytes < cgroup::V1_UNLIMITED_BYTES).then_some(bytes))
+                })?;
+                (limit, None)
+            };
+            memory_limit = min_option(memory_limit, limit);
+            // The root cgroup has no memory.min, so a value here is a real protection.
+            memory_min = min_option(memory_min, min);
         }
+    }
+    snapshot.set(
+        Stat::MemLimitMb,
+        memory_limit.map(|bytes| StatValue::U64(bytes >> 20)),
+    );
+    snapshot.set(
+        Stat::MemReservationMb,
+        memory_min.map(|bytes| StatValue::U64(bytes >> 20)),
+    );
+
+    let mut cpus: Option<f64> = None;
+    let mut shares: Option<u64> = None;
+    for chain in &layout.cpu_chains {
+        for dir in &chain.dirs {
+            let quota = if chain.unified {
+                cgroup_value(files, &dir.join("cpu.max"), cgroup::parse_cpu_max)?
+            } else {
+                v1_cpu_quota(files, dir)?
+            };
+            cpus = match (cpus, quota) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        if !chain.is_root() && shares.is_none() {
+            let file = if chain.unified {
+                "cpu.weight"
+            } else {
+                "cpu.shares"
+            };
+            shares = cgroup_value(files, &chain.dirs[0].join(file), |text| {
+                procfs::parse_number(text).map(Some)
+            })?;
+        }
+    }
+    snapshot.set(
+        Stat::CpuLimitMhz,
+        cpus.zip(layout.mhz)
+            .map(|(cpus, mhz)| StatValue::U64((cpus * mhz as f64).round() as u64)),
+    );
+    snapshot.set(Stat::CpuShares, shares.map(StatValue::U64));
+    Ok(())
+}
+
+fn v1_cpu_quota(files: &mut OpenFiles, dir: &Path) -> Result<Option<f64>> {
+    let parse_signed = |text: &str| {
+        text.trim()
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| format!("`{}` is not a number", text.trim()))
+    };
+    let quota = cgroup_value(files, &dir.join("cpu.cfs_quota_us"), parse_signed)?;
+    let period = cgroup_value(files, &dir.join("cpu.cfs_period_us"), parse_signed)?;
+    Ok(match (quota, period) {
+        (Some(quota), Some(period)) if quota > 0 && period > 0 => {
+            Some(quota as f64 / period as f64)
+        }
+        _ => None,
+    })
+}
+
+fn cgroup_value<T>(
+    files: &mut OpenFiles,
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<Option<T>, String>,
+) -> Result<Option<T>> {
+    match files.read_optional(path)? {
+        Some(text) => parse(text).map_err(|detail| Error::parse(path, detail)),
+        None => Ok(None),
+    }
+}
+
+fn optional_number(files: &mut OpenFiles, path: &Path) -> Result<Option<u64>> {
+    match files.read_optional(path)? {
+        Some(text) => procfs::parse_number(text)
+            .map(Some)
+            .map_err(|detail| Error::parse(path, detail)),
+        None => Ok(None),
     }
 }
 
@@ -426,6 +520,119 @@ fn min_option(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
+    }
+}
+
+/// Missing, for a file that exists only with some drivers or kernels. NotADirectory: a path
+/// component is a file (a sysfs node that is not a directory on this kernel).
+fn is_absent(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
+}
+
+/// The absolute paths read on every update.
+#[derive(Debug)]
+struct Paths {
+    stat: PathBuf,
+    uptime: PathBuf,
+    meminfo: PathBuf,
+    vmstat: PathBuf,
+    boot_id: PathBuf,
+    memberships: PathBuf,
+    xen_target: PathBuf,
+    xen_low: PathBuf,
+    xen_high: PathBuf,
+}
+
+/// What is found once and kept across updates; see
+/// [What is read once](self#what-is-read-once).
+#[derive(Debug)]
+struct Layout {
+    found_at: Instant,
+    /// The session it belongs to; `None` until the first update with it.
+    session: Option<SessionId>,
+    paths: Paths,
+    user_hz: u64,
+    page_size: u64,
+    mhz: Option<u64>,
+    /// `/proc/self/cgroup` when the chains were resolved; `None` without cgroups.
+    memberships: Option<String>,
+    memory_chains: Vec<cgroup::CgroupChain>,
+    cpu_chains: Vec<cgroup::CgroupChain>,
+}
+
+/// Files kept open across updates, by path, and the one buffer they are all read into.
+#[derive(Debug, Default)]
+struct OpenFiles {
+    /// `None`: the file did not exist when it was looked up.
+    files: HashMap<PathBuf, Option<File>>,
+    buffer: Vec<u8>,
+}
+
+impl OpenFiles {
+    /// The smallest buffer: every file read on an update fits (a larger one grows it).
+    const INITIAL_BUFFER: usize = 8 * 1024;
+
+    fn clear(&mut self) {
+        self.files.clear();
+    }
+
+    /// The file's current contents.
+    fn read(&mut self, path: &Path) -> Result<&str> {
+        if !matches!(self.files.get(path), Some(Some(_))) {
+            let file = File::open(path).map_err(|error| Error::io(path, error))?;
+            self.files.insert(path.to_path_buf(), Some(file));
+        }
+        self.read_optional(path)?
+            .ok_or_else(|| Error::io(path, io::ErrorKind::NotFound.into()))
+    }
+
+    /// The file's current contents, or `None` when it (or a directory on its path) did not
+    /// exist when first looked up.
+    fn read_optional(&mut self, path: &Path) -> Result<Option<&str>> {
+        if !self.files.contains_key(path) {
+            let file = match File::open(path) {
+                Ok(file) => Some(file),
+                Err(error) if is_absent(&error) => None,
+                Err(error) => return Err(Error::io(path, error)),
+            };
+            self.files.insert(path.to_path_buf(), file);
+        }
+        let Some(Some(file)) = self.files.get(path) else {
+            return Ok(None);
+        };
+        let len =
+            read_from_start(file, &mut self.buffer).map_err(|error| Error::io(path, error))?;
+        std::str::from_utf8(&self.buffer[..len])
+            .map(Some)
+            .map_err(|_| {
+                Error::io(
+                    path,
+                    io::Error::new(io::ErrorKind::InvalidData, "the file is not UTF-8"),
+                )
+            })
+    }
+}
+
+/// Reads a file from offset 0 to its end into `buffer` (growing it as needed), returning the
+/// length. procfs, sysfs and cgroupfs print a file afresh when it is read from offset 0.
+fn read_from_start(file: &File, buffer: &mut Vec<u8>) -> io::Result<usize> {
+    if buffer.len() < OpenFiles::INITIAL_BUFFER {
+        buffer.resize(OpenFiles::INITIAL_BUFFER, 0);
+    }
+    let mut filled = 0;
+    loop {
+        if filled == buffer.len() {
+            buffer.resize(buffer.len() * 2, 0);
+        }
+        match file.read_at(&mut buffer[filled..], filled as u64) {
+            Ok(0) => return Ok(filled),
+            Ok(read) => filled += read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
     }
 }
 
@@ -437,7 +644,27 @@ impl GuestStats for LinuxGuestStats {
     fn update(&mut self) -> Result<SessionId> {
         // A failed update drops the old data, as the C library does.
         self.current = None;
-        let snapshot = self.read_all()?;
+        if self
+            .layout
+            .as_ref()
+            .is_some_and(|layout| layout.found_at.elapsed() >= self.refresh_interval)
+        {
+            self.layout = None;
+        }
+        // At most two rounds: a layout found in this update is never stale, and its errors
+        // are final.
+        let snapshot = loop {
+            let kept = self.layout.is_some();
+            match self.read_all() {
+                Ok(Some(snapshot)) => break snapshot,
+                // A new session or a moved process: look everything up again.
+                Ok(None) => self.layout = None,
+                // A kept file may be gone (its cgroup removed) or another tree put in place:
+                // the error counts only if it happens again with everything looked up afresh.
+                Err(_) if kept => self.layout = None,
+                Err(error) => return Err(error),
+            }
+        };
         let session = snapshot.session_id;
         self.current = Some(snapshot);
         Ok(session)

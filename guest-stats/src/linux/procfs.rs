@@ -82,10 +82,19 @@ pub(crate) fn parse_uptime_ms(text: &str) -> Result<u64, String> {
         .ok_or_else(bad)
 }
 
-/// `/proc/meminfo` as key → kB (lines without a `kB` unit, like `HugePages_Total`, keep their
-/// bare count).
-pub(crate) fn parse_meminfo(text: &str) -> Result<BTreeMap<String, u64>, String> {
-    let mut map = BTreeMap::new();
+/// What the backend needs from `/proc/meminfo`, in kB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct MemInfo {
+    /// `Active`: the kernel's working-set estimate.
+    pub active_kb: Option<u64>,
+    /// `Balloon` (kernels since 6.x print the size of the virtio or VMware balloon here).
+    pub balloon_kb: Option<u64>,
+}
+
+/// The `Active` and `Balloon` lines of `/proc/meminfo`. Every line is still checked (a key,
+/// a number, `kB` or no unit), so a damaged file is an error, but nothing is allocated.
+pub(crate) fn parse_meminfo(text: &str) -> Result<MemInfo, String> {
+    let mut result = MemInfo::default();
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -95,21 +104,37 @@ pub(crate) fn parse_meminfo(text: &str) -> Result<BTreeMap<String, u64>, String>
             .ok_or_else(|| format!("line {}: no `:` in `{line}`", index + 1))?;
         let mut fields = rest.split_ascii_whitespace();
         let value = fields.next().unwrap_or_default();
-        let value = value
+        let value: u64 = value
             .parse()
             .map_err(|_| format!("line {}: `{value}` is not a number", index + 1))?;
         match fields.next() {
             None | Some("kB") => {}
             Some(unit) => return Err(format!("line {}: unknown unit `{unit}`", index + 1)),
         }
-        map.insert(key.to_owned(), value);
+        match key {
+            "Active" => result.active_kb = Some(value),
+            "Balloon" => result.balloon_kb = Some(value),
+            _ => {}
+        }
     }
-    Ok(map)
+    Ok(result)
 }
 
-/// `/proc/vmstat` as name → value.
-pub(crate) fn parse_vmstat(text: &str) -> Result<BTreeMap<String, u64>, String> {
-    let mut map = BTreeMap::new();
+/// The balloon counters of `/proc/vmstat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct VmStat {
+    /// `nr_balloon_pages` (kernels 5.x that count balloon pages as a zone stat).
+    pub balloon_pages: Option<u64>,
+    /// `balloon_inflate`: pages ever put into a balloon-compaction balloon.
+    pub balloon_inflate: Option<u64>,
+    /// `balloon_deflate`: pages ever taken out of it.
+    pub balloon_deflate: Option<u64>,
+}
+
+/// The balloon counters of `/proc/vmstat`. Every line is checked as `name value`, without
+/// allocating.
+pub(crate) fn parse_vmstat(text: &str) -> Result<VmStat, String> {
+    let mut result = VmStat::default();
     for (index, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -120,13 +145,19 @@ pub(crate) fn parse_vmstat(text: &str) -> Result<BTreeMap<String, u64>, String> 
         };
         // Some counters are signed in the kernel and a transient negative value is possible;
         // such a counter is skipped rather than failing the whole file.
-        if let Ok(value) = value.parse() {
-            map.insert(name.to_owned(), value);
-        } else if value.parse::<i64>().is_err() {
-            return Err(format!("line {}: `{value}` is not a number", index + 1));
+        let value = match value.parse::<u64>() {
+            Ok(value) => value,
+            Err(_) if value.parse::<i64>().is_ok() => continue,
+            Err(_) => return Err(format!("line {}: `{value}` is not a number", index + 1)),
+        };
+        match name {
+            "nr_balloon_pages" => result.balloon_pages = Some(value),
+            "balloon_inflate" => result.balloon_inflate = Some(value),
+            "balloon_deflate" => result.balloon_deflate = Some(value),
+            _ => {}
         }
     }
-    Ok(map)
+    Ok(result)
 }
 
 /// The first `cpu MHz` of `/proc/cpuinfo`, rounded to whole MHz (x86 only; other
@@ -215,15 +246,30 @@ mod tests {
 
     #[test]
     fn meminfo_and_vmstat() {
-        let meminfo = parse_meminfo("MemTotal:  1024 kB\nHugePages_Total:   0\n").unwrap();
-        assert_eq!(meminfo["MemTotal"], 1024);
-        assert_eq!(meminfo["HugePages_Total"], 0);
+        let meminfo = parse_meminfo(
+            "MemTotal:  1024 kB\nActive:     512 kB\nActive(anon): 9 kB\nHugePages_Total:   0\n",
+        )
+        .unwrap();
+        assert_eq!(meminfo.active_kb, Some(512));
+        assert_eq!(meminfo.balloon_kb, None);
+        let meminfo = parse_meminfo("Balloon:  2048 kB\n").unwrap();
+        assert_eq!(meminfo.balloon_kb, Some(2048));
         assert!(parse_meminfo("MemTotal 1024 kB\n").is_err());
         assert!(parse_meminfo("MemTotal: 1024 MB\n").is_err());
-        let vmstat = parse_vmstat("balloon_inflate 7\nnr_weird -3\n").unwrap();
-        assert_eq!(vmstat["balloon_inflate"], 7);
-        assert!(!vmstat.contains_key("nr_weird"));
+        // A damaged line fails the file even when it is not one the backend uses.
+        assert!(parse_meminfo("Active: 1 kB\nSlab: lots kB\n").is_err());
+        let vmstat =
+            parse_vmstat("balloon_inflate 7\nnr_weird -3\nballoon_deflate 2\nnr_balloon_pages 5\n")
+                .unwrap();
+        assert_eq!(vmstat.balloon_inflate, Some(7));
+        assert_eq!(vmstat.balloon_deflate, Some(2));
+        assert_eq!(vmstat.balloon_pages, Some(5));
+        assert_eq!(
+            parse_vmstat("nr_balloon_pages -3\n").unwrap().balloon_pages,
+            None
+        );
         assert!(parse_vmstat("balloon_inflate seven\n").is_err());
+        assert!(parse_vmstat("nr_free_pages 1\nlonely\n").is_err());
     }
 
     #[test]

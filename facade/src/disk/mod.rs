@@ -1,11 +1,13 @@
 //! Virtual disks by URI, for every backend this build has.
 
+pub mod vddk_uri;
+
 use std::path::Path;
 
 use disk_transport::{Disk, DiskUri, OpenFlags, Result};
 
 /// Opens the disk `uri` names: `file:///path` (or a bare path), `nbd://host[:port]/export`,
-/// `nbd+unix:///export?socket=PATH`, `mem://NAME?size=SIZE`.
+/// `nbd+unix:///export?socket=PATH`, `mem://NAME?size=SIZE`, `vddk://…` (see [`vddk_uri`]).
 ///
 /// ```
 /// use vmsdk::disk_transport::OpenFlags;
@@ -16,6 +18,13 @@ use disk_transport::{Disk, DiskUri, OpenFlags, Result};
 /// # Ok::<(), vmsdk::disk_transport::Error>(())
 /// ```
 pub fn open(uri: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
+    if uri.starts_with("vddk://") {
+        let target = vddk_uri::parse(uri, flags, std::env::var(vddk_uri::PASSWORD_ENV).ok())?;
+        let transport = disk_transport::vddk::VddkTransport::from_params(&target.params)?;
+        let connection = transport.connect_vddk(&target.params)?;
+        // The disk keeps its connection alive; dropping ours here is fine.
+        return Ok(Box::new(connection.open_disk(&target.path, flags)?));
+    }
     disk_transport::open_uri(&normalize(uri), flags)
 }
 
