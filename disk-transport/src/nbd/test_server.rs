@@ -1,0 +1,243 @@
+//! A scripted NBD server for the client's own unit tests: it answers out of order and splits
+//! read replies into data and hole chunks in shuffled order — behaviour the spec allows but
+//! qemu-nbd and nbdkit rarely show — so reassembly and cookie matching are exercised over a
+//! real socket with real threads.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use super::proto::{self, chunk, cmd, info, opt, rep, tflag};
+
+/// Tiny deterministic generator (xorshift) so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn send_option_reply(s: &mut UnixStream, option: u32, reply: u32, payload: &[u8]) {
+    let mut v = proto::OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+    v.extend_from_slice(&option.to_be_bytes());
+    v.extend_from_slice(&reply.to_be_bytes());
+    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    v.extend_from_slice(payload);
+    s.write_all(&v).unwrap();
+}
+
+fn chunk_header(flags: u16, kind: u16, cookie: u64, length: u32) -> Vec<u8> {
+    let mut v = proto::STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+    v.extend_from_slice(&flags.to_be_bytes());
+    v.extend_from_slice(&kind.to_be_bytes());
+    v.extend_from_slice(&cookie.to_be_bytes());
+    v.extend_from_slice(&length.to_be_bytes());
+    v
+}
+
+struct Request {
+    command: u16,
+    cookie: u64,
+    offset: u64,
+    length: u32,
+    payload: Vec<u8>,
+}
+
+/// Serves `disk` on `s` until the client disconnects.
+pub(crate) fn serve(mut s: UnixStream, mut disk: Vec<u8>, seed: u64) {
+    let mut rng = Rng(seed | 1);
+    let mut greeting = proto::NBDMAGIC.to_be_bytes().to_vec();
+    greeting.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&3u16.to_be_bytes());
+    s.write_all(&greeting).unwrap();
+    let mut flags = [0u8; 4];
+    s.read_exact(&mut flags).unwrap();
+    loop {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h).unwrap();
+        let option = u32::from_be_bytes(h[8..12].try_into().unwrap());
+        let len = u32::from_be_bytes(h[12..16].try_into().unwrap()) as usize;
+        let mut data = vec![0u8; len];
+        s.read_exact(&mut data).unwrap();
+        match option {
+            opt::STRUCTURED_REPLY => send_option_reply(&mut s, option, rep::ACK, &[]),
+            opt::SET_META_CONTEXT => {
+                let mut ctx = 1u32.to_be_bytes().to_vec();
+                ctx.extend_from_slice(b"base:allocation");
+                send_option_reply(&mut s, option, rep::META_CONTEXT, &ctx);
+                send_option_reply(&mut s, option, rep::ACK, &[]);
+            }
+            opt::GO => {
+                let mut export = info::EXPORT.to_be_bytes().to_vec();
+                export.extend_from_slice(&(disk.len() as u64).to_be_bytes());
+                let tf = tflag::HAS_FLAGS
+                    | tflag::SEND_FLUSH
+                    | tflag::SEND_TRIM
+                    | tflag::SEND_WRITE_ZEROES;
+                export.extend_from_slice(&tf.to_be_bytes());
+                send_option_reply(&mut s, option, rep::INFO, &export);
+                let mut block = info::BLOCK_SIZE.to_be_bytes().to_vec();
+                for v in [1u32, 4096, 1 << 20] {
+                    block.extend_from_slice(&v.to_be_bytes());
+                }
+                send_option_reply(&mut s, option, rep::INFO, &block);
+                send_option_reply(&mut s, option, rep::ACK, &[]);
+                break;
+            }
+            _ => send_option_reply(&mut s, option, rep::ERR_UNSUP, &[]),
+        }
+    }
+    // Transmission: gather what the client sent within a millisecond, answer it shuffled.
+    s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+    let mut queue: Vec<Request> = Vec::new();
+    loop {
+        let mut h = [0u8; 28];
+        let got = read_full(&mut s, &mut h);
+        match got {
+            Some(true) => {
+                let command = u16::from_be_bytes([h[6], h[7]]);
+                if command == cmd::DISC {
+                    return;
+                }
+                let length = u32::from_be_bytes(h[24..28].try_into().unwrap());
+                let mut payload = Vec::new();
+                if command == cmd::WRITE {
+                    payload = vec![0u8; length as usize];
+                    s.set_read_timeout(None).unwrap();
+                    s.read_exact(&mut payload).unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+                }
+                queue.push(Request {
+                    command,
+                    cookie: u64::from_be_bytes(h[8..16].try_into().unwrap()),
+                    offset: u64::from_be_bytes(h[16..24].try_into().unwrap()),
+                    length,
+                    payload,
+                });
+                if queue.len() < 16 {
+                    continue;
+                }
+            }
+            Some(false) => {}
+            None => return,
+        }
+        while !queue.is_empty() {
+            let i = rng.below(queue.len() as u64) as usize;
+            let r = queue.swap_remove(i);
+            if answer(&mut s, &mut disk, &mut rng, r).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Reads exactly `buf`; `Some(false)` if nothing arrived in time, `None` at EOF.
+fn read_full(s: &mut UnixStream, buf: &mut [u8]) -> Option<bool> {
+    let mut pos = 0;
+    while pos < buf.len() {
+        match s.read(&mut buf[pos..]) {
+            Ok(0) => return None,
+            Ok(n) => pos += n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if pos == 0 {
+                    return Some(false);
+                }
+            }
+            Err(_) => return None,
+        }
+    }
+    Some(true)
+}
+
+fn answer(s: &mut UnixStream, disk: &mut [u8], rng: &mut Rng, r: Request) -> std::io::Result<()> {
+    let start = r.offset as usize;
+    let end = start + r.length as usize;
+    match r.command {
+        cmd::READ => {
+            // Split at up to two random points; all-zero pieces become holes.
+            let mut cuts = vec![start, end];
+            for _ in 0..rng.below(3) {
+                cuts.push(start + rng.below(u64::from(r.length)) as usize);
+            }
+            cuts.sort_unstable();
+            cuts.dedup();
+            let mut pieces: Vec<(usize, usize)> = cuts.windows(2).map(|w| (w[0], w[1])).collect();
+            for i in (1..pieces.len()).rev() {
+                let j = rng.below(i as u64 + 1) as usize;
+                pieces.swap(i, j);
+            }
+            let n = pieces.len();
+            for (k, (a, b)) in pieces.into_iter().enumerate() {
+                let done = if k + 1 == n { chunk::FLAG_DONE } else { 0 };
+                if disk[a..b].iter().all(|&x| x == 0) {
+                    let mut v = chunk_header(done, chunk::OFFSET_HOLE, r.cookie, 12);
+                    v.extend_from_slice(&(a as u64).to_be_bytes());
+                    v.extend_from_slice(&((b - a) as u32).to_be_bytes());
+                    s.write_all(&v)?;
+                } else {
+                    let mut v =
+                        chunk_header(done, chunk::OFFSET_DATA, r.cookie, 8 + (b - a) as u32);
+                    v.extend_from_slice(&(a as u64).to_be_bytes());
+                    v.extend_from_slice(&disk[a..b]);
+                    s.write_all(&v)?;
+                }
+            }
+            if n == 0 {
+                s.write_all(&chunk_header(chunk::FLAG_DONE, chunk::NONE, r.cookie, 0))?;
+            }
+        }
+        cmd::BLOCK_STATUS => {
+            // One descriptor per 64 KiB granule (the last may run past the request).
+            let mut payload = 1u32.to_be_bytes().to_vec();
+            let mut pos = start;
+            while pos < end && payload.len() < 4 + 8 * 64 {
+                let g_end = ((pos / 65536 + 1) * 65536).min(disk.len());
+                let flags: u32 = if disk[pos..g_end].iter().all(|&x| x == 0) {
+                    3
+                } else {
+                    0
+                };
+                payload.extend_from_slice(&((g_end - pos) as u32).to_be_bytes());
+                payload.extend_from_slice(&flags.to_be_bytes());
+                pos = g_end;
+            }
+            let mut v = chunk_header(
+                chunk::FLAG_DONE,
+                chunk::BLOCK_STATUS,
+                r.cookie,
+                payload.len() as u32,
+            );
+            v.extend_from_slice(&payload);
+            s.write_all(&v)?;
+        }
+        other => {
+            match other {
+                cmd::WRITE => disk[start..end].copy_from_slice(&r.payload),
+                cmd::WRITE_ZEROES | cmd::TRIM => disk[start..end].fill(0),
+                _ => {}
+            }
+            // Alternate simple and structured replies: both are valid here.
+            if rng.below(2) == 0 {
+                let mut v = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+                v.extend_from_slice(&0u32.to_be_bytes());
+                v.extend_from_slice(&r.cookie.to_be_bytes());
+                s.write_all(&v)?;
+            } else {
+                s.write_all(&chunk_header(chunk::FLAG_DONE, chunk::NONE, r.cookie, 0))?;
+            }
+        }
+    }
+    Ok(())
+}
