@@ -7,7 +7,8 @@
 //! | `nbd://HOST[:PORT]/[EXPORT]` | `nbd` over TCP (port 10809 by default), as libnbd writes it |
 //! | `nbd+unix:///[EXPORT]?socket=PATH` | `nbd` over a Unix socket |
 //!
-//! NBD URIs may carry `?timeout=SECONDS` and `?dirty-bitmap=NAME` (this crate's extensions);
+//! NBD URIs may carry `?timeout=SECONDS`, `?dirty-bitmap=NAME` and `?connections=N` (multi-conn,
+//! used only when the server advertises it; this crate's extensions);
 //! `nbds://` (TLS) and `nbd+vsock://` are recognised and refused with a clear error.
 
 use std::path::PathBuf;
@@ -57,6 +58,8 @@ pub enum DiskUri {
         timeout: Option<Duration>,
         /// A `qemu:dirty-bitmap:NAME` context to negotiate, if given.
         dirty_bitmap: Option<String>,
+        /// Connections to open when the server allows multi-conn (1 if not given).
+        connections: Option<usize>,
     },
 }
 
@@ -181,6 +184,7 @@ impl std::str::FromStr for DiskUri {
                 let mut socket = None;
                 let mut timeout = None;
                 let mut dirty_bitmap = None;
+                let mut connections = None;
                 for (k, v) in query {
                     match k.as_str() {
                         "socket" => socket = Some(PathBuf::from(v)),
@@ -193,6 +197,14 @@ impl std::str::FromStr for DiskUri {
                             timeout = Some(Duration::from_secs_f64(secs));
                         }
                         "dirty-bitmap" => dirty_bitmap = Some(v),
+                        "connections" => {
+                            connections = Some(
+                                v.parse::<usize>()
+                                    .ok()
+                                    .filter(|n| (1..=16).contains(n))
+                                    .ok_or_else(|| invalid(uri, "connections must be 1 to 16"))?,
+                            )
+                        }
                         // libnbd's TLS parameters and the like; they do not apply without TLS.
                         _ => {}
                     }
@@ -211,6 +223,7 @@ impl std::str::FromStr for DiskUri {
                     export,
                     timeout,
                     dirty_bitmap,
+                    connections,
                 })
             }
             "nbds" | "nbds+unix" => Err(invalid(
@@ -310,6 +323,7 @@ impl DiskUri {
                 export,
                 timeout,
                 dirty_bitmap,
+                connections,
             } => {
                 #[cfg(feature = "nbd")]
                 {
@@ -322,11 +336,14 @@ impl DiskUri {
                     if let Some(b) = dirty_bitmap {
                         options = options.dirty_bitmap(b.clone());
                     }
+                    if let Some(n) = connections {
+                        options = options.connections(*n);
+                    }
                     Ok(Box::new(crate::nbd::NbdDisk::connect(&options)?))
                 }
                 #[cfg(not(feature = "nbd"))]
                 {
-                    let _ = (address, export, timeout, dirty_bitmap);
+                    let _ = (address, export, timeout, dirty_bitmap, connections);
                     Err(Error::Unsupported(
                         "nbd:// (disk-transport was built without the `nbd` feature)".into(),
                     ))
@@ -352,6 +369,7 @@ mod tests {
                 export: "disk".into(),
                 timeout: None,
                 dirty_bitmap: None,
+                connections: None,
             }
         );
         assert_eq!(
@@ -364,10 +382,11 @@ mod tests {
                 export: "".into(),
                 timeout: None,
                 dirty_bitmap: None,
+                connections: None,
             }
         );
         assert_eq!(
-            "nbd+unix:///my%20disk?socket=/tmp/s.sock&timeout=2.5&dirty-bitmap=b0"
+            "nbd+unix:///my%20disk?socket=/tmp/s.sock&timeout=2.5&dirty-bitmap=b0&connections=2"
                 .parse::<DiskUri>()
                 .unwrap(),
             DiskUri::Nbd {
@@ -375,9 +394,11 @@ mod tests {
                 export: "my disk".into(),
                 timeout: Some(Duration::from_millis(2500)),
                 dirty_bitmap: Some("b0".into()),
+                connections: Some(2),
             }
         );
         assert!("nbd+unix:///x".parse::<DiskUri>().is_err());
+        assert!("nbd://h/?connections=0".parse::<DiskUri>().is_err());
         assert!("nbds://h/x"
             .parse::<DiskUri>()
             .unwrap_err()

@@ -85,6 +85,20 @@ fn linux_update(c: &mut Criterion) {
                 live.snapshot().unwrap()
             })
         });
+        // What an update costs when it looks everything up again (the first update, a new
+        // session, and once every refresh interval).
+        let mut cold = LinuxGuestStats::builder()
+            .refresh_interval(std::time::Duration::ZERO)
+            .build();
+        c.bench_function(
+            "linux update + snapshot, this machine, everything looked up",
+            |b| {
+                b.iter(|| {
+                    cold.update().unwrap();
+                    cold.snapshot().unwrap()
+                })
+            },
+        );
     }
 }
 

@@ -370,11 +370,17 @@ impl<S: Transport> Client<S> {
         };
         let deadline = Instant::now() + wait_for;
         self.write(&bytes, deadline, name)?;
-        match self.read_until(&mut wait, deadline, name)? {
+        let step = match self.read_until(&mut wait, deadline, name) {
+            // guest-shutdown and guest-suspend-* take the channel down with the guest: the
+            // channel closing is their success, not an error.
+            Err(Error::Disconnected { .. }) if !replies => {
+                return Ok(Value::Object(Default::default()))
+            }
+            other => other?,
+        };
+        match step {
             Some(Step::Done(result)) => {
-                if !matches!(&result, Err(e) if e.is_channel_error()) {
-                    self.session.in_sync = true;
-                }
+                self.session.finished(name, &result);
                 result
             }
             Some(_) => Err(Error::Protocol {

@@ -8,9 +8,16 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::cmd;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorClass, Result};
 use crate::types::GuestAgentInfo;
 use crate::wire::{self, Decoder, Frame, Reply};
+
+/// Commands whose success changes which commands the agent has enabled.
+const FREEZE_COMMANDS: &[&str] = &[
+    "guest-fsfreeze-freeze",
+    "guest-fsfreeze-freeze-list",
+    "guest-fsfreeze-thaw",
+];
 
 /// Settings shared by the blocking and the async client. Start from
 /// `ClientConfig::default()` and change fields with the setters.
@@ -237,6 +244,29 @@ impl Session {
                 skip_next: false,
             },
         ))
+    }
+
+    /// Bookkeeping after a command's reply (or failure) was read.
+    pub fn finished(&mut self, name: &str, result: &Result<Value>) {
+        match result {
+            Err(e) if e.is_channel_error() => return,
+            // The agent knows better than the cache (it was restarted,
+            // upgraded, or froze filesystems): ask guest-info again next time.
+            Err(Error::Agent {
+                class: ErrorClass::CommandNotFound,
+                ..
+            }) => self.caps_stale(),
+            // Freezing disables most commands and thawing enables them again.
+            Ok(_) if FREEZE_COMMANDS.contains(&name) => self.caps_stale(),
+            _ => {}
+        }
+        self.in_sync = true;
+    }
+
+    fn caps_stale(&mut self) {
+        if matches!(self.caps, Caps::Known(_)) {
+            self.caps = Caps::Unknown;
+        }
     }
 
     /// Drains decoded frames into `wait`.

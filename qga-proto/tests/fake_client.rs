@@ -316,6 +316,18 @@ async fn freeze_guard_thaws() -> qga_proto::Result<()> {
     assert!(err.is_unsupported(), "{err}");
     assert_eq!(guard.thaw().await?, 1);
     assert!(!fake.state().frozen);
+
+    // Capabilities fetched while frozen must not outlive the thaw.
+    let client = fake.clone().connect_async_with(quick());
+    client.fsfreeze_freeze().await?;
+    let frozen_caps = client.capabilities().await?.expect("guest-info");
+    assert!(!frozen_caps.is_enabled("guest-get-osinfo"));
+    assert!(matches!(
+        client.osinfo().await,
+        Err(Error::CommandDisabled { .. })
+    ));
+    client.fsfreeze_thaw().await?;
+    assert_eq!(client.osinfo().await?.id.as_deref(), Some("debian"));
     {
         let _guard = qga_proto::freeze_filesystems(agent.clone(), Some(vec!["/".into()])).await?;
         assert!(fake.state().frozen);
@@ -566,5 +578,67 @@ async fn tcp_and_unix_addresses_reach_a_fake_served_on_sockets() -> qga_proto::R
     .await;
     assert!(matches!(refused, Err(Error::Io(_))));
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[tokio::test]
+async fn windows_fake_has_devices_and_no_linux_commands() -> qga_proto::Result<()> {
+    let agent = FakeAgent::windows().connect_async_with(quick());
+    let info = agent.info().await?;
+    assert_eq!(info.version_numbers(), Some((108, 0)));
+    let devices = agent.devices().await?;
+    assert_eq!(
+        devices[0].id,
+        Some(GuestDeviceId::Pci(GuestDeviceIdPCI {
+            vendor_id: 0x1af4,
+            device_id: 0x1004
+        }))
+    );
+    assert_eq!(agent.osinfo().await?.id.as_deref(), Some("mswindows"));
+    assert_eq!(agent.fsinfo().await?[0].mountpoint, "C:\\");
+    assert!(matches!(
+        agent.cpustats().await,
+        Err(Error::CommandNotSupported { .. })
+    ));
+    let out = agent
+        .exec_wait(
+            cmd::GuestExecArgs::new("cmd.exe")
+                .args(["/c", "echo", "hi"])
+                .capture(),
+            None,
+        )
+        .await?;
+    assert_eq!(out.stdout, b"hi\r\n");
+    assert_eq!(
+        agent
+            .read_file("C:\\Windows\\System32\\drivers\\etc\\hosts")
+            .await?,
+        b"127.0.0.1 localhost\r\n"
+    );
+    Ok(())
+}
+
+/// A guest that powers off closes the channel before the grace period ends: for commands that
+/// send nothing on success, that is success (QEMU's own shutdown path looks exactly like this).
+#[tokio::test]
+async fn silent_commands_succeed_when_the_guest_closes_the_channel() -> qga_proto::Result<()> {
+    let fake = FakeAgent::linux();
+    fake.fault_on("guest-shutdown", Fault::Disconnect);
+    let agent = fake.clone().connect_async_with(quick());
+    agent.shutdown(None).await?;
+
+    let mut blocking = fake
+        .clone()
+        .connect_blocking_with(quick())
+        .expect("fake agent over a socket pair");
+    blocking.call::<cmd::GuestShutdown>(&cmd::GuestShutdownArgs::default())?;
+
+    // A command that does reply still reports a closed channel as an error.
+    fake.fault_on("guest-get-time", Fault::Disconnect);
+    let agent = fake.clone().connect_async_with(quick());
+    assert!(matches!(
+        agent.time().await,
+        Err(Error::Disconnected { .. })
+    ));
     Ok(())
 }

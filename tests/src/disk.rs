@@ -56,6 +56,50 @@ impl NbdServer {
         Some(NbdServer::spawn(command, socket, String::new(), dir))
     }
 
+    /// Starts `qemu-nbd` listening on TCP 127.0.0.1 (a free port), export name `disk`; the URI
+    /// is then `nbd://127.0.0.1:PORT/disk`.
+    pub fn qemu_nbd_tcp(args: &[&str]) -> Option<(NbdServer, String)> {
+        let program = require_program("qemu-nbd", "qemu-utils")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("find a free port")
+            .port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut command = Command::new(program);
+        command
+            .arg("-t")
+            .args(["-e", "8", "-x", "disk", "-b", "127.0.0.1", "-p"])
+            .arg(port.to_string())
+            .args(args);
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start qemu-nbd");
+        let mut server = NbdServer {
+            child: Some(child),
+            socket: PathBuf::new(),
+            export: "disk".into(),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = server
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("qemu-nbd exited at start with {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "qemu-nbd did not listen on port {port} within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some((server, format!("nbd://127.0.0.1:{port}/disk")))
+    }
+
     fn spawn(
         mut command: Command,
         socket: PathBuf,

@@ -496,3 +496,45 @@ fn lists_exports_like_nbdinfo() {
     let disk = NbdDisk::connect(&options(&server, "disk")).unwrap();
     assert_eq!(disk.info().unwrap().capacity, 0);
 }
+
+#[test]
+fn copies_over_tcp_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("tcp.img");
+    sparse_image(
+        &image,
+        32 * MIB,
+        &[(0, 4096), (7 * MIB + 11, 2 * MIB as usize)],
+    );
+    // The helper's readiness probe makes qemu-nbd log a failed negotiation; harmless.
+    let Some((server, uri)) =
+        NbdServer::qemu_nbd_tcp(&["-r", "-f", "raw", image.to_str().unwrap()])
+    else {
+        return;
+    };
+    // Two connections (qemu-nbd advertises multi-conn for read-only exports).
+    let src = open_uri(&format!("{uri}?connections=2"), OpenFlags::read_only()).unwrap();
+    assert!(src.info().unwrap().can_multi_conn);
+    let out = dir.path().join("out.img");
+    let dst = FileDisk::create(&out, 32 * MIB).unwrap();
+    copy(
+        src.as_ref(),
+        &dst,
+        &CopyOptions::default().destination_is_zero(true),
+        &mut |_| {},
+    )
+    .unwrap();
+    drop(dst);
+    assert_eq!(sha256_file(&out), sha256_file(&image));
+    let Some(expected) = nbdinfo_map(&uri, None) else {
+        return;
+    };
+    let ours: Vec<(u64, u64, u32)> = src
+        .allocated_extents(0, 32 * MIB)
+        .unwrap()
+        .iter()
+        .map(|e| (e.offset, e.length, e.kind.nbd_flags()))
+        .collect();
+    assert_eq!(ours, merge_map(&expected));
+    drop(server);
+}

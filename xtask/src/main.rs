@@ -31,6 +31,7 @@ const TEST_PEERS: &[(&str, &str)] = &[
     ("libnbd-bin", "/usr/bin/nbdinfo"),
     ("systemd", "/usr/bin/systemd-detect-virt"),
     ("util-linux", "/usr/bin/setpriv"),
+    ("socat", "/usr/bin/socat"),
 ];
 
 /// Crates with a cargo-fuzz package of their own, outside the workspace.

@@ -75,6 +75,7 @@ mod cgroup;
 mod procfs;
 
 use std::collections::HashMap;
+use std::fmt;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -212,7 +213,7 @@ impl LinuxGuestStats {
         &self.root
     }
 
-    /// The old way of reading a file whole, for what is read once: a missing file (or
+    /// Reads a file whole without keeping it open, for what is read once: a missing file (or
     /// directory) is `None`, as many of these files exist only with some drivers or kernels.
     fn read_once(path: &Path) -> Result<Option<String>> {
         match std::fs::read_to_string(path) {
@@ -564,11 +565,37 @@ struct Layout {
 }
 
 /// Files kept open across updates, by path, and the one buffer they are all read into.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct OpenFiles {
     /// `None`: the file did not exist when it was looked up.
     files: HashMap<PathBuf, Option<File>>,
     buffer: Vec<u8>,
+}
+
+/// The paths, not the handles or the bytes last read.
+impl fmt::Debug for OpenFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenFiles")
+            .field(
+                "open",
+                &self
+                    .files
+                    .iter()
+                    .filter(|(_, file)| file.is_some())
+                    .map(|(path, _)| path)
+                    .collect::<Vec<_>>(),
+            )
+            .field(
+                "absent",
+                &self
+                    .files
+                    .iter()
+                    .filter(|(_, file)| file.is_none())
+                    .map(|(path, _)| path)
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl OpenFiles {

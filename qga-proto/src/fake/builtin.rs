@@ -213,7 +213,7 @@ pub(crate) fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) 
         "guest-get-users" => Response::ok(&state.users),
         "guest-get-timezone" => Response::ok(&state.timezone),
         "guest-get-osinfo" => Response::ok(&state.osinfo),
-        "guest-get-devices" => Response::Return(json!([])),
+        "guest-get-devices" => Response::ok(&state.devices),
         "guest-ssh-get-authorized-keys" => {
             let user = string(args, "username").unwrap_or_default();
             match state.accounts.get(user) {

@@ -151,6 +151,11 @@ impl FakeAgent {
         Self::with_state(FakeState::linux())
     }
 
+    /// A fake that behaves like the virtio-win agent on a Windows guest.
+    pub fn windows() -> Self {
+        Self::with_state(FakeState::windows())
+    }
+
     /// A fake with the given state.
     pub fn with_state(state: FakeState) -> Self {
         FakeAgent {
@@ -285,8 +290,12 @@ mod async_side {
         }
 
         /// Connects an [`AsyncClient`] to this fake over an in-memory duplex
-        /// stream served by a spawned task. Must be called inside a tokio
-        /// runtime. Reconnects get a new connection to the same state.
+        /// stream served by a spawned task. Reconnects get a new connection
+        /// to the same state.
+        ///
+        /// # Panics
+        ///
+        /// Outside a tokio runtime (the serving task needs one).
         pub fn connect_async(self) -> AsyncClient<DuplexStream> {
             self.connect_async_with(ClientConfig::default())
         }

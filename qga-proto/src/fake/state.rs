@@ -155,6 +155,8 @@ pub struct FakeState {
     pub cpustats: Vec<GuestCpuStats>,
     /// `guest-get-load`.
     pub load: GuestLoadAverage,
+    /// `guest-get-devices` (Windows guests).
+    pub devices: Vec<GuestDeviceInfo>,
     /// `guest-get-vcpus` (changed by `guest-set-vcpus`).
     pub vcpus: Vec<GuestLogicalProcessor>,
     /// `guest-get-memory-blocks` (changed by `guest-set-memory-blocks`).
@@ -243,12 +245,107 @@ impl FakeState {
 
     /// Looks up a program the way `g_spawn` with a search path would.
     pub(crate) fn find_program(&self, path: &str) -> Option<Program> {
-        if path.contains('/') {
+        if path.contains('/') || self.programs.contains_key(path) {
             return self.programs.get(path).cloned();
         }
         ["/usr/bin/", "/bin/"]
             .iter()
             .find_map(|dir| self.programs.get(&format!("{dir}{path}")).cloned())
+    }
+
+    /// A Windows Server guest running the virtio-win agent: its own version
+    /// numbering, `guest-get-devices`, no Linux-only commands, drive letters,
+    /// no `guest-exec` programs beyond the ones a test adds.
+    pub fn windows() -> Self {
+        const LINUX_ONLY: &[&str] = &[
+            "guest-suspend-hybrid",
+            "guest-set-vcpus",
+            "guest-get-memory-blocks",
+            "guest-set-memory-blocks",
+            "guest-get-memory-block-info",
+            "guest-get-diskstats",
+            "guest-get-cpustats",
+        ];
+        let mut state = FakeState::linux();
+        state.version = "108.0.2".into();
+        state.commands = COMMANDS
+            .iter()
+            .filter(|c| !LINUX_ONLY.contains(&c.name))
+            .map(|c| FakeCommand {
+                name: c.name.to_owned(),
+                enabled: true,
+                success_response: c.success_response,
+            })
+            .collect();
+        state.osinfo = GuestOSInfo {
+            kernel_release: Some("20348".into()),
+            kernel_version: Some("10.0".into()),
+            machine: Some("x86_64".into()),
+            id: Some("mswindows".into()),
+            name: Some("Microsoft Windows".into()),
+            pretty_name: Some("Windows Server 2022 Standard".into()),
+            version: Some("Microsoft Windows Server 2022".into()),
+            version_id: Some("2022".into()),
+            variant: Some("server".into()),
+            variant_id: Some("server".into()),
+        };
+        state.host_name = "WIN-FAKE".into();
+        state.timezone = GuestTimezone {
+            zone: Some("Coordinated Universal Time".into()),
+            offset: 0,
+        };
+        state.users = vec![GuestUser {
+            user: "Administrator".into(),
+            domain: Some("WIN-FAKE".into()),
+            login_time: 1_700_000_000.5,
+        }];
+        for fs in &mut state.filesystems {
+            fs.name = "\\\\?\\Volume{5ad3bdb7-0000-0000-0000-100000000000}\\".into();
+            fs.mountpoint = "C:\\".into();
+            fs.r#type = "NTFS".into();
+            fs.total_bytes_privileged = None;
+        }
+        state.routes.clear();
+        state.cpustats.clear();
+        state.diskstats.clear();
+        state.devices = vec![GuestDeviceInfo {
+            driver_name: "Red Hat VirtIO SCSI controller".into(),
+            driver_date: Some(1_690_848_000_000_000_000),
+            driver_version: Some("100.94.104.24000".into()),
+            id: Some(GuestDeviceId::Pci(GuestDeviceIdPCI {
+                vendor_id: 0x1af4,
+                device_id: 0x1004,
+            })),
+        }];
+        state.accounts = [("Administrator".to_owned(), Account::default())]
+            .into_iter()
+            .collect();
+        state.files = [(
+            "C:\\Windows\\System32\\drivers\\etc\\hosts".to_owned(),
+            b"127.0.0.1 localhost\r\n".to_vec(),
+        )]
+        .into_iter()
+        .collect();
+        state.programs.clear();
+        state.program("cmd.exe", |r| {
+            let text = r
+                .args
+                .iter()
+                .skip_while(|a| a.as_str() != "/c")
+                .skip(1)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(" ");
+            match text.strip_prefix("echo ") {
+                Some(rest) => ExecOutcome::exit(0, format!("{rest}\r\n")),
+                None => ExecOutcome {
+                    exitcode: Some(1),
+                    stderr: format!("'{text}' is not recognized\r\n").into_bytes(),
+                    ..Default::default()
+                },
+            }
+        });
+        state
     }
 
     /// The state of a small Debian 12 guest running qemu-ga 10.0.
@@ -441,6 +538,7 @@ impl FakeState {
                 load5m: 0.03,
                 load15m: 0.01,
             },
+            devices: Vec::new(),
             vcpus: vec![
                 GuestLogicalProcessor {
                     logical_id: 0,
