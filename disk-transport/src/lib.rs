@@ -164,6 +164,11 @@ pub trait DiskTransport: Send + Sync + fmt::Debug {
     /// with [`format_transport_modes`] for VDDK's colon-separated string.
     fn transport_modes(&self) -> Vec<TransportMode>;
 
+    /// The modes as `VixDiskLib_ListTransportModes` prints them: `"file:san:hotadd:nbdssl:nbd"`.
+    fn list_transport_modes(&self) -> String {
+        format_transport_modes(&self.transport_modes())
+    }
+
     /// Connects (`VixDiskLib_ConnectEx`). A read-only connection makes every open read-only.
     fn connect(&self, params: &ConnectParams) -> Result<Box<dyn Connection>>;
 

@@ -748,6 +748,7 @@ mod tests {
             c.open("nope", OpenFlags::read_only()),
             Err(Error::NotFound(_))
         ));
+        assert_eq!(t.list_transport_modes(), "file:san:hotadd:nbdssl:nbd");
     }
 
     #[test]
