@@ -168,9 +168,9 @@ pub struct Extent {
 }
 
 impl Extent {
-    /// One past the last byte.
+    /// One past the last byte (saturating, so a bogus extent from a backend cannot overflow).
     pub fn end(&self) -> u64 {
-        self.offset + self.length
+        self.offset.saturating_add(self.length)
     }
 }
 
@@ -182,7 +182,7 @@ pub fn push_extent(extents: &mut Vec<Extent>, extent: Extent) {
     }
     if let Some(last) = extents.last_mut() {
         if last.kind == extent.kind && last.end() == extent.offset {
-            last.length += extent.length;
+            last.length = last.length.saturating_add(extent.length);
             return;
         }
     }

@@ -745,6 +745,11 @@ pub(crate) fn run_reader<R: Read>(stream: R, shared: &Shared) {
 /// at cookie 1, a block status at cookie 2, a write at cookie 3, a flush at cookie 4) and
 /// returns how many completed successfully. Used by the fuzz target and property tests: any
 /// input must end in completions or errors, never a panic or a hang.
+///
+/// # Panics
+///
+/// If a request is left waiting after the stream ends — a bug in the reader, which is what the
+/// fuzz target looks for.
 pub fn replay_reply_stream(bytes: &[u8], structured: bool) -> usize {
     let shared = Shared {
         table: Mutex::new(Table::default()),

@@ -54,8 +54,11 @@
 //! - when a kept file fails to read or parse (a cgroup was removed): the update is retried
 //!   once with everything looked up afresh, and only a failure then is reported;
 //! - after [`LinuxGuestStatsBuilder::refresh_interval`] (default 10 s), so a controller
-//!   enabled on an ancestor cgroup, a balloon driver loaded later or a CPU rate that does vary
-//!   (cpufreq or APERF/MPERF exposed to the guest) is seen within that interval.
+//!   enabled on an ancestor cgroup (its `memory.max` appears), a new cgroup mount or a CPU
+//!   rate that does vary (cpufreq or APERF/MPERF exposed to the guest) is seen within that
+//!   interval.
+//!
+//! That is about ten open files on a typical guest (one per file read on an update).
 //!
 //! A tree under a custom root that is changed by replacing files (rename over) rather than
 //! rewriting them in place is seen only after one of these; set the interval to zero to look
