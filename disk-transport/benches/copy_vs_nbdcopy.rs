@@ -1,25 +1,43 @@
-//! Copies the same NBD exports with disk-transport's copy engine and with libnbd's `nbdcopy`
-//! in one run, and prints the medians and the ratio.
+//! Copies the same NBD exports with `nbdcopy`, `qemu-img convert` and `vmsdk disk copy`, each
+//! run as a whole process, and prints MB/s, the speed ratio to nbdcopy and each process's
+//! peak RSS.
 //!
 //! ```text
 //! cargo bench -p disk-transport --bench copy_vs_nbdcopy            # 2 GiB images, 3 runs
 //! DT_BENCH_MIB=512 DT_BENCH_RUNS=5 cargo bench -p disk-transport --bench copy_vs_nbdcopy
+//! VMSDK_BIN=/path/to/vmsdk cargo bench ...                          # skip building vmsdk
 //! ```
 //!
-//! Cases (as in the project's research notes, §3.3): qemu-nbd serving a fully random image and a
-//! half-sparse one, read into a null sink; and a local random file written into an nbdkit
-//! memory export. Needs qemu-nbd, nbdkit and nbdcopy (`apt-get install qemu-utils nbdkit
-//! libnbd-bin`); missing tools skip their cases with a message.
+//! Before measuring, the bench builds the release `vmsdk` binary into the same target
+//! directory (`cargo build --release -p vmsdk`), unless `VMSDK_BIN` names one.
+//!
+//! Cases (as in the project's research notes, §3.3), all read into a discarding sink (nbdcopy's
+//! `null:`, qemu-img's `null-co` driver, vmsdk's `null:`) so that only the source side and the
+//! copying program are measured:
+//! - qemu-nbd (`-e 8`, so multi-conn clients may open several connections) serving a fully
+//!   random image;
+//! - the same for a half-sparse image (random first half, a hole after);
+//! - nbdkit's file plugin behind the delay filter, 1 ms per read (`delay-read=1ms`): latency
+//!   bound, so requests in flight and connections decide;
+//! - and, writing for a change, a local random file into an nbdkit memory export.
+//!
+//! Runs of the three tools are interleaved (tool A, B, C, A, B, C, ...) so that load from other
+//! jobs on the machine spreads over all of them; the load average before and after each case is
+//! printed. Peak RSS comes from `/usr/bin/time -f %M` (Debian package `time`); without it the
+//! column says `n/a`. Images live in /dev/shm when it exists, so disk speed is not measured.
+//! Needs qemu-nbd, qemu-img, nbdkit and nbdcopy (`apt-get install qemu-utils nbdkit
+//! libnbd-bin time`); missing tools skip their cases or columns with a message.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use disk_transport::copy::{copy, CopyOptions};
-use disk_transport::file::{FileDisk, FileOptions};
-use disk_transport::nbd::{NbdDisk, NbdOptions};
-use disk_transport::null::NullDisk;
-use disk_transport::{Disk, NbdAddress};
+/// The goal from the issue: at least this many times nbdcopy's speed...
+const GOAL_RATIO: f64 = 1.1;
+/// ...with at most this much peak RSS.
+const GOAL_RSS_KIB: u64 = 64 * 1024;
+/// Where GNU time lives on Debian.
+const GNU_TIME: &str = "/usr/bin/time";
 
 fn have(program: &str) -> bool {
     Command::new(program)
@@ -71,13 +89,12 @@ fn qemu_nbd(dir: &Path, image: &Path, tag: &str) -> Server {
     Server::start(c, socket)
 }
 
-fn nbdkit_memory(dir: &Path, size: u64) -> Server {
-    let socket = dir.join("mem.sock");
+fn nbdkit(dir: &Path, tag: &str, args: &[&str]) -> Server {
+    let socket = dir.join(format!("{tag}.sock"));
     let mut c = Command::new("nbdkit");
     c.args(["-f", "--exit-with-parent", "-U"])
         .arg(&socket)
-        .arg("memory")
-        .arg(format!("size={size}"));
+        .args(args);
     Server::start(c, socket)
 }
 
@@ -108,41 +125,180 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn time_command(args: &[&str]) -> f64 {
-    let t = Instant::now();
-    let status = Command::new(args[0])
-        .args(&args[1..])
-        .status()
-        .expect("run");
-    assert!(status.success(), "{args:?} failed");
-    t.elapsed().as_secs_f64()
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "?".into())
 }
 
-fn time_ours(src: &dyn Disk, dst: &dyn Disk, options: &CopyOptions) -> f64 {
-    let t = Instant::now();
-    let report = copy(src, dst, options, &mut |_| {}).expect("copy");
-    assert_eq!(report.progress.done, report.progress.total);
-    t.elapsed().as_secs_f64()
+/// One finished run of a tool.
+struct Sample {
+    seconds: f64,
+    peak_rss_kib: Option<u64>,
 }
 
-fn report(case: &str, size: u64, nbdcopy: f64, ours: &[(&str, f64)]) {
-    let mbs = |s: f64| size as f64 / s / 1e6;
-    println!("{case}");
-    println!(
-        "  {:<34} {:>8.3} s {:>8.0} MB/s",
-        "nbdcopy (defaults)",
-        nbdcopy,
-        mbs(nbdcopy)
+/// Runs `argv` to completion under GNU time (when available), timing it.
+fn measure(argv: &[String], scratch: &Path, gnu_time: bool) -> Sample {
+    let rss_file = scratch.join("peak-rss");
+    let mut command = if gnu_time {
+        let mut c = Command::new(GNU_TIME);
+        c.args(["-f", "%M", "-o"]).arg(&rss_file).args(argv);
+        c
+    } else {
+        let mut c = Command::new(&argv[0]);
+        c.args(&argv[1..]);
+        c
+    };
+    command.stdin(Stdio::null());
+    let started = Instant::now();
+    let output = command.output().expect("run the copy");
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(
+        output.status.success(),
+        "{} failed: {}",
+        argv.join(" "),
+        String::from_utf8_lossy(&output.stderr)
     );
-    for (name, t) in ours {
+    let peak_rss_kib = gnu_time
+        .then(|| std::fs::read_to_string(&rss_file).ok())
+        .flatten()
+        .and_then(|s| s.lines().last().and_then(|l| l.trim().parse().ok()));
+    Sample {
+        seconds,
+        peak_rss_kib,
+    }
+}
+
+/// A copying program and how it names a source, a destination and the null sink.
+struct Tool {
+    name: &'static str,
+    program: String,
+    leading: Vec<String>,
+    null_sink: &'static str,
+}
+
+impl Tool {
+    fn argv(&self, source: &str, destination: Option<&str>) -> Vec<String> {
+        let mut v = vec![self.program.clone()];
+        v.extend(self.leading.iter().cloned());
+        v.push(source.to_owned());
+        v.push(destination.unwrap_or(self.null_sink).to_owned());
+        v
+    }
+}
+
+/// Builds the release `vmsdk` binary into this bench's target directory and returns its path
+/// (or `VMSDK_BIN` when set).
+fn vmsdk_binary() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("VMSDK_BIN") {
+        return Ok(path.into());
+    }
+    // This binary is TARGET/release/deps/copy_vs_nbdcopy-HASH.
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let target = exe
+        .parent()
+        .and_then(Path::parent)
+        .and_then(Path::parent)
+        .ok_or("cannot find the target directory")?
+        .to_owned();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    println!("building the release vmsdk binary ...");
+    let status = Command::new(cargo)
+        .args(["build", "--release", "-p", "vmsdk", "--bin", "vmsdk", "--target-dir"])
+        .arg(&target)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .map_err(|e| format!("run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build -p vmsdk failed: {status}"));
+    }
+    Ok(target.join("release").join("vmsdk"))
+}
+
+/// What every case shares.
+struct Bench {
+    tools: Vec<Tool>,
+    size: u64,
+    runs: usize,
+    scratch: PathBuf,
+    gnu_time: bool,
+}
+
+impl Bench {
+    /// Copies `source` into `destination` (the null sink when `None`) with every tool, `runs`
+    /// times each, interleaved, and prints the table.
+    fn run_case(&self, title: &str, source: &str, destination: Option<&str>) {
+        let Bench {
+            tools,
+            size,
+            runs,
+            scratch,
+            gnu_time,
+        } = self;
+        let (size, runs, gnu_time) = (*size, *runs, *gnu_time);
+    let load_before = load_average();
+    let mut samples: Vec<Vec<Sample>> = tools.iter().map(|_| Vec::new()).collect();
+    for _ in 0..runs {
+        for (tool, out) in tools.iter().zip(&mut samples) {
+            out.push(measure(&tool.argv(source, destination), scratch, gnu_time));
+        }
+    }
+    println!(
+        "\n{title}  (load average {load_before} before, {} after)",
+        load_average()
+    );
+    println!(
+        "  {:<16} {:>9} {:>8} {:>10} {:>13}  all runs (s)",
+        "tool", "median s", "MB/s", "×nbdcopy", "peak RSS MiB"
+    );
+    let medians: Vec<f64> = samples
+        .iter()
+        .map(|s| median(s.iter().map(|x| x.seconds).collect()))
+        .collect();
+    let reference = tools
+        .iter()
+        .position(|t| t.name == "nbdcopy")
+        .map(|i| medians[i]);
+    for ((tool, runs), secs) in tools.iter().zip(&samples).zip(&medians) {
+        let ratio = reference.map_or("n/a".to_owned(), |r| format!("{:.2}", r / secs));
+        let rss = runs.iter().map(|x| x.peak_rss_kib).max().flatten();
+        let all: Vec<String> = runs.iter().map(|x| format!("{:.2}", x.seconds)).collect();
         println!(
-            "  {:<34} {:>8.3} s {:>8.0} MB/s   nbdcopy/ours = {:.2}",
-            name,
-            t,
-            mbs(*t),
-            nbdcopy / t
+            "  {:<16} {:>9.3} {:>8.0} {:>10} {:>13}  {}",
+            tool.name,
+            secs,
+            size as f64 / secs / 1e6,
+            ratio,
+            rss.map_or("n/a".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0)),
+            all.join(" ")
+        );
+        if tool.name == "vmsdk disk copy" {
+            let fast = reference.is_some_and(|r| r / secs >= GOAL_RATIO);
+            let lean = rss.is_some_and(|k| k <= GOAL_RSS_KIB);
+            println!(
+                "  goal ≥ {GOAL_RATIO}× nbdcopy and ≤ {} MiB: speed {}, memory {}",
+                GOAL_RSS_KIB / 1024,
+                if fast { "met" } else { "MISSED" },
+                if lean { "met" } else { "MISSED" }
+            );
+        }
+    }
+    for tool in tools {
+        println!(
+            "  $ {}",
+            tool.argv(source, destination)
+                .iter()
+                .map(|a| if a.contains(['{', '"', '?', '&']) {
+                    format!("'{a}'")
+                } else {
+                    a.clone()
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
+}
 }
 
 fn main() {
@@ -167,97 +323,100 @@ fn main() {
         );
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
+    let vmsdk = match vmsdk_binary() {
+        Ok(path) => path,
+        Err(e) => {
+            println!("SKIPPED: no vmsdk binary: {e}");
+            return;
+        }
+    };
+    let gnu_time = Path::new(GNU_TIME).exists();
+    if !gnu_time {
+        println!("note: {GNU_TIME} is missing (apt-get install time): no peak RSS column");
+    }
+    let mut tools = vec![Tool {
+        name: "nbdcopy",
+        program: "nbdcopy".into(),
+        leading: Vec::new(),
+        null_sink: "null:",
+    }];
+    if have("qemu-img") {
+        tools.push(Tool {
+            name: "qemu-img convert",
+            program: "qemu-img".into(),
+            leading: ["convert", "-n", "-f", "raw", "-O", "raw"]
+                .map(String::from)
+                .into(),
+            null_sink: r#"json:{"file.driver":"null-co","file.size":"1E"}"#,
+        });
+    } else {
+        println!("note: qemu-img is missing (apt-get install qemu-utils): no qemu-img rows");
+    }
+    tools.push(Tool {
+        name: "vmsdk disk copy",
+        program: vmsdk.display().to_string(),
+        leading: ["disk", "copy", "--no-progress"].map(String::from).into(),
+        null_sink: "null:",
+    });
+
+    let shm = Path::new("/dev/shm");
+    let dir = if shm.is_dir() {
+        tempfile::tempdir_in(shm)
+    } else {
+        tempfile::tempdir()
+    }
+    .unwrap();
     let full = dir.path().join("full.img");
     let sparse = dir.path().join("sparse.img");
     write_image(&full, size, size);
     write_image(&sparse, size, size / 2);
     println!(
-        "{mib} MiB images, median of {runs} runs, {} CPUs",
+        "{mib} MiB images in {}, median of {runs} interleaved runs, {} CPUs, MB/s = {size} \
+         bytes / median s / 1e6, ×nbdcopy = nbdcopy's median s / the tool's",
+        dir.path().display(),
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
+    let bench = Bench {
+        tools,
+        size,
+        runs,
+        scratch: dir.path().to_owned(),
+        gnu_time,
+    };
 
-    for (name, image) in [("random", &full), ("half sparse", &sparse)] {
-        let server = qemu_nbd(dir.path(), image, &name.replace(' ', "-"));
-        let uri = server.uri("disk");
-        let nbdcopy = median(
-            (0..runs)
-                .map(|_| time_command(&["nbdcopy", &uri, "null:"]))
-                .collect(),
-        );
-        let opts = |n| {
-            NbdOptions::new(NbdAddress::Unix(server.socket.clone()))
-                .export("disk")
-                .read_only(true)
-                .connections(n)
-        };
-        let one = NbdDisk::connect(&opts(1)).unwrap();
-        let two = NbdDisk::connect(&opts(2)).unwrap();
-        let null = NullDisk::new(size);
-        let defaults = CopyOptions::default();
-        let t1 = median(
-            (0..runs)
-                .map(|_| time_ours(&one, &null, &defaults))
-                .collect(),
-        );
-        let t2 = median(
-            (0..runs)
-                .map(|_| time_ours(&two, &null, &defaults))
-                .collect(),
-        );
-        report(
+    for (name, image) in [("random", &full), ("half-sparse", &sparse)] {
+        let server = qemu_nbd(dir.path(), image, name);
+        bench.run_case(
             &format!("qemu-nbd {name} image → null"),
-            size,
-            nbdcopy,
-            &[
-                ("disk-transport, 1 connection", t1),
-                ("disk-transport, 2 connections", t2),
-            ],
+            &server.uri("disk"),
+            None,
         );
     }
 
-    if have("nbdkit") {
-        let server = nbdkit_memory(dir.path(), size);
-        let uri = server.uri("");
-        // Warm-up: the first write pays for nbdkit's page allocation.
-        time_command(&["nbdcopy", full.to_str().unwrap(), &uri]);
-        let nbdcopy = median(
-            (0..runs)
-                .map(|_| time_command(&["nbdcopy", full.to_str().unwrap(), &uri]))
-                .collect(),
-        );
-        let src = FileDisk::open(
-            &full,
-            &FileOptions {
-                read_only: true,
-                ..FileOptions::default()
-            },
-        )
-        .unwrap();
-        let opts = |n| NbdOptions::new(NbdAddress::Unix(server.socket.clone())).connections(n);
-        let one = NbdDisk::connect(&opts(1)).unwrap();
-        let two = NbdDisk::connect(&opts(2)).unwrap();
-        let defaults = CopyOptions::default();
-        let t1 = median(
-            (0..runs)
-                .map(|_| time_ours(&src, &one, &defaults))
-                .collect(),
-        );
-        let t2 = median(
-            (0..runs)
-                .map(|_| time_ours(&src, &two, &defaults))
-                .collect(),
-        );
-        report(
-            "local random file → nbdkit memory",
-            size,
-            nbdcopy,
-            &[
-                ("disk-transport, 1 connection", t1),
-                ("disk-transport, 2 connections", t2),
-            ],
-        );
-    } else {
-        println!("SKIPPED: nbdkit is needed for the write case (apt-get install nbdkit)");
+    if !have("nbdkit") {
+        println!("SKIPPED: nbdkit is needed for the delay and write cases (apt-get install nbdkit)");
+        return;
     }
+    let image = full.display().to_string();
+    let server = nbdkit(
+        dir.path(),
+        "delay",
+        &["-r", "--filter=delay", "file", &image, "delay-read=1ms"],
+    );
+    bench.run_case(
+        "nbdkit file random image, delay filter 1 ms per read → null",
+        &server.uri(""),
+        None,
+        );
+    drop(server);
+
+    let server = nbdkit(dir.path(), "memory", &["memory", &format!("size={size}")]);
+    let uri = server.uri("");
+    // Warm-up: the first write pays for nbdkit's page allocation.
+    measure(&bench.tools[0].argv(&image, Some(&uri)), dir.path(), false);
+    bench.run_case(
+        "local random file → nbdkit memory",
+        &image,
+        Some(&uri),
+        );
 }

@@ -85,6 +85,19 @@ fn linux_update(c: &mut Criterion) {
                 live.snapshot().unwrap()
             })
         });
+        // What an update costs when the refresh interval has passed (open files kept).
+        let mut refreshing = LinuxGuestStats::builder()
+            .refresh_interval(std::time::Duration::from_nanos(1))
+            .build();
+        c.bench_function(
+            "linux update + snapshot, this machine, refresh interval passed",
+            |b| {
+                b.iter(|| {
+                    refreshing.update().unwrap();
+                    refreshing.snapshot().unwrap()
+                })
+            },
+        );
         // What an update costs when it looks everything up again (the first update, a new
         // session, and once every refresh interval).
         let mut cold = LinuxGuestStats::builder()

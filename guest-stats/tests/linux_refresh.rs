@@ -219,3 +219,49 @@ fn a_zero_interval_sees_a_replaced_tree_at_once() {
     assert!(debug.contains("meminfo"), "{debug}");
     assert!(!debug.contains("Balloon: 1024"), "{debug}");
 }
+
+#[test]
+fn the_cpu_rate_is_found_past_the_first_cpus() {
+    let tree = Tree::new("cpuinfo");
+    // A first CPU record longer than the part read first: the rate is still found.
+    let flags = "fpu ".repeat(2_000);
+    tree.write(
+        "proc/cpuinfo",
+        &format!("processor\t: 0\nflags\t\t: {flags}\ncpu MHz\t\t: 2394.454\n"),
+    );
+    let mut stats = tree.stats();
+    stats.update().unwrap();
+    assert_eq!(stats.host_processor_speed_mhz().unwrap(), 2_394);
+
+    // The first CPU's rate, not one cut at the end of the part read first.
+    let padding = "x".repeat(4_096 - "cpu MHz\t\t: 12".len() - 1);
+    let tree = Tree::new("cpuinfo-cut");
+    tree.write(
+        "proc/cpuinfo",
+        &format!("{padding}\ncpu MHz\t\t: 1234.000\n"),
+    );
+    let mut stats = tree.stats();
+    stats.update().unwrap();
+    assert_eq!(stats.host_processor_speed_mhz().unwrap(), 1_234);
+}
+
+#[test]
+fn a_kept_file_that_fails_at_a_refresh_is_looked_up_again() {
+    let tree = Tree::new("failing-refresh").with_cgroup2("/a");
+    let limit = tree.path("sys/fs/cgroup/a/memory.max");
+    tree.write("sys/fs/cgroup/a/memory.max", &GIB.to_string());
+    // Every update is past the interval: files stay open, the rest is looked up again.
+    let mut stats = LinuxGuestStats::builder()
+        .root(&tree.0)
+        .user_hz(100)
+        .refresh_interval(Duration::from_nanos(1))
+        .build();
+    stats.update().unwrap();
+    assert_eq!(stats.mem_limit_mb().unwrap(), 1_024);
+    let old = fs::OpenOptions::new().write(true).open(&limit).unwrap();
+    replace(&limit, &(2 * GIB).to_string());
+    old.set_len(0).unwrap();
+    std::io::Write::write_all(&mut &old, b"gone").unwrap();
+    stats.update().unwrap();
+    assert_eq!(stats.mem_limit_mb().unwrap(), 2_048);
+}

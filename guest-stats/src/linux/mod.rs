@@ -43,26 +43,27 @@
 //! between updates and are read again from offset 0, which makes the kernel print them afresh;
 //! no path is looked up again.
 //!
-//! What cannot change within a boot is found once and kept: USER_HZ and the page size (from
-//! `/proc/self/auxv`), `cpu MHz` of `/proc/cpuinfo` (the rate the kernel calibrated at boot
-//! in a guest), where this process's cgroups are (from `/proc/self/mountinfo`), and which
-//! optional files exist (a missing `memory.max` in the root cgroup, no Xen balloon, …). All of
-//! it is found again
+//! What does not change within a boot is found once and kept: USER_HZ and the page size (from
+//! `/proc/self/auxv`), `cpu MHz` of the first CPU in `/proc/cpuinfo` (in a guest, the rate the
+//! kernel calibrated at boot; only the top of the file is read), where this process's cgroups
+//! are (from `/proc/self/mountinfo`), and which optional files are missing (`memory.max` in
+//! the root cgroup, the Xen balloon, …). It is all found again, with every file opened afresh,
 //!
 //! - when the session id changes (a new boot id: a reboot, or another tree under the root);
 //! - when `/proc/self/cgroup` changes (the process was moved to another cgroup);
 //! - when a kept file fails to read or parse (a cgroup was removed): the update is retried
-//!   once with everything looked up afresh, and only a failure then is reported;
-//! - after [`LinuxGuestStatsBuilder::refresh_interval`] (default 10 s), so a controller
-//!   enabled on an ancestor cgroup (its `memory.max` appears), a new cgroup mount or a CPU
-//!   rate that does vary (cpufreq or APERF/MPERF exposed to the guest) is seen within that
-//!   interval.
+//!   once with everything looked up afresh, and only a failure then is reported; a failed
+//!   update keeps nothing.
 //!
-//! That is about ten open files on a typical guest (one per file read on an update).
+//! It is also found again, keeping the files that are open, every
+//! [`LinuxGuestStatsBuilder::refresh_interval`] (default 30 s), so a controller enabled on an
+//! ancestor cgroup (its `memory.max` appears), a new cgroup mount or a CPU rate that does vary
+//! (cpufreq or APERF/MPERF exposed to the guest) is seen within that interval.
 //!
-//! A tree under a custom root that is changed by replacing files (rename over) rather than
-//! rewriting them in place is seen only after one of these; set the interval to zero to look
-//! everything up on every update.
+//! That is about ten open files on a typical guest (one per file read on an update). A tree
+//! under a custom root that is changed by replacing files (rename over) rather than rewriting
+//! them in place, as the kernel does, is seen only after one of these; with a refresh interval
+//! of zero nothing is kept and every update opens every file.
 //!
 //! ```no_run
 //! use guest_stats::linux::LinuxGuestStats;
@@ -80,7 +81,7 @@ mod procfs;
 use std::collections::HashMap;
 use std::fmt;
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -92,7 +93,7 @@ const AT_CLKTCK: u64 = 17;
 const DEFAULT_USER_HZ: u64 = 100;
 const DEFAULT_PAGE_SIZE: u64 = 4096;
 const XEN_MEMORY: &str = "sys/devices/system/xen_memory/xen_memory0";
-const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Builds a [`LinuxGuestStats`] with a non-default root or clock rate.
 #[derive(Debug, Clone)]
@@ -125,9 +126,9 @@ impl LinuxGuestStatsBuilder {
     }
 
     /// How long what is read once (clock rate, page size, CPU MHz, where the cgroups are,
-    /// which optional files exist) is trusted before it is looked up again; see
-    /// [What is read once](self#what-is-read-once). Default 10 s; zero looks everything up on
-    /// every update.
+    /// which optional files are missing) is trusted before it is looked up again; see
+    /// [What is read once](self#what-is-read-once). Default 30 s; zero keeps nothing, not
+    /// even open files, between updates.
     pub fn refresh_interval(mut self, interval: Duration) -> Self {
         self.refresh_interval = interval;
         self
@@ -218,17 +219,51 @@ impl LinuxGuestStats {
 
     /// Reads a file whole without keeping it open, for what is read once: a missing file (or
     /// directory) is `None`, as many of these files exist only with some drivers or kernels.
+    /// Large reads: a seq_file such as mountinfo walks its list from the start on every
+    /// read call.
     fn read_once(path: &Path) -> Result<Option<String>> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => Ok(Some(text)),
+        let mut buffer = Vec::new();
+        match File::open(path).and_then(|file| read_from_start(&file, &mut buffer)) {
+            Ok(len) => {
+                buffer.truncate(len);
+                String::from_utf8(buffer).map(Some).map_err(|_| {
+                    Error::io(
+                        path,
+                        io::Error::new(io::ErrorKind::InvalidData, "the file is not UTF-8"),
+                    )
+                })
+            }
             Err(error) if is_absent(&error) => Ok(None),
             Err(error) => Err(Error::io(path, error)),
         }
     }
 
+    /// `cpu MHz` of the first CPU: from the first 4 KiB of the file (the kernel then prints
+    /// only the first few CPUs), or from the whole file when they do not hold it.
+    fn cpuinfo_mhz(path: &Path) -> Result<Option<u64>> {
+        const PREFIX: usize = 4096;
+        let mut prefix = vec![0; PREFIX];
+        match File::open(path).and_then(|file| read_up_to(&file, &mut prefix)) {
+            Ok(len) => prefix.truncate(len),
+            Err(error) if is_absent(&error) => return Ok(None),
+            Err(error) => return Err(Error::io(path, error)),
+        }
+        // Only whole lines: a number cut at the end of the prefix would be wrong.
+        let whole_lines = match prefix.iter().rposition(|&byte| byte == b'\n') {
+            Some(end) => &prefix[..=end],
+            None => &[][..],
+        };
+        let found = std::str::from_utf8(whole_lines)
+            .ok()
+            .and_then(procfs::parse_cpuinfo_mhz);
+        if found.is_some() || prefix.len() < PREFIX {
+            return Ok(found);
+        }
+        Ok(Self::read_once(path)?.and_then(|text| procfs::parse_cpuinfo_mhz(&text)))
+    }
+
     /// Finds what is kept across updates; see [What is read once](self#what-is-read-once).
     fn discover(&mut self) -> Result<Layout> {
-        self.files.clear();
         let path = |relative: &str| self.root.join(relative);
         let paths = Paths {
             stat: path("proc/stat"),
@@ -243,8 +278,10 @@ impl LinuxGuestStats {
         };
 
         // auxv only refines defaults, so an unreadable one is not an error.
-        let auxv = std::fs::read(path("proc/self/auxv"))
-            .map(|bytes| procfs::parse_auxv(&bytes))
+        let mut auxv_bytes = Vec::new();
+        let auxv = File::open(path("proc/self/auxv"))
+            .and_then(|file| read_from_start(&file, &mut auxv_bytes))
+            .map(|len| procfs::parse_auxv(&auxv_bytes[..len]))
             .unwrap_or_default();
         let user_hz = self
             .user_hz
@@ -256,10 +293,9 @@ impl LinuxGuestStats {
             .filter(|&size| size > 0)
             .unwrap_or(DEFAULT_PAGE_SIZE);
 
-        // The whole of cpuinfo is costly to print (every flag of every CPU) for one number
-        // that, in a guest, is the rate calibrated at boot.
-        let mhz = Self::read_once(&path("proc/cpuinfo"))?
-            .and_then(|text| procfs::parse_cpuinfo_mhz(&text));
+        // The whole of cpuinfo is costly to print (every flag of every CPU, so it grows with
+        // the CPU count) for one number of the first CPU, which x86 prints near its top.
+        let mhz = Self::cpuinfo_mhz(&path("proc/cpuinfo"))?;
 
         let mut memberships = None;
         let mut memory_chains = Vec::new();
@@ -359,8 +395,7 @@ impl LinuxGuestStats {
 
         if self.cgroups && layout.memberships.is_some() {
             // A process moved to another cgroup has other chains to read.
-            let memberships = files.read_optional(&paths.memberships)?;
-            if warm && memberships != layout.memberships.as_deref() {
+            if warm && files.read_optional(&paths.memberships)? != layout.memberships.as_deref() {
                 return Ok(None);
             }
             read_cgroups(files, layout, &mut snapshot)?;
@@ -605,8 +640,19 @@ impl OpenFiles {
     /// The smallest buffer: every file read on an update fits (a larger one grows it).
     const INITIAL_BUFFER: usize = 8 * 1024;
 
+    /// Closes every file: the next reads open them again.
     fn clear(&mut self) {
         self.files.clear();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// Forgets which files were missing, so the next reads look for them again; open files
+    /// stay open.
+    fn forget_missing(&mut self) {
+        self.files.retain(|_, file| file.is_some());
     }
 
     /// The file's current contents.
@@ -646,6 +692,21 @@ impl OpenFiles {
     }
 }
 
+/// Fills `buffer` from the file's current offset, short only at the end of the file (in
+/// few, large reads, unlike `Read::take`, which starts with small ones).
+fn read_up_to(mut file: &File, buffer: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match file.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(read) => filled += read,
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(filled)
+}
+
 /// Reads a file from offset 0 to its end into `buffer` (growing it as needed), returning the
 /// length. procfs, sysfs and cgroupfs print a file afresh when it is read from offset 0.
 fn read_from_start(file: &File, buffer: &mut Vec<u8>) -> io::Result<usize> {
@@ -674,25 +735,47 @@ impl GuestStats for LinuxGuestStats {
     fn update(&mut self) -> Result<SessionId> {
         // A failed update drops the old data, as the C library does.
         self.current = None;
-        if self
-            .layout
-            .as_ref()
-            .is_some_and(|layout| layout.found_at.elapsed() >= self.refresh_interval)
-        {
-            self.layout = None;
+        if let Some(layout) = &self.layout {
+            if self.refresh_interval.is_zero() {
+                self.layout = None;
+                self.files.clear();
+            } else if layout.found_at.elapsed() >= self.refresh_interval {
+                // The kernel's files are never replaced, so open ones stay open (one that goes
+                // away fails to read, and that is handled below).
+                self.layout = None;
+                self.files.forget_missing();
+            }
         }
-        // At most two rounds: a layout found in this update is never stale, and its errors
-        // are final.
-        let snapshot = loop {
-            let kept = self.layout.is_some();
-            match self.read_all() {
-                Ok(Some(snapshot)) => break snapshot,
-                // A new session or a moved process: look everything up again.
-                Ok(None) => self.layout = None,
-                // A kept file may be gone (its cgroup removed) or another tree put in place:
-                // the error counts only if it happens again with everything looked up afresh.
-                Err(_) if kept => self.layout = None,
-                Err(error) => return Err(error),
+        // Open files are kept across a refresh too.
+        let kept = self.layout.is_some() || !self.files.is_empty();
+        let result = match self.read_all() {
+            Ok(Some(snapshot)) => Ok(snapshot),
+            // A new session or a moved process: look everything up again. A kept file may be
+            // gone (its cgroup removed) or another tree put in place: the error counts only if
+            // it happens again with everything looked up afresh.
+            Ok(None) | Err(_) if kept => {
+                self.layout = None;
+                self.files.clear();
+                self.read_all().and_then(|snapshot| {
+                    // A layout found in this update is never stale.
+                    snapshot.ok_or_else(|| {
+                        Error::parse(&self.root, "the tree changed while it was being read")
+                    })
+                })
+            }
+            Ok(None) => Err(Error::parse(
+                &self.root,
+                "the tree changed while it was being read",
+            )),
+            Err(error) => Err(error),
+        };
+        let snapshot = match result {
+            Ok(snapshot) => snapshot,
+            Err(error) => {
+                // Nothing is kept from a failed update: the next one opens every file.
+                self.layout = None;
+                self.files.clear();
+                return Err(error);
             }
         };
         let session = snapshot.session_id;

@@ -40,7 +40,8 @@ enum DiskCommand {
     Copy {
         /// Source disk URI.
         source: String,
-        /// Destination: a disk URI, or a path (a missing file is created at the source's size).
+        /// Destination: a disk URI, a path (a missing file is created at the source's size), or
+        /// `null:` to discard the data (measures how fast the source reads).
         destination: String,
         /// Bytes per request.
         #[arg(long, default_value_t = 256 * 1024)]
@@ -48,6 +49,10 @@ enum DiskCommand {
         /// Requests in flight at once.
         #[arg(long, default_value_t = 64)]
         requests: usize,
+        /// NBD connections per disk when the server allows multi-conn (default: one per CPU,
+        /// at most 4, as nbdcopy); a `connections=N` in the URI wins.
+        #[arg(long)]
+        connections: Option<usize>,
         /// Give up when no request completes for this many seconds.
         #[arg(long, default_value_t = 60)]
         stall_timeout: u64,
@@ -127,12 +132,18 @@ pub fn run(platform: &Platform, args: &DiskArgs) -> CliResult {
             destination,
             request_size,
             requests,
+            connections,
             stall_timeout,
             no_progress,
         } => {
-            let src = vmsdk::disk::open(source, OpenFlags::read_only())?;
+            let connections = connections.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+            });
+            let source = vmsdk::disk::with_default_connections(source, connections);
+            let destination = vmsdk::disk::with_default_connections(destination, connections);
+            let src = vmsdk::disk::open(&source, OpenFlags::read_only())?;
             let capacity = src.info()?.capacity;
-            let (dst, fresh) = vmsdk::disk::open_or_create(destination, capacity)?;
+            let (dst, fresh) = vmsdk::disk::open_or_create(&destination, capacity)?;
             let options = CopyOptions::default()
                 .request_size(*request_size)
                 .requests_in_flight(*requests)
