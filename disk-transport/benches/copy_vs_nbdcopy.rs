@@ -205,7 +205,15 @@ fn vmsdk_binary() -> Result<PathBuf, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     println!("building the release vmsdk binary ...");
     let status = Command::new(cargo)
-        .args(["build", "--release", "-p", "vmsdk", "--bin", "vmsdk", "--target-dir"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "vmsdk",
+            "--bin",
+            "vmsdk",
+            "--target-dir",
+        ])
         .arg(&target)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
@@ -237,68 +245,68 @@ impl Bench {
             gnu_time,
         } = self;
         let (size, runs, gnu_time) = (*size, *runs, *gnu_time);
-    let load_before = load_average();
-    let mut samples: Vec<Vec<Sample>> = tools.iter().map(|_| Vec::new()).collect();
-    for _ in 0..runs {
-        for (tool, out) in tools.iter().zip(&mut samples) {
-            out.push(measure(&tool.argv(source, destination), scratch, gnu_time));
+        let load_before = load_average();
+        let mut samples: Vec<Vec<Sample>> = tools.iter().map(|_| Vec::new()).collect();
+        for _ in 0..runs {
+            for (tool, out) in tools.iter().zip(&mut samples) {
+                out.push(measure(&tool.argv(source, destination), scratch, gnu_time));
+            }
         }
-    }
-    println!(
-        "\n{title}  (load average {load_before} before, {} after)",
-        load_average()
-    );
-    println!(
-        "  {:<16} {:>9} {:>8} {:>10} {:>13}  all runs (s)",
-        "tool", "median s", "MB/s", "×nbdcopy", "peak RSS MiB"
-    );
-    let medians: Vec<f64> = samples
-        .iter()
-        .map(|s| median(s.iter().map(|x| x.seconds).collect()))
-        .collect();
-    let reference = tools
-        .iter()
-        .position(|t| t.name == "nbdcopy")
-        .map(|i| medians[i]);
-    for ((tool, runs), secs) in tools.iter().zip(&samples).zip(&medians) {
-        let ratio = reference.map_or("n/a".to_owned(), |r| format!("{:.2}", r / secs));
-        let rss = runs.iter().map(|x| x.peak_rss_kib).max().flatten();
-        let all: Vec<String> = runs.iter().map(|x| format!("{:.2}", x.seconds)).collect();
         println!(
-            "  {:<16} {:>9.3} {:>8.0} {:>10} {:>13}  {}",
-            tool.name,
-            secs,
-            size as f64 / secs / 1e6,
-            ratio,
-            rss.map_or("n/a".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0)),
-            all.join(" ")
+            "\n{title}  (load average {load_before} before, {} after)",
+            load_average()
         );
-        if tool.name == "vmsdk disk copy" {
-            let fast = reference.is_some_and(|r| r / secs >= GOAL_RATIO);
-            let lean = rss.is_some_and(|k| k <= GOAL_RSS_KIB);
+        println!(
+            "  {:<16} {:>9} {:>8} {:>10} {:>13}  all runs (s)",
+            "tool", "median s", "MB/s", "×nbdcopy", "peak RSS MiB"
+        );
+        let medians: Vec<f64> = samples
+            .iter()
+            .map(|s| median(s.iter().map(|x| x.seconds).collect()))
+            .collect();
+        let reference = tools
+            .iter()
+            .position(|t| t.name == "nbdcopy")
+            .map(|i| medians[i]);
+        for ((tool, runs), secs) in tools.iter().zip(&samples).zip(&medians) {
+            let ratio = reference.map_or("n/a".to_owned(), |r| format!("{:.2}", r / secs));
+            let rss = runs.iter().map(|x| x.peak_rss_kib).max().flatten();
+            let all: Vec<String> = runs.iter().map(|x| format!("{:.2}", x.seconds)).collect();
             println!(
-                "  goal ≥ {GOAL_RATIO}× nbdcopy and ≤ {} MiB: speed {}, memory {}",
-                GOAL_RSS_KIB / 1024,
-                if fast { "met" } else { "MISSED" },
-                if lean { "met" } else { "MISSED" }
+                "  {:<16} {:>9.3} {:>8.0} {:>10} {:>13}  {}",
+                tool.name,
+                secs,
+                size as f64 / secs / 1e6,
+                ratio,
+                rss.map_or("n/a".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0)),
+                all.join(" ")
+            );
+            if tool.name == "vmsdk disk copy" {
+                let fast = reference.is_some_and(|r| r / secs >= GOAL_RATIO);
+                let lean = rss.is_some_and(|k| k <= GOAL_RSS_KIB);
+                println!(
+                    "  goal ≥ {GOAL_RATIO}× nbdcopy and ≤ {} MiB: speed {}, memory {}",
+                    GOAL_RSS_KIB / 1024,
+                    if fast { "met" } else { "MISSED" },
+                    if lean { "met" } else { "MISSED" }
+                );
+            }
+        }
+        for tool in tools {
+            println!(
+                "  $ {}",
+                tool.argv(source, destination)
+                    .iter()
+                    .map(|a| if a.contains(['{', '"', '?', '&']) {
+                        format!("'{a}'")
+                    } else {
+                        a.clone()
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
             );
         }
     }
-    for tool in tools {
-        println!(
-            "  $ {}",
-            tool.argv(source, destination)
-                .iter()
-                .map(|a| if a.contains(['{', '"', '?', '&']) {
-                    format!("'{a}'")
-                } else {
-                    a.clone()
-                })
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-    }
-}
 }
 
 fn main() {
@@ -394,7 +402,9 @@ fn main() {
     }
 
     if !have("nbdkit") {
-        println!("SKIPPED: nbdkit is needed for the delay and write cases (apt-get install nbdkit)");
+        println!(
+            "SKIPPED: nbdkit is needed for the delay and write cases (apt-get install nbdkit)"
+        );
         return;
     }
     let image = full.display().to_string();
@@ -407,16 +417,12 @@ fn main() {
         "nbdkit file random image, delay filter 1 ms per read → null",
         &server.uri(""),
         None,
-        );
+    );
     drop(server);
 
     let server = nbdkit(dir.path(), "memory", &["memory", &format!("size={size}")]);
     let uri = server.uri("");
     // Warm-up: the first write pays for nbdkit's page allocation.
     measure(&bench.tools[0].argv(&image, Some(&uri)), dir.path(), false);
-    bench.run_case(
-        "local random file → nbdkit memory",
-        &image,
-        Some(&uri),
-        );
+    bench.run_case("local random file → nbdkit memory", &image, Some(&uri));
 }

@@ -131,7 +131,7 @@ pub use params::{
     Compression, ConnectParams, ConnectParamsBuilder, Credentials, OpenFlags, Secret, Thumbprint,
 };
 pub use types::{clip_extents, push_extent, AdapterType, DiskInfo, Extent, ExtentKind, Geometry};
-pub use uri::{open_uri, parse_size, DiskUri, NbdAddress};
+pub use uri::{open_uri, parse_size, percent_decode, DiskUri, NbdAddress};
 
 /// Called when a submitted read completes: the filled buffer, or the error.
 pub type ReadCompletion = Box<dyn FnOnce(Result<Vec<u8>>) + Send>;

@@ -70,8 +70,8 @@ fn invalid(uri: &str, reason: impl Into<String>) -> Error {
     }
 }
 
-/// Decodes `%XX` escapes.
-fn percent_decode(uri: &str, text: &str) -> Result<String> {
+/// Decodes the `%XX` escapes of `text`, a part of `uri` (named in the error).
+pub fn percent_decode(uri: &str, text: &str) -> Result<String> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

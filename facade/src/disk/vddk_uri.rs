@@ -11,7 +11,8 @@
 //! would keep it: it comes from the `VMSDK_VDDK_PASSWORD` environment variable.
 
 use disk_transport::{
-    parse_transport_modes, ConnectParams, Error, OpenFlags, Result, Secret, Thumbprint,
+    parse_transport_modes, percent_decode, ConnectParams, Error, OpenFlags, Result, Secret,
+    Thumbprint,
 };
 
 /// The environment variable holding the password of a `vddk://USER@…` URI.
@@ -31,26 +32,6 @@ fn invalid(uri: &str, reason: impl Into<String>) -> Error {
         uri: uri.to_owned(),
         reason: reason.into(),
     }
-}
-
-fn percent_decode(uri: &str, text: &str) -> Result<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let byte = text
-                .get(i + 1..i + 3)
-                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-                .ok_or_else(|| invalid(uri, "a % not followed by two hex digits"))?;
-            out.push(byte);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| invalid(uri, "the decoded text is not UTF-8"))
 }
 
 /// Splits `host[:port]` (IPv6 hosts in brackets).
@@ -195,7 +176,7 @@ mod tests {
             ("vddk://esx:http/d.vmdk", "http"),
             ("vddk://esx/", "no disk path"),
             ("vddk://esx/d.vmdk?transports=warp", "warp"),
-            ("vddk://esx/%zz", "hex"),
+            ("vddk://esx/%zz", "escape"),
         ] {
             let err = parse(uri, OpenFlags::read_only(), None).unwrap_err();
             assert!(err.to_string().contains(needle), "{uri}: {err}");
