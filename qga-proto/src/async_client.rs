@@ -277,32 +277,8 @@ impl<S: AsyncStream + 'static> Inner<S> {
         };
         let deadline = Instant::now() + wait_for;
         self.write(&bytes, deadline, name).await?;
-        let step = match self.read_until(&mut wait, deadline, name).await {
-            // guest-shutdown and guest-suspend-* take the channel down with the guest: the
-            // channel closing is their success, not an error.
-            Err(Error::Disconnected { .. }) if !replies => {
-                return Ok(Value::Object(Default::default()))
-            }
-            other => other?,
-        };
-        match step {
-            Some(Step::Done(result)) => {
-                self.session.finished(name, &result);
-                result
-            }
-            Some(Step::Synced) | Some(Step::Pending) => Err(Error::Protocol {
-                detail: "unexpected client state".into(),
-            }),
-            None if !replies => {
-                // No error line within the grace period: the command was taken.
-                // The guest is going down or asleep, so the next call re-syncs.
-                Ok(Value::Object(Default::default()))
-            }
-            None => Err(Error::Timeout {
-                command: name.to_owned(),
-                timeout: wait_for,
-            }),
-        }
+        let outcome = self.read_until(&mut wait, deadline, name).await;
+        self.session.conclude(name, outcome, replies, wait_for)
     }
 
     async fn write(&mut self, bytes: &[u8], deadline: Instant, command: &str) -> Result<()> {

@@ -370,28 +370,8 @@ impl<S: Transport> Client<S> {
         };
         let deadline = Instant::now() + wait_for;
         self.write(&bytes, deadline, name)?;
-        let step = match self.read_until(&mut wait, deadline, name) {
-            // guest-shutdown and guest-suspend-* take the channel down with the guest: the
-            // channel closing is their success, not an error.
-            Err(Error::Disconnected { .. }) if !replies => {
-                return Ok(Value::Object(Default::default()))
-            }
-            other => other?,
-        };
-        match step {
-            Some(Step::Done(result)) => {
-                self.session.finished(name, &result);
-                result
-            }
-            Some(_) => Err(Error::Protocol {
-                detail: "unexpected client state".into(),
-            }),
-            None if !replies => Ok(Value::Object(Default::default())),
-            None => Err(Error::Timeout {
-                command: name.to_owned(),
-                timeout: wait_for,
-            }),
-        }
+        let outcome = self.read_until(&mut wait, deadline, name);
+        self.session.conclude(name, outcome, replies, wait_for)
     }
 
     fn write(&mut self, bytes: &[u8], deadline: Instant, command: &str) -> Result<()> {

@@ -247,6 +247,40 @@ impl Session {
     }
 
     /// Bookkeeping after a command's reply (or failure) was read.
+    /// What a command's exchange amounts to, once waiting for its reply has ended with
+    /// `outcome` (a step, silence until the deadline, or an error) after `waited`.
+    ///
+    /// Shared by the blocking and the async client, so both read the same meaning into the
+    /// same events.
+    pub(crate) fn conclude(
+        &mut self,
+        name: &str,
+        outcome: Result<Option<Step>>,
+        replies: bool,
+        waited: Duration,
+    ) -> Result<Value> {
+        match outcome {
+            Ok(Some(Step::Done(result))) => {
+                self.finished(name, &result);
+                result
+            }
+            Ok(Some(Step::Synced | Step::Pending)) => Err(Error::Protocol {
+                detail: "unexpected client state".into(),
+            }),
+            // guest-shutdown and guest-suspend-* send nothing on success: silence through the
+            // grace period means the command was taken, and so does the channel closing as the
+            // guest goes down. The guest is going away or asleep, so the next call re-syncs.
+            Ok(None) | Err(Error::Disconnected { .. }) if !replies => {
+                Ok(Value::Object(Default::default()))
+            }
+            Ok(None) => Err(Error::Timeout {
+                command: name.to_owned(),
+                timeout: waited,
+            }),
+            Err(error) => Err(error),
+        }
+    }
+
     pub fn finished(&mut self, name: &str, result: &Result<Value>) {
         match result {
             Err(e) if e.is_channel_error() => return,
