@@ -23,8 +23,10 @@
 //!
 //! Runs of the three tools are interleaved (tool A, B, C, A, B, C, ...) so that load from other
 //! jobs on the machine spreads over all of them; the load average before and after each case is
-//! printed. Peak RSS comes from `/usr/bin/time -f %M` (Debian package `time`); without it the
-//! column says `n/a`. Images live in /dev/shm when it exists, so disk speed is not measured.
+//! printed, and so is each tool's own CPU time (user + system), which load from other jobs
+//! disturbs less than wall time. Peak RSS and CPU time come from `/usr/bin/time -f '%M %U %S'`
+//! (Debian package `time`); without it those columns say `n/a`. Images live in /dev/shm when it
+//! exists, so disk speed is not measured.
 //! Needs qemu-nbd, qemu-img, nbdkit and nbdcopy (`apt-get install qemu-utils nbdkit
 //! libnbd-bin time`); missing tools skip their cases or columns with a message.
 
@@ -136,6 +138,8 @@ fn load_average() -> String {
 struct Sample {
     seconds: f64,
     peak_rss_kib: Option<u64>,
+    /// User plus system CPU seconds of the tool's process.
+    cpu_seconds: Option<f64>,
 }
 
 /// Runs `argv` to completion under GNU time (when available), timing it.
@@ -143,7 +147,7 @@ fn measure(argv: &[String], scratch: &Path, gnu_time: bool) -> Sample {
     let rss_file = scratch.join("peak-rss");
     let mut command = if gnu_time {
         let mut c = Command::new(GNU_TIME);
-        c.args(["-f", "%M", "-o"]).arg(&rss_file).args(argv);
+        c.args(["-f", "%M %U %S", "-o"]).arg(&rss_file).args(argv);
         c
     } else {
         let mut c = Command::new(&argv[0]);
@@ -160,13 +164,27 @@ fn measure(argv: &[String], scratch: &Path, gnu_time: bool) -> Sample {
         argv.join(" "),
         String::from_utf8_lossy(&output.stderr)
     );
-    let peak_rss_kib = gnu_time
+    // GNU time's last line is ours (a failing command adds one before it).
+    let report = gnu_time
         .then(|| std::fs::read_to_string(&rss_file).ok())
         .flatten()
-        .and_then(|s| s.lines().last().and_then(|l| l.trim().parse().ok()));
+        .and_then(|s| s.lines().last().map(str::to_owned))
+        .unwrap_or_default();
+    let fields: Vec<&str> = report.split_whitespace().collect();
+    let (peak_rss_kib, cpu_seconds) = match fields[..] {
+        [rss, user, system] => (
+            rss.parse().ok(),
+            user.parse::<f64>()
+                .ok()
+                .zip(system.parse::<f64>().ok())
+                .map(|(u, s)| u + s),
+        ),
+        _ => (None, None),
+    };
     Sample {
         seconds,
         peak_rss_kib,
+        cpu_seconds,
     }
 }
 
@@ -257,8 +275,8 @@ impl Bench {
             load_average()
         );
         println!(
-            "  {:<16} {:>9} {:>8} {:>10} {:>13}  all runs (s)",
-            "tool", "median s", "MB/s", "×nbdcopy", "peak RSS MiB"
+            "  {:<16} {:>9} {:>8} {:>10} {:>13} {:>7}  all runs (s)",
+            "tool", "median s", "MB/s", "×nbdcopy", "peak RSS MiB", "CPU s"
         );
         let medians: Vec<f64> = samples
             .iter()
@@ -271,14 +289,16 @@ impl Bench {
         for ((tool, runs), secs) in tools.iter().zip(&samples).zip(&medians) {
             let ratio = reference.map_or("n/a".to_owned(), |r| format!("{:.2}", r / secs));
             let rss = runs.iter().map(|x| x.peak_rss_kib).max().flatten();
+            let cpu: Option<Vec<f64>> = runs.iter().map(|x| x.cpu_seconds).collect();
             let all: Vec<String> = runs.iter().map(|x| format!("{:.2}", x.seconds)).collect();
             println!(
-                "  {:<16} {:>9.3} {:>8.0} {:>10} {:>13}  {}",
+                "  {:<16} {:>9.3} {:>8.0} {:>10} {:>13} {:>7}  {}",
                 tool.name,
                 secs,
                 size as f64 / secs / 1e6,
                 ratio,
                 rss.map_or("n/a".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0)),
+                cpu.map_or("n/a".to_owned(), |c| format!("{:.2}", median(c))),
                 all.join(" ")
             );
             if tool.name == "vmsdk disk copy" {

@@ -4,8 +4,8 @@
 //! pieces from a shared plan and keep [`CopyOptions::requests_in_flight`] reads and writes going
 //! through [`Disk::submit_read`]/[`Disk::submit_write`]: a completed read is handed straight to
 //! the destination, a completed write frees its buffer for the next read. The calling thread
-//! only sums progress and calls the callback. Ranges the source
-//! reports as zero or holes ([`Disk::allocated_extents`]) are never read; they are zeroed on the
+//! only sums progress and calls the callback; workers report to it every 50 ms rather than per
+//! request, so it does not wake for every completion. Ranges the source reports as zero or holes ([`Disk::allocated_extents`]) are never read; they are zeroed on the
 //! destination (`write_zeroes`, cheap on NBD and files), or skipped entirely when the caller
 //! knows the destination is already zero. Read buffers that turn out all-zero are zeroed the
 //! same way, keeping the destination sparse.
@@ -119,7 +119,8 @@ impl CopyOptions {
     }
 }
 
-/// Progress so far, passed to the callback after every completed request.
+/// Progress so far, passed to the callback as requests complete (about every 50 ms per copying
+/// thread, and at the end).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct CopyProgress {
     /// Source size in bytes.
@@ -134,6 +135,16 @@ pub struct CopyProgress {
     pub zeroed: u64,
     /// Bytes skipped because the destination was already zero.
     pub skipped: u64,
+}
+
+impl CopyProgress {
+    fn add(&mut self, delta: &CopyProgress) {
+        self.done += delta.done;
+        self.read += delta.read;
+        self.written += delta.written;
+        self.zeroed += delta.zeroed;
+        self.skipped += delta.skipped;
+    }
 }
 
 /// What a finished copy did.
@@ -459,11 +470,7 @@ pub fn copy_ranges(
         drop(delta_tx);
         // Every worker ends (its waits have deadlines), and with it the channel.
         for delta in delta_rx {
-            p.done += delta.done;
-            p.read += delta.read;
-            p.written += delta.written;
-            p.zeroed += delta.zeroed;
-            p.skipped += delta.skipped;
+            p.add(&delta);
             progress(&p);
         }
     });
@@ -515,6 +522,41 @@ impl WorkerShared<'_> {
     }
 }
 
+/// How often a worker sends its progress to the coordinating thread.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(50);
+
+/// A worker's progress not yet sent to the coordinating thread. Sending it per request woke
+/// that thread twice per request, a context switch each; every [`PROGRESS_INTERVAL`] is enough
+/// for a progress bar. Whatever is left is sent when the worker ends (on drop, so early returns
+/// report too).
+struct Unreported<'a> {
+    sum: CopyProgress,
+    since: Instant,
+    to: &'a mpsc::Sender<CopyProgress>,
+}
+
+impl Unreported<'_> {
+    fn add(&mut self, delta: CopyProgress) {
+        self.sum.add(&delta);
+        if self.since.elapsed() >= PROGRESS_INTERVAL {
+            self.send();
+        }
+    }
+
+    fn send(&mut self) {
+        if self.sum != CopyProgress::default() {
+            let _ = self.to.send(std::mem::take(&mut self.sum));
+        }
+        self.since = Instant::now();
+    }
+}
+
+impl Drop for Unreported<'_> {
+    fn drop(&mut self) {
+        self.send();
+    }
+}
+
 /// One copying thread: pulls pieces from the shared planner and keeps up to `in_flight` of
 /// them moving, sending progress deltas to the coordinating thread.
 fn worker(
@@ -530,6 +572,11 @@ fn worker(
     let mut outstanding = 0usize;
     let mut first_error: Option<Error> = None;
     let mut source_done = false;
+    let mut unreported = Unreported {
+        sum: CopyProgress::default(),
+        since: Instant::now(),
+        to: deltas,
+    };
     let zero_range = |offset: u64, length: u64| -> Result<CopyProgress> {
         let mut d = CopyProgress {
             done: length,
@@ -559,7 +606,7 @@ fn worker(
             if piece.kind.reads_as_zero() {
                 match zero_range(piece.offset, piece.length) {
                     Ok(d) => {
-                        let _ = deltas.send(d);
+                        unreported.add(d);
                     }
                     Err(e) => first_error = Some(e),
                 }
@@ -634,10 +681,10 @@ fn worker(
                         d.done += n;
                     }
                     pool.push(buf);
-                    let _ = deltas.send(d);
+                    unreported.add(d);
                     continue;
                 }
-                let _ = deltas.send(CopyProgress {
+                unreported.add(CopyProgress {
                     read: length,
                     ..CopyProgress::default()
                 });
@@ -652,7 +699,7 @@ fn worker(
             }
             Event::Written(Ok(buf)) => {
                 outstanding -= 1;
-                let _ = deltas.send(CopyProgress {
+                unreported.add(CopyProgress {
                     written: buf.len() as u64,
                     done: buf.len() as u64,
                     ..CopyProgress::default()

@@ -267,6 +267,38 @@ fn disk_copy_of_a_sparse_file_creates_an_identical_sparse_file() {
 }
 
 #[test]
+fn disk_copy_to_null_reads_the_data_and_skips_the_holes() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let file = std::fs::File::create(&src).unwrap();
+    file.set_len(16 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_at(&file, &[0x5a; 1 << 20], 4 << 20).unwrap();
+    drop(file);
+    let out = vmsdk(&[
+        "disk",
+        "copy",
+        "--no-progress",
+        src.to_str().unwrap(),
+        "null:",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        summary.contains(&format!("copied {} bytes", 16 << 20))
+            && summary.contains(&format!("{} written", 1 << 20))
+            && summary.contains(&format!("{} skipped", 15 << 20)),
+        "{summary}"
+    );
+    // `null:` is a destination only.
+    let out = vmsdk(&["disk", "info", "null:"]);
+    assert!(!out.status.success());
+}
+
+#[test]
 fn fake_agent_answers_typed_and_raw_commands_through_the_real_client() {
     let out = vmsdk(&["--backend", "fake", "agent", "info"]);
     assert!(

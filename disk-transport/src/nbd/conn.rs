@@ -690,7 +690,11 @@ fn stop_reason(stop: &Stop, timeout: Duration) -> String {
 /// still waiting, so no caller waits forever.
 pub(crate) fn run_reader<R: Read>(stream: R, shared: &Shared) {
     let mut reader = ReplyReader {
-        inner: BufReader::with_capacity(64 * 1024, stream),
+        // Small on purpose: read data larger than the buffer goes straight from the socket into
+        // the caller's buffer, and only what the buffer over-read around a reply header (at
+        // most its size, twice per read reply) is copied a second time. 64 KiB here copied up
+        // to half of every 256 KiB read twice; 4 KiB still batches hundreds of small replies.
+        inner: BufReader::with_capacity(4096, stream),
         shared,
         in_hand: None,
     };

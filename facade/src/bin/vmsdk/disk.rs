@@ -53,6 +53,9 @@ enum DiskCommand {
         /// at most 4, as nbdcopy); a `connections=N` in the URI wins.
         #[arg(long)]
         connections: Option<usize>,
+        /// Copying threads (default: one per CPU, at most 4).
+        #[arg(long)]
+        threads: Option<usize>,
         /// Give up when no request completes for this many seconds.
         #[arg(long, default_value_t = 60)]
         stall_timeout: u64,
@@ -133,6 +136,7 @@ pub fn run(platform: &Platform, args: &DiskArgs) -> CliResult {
             request_size,
             requests,
             connections,
+            threads,
             stall_timeout,
             no_progress,
         } => {
@@ -144,7 +148,11 @@ pub fn run(platform: &Platform, args: &DiskArgs) -> CliResult {
             let src = vmsdk::disk::open(&source, OpenFlags::read_only())?;
             let capacity = src.info()?.capacity;
             let (dst, fresh) = vmsdk::disk::open_or_create(&destination, capacity)?;
-            let options = CopyOptions::default()
+            let mut options = CopyOptions::default();
+            if let Some(n) = threads {
+                options = options.threads(*n);
+            }
+            let options = options
                 .request_size(*request_size)
                 .requests_in_flight(*requests)
                 .destination_is_zero(fresh)
