@@ -187,48 +187,64 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// Installs the missing test peers with apt-get. Present packages are left alone, so a machine
-/// that already has everything never touches the network.
-fn install_test_peers() -> Result<(), String> {
-    let missing: Vec<&str> = TEST_PEERS
-        .iter()
+/// Every package the tests and the VM test need, with the file that proves each is installed.
+fn required_packages() -> impl Iterator<Item = &'static (&'static str, &'static str)> {
+    TEST_PEERS.iter().chain(vm_test::VM_PACKAGES)
+}
+
+fn missing_packages() -> Vec<&'static str> {
+    let mut missing: Vec<&str> = required_packages()
         .filter(|(_, probe)| !Path::new(probe).exists())
         .map(|(package, _)| *package)
         .collect();
-    if missing.is_empty() {
-        println!("==> test peers: all present");
-        return Ok(());
-    }
-    if !is_root() {
-        return Err(format!(
-            "the tests need these Debian packages: {}; run `sudo cargo xtask deps` or install them",
-            missing.join(" ")
-        ));
-    }
-    println!("==> test peers: installing {}", missing.join(" "));
+    missing.sort_unstable();
+    missing.dedup();
+    missing
+}
+
+/// Installs the missing test peers with apt-get. Present packages are left alone, so a machine
+/// that already has everything never touches the network.
+///
+/// Everything is installed before any test runs, so the tests meet the same versions as the VM
+/// test. Installing Debian's qemu-system-x86 can remove a newer backported qemu-utils (their
+/// shared dependencies conflict); a second round then installs the qemu-utils that matches.
+fn install_test_peers() -> Result<(), String> {
     let apt_env = [("DEBIAN_FRONTEND", "noninteractive")];
     let root = workspace_root();
-    // The package lists of a fresh machine may be empty or stale; refresh once before installing.
-    step(
-        &root,
-        "apt-get update",
-        "apt-get",
-        &["update", "-q"],
-        &apt_env,
-    )?;
-    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
-    install.extend(missing.iter().copied());
-    step(&root, "apt-get install", "apt-get", &install, &apt_env)?;
-    let still_missing: Vec<&str> = TEST_PEERS
-        .iter()
-        .filter(|(_, probe)| !Path::new(probe).exists())
-        .map(|(_, probe)| *probe)
-        .collect();
+    for round in 0..2 {
+        let missing = missing_packages();
+        if missing.is_empty() {
+            println!("==> test peers: all present");
+            return Ok(());
+        }
+        if !is_root() {
+            return Err(format!(
+                "the tests need these Debian packages: {}; run `sudo cargo xtask deps` or \
+                 install them",
+                missing.join(" ")
+            ));
+        }
+        println!("==> test peers: installing {}", missing.join(" "));
+        if round == 0 {
+            // The package lists of a fresh machine may be empty or stale.
+            step(
+                &root,
+                "apt-get update",
+                "apt-get",
+                &["update", "-q"],
+                &apt_env,
+            )?;
+        }
+        let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+        install.extend(missing.iter().copied());
+        step(&root, "apt-get install", "apt-get", &install, &apt_env)?;
+    }
+    let still_missing = missing_packages();
     if still_missing.is_empty() {
         Ok(())
     } else {
         Err(format!(
-            "installed packages but these programs are still missing: {}",
+            "installed packages but these are still missing: {}",
             still_missing.join(", ")
         ))
     }

@@ -35,7 +35,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 /// The Debian packages the VM test needs, with the file that proves each is installed.
-const VM_PACKAGES: &[(&str, &str)] = &[
+pub(crate) const VM_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("busybox-static", "/bin/busybox"),
     ("qemu-guest-agent", "/usr/sbin/qemu-ga"),
