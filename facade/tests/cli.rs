@@ -187,6 +187,15 @@ fn the_monitor_example_runs_on_the_fakes() {
     let examples = exe.parent().unwrap().parent().unwrap().join("examples");
     let monitor = examples.join("monitor");
     assert!(monitor.is_file(), "{} not built", monitor.display());
+    // Example names share one directory across the workspace: make sure this is ours.
+    assert!(
+        std::fs::read(&monitor)
+            .unwrap()
+            .windows(b"statistics from the".len())
+            .any(|w| w == b"statistics from the"),
+        "{} is not facade's monitor example",
+        monitor.display()
+    );
     let out = Command::new(monitor)
         .args(["0.01", "3"])
         .env("VMSDK_BACKEND", "fake")

@@ -115,7 +115,7 @@ fn ci() -> Result<(), String> {
         &root,
         "tests",
         &cargo,
-        &["test", "--workspace", "--all-features"],
+        &["test", "--workspace", "--all-features", "--no-fail-fast"],
         &[("CI", "true")],
     )?;
     step(

@@ -3,7 +3,7 @@
 //! Run it on the fake backend anywhere:
 //!
 //! ```text
-//! cargo run -p guest-stats --example monitor -- fake 5
+//! cargo run -p guest-stats --example stats_sampler -- fake 5
 //! ```
 //!
 //! or on the real thing: `linux` (any Linux guest) or `vmware` (a VMware guest).
