@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{push_extent, Extent, ExtentKind};
+use crate::types::{push_range, Extent, ExtentKind};
 use crate::{Disk, Error, Result};
 
 /// How to copy; chain the setters on [`CopyOptions::default`].
@@ -279,74 +279,25 @@ fn normalise(extents: &[Extent], start: u64, length: u64, align: u64) -> Vec<Ext
         }
         if s > pos {
             // A gap the backend did not describe: copy it.
-            push_extent(
-                &mut out,
-                Extent {
-                    offset: pos,
-                    length: s - pos,
-                    kind: ExtentKind::Data,
-                },
-            );
+            push_range(&mut out, pos, s, ExtentKind::Data);
         }
         if e.kind.reads_as_zero() {
             let zs = s.next_multiple_of(align);
             let zt = if t == end { t } else { t / align * align };
             if zt > zs {
-                push_extent(
-                    &mut out,
-                    Extent {
-                        offset: s,
-                        length: zs - s,
-                        kind: ExtentKind::Data,
-                    },
-                );
-                push_extent(
-                    &mut out,
-                    Extent {
-                        offset: zs,
-                        length: zt - zs,
-                        kind: e.kind,
-                    },
-                );
-                push_extent(
-                    &mut out,
-                    Extent {
-                        offset: zt,
-                        length: t - zt,
-                        kind: ExtentKind::Data,
-                    },
-                );
+                push_range(&mut out, s, zs, ExtentKind::Data);
+                push_range(&mut out, zs, zt, e.kind);
+                push_range(&mut out, zt, t, ExtentKind::Data);
             } else {
-                push_extent(
-                    &mut out,
-                    Extent {
-                        offset: s,
-                        length: t - s,
-                        kind: ExtentKind::Data,
-                    },
-                );
+                push_range(&mut out, s, t, ExtentKind::Data);
             }
         } else {
-            push_extent(
-                &mut out,
-                Extent {
-                    offset: s,
-                    length: t - s,
-                    kind: ExtentKind::Data,
-                },
-            );
+            push_range(&mut out, s, t, ExtentKind::Data);
         }
         pos = t;
     }
     if pos < end {
-        push_extent(
-            &mut out,
-            Extent {
-                offset: pos,
-                length: end - pos,
-                kind: ExtentKind::Data,
-            },
-        );
+        push_range(&mut out, pos, end, ExtentKind::Data);
     }
     out
 }

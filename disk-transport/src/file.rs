@@ -20,10 +20,10 @@ use std::path::{Path, PathBuf};
 
 use rustix::fs::{fallocate, seek, FallocateFlags, SeekFrom as RawSeekFrom};
 
-use crate::types::{push_extent, DiskInfo, Extent, ExtentKind};
+use crate::types::{push_extent, push_range, DiskInfo, Extent, ExtentKind};
 use crate::{
-    check_range, AccessGuard, CleanupStats, ConnectParams, Connection, Disk, DiskTransport, Error,
-    OpenFlags, Result, TransportMode,
+    check_range, write_zeros_from, AccessGuard, CleanupStats, ConnectParams, Connection, Disk,
+    DiskTransport, Error, OpenFlags, Result, TransportMode,
 };
 
 /// How to open a file.
@@ -295,14 +295,7 @@ impl Disk for FileDisk {
         while pos < end {
             let data = self.next_data(pos)?.unwrap_or(end).min(end);
             if data > pos {
-                push_extent(
-                    &mut extents,
-                    Extent {
-                        offset: pos,
-                        length: data - pos,
-                        kind: ExtentKind::Hole,
-                    },
-                );
+                push_range(&mut extents, pos, data, ExtentKind::Hole);
                 pos = data;
                 continue;
             }
@@ -310,14 +303,7 @@ impl Disk for FileDisk {
             // A file changed under us could make the kernel report no progress; count the
             // rest as data rather than loop.
             let stop = if hole > pos { hole } else { end };
-            push_extent(
-                &mut extents,
-                Extent {
-                    offset: pos,
-                    length: stop - pos,
-                    kind: ExtentKind::Data,
-                },
-            );
+            push_range(&mut extents, pos, stop, ExtentKind::Data);
             pos = stop;
         }
         Ok(extents)
@@ -332,15 +318,11 @@ impl Disk for FileDisk {
         if self.zero_by_punching(offset, length)? {
             return Ok(());
         }
-        let chunk = length.min(1 << 20) as usize;
-        let zeros = aligned_buffer(chunk, Self::DIRECT_IO_ALIGNMENT as usize);
-        let mut done = 0;
-        while done < length {
-            let n = (length - done).min(chunk as u64) as usize;
-            self.write_at(&zeros[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        let zeros = aligned_buffer(
+            length.min(1 << 20) as usize,
+            Self::DIRECT_IO_ALIGNMENT as usize,
+        );
+        write_zeros_from(self, &zeros, offset, length)
     }
 
     fn trim(&self, offset: u64, length: u64) -> Result<()> {

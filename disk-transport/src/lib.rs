@@ -217,15 +217,8 @@ pub trait Disk: Send + Sync + fmt::Debug {
 
     /// Makes `[offset, offset + length)` read as zeros, deallocating where the backend can.
     fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
-        let chunk = length.min(1 << 20) as usize;
-        let zeros = vec![0u8; chunk];
-        let mut done = 0;
-        while done < length {
-            let n = (length - done).min(chunk as u64) as usize;
-            self.write_at(&zeros[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        let zeros = vec![0u8; length.min(1 << 20) as usize];
+        write_zeros_from(self, &zeros, offset, length)
     }
 
     /// Tells the backend the range is no longer needed (NBD TRIM). A hint: backends without it
@@ -270,6 +263,23 @@ pub trait Disk: Send + Sync + fmt::Debug {
     fn max_in_flight(&self) -> usize {
         1
     }
+}
+
+/// Makes `[offset, offset + length)` read as zeros by writing `zeros`, an all-zero buffer, as
+/// many times as it takes: the fallback of [`Disk::write_zeroes`].
+pub(crate) fn write_zeros_from<D: Disk + ?Sized>(
+    disk: &D,
+    zeros: &[u8],
+    offset: u64,
+    length: u64,
+) -> Result<()> {
+    let mut done = 0;
+    while done < length {
+        let n = (length - done).min(zeros.len() as u64) as usize;
+        disk.write_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// Checks that `[offset, offset + length)` lies within a disk of `capacity` bytes.

@@ -14,10 +14,11 @@
 //! See the crate documentation for a complete example.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::mode::{select_transport, StorageKind, TransportContext, TransportMode};
-use crate::types::{push_extent, DiskInfo, Extent, ExtentKind};
+use crate::types::{push_range, DiskInfo, Extent, ExtentKind};
 use crate::{
     check_range, AccessGuard, CleanupStats, ConnectParams, Connection, Disk, DiskTransport, Error,
     OpenFlags, Result,
@@ -26,6 +27,22 @@ use crate::{
 /// Allocation granularity of [`MemoryDisk`]: 64 KiB, VDDK's minimum `QueryAllocatedBlocks`
 /// chunk.
 pub const CHUNK_SIZE: u64 = 64 * 1024;
+
+/// Splits the `len` bytes at `offset` along chunk boundaries: for each piece, the chunk's
+/// index, where the piece starts within the chunk, and its range within the caller's buffer.
+fn chunk_pieces(offset: u64, len: usize) -> impl Iterator<Item = (u64, usize, Range<usize>)> {
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        (done < len).then(|| {
+            let pos = offset + done as u64;
+            let within = (pos % CHUNK_SIZE) as usize;
+            let n = (CHUNK_SIZE as usize - within).min(len - done);
+            let piece = (pos / CHUNK_SIZE, within, done..done + n);
+            done += n;
+            piece
+        })
+    })
+}
 
 /// Which operation a [`Fault`] hits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -246,17 +263,12 @@ impl MemoryDisk {
 
     fn copy_out(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let chunks = self.shared.chunks.read().map_err(poisoned)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let index = pos / CHUNK_SIZE;
-            let within = (pos % CHUNK_SIZE) as usize;
-            let n = (CHUNK_SIZE as usize - within).min(buf.len() - done);
+        for (index, within, piece) in chunk_pieces(offset, buf.len()) {
+            let n = piece.len();
             match chunks.get(&index) {
-                Some(chunk) => buf[done..done + n].copy_from_slice(&chunk[within..within + n]),
-                None => buf[done..done + n].fill(0),
+                Some(chunk) => buf[piece].copy_from_slice(&chunk[within..within + n]),
+                None => buf[piece].fill(0),
             }
-            done += n;
         }
         Ok(())
     }
@@ -309,17 +321,12 @@ impl Disk for MemoryDisk {
         check_range(offset, buf.len() as u64, self.capacity())?;
         self.check_fault(FaultOp::Write, offset, buf.len() as u64)?;
         let mut chunks = self.shared.chunks.write().map_err(poisoned)?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let index = pos / CHUNK_SIZE;
-            let within = (pos % CHUNK_SIZE) as usize;
-            let n = (CHUNK_SIZE as usize - within).min(buf.len() - done);
+        for (index, within, piece) in chunk_pieces(offset, buf.len()) {
+            let n = piece.len();
             let chunk = chunks
                 .entry(index)
                 .or_insert_with(|| vec![0u8; CHUNK_SIZE as usize].into_boxed_slice());
-            chunk[within..within + n].copy_from_slice(&buf[done..done + n]);
-            done += n;
+            chunk[within..within + n].copy_from_slice(&buf[piece]);
         }
         Ok(())
     }
@@ -343,34 +350,13 @@ impl Disk for MemoryDisk {
             let start = (index * CHUNK_SIZE).max(offset);
             let stop = ((index + 1) * CHUNK_SIZE).min(end);
             if start > pos {
-                push_extent(
-                    &mut extents,
-                    Extent {
-                        offset: pos,
-                        length: start - pos,
-                        kind: ExtentKind::Hole,
-                    },
-                );
+                push_range(&mut extents, pos, start, ExtentKind::Hole);
             }
-            push_extent(
-                &mut extents,
-                Extent {
-                    offset: start,
-                    length: stop - start,
-                    kind: ExtentKind::Data,
-                },
-            );
+            push_range(&mut extents, start, stop, ExtentKind::Data);
             pos = stop;
         }
         if pos < end {
-            push_extent(
-                &mut extents,
-                Extent {
-                    offset: pos,
-                    length: end - pos,
-                    kind: ExtentKind::Hole,
-                },
-            );
+            push_range(&mut extents, pos, end, ExtentKind::Hole);
         }
         Ok(extents)
     }

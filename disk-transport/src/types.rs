@@ -189,6 +189,18 @@ pub fn push_extent(extents: &mut Vec<Extent>, extent: Extent) {
     extents.push(extent);
 }
 
+/// [`push_extent`] of the range `[start, stop)`.
+pub(crate) fn push_range(extents: &mut Vec<Extent>, start: u64, stop: u64, kind: ExtentKind) {
+    push_extent(
+        extents,
+        Extent {
+            offset: start,
+            length: stop - start,
+            kind,
+        },
+    );
+}
+
 /// Clips a list of extents to `[offset, offset + length)`, merging neighbours; extents the
 /// backend returned beyond the range are cut.
 pub fn clip_extents(extents: &[Extent], offset: u64, length: u64) -> Vec<Extent> {
@@ -198,14 +210,7 @@ pub fn clip_extents(extents: &[Extent], offset: u64, length: u64) -> Vec<Extent>
         let start = e.offset.max(offset);
         let stop = e.end().min(end);
         if start < stop {
-            push_extent(
-                &mut out,
-                Extent {
-                    offset: start,
-                    length: stop - start,
-                    kind: e.kind,
-                },
-            );
+            push_range(&mut out, start, stop, e.kind);
         }
     }
     out

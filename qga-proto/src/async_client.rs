@@ -17,7 +17,7 @@ use crate::address::Address;
 use crate::agent::GuestAgent;
 use crate::cmd::{self, Command};
 use crate::error::{Error, Result};
-use crate::session::{decode, Await, Caps, ClientConfig, Session, Step};
+use crate::session::{Await, Caps, ClientConfig, Session, Step};
 use crate::transport::AsyncCharDevice;
 use crate::types::GuestAgentInfo;
 
@@ -234,18 +234,10 @@ impl<S: AsyncStream + 'static> Inner<S> {
     }
 
     async fn fetch_caps(&mut self, timeout: Duration) -> Result<()> {
-        let name = <cmd::GuestInfo as Command>::NAME;
-        match self.exchange(name, None, timeout, true).await {
-            Ok(v) => {
-                self.session.caps = Caps::Known(decode(name, v)?);
-                Ok(())
-            }
-            Err(Error::Agent { .. }) => {
-                self.session.caps = Caps::Unavailable;
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        let reply = self
+            .exchange(<cmd::GuestInfo as Command>::NAME, None, timeout, true)
+            .await;
+        self.session.record_caps(reply)
     }
 
     async fn execute(
@@ -266,15 +258,8 @@ impl<S: AsyncStream + 'static> Inner<S> {
         timeout: Duration,
         replies: bool,
     ) -> Result<Value> {
-        let (bytes, mut wait) = self.session.begin_command(name, args)?;
-        // Until the reply is consumed the channel state is unknown: if this
-        // future is dropped half-way, the next call re-synchronises.
-        self.session.in_sync = false;
-        let wait_for = if replies {
-            timeout
-        } else {
-            self.session.config.no_reply_grace
-        };
+        let (bytes, mut wait, wait_for) =
+            self.session.start_exchange(name, args, replies, timeout)?;
         let deadline = Instant::now() + wait_for;
         self.write(&bytes, deadline, name).await?;
         let outcome = self.read_until(&mut wait, deadline, name).await;

@@ -191,17 +191,7 @@ impl<S: Transport> Client<S> {
             if status.exited {
                 return Ok(ExecOutput::from_status(pid, status));
             }
-            let mut pause = backoff.next();
-            if let Some(limit) = timeout {
-                let elapsed = started.elapsed();
-                if elapsed >= limit {
-                    return Err(Error::ExecTimeout {
-                        pid,
-                        timeout: limit,
-                    });
-                }
-                pause = pause.min(limit - elapsed);
-            }
+            let pause = backoff.pause(pid, started.elapsed(), timeout)?;
             std::thread::sleep(pause);
         }
     }
@@ -334,18 +324,8 @@ impl<S: Transport> Client<S> {
     }
 
     fn fetch_caps(&mut self, timeout: Duration) -> Result<()> {
-        let name = <cmd::GuestInfo as Command>::NAME;
-        match self.exchange(name, None, timeout, true) {
-            Ok(v) => {
-                self.session.caps = Caps::Known(decode(name, v)?);
-                Ok(())
-            }
-            Err(Error::Agent { .. }) => {
-                self.session.caps = Caps::Unavailable;
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
+        let reply = self.exchange(<cmd::GuestInfo as Command>::NAME, None, timeout, true);
+        self.session.record_caps(reply)
     }
 
     fn execute(&mut self, name: &str, args: Option<&Value>, timeout: Duration) -> Result<Value> {
@@ -361,13 +341,8 @@ impl<S: Transport> Client<S> {
         timeout: Duration,
         replies: bool,
     ) -> Result<Value> {
-        let (bytes, mut wait) = self.session.begin_command(name, args)?;
-        self.session.in_sync = false;
-        let wait_for = if replies {
-            timeout
-        } else {
-            self.session.config.no_reply_grace
-        };
+        let (bytes, mut wait, wait_for) =
+            self.session.start_exchange(name, args, replies, timeout)?;
         let deadline = Instant::now() + wait_for;
         self.write(&bytes, deadline, name)?;
         let outcome = self.read_until(&mut wait, deadline, name);

@@ -65,6 +65,26 @@ impl Backoff {
         self.0 = (self.0 * 2).min(Duration::from_millis(500));
         d
     }
+
+    /// How long to sleep before polling process `pid` again, `elapsed` into a wait bounded
+    /// by `timeout`: the next back-off step, cut short so the wait ends on time; once the
+    /// time is up, the timeout error instead.
+    pub(crate) fn pause(
+        &mut self,
+        pid: i64,
+        elapsed: Duration,
+        timeout: Option<Duration>,
+    ) -> Result<Duration> {
+        let pause = self.next();
+        match timeout {
+            Some(limit) if elapsed >= limit => Err(Error::ExecTimeout {
+                pid,
+                timeout: limit,
+            }),
+            Some(limit) => Ok(pause.min(limit - elapsed)),
+            None => Ok(pause),
+        }
+    }
 }
 
 /// Typed calls and helpers for every [`GuestAgent`], including `dyn GuestAgent`.
@@ -96,17 +116,7 @@ pub trait GuestAgentExt: GuestAgent {
             if status.exited {
                 return Ok(ExecOutput::from_status(pid, status));
             }
-            let mut pause = backoff.next();
-            if let Some(limit) = timeout {
-                let elapsed = started.elapsed();
-                if elapsed >= limit {
-                    return Err(Error::ExecTimeout {
-                        pid,
-                        timeout: limit,
-                    });
-                }
-                pause = pause.min(limit - elapsed);
-            }
+            let pause = backoff.pause(pid, started.elapsed(), timeout)?;
             tokio::time::sleep(pause).await;
         }
     }
@@ -251,6 +261,33 @@ mod freeze {
                         });
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_poll_pauses_double_up_to_the_cap_without_a_timeout() {
+        let mut backoff = Backoff::new();
+        let pauses: Vec<Duration> = (0..8)
+            .map(|_| backoff.pause(7, Duration::from_secs(3600), None).unwrap())
+            .collect();
+        let expected = [10, 20, 40, 80, 160, 320, 500, 500].map(Duration::from_millis);
+        assert_eq!(pauses, expected);
+    }
+
+    #[test]
+    fn exec_poll_pause_ends_the_wait_on_time_then_times_out() {
+        let limit = Duration::from_millis(100);
+        let mut backoff = Backoff::new();
+        let last = backoff.pause(7, Duration::from_millis(95), Some(limit));
+        assert_eq!(last.unwrap(), Duration::from_millis(5));
+        match backoff.pause(7, limit, Some(limit)) {
+            Err(Error::ExecTimeout { pid: 7, timeout }) => assert_eq!(timeout, limit),
+            other => panic!("expected ExecTimeout, got {other:?}"),
         }
     }
 }

@@ -246,7 +246,44 @@ impl Session {
         ))
     }
 
-    /// Bookkeeping after a command's reply (or failure) was read.
+    /// Starts a command's exchange: the bytes to send, the state to wait in, and how long to
+    /// wait for the reply (the caller's `timeout`, or only the no-reply grace period for a
+    /// command that sends nothing back on success). Until a reply is consumed the channel
+    /// state is unknown, so the session counts as out of sync until [`conclude`](Self::conclude)
+    /// sees one: if an async caller is dropped half-way, the next call re-synchronises.
+    pub(crate) fn start_exchange(
+        &mut self,
+        name: &str,
+        args: Option<&Value>,
+        replies: bool,
+        timeout: Duration,
+    ) -> Result<(Vec<u8>, Await, Duration)> {
+        let (bytes, wait) = self.begin_command(name, args)?;
+        self.in_sync = false;
+        let wait_for = if replies {
+            timeout
+        } else {
+            self.config.no_reply_grace
+        };
+        Ok((bytes, wait, wait_for))
+    }
+
+    /// Fills the capability cache from `guest-info`'s `reply`: the agent's command list, or,
+    /// when the agent refuses `guest-info`, the knowledge that there is none to be had.
+    pub(crate) fn record_caps(&mut self, reply: Result<Value>) -> Result<()> {
+        match reply {
+            Ok(v) => {
+                self.caps = Caps::Known(decode(<cmd::GuestInfo as cmd::Command>::NAME, v)?);
+                Ok(())
+            }
+            Err(Error::Agent { .. }) => {
+                self.caps = Caps::Unavailable;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// What a command's exchange amounts to, once waiting for its reply has ended with
     /// `outcome` (a step, silence until the deadline, or an error) after `waited`.
     ///

@@ -158,6 +158,23 @@ pub struct ExportInfo {
     pub connections: usize,
 }
 
+impl ExportInfo {
+    /// What the handshake `n` negotiated, for a client using `connections` connections.
+    fn negotiated(n: &Negotiated, connections: usize) -> Self {
+        ExportInfo {
+            size: n.size,
+            flags: n.flags,
+            min_block: n.min_block,
+            preferred_block: n.preferred_block,
+            max_payload: n.max_payload,
+            structured_replies: n.structured,
+            base_allocation: n.base_allocation.is_some(),
+            dirty_bitmap: n.dirty_bitmap.is_some(),
+            connections,
+        }
+    }
+}
+
 /// A dirty or clean range from `qemu:dirty-bitmap:NAME`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct DirtyExtent {
@@ -227,17 +244,7 @@ pub fn replay_handshake(
             dirty_bitmap,
         },
     )?;
-    Ok(ExportInfo {
-        size: n.size,
-        flags: n.flags,
-        min_block: n.min_block,
-        preferred_block: n.preferred_block,
-        max_payload: n.max_payload,
-        structured_replies: n.structured,
-        base_allocation: n.base_allocation.is_some(),
-        dirty_bitmap: n.dirty_bitmap.is_some(),
-        connections: 1,
-    })
+    Ok(ExportInfo::negotiated(&n, 1))
 }
 
 /// An open NBD export; see the [module docs](self).
@@ -342,18 +349,7 @@ impl NbdDisk {
 
     /// What the server told about the export.
     pub fn export_info(&self) -> ExportInfo {
-        let n = &self.negotiated;
-        ExportInfo {
-            size: n.size,
-            flags: n.flags,
-            min_block: n.min_block,
-            preferred_block: n.preferred_block,
-            max_payload: n.max_payload,
-            structured_replies: n.structured,
-            base_allocation: n.base_allocation.is_some(),
-            dirty_bitmap: n.dirty_bitmap.is_some(),
-            connections: self.conns.len(),
-        }
+        ExportInfo::negotiated(&self.negotiated, self.conns.len())
     }
 
     fn conn(&self) -> &Conn {

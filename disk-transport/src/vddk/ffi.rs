@@ -279,42 +279,55 @@ pub struct VixDiskLibCreateParams {
     pub physical_sector_size: u32,
 }
 
+/// Compile-time check of a `#[repr(C)]` type against the C layout: `Type = size { field: offset }`,
+/// either part optional.
+#[cfg(target_pointer_width = "64")]
+macro_rules! assert_layout {
+    ($ty:ident $(= $size:literal)? $({ $($field:ident: $offset:literal),* $(,)? })?) => {
+        $(assert!(size_of::<$ty>() == $size);)?
+        $($(assert!(offset_of!($ty, $field) == $offset);)*)?
+    };
+}
+
 // Sizes and offsets gcc 12 reports for nbdkit's copy of the VDDK 7 header on x86-64 Linux.
 #[cfg(target_pointer_width = "64")]
 const _: () = {
-    assert!(size_of::<VixDiskLibConnectParams>() == 128);
-    assert!(offset_of!(VixDiskLibConnectParams, vmx_spec) == 0);
-    assert!(offset_of!(VixDiskLibConnectParams, server_name) == 8);
-    assert!(offset_of!(VixDiskLibConnectParams, thumb_print) == 16);
-    assert!(offset_of!(VixDiskLibConnectParams, reserved1) == 24);
-    assert!(offset_of!(VixDiskLibConnectParams, cred_type) == 32);
-    assert!(offset_of!(VixDiskLibConnectParams, creds) == 40);
-    assert!(size_of::<VixDiskLibCreds>() == 24);
-    assert!(offset_of!(VixDiskLibConnectParams, port) == 64);
-    assert!(offset_of!(VixDiskLibConnectParams, nfc_host_port) == 68);
-    assert!(offset_of!(VixDiskLibConnectParams, reserved3) == 72);
-    assert!(offset_of!(VixDiskLibConnectParams, reserved4) == 80);
-    assert!(offset_of!(VixDiskLibConnectParams, reserved5) == 88);
-    assert!(offset_of!(VixDiskLibConnectParams, spec) == 96);
-    assert!(size_of::<VixDiskLibSpec>() == 24);
-    assert!(offset_of!(VixDiskLibConnectParams, spec_type) == 120);
-    assert!(size_of::<VixDiskLibGeometry>() == 12);
-    assert!(size_of::<VixDiskLibInfo>() == 64);
-    assert!(offset_of!(VixDiskLibInfo, phys_geo) == 12);
-    assert!(offset_of!(VixDiskLibInfo, capacity) == 24);
-    assert!(offset_of!(VixDiskLibInfo, adapter_type) == 32);
-    assert!(offset_of!(VixDiskLibInfo, num_links) == 36);
-    assert!(offset_of!(VixDiskLibInfo, parent_file_name_hint) == 40);
-    assert!(offset_of!(VixDiskLibInfo, uuid) == 48);
-    assert!(offset_of!(VixDiskLibInfo, logical_sector_size) == 56);
-    assert!(offset_of!(VixDiskLibInfo, physical_sector_size) == 60);
-    assert!(size_of::<VixDiskLibBlock>() == 16);
-    assert!(offset_of!(VixDiskLibBlockList, blocks) == 8);
-    assert!(size_of::<VixDiskLibCreateParams>() == 32);
-    assert!(offset_of!(VixDiskLibCreateParams, hw_version) == 8);
-    assert!(offset_of!(VixDiskLibCreateParams, capacity) == 16);
-    assert!(offset_of!(VixDiskLibCreateParams, logical_sector_size) == 24);
-    assert!(offset_of!(VixDiskLibCreateParams, physical_sector_size) == 28);
+    assert_layout!(VixDiskLibConnectParams = 128 {
+        vmx_spec: 0,
+        server_name: 8,
+        thumb_print: 16,
+        reserved1: 24,
+        cred_type: 32,
+        creds: 40,
+        port: 64,
+        nfc_host_port: 68,
+        reserved3: 72,
+        reserved4: 80,
+        reserved5: 88,
+        spec: 96,
+        spec_type: 120,
+    });
+    assert_layout!(VixDiskLibCreds = 24);
+    assert_layout!(VixDiskLibSpec = 24);
+    assert_layout!(VixDiskLibGeometry = 12);
+    assert_layout!(VixDiskLibInfo = 64 {
+        phys_geo: 12,
+        capacity: 24,
+        adapter_type: 32,
+        num_links: 36,
+        parent_file_name_hint: 40,
+        uuid: 48,
+        logical_sector_size: 56,
+        physical_sector_size: 60,
+    });
+    assert_layout!(VixDiskLibBlock = 16);
+    assert_layout!(VixDiskLibBlockList { blocks: 8 });
+    assert_layout!(VixDiskLibCreateParams = 32 {
+        hw_version: 8,
+        capacity: 16,
+        logical_sector_size: 24,
+        physical_sector_size: 28,
+    });
 };
 
 /// `VixDiskLibGenericLogFunc`: `void (*)(const char *fmt, va_list args)`; see the module docs

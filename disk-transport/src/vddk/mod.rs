@@ -110,9 +110,7 @@ use self::ffi::{
     ConnectSpec, CredSpec, Library, LoadError, RawConnection, RawDisk, Vix, ZeroingCString,
 };
 use crate::mode::{select_transport, StorageKind, TransportContext, DEFAULT_NETWORK_PRIORITY};
-use crate::types::{
-    clip_extents, push_extent, AdapterType, DiskInfo, Extent, ExtentKind, Geometry,
-};
+use crate::types::{clip_extents, push_range, AdapterType, DiskInfo, Extent, ExtentKind, Geometry};
 use crate::{
     check_range, format_transport_modes, AccessGuard, CleanupStats, ConnectParams, Connection,
     Credentials, Disk, DiskTransport, Error, OpenFlags, ReadCompletion, Result, TransportMode,
@@ -1127,14 +1125,7 @@ impl VddkDisk {
         }
         drop(raw);
         if end > queryable_end {
-            push_extent(
-                &mut extents,
-                Extent {
-                    offset: queryable_end,
-                    length: capacity - queryable_end,
-                    kind: ExtentKind::Data,
-                },
-            );
+            push_range(&mut extents, queryable_end, capacity, ExtentKind::Data);
         }
         Ok(extents)
     }
@@ -1236,36 +1227,15 @@ pub fn extents_from_blocks(
     let mut cursor = start;
     for (a, b) in ranges {
         if a > cursor {
-            push_extent(
-                out,
-                Extent {
-                    offset: cursor,
-                    length: a - cursor,
-                    kind: hole,
-                },
-            );
+            push_range(out, cursor, a, hole);
             cursor = a;
         }
         if b > cursor {
-            push_extent(
-                out,
-                Extent {
-                    offset: cursor,
-                    length: b - cursor,
-                    kind: ExtentKind::Data,
-                },
-            );
+            push_range(out, cursor, b, ExtentKind::Data);
             cursor = b;
         }
     }
-    push_extent(
-        out,
-        Extent {
-            offset: cursor,
-            length: stop - cursor,
-            kind: hole,
-        },
-    );
+    push_range(out, cursor, stop, hole);
 }
 
 /// Splits the buffer `VixDiskLib_GetMetadataKeys` fills: keys separated by NUL, the list ended
