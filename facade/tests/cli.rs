@@ -13,6 +13,17 @@ fn vmsdk(args: &[&str]) -> std::process::Output {
         .expect("vmsdk runs")
 }
 
+/// Runs `vmsdk` and insists that it succeeded, showing its stderr otherwise.
+fn vmsdk_ok(args: &[&str]) -> std::process::Output {
+    let out = vmsdk(args);
+    assert!(
+        out.status.success(),
+        "vmsdk {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn parse_exposition(text: &str) -> prometheus_parse::Scrape {
     let lines = text.lines().map(|l| Ok(l.to_owned()));
     prometheus_parse::Scrape::parse(lines).expect("valid exposition format")
@@ -20,8 +31,7 @@ fn parse_exposition(text: &str) -> prometheus_parse::Scrape {
 
 #[test]
 fn fake_stats_as_json_have_every_statistic_key() {
-    let out = vmsdk(&["--backend", "fake", "stats", "--format", "json"]);
-    assert!(out.status.success());
+    let out = vmsdk_ok(&["--backend", "fake", "stats", "--format", "json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["backend"], "fake");
     for stat in guest_stats::Stat::ALL {
@@ -36,8 +46,7 @@ fn fake_stats_as_json_have_every_statistic_key() {
 
 #[test]
 fn fake_stats_table_names_every_statistic_with_its_unit() {
-    let out = vmsdk(&["--backend", "fake", "stats"]);
-    assert!(out.status.success());
+    let out = vmsdk_ok(&["--backend", "fake", "stats"]);
     let text = String::from_utf8(out.stdout).unwrap();
     for stat in guest_stats::Stat::ALL {
         let line = text
@@ -50,8 +59,7 @@ fn fake_stats_table_names_every_statistic_with_its_unit() {
 
 #[test]
 fn prometheus_output_parses_and_uses_base_units() {
-    let out = vmsdk(&["--backend", "fake", "stats", "--format", "prometheus"]);
-    assert!(out.status.success());
+    let out = vmsdk_ok(&["--backend", "fake", "stats", "--format", "prometheus"]);
     let text = String::from_utf8(out.stdout).unwrap();
     let scrape = parse_exposition(&text);
     let json = vmsdk(&["--backend", "fake", "stats", "--format", "json"]);
@@ -89,7 +97,7 @@ fn auto_backend_without_a_real_one_says_so_and_fails() {
 
 #[test]
 fn watch_prints_the_requested_number_of_intervals_as_json_lines() {
-    let out = vmsdk(&[
+    let out = vmsdk_ok(&[
         "--backend",
         "fake",
         "stats",
@@ -100,7 +108,6 @@ fn watch_prints_the_requested_number_of_intervals_as_json_lines() {
         "--format",
         "json",
     ]);
-    assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
@@ -218,12 +225,7 @@ fn the_monitor_example_runs_on_the_fakes() {
 
 #[test]
 fn fake_disk_info_and_map_describe_the_demo_disk() {
-    let out = vmsdk(&["--backend", "fake", "disk", "info", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = vmsdk_ok(&["--backend", "fake", "disk", "info", "--json"]);
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["capacity"], 1u64 << 30);
     let out = vmsdk(&["--backend", "fake", "disk", "map", "--json"]);
@@ -254,18 +256,13 @@ fn disk_copy_of_a_sparse_file_creates_an_identical_sparse_file() {
     std::os::unix::fs::FileExt::write_at(&file, &data, 5 << 20).unwrap();
     std::os::unix::fs::FileExt::write_at(&file, b"tail", (64 << 20) + 773).unwrap();
     drop(file);
-    let out = vmsdk(&[
+    vmsdk_ok(&[
         "disk",
         "copy",
         "--no-progress",
         src.to_str().unwrap(),
         dst.to_str().unwrap(),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
     let map = vmsdk(&["disk", "map", "--json", dst.to_str().unwrap()]);
     let extents: Vec<serde_json::Value> = serde_json::from_slice(&map.stdout).unwrap();
@@ -283,18 +280,13 @@ fn disk_copy_to_null_reads_the_data_and_skips_the_holes() {
     file.set_len(16 << 20).unwrap();
     std::os::unix::fs::FileExt::write_at(&file, &[0x5a; 1 << 20], 4 << 20).unwrap();
     drop(file);
-    let out = vmsdk(&[
+    let out = vmsdk_ok(&[
         "disk",
         "copy",
         "--no-progress",
         src.to_str().unwrap(),
         "null:",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let summary = String::from_utf8(out.stdout).unwrap();
     assert!(
         summary.contains(&format!("copied {} bytes", 16 << 20))
@@ -309,12 +301,7 @@ fn disk_copy_to_null_reads_the_data_and_skips_the_holes() {
 
 #[test]
 fn fake_agent_answers_typed_and_raw_commands_through_the_real_client() {
-    let out = vmsdk(&["--backend", "fake", "agent", "info"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = vmsdk_ok(&["--backend", "fake", "agent", "info"]);
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let commands = info["supported_commands"].as_array().unwrap();
     assert!(commands.iter().any(|c| c["name"] == "guest-get-osinfo"));
@@ -350,7 +337,7 @@ fn agent_without_an_address_on_the_real_backend_says_how_to_name_one() {
 
 #[test]
 fn fake_agent_exec_and_cat_print_guest_output() {
-    let out = vmsdk(&[
+    let out = vmsdk_ok(&[
         "--backend",
         "fake",
         "agent",
@@ -359,18 +346,8 @@ fn fake_agent_exec_and_cat_print_guest_output() {
         "hello",
         "guest",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(out.stdout, b"hello guest\n");
-    let out = vmsdk(&["--backend", "fake", "agent", "cat", "/etc/hostname"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = vmsdk_ok(&["--backend", "fake", "agent", "cat", "/etc/hostname"]);
     assert_eq!(out.stdout, b"fake-guest\n");
     let out = vmsdk(&["--backend", "fake", "agent", "cat", "/no/such/file"]);
     assert!(!out.status.success());

@@ -10,7 +10,7 @@ use std::io::Write as _;
 use qga_proto::cmd::GuestExecArgs;
 use qga_proto::{GuestAgent, GuestAgentExt};
 use serde::Serialize;
-use vmsdk::{BackendChoice, Platform};
+use vmsdk::BackendChoice;
 
 use crate::CliResult;
 
@@ -200,7 +200,7 @@ async fn call(agent: &dyn GuestAgent, command: &AgentCommand) -> CliResult<Outco
     Ok(Outcome::Json(value))
 }
 
-pub fn run(platform: &Platform, args: &AgentArgs) -> CliResult {
+pub fn run(backend: BackendChoice, args: &AgentArgs) -> CliResult {
     let (uri, rest) = match args.words.split_first() {
         Some((first, rest)) if !AgentCommand::is_command(first) => (Some(first.as_str()), rest),
         _ => (None, &args.words[..]),
@@ -213,7 +213,7 @@ pub fn run(platform: &Platform, args: &AgentArgs) -> CliResult {
         .enable_all()
         .build()?;
     let outcome = runtime.block_on(async {
-        let agent: Box<dyn GuestAgent> = match (uri, platform.backend()) {
+        let agent: Box<dyn GuestAgent> = match (uri, backend) {
             (Some(uri), _) => {
                 let config = qga_proto::ClientConfig::default()
                     .timeout(Duration::from_secs_f64(invocation.timeout));

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 use disk_transport::copy::{copy, CopyOptions};
 use disk_transport::{Disk, ExtentKind, OpenFlags};
 use indicatif::{ProgressBar, ProgressStyle};
-use vmsdk::{BackendChoice, Platform};
+use vmsdk::BackendChoice;
 
 use crate::CliResult;
 
@@ -69,11 +69,11 @@ enum DiskCommand {
 const FAKE_DISK_URI: &str = "mem://vmsdk-fake-disk?size=1G";
 
 fn open(
-    platform: &Platform,
+    backend: BackendChoice,
     uri: Option<&str>,
     flags: OpenFlags,
 ) -> disk_transport::Result<Box<dyn Disk>> {
-    match (uri, platform.backend()) {
+    match (uri, backend) {
         (Some(uri), _) => vmsdk::disk::open(uri, flags),
         (None, BackendChoice::Fake) => {
             let disk = vmsdk::disk::open(FAKE_DISK_URI, OpenFlags::read_write())?;
@@ -93,10 +93,10 @@ fn open(
     }
 }
 
-pub fn run(platform: &Platform, args: &DiskArgs) -> CliResult {
+pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
     match &args.command {
         DiskCommand::Info { uri, json } => {
-            let disk = open(platform, uri.as_deref(), OpenFlags::read_only())?;
+            let disk = open(backend, uri.as_deref(), OpenFlags::read_only())?;
             let info = disk.info()?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&info)?);
@@ -113,7 +113,7 @@ pub fn run(platform: &Platform, args: &DiskArgs) -> CliResult {
             }
         }
         DiskCommand::Map { uri, json } => {
-            let disk = open(platform, uri.as_deref(), OpenFlags::read_only())?;
+            let disk = open(backend, uri.as_deref(), OpenFlags::read_only())?;
             let capacity = disk.info()?.capacity;
             let extents = disk.allocated_extents(0, capacity)?;
             if *json {

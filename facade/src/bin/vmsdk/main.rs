@@ -40,8 +40,9 @@ fn main() -> ExitCode {
     let outcome = match &cli.command {
         Command::Detect(args) => detect::run(args),
         Command::Stats(args) => platform(&cli).and_then(|p| stats::run(&p, args)),
-        Command::Disk(args) => platform(&cli).and_then(|p| disk::run(&p, args)),
-        Command::Agent(args) => platform(&cli).and_then(|p| agent::run(&p, args)),
+        // Disks and agents are named by URI: they need the backend choice, not detection.
+        Command::Disk(args) => backend(&cli).and_then(|b| disk::run(b, args)),
+        Command::Agent(args) => backend(&cli).and_then(|b| agent::run(b, args)),
     };
     match outcome {
         Ok(code) => code,
@@ -55,11 +56,15 @@ fn main() -> ExitCode {
 /// What a subcommand reports when it cannot do its job; printed as `vmsdk: <message>`.
 type CliResult<T = ExitCode> = Result<T, Box<dyn std::error::Error>>;
 
-/// The platform with the backend choice of `--backend`, else `VMSDK_BACKEND`.
-fn platform(cli: &Cli) -> Result<vmsdk::Platform, Box<dyn std::error::Error>> {
-    let mut builder = vmsdk::Platform::builder();
-    if let Some(word) = &cli.backend {
-        builder = builder.backend(word.parse()?);
-    }
-    Ok(builder.build()?)
+/// The backend choice of `--backend`, else `VMSDK_BACKEND`, else auto.
+fn backend(cli: &Cli) -> CliResult<vmsdk::BackendChoice> {
+    Ok(match &cli.backend {
+        Some(word) => word.parse()?,
+        None => vmsdk::BackendChoice::from_env()?,
+    })
+}
+
+/// The detected platform with the chosen backend family.
+fn platform(cli: &Cli) -> CliResult<vmsdk::Platform> {
+    Ok(vmsdk::Platform::builder().backend(backend(cli)?).build()?)
 }
