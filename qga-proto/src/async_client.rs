@@ -210,7 +210,8 @@ impl<S: AsyncStream + 'static> Inner<S> {
 
     async fn sync(&mut self) -> Result<()> {
         let limit = self.session.config.sync_timeout;
-        for _ in 0..self.session.config.sync_attempts.max(1) {
+        let attempts = self.session.config.sync_attempts.max(1);
+        for _ in 0..attempts {
             let (bytes, mut wait) = self.session.begin_sync();
             let deadline = Instant::now() + limit;
             match self.write(&bytes, deadline, "guest-sync-delimited").await {
@@ -230,7 +231,10 @@ impl<S: AsyncStream + 'static> Inner<S> {
                 _ => continue,
             }
         }
-        Err(Error::SyncTimeout { timeout: limit })
+        Err(Error::SyncTimeout {
+            timeout: limit,
+            attempts,
+        })
     }
 
     async fn fetch_caps(&mut self, timeout: Duration) -> Result<()> {

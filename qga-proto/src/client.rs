@@ -305,7 +305,8 @@ impl<S: Transport> Client<S> {
 
     fn sync(&mut self) -> Result<()> {
         let limit = self.session.config.sync_timeout;
-        for _ in 0..self.session.config.sync_attempts.max(1) {
+        let attempts = self.session.config.sync_attempts.max(1);
+        for _ in 0..attempts {
             let (bytes, mut wait) = self.session.begin_sync();
             let deadline = Instant::now() + limit;
             match self.write(&bytes, deadline, "guest-sync-delimited") {
@@ -320,7 +321,10 @@ impl<S: Transport> Client<S> {
                 return Ok(());
             }
         }
-        Err(Error::SyncTimeout { timeout: limit })
+        Err(Error::SyncTimeout {
+            timeout: limit,
+            attempts,
+        })
     }
 
     fn fetch_caps(&mut self, timeout: Duration) -> Result<()> {

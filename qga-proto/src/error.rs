@@ -36,10 +36,12 @@ pub enum Error {
         agent_version: String,
     },
     /// The agent did not answer the synchronisation handshake in time.
-    #[error("guest agent did not answer guest-sync within {} (is qemu-ga running in the guest?)", fmt_duration(*.timeout))]
+    #[error("guest agent did not answer guest-sync within {} ({}is qemu-ga running in the guest?)", fmt_duration(.timeout.saturating_mul(*.attempts)), attempts_note(*.attempts, *.timeout))]
     SyncTimeout {
-        /// How long the client waited.
+        /// How long the client waited for each attempt.
         timeout: Duration,
+        /// How many handshakes the client sent before giving up.
+        attempts: u32,
     },
     /// The agent did not answer a command in time. The channel is re-synchronised
     /// before the next command.
@@ -144,6 +146,15 @@ impl Error {
     }
 }
 
+/// `"2 attempts of 5 s; "` when the wait was split into several handshakes, else nothing.
+fn attempts_note(attempts: u32, each: Duration) -> String {
+    if attempts > 1 {
+        format!("{attempts} attempts of {}; ", fmt_duration(each))
+    } else {
+        String::new()
+    }
+}
+
 /// Formats a duration the way people write it: `5 s`, `250 ms`, `1.5 s`.
 pub(crate) fn fmt_duration(d: Duration) -> String {
     let ms = d.as_millis();
@@ -162,12 +173,22 @@ mod tests {
 
     #[test]
     fn sync_timeout_message_tells_what_to_check() {
+        // The default client configuration: two handshakes of 5 s each.
         let e = Error::SyncTimeout {
             timeout: Duration::from_secs(5),
+            attempts: 2,
         };
         assert_eq!(
             e.to_string(),
-            "guest agent did not answer guest-sync within 5 s (is qemu-ga running in the guest?)"
+            "guest agent did not answer guest-sync within 10 s (2 attempts of 5 s; is qemu-ga running in the guest?)"
+        );
+        let once = Error::SyncTimeout {
+            timeout: Duration::from_millis(1500),
+            attempts: 1,
+        };
+        assert_eq!(
+            once.to_string(),
+            "guest agent did not answer guest-sync within 1.5 s (is qemu-ga running in the guest?)"
         );
     }
 
