@@ -25,7 +25,7 @@ mod error;
 mod platform;
 pub mod prometheus;
 
-pub use detect::{detect, Container, Detection, Detector, Evidence, Hypervisor};
+pub use detect::{detect, ConfidentialVm, Container, Detection, Detector, Evidence, Hypervisor};
 pub use error::{Error, Result};
 pub use platform::{BackendChoice, Platform, PlatformBuilder};
 

@@ -1,30 +1,39 @@
-//! Detection on fixture trees: one directory per hypervisor and container kind, each holding the
-//! files the probes read (DMI, procfs, sysfs, device tree, a `cpuid` recording) and an `expected`
-//! file with the answer `systemd-detect-virt --vm` and `--container` give on such a machine.
+//! Detection on fixture trees: one directory per hypervisor, container and confidential-VM kind,
+//! each holding the files the probes read (DMI, procfs, sysfs, device tree, a `cpuid` recording
+//! with MSR lines) and an `expected` file with the answer `systemd-detect-virt --vm`,
+//! `--container` and `--cvm` give on such a machine (a missing `cvm=` line means `none`).
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use vmsdk::detect::{Container, Detector, Hypervisor};
+use vmsdk::detect::{ConfidentialVm, Container, Detector, Hypervisor};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn expected(dir: &Path) -> (Option<Hypervisor>, Option<Container>) {
+type Expected = (
+    Option<Hypervisor>,
+    Option<Container>,
+    Option<ConfidentialVm>,
+);
+
+fn expected(dir: &Path) -> Expected {
     let text = fs::read_to_string(dir.join("expected")).expect("fixture has an expected file");
     let mut vm = None;
     let mut container = None;
+    let mut cvm = None;
     for line in text.lines() {
         match line.split_once('=') {
-            Some(("vm", "none")) | Some(("container", "none")) => {}
+            Some(("vm" | "container" | "cvm", "none")) => {}
             Some(("vm", word)) => vm = Some(word.parse().expect("a hypervisor word")),
             Some(("container", word)) => container = Some(word.parse().expect("a container word")),
+            Some(("cvm", word)) => cvm = Some(word.parse().expect("a confidential-VM word")),
             _ => panic!("bad line `{line}` in {}", dir.display()),
         }
     }
-    (vm, container)
+    (vm, container, cvm)
 }
 
 #[test]
@@ -32,6 +41,7 @@ fn every_fixture_tree_gives_its_expected_answer() {
     let mut failures = Vec::new();
     let mut seen_vms = BTreeSet::new();
     let mut seen_containers = BTreeSet::new();
+    let mut seen_cvms = BTreeSet::new();
     let mut count = 0;
     for entry in fs::read_dir(fixtures()).unwrap() {
         let dir = entry.unwrap().path();
@@ -39,15 +49,17 @@ fn every_fixture_tree_gives_its_expected_answer() {
             continue;
         }
         count += 1;
-        let (vm, container) = expected(&dir);
+        let (vm, container, cvm) = expected(&dir);
         let detection = Detector::new().with_root(&dir).unwrap().detect();
-        if detection.vm != vm || detection.container != container {
+        if detection.vm != vm || detection.container != container || detection.cvm != cvm {
             failures.push(format!(
-                "{}: expected vm={vm:?} container={container:?}, got vm={:?} container={:?}\n  evidence: {:#?}",
+                "{}: expected vm={vm:?} container={container:?} cvm={cvm:?}, got vm={:?} container={:?} cvm={:?}\n  evidence: {:#?}\n  cvm evidence: {:#?}",
                 dir.file_name().unwrap().to_string_lossy(),
                 detection.vm,
                 detection.container,
-                detection.vm_evidence
+                detection.cvm,
+                detection.vm_evidence,
+                detection.cvm_evidence
             ));
         }
         // The answer must be backed by a decisive piece of evidence, not fall out of thin air.
@@ -65,8 +77,16 @@ fn every_fixture_tree_gives_its_expected_answer() {
                 dir.display()
             );
         }
+        if cvm.is_some() {
+            assert!(
+                detection.cvm_evidence.iter().any(|e| e.decisive),
+                "{}: no decisive confidential-VM evidence",
+                dir.display()
+            );
+        }
         seen_vms.extend(vm);
         seen_containers.extend(container);
+        seen_cvms.extend(cvm);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(count >= 50, "only {count} fixture trees found");
@@ -84,6 +104,11 @@ fn every_fixture_tree_gives_its_expected_answer() {
         missing_containers.is_empty(),
         "no fixture for {missing_containers:?}"
     );
+    let missing_cvms: Vec<_> = ConfidentialVm::ALL
+        .iter()
+        .filter(|c| !seen_cvms.contains(c))
+        .collect();
+    assert!(missing_cvms.is_empty(), "no fixture for {missing_cvms:?}");
 }
 
 #[test]

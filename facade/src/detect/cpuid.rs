@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use super::msr::MsrReader;
+
 /// The four registers one CPUID leaf returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct CpuidResult {
@@ -25,6 +27,16 @@ impl CpuidResult {
         signature[4..8].copy_from_slice(&self.ecx.to_le_bytes());
         signature[8..].copy_from_slice(&self.edx.to_le_bytes());
         signature
+    }
+
+    /// The 12-byte string leaf 0 (the processor vendor, `GenuineIntel`) and Intel's leaf 0x21
+    /// (`IntelTDX    `) carry in EBX, EDX, ECX: the order differs from the hypervisor leaves.
+    pub fn vendor(&self) -> [u8; 12] {
+        let mut vendor = [0u8; 12];
+        vendor[..4].copy_from_slice(&self.ebx.to_le_bytes());
+        vendor[4..8].copy_from_slice(&self.edx.to_le_bytes());
+        vendor[8..].copy_from_slice(&self.ecx.to_le_bytes());
+        vendor
     }
 }
 
@@ -60,19 +72,36 @@ impl CpuidReader for NativeCpuid {
     }
 }
 
-/// Recorded CPUID leaves, as captured from a machine; leaves not recorded read as zeros.
+/// A processor without the CPUID instruction: any architecture but x86.
+///
+/// [`Detector::with_root`](super::Detector::with_root) uses it for trees without a `cpuid`
+/// recording, so the arm64 and s390x signals of a recorded tree are looked at.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NoCpuid;
+
+impl CpuidReader for NoCpuid {
+    fn cpuid(&self, _leaf: u32, _subleaf: u32) -> Option<CpuidResult> {
+        None
+    }
+}
+
+/// Recorded CPUID leaves (subleaf 0) and model-specific registers, as captured from a machine;
+/// leaves not recorded read as zeros, registers not recorded cannot be read.
 ///
 /// The text form, one leaf per line, is what `vmsdk detect --dump-cpuid` prints and what the
-/// fixture trees store in a file named `cpuid`:
+/// fixture trees store in a file named `cpuid`. Lines starting with `msr` record a register
+/// (index, 64-bit value), as the msr driver would answer it:
 ///
 /// ```text
 /// # leaf      eax        ebx        ecx        edx
 /// 0x00000001 0x00000000 0x00000000 0x80000000 0x00000000
 /// 0x40000000 0x40000001 0x4b4d564b 0x564b4d56 0x0000004d
+/// msr 0xc0010131 0x0000000000000003
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RecordedCpuid {
     leaves: BTreeMap<u32, CpuidResult>,
+    msrs: BTreeMap<u32, u64>,
 }
 
 impl RecordedCpuid {
@@ -108,10 +137,26 @@ impl RecordedCpuid {
         )
     }
 
-    /// Captures the leaves detection uses from another reader (normally [`NativeCpuid`]).
+    /// Records the value of model-specific register `index`.
+    pub fn with_msr(mut self, index: u32, value: u64) -> Self {
+        self.msrs.insert(index, value);
+        self
+    }
+
+    /// Whether the recording holds any model-specific register.
+    pub fn has_msrs(&self) -> bool {
+        !self.msrs.is_empty()
+    }
+
+    /// Captures the leaves detection uses from another reader (normally [`NativeCpuid`]): the
+    /// vendor and feature leaves, every hypervisor base, Hyper-V's feature and isolation leaves,
+    /// the highest extended leaf, AMD's encrypted-memory leaf and Intel's TDX leaf.
     pub fn capture(reader: &dyn CpuidReader) -> Self {
         let mut recording = Self::new();
-        let leaves = std::iter::once(1).chain((0x4000_0000..=0x4000_ff00).step_by(0x100));
+        let leaves = [0, 1, 0x21]
+            .into_iter()
+            .chain((0x4000_0000..=0x4000_ff00).step_by(0x100))
+            .chain([0x4000_0003, 0x4000_000c, 0x8000_0000, 0x8000_001f]);
         for leaf in leaves {
             if let Some(result) = reader.cpuid(leaf, 0) {
                 if result != CpuidResult::default() {
@@ -121,11 +166,33 @@ impl RecordedCpuid {
         }
         recording
     }
+
+    /// Adds a model-specific register read through `reader`, if it can be read here.
+    pub fn capture_msr(mut self, reader: &dyn MsrReader, index: u32) -> std::io::Result<Self> {
+        let value = reader.read_msr(index)?;
+        self.msrs.insert(index, value);
+        Ok(self)
+    }
 }
 
 impl CpuidReader for RecordedCpuid {
     fn cpuid(&self, leaf: u32, _subleaf: u32) -> Option<CpuidResult> {
         Some(self.leaves.get(&leaf).copied().unwrap_or_default())
+    }
+}
+
+impl MsrReader for RecordedCpuid {
+    fn read_msr(&self, index: u32) -> std::io::Result<u64> {
+        self.msrs.get(&index).copied().ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("MSR {index:#010x} is not in the recording"),
+            )
+        })
+    }
+
+    fn origin(&self) -> String {
+        "the CPUID recording".to_owned()
     }
 }
 
@@ -138,6 +205,9 @@ impl fmt::Display for RecordedCpuid {
                 "{leaf:#010x} {:#010x} {:#010x} {:#010x} {:#010x}",
                 r.eax, r.ebx, r.ecx, r.edx
             )?;
+        }
+        for (index, value) in &self.msrs {
+            writeln!(f, "msr {index:#010x} {value:#018x}")?;
         }
         Ok(())
     }
@@ -167,14 +237,31 @@ impl FromStr for RecordedCpuid {
                 line: index + 1,
                 reason,
             };
+            let hex = |word: &str| {
+                word.strip_prefix("0x")
+                    .or_else(|| word.strip_prefix("0X"))
+                    .map(str::to_owned)
+                    .ok_or_else(|| error(format!("`{word}` is not a 0x-prefixed number")))
+            };
+            if let Some(rest) = line.strip_prefix("msr") {
+                let words: Vec<&str> = rest.split_whitespace().collect();
+                let [index, value] = words[..] else {
+                    return Err(error(format!(
+                        "expected `msr INDEX VALUE`, found {} numbers",
+                        words.len()
+                    )));
+                };
+                let index = u32::from_str_radix(&hex(index)?, 16)
+                    .map_err(|e| error(format!("`{index}` is not a 32-bit MSR index: {e}")))?;
+                let value = u64::from_str_radix(&hex(value)?, 16)
+                    .map_err(|e| error(format!("`{value}` is not a 64-bit hex number: {e}")))?;
+                recording.msrs.insert(index, value);
+                continue;
+            }
             let numbers = line
                 .split_whitespace()
                 .map(|word| {
-                    let digits = word
-                        .strip_prefix("0x")
-                        .or_else(|| word.strip_prefix("0X"))
-                        .ok_or_else(|| error(format!("`{word}` is not a 0x-prefixed number")))?;
-                    u32::from_str_radix(digits, 16)
+                    u32::from_str_radix(&hex(word)?, 16)
                         .map_err(|e| error(format!("`{word}` is not a 32-bit hex number: {e}")))
                 })
                 .collect::<Result<Vec<u32>, _>>()?;
@@ -220,6 +307,37 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.line, 2);
         assert!(err.to_string().contains("zz"));
+    }
+
+    #[test]
+    fn msr_lines_round_trip_and_unrecorded_registers_are_unreadable() {
+        let recording = RecordedCpuid::new()
+            .with_hypervisor(0x4000_0000, "KVMKVMKVM")
+            .with_msr(0xc001_0131, 0x3);
+        let text = recording.to_string();
+        assert!(text.contains("msr 0xc0010131 0x0000000000000003"), "{text}");
+        let parsed: RecordedCpuid = text.parse().unwrap();
+        assert_eq!(parsed, recording);
+        assert_eq!(parsed.read_msr(0xc001_0131).unwrap(), 3);
+        let err = parsed.read_msr(0x10).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        let err = "msr 0xc0010131\n".parse::<RecordedCpuid>().unwrap_err();
+        assert!(err.reason.contains("msr INDEX VALUE"), "{err}");
+        let err = "msr 0xc0010131 0x1ffffffffffffffff\n"
+            .parse::<RecordedCpuid>()
+            .unwrap_err();
+        assert!(err.reason.contains("64-bit"), "{err}");
+    }
+
+    #[test]
+    fn vendor_strings_read_ebx_edx_ecx() {
+        let leaf0 = CpuidResult {
+            eax: 0x10,
+            ebx: u32::from_le_bytes(*b"Auth"),
+            ecx: u32::from_le_bytes(*b"cAMD"),
+            edx: u32::from_le_bytes(*b"enti"),
+        };
+        assert_eq!(&leaf0.vendor(), b"AuthenticAMD");
     }
 
     #[test]

@@ -14,12 +14,20 @@
 //! 5. The DMI answer from step 1.
 //! 6. `/sys/hypervisor/type`, 7. the device tree, 8. `/proc/sysinfo` (z/VM).
 //!
-//! Every path is read under a configurable root and CPUID goes through [`CpuidReader`], so the
-//! same code runs on fixture trees recorded from other machines.
+//! Confidential VMs (`systemd-detect-virt --cvm`: AMD SEV, SEV-ES, SEV-SNP, Intel TDX, s390x
+//! protected virtualization, Arm CCA) come from CPUID, the SEV_STATUS MSR and sysfs; see
+//! [`Detector::detect_cvm`].
+//!
+//! Every path is read under a configurable root, CPUID goes through [`CpuidReader`] and MSRs
+//! through [`MsrReader`], so the same code runs on fixture trees recorded from other machines.
 
 mod cpuid;
+mod cvm;
+mod msr;
 
-pub use cpuid::{CpuidReader, CpuidResult, NativeCpuid, ParseCpuidError, RecordedCpuid};
+pub use cpuid::{CpuidReader, CpuidResult, NativeCpuid, NoCpuid, ParseCpuidError, RecordedCpuid};
+pub use cvm::ConfidentialVm;
+pub use msr::{DevCpuMsr, MsrReader, MSR_AMD64_SEV_STATUS};
 
 use std::fmt;
 use std::fs;
@@ -241,7 +249,8 @@ pub struct Evidence {
     pub decisive: bool,
 }
 
-/// The answer of [`detect`]: the hypervisor, the container, and everything that was seen.
+/// The answer of [`detect`]: the hypervisor, the container, the confidential-computing
+/// technology, and everything that was seen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Detection {
@@ -249,10 +258,14 @@ pub struct Detection {
     pub vm: Option<Hypervisor>,
     /// The container runtime, `None` outside containers.
     pub container: Option<Container>,
+    /// The confidential-VM technology (`systemd-detect-virt --cvm`), `None` when there is none.
+    pub cvm: Option<ConfidentialVm>,
     /// Every observation of the VM probes, in the order they ran.
     pub vm_evidence: Vec<Evidence>,
     /// Every observation of the container probes, in the order they ran.
     pub container_evidence: Vec<Evidence>,
+    /// Every observation of the confidential-VM probes, in the order they ran.
+    pub cvm_evidence: Vec<Evidence>,
 }
 
 impl Detection {
@@ -272,12 +285,13 @@ pub fn detect() -> Detection {
     Detector::new().detect()
 }
 
-/// Detection with an injectable environment: the filesystem root, CPUID, and the view of
+/// Detection with an injectable environment: the filesystem root, CPUID, MSRs, and the view of
 /// process 1.
 #[derive(Debug)]
 pub struct Detector {
     root: PathBuf,
     cpuid: Box<dyn CpuidReader>,
+    msr: Box<dyn MsrReader>,
     container_env: Option<String>,
     is_pid1: bool,
 }
@@ -390,11 +404,13 @@ impl Probe {
 }
 
 impl Detector {
-    /// Detection of this machine: root `/`, the processor's CPUID, this process's view of PID 1.
+    /// Detection of this machine: root `/`, the processor's CPUID, MSRs through
+    /// `/dev/cpu/0/msr`, this process's view of PID 1.
     pub fn new() -> Self {
         Self {
             root: PathBuf::from("/"),
             cpuid: Box::new(NativeCpuid),
+            msr: Box::new(DevCpuMsr::new()),
             container_env: if std::process::id() == 1 {
                 std::env::var("container").ok()
             } else {
@@ -407,15 +423,24 @@ impl Detector {
     /// Reads every path under `root` instead of `/` (a fixture tree, a mounted guest image).
     ///
     /// If the tree has a file named `cpuid` in the recorded format of [`RecordedCpuid`], it is
-    /// used as the CPUID source; otherwise the tree has no hypervisor bit. Use
-    /// [`Detector::with_cpuid`] afterwards to override either choice.
+    /// used as the CPUID source; otherwise the tree is a machine without CPUID ([`NoCpuid`]: no
+    /// hypervisor bit, and the arm64 and s390x confidential-VM files are looked at). MSRs come
+    /// from the recording's `msr` lines if it has any, else from `<root>/dev/cpu/0/msr`. Use
+    /// [`Detector::with_cpuid`] and [`Detector::with_msr`] afterwards to override these choices.
     pub fn with_root(mut self, root: impl Into<PathBuf>) -> Result<Self, ParseCpuidError> {
         self.root = root.into();
         self.is_pid1 = false;
         self.container_env = None;
+        self.msr = Box::new(DevCpuMsr::under_root(&self.root));
         self.cpuid = match fs::read_to_string(self.root.join("cpuid")) {
-            Ok(text) => Box::new(text.parse::<RecordedCpuid>()?),
-            Err(_) => Box::new(RecordedCpuid::new()),
+            Ok(text) => {
+                let recording = text.parse::<RecordedCpuid>()?;
+                if recording.has_msrs() {
+                    self.msr = Box::new(recording.clone());
+                }
+                Box::new(recording)
+            }
+            Err(_) => Box::new(NoCpuid),
         };
         Ok(self)
     }
@@ -423,6 +448,12 @@ impl Detector {
     /// Uses `reader` for CPUID.
     pub fn with_cpuid(mut self, reader: impl CpuidReader + 'static) -> Self {
         self.cpuid = Box::new(reader);
+        self
+    }
+
+    /// Uses `reader` for model-specific registers (the SEV_STATUS MSR).
+    pub fn with_msr(mut self, reader: impl MsrReader + 'static) -> Self {
+        self.msr = Box::new(reader);
         self
     }
 
@@ -434,15 +465,18 @@ impl Detector {
         self
     }
 
-    /// Runs both the container and the VM probes.
+    /// Runs the container, VM and confidential-VM probes.
     pub fn detect(&self) -> Detection {
         let (container, container_evidence) = self.detect_container();
         let (vm, vm_evidence) = self.detect_vm();
+        let (cvm, cvm_evidence) = self.detect_cvm();
         Detection {
             vm,
             container,
+            cvm,
             vm_evidence,
             container_evidence,
+            cvm_evidence,
         }
     }
 

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
-use vmsdk::detect::{Detector, NativeCpuid, RecordedCpuid};
+use vmsdk::detect::{
+    ConfidentialVm, Detector, DevCpuMsr, NativeCpuid, RecordedCpuid, MSR_AMD64_SEV_STATUS,
+};
 
 use crate::CliResult;
 
@@ -16,6 +18,9 @@ pub struct DetectArgs {
     /// Only detect a container.
     #[arg(long)]
     container: bool,
+    /// Only detect a confidential VM (sev, sev-es, sev-snp, tdx, protvirt, cca).
+    #[arg(long, conflicts_with_all = ["vm", "container"])]
+    cvm: bool,
     /// Print nothing; only the exit code tells (0 = virtualized).
     #[arg(short, long)]
     quiet: bool,
@@ -25,24 +30,47 @@ pub struct DetectArgs {
     /// Read /proc, /sys, /run ... under this directory (a fixture tree or a mounted image).
     #[arg(long, value_name = "DIR")]
     root: Option<PathBuf>,
-    /// Print this processor's CPUID leaves in the fixture format and exit.
-    #[arg(long, conflicts_with_all = ["vm", "container", "json", "root"])]
+    /// Print this processor's CPUID leaves (and the SEV_STATUS MSR where it can be read) in the
+    /// fixture format and exit.
+    #[arg(long, conflicts_with_all = ["vm", "container", "cvm", "json", "root"])]
     dump_cpuid: bool,
     /// List every word detection can answer with.
-    #[arg(long, conflicts_with_all = ["vm", "container", "json", "root", "dump_cpuid"])]
+    #[arg(long, conflicts_with_all = ["vm", "container", "cvm", "json", "root", "dump_cpuid"])]
     list: bool,
+    /// List every word confidential-VM detection can answer with.
+    #[arg(
+        long,
+        conflicts_with_all = ["vm", "container", "cvm", "json", "root", "dump_cpuid", "list"]
+    )]
+    list_cvm: bool,
 }
 
 pub fn run(args: &DetectArgs) -> CliResult {
     if args.dump_cpuid {
-        print!("{}", RecordedCpuid::capture(&NativeCpuid));
+        let recording = RecordedCpuid::capture(&NativeCpuid);
+        // SEV_STATUS needs the msr module and root; without them the recording has no MSR.
+        let recording = match recording
+            .clone()
+            .capture_msr(&DevCpuMsr::new(), MSR_AMD64_SEV_STATUS)
+        {
+            Ok(with_msr) => with_msr,
+            Err(_) => recording,
+        };
+        print!("{recording}");
         return Ok(ExitCode::SUCCESS);
     }
+    // Both lists start with `none`, as systemd-detect-virt's do.
     if args.list {
-        for word in vmsdk::Hypervisor::ALL.iter().map(|h| h.as_str()) {
+        let vms = vmsdk::Hypervisor::ALL.iter().map(|h| h.as_str());
+        let containers = vmsdk::Container::ALL.iter().map(|c| c.as_str());
+        for word in std::iter::once("none").chain(vms).chain(containers) {
             println!("{word}");
         }
-        for word in vmsdk::Container::ALL.iter().map(|c| c.as_str()) {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.list_cvm {
+        let cvms = ConfidentialVm::ALL.iter().map(|c| c.as_str());
+        for word in std::iter::once("none").chain(cvms) {
             println!("{word}");
         }
         return Ok(ExitCode::SUCCESS);
@@ -62,6 +90,11 @@ pub fn run(args: &DetectArgs) -> CliResult {
         let word = container.map_or_else(|| "none".to_owned(), |c| c.to_string());
         let json = serde_json::json!({ "container": container, "evidence": evidence });
         (word, container.is_some(), json)
+    } else if args.cvm {
+        let (cvm, evidence) = detector.detect_cvm();
+        let word = cvm.map_or_else(|| "none".to_owned(), |c| c.to_string());
+        let json = serde_json::json!({ "cvm": cvm, "evidence": evidence });
+        (word, cvm.is_some(), json)
     } else {
         let detection = detector.detect();
         let found = detection.vm.is_some() || detection.container.is_some();
