@@ -1,10 +1,15 @@
 //! Per-interval rates from counters, restarted when the session changes.
 
+use serde::{Deserialize, Serialize};
+
 use crate::{GuestStats, Result, SessionId, Snapshot, Stat};
 
 /// What one [`Sampler::sample`] saw: the snapshot, and the rates since the previous sample of
 /// the same session.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Serialises to one JSON object: `snapshot` holds every statistic, the rates sit beside it
+/// (`null` when there is no rate for this interval).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct Interval {
     /// All statistics of this update.

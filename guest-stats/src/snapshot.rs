@@ -12,8 +12,21 @@ use crate::{Stat, StatValue};
 /// Ids are opaque: compare them for equality, nothing more. `0` is never a valid id (the C API
 /// uses it for "no information yet"). `Display` prints `0x` and lowercase hex, as
 /// `vmware-toolbox-cmd stat sessionid` does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
+///
+/// Serde writes the same hex string (`"0x5a17e0c0ffee0001"`), not a number: ids use all 64
+/// bits, and JSON readers that hold numbers as doubles (JavaScript, jq) would round them.
+/// Deserialising also accepts a bare integer, as older vmsdk versions wrote it.
+///
+/// ```
+/// use guest_stats::SessionId;
+///
+/// let id = SessionId::new(6491904507409989633);
+/// let json = serde_json::to_string(&id).unwrap();
+/// assert_eq!(json, r#""0x5a17e0c0ffee0001""#);
+/// assert_eq!(serde_json::from_str::<SessionId>(&json).unwrap(), id);
+/// assert_eq!("0x5a17e0c0ffee0001".parse::<SessionId>().unwrap(), id);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(u64);
 
 impl SessionId {
@@ -39,6 +52,65 @@ impl SessionId {
 impl fmt::Display for SessionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:#x}", self.0)
+    }
+}
+
+/// A string that is not a session id in `0x`-prefixed hex.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseSessionIdError(String);
+
+impl fmt::Display for ParseSessionIdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "`{}` is not a session id (expected `0x` and up to 16 hex digits)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for ParseSessionIdError {}
+
+impl std::str::FromStr for SessionId {
+    type Err = ParseSessionIdError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        text.strip_prefix("0x")
+            .or_else(|| text.strip_prefix("0X"))
+            .filter(|digits| !digits.is_empty() && digits.len() <= 16)
+            .and_then(|digits| u64::from_str_radix(digits, 16).ok())
+            .map(SessionId)
+            .ok_or_else(|| ParseSessionIdError(text.to_owned()))
+    }
+}
+
+impl Serialize for SessionId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SessionId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SessionId;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a session id as a hex string (\"0x…\") or an integer")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<SessionId, E> {
+                text.parse().map_err(E::custom)
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, raw: u64) -> Result<SessionId, E> {
+                Ok(SessionId(raw))
+            }
+        }
+
+        deserializer.deserialize_any(Visitor)
     }
 }
 

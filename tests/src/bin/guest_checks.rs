@@ -237,12 +237,12 @@ fn check_stats(vmsdk: &std::path::Path) -> Outcome {
             "expected the linux backend in a KVM-less QEMU guest, got {backend:?}"
         ));
     }
-    if object
+    // Session ids are written as hex strings ("0x…") so 64-bit values survive JSON readers.
+    let session = object
         .get("session_id")
-        .and_then(Value::as_u64)
-        .unwrap_or(0)
-        == 0
-    {
+        .and_then(Value::as_str)
+        .and_then(|hex| hex.parse::<guest_stats::SessionId>().ok());
+    if !session.is_some_and(guest_stats::SessionId::is_valid) {
         return Err("session_id is missing or 0 (0 is never a live session)".to_owned());
     }
     let present: Vec<(&String, &Value)> = object
