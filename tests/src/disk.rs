@@ -2,7 +2,9 @@
 //! temporary directory, test images, checksums and `nbdinfo --map`.
 //!
 //! Every server is started in the foreground as a child of the test and killed by its PID when
-//! the [`NbdServer`] is dropped.
+//! the [`NbdServer`] is dropped. The `*_in` constructors start the server of a given
+//! [`Generation`] (in the Debian 13 root through [`crate::peers`]); the plain ones start the
+//! machine's own.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::require_program;
+use crate::peers::{Generation, PeerCommand};
 
 /// A running NBD server serving one export on a Unix socket.
 #[derive(Debug)]
@@ -19,67 +21,95 @@ pub struct NbdServer {
     child: Option<Child>,
     socket: PathBuf,
     export: String,
+    generation: Generation,
+    program: &'static str,
     _dir: tempfile::TempDir,
 }
 
 impl NbdServer {
-    /// Starts `qemu-nbd` with `args` (e.g. `["-r", "-f", "raw", IMAGE]`), export name `disk`.
-    /// Returns `None` (after a skip notice) when qemu-nbd is missing outside CI.
+    /// Starts the machine's `qemu-nbd` with `args` (e.g. `["-r", "-f", "raw", IMAGE]`), export
+    /// name `disk`. Returns `None` (after a skip notice) when qemu-nbd is missing outside CI.
     pub fn qemu_nbd(args: &[&str]) -> Option<NbdServer> {
-        let program = require_program("qemu-nbd", "qemu-utils")?;
+        Self::qemu_nbd_in(Generation::Host, args)
+    }
+
+    /// Starts `qemu-nbd` of `generation` with `args`, export name `disk`. Files the arguments
+    /// name are visible to a server in the Debian 13 root (their directories are bind-mounted;
+    /// see [`PeerCommand`]). Returns `None` (after a skip notice) when the generation or
+    /// qemu-nbd is missing outside CI.
+    pub fn qemu_nbd_in(generation: Generation, args: &[&str]) -> Option<NbdServer> {
+        let command = generation.command("qemu-nbd", "qemu-utils")?;
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("nbd.sock");
-        let mut command = Command::new(program);
-        command
+        let command = command
             .arg("-t")
             .args(["-e", "8"])
             .args(["-x", "disk"])
             .arg("-k")
             .arg(&socket)
             .args(args);
-        Some(NbdServer::spawn(command, socket, "disk".into(), dir))
+        Some(NbdServer::spawn(
+            &command,
+            "qemu-nbd",
+            socket,
+            "disk".into(),
+            dir,
+        ))
     }
 
-    /// Starts `nbdkit` with `args` (filters, plugin and its parameters), default export.
-    /// Returns `None` (after a skip notice) when nbdkit is missing outside CI.
+    /// Starts the machine's `nbdkit` with `args` (filters, plugin and its parameters), default
+    /// export. Returns `None` (after a skip notice) when nbdkit is missing outside CI.
     pub fn nbdkit(args: &[&str]) -> Option<NbdServer> {
-        let program = require_program("nbdkit", "nbdkit")?;
+        Self::nbdkit_in(Generation::Host, args)
+    }
+
+    /// Starts `nbdkit` of `generation` with `args`, default export (see
+    /// [`NbdServer::qemu_nbd_in`]).
+    pub fn nbdkit_in(generation: Generation, args: &[&str]) -> Option<NbdServer> {
+        let command = generation.command("nbdkit", "nbdkit")?;
         let dir = tempfile::tempdir().expect("tempdir");
         let socket = dir.path().join("nbd.sock");
-        let mut command = Command::new(program);
-        command
+        let command = command
             .arg("-f")
             .arg("--exit-with-parent")
             .arg("-U")
             .arg(&socket)
             .args(args);
-        Some(NbdServer::spawn(command, socket, String::new(), dir))
+        Some(NbdServer::spawn(
+            &command,
+            "nbdkit",
+            socket,
+            String::new(),
+            dir,
+        ))
     }
 
-    /// Starts `qemu-nbd` listening on TCP 127.0.0.1 (a free port), export name `disk`; the URI
-    /// is then `nbd://127.0.0.1:PORT/disk`.
+    /// Starts the machine's `qemu-nbd` listening on TCP 127.0.0.1 (a free port), export name
+    /// `disk`; the URI is then `nbd://127.0.0.1:PORT/disk`.
     pub fn qemu_nbd_tcp(args: &[&str]) -> Option<(NbdServer, String)> {
-        let program = require_program("qemu-nbd", "qemu-utils")?;
+        Self::qemu_nbd_tcp_in(Generation::Host, args)
+    }
+
+    /// [`NbdServer::qemu_nbd_tcp`] with the `qemu-nbd` of `generation`.
+    pub fn qemu_nbd_tcp_in(generation: Generation, args: &[&str]) -> Option<(NbdServer, String)> {
+        let command = generation.command("qemu-nbd", "qemu-utils")?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("find a free port")
             .port();
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut command = Command::new(program);
-        command
+        let command = command
             .arg("-t")
             .args(["-e", "8", "-x", "disk", "-b", "127.0.0.1", "-p"])
             .arg(port.to_string())
             .args(args);
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start qemu-nbd");
+        let child = command.spawn(Stdio::null(), Stdio::inherit());
         let mut server = NbdServer {
             child: Some(child),
             socket: PathBuf::new(),
             export: "disk".into(),
+            generation,
+            program: "qemu-nbd",
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -101,20 +131,19 @@ impl NbdServer {
     }
 
     fn spawn(
-        mut command: Command,
+        command: &PeerCommand,
+        program: &'static str,
         socket: PathBuf,
         export: String,
         dir: tempfile::TempDir,
     ) -> Self {
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start NBD server");
+        let child = command.spawn(Stdio::null(), Stdio::inherit());
         let mut server = NbdServer {
             child: Some(child),
             socket,
             export,
+            generation: command.generation(),
+            program,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -148,6 +177,17 @@ impl NbdServer {
     /// The socket path.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The generation of the server program.
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// The server's version line with its generation, e.g. `Debian 13 (trixie root): qemu-nbd
+    /// 10.0.13 (Debian 1:10.0.13+ds-0+deb13u1)`.
+    pub fn version(&self) -> String {
+        self.generation.versions(&[self.program])
     }
 
     /// Kills the server now (by PID) and reaps it.
@@ -219,19 +259,31 @@ pub fn sha256(data: &[u8]) -> String {
         .collect()
 }
 
-/// `nbdinfo --map[=CONTEXT] URI` as (offset, length, flags) triples, or `None` (after a skip
-/// notice) when nbdinfo is missing outside CI.
+/// The machine's `nbdinfo --map[=CONTEXT] URI` as (offset, length, flags) triples, or `None`
+/// (after a skip notice) when nbdinfo is missing outside CI.
 pub fn nbdinfo_map(uri: &str, context: Option<&str>) -> Option<Vec<(u64, u64, u32)>> {
-    let program = require_program("nbdinfo", "libnbd-bin")?;
+    nbdinfo_map_in(Generation::Host, uri, context)
+}
+
+/// A libnbd tool of `generation`: `nbdinfo`, `nbdcopy`, or in [`Generation::Trixie`] also
+/// `nbdinfo-1.24` and `nbdcopy-1.24` (libnbd 1.24 from Debian unstable). A `socket=` in a URI
+/// argument is made visible in the root. `None` after a skip notice when missing outside CI.
+pub fn nbd_tool(generation: Generation, program: &str) -> Option<PeerCommand> {
+    generation.command(program, "libnbd-bin")
+}
+
+/// [`nbdinfo_map`] with the `nbdinfo` of `generation`.
+pub fn nbdinfo_map_in(
+    generation: Generation,
+    uri: &str,
+    context: Option<&str>,
+) -> Option<Vec<(u64, u64, u32)>> {
+    let command = nbd_tool(generation, "nbdinfo")?;
     let map_arg = match context {
         Some(c) => format!("--map={c}"),
         None => "--map".to_owned(),
     };
-    let out = Command::new(program)
-        .arg(map_arg)
-        .arg(uri)
-        .output()
-        .expect("run nbdinfo");
+    let out = command.arg(map_arg).arg(uri).output();
     assert!(
         out.status.success(),
         "nbdinfo failed: {}",

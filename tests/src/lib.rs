@@ -4,13 +4,29 @@
 //! A peer test never passes silently when its peer is missing: [`require_program`] skips with a
 //! message on a developer's machine and fails the test when `CI=true` (which `cargo xtask ci`
 //! sets after installing every peer).
+//!
+//! Peers come in two generations ([`peers::Generation`]): Debian 12's on the machine and
+//! Debian 13's in the root `cargo xtask peer-root` builds; peer tests run against both.
 
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 
 pub mod disk;
+pub mod peers;
 pub mod qga;
+
+/// Whether this process runs as root (uid 0), from `/proc/self/status`.
+pub fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
 
 /// Whether the tests run under CI, where every peer must be present.
 pub fn running_in_ci() -> bool {

@@ -7,11 +7,19 @@
 //! Its socket, state directory, log and a scratch directory for file tests
 //! live in a temporary directory the test owns. The agent is killed by PID
 //! when the handle drops.
+//!
+//! [`QemuGa::start_in`] and [`QemuGa::start_serial_in`] start the agent of a
+//! given [`Generation`]: Debian 12's qemu-ga 7.2 on the machine, or Debian
+//! 13's qemu-ga 10.0 in the peer root (chroot in a private mount namespace
+//! with `/proc`, `/sys`, `/dev` and the agent's directory mounted; see
+//! [`crate::peers`]), with the same block list and user.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::peers::{Generation, PeerCommand};
 
 /// RPCs blocked on every agent the tests start: everything that changes the
 /// machine, plus `guest-ssh-get-authorized-keys` (reads account data, and
@@ -40,7 +48,7 @@ pub const BLOCKED_RPCS: &[&str] = &[
 /// virtio-serial port).
 #[derive(Debug)]
 pub struct QemuGa {
-    binary: PathBuf,
+    command: PeerCommand,
     child: Option<Child>,
     dir: tempfile::TempDir,
     unprivileged: bool,
@@ -50,33 +58,36 @@ pub struct QemuGa {
 const NOBODY_UID: u32 = 65534;
 const NOGROUP_GID: u32 = 65534;
 
-fn running_as_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
+use crate::running_as_root;
 
 impl QemuGa {
-    /// Starts an agent, or returns `None` after a skip notice when qemu-ga is
-    /// not installed (fails under `CI=true`).
+    /// Starts the machine's agent, or returns `None` after a skip notice when
+    /// qemu-ga is not installed (fails under `CI=true`).
     pub fn start() -> Option<QemuGa> {
-        Self::start_inner(false)
+        Self::start_in(Generation::Host)
     }
 
-    /// Starts an agent on a serial line (a pty pair from `socat`); the host
-    /// end is [`QemuGa::serial_path`]. `None` after a skip notice when qemu-ga
-    /// or socat is missing (fails under `CI=true`).
+    /// Starts the agent of `generation`, or returns `None` after a skip notice
+    /// when the generation or its qemu-ga is missing (fails under `CI=true`).
+    pub fn start_in(generation: Generation) -> Option<QemuGa> {
+        Self::start_inner(generation, false)
+    }
+
+    /// Starts the machine's agent on a serial line (a pty pair from `socat`);
+    /// the host end is [`QemuGa::serial_path`]. `None` after a skip notice
+    /// when qemu-ga or socat is missing (fails under `CI=true`).
     pub fn start_serial() -> Option<QemuGa> {
-        Self::start_inner(true)
+        Self::start_serial_in(Generation::Host)
     }
 
-    fn start_inner(serial: bool) -> Option<QemuGa> {
-        let binary = crate::require_program("qemu-ga", "qemu-guest-agent")?;
+    /// [`QemuGa::start_serial`] with the agent of `generation` (socat is the
+    /// machine's: it plays the host's character device).
+    pub fn start_serial_in(generation: Generation) -> Option<QemuGa> {
+        Self::start_inner(generation, true)
+    }
+
+    fn start_inner(generation: Generation, serial: bool) -> Option<QemuGa> {
+        let command = generation.command("qemu-ga", "qemu-guest-agent")?;
         let socat = if serial {
             Some(crate::require_program("socat", "socat")?)
         } else {
@@ -86,7 +97,8 @@ impl QemuGa {
             .prefix("vmsdk-qga-")
             .tempdir()
             .expect("temporary directory");
-        let unprivileged = running_as_root() && crate::find_program("setpriv").is_some();
+        let unprivileged = running_as_root()
+            && (generation != Generation::Host || crate::find_program("setpriv").is_some());
         for sub in ["state", "files"] {
             let path = dir.path().join(sub);
             std::fs::create_dir(&path).expect("create test directory");
@@ -101,8 +113,13 @@ impl QemuGa {
             std::os::unix::fs::chown(dir.path(), Some(NOBODY_UID), Some(NOGROUP_GID))
                 .expect("chown to nobody");
         }
+        let command = if unprivileged {
+            command.as_nobody()
+        } else {
+            command
+        };
         let mut agent = QemuGa {
-            binary,
+            command: command.bind(dir.path()),
             child: None,
             dir,
             unprivileged,
@@ -155,15 +172,10 @@ impl QemuGa {
         } else {
             ("unix-listen", socket.clone())
         };
-        let mut cmd = if self.unprivileged {
-            let mut c = Command::new("setpriv");
-            c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-                .arg(&self.binary);
-            c
-        } else {
-            Command::new(&self.binary)
-        };
-        cmd.arg("-m")
+        let cmd = self
+            .command
+            .clone()
+            .arg("-m")
             .arg(method)
             .arg("-p")
             .arg(&channel)
@@ -172,14 +184,17 @@ impl QemuGa {
             .arg("-l")
             .arg(self.dir.path().join("state").join("qga.log"))
             .arg("-v")
-            .arg(format!("--block-rpcs={}", BLOCKED_RPCS.join(",")))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        let child = cmd.spawn().expect("start qemu-ga");
+            .arg(format!("--block-rpcs={}", BLOCKED_RPCS.join(",")));
+        let child = cmd.spawn(Stdio::null(), Stdio::null());
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         let pty = std::fs::read_link(&channel).unwrap_or_default();
+        // An agent in the peer root shows the pty under the root's path.
+        let pty_in_root = self
+            .generation()
+            .root()
+            .map(|root| root.join(pty.strip_prefix("/").unwrap_or(&pty)))
+            .unwrap_or_else(|| pty.clone());
         let pid = self.pid().unwrap_or_default();
         // The agent is ready once it holds the channel open: the socket file
         // exists, or the pty shows up among its file descriptors.
@@ -187,8 +202,10 @@ impl QemuGa {
             if serial {
                 std::fs::read_dir(format!("/proc/{pid}/fd"))
                     .map(|fds| {
-                        fds.flatten()
-                            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == pty))
+                        fds.flatten().any(|fd| {
+                            std::fs::read_link(fd.path())
+                                .is_ok_and(|t| t == pty || t == pty_in_root)
+                        })
                     })
                     .unwrap_or(false)
             } else {
@@ -210,6 +227,17 @@ impl QemuGa {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The generation of the agent.
+    pub fn generation(&self) -> Generation {
+        self.command.generation()
+    }
+
+    /// The agent's version line with its generation, e.g. `Debian 13 (trixie
+    /// root): QEMU Guest Agent 10.0.13`.
+    pub fn version(&self) -> String {
+        self.generation().versions(&["qemu-ga"])
     }
 
     /// The agent's Unix socket.

@@ -2,7 +2,9 @@
 //!
 //! * `ci` — install what the tests need (Debian packages, as root, only when missing), then run
 //!   `cargo fmt --check`, clippy with warnings denied, the whole test suite and the docs.
-//! * `deps` — only the install step of `ci`.
+//! * `deps` — only the install step of `ci` (the Debian packages and the peer root).
+//! * `peer-root [--unmount | --rebuild]` — build (once, cached under `target/peer-root/`) the
+//!   Debian 13 root holding the second generation of test peers; see [`peer_root`].
 //! * `bench-detect [RUNS]` — wall time of `vmsdk detect` and `systemd-detect-virt` as whole
 //!   processes, interleaved in one run, with their ratio.
 //! * `fuzz [SECONDS]` — build every fuzz target and run each for a while (needs cargo-fuzz).
@@ -13,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+mod peer_root;
 mod vm_test;
 
 use std::env;
@@ -42,7 +45,10 @@ fn main() -> ExitCode {
     let task = args.first().map(String::as_str).unwrap_or("help");
     let result = match task {
         "ci" => ci(),
-        "deps" => install_test_peers(),
+        "deps" => {
+            install_test_peers().and_then(|()| peer_root::ensure(&workspace_root()).map(|_| ()))
+        }
+        "peer-root" => peer_root::run(&workspace_root(), &args[1..]),
         "fuzz" => fuzz(args.get(1).map(String::as_str)),
         "bench-detect" => bench_detect(args.get(1).map(String::as_str)),
         "vm-test" => vm_test::run(&workspace_root()),
@@ -67,6 +73,7 @@ fn print_help() {
          tasks:\n  \
          ci            install test peers, then fmt, clippy, tests and docs (what CI runs)\n  \
          deps          install the Debian packages the tests need (as root, only if missing)\n  \
+         peer-root [--unmount|--rebuild]  build the Debian 13 peer root (cached in target/)\n  \
          fuzz [SECS]   run every fuzz target for SECS seconds each (default 60; needs cargo-fuzz)\n  \
          bench-detect [RUNS]  time `vmsdk detect` against `systemd-detect-virt`, interleaved\n  \
          vm-test       boot a QEMU VM (TCG) and run the in-guest and guest-agent checks"
@@ -85,6 +92,8 @@ fn ci() -> Result<(), String> {
     let started = Instant::now();
     install_test_peers()?;
     let root = workspace_root();
+    // The second generation of peers (Debian 13) the tests also run against.
+    peer_root::ensure(&root)?;
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
 
     step(
