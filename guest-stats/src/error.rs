@@ -152,41 +152,53 @@ impl fmt::Display for ErrorCode {
 
 /// Everything that can go wrong when reading guest statistics.
 ///
-/// The first variants are the C API's `VMGuestLibError` codes; their `Display` is the guide's
-/// text, verbatim (a variant that names a statistic appends it in parentheses). The others are
-/// failures of a backend's own I/O, each reported with its C equivalent by [`Error::code`]
-/// (usually `VMGUESTLIB_ERROR_OTHER`, which is what the C library says when its transport
-/// fails).
+/// The first variants are the C API's `VMGuestLibError` codes: [`Error::code`] and
+/// [`Error::kind`] give the number and the `VMGUESTLIB_ERROR_*` name, and
+/// [`ErrorCode::description`] the guide's text verbatim, so a user of the C library recognises
+/// each one. `Display` says what happened and what to do in this crate's terms. The other
+/// variants are failures of a backend's own I/O, each reported with its C equivalent by
+/// [`Error::code`] (usually `VMGUESTLIB_ERROR_OTHER`, which is what the C library says when its
+/// transport fails).
+///
+/// ```
+/// use guest_stats::fake::FakeGuestStats;
+/// use guest_stats::{Error, GuestStats};
+///
+/// let stats = FakeGuestStats::example();
+/// let error = stats.cpu_stolen_ms().unwrap_err(); // no update yet
+/// assert!(matches!(error, Error::NoInfo));
+/// assert_eq!(error.kind().c_name(), "VMGUESTLIB_ERROR_NO_INFO");
+/// assert_eq!(error.to_string(), "no statistics yet: call GuestStats::update first (none has succeeded, or the last one failed)");
+/// ```
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// `VMGUESTLIB_ERROR_OTHER` (1): a failure the C API has no better code for.
-    #[error(
-        "An error has occurred. No additional information about the type of error is available."
-    )]
+    #[error("the statistics backend failed and has no more detail (VMGUESTLIB_ERROR_OTHER)")]
     Other,
     /// `VMGUESTLIB_ERROR_NOT_RUNNING_IN_VM` (2): the backend's hypervisor is not the one this
     /// program runs on (for the `vmware` backend: CPUID and DMI do not say VMware).
-    #[error("The program making this call is not running on a VMware virtual machine.")]
+    #[error("not running in a VMware virtual machine, so the VMware backend cannot be used")]
     NotRunningInVm,
     /// `VMGUESTLIB_ERROR_NOT_ENABLED` (3): the host refuses the Guest API (the VMX option
     /// `isolation.tools.guestlibGetInfo.disable = "TRUE"`, or a host without it, such as
     /// Workstation or Fusion).
     #[error(
-        "The vSphere Guest API is not enabled on this host, so these functions cannot be used. \
-         For information about how to enable the library, see \u{201c}Context Functions \u{201d} on page 9."
+        "the vSphere Guest API is not enabled for this VM: the host refuses it (VMX option \
+         isolation.tools.guestlibGetInfo.disable = \"TRUE\") or does not have it (Workstation, \
+         Fusion); the Linux backend still reads what the guest kernel knows"
     )]
     NotEnabled,
     /// `VMGUESTLIB_ERROR_NOT_AVAILABLE` (4): this statistic has no value on this host (or this
     /// backend cannot know it).
-    #[error("The information requested is not available on this host. ({stat})")]
+    #[error("{stat} is not available from this backend on this host")]
     NotAvailable {
         /// The statistic that was asked for.
         stat: Stat,
     },
     /// `VMGUESTLIB_ERROR_NOT_AVAILABLE` (4) for a raw statistic of `guestlib.stat.get`
     /// (`VMGuestLib_StatGet`, `vmware-toolbox-cmd stat raw`), which has no [`Stat`].
-    #[error("The information requested is not available on this host. (raw statistic `{name}`)")]
+    #[error("the raw statistic `{name}` is not available on this host")]
     RawStatNotAvailable {
         /// The statistic and its parameter as requested, e.g. `vnet 00:50:56:aa:bb:cc`.
         name: String,
@@ -194,46 +206,37 @@ pub enum Error {
     /// `VMGUESTLIB_ERROR_NO_INFO` (5): [`GuestStats::update`](crate::GuestStats::update) has not
     /// succeeded yet (or the last one failed, which invalidates earlier data as in the C API).
     #[error(
-        "The handle data structure does not contain any information. You must call \
-         VMGuestLib_UpdateInfo to update the data structure."
+        "no statistics yet: call GuestStats::update first (none has succeeded, or the last one \
+         failed)"
     )]
     NoInfo,
     /// `VMGUESTLIB_ERROR_MEMORY` (6): an allocation failed. Rust aborts on allocation failure,
     /// so this crate never returns it; it exists so every C code has a variant.
-    #[error("There is not enough memory available to complete the call.")]
+    #[error("not enough memory to complete the call")]
     Memory,
     /// `VMGUESTLIB_ERROR_BUFFER_TOO_SMALL` (7). In C it also means the caller's buffer for the
     /// resource pool path was too small; Rust returns an owned `String`, so here it only means
     /// what `VMGuestLib_StatGet` uses it for: a raw statistic request longer than the 256
     /// bytes the host accepts.
-    #[error(
-        "The buffer is too small to accommodate the function call. For example, when you call \
-         VMGuestLib_GetResourcePoolPath, if the path buffer is too small for the resulting \
-         resource pool path, the function returns this error. To resolve this error, allocate \
-         a larger buffer."
-    )]
+    #[error("the raw statistic request is longer than the 256 bytes the host accepts")]
     BufferTooSmall,
     /// `VMGUESTLIB_ERROR_INVALID_HANDLE` (8): the handle is not usable. Rust's ownership makes a
     /// dangling handle impossible, so this crate never returns it; it exists so every C code
     /// has a variant.
-    #[error(
-        "The handle that you used is invalid. Make sure that you have the correct handle and \
-         that it is open. It might be necessary to create a new handle using \
-         VMGuestLib_OpenHandle."
-    )]
+    #[error("the statistics handle is invalid; open a new one")]
     InvalidHandle,
     /// `VMGUESTLIB_ERROR_INVALID_ARG` (9): an argument was invalid.
-    #[error("One or more of the arguments passed to the function were invalid.")]
+    #[error("an argument was invalid")]
     InvalidArg,
     /// `VMGUESTLIB_ERROR_UNSUPPORTED_VERSION` (10): the host is too old for this statistic
     /// (for VMware: it answered with a guestlib data version that does not carry it).
-    #[error("The host does not support the requested statistic. ({stat})")]
+    #[error("the host is too old to report {stat}")]
     UnsupportedVersion {
         /// The statistic that was asked for.
         stat: Stat,
     },
     /// Reading a file of the guest kernel (procfs, sysfs, cgroupfs) failed.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("cannot read {}", path.display())]
     Io {
         /// The file, including the configured root.
         path: PathBuf,

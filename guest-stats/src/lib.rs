@@ -43,6 +43,22 @@
 //! }
 //! ```
 //!
+//! # Features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `vmware` | yes | the [`vmware`] backend: backdoor, RPCI channel, guestlib decoders |
+//! | `linux` | yes | the [`linux`] backend: procfs, sysfs, cgroupfs |
+//! | `mock` | no | `MockGuestStats`, a mockall mock of [`GuestStats`], for expectation-style tests |
+//!
+//! The [`fake`] is always built. Both the fake and the mock keep working behind the
+//! `Box<dyn GuestStats>` a facade hands out: the pointer forwards every method.
+//!
+//! # With tokio
+//!
+//! An update reads a few small files (Linux) or makes one backdoor call (VMware): microseconds,
+//! so calling it from an async task at a sampling interval is fine; there is no async API.
+//!
 //! # Threads
 //!
 //! One handle must not be updated from two threads at once (the C API has no internal locking):
