@@ -116,6 +116,8 @@ pub mod uri;
 pub mod file;
 #[cfg(feature = "nbd")]
 pub mod nbd;
+#[cfg(feature = "tls")]
+mod tls;
 #[cfg(all(feature = "vddk", unix))]
 pub mod vddk;
 
@@ -130,8 +132,10 @@ pub use mode::{
 pub use params::{
     Compression, ConnectParams, ConnectParamsBuilder, Credentials, OpenFlags, Secret, Thumbprint,
 };
-pub use types::{clip_extents, push_extent, AdapterType, DiskInfo, Extent, ExtentKind, Geometry};
-pub use uri::{open_uri, parse_size, percent_decode, DiskUri, NbdAddress};
+pub use types::{
+    clip_extents, push_extent, AdapterType, DiskInfo, Extent, ExtentKind, Geometry, ProtocolInfo,
+};
+pub use uri::{open_uri, parse_size, percent_decode, DiskUri, NbdAddress, NbdTls};
 
 /// Called when a submitted read completes: the filled buffer, or the error.
 pub type ReadCompletion = Box<dyn FnOnce(Result<Vec<u8>>) + Send>;
@@ -262,6 +266,11 @@ pub trait Disk: Send + Sync + fmt::Debug {
     /// How many submitted requests the backend overlaps usefully (1 for synchronous backends).
     fn max_in_flight(&self) -> usize {
         1
+    }
+    /// What the network protocol negotiated (NBD: TLS, header style, contexts, flags, block
+    /// sizes), for display; `None` for local backends.
+    fn protocol(&self) -> Option<ProtocolInfo> {
+        None
     }
 }
 

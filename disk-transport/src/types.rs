@@ -216,6 +216,53 @@ pub fn clip_extents(extents: &[Extent], offset: u64, length: u64) -> Vec<Extent>
     out
 }
 
+/// What a network protocol negotiated for an open disk, named as `nbdinfo` names it: the
+/// NBD backend fills it ([`Disk::protocol`](crate::Disk::protocol)); `vmsdk disk info` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ProtocolInfo {
+    /// The handshake style, e.g. `newstyle-fixed`.
+    pub protocol: String,
+    /// The TLS session (protocol version, cipher, authentication), `None` in plaintext.
+    pub tls: Option<String>,
+    /// How requests and replies are framed: `extended`, `structured` or `simple`.
+    pub transmission: String,
+    /// The export name.
+    pub export: String,
+    /// The metadata contexts in use (`base:allocation`, `qemu:dirty-bitmap:NAME`).
+    pub contexts: Vec<String>,
+    /// The medium is rotational.
+    pub is_rotational: bool,
+    /// The server exports it read-only.
+    pub is_read_only: bool,
+    /// Block status takes a context filter (extended headers only).
+    pub can_block_status_payload: bool,
+    /// The server takes cache (prefetch) hints.
+    pub can_cache: bool,
+    /// Reads can be asked unfragmented.
+    pub can_df: bool,
+    /// Zeroing can be asked to fail unless it is fast.
+    pub can_fast_zero: bool,
+    /// The server has a flush command.
+    pub can_flush: bool,
+    /// Writes can force unit access.
+    pub can_fua: bool,
+    /// Several connections share one view (flushes on one cover all).
+    pub can_multi_conn: bool,
+    /// The server can trim (discard).
+    pub can_trim: bool,
+    /// The server can write zeroes without a payload.
+    pub can_zero: bool,
+    /// Advertised minimum block size, if the server advertised block sizes.
+    pub block_size_minimum: Option<u32>,
+    /// Advertised preferred block size.
+    pub block_size_preferred: Option<u32>,
+    /// Advertised maximum payload.
+    pub block_size_maximum: Option<u32>,
+    /// Connections in use.
+    pub connections: usize,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

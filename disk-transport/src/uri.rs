@@ -6,10 +6,22 @@
 //! | `file:///path/disk.img`, `/path/disk.img`, `./disk.img` | `file`; `?direct=1` opens with `O_DIRECT` |
 //! | `nbd://HOST[:PORT]/[EXPORT]` | `nbd` over TCP (port 10809 by default), as libnbd writes it |
 //! | `nbd+unix:///[EXPORT]?socket=PATH` | `nbd` over a Unix socket |
+//! | `nbds://[USER@]HOST[:PORT]/[EXPORT]`, `nbds+unix://[USER@]/[EXPORT]?socket=PATH` | `nbd` over TLS (feature `tls`) |
 //!
-//! NBD URIs may carry `?timeout=SECONDS`, `?dirty-bitmap=NAME` and `?connections=N` (multi-conn,
-//! used only when the server advertises it; this crate's extensions);
-//! `nbds://` (TLS) and `nbd+vsock://` are recognised and refused with a clear error.
+//! NBD URIs mean what they mean to libnbd (`nbdinfo`, `nbdcopy`). `nbds` URIs take libnbd's TLS
+//! parameters:
+//!
+//! | parameter | meaning | default |
+//! |---|---|---|
+//! | `tls-certificates=DIR` | X.509: `ca-cert.pem`, optional `client-cert.pem` + `client-key.pem`, optional `ca-crl.pem` | `$HOME/.pki/libnbd`, `$HOME/.config/pki/libnbd` (root: `/etc/pki/libnbd`), else the system's CAs |
+//! | `tls-psk-file=FILE` | PSK instead of X.509: lines `USER:HEXKEY` as `psktool` writes them; the user is the URI's user part | the local login name |
+//! | `tls-hostname=NAME` | the name the server certificate must carry | the URI's host (none over a Unix socket) |
+//! | `tls-verify-peer=BOOL` | verify the server's certificate | true over TCP; over a Unix socket only when a `tls-hostname` is given |
+//!
+//! This crate adds `timeout=SECONDS`, `dirty-bitmap=NAME` and `connections=N` (multi-conn, used
+//! only when the server advertises it). Any other parameter is an error that names it, and so is
+//! a TLS parameter on a plaintext `nbd` URI: a URI never means less than it says.
+//! `nbd+vsock://` is recognised and refused with a clear error.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -30,6 +42,22 @@ pub enum NbdAddress {
     Unix(PathBuf),
 }
 
+/// The TLS settings of an `nbds` URI (libnbd's query parameters); see the [module docs](self).
+/// Values are as written in the URI; defaults are applied when connecting.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct NbdTls {
+    /// `tls-certificates=DIR`: the X.509 directory.
+    pub certificates: Option<PathBuf>,
+    /// `tls-psk-file=FILE`: use a pre-shared key from this file instead of certificates.
+    pub psk_file: Option<PathBuf>,
+    /// The URI's user part: the PSK identity.
+    pub username: Option<String>,
+    /// `tls-hostname=NAME`: the name to verify the server's certificate against.
+    pub hostname: Option<String>,
+    /// `tls-verify-peer=BOOL`, if given.
+    pub verify_peer: Option<bool>,
+}
+
 /// A parsed disk URI; see the [module docs](self).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -48,12 +76,14 @@ pub enum DiskUri {
         /// Open with `O_DIRECT`.
         direct: bool,
     },
-    /// `nbd://` or `nbd+unix://`.
+    /// `nbd://`, `nbd+unix://`, `nbds://` or `nbds+unix://`.
     Nbd {
         /// The server.
         address: NbdAddress,
         /// Export name ("" is the default export).
         export: String,
+        /// TLS settings for `nbds` URIs; `None` for plaintext `nbd`.
+        tls: Option<NbdTls>,
         /// Per-request timeout, if given.
         timeout: Option<Duration>,
         /// A `qemu:dirty-bitmap:NAME` context to negotiate, if given.
@@ -179,64 +209,145 @@ impl std::str::FromStr for DiskUri {
                     direct,
                 })
             }
-            "nbd" | "nbd+unix" => {
-                let export = percent_decode(uri, path.strip_prefix('/').unwrap_or(path))?;
-                let mut socket = None;
-                let mut timeout = None;
-                let mut dirty_bitmap = None;
-                let mut connections = None;
-                for (k, v) in query {
-                    match k.as_str() {
-                        "socket" => socket = Some(PathBuf::from(v)),
-                        "timeout" => {
-                            let secs: f64 = v
-                                .parse()
-                                .ok()
-                                .filter(|s: &f64| s.is_finite() && *s > 0.0 && *s < 1e9)
-                                .ok_or_else(|| invalid(uri, "timeout must be seconds > 0"))?;
-                            timeout = Some(Duration::from_secs_f64(secs));
-                        }
-                        "dirty-bitmap" => dirty_bitmap = Some(v),
-                        "connections" => {
-                            connections = Some(
-                                v.parse::<usize>()
-                                    .ok()
-                                    .filter(|n| (1..=16).contains(n))
-                                    .ok_or_else(|| invalid(uri, "connections must be 1 to 16"))?,
-                            )
-                        }
-                        // libnbd's TLS parameters and the like; they do not apply without TLS.
-                        _ => {}
-                    }
-                }
-                let address = if scheme == "nbd+unix" {
-                    if !authority.is_empty() {
-                        return Err(invalid(uri, "nbd+unix URIs have no host: nbd+unix:///EXPORT?socket=PATH"));
-                    }
-                    NbdAddress::Unix(socket.ok_or_else(|| invalid(uri, "missing ?socket=PATH"))?)
-                } else {
-                    let (host, port) = split_host_port(uri, authority)?;
-                    NbdAddress::Tcp { host, port }
-                };
-                Ok(DiskUri::Nbd {
-                    address,
-                    export,
-                    timeout,
-                    dirty_bitmap,
-                    connections,
-                })
-            }
-            "nbds" | "nbds+unix" => Err(invalid(
-                uri,
-                "NBD over TLS is not supported yet; use nbd:// on a trusted network or a Unix socket",
-            )),
+            "nbd" | "nbd+unix" | "nbds" | "nbds+unix" => parse_nbd(uri, scheme, authority, path, query),
             "nbd+vsock" | "nbds+vsock" => Err(invalid(uri, "NBD over vsock is not supported")),
             other => Err(invalid(
                 uri,
-                format!("unknown scheme {other:?} (expected mem, file, nbd or nbd+unix)"),
+                format!(
+                    "unknown scheme {other:?} (expected mem, file, nbd, nbd+unix, nbds or nbds+unix)"
+                ),
             )),
         }
     }
+}
+
+fn parse_bool(uri: &str, key: &str, value: &str) -> Result<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(invalid(
+            uri,
+            format!("{key}={value:?} is not a boolean (true or false)"),
+        )),
+    }
+}
+
+fn parse_nbd(
+    uri: &str,
+    scheme: &str,
+    authority: &str,
+    path: &str,
+    query: Vec<(String, String)>,
+) -> Result<DiskUri> {
+    let unix = scheme.ends_with("+unix");
+    let tls_wanted = scheme.starts_with("nbds");
+    let export = percent_decode(uri, path.strip_prefix('/').unwrap_or(path))?;
+    let (user, host_port) = match authority.rsplit_once('@') {
+        Some((user, rest)) => (Some(percent_decode(uri, user)?), rest),
+        None => (None, authority),
+    };
+    let mut socket = None;
+    let mut timeout = None;
+    let mut dirty_bitmap = None;
+    let mut connections = None;
+    let mut tls = NbdTls {
+        username: user,
+        ..NbdTls::default()
+    };
+    let mut tls_params = Vec::new();
+    for (k, v) in query {
+        match k.as_str() {
+            "socket" => socket = Some(PathBuf::from(v)),
+            "timeout" => {
+                let secs: f64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s: &f64| s.is_finite() && *s > 0.0 && *s < 1e9)
+                    .ok_or_else(|| invalid(uri, "timeout must be seconds > 0"))?;
+                timeout = Some(Duration::from_secs_f64(secs));
+            }
+            "dirty-bitmap" => dirty_bitmap = Some(v),
+            "connections" => {
+                connections = Some(
+                    v.parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=16).contains(n))
+                        .ok_or_else(|| invalid(uri, "connections must be 1 to 16"))?,
+                )
+            }
+            "tls-certificates" => tls.certificates = Some(PathBuf::from(&v)),
+            "tls-psk-file" => tls.psk_file = Some(PathBuf::from(&v)),
+            "tls-hostname" => {
+                if v.is_empty() {
+                    return Err(invalid(uri, "tls-hostname is empty"));
+                }
+                tls.hostname = Some(v.clone())
+            }
+            "tls-verify-peer" => tls.verify_peer = Some(parse_bool(uri, &k, &v)?),
+            other => {
+                return Err(invalid(
+                    uri,
+                    format!(
+                        "unknown parameter {other:?} (NBD URIs take socket, tls-certificates, \
+                         tls-psk-file, tls-hostname, tls-verify-peer, timeout, dirty-bitmap, \
+                         connections)"
+                    ),
+                ))
+            }
+        }
+        if k.starts_with("tls-") {
+            tls_params.push(k);
+        }
+    }
+    if !tls_wanted {
+        if let Some(k) = tls_params.first() {
+            return Err(invalid(
+                uri,
+                format!("{k} needs TLS: use nbds:// or nbds+unix:// instead of {scheme}://"),
+            ));
+        }
+        if tls.username.is_some() {
+            return Err(invalid(
+                uri,
+                format!(
+                    "a user name is only used for TLS with a pre-shared key (nbds://USER@...), \
+                     not with {scheme}://"
+                ),
+            ));
+        }
+    }
+    if tls.certificates.is_some() && tls.psk_file.is_some() {
+        return Err(invalid(
+            uri,
+            "give either tls-certificates or tls-psk-file, not both",
+        ));
+    }
+    let address = if unix {
+        if !host_port.is_empty() {
+            return Err(invalid(
+                uri,
+                format!("{scheme} URIs have no host: {scheme}:///EXPORT?socket=PATH"),
+            ));
+        }
+        NbdAddress::Unix(socket.ok_or_else(|| invalid(uri, "missing ?socket=PATH"))?)
+    } else {
+        if socket.is_some() {
+            return Err(invalid(
+                uri,
+                format!("socket= belongs to {scheme}+unix:// URIs, not {scheme}://"),
+            ));
+        }
+        let (host, port) = split_host_port(uri, host_port)?;
+        NbdAddress::Tcp { host, port }
+    };
+    Ok(DiskUri::Nbd {
+        address,
+        export,
+        tls: tls_wanted.then_some(tls),
+        timeout,
+        dirty_bitmap,
+        connections,
+    })
 }
 
 fn split_host_port(uri: &str, authority: &str) -> Result<(String, u16)> {
@@ -321,6 +432,7 @@ impl DiskUri {
             DiskUri::Nbd {
                 address,
                 export,
+                tls,
                 timeout,
                 dirty_bitmap,
                 connections,
@@ -330,6 +442,9 @@ impl DiskUri {
                     let mut options = crate::nbd::NbdOptions::new(address.clone())
                         .export(export.clone())
                         .read_only(flags.read_only);
+                    if let Some(tls) = tls {
+                        options = options.tls(tls.clone());
+                    }
                     if let Some(t) = timeout {
                         options = options.timeout(*t);
                     }
@@ -343,7 +458,7 @@ impl DiskUri {
                 }
                 #[cfg(not(feature = "nbd"))]
                 {
-                    let _ = (address, export, timeout, dirty_bitmap, connections);
+                    let _ = (address, export, tls, timeout, dirty_bitmap, connections);
                     Err(Error::Unsupported(
                         "nbd:// (disk-transport was built without the `nbd` feature)".into(),
                     ))
@@ -367,6 +482,7 @@ mod tests {
                     port: 10809
                 },
                 export: "disk".into(),
+                tls: None,
                 timeout: None,
                 dirty_bitmap: None,
                 connections: None,
@@ -380,6 +496,7 @@ mod tests {
                     port: 1234
                 },
                 export: "".into(),
+                tls: None,
                 timeout: None,
                 dirty_bitmap: None,
                 connections: None,
@@ -392,6 +509,7 @@ mod tests {
             DiskUri::Nbd {
                 address: NbdAddress::Unix("/tmp/s.sock".into()),
                 export: "my disk".into(),
+                tls: None,
                 timeout: Some(Duration::from_millis(2500)),
                 dirty_bitmap: Some("b0".into()),
                 connections: Some(2),
@@ -399,13 +517,74 @@ mod tests {
         );
         assert!("nbd+unix:///x".parse::<DiskUri>().is_err());
         assert!("nbd://h/?connections=0".parse::<DiskUri>().is_err());
-        assert!("nbds://h/x"
-            .parse::<DiskUri>()
-            .unwrap_err()
-            .to_string()
-            .contains("TLS"));
+        assert!("nbd://h/x?socket=/s".parse::<DiskUri>().is_err());
         assert!("nbd://h:99999/".parse::<DiskUri>().is_err());
         assert!("nbd://h/%zz".parse::<DiskUri>().is_err());
+    }
+
+    #[test]
+    fn parses_libnbd_tls_uris() {
+        assert_eq!(
+            "nbds://alice@example.com:10810/disk?tls-psk-file=/k/keys.psk"
+                .parse::<DiskUri>()
+                .unwrap(),
+            DiskUri::Nbd {
+                address: NbdAddress::Tcp {
+                    host: "example.com".into(),
+                    port: 10810
+                },
+                export: "disk".into(),
+                tls: Some(NbdTls {
+                    psk_file: Some("/k/keys.psk".into()),
+                    username: Some("alice".into()),
+                    ..NbdTls::default()
+                }),
+                timeout: None,
+                dirty_bitmap: None,
+                connections: None,
+            }
+        );
+        assert_eq!(
+            "nbds+unix:///?socket=/tmp/s&tls-certificates=/certs&tls-hostname=srv&tls-verify-peer=false"
+                .parse::<DiskUri>()
+                .unwrap(),
+            DiskUri::Nbd {
+                address: NbdAddress::Unix("/tmp/s".into()),
+                export: "".into(),
+                tls: Some(NbdTls {
+                    certificates: Some("/certs".into()),
+                    hostname: Some("srv".into()),
+                    verify_peer: Some(false),
+                    ..NbdTls::default()
+                }),
+                timeout: None,
+                dirty_bitmap: None,
+                connections: None,
+            }
+        );
+        assert!(matches!(
+            "nbds://h".parse::<DiskUri>().unwrap(),
+            DiskUri::Nbd { tls: Some(_), .. }
+        ));
+    }
+
+    #[test]
+    fn unknown_and_misplaced_parameters_are_named() {
+        for (uri, needle) in [
+            ("nbd://h/x?colour=red", "\"colour\""),
+            ("nbd+unix:///x?socket=/s&tls-type=x509", "\"tls-type\""),
+            ("nbd://h/x?tls-certificates=/c", "nbds://"),
+            ("nbd+unix:///x?socket=/s&tls-psk-file=/k", "nbds"),
+            ("nbd://bob@h/x", "user name"),
+            ("nbds://h/x?tls-verify-peer=maybe", "tls-verify-peer"),
+            ("nbds://h/x?tls-psk-file=/k&tls-certificates=/c", "not both"),
+            ("nbds+unix://h/x?socket=/s", "no host"),
+            ("mem://a?colour=red", "colour"),
+            ("file:///a?colour=red", "colour"),
+        ] {
+            let err = uri.parse::<DiskUri>().unwrap_err().to_string();
+            assert!(err.contains(needle), "{uri}: {err}");
+        }
     }
 
     #[test]

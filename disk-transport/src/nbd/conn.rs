@@ -16,43 +16,132 @@ use crate::{Error, Result};
 
 /// A connected socket.
 #[derive(Debug)]
-pub(crate) enum Stream {
+pub(crate) enum Socket {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
 
-impl Stream {
-    pub fn try_clone(&self) -> io::Result<Stream> {
+impl Socket {
+    pub fn try_clone(&self) -> io::Result<Socket> {
         Ok(match self {
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
+            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
         })
     }
-    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
         match self {
-            Stream::Tcp(s) => {
+            Socket::Tcp(s) => {
                 s.set_read_timeout(read)?;
                 s.set_write_timeout(write)
             }
-            Stream::Unix(s) => {
+            Socket::Unix(s) => {
                 s.set_read_timeout(read)?;
                 s.set_write_timeout(write)
             }
         }
     }
-    pub fn shutdown(&self) {
+    fn shutdown(&self) {
         let _ = match self {
-            Stream::Tcp(s) => s.shutdown(Shutdown::Both),
-            Stream::Unix(s) => s.shutdown(Shutdown::Both),
+            Socket::Tcp(s) => s.shutdown(Shutdown::Both),
+            Socket::Unix(s) => s.shutdown(Shutdown::Both),
         };
+    }
+    /// A second descriptor of the socket, for waiting on it.
+    #[cfg(feature = "tls")]
+    pub fn clone_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        Ok(match self.try_clone()? {
+            Socket::Tcp(s) => s.into(),
+            Socket::Unix(s) => s.into(),
+        })
+    }
+}
+
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => s.read(buf),
+            Socket::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => s.write(buf),
+            Socket::Unix(s) => s.write(buf),
+        }
+    }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => s.write_vectored(bufs),
+            Socket::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A connection's byte stream: the socket itself, or a TLS session on it.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Plain(Socket),
+    #[cfg(feature = "tls")]
+    Tls(crate::tls::TlsStream<Socket>),
+}
+
+impl Stream {
+    pub fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Plain(s) => Stream::Plain(s.try_clone()?),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => Stream::Tls(s.handle()),
+        })
+    }
+    pub fn set_timeouts(
+        &mut self,
+        read: Option<Duration>,
+        write: Option<Duration>,
+    ) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.set_timeouts(read, write),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => {
+                s.set_timeouts(read, write);
+                Ok(())
+            }
+        }
+    }
+    pub fn shutdown(&self) {
+        match self {
+            Stream::Plain(s) => s.shutdown(),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.shutdown(),
+        }
+    }
+    /// The TLS protocol and cipher, if the stream is encrypted.
+    pub fn tls_description(&self) -> Option<String> {
+        match self {
+            Stream::Plain(_) => None,
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => Some(s.description().to_owned()),
+        }
+    }
+}
+
+impl super::handshake::Timed for Stream {
+    fn set_wait(&mut self, wait: Duration) -> io::Result<()> {
+        self.set_timeouts(Some(wait), Some(wait))
     }
 }
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.read(buf),
-            Stream::Unix(s) => s.read(buf),
+            Stream::Plain(s) => s.read(buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -60,18 +149,40 @@ impl Read for Stream {
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.write(buf),
-            Stream::Unix(s) => s.write(buf),
+            Stream::Plain(s) => s.write(buf),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.write(buf),
         }
     }
     fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
-            Stream::Tcp(s) => s.write_vectored(bufs),
-            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Plain(s) => s.write_vectored(bufs),
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.write_vectored(bufs),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// How replies are framed on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ReplyStyle {
+    /// Simple replies only (no structured replies negotiated).
+    Simple,
+    /// Structured replies (20-byte chunk headers); simple replies for non-reads.
+    Structured,
+    /// Extended headers: 32-byte requests and reply chunks, 64-bit lengths.
+    Extended,
+}
+
+/// The text of a protocol error, without the error's own prefix (which the final error adds).
+fn protocol_text(e: Error) -> String {
+    match e {
+        Error::Protocol(msg) => msg,
+        other => other.to_string(),
     }
 }
 
@@ -114,8 +225,8 @@ impl Command {
 pub(crate) struct Outcome {
     /// The read data, or the written buffer returned for reuse.
     pub buf: Option<Vec<u8>>,
-    /// Block status chunks: context id and descriptors.
-    pub block_status: Vec<(u32, Vec<(u32, u32)>)>,
+    /// Block status chunks: context id and (length, status) descriptors.
+    pub block_status: Vec<(u32, Vec<(u64, u64)>)>,
 }
 
 pub(crate) type Done = Box<dyn FnOnce(Result<Outcome>) + Send>;
@@ -127,7 +238,7 @@ struct Pending {
     buf: Option<Vec<u8>>,
     covered: Vec<(u64, u64)>,
     error: Option<Error>,
-    block_status: Vec<(u32, Vec<(u32, u32)>)>,
+    block_status: Vec<(u32, Vec<(u64, u64)>)>,
     issued: Instant,
     done: Done,
 }
@@ -163,7 +274,7 @@ struct Table {
 /// State shared by the writers and the reader thread of one connection.
 pub(crate) struct Shared {
     table: Mutex<Table>,
-    structured: bool,
+    style: ReplyStyle,
     timeout: Duration,
     closing: AtomicBool,
 }
@@ -186,7 +297,7 @@ pub(crate) struct Conn {
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn")
-            .field("structured", &self.shared.structured)
+            .field("style", &self.shared.style)
             .field("in_flight", &self.shared.lock().pending.len())
             .finish()
     }
@@ -199,10 +310,14 @@ fn tick(timeout: Duration) -> Duration {
 
 impl Conn {
     /// Starts the transmission phase on a negotiated stream.
-    pub fn start(stream: Stream, structured: bool, timeout: Duration) -> Result<Conn> {
-        let reader_stream = stream
+    pub fn start(mut stream: Stream, style: ReplyStyle, timeout: Duration) -> Result<Conn> {
+        // The reader wakes every tick to check deadlines; writers wait up to the timeout.
+        let mut reader_stream = stream
             .try_clone()
             .map_err(|e| Error::io("clone NBD socket", None, e))?;
+        reader_stream
+            .set_timeouts(Some(tick(timeout)), Some(timeout))
+            .map_err(|e| Error::io("set NBD socket timeouts", None, e))?;
         let control = stream
             .try_clone()
             .map_err(|e| Error::io("clone NBD socket", None, e))?;
@@ -211,7 +326,7 @@ impl Conn {
             .map_err(|e| Error::io("set NBD socket timeouts", None, e))?;
         let shared = Arc::new(Shared {
             table: Mutex::new(Table::default()),
-            structured,
+            style,
             timeout,
             closing: AtomicBool::new(false),
         });
@@ -230,13 +345,14 @@ impl Conn {
     }
 
     /// Sends a request; `done` is called exactly once, from the reader thread or from here.
+    /// `length` must fit 32 bits unless extended headers are in use.
     #[allow(clippy::too_many_arguments)]
     pub fn submit(
         &self,
         command: Command,
         flags: u16,
         offset: u64,
-        length: u32,
+        length: u64,
         payload: Option<Vec<u8>>,
         read_buf: Option<Vec<u8>>,
         done: Done,
@@ -245,7 +361,7 @@ impl Conn {
         let pending = Pending {
             command,
             offset,
-            length: u64::from(length),
+            length,
             buf: read_buf,
             covered: Vec::new(),
             error: None,
@@ -270,10 +386,30 @@ impl Conn {
                 table.unsent.insert(cookie);
             }
         }
-        let header = proto::encode_request(flags, command.code(), cookie, offset, length);
+        let mut header = [0u8; 32];
+        let header: &[u8] = if self.shared.style == ReplyStyle::Extended {
+            // The length of a write is its payload's, and says so.
+            let flags = if payload.is_some() {
+                flags | proto::cflag::PAYLOAD_LEN
+            } else {
+                flags
+            };
+            header = proto::encode_request_ext(flags, command.code(), cookie, offset, length);
+            &header
+        } else {
+            debug_assert!(length <= u64::from(u32::MAX));
+            header[..28].copy_from_slice(&proto::encode_request(
+                flags,
+                command.code(),
+                cookie,
+                offset,
+                length as u32,
+            ));
+            &header[..28]
+        };
         let sent = {
             let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            write_request(&mut writer, &header, payload.as_deref().unwrap_or(&[]))
+            write_request(&mut writer, header, payload.as_deref().unwrap_or(&[]))
         };
         match sent {
             Ok(()) => {
@@ -328,9 +464,12 @@ impl Conn {
     pub fn close(&self) {
         self.shared.closing.store(true, Ordering::SeqCst);
         if self.dead_reason().is_none() {
-            let header = proto::encode_request(0, proto::cmd::DISC, 0, 0, 0);
             let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = writer.write_all(&header);
+            let _ = if self.shared.style == ReplyStyle::Extended {
+                writer.write_all(&proto::encode_request_ext(0, proto::cmd::DISC, 0, 0, 0))
+            } else {
+                writer.write_all(&proto::encode_request(0, proto::cmd::DISC, 0, 0, 0))
+            };
         }
         self.kill("the connection was closed by the client".into());
         if let Some(handle) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
@@ -431,16 +570,6 @@ impl<R: Read> ReplyReader<'_, R> {
             .get_or_insert_with(|| "the server is shutting down (ESHUTDOWN)".to_owned());
     }
 
-    fn skip(&mut self, mut n: u64) -> std::result::Result<(), Stop> {
-        let mut scratch = [0u8; 4096];
-        while n > 0 {
-            let k = n.min(scratch.len() as u64) as usize;
-            self.fill(&mut scratch[..k])?;
-            n -= k as u64;
-        }
-        Ok(())
-    }
-
     fn take(&mut self, cookie: u64) -> std::result::Result<Pending, Stop> {
         let p = self
             .shared
@@ -477,12 +606,13 @@ impl<R: Read> ReplyReader<'_, R> {
         let mut magic = [0u8; 4];
         self.fill(&mut magic)?;
         let magic = u32::from_be_bytes(magic);
-        let rest_len =
-            proto::reply_header_rest_len(magic).map_err(|e| Stop::Protocol(e.to_string()))?;
-        let mut rest = [0u8; 16];
+        let extended = self.shared.style == ReplyStyle::Extended;
+        let rest_len = proto::reply_header_rest_len(magic, extended)
+            .map_err(|e| Stop::Protocol(protocol_text(e)))?;
+        let mut rest = [0u8; 28];
         self.fill(&mut rest[..rest_len])?;
-        let header = proto::parse_reply_header(magic, &rest[..rest_len])
-            .map_err(|e| Stop::Protocol(e.to_string()))?;
+        let header = proto::parse_reply_header(magic, &rest[..rest_len], extended)
+            .map_err(|e| Stop::Protocol(protocol_text(e)))?;
         match header {
             ReplyHeader::Simple { error, cookie } => {
                 let mut p = self.take(cookie)?;
@@ -495,7 +625,7 @@ impl<R: Read> ReplyReader<'_, R> {
                     return Ok(());
                 }
                 if p.command == Command::Read {
-                    if self.shared.structured {
+                    if self.shared.style != ReplyStyle::Simple {
                         return Err(Stop::Protocol(
                             "simple reply with data to a read after structured replies were negotiated".into(),
                         ));
@@ -519,6 +649,9 @@ impl<R: Read> ReplyReader<'_, R> {
                 kind,
                 cookie,
                 length,
+                // The request's offset, echoed by extended chunks; the cookie already names the
+                // request, and data chunks carry their own offsets.
+                offset: _,
             } => {
                 let mut p = self.take(cookie)?;
                 let r = self.chunk(&mut p, kind, length);
@@ -538,8 +671,8 @@ impl<R: Read> ReplyReader<'_, R> {
                         match proto::check_coverage(&mut p.covered, p.length) {
                             Ok(()) => Ok(()),
                             Err(e) => {
-                                let text = e.to_string();
-                                p.complete(Err(e));
+                                let text = protocol_text(e);
+                                p.complete(Err(Error::Protocol(text.clone())));
                                 self.in_hand = None;
                                 return Err(Stop::Protocol(text));
                             }
@@ -553,8 +686,8 @@ impl<R: Read> ReplyReader<'_, R> {
         }
     }
 
-    fn payload(&mut self, length: u32, max: u32) -> std::result::Result<Vec<u8>, Stop> {
-        if length > max {
+    fn payload(&mut self, length: u64, max: u32) -> std::result::Result<Vec<u8>, Stop> {
+        if length > u64::from(max) {
             return Err(Stop::Protocol(format!(
                 "reply chunk of {length} bytes exceeds the limit of {max}"
             )));
@@ -564,8 +697,9 @@ impl<R: Read> ReplyReader<'_, R> {
         Ok(v)
     }
 
-    fn chunk(&mut self, p: &mut Pending, kind: u16, length: u32) -> std::result::Result<(), Stop> {
-        let protocol = |e: Error| Stop::Protocol(e.to_string());
+    fn chunk(&mut self, p: &mut Pending, kind: u16, length: u64) -> std::result::Result<(), Stop> {
+        let protocol = |e: Error| Stop::Protocol(protocol_text(e));
+        let extended = self.shared.style == ReplyStyle::Extended;
         match kind {
             chunk::NONE => {
                 if length != 0 {
@@ -582,7 +716,7 @@ impl<R: Read> ReplyReader<'_, R> {
                 let mut off = [0u8; 8];
                 self.fill(&mut off)?;
                 let offset = u64::from_be_bytes(off);
-                let data_len = u64::from(length - 8);
+                let data_len = length - 8;
                 proto::check_chunk_range(p.offset, p.length, offset, data_len).map_err(protocol)?;
                 let rel = (offset - p.offset) as usize;
                 let mut buf = p.buf.take().unwrap_or_default();
@@ -612,14 +746,39 @@ impl<R: Read> ReplyReader<'_, R> {
                 buf[rel..rel + size as usize].fill(0);
                 p.covered.push((rel as u64, u64::from(size)));
             }
-            chunk::BLOCK_STATUS => {
+            chunk::BLOCK_STATUS | chunk::BLOCK_STATUS_EXT => {
                 if p.command != Command::BlockStatus {
                     return Err(Stop::Protocol(
                         "BLOCK_STATUS chunk in reply to another command".into(),
                     ));
                 }
-                let payload = self.payload(length, proto::MAX_BLOCK_STATUS_PAYLOAD)?;
-                let status = proto::parse_block_status(&payload).map_err(protocol)?;
+                if (kind == chunk::BLOCK_STATUS_EXT) != extended {
+                    return Err(Stop::Protocol(if extended {
+                        "32-bit BLOCK_STATUS chunk although extended headers were negotiated".into()
+                    } else {
+                        "BLOCK_STATUS_EXT chunk although extended headers were not negotiated"
+                            .into()
+                    }));
+                }
+                let status = if extended {
+                    let payload = self.payload(length, proto::MAX_BLOCK_STATUS_EXT_PAYLOAD)?;
+                    proto::parse_block_status_ext(&payload).map_err(protocol)?
+                } else {
+                    let payload = self.payload(length, proto::MAX_BLOCK_STATUS_PAYLOAD)?;
+                    let (id, d) = proto::parse_block_status(&payload).map_err(protocol)?;
+                    (
+                        id,
+                        d.into_iter()
+                            .map(|(l, f)| (u64::from(l), u64::from(f)))
+                            .collect(),
+                    )
+                };
+                if p.block_status.iter().any(|(id, _)| *id == status.0) {
+                    return Err(Stop::Protocol(format!(
+                        "two BLOCK_STATUS chunks for context {} in one reply",
+                        status.0
+                    )));
+                }
                 p.block_status.push(status);
             }
             k if k & chunk::ERROR_BIT != 0 => {
@@ -637,7 +796,6 @@ impl<R: Read> ReplyReader<'_, R> {
                 }
             }
             other => {
-                self.skip(u64::from(length))?;
                 return Err(Stop::Protocol(format!("unknown reply chunk type {other}")));
             }
         }
@@ -745,19 +903,20 @@ pub(crate) fn run_reader<R: Read>(stream: R, shared: &Shared) {
     }
 }
 
-/// Feeds `bytes` as a reply stream to a reader expecting a few requests (a read of 4096 bytes
-/// at cookie 1, a block status at cookie 2, a write at cookie 3, a flush at cookie 4) and
-/// returns how many completed successfully. Used by the fuzz target and property tests: any
-/// input must end in completions or errors, never a panic or a hang.
+/// Feeds `bytes` as a reply stream framed as `style` says to a reader expecting a few requests
+/// (a read of 4096 bytes at cookie 1, a block status at cookie 2, a write at cookie 3, a flush
+/// at cookie 4, all at offset 1 MiB) and returns how many completed successfully. Used by the
+/// fuzz targets and property tests: any input must end in completions or errors, never a panic
+/// or a hang.
 ///
 /// # Panics
 ///
 /// If a request is left waiting after the stream ends — a bug in the reader, which is what the
 /// fuzz target looks for.
-pub fn replay_reply_stream(bytes: &[u8], structured: bool) -> usize {
+pub fn replay_reply_stream(bytes: &[u8], style: ReplyStyle) -> usize {
     let shared = Shared {
         table: Mutex::new(Table::default()),
-        structured,
+        style,
         timeout: Duration::from_secs(1),
         closing: AtomicBool::new(false),
     };
@@ -816,6 +975,101 @@ mod tests {
         v
     }
 
+    fn ext_chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+        let mut v = proto::EXTENDED_REPLY_MAGIC.to_be_bytes().to_vec();
+        v.extend_from_slice(&flags.to_be_bytes());
+        v.extend_from_slice(&kind.to_be_bytes());
+        v.extend_from_slice(&cookie.to_be_bytes());
+        v.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        v.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    /// The same replies as [`valid_stream`], with extended headers.
+    fn valid_extended_stream() -> Vec<u8> {
+        let mut s = Vec::new();
+        let mut hole = ((1u64 << 20) + 2048).to_be_bytes().to_vec();
+        hole.extend_from_slice(&2048u32.to_be_bytes());
+        s.extend(ext_chunk(0, chunk::OFFSET_HOLE, 1, &hole));
+        let mut data = (1u64 << 20).to_be_bytes().to_vec();
+        data.extend_from_slice(&[7u8; 2048]);
+        s.extend(ext_chunk(chunk::FLAG_DONE, chunk::OFFSET_DATA, 1, &data));
+        let mut bs = 1u32.to_be_bytes().to_vec();
+        bs.extend_from_slice(&2u32.to_be_bytes());
+        for (len, status) in [(5u64 << 30, 3u64), (1 << 20, 0)] {
+            bs.extend_from_slice(&len.to_be_bytes());
+            bs.extend_from_slice(&status.to_be_bytes());
+        }
+        s.extend(ext_chunk(chunk::FLAG_DONE, chunk::BLOCK_STATUS_EXT, 2, &bs));
+        s.extend(ext_chunk(chunk::FLAG_DONE, chunk::NONE, 3, &[]));
+        s.extend(ext_chunk(chunk::FLAG_DONE, chunk::NONE, 4, &[]));
+        s
+    }
+
+    #[test]
+    fn extended_replies_complete_and_mixed_styles_fail() {
+        assert_eq!(
+            replay_reply_stream(&valid_extended_stream(), ReplyStyle::Extended),
+            4
+        );
+        // Extended chunks without extended headers, and compact ones with them: errors.
+        assert_eq!(
+            replay_reply_stream(&valid_extended_stream(), ReplyStyle::Structured),
+            0
+        );
+        assert_eq!(
+            replay_reply_stream(&valid_stream(), ReplyStyle::Extended),
+            0
+        );
+        // A 32-bit block status chunk under extended headers is refused.
+        let mut bs = 1u32.to_be_bytes().to_vec();
+        bs.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        bs.extend_from_slice(&3u32.to_be_bytes());
+        let s = ext_chunk(chunk::FLAG_DONE, chunk::BLOCK_STATUS, 2, &bs);
+        assert_eq!(replay_reply_stream(&s, ReplyStyle::Extended), 0);
+        // A payload length beyond any limit fails at once, without reading it.
+        let mut huge = ext_chunk(chunk::FLAG_DONE, chunk::BLOCK_STATUS_EXT, 2, &[]);
+        huge[24..32].copy_from_slice(&u64::MAX.to_be_bytes());
+        assert_eq!(replay_reply_stream(&huge, ReplyStyle::Extended), 0);
+    }
+
+    #[test]
+    fn protocol_errors_are_named_once() {
+        let shared = Shared {
+            table: Mutex::new(Table::default()),
+            style: ReplyStyle::Structured,
+            timeout: Duration::from_secs(1),
+            closing: AtomicBool::new(false),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        shared.lock().pending.insert(
+            1,
+            Pending {
+                command: Command::Read,
+                offset: 0,
+                length: 4096,
+                buf: Some(vec![0; 4096]),
+                covered: Vec::new(),
+                error: None,
+                block_status: Vec::new(),
+                issued: Instant::now(),
+                done: Box::new(move |r| {
+                    let _ = tx.send(r);
+                }),
+            },
+        );
+        let mut data = 0u64.to_be_bytes().to_vec();
+        data.extend_from_slice(&[7u8; 2048]);
+        run_reader(
+            &chunk_bytes(chunk::FLAG_DONE, chunk::OFFSET_DATA, 1, &data)[..],
+            &shared,
+        );
+        let text = rx.recv().unwrap().unwrap_err().to_string();
+        assert_eq!(text.matches("protocol error").count(), 1, "{text}");
+        assert!(text.contains("short read"), "{text}");
+    }
+
     fn simple(error: u32, cookie: u64) -> Vec<u8> {
         let mut v = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
         v.extend_from_slice(&error.to_be_bytes());
@@ -843,7 +1097,10 @@ mod tests {
 
     #[test]
     fn a_valid_stream_completes_everything() {
-        assert_eq!(replay_reply_stream(&valid_stream(), true), 4);
+        assert_eq!(
+            replay_reply_stream(&valid_stream(), ReplyStyle::Structured),
+            4
+        );
     }
 
     #[test]
@@ -852,17 +1109,17 @@ mod tests {
         let mut data = (1u64 << 20).to_be_bytes().to_vec();
         data.extend_from_slice(&[7u8; 2048]);
         let s = chunk_bytes(chunk::FLAG_DONE, chunk::OFFSET_DATA, 1, &data);
-        assert_eq!(replay_reply_stream(&s, true), 0);
+        assert_eq!(replay_reply_stream(&s, ReplyStyle::Structured), 0);
         // An error chunk fails only its request.
         let mut e = 5u32.to_be_bytes().to_vec();
         e.extend_from_slice(&0u16.to_be_bytes());
         let mut s = chunk_bytes(chunk::FLAG_DONE, chunk::ERROR, 1, &e);
         s.extend(simple(0, 4));
-        assert_eq!(replay_reply_stream(&s, true), 1);
+        assert_eq!(replay_reply_stream(&s, ReplyStyle::Structured), 1);
         // Truncated stream: nothing hangs.
         let v = valid_stream();
         for cut in [1, 10, 30, 2000, v.len() - 1] {
-            assert!(replay_reply_stream(&v[..cut], true) < 4);
+            assert!(replay_reply_stream(&v[..cut], ReplyStyle::Structured) < 4);
         }
     }
 
@@ -871,15 +1128,24 @@ mod tests {
         let mut s = simple(0, 1);
         s.extend_from_slice(&[1u8; 4096]);
         s.extend(simple(0, 3));
-        assert_eq!(replay_reply_stream(&s, false), 2);
-        assert_eq!(replay_reply_stream(&s, true), 0);
+        assert_eq!(replay_reply_stream(&s, ReplyStyle::Simple), 2);
+        assert_eq!(replay_reply_stream(&s, ReplyStyle::Structured), 0);
     }
 
     proptest! {
         #[test]
         fn any_bytes_end_without_panic_or_hang(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = replay_reply_stream(&bytes, true);
-            let _ = replay_reply_stream(&bytes, false);
+            let _ = replay_reply_stream(&bytes, ReplyStyle::Structured);
+            let _ = replay_reply_stream(&bytes, ReplyStyle::Simple);
+            let _ = replay_reply_stream(&bytes, ReplyStyle::Extended);
+        }
+
+        #[test]
+        fn mutated_extended_streams_never_panic(pos in 0usize..2400, byte in any::<u8>()) {
+            let mut v = valid_extended_stream();
+            let pos = pos % v.len();
+            v[pos] = byte;
+            let _ = replay_reply_stream(&v, ReplyStyle::Extended);
         }
 
         #[test]
@@ -887,7 +1153,7 @@ mod tests {
             let mut v = valid_stream();
             let pos = pos % v.len();
             v[pos] = byte;
-            let _ = replay_reply_stream(&v, true);
+            let _ = replay_reply_stream(&v, ReplyStyle::Structured);
         }
     }
 }

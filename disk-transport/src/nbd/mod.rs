@@ -4,7 +4,7 @@
 //!   servers), export info and block-size constraints.
 //! - Structured replies (falling back to simple replies), `base:allocation` block status for
 //!   [`Disk::allocated_extents`], and `qemu:dirty-bitmap:NAME` for incremental backups
-//!   ([`NbdDisk::dirty_extents`]).
+//!   ([`Disk::dirty_extents`], `?dirty-bitmap=NAME` in the URI).
 //! - READ, WRITE, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS; any number of requests in flight per
 //!   connection: callers write requests, one reader thread per connection matches replies to
 //!   them by cookie. [`Disk::submit_read`]/[`Disk::submit_write`] return at once, so the
@@ -53,12 +53,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use conn::replay_reply_stream;
-use conn::{Command, Conn, Outcome, Stream};
-use handshake::{HandshakeRequest, Negotiated};
+pub use conn::ReplyStyle;
+use conn::{Command, Conn, Outcome, Socket, Stream};
+use handshake::{Deadline, Event, Handshake, HandshakeRequest, Negotiated};
 use proto::tflag;
 
-use crate::types::{clip_extents, push_extent, DiskInfo, Extent, ExtentKind};
-use crate::uri::NbdAddress;
+use crate::types::{clip_extents, push_extent, DiskInfo, Extent, ExtentKind, ProtocolInfo};
+use crate::uri::{NbdAddress, NbdTls};
 use crate::{
     check_range, AccessGuard, CleanupStats, ConnectParams, Connection, Disk, DiskTransport, Error,
     OpenFlags, ReadCompletion, Result, TransportMode, WriteCompletion,
@@ -75,7 +76,11 @@ pub struct NbdOptions {
     dirty_bitmap: Option<String>,
     connections: usize,
     structured_replies: bool,
+    extended_headers: bool,
     extents: bool,
+    tls: Option<NbdTls>,
+    fua: bool,
+    handshake_timeout: Option<Duration>,
 }
 
 impl NbdOptions {
@@ -90,7 +95,11 @@ impl NbdOptions {
             dirty_bitmap: None,
             connections: 1,
             structured_replies: true,
+            extended_headers: true,
             extents: true,
+            tls: None,
+            fua: false,
+            handshake_timeout: None,
         }
     }
     /// Export name ("" is the server's default export).
@@ -128,9 +137,34 @@ impl NbdOptions {
         self.structured_replies = on;
         self
     }
+    /// Ask for extended headers when the server offers them (default on): 64-bit lengths
+    /// for zeroing, trimming and block status.
+    pub fn extended_headers(mut self, on: bool) -> Self {
+        self.extended_headers = on;
+        self
+    }
+    /// Send every write, zero and trim with FUA (force unit access: the reply comes only once
+    /// the data is durable) when the server advertises it; without it, [`Disk::flush`] makes
+    /// writes durable. [`NbdDisk::write_fua`] asks for it per write.
+    pub fn fua(mut self, on: bool) -> Self {
+        self.fua = on;
+        self
+    }
+    /// Longest the whole handshake (TLS included) may take, however the server trickles its
+    /// replies (default: [`timeout`](Self::timeout)).
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = Some(timeout);
+        self
+    }
     /// Ask for `base:allocation` (default on).
     pub fn extents(mut self, on: bool) -> Self {
         self.extents = on;
+        self
+    }
+    /// Require TLS with these settings (an `nbds` URI's); the client never falls back to
+    /// plaintext.
+    pub fn tls(mut self, tls: NbdTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 }
@@ -150,17 +184,27 @@ pub struct ExportInfo {
     pub max_payload: u32,
     /// Whether structured replies are in use.
     pub structured_replies: bool,
+    /// Whether extended headers are in use (64-bit requests and block status).
+    pub extended_headers: bool,
+    /// The TLS session (protocol, cipher, how the peers authenticated), if any.
+    pub tls: Option<String>,
     /// Whether `base:allocation` was negotiated.
     pub base_allocation: bool,
     /// Whether a dirty bitmap context was negotiated.
     pub dirty_bitmap: bool,
+    /// The metadata contexts the server selected, by name.
+    pub contexts: Vec<String>,
+    /// The block sizes the server advertised (minimum, preferred, maximum payload), if it did.
+    pub advertised_block_size: Option<(u32, u32, u32)>,
+    /// Whether the export was selected with the legacy `NBD_OPT_EXPORT_NAME`.
+    pub export_name_fallback: bool,
     /// Number of connections in use.
     pub connections: usize,
 }
 
 impl ExportInfo {
     /// What the handshake `n` negotiated, for a client using `connections` connections.
-    fn negotiated(n: &Negotiated, connections: usize) -> Self {
+    fn negotiated(n: &Negotiated, tls: Option<String>, connections: usize) -> Self {
         ExportInfo {
             size: n.size,
             flags: n.flags,
@@ -168,23 +212,58 @@ impl ExportInfo {
             preferred_block: n.preferred_block,
             max_payload: n.max_payload,
             structured_replies: n.structured,
+            extended_headers: n.extended,
+            tls,
             base_allocation: n.base_allocation.is_some(),
             dirty_bitmap: n.dirty_bitmap.is_some(),
+            contexts: n.contexts.clone(),
+            advertised_block_size: n.advertised_block,
+            export_name_fallback: n.export_name_fallback,
             connections,
+        }
+    }
+
+    /// What this says, as `nbdinfo` names it, for [`Disk::protocol`].
+    pub fn protocol_info(&self, export: &str) -> ProtocolInfo {
+        let has = |flag: u16| self.flags & flag != 0;
+        ProtocolInfo {
+            protocol: if self.export_name_fallback {
+                "newstyle-fixed (NBD_OPT_EXPORT_NAME)".into()
+            } else {
+                "newstyle-fixed".into()
+            },
+            tls: self.tls.clone(),
+            transmission: if self.extended_headers {
+                "extended"
+            } else if self.structured_replies {
+                "structured"
+            } else {
+                "simple"
+            }
+            .into(),
+            export: export.to_owned(),
+            contexts: self.contexts.clone(),
+            is_rotational: has(tflag::ROTATIONAL),
+            is_read_only: has(tflag::READ_ONLY),
+            can_block_status_payload: has(tflag::BLOCK_STATUS_PAYLOAD),
+            can_cache: has(tflag::SEND_CACHE),
+            can_df: has(tflag::SEND_DF),
+            can_fast_zero: has(tflag::SEND_FAST_ZERO),
+            can_flush: has(tflag::SEND_FLUSH),
+            can_fua: has(tflag::SEND_FUA),
+            can_multi_conn: has(tflag::CAN_MULTI_CONN),
+            can_trim: has(tflag::SEND_TRIM),
+            can_zero: has(tflag::SEND_WRITE_ZEROES),
+            block_size_minimum: self.advertised_block_size.map(|b| b.0),
+            block_size_preferred: self.advertised_block_size.map(|b| b.1),
+            block_size_maximum: self.advertised_block_size.map(|b| b.2),
+            connections: self.connections,
         }
     }
 }
 
-/// A dirty or clean range from `qemu:dirty-bitmap:NAME`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct DirtyExtent {
-    /// Start in bytes.
-    pub offset: u64,
-    /// Length in bytes.
-    pub length: u64,
-    /// Whether the range changed since the bitmap was started.
-    pub dirty: bool,
-}
+/// A dirty or clean range from `qemu:dirty-bitmap:NAME` (the crate's [`DirtyExtent`](crate::DirtyExtent)).
+pub use crate::types::DirtyExtent;
 
 /// An export a server offers ([`list_exports`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -198,19 +277,23 @@ pub struct ExportEntry {
 /// Lists the exports of the server at `address` (`NBD_OPT_LIST`, what `nbdinfo --list` shows).
 /// Servers may refuse (policy); that is an [`Error::Handshake`].
 pub fn list_exports(address: &NbdAddress, timeout: Duration) -> Result<Vec<ExportEntry>> {
-    let options = NbdOptions::new(address.clone())
-        .timeout(timeout)
-        .connect_timeout(timeout);
-    let mut stream = connect_stream(&options)?;
-    stream
-        .set_timeouts(Some(timeout), Some(timeout))
-        .map_err(|e| Error::io("set NBD socket timeouts", None, e))?;
-    let exports = handshake::list_exports(&mut stream)?;
+    list(&NbdOptions::new(address.clone()).timeout(timeout).connect_timeout(timeout))
+}
+
+/// Lists the exports of the server `options` name, over TLS if they ask for it.
+pub fn list(options: &NbdOptions) -> Result<Vec<ExportEntry>> {
+    let tls = tls_config(options)?;
+    let mut req = request(options);
+    req.list = true;
+    let (stream, event) = negotiate(options, req, tls.as_ref())?;
     stream.shutdown();
-    Ok(exports
-        .into_iter()
-        .map(|(name, description)| ExportEntry { name, description })
-        .collect())
+    match event {
+        Event::Listed(exports) => Ok(exports
+            .into_iter()
+            .map(|(name, description)| ExportEntry { name, description })
+            .collect()),
+        _ => Err(Error::Protocol("NBD_OPT_LIST ended without a list".into())),
+    }
 }
 
 /// Runs this client's side of the handshake against a recorded server byte stream (what the
@@ -221,6 +304,17 @@ pub fn replay_handshake(
     export: &str,
     dirty_bitmap: Option<&str>,
 ) -> Result<ExportInfo> {
+    let mut options = NbdOptions::new(NbdAddress::Unix("replay".into())).export(export);
+    if let Some(b) = dirty_bitmap {
+        options = options.dirty_bitmap(b);
+    }
+    replay_handshake_with(server_bytes, &options)
+}
+
+/// Like [`replay_handshake`], asking for what `options` ask (TLS, extended headers, dirty
+/// bitmap, ...). When TLS is asked and the server accepts `NBD_OPT_STARTTLS`, the replay goes
+/// on as if the TLS session were up, so what follows is checked as it would be inside it.
+pub fn replay_handshake_with(server_bytes: &[u8], options: &NbdOptions) -> Result<ExportInfo> {
     struct Replay<'a>(&'a [u8]);
     impl std::io::Read for Replay<'_> {
         fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -235,16 +329,28 @@ pub fn replay_handshake(
             Ok(())
         }
     }
-    let n = handshake::negotiate(
-        &mut Replay(server_bytes),
-        &HandshakeRequest {
-            export,
-            structured: true,
-            extents: true,
-            dirty_bitmap,
-        },
-    )?;
-    Ok(ExportInfo::negotiated(&n, 1))
+    impl handshake::Timed for Replay<'_> {
+        fn set_wait(&mut self, _: Duration) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let deadline = Deadline::after(options.timeout);
+    let mut hs = Handshake::new(request(options));
+    let mut replay = Replay(server_bytes);
+    loop {
+        match handshake::drive(&mut hs, &mut replay, &deadline)? {
+            Event::StartTls => {
+                hs.tls_established();
+            }
+            Event::Done(n) => {
+                let tls = n.tls.then(|| "replayed".to_owned());
+                return Ok(ExportInfo::negotiated(&n, tls, 1));
+            }
+            Event::Listed(_) | Event::Continue => {
+                return Err(Error::Protocol("the replay ended without an export".into()))
+            }
+        }
+    }
 }
 
 /// An open NBD export; see the [module docs](self).
@@ -256,12 +362,17 @@ pub struct NbdDisk {
     read_only: bool,
     timeout: Duration,
     export: String,
+    dirty_bitmap: Option<String>,
+    fua: bool,
+    /// The TLS session of the first connection, described.
+    tls: Option<String>,
 }
 
 /// Send buffer asked for on Unix-socket connections.
 const UNIX_SEND_BUFFER: usize = 4 << 20;
 
-fn connect_stream(options: &NbdOptions) -> Result<Stream> {
+fn connect_stream(options: &NbdOptions, deadline: &Deadline) -> Result<Stream> {
+    let connect_timeout = options.connect_timeout.min(deadline.left()?);
     match &options.address {
         NbdAddress::Tcp { host, port } => {
             let what = format!("connect to NBD server {host}:{port}");
@@ -270,11 +381,11 @@ fn connect_stream(options: &NbdOptions) -> Result<Stream> {
                 .map_err(|e| Error::io(what.clone(), None, e))?;
             let mut last = None;
             for addr in addrs {
-                match TcpStream::connect_timeout(&addr, options.connect_timeout) {
+                match TcpStream::connect_timeout(&addr, connect_timeout) {
                     Ok(s) => {
                         s.set_nodelay(true)
                             .map_err(|e| Error::io(what.clone(), None, e))?;
-                        return Ok(Stream::Tcp(s));
+                        return Ok(Stream::Plain(Socket::Tcp(s)));
                     }
                     Err(e) => last = Some(e),
                 }
@@ -295,53 +406,157 @@ fn connect_stream(options: &NbdOptions) -> Result<Stream> {
             // The kernel caps the size at net.core.wmem_max and doubles it, so even a stock
             // system gets room for a whole request; a refusal only costs speed.
             let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, UNIX_SEND_BUFFER);
-            Ok(Stream::Unix(s))
+            Ok(Stream::Plain(Socket::Unix(s)))
         }
     }
 }
 
-fn open_one(options: &NbdOptions) -> Result<(Conn, Negotiated)> {
-    let mut stream = connect_stream(options)?;
-    stream
-        .set_timeouts(Some(options.timeout), Some(options.timeout))
-        .map_err(|e| Error::io("set NBD socket timeouts", None, e))?;
-    let negotiated = handshake::negotiate(
-        &mut stream,
-        &HandshakeRequest {
-            export: &options.export,
-            structured: options.structured_replies,
-            extents: options.extents,
-            dirty_bitmap: options.dirty_bitmap.as_deref(),
-        },
-    )
-    .map_err(|e| match e {
-        Error::Timeout { what, offset, .. } => Error::Timeout {
-            what,
-            offset,
-            after: options.timeout,
-        },
-        // A refused option leaves the server waiting for the next one: say goodbye properly
-        // (NBD_OPT_ABORT) rather than just hanging up. Best effort; the error is what matters.
-        refused @ (Error::NotFound(_) | Error::Handshake(_)) => {
-            use std::io::Write;
-            let _ = stream.write_all(&proto::encode_option(proto::opt::ABORT, &[]));
-            refused
+/// The handshake request `options` make.
+fn request(options: &NbdOptions) -> HandshakeRequest {
+    HandshakeRequest {
+        structured: options.structured_replies,
+        extended: options.extended_headers,
+        extents: options.extents,
+        dirty_bitmap: options.dirty_bitmap.clone(),
+        tls: options.tls.is_some(),
+        ..HandshakeRequest::new(&options.export)
+    }
+}
+
+#[cfg(feature = "tls")]
+type TlsSetup = crate::tls::TlsConfig;
+/// Without the `tls` feature there is nothing to set up; asking for TLS is an error.
+#[cfg(not(feature = "tls"))]
+#[derive(Debug)]
+enum TlsSetup {}
+
+/// The TLS settings of `options`, resolved once for all connections.
+fn tls_config(options: &NbdOptions) -> Result<Option<TlsSetup>> {
+    let Some(tls) = &options.tls else {
+        return Ok(None);
+    };
+    #[cfg(feature = "tls")]
+    {
+        crate::tls::TlsConfig::new(tls, &options.address).map(Some)
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = tls;
+        Err(Error::Unsupported(
+            "NBD over TLS (nbds://): disk-transport was built without the `tls` feature".into(),
+        ))
+    }
+}
+
+/// Upgrades the plaintext stream to TLS after the server accepted `NBD_OPT_STARTTLS`.
+fn start_tls(
+    stream: Stream,
+    tls: Option<&TlsSetup>,
+    deadline: &Deadline,
+    timeout: Duration,
+) -> Result<Stream> {
+    let Some(config) = tls else {
+        return Err(Error::Protocol(
+            "TLS started although it was not asked for".into(),
+        ));
+    };
+    #[cfg(feature = "tls")]
+    {
+        let Stream::Plain(socket) = stream else {
+            return Err(Error::Protocol("NBD_OPT_STARTTLS accepted twice".into()));
+        };
+        let fd = socket
+            .clone_fd()
+            .map_err(|e| Error::io("clone NBD socket", None, e))?;
+        let session = crate::tls::TlsStream::connect(config, socket, fd, deadline.at, timeout)?;
+        Ok(Stream::Tls(session))
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = (stream, deadline, timeout);
+        match *config {}
+    }
+}
+
+/// Connects and runs the whole handshake (TLS included) under one deadline.
+fn negotiate(
+    options: &NbdOptions,
+    req: HandshakeRequest,
+    tls: Option<&TlsSetup>,
+) -> Result<(Stream, Event)> {
+    let total = options.handshake_timeout.unwrap_or(options.timeout);
+    let deadline = Deadline::after(total);
+    let mut stream = connect_stream(options, &deadline)?;
+    let mut hs = Handshake::new(req);
+    loop {
+        match handshake::drive(&mut hs, &mut stream, &deadline) {
+            Ok(Event::StartTls) => {
+                stream = start_tls(stream, tls, &deadline, options.timeout)?;
+                hs.tls_established();
+            }
+            Ok(Event::Continue) => {
+                return Err(Error::Protocol("the handshake stopped half-way".into()))
+            }
+            Ok(done) => return Ok((stream, done)),
+            Err(e) => {
+                // A refused option leaves the server waiting for the next one: say goodbye
+                // properly (NBD_OPT_ABORT) rather than just hanging up. Best effort, briefly;
+                // the error is what matters.
+                if matches!(e, Error::NotFound(_) | Error::Handshake(_)) {
+                    use std::io::Write;
+                    let _ = stream.set_timeouts(
+                        Some(Duration::from_millis(100)),
+                        Some(Duration::from_millis(100)),
+                    );
+                    let _ = stream.write_all(&proto::encode_option(proto::opt::ABORT, &[]));
+                }
+                stream.shutdown();
+                return Err(e);
+            }
         }
-        other => other,
-    })?;
-    let conn = Conn::start(stream, negotiated.structured, options.timeout)?;
-    Ok((conn, negotiated))
+    }
+}
+
+fn open_one(
+    options: &NbdOptions,
+    tls: Option<&TlsSetup>,
+) -> Result<(Conn, Negotiated, Option<String>)> {
+    let (stream, event) = negotiate(options, request(options), tls)?;
+    let Event::Done(negotiated) = event else {
+        return Err(Error::Protocol("the handshake ended without an export".into()));
+    };
+    #[cfg(feature = "tls")]
+    let session = stream.tls_description().map(|cipher| match tls {
+        Some(config) => format!("{cipher}, {}", config.describe()),
+        None => cipher,
+    });
+    #[cfg(not(feature = "tls"))]
+    let session = stream.tls_description();
+    let style = if negotiated.extended {
+        ReplyStyle::Extended
+    } else if negotiated.structured {
+        ReplyStyle::Structured
+    } else {
+        ReplyStyle::Simple
+    };
+    let conn = Conn::start(stream, style, options.timeout)?;
+    Ok((conn, negotiated, session))
 }
 
 impl NbdDisk {
     /// Connects and negotiates.
     pub fn connect(options: &NbdOptions) -> Result<Self> {
-        let (first, negotiated) = open_one(options)?;
+        let tls = tls_config(options)?;
+        let (first, negotiated, session) = open_one(options, tls.as_ref())?;
         let mut conns = vec![first];
         if options.connections > 1 && negotiated.flags & tflag::CAN_MULTI_CONN != 0 {
             for _ in 1..options.connections {
-                let (conn, other) = open_one(options)?;
-                if other.size != negotiated.size || other.flags != negotiated.flags {
+                let (conn, other, _) = open_one(options, tls.as_ref())?;
+                if other.size != negotiated.size
+                    || other.flags != negotiated.flags
+                    || other.extended != negotiated.extended
+                    || other.contexts != negotiated.contexts
+                {
                     return Err(Error::Protocol(
                         "the server described the export differently on a second connection".into(),
                     ));
@@ -356,12 +571,63 @@ impl NbdDisk {
             negotiated,
             timeout: options.timeout,
             export: options.export.clone(),
+            dirty_bitmap: options.dirty_bitmap.clone(),
+            fua: options.fua,
+            tls: session,
         })
     }
 
     /// What the server told about the export.
     pub fn export_info(&self) -> ExportInfo {
-        ExportInfo::negotiated(&self.negotiated, self.conns.len())
+        ExportInfo::negotiated(&self.negotiated, self.tls.clone(), self.conns.len())
+    }
+
+    /// Writes `buf` at `offset` with FUA: the call returns once the data is durable. Servers
+    /// without FUA get a plain write followed by a flush, which gives the same guarantee.
+    pub fn write_fua(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_with(buf, offset, true)?;
+        if !self.has(tflag::SEND_FUA) {
+            self.call(Command::Flush, 0, 0, 0, None)?;
+        }
+        Ok(())
+    }
+
+    fn write_with(&self, buf: &[u8], offset: u64, fua: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_io(offset, buf.len() as u64)?;
+        let piece = self.max_piece() as usize;
+        let flags = self.fua_flag(fua);
+        for (i, part) in buf.chunks(piece.max(1)).enumerate() {
+            let at = offset + (i * piece) as u64;
+            self.call(
+                Command::Write,
+                flags,
+                at,
+                part.len() as u64,
+                Some(part.to_vec()),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes `[offset, offset + length)` only if the server can do it faster than writing
+    /// zeroes (`NBD_CMD_FLAG_FAST_ZERO`, for pre-zeroing a whole destination before a copy).
+    /// Returns `false` — and changes nothing — when the server does not advertise fast zeroing
+    /// or answers `ENOTSUP`, as the protocol describes; the caller then zeroes the slow way
+    /// (or not at all). Other errors are errors.
+    pub fn fast_zero(&self, offset: u64, length: u64) -> Result<bool> {
+        self.check_writable()?;
+        self.check_io(offset, length)?;
+        if !self.has(tflag::SEND_FAST_ZERO) || !self.has(tflag::SEND_WRITE_ZEROES) {
+            return Ok(false);
+        }
+        let flags = proto::cflag::FAST_ZERO | self.fua_flag(false);
+        match self.ranged(Command::WriteZeroes, flags, offset, length) {
+            Ok(()) => Ok(true),
+            // The server would be slow: not zeroed (only the requests before, if any).
+            Err(e) if e.nbd_errno() == Some(95) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn conn(&self) -> &Conn {
@@ -409,7 +675,7 @@ impl NbdDisk {
         command: Command,
         flags: u16,
         offset: u64,
-        length: u32,
+        length: u64,
         payload: Option<Vec<u8>>,
     ) -> Result<Outcome> {
         let (tx, rx) = mpsc::channel();
@@ -451,20 +717,36 @@ impl NbdDisk {
         (u64::from(self.negotiated.max_payload) / min * min).max(min)
     }
 
-    /// Largest effect length for TRIM/WRITE_ZEROES/BLOCK_STATUS.
+    /// Largest effect length for TRIM/WRITE_ZEROES/BLOCK_STATUS: 32 bits with compact
+    /// headers, any length with extended headers.
     fn max_effect(&self) -> u64 {
         let min = u64::from(self.negotiated.min_block);
-        u64::from(u32::MAX) / min * min
+        let limit = if self.negotiated.extended {
+            u64::MAX
+        } else {
+            u64::from(u32::MAX)
+        };
+        limit / min * min
     }
 
     fn ranged(&self, command: Command, flags: u16, offset: u64, length: u64) -> Result<()> {
         let mut done = 0;
         while done < length {
             let n = (length - done).min(self.max_effect());
-            self.call(command, flags, offset + done, n as u32, None)?;
+            self.call(command, flags, offset + done, n, None)?;
             done += n;
         }
         Ok(())
+    }
+
+    /// The FUA flag for a write-type command when the caller asked for it and the server
+    /// offers it.
+    fn fua_flag(&self, asked: bool) -> u16 {
+        if (asked || self.fua) && self.has(tflag::SEND_FUA) {
+            proto::cflag::FUA
+        } else {
+            0
+        }
     }
 
     /// Descriptors covering exactly `[offset, offset + length)`. Requests are widened to the
@@ -480,7 +762,7 @@ impl NbdDisk {
             let start = covered / min * min;
             let stop = end.next_multiple_of(min).min(self.negotiated.size);
             let n = (stop - start).min(self.max_effect()).max(1);
-            let outcome = self.call(Command::BlockStatus, 0, start, n as u32, None)?;
+            let outcome = self.call(Command::BlockStatus, 0, start, n, None)?;
             let descriptors = outcome
                 .block_status
                 .into_iter()
@@ -493,8 +775,11 @@ impl NbdDisk {
                 })?;
             let before = covered;
             let mut at = start;
+            // Extents may be unaligned (nbdkit at an unaligned end of image) and the last may
+            // reach past the request; both are clipped to what was asked.
             for (len, flags) in descriptors {
-                let next = at.saturating_add(u64::from(len));
+                let flags = flags as u32;
+                let next = at.saturating_add(len);
                 let (s, t) = (at.max(covered), next.min(end));
                 if s < t {
                     out.push((s, t - s, flags));
@@ -514,25 +799,25 @@ impl NbdDisk {
         Ok(out)
     }
 
-    /// Dirty and clean ranges of `[offset, offset + length)` from the negotiated
-    /// `qemu:dirty-bitmap:NAME` ([`NbdOptions::dirty_bitmap`]).
-    pub fn dirty_extents(&self, offset: u64, length: u64) -> Result<Vec<DirtyExtent>> {
+    /// Dirty and clean ranges from the negotiated `qemu:dirty-bitmap:NAME`
+    /// ([`NbdOptions::dirty_bitmap`]); see [`Disk::dirty_extents`].
+    fn dirty_block_status(&self, offset: u64, length: u64) -> Result<Vec<DirtyExtent>> {
         let context = self.negotiated.dirty_bitmap.ok_or_else(|| {
-            Error::Unsupported("dirty extents without NbdOptions::dirty_bitmap".into())
+            Error::Unsupported(
+                "dirty extents without a dirty bitmap (NbdOptions::dirty_bitmap, ?dirty-bitmap=NAME)"
+                    .into(),
+            )
         })?;
         let mut out: Vec<DirtyExtent> = Vec::new();
         for (offset, length, flags) in self.block_status(context, offset, length)? {
-            let dirty = flags & 1 != 0;
-            match out.last_mut() {
-                Some(last) if last.dirty == dirty && last.offset + last.length == offset => {
-                    last.length += length
-                }
-                _ => out.push(DirtyExtent {
+            crate::types::push_dirty_extent(
+                &mut out,
+                DirtyExtent {
                     offset,
                     length,
-                    dirty,
-                }),
-            }
+                    dirty: flags & 1 != 0,
+                },
+            );
         }
         Ok(out)
     }
@@ -558,7 +843,12 @@ impl Disk for NbdDisk {
         info.read_only = self.read_only;
         info.can_extents = n.base_allocation.is_some();
         info.can_multi_conn = self.has(tflag::CAN_MULTI_CONN);
+        info.dirty_bitmap = self.dirty_bitmap.clone();
         Ok(info)
+    }
+
+    fn dirty_extents(&self, offset: u64, length: u64) -> Result<Vec<DirtyExtent>> {
+        self.dirty_block_status(offset, length)
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
@@ -575,7 +865,7 @@ impl Disk for NbdDisk {
                 Command::Read,
                 0,
                 at,
-                len as u32,
+                len as u64,
                 None,
                 Some(vec![0u8; len]),
                 Box::new(move |r| {
@@ -607,20 +897,7 @@ impl Disk for NbdDisk {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check_writable()?;
-        self.check_io(offset, buf.len() as u64)?;
-        let piece = self.max_piece() as usize;
-        for (i, part) in buf.chunks(piece.max(1)).enumerate() {
-            let at = offset + (i * piece) as u64;
-            self.call(
-                Command::Write,
-                0,
-                at,
-                part.len() as u32,
-                Some(part.to_vec()),
-            )?;
-        }
-        Ok(())
+        self.write_with(buf, offset, false)
     }
 
     fn flush(&self) -> Result<()> {
@@ -665,7 +942,7 @@ impl Disk for NbdDisk {
         self.check_writable()?;
         self.check_io(offset, length)?;
         if self.has(tflag::SEND_WRITE_ZEROES) {
-            return self.ranged(Command::WriteZeroes, 0, offset, length);
+            return self.ranged(Command::WriteZeroes, self.fua_flag(false), offset, length);
         }
         let piece = self.max_piece().min(1 << 20) as usize;
         let zeros = vec![0u8; piece];
@@ -684,7 +961,7 @@ impl Disk for NbdDisk {
         if !self.has(tflag::SEND_TRIM) {
             return Ok(());
         }
-        self.ranged(Command::Trim, 0, offset, length)
+        self.ranged(Command::Trim, self.fua_flag(false), offset, length)
     }
 
     fn submit_read(&self, offset: u64, buf: Vec<u8>, done: ReadCompletion) {
@@ -704,7 +981,7 @@ impl Disk for NbdDisk {
             Command::Read,
             0,
             offset,
-            length as u32,
+            length,
             None,
             Some(buf),
             Box::new(move |r| done(r.map(|o| o.buf.unwrap_or_default()))),
@@ -728,9 +1005,9 @@ impl Disk for NbdDisk {
         }
         self.conn().submit(
             Command::Write,
-            0,
+            self.fua_flag(false),
             offset,
-            length as u32,
+            length,
             Some(buf),
             None,
             Box::new(move |r| done(r.map(|o| o.buf.unwrap_or_default()))),
@@ -739,6 +1016,10 @@ impl Disk for NbdDisk {
 
     fn max_in_flight(&self) -> usize {
         64 * self.conns.len()
+    }
+
+    fn protocol(&self) -> Option<ProtocolInfo> {
+        Some(self.export_info().protocol_info(&self.export))
     }
 }
 
@@ -861,6 +1142,7 @@ mod tests {
         let mut s = NBDMAGIC.to_be_bytes().to_vec();
         s.extend_from_slice(&IHAVEOPT.to_be_bytes());
         s.extend_from_slice(&3u16.to_be_bytes());
+        s.extend(option_reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]));
         s.extend(option_reply(opt::STRUCTURED_REPLY, rep::ACK, &[]));
         let mut ctx = 7u32.to_be_bytes().to_vec();
         ctx.extend_from_slice(b"base:allocation");

@@ -13,13 +13,15 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 pub const OLDSTYLE_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Magic of option replies.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-/// Magic of a request.
+/// Magic of a compact (28-byte) request.
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Magic of an extended (32-byte) request, once extended headers are negotiated.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
 /// Magic of a simple reply.
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Magic of a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-/// Magic of an extended-header reply (not negotiated by this client; recognised for errors).
+/// Magic of an extended (32-byte) reply chunk, once extended headers are negotiated.
 pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Handshake flag: fixed newstyle.
@@ -117,10 +119,14 @@ pub mod tflag {
     pub const SEND_DF: u16 = 1 << 7;
     /// Connections share one cache.
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
+    /// RESIZE supported (experimental).
+    pub const SEND_RESIZE: u16 = 1 << 9;
     /// CACHE supported.
     pub const SEND_CACHE: u16 = 1 << 10;
     /// FAST_ZERO supported.
     pub const SEND_FAST_ZERO: u16 = 1 << 11;
+    /// BLOCK_STATUS takes a context filter payload (extended headers only).
+    pub const BLOCK_STATUS_PAYLOAD: u16 = 1 << 12;
 }
 
 /// Commands.
@@ -155,6 +161,8 @@ pub mod cflag {
     pub const REQ_ONE: u16 = 1 << 3;
     /// Fail WRITE_ZEROES unless fast.
     pub const FAST_ZERO: u16 = 1 << 4;
+    /// The request's length is the payload's (extended headers; required on WRITE).
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
 /// Structured reply chunk types.
@@ -165,8 +173,10 @@ pub mod chunk {
     pub const OFFSET_DATA: u16 = 1;
     /// A hole at an offset.
     pub const OFFSET_HOLE: u16 = 2;
-    /// Block status descriptors.
+    /// Block status descriptors (32-bit, compact headers).
     pub const BLOCK_STATUS: u16 = 5;
+    /// Block status descriptors (64-bit, extended headers).
+    pub const BLOCK_STATUS_EXT: u16 = 6;
     /// Error.
     pub const ERROR: u16 = 32769;
     /// Error at an offset.
@@ -183,6 +193,8 @@ pub const MAX_OPTION_REPLY: u32 = 64 * 1024;
 pub const MAX_ERROR_PAYLOAD: u32 = 4096 + 14;
 /// Largest block status payload accepted (2^20 descriptors, as the spec advises servers).
 pub const MAX_BLOCK_STATUS_PAYLOAD: u32 = 4 + 8 * (1 << 20);
+/// Largest extended block status payload accepted (2^20 descriptors).
+pub const MAX_BLOCK_STATUS_EXT_PAYLOAD: u32 = 8 + 16 * (1 << 20);
 
 fn be16(b: &[u8]) -> u16 {
     u16::from_be_bytes([b[0], b[1]])
@@ -209,6 +221,25 @@ pub fn encode_request(flags: u16, command: u16, cookie: u64, offset: u64, length
     b[8..16].copy_from_slice(&cookie.to_be_bytes());
     b[16..24].copy_from_slice(&offset.to_be_bytes());
     b[24..28].copy_from_slice(&length.to_be_bytes());
+    b
+}
+
+/// Encodes a 32-byte extended request header. `length` is the payload length when `flags`
+/// has [`cflag::PAYLOAD_LEN`], else the effect length (up to 64 bits).
+pub fn encode_request_ext(
+    flags: u16,
+    command: u16,
+    cookie: u64,
+    offset: u64,
+    length: u64,
+) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    b[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&command.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&offset.to_be_bytes());
+    b[24..32].copy_from_slice(&length.to_be_bytes());
     b
 }
 
@@ -416,6 +447,45 @@ pub fn parse_server_reply(payload: &[u8]) -> Result<(String, String)> {
     Ok((name.to_owned(), description))
 }
 
+/// The protocol's name of an option, for messages.
+pub fn option_name(option: u32) -> &'static str {
+    match option {
+        opt::EXPORT_NAME => "NBD_OPT_EXPORT_NAME",
+        opt::ABORT => "NBD_OPT_ABORT",
+        opt::LIST => "NBD_OPT_LIST",
+        opt::STARTTLS => "NBD_OPT_STARTTLS",
+        opt::INFO => "NBD_OPT_INFO",
+        opt::GO => "NBD_OPT_GO",
+        opt::STRUCTURED_REPLY => "NBD_OPT_STRUCTURED_REPLY",
+        opt::LIST_META_CONTEXT => "NBD_OPT_LIST_META_CONTEXT",
+        opt::SET_META_CONTEXT => "NBD_OPT_SET_META_CONTEXT",
+        opt::EXTENDED_HEADERS => "NBD_OPT_EXTENDED_HEADERS",
+        _ => "an unknown option",
+    }
+}
+
+/// The protocol's name of an option reply type, for messages.
+pub fn reply_name(reply: u32) -> String {
+    let name = match reply {
+        rep::ACK => "NBD_REP_ACK",
+        rep::SERVER => "NBD_REP_SERVER",
+        rep::INFO => "NBD_REP_INFO",
+        rep::META_CONTEXT => "NBD_REP_META_CONTEXT",
+        rep::ERR_UNSUP => "NBD_REP_ERR_UNSUP",
+        rep::ERR_POLICY => "NBD_REP_ERR_POLICY",
+        rep::ERR_INVALID => "NBD_REP_ERR_INVALID",
+        rep::ERR_PLATFORM => "NBD_REP_ERR_PLATFORM",
+        rep::ERR_TLS_REQD => "NBD_REP_ERR_TLS_REQD",
+        rep::ERR_UNKNOWN => "NBD_REP_ERR_UNKNOWN",
+        rep::ERR_SHUTDOWN => "NBD_REP_ERR_SHUTDOWN",
+        rep::ERR_BLOCK_SIZE_REQD => "NBD_REP_ERR_BLOCK_SIZE_REQD",
+        rep::ERR_TOO_BIG => "NBD_REP_ERR_TOO_BIG",
+        rep::ERR_EXT_HEADER_REQD => "NBD_REP_ERR_EXT_HEADER_REQD",
+        other => return format!("{other:#x}"),
+    };
+    name.to_owned()
+}
+
 /// Text of an option error reply, for messages.
 pub fn option_error_text(reply: u32) -> &'static str {
     match reply {
@@ -443,7 +513,7 @@ pub enum ReplyHeader {
         /// Cookie of the request.
         cookie: u64,
     },
-    /// A structured reply chunk (20 bytes on the wire).
+    /// A structured reply chunk (20 bytes on the wire) or an extended one (32 bytes).
     Chunk {
         /// Chunk flags (`chunk::FLAG_DONE`).
         flags: u16,
@@ -451,27 +521,35 @@ pub enum ReplyHeader {
         kind: u16,
         /// Cookie of the request.
         cookie: u64,
+        /// The request's offset, echoed by extended chunks (`None` for structured chunks).
+        offset: Option<u64>,
         /// Payload length.
-        length: u32,
+        length: u64,
     },
 }
 
-/// Bytes of the header that follow the 4-byte magic, or an error for an unknown magic.
-pub fn reply_header_rest_len(magic: u32) -> Result<usize> {
-    match magic {
-        SIMPLE_REPLY_MAGIC => Ok(12),
-        STRUCTURED_REPLY_MAGIC => Ok(16),
-        EXTENDED_REPLY_MAGIC => Err(proto(
+/// Bytes of the header that follow the 4-byte magic, or an error for a magic that does not
+/// belong to the negotiated header style: with extended headers every reply is an extended
+/// chunk; without them, extended chunks are an error.
+pub fn reply_header_rest_len(magic: u32, extended: bool) -> Result<usize> {
+    match (magic, extended) {
+        (SIMPLE_REPLY_MAGIC, false) => Ok(12),
+        (STRUCTURED_REPLY_MAGIC, false) => Ok(16),
+        (EXTENDED_REPLY_MAGIC, true) => Ok(28),
+        (EXTENDED_REPLY_MAGIC, false) => Err(proto(
             "extended-header reply although extended headers were not negotiated",
         )),
-        other => Err(proto(format!("bad reply magic {other:#010x}"))),
+        (SIMPLE_REPLY_MAGIC | STRUCTURED_REPLY_MAGIC, true) => Err(proto(format!(
+            "compact reply (magic {magic:#010x}) although extended headers were negotiated"
+        ))),
+        (other, _) => Err(proto(format!("bad reply magic {other:#010x}"))),
     }
 }
 
 /// Parses the rest of a reply header after its magic (`rest` has
 /// [`reply_header_rest_len`] bytes).
-pub fn parse_reply_header(magic: u32, rest: &[u8]) -> Result<ReplyHeader> {
-    let need = reply_header_rest_len(magic)?;
+pub fn parse_reply_header(magic: u32, rest: &[u8], extended: bool) -> Result<ReplyHeader> {
+    let need = reply_header_rest_len(magic, extended)?;
     if rest.len() != need {
         return Err(proto("reply header of the wrong length"));
     }
@@ -480,11 +558,19 @@ pub fn parse_reply_header(magic: u32, rest: &[u8]) -> Result<ReplyHeader> {
             error: be32(rest),
             cookie: be64(&rest[4..]),
         },
+        STRUCTURED_REPLY_MAGIC => ReplyHeader::Chunk {
+            flags: be16(rest),
+            kind: be16(&rest[2..]),
+            cookie: be64(&rest[4..]),
+            offset: None,
+            length: u64::from(be32(&rest[12..])),
+        },
         _ => ReplyHeader::Chunk {
             flags: be16(rest),
             kind: be16(&rest[2..]),
             cookie: be64(&rest[4..]),
-            length: be32(&rest[12..]),
+            offset: Some(be64(&rest[12..])),
+            length: be64(&rest[20..]),
         },
     })
 }
@@ -541,6 +627,38 @@ pub fn parse_error_chunk(kind: u16, payload: &[u8]) -> Result<ErrorChunk> {
         message,
         offset,
     })
+}
+
+/// Parses an extended `BLOCK_STATUS_EXT` payload: context id and (length, status)
+/// descriptors. The contexts this client negotiates are 32-bit, so a status with any of its
+/// upper 32 bits set is an error.
+pub fn parse_block_status_ext(payload: &[u8]) -> Result<(u32, Vec<(u64, u64)>)> {
+    if payload.len() < 24 || !(payload.len() - 8).is_multiple_of(16) {
+        return Err(proto(
+            "BLOCK_STATUS_EXT chunk must hold a context id, a count and at least one descriptor",
+        ));
+    }
+    let id = be32(payload);
+    let count = be32(&payload[4..]) as usize;
+    let descriptors = payload[8..]
+        .chunks_exact(16)
+        .map(|d| (be64(d), be64(&d[8..])))
+        .collect::<Vec<_>>();
+    if count != descriptors.len() {
+        return Err(proto(format!(
+            "BLOCK_STATUS_EXT chunk announces {count} descriptors but holds {}",
+            descriptors.len()
+        )));
+    }
+    if descriptors.iter().any(|&(len, _)| len == 0) {
+        return Err(proto("BLOCK_STATUS_EXT descriptor of length 0"));
+    }
+    if let Some(&(_, status)) = descriptors.iter().find(|&&(_, s)| s > u64::from(u32::MAX)) {
+        return Err(proto(format!(
+            "BLOCK_STATUS_EXT status {status:#x} does not fit the 32-bit context"
+        )));
+    }
+    Ok((id, descriptors))
 }
 
 /// Parses a `BLOCK_STATUS` payload: context id and (length, flags) descriptors.
@@ -699,13 +817,18 @@ mod tests {
             let _ = parse_hole(&bytes);
             let _ = parse_error_chunk(kind, &bytes);
             let _ = parse_block_status(&bytes);
+            let _ = parse_block_status_ext(&bytes);
             if bytes.len() >= 20 {
                 let mut h = [0u8; 20];
                 h.copy_from_slice(&bytes[..20]);
                 let _ = parse_option_reply_header(&h, 7);
                 let magic = be32(&bytes);
-                if let Ok(n) = reply_header_rest_len(magic) {
-                    let _ = parse_reply_header(magic, &bytes[4..4 + n]);
+                for extended in [false, true] {
+                    if let Ok(n) = reply_header_rest_len(magic, extended) {
+                        if bytes.len() >= 4 + n {
+                            let _ = parse_reply_header(magic, &bytes[4..4 + n], extended);
+                        }
+                    }
                 }
             }
             if bytes.len() >= 18 {
@@ -713,6 +836,32 @@ mod tests {
                 g.copy_from_slice(&bytes[..18]);
                 let _ = parse_greeting(&g);
             }
+        }
+
+        #[test]
+        fn block_status_ext_round_trips(id in any::<u32>(), descs in proptest::collection::vec((1u64.., 0..=u64::from(u32::MAX)), 1..50)) {
+            let mut p = id.to_be_bytes().to_vec();
+            p.extend_from_slice(&(descs.len() as u32).to_be_bytes());
+            for (l, f) in &descs {
+                p.extend_from_slice(&l.to_be_bytes());
+                p.extend_from_slice(&f.to_be_bytes());
+            }
+            prop_assert_eq!(parse_block_status_ext(&p).unwrap(), (id, descs.clone()));
+            // A wrong count, a cut descriptor, a 64-bit status: errors, never panics.
+            let mut wrong = p.clone();
+            wrong[7] ^= 1;
+            prop_assert!(parse_block_status_ext(&wrong).is_err());
+            prop_assert!(parse_block_status_ext(&p[..p.len() - 1]).is_err());
+            let mut wide = p.clone();
+            wide[16] = 1;
+            prop_assert!(parse_block_status_ext(&wide).is_err());
+        }
+
+        #[test]
+        fn extended_requests_round_trip(flags in any::<u16>(), command in any::<u16>(), cookie in any::<u64>(), offset in any::<u64>(), length in any::<u64>()) {
+            let b = encode_request_ext(flags, command, cookie, offset, length);
+            prop_assert_eq!(be32(&b), EXTENDED_REQUEST_MAGIC);
+            prop_assert_eq!((be16(&b[4..]), be16(&b[6..]), be64(&b[8..]), be64(&b[16..]), be64(&b[24..])), (flags, command, cookie, offset, length));
         }
 
         #[test]
@@ -730,13 +879,22 @@ mod tests {
             let mut s = Vec::new();
             s.extend_from_slice(&error.to_be_bytes());
             s.extend_from_slice(&cookie.to_be_bytes());
-            prop_assert_eq!(parse_reply_header(SIMPLE_REPLY_MAGIC, &s).unwrap(), ReplyHeader::Simple { error, cookie });
+            prop_assert_eq!(parse_reply_header(SIMPLE_REPLY_MAGIC, &s, false).unwrap(), ReplyHeader::Simple { error, cookie });
+            prop_assert!(parse_reply_header(SIMPLE_REPLY_MAGIC, &s, true).is_err());
             let mut c = Vec::new();
             c.extend_from_slice(&flags.to_be_bytes());
             c.extend_from_slice(&kind.to_be_bytes());
             c.extend_from_slice(&cookie.to_be_bytes());
             c.extend_from_slice(&length.to_be_bytes());
-            prop_assert_eq!(parse_reply_header(STRUCTURED_REPLY_MAGIC, &c).unwrap(), ReplyHeader::Chunk { flags, kind, cookie, length });
+            prop_assert_eq!(parse_reply_header(STRUCTURED_REPLY_MAGIC, &c, false).unwrap(), ReplyHeader::Chunk { flags, kind, cookie, offset: None, length: u64::from(length) });
+            let mut e = Vec::new();
+            e.extend_from_slice(&flags.to_be_bytes());
+            e.extend_from_slice(&kind.to_be_bytes());
+            e.extend_from_slice(&cookie.to_be_bytes());
+            e.extend_from_slice(&u64::from(error).to_be_bytes());
+            e.extend_from_slice(&(u64::from(length) << 20).to_be_bytes());
+            prop_assert_eq!(parse_reply_header(EXTENDED_REPLY_MAGIC, &e, true).unwrap(), ReplyHeader::Chunk { flags, kind, cookie, offset: Some(u64::from(error)), length: u64::from(length) << 20 });
+            prop_assert!(parse_reply_header(EXTENDED_REPLY_MAGIC, &e, false).is_err());
         }
 
         #[test]
