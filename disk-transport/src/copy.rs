@@ -1,24 +1,30 @@
-//! Copying any [`Disk`] to any other, fast.
+//! Copying any [`Disk`] to any other, fast: whole disks ([`copy`]) and incremental backups of
+//! what changed since a checkpoint ([`copy_changed`], [`copy_extents`]).
 //!
 //! A few worker threads ([`CopyOptions::threads`], one per CPU by default) pull request-sized
 //! pieces from a shared plan and keep [`CopyOptions::requests_in_flight`] reads and writes going
 //! through [`Disk::submit_read`]/[`Disk::submit_write`]: a completed read is handed straight to
 //! the destination, a completed write frees its buffer for the next read. The calling thread
 //! only sums progress and calls the callback; workers report to it every 50 ms rather than per
-//! request, so it does not wake for every completion. Ranges the source reports as zero or holes ([`Disk::allocated_extents`]) are never read; they are zeroed on the
-//! destination (`write_zeroes`, cheap on NBD and files), or skipped entirely when the caller
-//! knows the destination is already zero. Read buffers that turn out all-zero are zeroed the
-//! same way, keeping the destination sparse.
+//! request, so it does not wake for every completion. Ranges the source reports as zero or
+//! holes ([`Disk::allocated_extents`]) are never read; they are zeroed on the destination
+//! (`write_zeroes`, cheap on NBD and files), or skipped entirely when the caller knows the
+//! destination is already zero. Read buffers that turn out all-zero are zeroed the same way,
+//! keeping the destination sparse.
 //!
 //! Failures stop the copy with the first error, which names the offset; the copy never reports
-//! success for fewer bytes than the source has.
+//! success for fewer bytes than the source has. A failed copy still says what it did: the
+//! [`CopyError`] carries the error and the [`CopyReport`] up to that point. Transient errors
+//! ([`Error::is_transient`]) can be retried a bounded number of times
+//! ([`CopyOptions::retries`], off by default), and a [`CancelToken`] stops a copy from another
+//! thread (or a signal handler) with [`Error::Cancelled`] within a fraction of a second.
 //!
 //! ```
 //! use disk_transport::copy::{copy, CopyOptions};
 //! use disk_transport::memory::MemoryDisk;
 //! use disk_transport::Disk;
 //!
-//! # fn main() -> disk_transport::Result<()> {
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let src = MemoryDisk::new(64 << 20);
 //! src.write_at(&[1; 4096], 32 << 20)?;
 //! let dst = MemoryDisk::new(64 << 20);
@@ -33,13 +39,84 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{push_range, Extent, ExtentKind};
+use crate::types::{push_range, DirtyExtent, Extent, ExtentKind};
 use crate::{Disk, Error, Result};
+
+/// Bytes per request unless [`CopyOptions::request_size`] says otherwise (as nbdcopy).
+pub const DEFAULT_REQUEST_SIZE: usize = 256 * 1024;
+/// Requests in flight unless [`CopyOptions::requests_in_flight`] says otherwise (as nbdcopy).
+pub const DEFAULT_REQUESTS_IN_FLIGHT: usize = 64;
+/// How long a copy waits for any request to complete before giving up, unless
+/// [`CopyOptions::stall_timeout`] says otherwise.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// The first pause before a retry, unless [`CopyOptions::retry_delay`] says otherwise; each
+/// further retry of the same request waits twice as long (at most 16 times this).
+pub const DEFAULT_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// How long a stopping copy (an error, a cancel) waits for the requests it has in flight before
+/// it returns without them.
+const STOP_GRACE: Duration = Duration::from_millis(500);
+/// How often a waiting worker looks at the cancel token.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Stops a copy from elsewhere: another thread, a signal handler, a UI's cancel button. Clones
+/// share the flag. The copy ends with [`Error::Cancelled`] soon after [`cancel`](Self::cancel)
+/// (it waits at most half a second for requests already in flight).
+///
+/// ```
+/// use disk_transport::copy::{copy, CancelToken, CopyOptions};
+/// use disk_transport::memory::MemoryDisk;
+/// use disk_transport::Error;
+///
+/// let src = MemoryDisk::with_data(&[7u8; 4 << 20]);
+/// let dst = MemoryDisk::new(4 << 20);
+/// let token = CancelToken::new();
+/// let options = CopyOptions::default().cancel(token.clone());
+/// // Elsewhere (a Ctrl-C handler, a UI thread), during or even before the copy:
+/// token.cancel();
+/// let failed = copy(&src, &dst, &options, &mut |_| {}).unwrap_err();
+/// assert!(matches!(failed.error, Error::Cancelled));
+/// eprintln!("stopped after {} of {} bytes", failed.report.progress.done, failed.report.progress.total);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// A token not cancelled yet.
+    pub fn new() -> Self {
+        CancelToken::default()
+    }
+    /// Asks every copy holding this token (or a clone) to stop. Async-signal-safe: a single
+    /// atomic store.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A flag set elsewhere, e.g. by `signal_hook::flag::register(SIGINT, flag)`.
+impl From<Arc<AtomicBool>> for CancelToken {
+    fn from(flag: Arc<AtomicBool>) -> Self {
+        CancelToken(flag)
+    }
+}
+
+/// Tokens are equal when they share one flag.
+impl PartialEq for CancelToken {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for CancelToken {}
 
 /// How to copy; chain the setters on [`CopyOptions::default`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,33 +129,44 @@ pub struct CopyOptions {
     flush: bool,
     stall_timeout: Duration,
     threads: usize,
+    retries: u32,
+    retry_delay: Duration,
+    cancel: Option<CancelToken>,
 }
 
 impl Default for CopyOptions {
     fn default() -> Self {
         CopyOptions {
-            request_size: 256 * 1024,
-            requests_in_flight: 64,
+            request_size: DEFAULT_REQUEST_SIZE,
+            requests_in_flight: DEFAULT_REQUESTS_IN_FLIGHT,
             extents: true,
             detect_zeroes: true,
             destination_is_zero: false,
             flush: true,
-            stall_timeout: Duration::from_secs(120),
-            threads: std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(4),
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            threads: default_threads(),
+            retries: 0,
+            retry_delay: DEFAULT_RETRY_DELAY,
+            cancel: None,
         }
     }
 }
 
+/// One copying thread per CPU, at most 4 (nbdcopy's default connection count).
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+}
+
 impl CopyOptions {
-    /// Bytes per read/write request (default 256 KiB; rounded to the disks' block sizes and
-    /// capped by their maximum request sizes).
+    /// Bytes per read/write request (default [`DEFAULT_REQUEST_SIZE`], 256 KiB; rounded to the
+    /// disks' block sizes and capped by their maximum request sizes).
     pub fn request_size(mut self, bytes: usize) -> Self {
         self.request_size = bytes.max(1);
         self
     }
-    /// Requests kept in flight (default 64).
+    /// Requests kept in flight (default [`DEFAULT_REQUESTS_IN_FLIGHT`], 64).
     pub fn requests_in_flight(mut self, n: usize) -> Self {
         self.requests_in_flight = n.max(1);
         self
@@ -94,7 +182,8 @@ impl CopyOptions {
         self
     }
     /// The destination already reads as zeros (a new sparse file, a fresh export): skip
-    /// zero ranges instead of zeroing them (default off).
+    /// zero ranges instead of zeroing them (default off). Incremental copies ignore it: their
+    /// destination holds the previous backup, whose changed ranges must be zeroed.
     pub fn destination_is_zero(mut self, yes: bool) -> Self {
         self.destination_is_zero = yes;
         self
@@ -111,11 +200,33 @@ impl CopyOptions {
         self.threads = n.max(1);
         self
     }
-    /// Give up if no request completes for this long (default 120 s; backends have their own,
-    /// shorter timeouts).
+    /// Give up if no request completes for this long (default [`DEFAULT_STALL_TIMEOUT`], 60 s;
+    /// backends have their own, shorter timeouts).
     pub fn stall_timeout(mut self, timeout: Duration) -> Self {
         self.stall_timeout = timeout;
         self
+    }
+    /// Try a request that failed with a transient error ([`Error::is_transient`]: a server's
+    /// `EIO`, an interrupted read) up to `n` more times before failing the copy (default 0:
+    /// the first error fails it). A failed write is retried by reading the piece again.
+    pub fn retries(mut self, n: u32) -> Self {
+        self.retries = n;
+        self
+    }
+    /// The pause before the first retry of a request (default [`DEFAULT_RETRY_DELAY`], 1 s);
+    /// it doubles with each further retry of the same request, up to 16 times this.
+    pub fn retry_delay(mut self, delay: Duration) -> Self {
+        self.retry_delay = delay;
+        self
+    }
+    /// Stop when `token` is cancelled, failing with [`Error::Cancelled`].
+    pub fn cancel(mut self, token: CancelToken) -> Self {
+        self.cancel = Some(token);
+        self
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(CancelToken::is_cancelled)
     }
 }
 
@@ -123,7 +234,7 @@ impl CopyOptions {
 /// thread, and at the end).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct CopyProgress {
-    /// Source size in bytes.
+    /// Bytes to copy: the source size, or the sum of the changed ranges of an incremental copy.
     pub total: u64,
     /// Bytes finished (copied, zeroed or skipped).
     pub done: u64,
@@ -135,6 +246,9 @@ pub struct CopyProgress {
     pub zeroed: u64,
     /// Bytes skipped because the destination was already zero.
     pub skipped: u64,
+    /// Requests tried again after a transient error ([`CopyOptions::retries`]).
+    #[serde(default)]
+    pub retried: u64,
 }
 
 impl CopyProgress {
@@ -144,10 +258,12 @@ impl CopyProgress {
         self.written += delta.written;
         self.zeroed += delta.zeroed;
         self.skipped += delta.skipped;
+        self.retried += delta.retried;
     }
 }
 
-/// What a finished copy did.
+/// What a copy did: all of it when it succeeded, what it finished before it stopped when it
+/// failed ([`CopyError::report`]).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct CopyReport {
     /// Final counters.
@@ -157,28 +273,49 @@ pub struct CopyReport {
 }
 
 impl CopyReport {
-    /// Throughput over the whole source size, in bytes per second.
+    /// Throughput over the bytes finished, in bytes per second.
     pub fn bytes_per_second(&self) -> f64 {
-        self.progress.total as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        self.progress.done as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 }
 
-enum Event {
-    Read(u64, Result<Vec<u8>>),
-    Written(Result<Vec<u8>>),
+/// A copy that did not finish: why ([`Error::Cancelled`] when it was cancelled), and what it
+/// had done until then. The destination was not flushed. `?` turns it into the crate's
+/// [`Error`] where the report is not needed.
+#[derive(Debug, thiserror::Error)]
+#[error("{error} (after {} of {} bytes)", report.progress.done, report.progress.total)]
+pub struct CopyError {
+    /// Why the copy stopped.
+    #[source]
+    pub error: Error,
+    /// What the copy finished before it stopped. Bytes are counted as done once written,
+    /// zeroed or skipped; with requests in flight they need not be one contiguous range.
+    pub report: CopyReport,
 }
+
+impl From<CopyError> for Error {
+    fn from(failed: CopyError) -> Self {
+        failed.error
+    }
+}
+
+/// The result of a copy.
+pub type CopyResult = std::result::Result<CopyReport, CopyError>;
 
 /// Extents window queried at a time, so huge disks need no huge extent lists.
 const EXTENT_WINDOW: u64 = 1 << 30;
 /// Largest single zeroing request issued by the engine.
 const MAX_ZERO_REQUEST: u64 = 1 << 30;
+/// Dirty-bitmap window queried at a time by [`copy_changed`] (between two looks at the cancel
+/// token).
+const DIRTY_WINDOW: u64 = 64 << 30;
 
 struct Planner<'a> {
     src: &'a dyn Disk,
     align: u64,
     request: u64,
     use_extents: bool,
-    /// Ranges still to plan, in order.
+    /// `[start, end)` ranges still to plan, sorted and disjoint.
     ranges: VecDeque<(u64, u64)>,
     queue: VecDeque<Extent>,
 }
@@ -205,73 +342,83 @@ impl Planner<'_> {
                 }
                 return Ok(Some(piece));
             }
-            let Some(range) = self.ranges.front_mut() else {
+            // The ranges starting within one window share one extent query: many small changed
+            // ranges cost one round trip, not one each.
+            let Some(&(window_start, _)) = self.ranges.front() else {
                 return Ok(None);
             };
-            let start = range.0;
-            let length = range.1.min(EXTENT_WINDOW);
-            range.0 += length;
-            range.1 -= length;
-            if range.1 == 0 {
+            let limit = window_start.saturating_add(EXTENT_WINDOW);
+            let mut taken: Vec<(u64, u64)> = Vec::new();
+            while let Some(range) = self.ranges.front_mut() {
+                if range.0 >= limit {
+                    break;
+                }
+                if range.1 > limit {
+                    taken.push((range.0, limit));
+                    range.0 = limit;
+                    break;
+                }
+                taken.push(*range);
                 self.ranges.pop_front();
             }
+            let window_end = taken.last().map_or(window_start, |r| r.1);
             let extents = if self.use_extents {
-                self.src.allocated_extents(start, length)?
+                self.src
+                    .allocated_extents(window_start, window_end - window_start)?
             } else {
                 vec![Extent {
-                    offset: start,
-                    length,
+                    offset: window_start,
+                    length: window_end - window_start,
                     kind: ExtentKind::Data,
                 }]
             };
-            self.queue = normalise(&extents, start, length, self.align).into();
+            for (start, end) in taken {
+                let first = extents.partition_point(|e| e.end() <= start);
+                self.queue
+                    .extend(normalise(&extents[first..], start, end - start, self.align));
+            }
         }
     }
 }
 
-/// Checks, widens to `align`, sorts and merges the ranges to copy.
-fn plan_ranges(
-    ranges: Option<&[(u64, u64)]>,
-    size: u64,
-    align: u64,
-) -> Result<VecDeque<(u64, u64)>> {
-    let Some(ranges) = ranges else {
-        return Ok(if size == 0 {
-            VecDeque::new()
-        } else {
-            VecDeque::from([(0, size)])
-        });
-    };
-    let mut spans: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for &(offset, length) in ranges {
-        crate::check_range(offset, length, size)?;
-        if length == 0 {
+/// Checks, widens to `align`, sorts and merges the dirty ranges of `changes` into `[start,
+/// end)` ranges of a disk of `size` bytes.
+fn plan_changes(changes: &[DirtyExtent], size: u64, align: u64) -> Result<VecDeque<(u64, u64)>> {
+    let mut spans: Vec<(u64, u64)> = Vec::with_capacity(changes.len());
+    for change in changes {
+        crate::check_range(change.offset, change.length, size)?;
+        if !change.dirty || change.length == 0 {
             continue;
         }
-        let start = offset / align * align;
-        let end = (offset + length).next_multiple_of(align).min(size);
+        let start = change.offset / align * align;
+        let end = (change.offset + change.length)
+            .next_multiple_of(align)
+            .min(size);
         spans.push((start, end));
     }
     spans.sort_unstable();
     let mut merged: VecDeque<(u64, u64)> = VecDeque::new();
     for (start, end) in spans {
         match merged.back_mut() {
-            Some(last) if start <= last.0 + last.1 => {
-                last.1 = last.1.max(end - last.0);
-            }
-            _ => merged.push_back((start, end - start)),
+            Some(last) if start <= last.1 => last.1 = last.1.max(end),
+            _ => merged.push_back((start, end)),
         }
     }
     Ok(merged)
 }
 
 /// Makes extents cover `[start, start + length)` exactly, and shrinks zero extents to
-/// `align` boundaries (the partial blocks become data), so every request is aligned.
+/// `align` boundaries (the partial blocks become data), so every request is aligned. `extents`
+/// are sorted; those before `start` are skipped, and the walk stops at the first one past the
+/// range.
 fn normalise(extents: &[Extent], start: u64, length: u64, align: u64) -> Vec<Extent> {
     let end = start + length;
     let mut out = Vec::new();
     let mut pos = start;
     for e in extents {
+        if e.offset >= end {
+            break;
+        }
         let s = e.offset.max(pos);
         let t = e.end().min(end);
         if t <= s {
@@ -324,82 +471,199 @@ pub fn is_zero(buf: &[u8]) -> bool {
         .all(|piece| piece.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
-/// Copies all of `src` onto the start of `dst`; see the [module docs](self).
+/// Copies all of `src` onto the start of `dst` (which may be larger); see the
+/// [module docs](self).
 pub fn copy(
     src: &dyn Disk,
     dst: &dyn Disk,
     options: &CopyOptions,
     progress: &mut dyn FnMut(&CopyProgress),
-) -> Result<CopyReport> {
-    copy_ranges(src, dst, None, options, progress)
+) -> CopyResult {
+    let started = Instant::now();
+    let setup = Setup::new(src, dst, options, false).map_err(|e| failed(e, 0, started))?;
+    let ranges = if setup.size == 0 {
+        VecDeque::new()
+    } else {
+        VecDeque::from([(0, setup.size)])
+    };
+    run(src, dst, &setup, ranges, options, progress, started)
 }
 
-/// Copies only the given `(offset, length)` ranges of `src` to the same offsets of `dst` —
-/// an incremental backup from the dirty ranges of a changed-block bitmap
-/// ([`NbdDisk::dirty_extents`](crate::nbd::NbdDisk::dirty_extents) or VDDK's changed areas).
-/// `None` copies everything. Ranges are widened to the disks' block size, sorted and merged;
-/// [`CopyProgress::total`] is the sum of their lengths.
+/// An incremental backup: copies what changed in `src` since the checkpoint of the dirty bitmap
+/// it was opened with ([`Disk::dirty_extents`]) onto `dst`, the previous backup, of the same
+/// size. Changed ranges that now read as zeros are zeroed on `dst`.
+///
+/// Everything that can be known before writing is checked before the first byte is written:
+/// that `src` has a bitmap ([`Error::Unsupported`] otherwise), that the sizes match, and the
+/// whole bitmap is read first (so [`CopyProgress::total`] is the changed bytes from the start).
 ///
 /// ```
-/// use disk_transport::copy::{copy_ranges, CopyOptions};
+/// use disk_transport::copy::{copy_changed, CopyOptions};
 /// use disk_transport::memory::MemoryDisk;
 /// use disk_transport::Disk;
 ///
-/// # fn main() -> disk_transport::Result<()> {
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let vm = MemoryDisk::with_data(&[1u8; 1 << 20]);
+/// let backup = MemoryDisk::with_data(&[1u8; 1 << 20]); // the last full backup
+/// vm.add_dirty_bitmap("since-full")?;
+/// vm.write_at(&[2u8; 4096], 65536)?; // changed since then
+/// let changes = vm.dirty_bitmap_handle("since-full")?;
+/// let report = copy_changed(&changes, &backup, &CopyOptions::default(), &mut |_| {})?;
+/// assert_eq!(report.progress.total, 65536); // the bitmap's granularity
+/// assert_eq!(backup.to_vec()?, vm.to_vec()?);
+/// // Without a bitmap there is nothing to go by: an error, and nothing written.
+/// assert!(copy_changed(&vm, &backup, &CopyOptions::default(), &mut |_| {}).is_err());
+/// # Ok(())
+/// # }
+/// ```
+pub fn copy_changed(
+    src: &dyn Disk,
+    dst: &dyn Disk,
+    options: &CopyOptions,
+    progress: &mut dyn FnMut(&CopyProgress),
+) -> CopyResult {
+    let started = Instant::now();
+    let setup = Setup::new(src, dst, options, true).map_err(|e| failed(e, 0, started))?;
+    let mut changes = Vec::new();
+    let mut at = 0;
+    while at < setup.size {
+        if options.cancelled() {
+            return Err(failed(Error::Cancelled, 0, started));
+        }
+        let length = (setup.size - at).min(DIRTY_WINDOW);
+        let window = src
+            .dirty_extents(at, length)
+            .map_err(|e| failed(e, 0, started))?;
+        changes.extend(window.into_iter().filter(|e| e.dirty));
+        at += length;
+    }
+    let ranges =
+        plan_changes(&changes, setup.size, setup.align).map_err(|e| failed(e, 0, started))?;
+    run(src, dst, &setup, ranges, options, progress, started)
+}
+
+/// Copies the dirty ranges of `changes` (clean ones are ignored) from `src` to the same offsets
+/// of `dst`, of the same size: an incremental backup from a change list you already have —
+/// what [`Disk::dirty_extents`] returned, VMware's `QueryChangedDiskAreas`
+/// ([`DirtyExtent::dirty`]). An empty list copies nothing. Ranges are widened to the disks'
+/// block size, sorted and merged; [`CopyProgress::total`] is the sum of their lengths.
+///
+/// ```
+/// use disk_transport::copy::{copy_extents, CopyOptions};
+/// use disk_transport::memory::MemoryDisk;
+/// use disk_transport::{DirtyExtent, Disk};
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let vm = MemoryDisk::with_data(&[1u8; 1 << 20]);
 /// let backup = MemoryDisk::with_data(&[1u8; 1 << 20]);
-/// vm.write_at(&[2u8; 4096], 65536)?; // changed since the last backup
-/// let changed = [(65536, 4096)];
-/// let report = copy_ranges(&vm, &backup, Some(&changed), &CopyOptions::default(), &mut |_| {})?;
+/// vm.write_at(&[2u8; 4096], 65536)?;
+/// let changed = [DirtyExtent::dirty(65536, 4096)];
+/// let report = copy_extents(&vm, &backup, &changed, &CopyOptions::default(), &mut |_| {})?;
 /// assert_eq!(report.progress.total, 4096);
 /// assert_eq!(backup.to_vec()?, vm.to_vec()?);
 /// # Ok(())
 /// # }
 /// ```
-pub fn copy_ranges(
+pub fn copy_extents(
     src: &dyn Disk,
     dst: &dyn Disk,
-    ranges: Option<&[(u64, u64)]>,
+    changes: &[DirtyExtent],
     options: &CopyOptions,
     progress: &mut dyn FnMut(&CopyProgress),
-) -> Result<CopyReport> {
+) -> CopyResult {
     let started = Instant::now();
-    let sinfo = src.info()?;
-    let dinfo = dst.info()?;
-    if dinfo.read_only {
-        return Err(Error::ReadOnly("the copy destination".into()));
+    let setup = Setup::new(src, dst, options, true).map_err(|e| failed(e, 0, started))?;
+    let ranges =
+        plan_changes(changes, setup.size, setup.align).map_err(|e| failed(e, 0, started))?;
+    run(src, dst, &setup, ranges, options, progress, started)
+}
+
+fn failed(error: Error, total: u64, started: Instant) -> CopyError {
+    CopyError {
+        error,
+        report: CopyReport {
+            progress: CopyProgress {
+                total,
+                ..CopyProgress::default()
+            },
+            elapsed: started.elapsed(),
+        },
     }
-    if dinfo.capacity < sinfo.capacity {
-        return Err(Error::InvalidParams(format!(
-            "the destination ({} bytes) is smaller than the source ({} bytes)",
-            dinfo.capacity, sinfo.capacity
-        )));
+}
+
+/// What the disks allow, checked before anything is read or written.
+struct Setup {
+    size: u64,
+    align: u64,
+    request: u64,
+    use_extents: bool,
+    /// Zero ranges may be skipped.
+    destination_is_zero: bool,
+}
+
+impl Setup {
+    fn new(src: &dyn Disk, dst: &dyn Disk, options: &CopyOptions, incremental: bool) -> Result<Self> {
+        let sinfo = src.info()?;
+        let dinfo = dst.info()?;
+        if dinfo.read_only {
+            return Err(Error::ReadOnly("the copy destination".into()));
+        }
+        if incremental && dinfo.capacity != sinfo.capacity {
+            return Err(Error::InvalidParams(format!(
+                "an incremental copy needs a destination of the source's size (the previous \
+                 backup): the destination has {} bytes, the source {}",
+                dinfo.capacity, sinfo.capacity
+            )));
+        }
+        if dinfo.capacity < sinfo.capacity {
+            return Err(Error::InvalidParams(format!(
+                "the destination ({} bytes) is smaller than the source ({} bytes)",
+                dinfo.capacity, sinfo.capacity
+            )));
+        }
+        let align = u64::from(sinfo.min_block_size.max(dinfo.min_block_size).max(1));
+        let max_request = u64::from(sinfo.max_request_size.min(dinfo.max_request_size)).max(align);
+        let request = (options.request_size as u64)
+            .max(u64::from(
+                sinfo.preferred_block_size.max(dinfo.preferred_block_size),
+            ))
+            .min(max_request)
+            / align
+            * align;
+        Ok(Setup {
+            size: sinfo.capacity,
+            align,
+            request: request.max(align),
+            use_extents: options.extents && sinfo.can_extents,
+            destination_is_zero: options.destination_is_zero && !incremental,
+        })
     }
-    let align = u64::from(sinfo.min_block_size.max(dinfo.min_block_size).max(1));
-    let max_request = u64::from(sinfo.max_request_size.min(dinfo.max_request_size)).max(align);
-    let request = (options.request_size as u64)
-        .max(u64::from(
-            sinfo.preferred_block_size.max(dinfo.preferred_block_size),
-        ))
-        .min(max_request)
-        / align
-        * align;
+}
+
+/// Runs the workers over `ranges` and reports.
+fn run(
+    src: &dyn Disk,
+    dst: &dyn Disk,
+    setup: &Setup,
+    ranges: VecDeque<(u64, u64)>,
+    options: &CopyOptions,
+    progress: &mut dyn FnMut(&CopyProgress),
+    started: Instant,
+) -> CopyResult {
     let threads = options.threads.max(1);
     let per_thread = options.requests_in_flight.max(1).div_ceil(threads);
-
-    let ranges = plan_ranges(ranges, sinfo.capacity, align)?;
-    let total = ranges.iter().map(|r| r.1).sum();
-    let planner = Mutex::new(Planner {
-        src,
-        align,
-        request: request.max(align),
-        use_extents: options.extents && sinfo.can_extents,
-        ranges,
-        queue: VecDeque::new(),
-    });
+    let total = ranges.iter().map(|r| r.1 - r.0).sum();
     let shared = WorkerShared {
-        planner,
-        sparse_block: align.max(4096) as usize,
+        planner: Mutex::new(Planner {
+            src,
+            align: setup.align,
+            request: setup.request,
+            use_extents: setup.use_extents,
+            ranges,
+            queue: VecDeque::new(),
+        }),
+        sparse_block: setup.align.max(4096) as usize,
+        destination_is_zero: setup.destination_is_zero,
         stop: AtomicBool::new(false),
         first_error: Mutex::new(None),
     };
@@ -413,9 +677,7 @@ pub fn copy_ranges(
             let delta_tx = delta_tx.clone();
             let shared = &shared;
             scope.spawn(move || {
-                if let Err(e) = worker(src, dst, shared, per_thread, options, &delta_tx) {
-                    shared.fail(e);
-                }
+                worker(src, dst, shared, per_thread, options, &delta_tx);
             });
         }
         drop(delta_tx);
@@ -425,32 +687,45 @@ pub fn copy_ranges(
             progress(&p);
         }
     });
-    if let Some(e) = shared
+    let report = |p: CopyProgress| CopyReport {
+        progress: p,
+        elapsed: started.elapsed(),
+    };
+    if let Some(error) = shared
         .first_error
         .into_inner()
         .unwrap_or_else(|e| e.into_inner())
     {
-        return Err(e);
+        return Err(CopyError {
+            error,
+            report: report(p),
+        });
     }
     if p.done != p.total {
-        return Err(Error::Protocol(format!(
-            "copy finished {} of {} bytes; refusing to report success",
-            p.done, p.total
-        )));
+        return Err(CopyError {
+            error: Error::Protocol(format!(
+                "copy finished {} of {} bytes; refusing to report success",
+                p.done, p.total
+            )),
+            report: report(p),
+        });
     }
     if options.flush {
-        dst.flush()?;
+        if let Err(error) = dst.flush() {
+            return Err(CopyError {
+                error,
+                report: report(p),
+            });
+        }
     }
-    Ok(CopyReport {
-        progress: p,
-        elapsed: started.elapsed(),
-    })
+    Ok(report(p))
 }
 
 struct WorkerShared<'a> {
     planner: Mutex<Planner<'a>>,
     /// Granularity of zero detection in read buffers.
     sparse_block: usize,
+    destination_is_zero: bool,
     stop: AtomicBool,
     first_error: Mutex<Option<Error>>,
 }
@@ -462,8 +737,12 @@ impl WorkerShared<'_> {
         first.get_or_insert(e);
     }
 
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
     fn next_piece(&self) -> Result<Option<Extent>> {
-        if self.stop.load(Ordering::SeqCst) {
+        if self.stopping() {
             return Ok(None);
         }
         self.planner
@@ -508,8 +787,165 @@ impl Drop for Unreported<'_> {
     }
 }
 
+/// A completed request, sent by the completion callback to its worker.
+enum Event {
+    Read {
+        offset: u64,
+        length: u64,
+        attempt: u32,
+        result: Result<Vec<u8>>,
+    },
+    Written {
+        offset: u64,
+        length: u64,
+        attempt: u32,
+        result: Result<Vec<u8>>,
+    },
+}
+
+/// One copying thread's state.
+struct Worker<'a, 's, 'p> {
+    src: &'a dyn Disk,
+    dst: &'a dyn Disk,
+    shared: &'s WorkerShared<'p>,
+    options: &'s CopyOptions,
+    tx: mpsc::Sender<Event>,
+    pool: Vec<Vec<u8>>,
+    outstanding: usize,
+}
+
+impl Worker<'_, '_, '_> {
+    fn submit_read(&mut self, offset: u64, length: u64, attempt: u32) {
+        let mut buf = self.pool.pop().unwrap_or_default();
+        buf.resize(length as usize, 0);
+        let tx = self.tx.clone();
+        self.outstanding += 1;
+        self.src.submit_read(
+            offset,
+            buf,
+            Box::new(move |result| {
+                let _ = tx.send(Event::Read {
+                    offset,
+                    length,
+                    attempt,
+                    result,
+                });
+            }),
+        );
+    }
+
+    fn submit_write(&mut self, offset: u64, buf: Vec<u8>, attempt: u32) {
+        let tx = self.tx.clone();
+        let length = buf.len() as u64;
+        self.outstanding += 1;
+        self.dst.submit_write(
+            offset,
+            buf,
+            Box::new(move |result| {
+                let _ = tx.send(Event::Written {
+                    offset,
+                    length,
+                    attempt,
+                    result,
+                });
+            }),
+        );
+    }
+
+    /// Whether a request that failed with `e` on its `attempt`-th try may be tried again, after
+    /// waiting the backoff (`Err` if the copy was cancelled meanwhile).
+    fn retry(&self, e: &Error, attempt: u32) -> Result<bool> {
+        if attempt >= self.options.retries || !e.is_transient() || self.shared.stopping() {
+            return Ok(false);
+        }
+        let delay = self.options.retry_delay * 2u32.pow(attempt.min(4));
+        let until = Instant::now() + delay;
+        loop {
+            if self.options.cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(true);
+            }
+            std::thread::sleep(left.min(POLL));
+        }
+    }
+
+    /// Runs `op` until it succeeds, fails for good, or runs out of retries; counts retries.
+    fn with_retries(&self, d: &mut CopyProgress, mut op: impl FnMut() -> Result<()>) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            match op() {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if !self.retry(&e, attempt)? {
+                        return Err(e);
+                    }
+                    attempt += 1;
+                    d.retried += 1;
+                }
+            }
+        }
+    }
+
+    /// Zeroes (or skips) a range of the destination.
+    fn zero_range(&self, offset: u64, length: u64) -> Result<CopyProgress> {
+        let mut d = CopyProgress {
+            done: length,
+            ..CopyProgress::default()
+        };
+        if self.shared.destination_is_zero {
+            d.skipped = length;
+        } else {
+            let dst = self.dst;
+            self.with_retries(&mut d, || dst.write_zeroes(offset, length))?;
+            d.zeroed = length;
+        }
+        Ok(d)
+    }
+
+    /// A read came back with zero blocks in it: zero (or skip) those blocks and write the rest
+    /// synchronously, keeping the destination as sparse as the data allows. Mixed buffers are
+    /// rare (edges of data), so they are not pipelined.
+    fn write_sparse(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        runs: &[(usize, usize, bool)],
+    ) -> (CopyProgress, Result<()>) {
+        let mut d = CopyProgress {
+            read: buf.len() as u64,
+            ..CopyProgress::default()
+        };
+        for &(start, end, zero) in runs {
+            let at = offset + start as u64;
+            let n = (end - start) as u64;
+            let step = if zero {
+                self.zero_range(at, n).map(|z| {
+                    d.zeroed += z.zeroed;
+                    d.skipped += z.skipped;
+                    d.retried += z.retried;
+                })
+            } else {
+                let dst = self.dst;
+                let mut r = CopyProgress::default();
+                let result = self.with_retries(&mut r, || dst.write_at(&buf[start..end], at));
+                d.retried += r.retried;
+                result.map(|()| d.written += n)
+            };
+            if let Err(e) = step {
+                return (d, Err(e));
+            }
+            d.done += n;
+        }
+        (d, Ok(()))
+    }
+}
+
 /// One copying thread: pulls pieces from the shared planner and keeps up to `in_flight` of
-/// them moving, sending progress deltas to the coordinating thread.
+/// them moving, sending progress deltas to the coordinating thread. Errors go to
+/// [`WorkerShared::fail`], which stops every worker.
 fn worker(
     src: &dyn Disk,
     dst: &dyn Disk,
@@ -517,10 +953,17 @@ fn worker(
     in_flight: usize,
     options: &CopyOptions,
     deltas: &mpsc::Sender<CopyProgress>,
-) -> Result<()> {
+) {
     let (tx, rx) = mpsc::channel::<Event>();
-    let mut pool: Vec<Vec<u8>> = Vec::new();
-    let mut outstanding = 0usize;
+    let mut w = Worker {
+        src,
+        dst,
+        shared,
+        options,
+        tx,
+        pool: Vec::new(),
+        outstanding: 0,
+    };
     let mut first_error: Option<Error> = None;
     let mut source_done = false;
     let mut unreported = Unreported {
@@ -528,21 +971,13 @@ fn worker(
         since: Instant::now(),
         to: deltas,
     };
-    let zero_range = |offset: u64, length: u64| -> Result<CopyProgress> {
-        let mut d = CopyProgress {
-            done: length,
-            ..CopyProgress::default()
-        };
-        if options.destination_is_zero {
-            d.skipped = length;
-        } else {
-            dst.write_zeroes(offset, length)?;
-            d.zeroed = length;
-        }
-        Ok(d)
-    };
+    let mut last_event = Instant::now();
+    let mut stopping_since: Option<Instant> = None;
     loop {
-        while first_error.is_none() && !source_done && outstanding < in_flight {
+        if first_error.is_none() && options.cancelled() {
+            first_error = Some(Error::Cancelled);
+        }
+        while first_error.is_none() && !source_done && w.outstanding < in_flight {
             let piece = match shared.next_piece() {
                 Ok(Some(piece)) => piece,
                 Ok(None) => {
@@ -555,49 +990,52 @@ fn worker(
                 }
             };
             if piece.kind.reads_as_zero() {
-                match zero_range(piece.offset, piece.length) {
-                    Ok(d) => {
-                        unreported.add(d);
-                    }
+                match w.zero_range(piece.offset, piece.length) {
+                    Ok(d) => unreported.add(d),
                     Err(e) => first_error = Some(e),
                 }
                 continue;
             }
-            let mut buf = pool.pop().unwrap_or_default();
-            buf.resize(piece.length as usize, 0);
-            let tx = tx.clone();
-            let offset = piece.offset;
-            src.submit_read(
-                offset,
-                buf,
-                Box::new(move |r| {
-                    let _ = tx.send(Event::Read(offset, r));
-                }),
-            );
-            outstanding += 1;
+            w.submit_read(piece.offset, piece.length, 0);
         }
-        if first_error.is_some() {
-            shared.stop.store(true, Ordering::SeqCst);
+        if let Some(e) = first_error.take() {
+            shared.fail(e);
         }
-        if outstanding == 0 {
+        if w.outstanding == 0 {
             break;
         }
-        let event = match rx.recv_timeout(options.stall_timeout) {
-            Ok(event) => event,
-            Err(_) => {
-                return Err(first_error.unwrap_or(Error::Timeout {
-                    what: format!("copy ({outstanding} requests outstanding)"),
-                    offset: None,
-                    after: options.stall_timeout,
-                }))
+        if shared.stopping() {
+            // Give the requests in flight a moment to land, then leave them behind: a stalled
+            // server must not hold up a cancel.
+            let since = *stopping_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= STOP_GRACE {
+                break;
             }
+        }
+        let waited = last_event.elapsed();
+        if waited >= options.stall_timeout {
+            shared.fail(Error::Timeout {
+                what: format!("copy ({} requests outstanding)", w.outstanding),
+                offset: None,
+                after: options.stall_timeout,
+            });
+            break;
+        }
+        let event = match rx.recv_timeout((options.stall_timeout - waited).min(POLL)) {
+            Ok(event) => event,
+            Err(_) => continue,
         };
+        last_event = Instant::now();
+        w.outstanding -= 1;
         match event {
-            Event::Read(offset, Ok(buf)) => {
+            Event::Read {
+                offset,
+                result: Ok(buf),
+                ..
+            } => {
                 let length = buf.len() as u64;
-                if first_error.is_some() || shared.stop.load(Ordering::SeqCst) {
-                    outstanding -= 1;
-                    pool.push(buf);
+                if shared.stopping() {
+                    w.pool.push(buf);
                     continue;
                 }
                 let runs = if options.detect_zeroes {
@@ -606,70 +1044,61 @@ fn worker(
                     Vec::new()
                 };
                 if runs.iter().any(|r| r.2) {
-                    // All or part of the buffer is zero: zero (or skip) those blocks and write
-                    // the rest, keeping the destination as sparse as the data allows. Mixed
-                    // buffers are rare (edges of data), so they are written synchronously.
-                    outstanding -= 1;
-                    let mut d = CopyProgress {
-                        read: length,
-                        ..CopyProgress::default()
-                    };
-                    for (start, end, zero) in runs {
-                        let at = offset + start as u64;
-                        let n = (end - start) as u64;
-                        let step = if zero {
-                            zero_range(at, n).map(|z| {
-                                d.zeroed += z.zeroed;
-                                d.skipped += z.skipped;
-                            })
-                        } else {
-                            dst.write_at(&buf[start..end], at).map(|()| d.written += n)
-                        };
-                        if let Err(e) = step {
-                            first_error = Some(e);
-                            break;
-                        }
-                        d.done += n;
-                    }
-                    pool.push(buf);
+                    let (d, result) = w.write_sparse(offset, &buf, &runs);
+                    w.pool.push(buf);
                     unreported.add(d);
+                    if let Err(e) = result {
+                        first_error = Some(e);
+                    }
                     continue;
                 }
                 unreported.add(CopyProgress {
                     read: length,
                     ..CopyProgress::default()
                 });
-                let tx = tx.clone();
-                dst.submit_write(
-                    offset,
-                    buf,
-                    Box::new(move |r| {
-                        let _ = tx.send(Event::Written(r));
-                    }),
-                );
+                w.submit_write(offset, buf, 0);
             }
-            Event::Written(Ok(buf)) => {
-                outstanding -= 1;
+            Event::Written {
+                result: Ok(buf), ..
+            } => {
                 unreported.add(CopyProgress {
                     written: buf.len() as u64,
                     done: buf.len() as u64,
                     ..CopyProgress::default()
                 });
-                pool.push(buf);
+                w.pool.push(buf);
             }
-            Event::Read(_, Err(e)) | Event::Written(Err(e)) => {
-                outstanding -= 1;
-                first_error.get_or_insert(e);
+            Event::Read {
+                offset,
+                length,
+                attempt,
+                result: Err(e),
             }
+            | Event::Written {
+                offset,
+                length,
+                attempt,
+                result: Err(e),
+            } => match w.retry(&e, attempt) {
+                Ok(true) => {
+                    // A failed write lost its buffer: read the piece again.
+                    unreported.add(CopyProgress {
+                        retried: 1,
+                        ..CopyProgress::default()
+                    });
+                    w.submit_read(offset, length, attempt + 1);
+                }
+                Ok(false) => first_error = Some(e),
+                Err(cancelled) => first_error = Some(cancelled),
+            },
         }
     }
-    first_error.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{Fault, MemoryDisk, CHUNK_SIZE};
+    use crate::memory::{Fault, FaultOp, MemoryDisk, CHUNK_SIZE};
     use proptest::prelude::*;
 
     fn pattern(len: usize, seed: u8) -> Vec<u8> {
@@ -725,7 +1154,9 @@ mod tests {
         let src = MemoryDisk::with_data(&pattern(1 << 20, 9));
         src.inject(Fault::read_at(600_000));
         let dst = MemoryDisk::new(1 << 20);
-        let err = copy(&src, &dst, &CopyOptions::default(), &mut |_| {}).unwrap_err();
+        let err = copy(&src, &dst, &CopyOptions::default(), &mut |_| {})
+            .unwrap_err()
+            .error;
         assert!(
             matches!(
                 err,
@@ -754,33 +1185,231 @@ mod tests {
     }
 
     #[test]
-    fn ranges_are_widened_sorted_and_merged() {
-        let r = plan_ranges(
-            Some(&[(9000, 10), (0, 100), (4000, 200), (10_000, 0)]),
+    fn changes_are_widened_sorted_and_merged() {
+        let d = DirtyExtent::dirty;
+        let clean = DirtyExtent {
+            offset: 0,
+            length: 10_000,
+            dirty: false,
+        };
+        let r = plan_changes(
+            &[d(9000, 10), d(0, 100), clean, d(4000, 200), d(10_000, 0)],
             10_000,
             4096,
         )
         .unwrap();
         assert_eq!(r, VecDeque::from([(0, 10_000)]));
-        let r = plan_ranges(Some(&[(20_000, 1), (0, 1)]), 30_000, 4096).unwrap();
-        assert_eq!(r, VecDeque::from([(0, 4096), (16384, 4096)]));
-        assert!(plan_ranges(Some(&[(9999, 2)]), 10_000, 1).is_err());
-        assert_eq!(plan_ranges(None, 0, 1).unwrap(), VecDeque::new());
+        let r = plan_changes(&[d(20_000, 1), d(0, 1)], 30_000, 4096).unwrap();
+        assert_eq!(r, VecDeque::from([(0, 4096), (16384, 20480)]));
+        assert!(plan_changes(&[d(9999, 2)], 10_000, 1).is_err());
+        assert_eq!(plan_changes(&[clean], 10_000, 1).unwrap(), VecDeque::new());
         let src = MemoryDisk::with_data(&pattern(1 << 20, 1));
         let dst = MemoryDisk::new(1 << 20);
-        let report = copy_ranges(
+        let report = copy_extents(
             &src,
             &dst,
-            Some(&[(100_000, 10), (5, 5)]),
+            &[d(100_000, 10), d(5, 5)],
             &CopyOptions::default(),
             &mut |_| {},
         )
         .unwrap();
         assert_eq!(report.progress.total, 15);
-        let (s, d) = (src.to_vec().unwrap(), dst.to_vec().unwrap());
-        assert_eq!(&d[100_000..100_010], &s[100_000..100_010]);
-        assert_eq!(&d[5..10], &s[5..10]);
-        assert!(d[..5].iter().all(|&b| b == 0));
+        let (s, t) = (src.to_vec().unwrap(), dst.to_vec().unwrap());
+        assert_eq!(&t[100_000..100_010], &s[100_000..100_010]);
+        assert_eq!(&t[5..10], &s[5..10]);
+        assert!(t[..5].iter().all(|&b| b == 0));
+        // An empty change list copies nothing (it does not mean "everything").
+        let report = copy_extents(&src, &dst, &[], &CopyOptions::default(), &mut |_| {}).unwrap();
+        assert_eq!(report.progress, CopyProgress::default());
+    }
+
+    #[test]
+    fn incremental_copies_follow_the_bitmap_and_zero_what_was_erased() {
+        let vm = MemoryDisk::new(64 * CHUNK_SIZE);
+        vm.write_at(&pattern(20 * CHUNK_SIZE as usize, 1), 0).unwrap();
+        vm.add_dirty_bitmap("b0").unwrap();
+        let backup = MemoryDisk::new(64 * CHUNK_SIZE);
+        let full = copy(&vm, &backup, &CopyOptions::default(), &mut |_| {}).unwrap();
+        assert_eq!(full.progress.total, 64 * CHUNK_SIZE);
+        // The guest writes, overwrites, and erases (zeroes) a range that held data.
+        vm.write_at(&pattern(100, 2), 30 * CHUNK_SIZE + 7).unwrap();
+        vm.write_at(&pattern(CHUNK_SIZE as usize, 3), 2 * CHUNK_SIZE).unwrap();
+        vm.write_zeroes(10 * CHUNK_SIZE, 3 * CHUNK_SIZE).unwrap();
+        let since = vm.dirty_bitmap_handle("b0").unwrap();
+        let report = copy_changed(&since, &backup, &CopyOptions::default(), &mut |_| {}).unwrap();
+        assert_eq!(report.progress.total, 5 * CHUNK_SIZE);
+        // The erased chunks, and the zero blocks around the 100 bytes in theirs.
+        assert_eq!(report.progress.zeroed, 3 * CHUNK_SIZE + CHUNK_SIZE - 4096);
+        assert_eq!(backup.to_vec().unwrap(), vm.to_vec().unwrap());
+        // Nothing changed since: nothing to do.
+        vm.clear_dirty_bitmap("b0").unwrap();
+        let report = copy_changed(&since, &backup, &CopyOptions::default(), &mut |_| {}).unwrap();
+        assert_eq!(report.progress.total, 0);
+        // destination_is_zero would skip the erased range: incremental copies ignore it.
+        vm.write_zeroes(0, CHUNK_SIZE).unwrap();
+        let options = CopyOptions::default().destination_is_zero(true);
+        copy_changed(&since, &backup, &options, &mut |_| {}).unwrap();
+        assert_eq!(backup.to_vec().unwrap(), vm.to_vec().unwrap());
+    }
+
+    #[test]
+    fn incremental_copies_check_everything_before_writing() {
+        let vm = MemoryDisk::with_data(&pattern(1 << 20, 1));
+        vm.add_dirty_bitmap("b0").unwrap();
+        vm.write_at(b"new", 0).unwrap();
+        let since = vm.dirty_bitmap_handle("b0").unwrap();
+        let options = CopyOptions::default();
+        // No bitmap on the handle.
+        let dst = MemoryDisk::new(1 << 20);
+        let failed = copy_changed(&vm, &dst, &options, &mut |_| {}).unwrap_err();
+        assert!(matches!(failed.error, Error::Unsupported(_)), "{failed}");
+        // A destination of another size, even a larger one.
+        let bigger = MemoryDisk::new(2 << 20);
+        let failed = copy_changed(&since, &bigger, &options, &mut |_| {}).unwrap_err();
+        assert!(failed.to_string().contains("source's size"), "{failed}");
+        // The bitmap cannot be read (a broken checkpoint).
+        vm.inject(Fault::dirty_extents());
+        let failed = copy_changed(&since, &dst, &options, &mut |_| {}).unwrap_err();
+        assert!(matches!(failed.error, Error::Injected { .. }), "{failed}");
+        vm.clear_faults();
+        // The bitmap was deleted after the handle was made.
+        vm.remove_dirty_bitmap("b0").unwrap();
+        let failed = copy_changed(&since, &dst, &options, &mut |_| {}).unwrap_err();
+        assert!(matches!(failed.error, Error::NotFound(_)), "{failed}");
+        assert_eq!(dst.allocated_bytes(), 0, "nothing was written");
+        assert_eq!(dst.flush_count(), 0);
+    }
+
+    /// A source that cancels `token` when a read reaches `at` (a user pressing Ctrl-C then).
+    #[derive(Debug)]
+    struct CancelAt {
+        disk: MemoryDisk,
+        at: u64,
+        token: CancelToken,
+    }
+
+    impl Disk for CancelAt {
+        fn info(&self) -> Result<crate::DiskInfo> {
+            self.disk.info()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            if offset + buf.len() as u64 > self.at {
+                self.token.cancel();
+            }
+            self.disk.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.disk.write_at(buf, offset)
+        }
+        fn flush(&self) -> Result<()> {
+            self.disk.flush()
+        }
+        fn allocated_extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+            self.disk.allocated_extents(offset, length)
+        }
+    }
+
+    #[test]
+    fn cancelling_stops_soon_and_reports_what_was_done() {
+        let token = CancelToken::new();
+        let src = CancelAt {
+            disk: MemoryDisk::with_data(&pattern(16 << 20, 5)),
+            at: 4 << 20,
+            token: token.clone(),
+        };
+        let dst = MemoryDisk::new(16 << 20);
+        let options = CopyOptions::default()
+            .request_size(65536)
+            .threads(2)
+            .cancel(token.clone());
+        let mut last = CopyProgress::default();
+        let failed = copy(&src, &dst, &options, &mut |p| last = *p).unwrap_err();
+        assert!(matches!(failed.error, Error::Cancelled), "{failed}");
+        assert!(failed.to_string().contains(" of 16777216 bytes"), "{failed}");
+        let done = failed.report.progress.done;
+        // Stopped early: what was read by then (the token's 4 MiB plus at most 64 requests of
+        // 64 KiB in flight) bounds what was written.
+        assert!(done < 9 << 20, "{done}");
+        // What landed is the source's data, never a torn or misplaced piece.
+        let (want, got) = (src.disk.to_vec().unwrap(), dst.to_vec().unwrap());
+        let landed = want
+            .chunks(65536)
+            .zip(got.chunks(65536))
+            .filter(|(w, g)| {
+                assert!(w == g || is_zero(g), "a piece that is neither copied nor untouched");
+                w == g
+            })
+            .count();
+        assert_eq!(landed as u64 * 65536, done);
+        assert_eq!(last, failed.report.progress, "the callback saw the final counters");
+        assert_eq!(dst.flush_count(), 0, "a cancelled copy is not flushed");
+        // A token cancelled before the start writes nothing.
+        let src = src.disk;
+        let dst = MemoryDisk::new(16 << 20);
+        let failed = copy(&src, &dst, &options, &mut |_| {}).unwrap_err();
+        assert!(matches!(failed.error, Error::Cancelled));
+        assert_eq!(dst.allocated_bytes(), 0);
+        // Tokens compare by identity, so options stay comparable.
+        assert_eq!(options.clone(), options);
+        assert_ne!(options, CopyOptions::default().cancel(CancelToken::new()));
+    }
+
+    #[test]
+    fn cancel_interrupts_a_retry_backoff() {
+        let src = MemoryDisk::with_data(&pattern(1 << 20, 5));
+        src.inject(Fault::read_at(300_000));
+        let dst = MemoryDisk::new(1 << 20);
+        let token = CancelToken::new();
+        let options = CopyOptions::default()
+            .retries(5)
+            .retry_delay(Duration::from_secs(30))
+            .cancel(token.clone());
+        let canceller = {
+            let token = token.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                token.cancel();
+            })
+        };
+        let started = Instant::now();
+        let failed = copy(&src, &dst, &options, &mut |_| {}).unwrap_err();
+        canceller.join().unwrap();
+        assert!(matches!(failed.error, Error::Cancelled), "{failed}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn transient_errors_are_retried_when_asked() {
+        let data = pattern(4 << 20, 8);
+        let src = MemoryDisk::with_data(&data);
+        let dst = MemoryDisk::new(4 << 20);
+        let fast = CopyOptions::default().retry_delay(Duration::from_millis(1));
+        // Off by default: the first error fails the copy.
+        src.inject(Fault::read_at(1 << 20).times(2));
+        assert!(copy(&src, &dst, &fast, &mut |_| {}).is_err());
+        // Two failures of a read, one of a write, one of a zeroing: three retries suffice.
+        src.clear_faults();
+        src.inject(Fault::read_at(1 << 20).times(2));
+        dst.inject(Fault::write_at(3 << 20).times(1));
+        let sparse = MemoryDisk::new(4 << 20);
+        sparse.write_at(b"x", 0).unwrap();
+        let report = copy(&src, &dst, &fast.clone().retries(3), &mut |_| {}).unwrap();
+        assert_eq!(report.progress.retried, 3);
+        assert_eq!(dst.to_vec().unwrap(), data);
+        dst.inject(Fault::range(FaultOp::Write, 2 << 20, 1).times(1));
+        let report = copy(&sparse, &dst, &fast.clone().retries(1), &mut |_| {}).unwrap();
+        assert_eq!(report.progress.retried, 1);
+        assert_eq!(dst.to_vec().unwrap(), sparse.to_vec().unwrap());
+        // More failures than retries: the error, with what was done.
+        src.inject(Fault::read_at(2 << 20).times(3));
+        let failed = copy(&src, &dst, &fast.clone().retries(2), &mut |_| {}).unwrap_err();
+        assert!(matches!(failed.error, Error::Injected { .. }), "{failed}");
+        assert_eq!(failed.report.progress.retried, 2);
+        // Errors that cannot heal are not retried.
+        src.clear_faults();
+        let small = MemoryDisk::new(100);
+        let failed = copy(&src, &small, &fast.retries(3), &mut |_| {}).unwrap_err();
+        assert_eq!(failed.report.progress.retried, 0);
     }
 
     #[test]

@@ -136,6 +136,10 @@ pub enum Error {
     /// The backend does not provide this operation.
     #[error("{0} is not supported by this backend")]
     Unsupported(String),
+    /// The caller cancelled the operation (a [`CancelToken`](crate::copy::CancelToken) of a
+    /// copy). Whatever completed before stays done; nothing was left half-written.
+    #[error("cancelled")]
+    Cancelled,
     /// A failure injected by the [`memory`](crate::memory) fake.
     #[error("injected {op} failure at offset {offset}")]
     Injected {
@@ -171,6 +175,28 @@ impl Error {
             self,
             Error::Timeout { .. } | Error::Disconnected { .. } | Error::Protocol(_)
         )
+    }
+
+    /// Whether trying the same request again may succeed: an NBD server's `EIO` or `ENOMEM`,
+    /// an interrupted or timed-out local I/O, an `EIO` from the kernel, a fault injected by the
+    /// [`memory`](crate::memory) fake. Not: lost connections and protocol errors (the
+    /// connection is gone), nor requests that are wrong in themselves (range, alignment,
+    /// read-only, no space). The copy engine retries these when asked
+    /// ([`CopyOptions::retries`](crate::copy::CopyOptions::retries)).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Nbd { errno, .. } => matches!(errno, 5 | 12),
+            Error::Io { source, .. } => {
+                matches!(
+                    source.kind(),
+                    std::io::ErrorKind::Interrupted
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::WouldBlock
+                ) || source.raw_os_error() == Some(5)
+            }
+            Error::Injected { .. } => true,
+            _ => false,
+        }
     }
 
     pub(crate) fn io(op: impl Into<String>, offset: Option<u64>, source: std::io::Error) -> Self {

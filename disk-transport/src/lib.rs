@@ -133,7 +133,8 @@ pub use params::{
     Compression, ConnectParams, ConnectParamsBuilder, Credentials, OpenFlags, Secret, Thumbprint,
 };
 pub use types::{
-    clip_extents, push_extent, AdapterType, DiskInfo, Extent, ExtentKind, Geometry, ProtocolInfo,
+    clip_extents, push_dirty_extent, push_extent, AdapterType, DirtyExtent, DiskInfo, Extent,
+    ExtentKind, Geometry, ProtocolInfo,
 };
 pub use uri::{open_uri, parse_size, percent_decode, DiskUri, NbdAddress, NbdTls};
 
@@ -218,6 +219,20 @@ pub trait Disk: Send + Sync + fmt::Debug {
     /// (merged where neighbours have the same kind). Backends without allocation information
     /// return one [`ExtentKind::Data`] extent.
     fn allocated_extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>>;
+
+    /// What changed in `[offset, offset + length)` since the checkpoint of the dirty bitmap this
+    /// handle was opened with ([`DiskInfo::dirty_bitmap`]): clean and dirty extents covering the
+    /// range, merged. The NBD backend reads `qemu:dirty-bitmap:NAME` (`?dirty-bitmap=NAME` in
+    /// the URI), [`MemoryDisk`](memory::MemoryDisk) its own bitmaps. Backends and handles
+    /// without one fail with [`Error::Unsupported`]. Feed the answer to
+    /// [`copy::copy_extents`], or let [`copy::copy_changed`] ask for it.
+    fn dirty_extents(&self, offset: u64, length: u64) -> Result<Vec<DirtyExtent>> {
+        let _ = (offset, length);
+        Err(Error::Unsupported(
+            "dirty extents (this disk was not opened with a dirty bitmap)".into(),
+        ))
+    }
+
 
     /// Makes `[offset, offset + length)` read as zeros, deallocating where the backend can.
     fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {

@@ -10,15 +10,41 @@
 //!   calls so tests can check that every access was ended.
 //! - [`Fault`]s make reads, writes, flushes or extent queries fail at chosen offsets, always or
 //!   a number of times.
+//! - Dirty bitmaps, as QEMU keeps them for incremental backups: after
+//!   [`MemoryDisk::add_dirty_bitmap`], every write marks its [`CHUNK_SIZE`] chunks dirty, and a
+//!   handle from [`MemoryDisk::dirty_bitmap_handle`] reports them through
+//!   [`Disk::dirty_extents`], as an NBD export with `qemu:dirty-bitmap:NAME` does. Your
+//!   full-then-incremental backup logic runs against it unchanged.
+//!
+//! ```
+//! use disk_transport::copy::{copy, copy_changed, CopyOptions};
+//! use disk_transport::memory::MemoryDisk;
+//! use disk_transport::Disk;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let vm = MemoryDisk::new(1 << 30);
+//! vm.write_at(b"installed system", 0)?;
+//! vm.add_dirty_bitmap("backup-vda")?; // the checkpoint of the full backup
+//! let backup = MemoryDisk::new(1 << 30);
+//! copy(&vm, &backup, &CopyOptions::default(), &mut |_| {})?;
+//!
+//! vm.write_at(b"a day of work", 300 << 20)?; // the guest keeps writing
+//! let since = vm.dirty_bitmap_handle("backup-vda")?;
+//! let report = copy_changed(&since, &backup, &CopyOptions::default(), &mut |_| {})?;
+//! assert_eq!(report.progress.total, disk_transport::memory::CHUNK_SIZE); // one chunk changed
+//! assert_eq!(backup.to_vec()?, vm.to_vec()?);
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! See the crate documentation for a complete example.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use crate::mode::{select_transport, StorageKind, TransportContext, TransportMode};
-use crate::types::{push_range, DiskInfo, Extent, ExtentKind};
+use crate::types::{push_dirty_extent, push_range, DirtyExtent, DiskInfo, Extent, ExtentKind};
 use crate::{
     check_range, AccessGuard, CleanupStats, ConnectParams, Connection, Disk, DiskTransport, Error,
     OpenFlags, Result,
@@ -56,6 +82,8 @@ pub enum FaultOp {
     Flush,
     /// `allocated_extents`.
     Extents,
+    /// `dirty_extents`.
+    DirtyExtents,
 }
 
 impl FaultOp {
@@ -65,6 +93,7 @@ impl FaultOp {
             FaultOp::Write => "write",
             FaultOp::Flush => "flush",
             FaultOp::Extents => "extents",
+            FaultOp::DirtyExtents => "dirty-extents",
         }
     }
 }
@@ -96,6 +125,10 @@ impl Fault {
     pub fn extents() -> Self {
         Fault::range(FaultOp::Extents, 0, u64::MAX)
     }
+    /// Fails every dirty-extent query (a bitmap the server lost, a broken checkpoint).
+    pub fn dirty_extents() -> Self {
+        Fault::range(FaultOp::DirtyExtents, 0, u64::MAX)
+    }
     /// Fails `op` for requests overlapping `[offset, offset + length)`.
     pub fn range(op: FaultOp, offset: u64, length: u64) -> Self {
         Fault {
@@ -119,6 +152,8 @@ struct Shared {
     faults: Mutex<Vec<Fault>>,
     metadata: Mutex<BTreeMap<String, String>>,
     flushes: Mutex<u64>,
+    /// Dirty bitmaps by name: the indices of the chunks written since each was added or cleared.
+    bitmaps: Mutex<BTreeMap<String, BTreeSet<u64>>>,
 }
 
 /// A sparse in-memory disk. Clones share the data; see the [module docs](self).
@@ -127,6 +162,8 @@ pub struct MemoryDisk {
     shared: Arc<Shared>,
     read_only: bool,
     transport_mode: Option<TransportMode>,
+    /// The bitmap `dirty_extents` reports.
+    dirty_bitmap: Option<String>,
 }
 
 impl std::fmt::Debug for MemoryDisk {
@@ -137,8 +174,13 @@ impl std::fmt::Debug for MemoryDisk {
             .field("allocated_bytes", &self.allocated_bytes())
             .field("read_only", &self.read_only)
             .field("transport_mode", &self.transport_mode)
+            .field("dirty_bitmap", &self.dirty_bitmap)
             .finish()
     }
+}
+
+fn missing_bitmap(name: &str) -> Error {
+    Error::NotFound(format!("dirty bitmap {name:?} on this memory disk"))
 }
 
 fn poisoned<T>(_: T) -> Error {
@@ -155,6 +197,7 @@ impl MemoryDisk {
             }),
             read_only: false,
             transport_mode: None,
+            dirty_bitmap: None,
         }
     }
 
@@ -236,6 +279,87 @@ impl MemoryDisk {
             .clear();
     }
 
+    /// Starts a dirty bitmap: from now on every write, zeroing or trim marks the
+    /// [`CHUNK_SIZE`] chunks it touches (QEMU's `block-dirty-bitmap-add`, `qemu-img bitmap
+    /// --add`). A name already in use is an error, as in QEMU.
+    pub fn add_dirty_bitmap(&self, name: &str) -> Result<()> {
+        let mut bitmaps = self.shared.bitmaps.lock().map_err(poisoned)?;
+        if bitmaps.contains_key(name) {
+            return Err(Error::InvalidParams(format!(
+                "dirty bitmap {name:?} already exists"
+            )));
+        }
+        bitmaps.insert(name.to_owned(), BTreeSet::new());
+        Ok(())
+    }
+
+    /// Marks every chunk of the bitmap clean again (`block-dirty-bitmap-clear`): the checkpoint
+    /// of the next incremental backup.
+    pub fn clear_dirty_bitmap(&self, name: &str) -> Result<()> {
+        self.shared
+            .bitmaps
+            .lock()
+            .map_err(poisoned)?
+            .get_mut(name)
+            .ok_or_else(|| missing_bitmap(name))?
+            .clear();
+        Ok(())
+    }
+
+    /// Deletes a bitmap (`block-dirty-bitmap-remove`); handles reading it fail afterwards.
+    pub fn remove_dirty_bitmap(&self, name: &str) -> Result<()> {
+        self.shared
+            .bitmaps
+            .lock()
+            .map_err(poisoned)?
+            .remove(name)
+            .map(|_| ())
+            .ok_or_else(|| missing_bitmap(name))
+    }
+
+    /// The names of the bitmaps, sorted.
+    pub fn dirty_bitmaps(&self) -> Vec<String> {
+        self.shared
+            .bitmaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// A handle to the same disk whose [`Disk::dirty_extents`] reports bitmap `name`, as an NBD
+    /// export opened with `?dirty-bitmap=NAME` does. A missing bitmap is an error now, not at
+    /// the first query.
+    pub fn dirty_bitmap_handle(&self, name: &str) -> Result<Self> {
+        if !self
+            .shared
+            .bitmaps
+            .lock()
+            .map_err(poisoned)?
+            .contains_key(name)
+        {
+            return Err(missing_bitmap(name));
+        }
+        Ok(MemoryDisk {
+            dirty_bitmap: Some(name.to_owned()),
+            ..self.clone()
+        })
+    }
+
+    /// Marks the chunks of `[offset, offset + length)` dirty in every bitmap.
+    fn mark_dirty(&self, offset: u64, length: u64) -> Result<()> {
+        if length == 0 {
+            return Ok(());
+        }
+        let mut bitmaps = self.shared.bitmaps.lock().map_err(poisoned)?;
+        let (first, last) = (offset / CHUNK_SIZE, (offset + length).div_ceil(CHUNK_SIZE));
+        for set in bitmaps.values_mut() {
+            set.extend(first..last);
+        }
+        Ok(())
+    }
+
     fn check_fault(&self, op: FaultOp, offset: u64, length: u64) -> Result<()> {
         let mut faults = self.shared.faults.lock().map_err(poisoned)?;
         let end = offset.saturating_add(length.max(1));
@@ -306,6 +430,7 @@ impl Disk for MemoryDisk {
             can_extents: true,
             can_multi_conn: true,
             transport_mode: self.transport_mode,
+            dirty_bitmap: self.dirty_bitmap.clone(),
             ..DiskInfo::new(self.capacity())
         })
     }
@@ -328,7 +453,8 @@ impl Disk for MemoryDisk {
                 .or_insert_with(|| vec![0u8; CHUNK_SIZE as usize].into_boxed_slice());
             chunk[within..within + n].copy_from_slice(&buf[piece]);
         }
-        Ok(())
+        drop(chunks);
+        self.mark_dirty(offset, buf.len() as u64)
     }
 
     fn flush(&self) -> Result<()> {
@@ -365,7 +491,52 @@ impl Disk for MemoryDisk {
         self.check_writable()?;
         check_range(offset, length, self.capacity())?;
         self.check_fault(FaultOp::Write, offset, length)?;
-        self.zero_range(offset, length)
+        self.zero_range(offset, length)?;
+        self.mark_dirty(offset, length)
+    }
+
+    fn dirty_extents(&self, offset: u64, length: u64) -> Result<Vec<DirtyExtent>> {
+        let name = self.dirty_bitmap.as_deref().ok_or_else(|| {
+            Error::Unsupported(
+                "dirty extents of a memory disk handle without a bitmap (MemoryDisk::dirty_bitmap_handle)"
+                    .into(),
+            )
+        })?;
+        check_range(offset, length, self.capacity())?;
+        self.check_fault(FaultOp::DirtyExtents, offset, length)?;
+        let bitmaps = self.shared.bitmaps.lock().map_err(poisoned)?;
+        let set = bitmaps.get(name).ok_or_else(|| missing_bitmap(name))?;
+        let end = offset + length;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        for &index in set.range(offset / CHUNK_SIZE..end.div_ceil(CHUNK_SIZE)) {
+            let start = (index * CHUNK_SIZE).max(offset);
+            let stop = ((index + 1) * CHUNK_SIZE).min(end);
+            for (from, to, dirty) in [(pos, start, false), (start, stop, true)] {
+                if to > from {
+                    push_dirty_extent(
+                        &mut out,
+                        DirtyExtent {
+                            offset: from,
+                            length: to - from,
+                            dirty,
+                        },
+                    );
+                }
+            }
+            pos = stop;
+        }
+        if pos < end {
+            push_dirty_extent(
+                &mut out,
+                DirtyExtent {
+                    offset: pos,
+                    length: end - pos,
+                    dirty: false,
+                },
+            );
+        }
+        Ok(out)
     }
 
     fn trim(&self, offset: u64, length: u64) -> Result<()> {
@@ -762,6 +933,88 @@ mod tests {
         let text = format!("{d:?}");
         assert!(text.len() < 200, "{text}");
         assert!(text.contains("allocated_bytes: 262144"), "{text}");
+    }
+
+    #[test]
+    fn dirty_bitmaps_track_writes_like_qemu() {
+        let disk = MemoryDisk::new(16 * CHUNK_SIZE);
+        disk.write_at(b"before", 0).unwrap();
+        assert!(matches!(
+            disk.dirty_extents(0, 10),
+            Err(Error::Unsupported(_))
+        ));
+        assert!(disk.dirty_bitmap_handle("b0").is_err());
+        disk.add_dirty_bitmap("b0").unwrap();
+        assert!(disk.add_dirty_bitmap("b0").is_err(), "names are unique");
+        let b0 = disk.dirty_bitmap_handle("b0").unwrap();
+        assert_eq!(b0.info().unwrap().dirty_bitmap.as_deref(), Some("b0"));
+        assert_eq!(
+            b0.dirty_extents(0, 16 * CHUNK_SIZE).unwrap(),
+            vec![DirtyExtent {
+                offset: 0,
+                length: 16 * CHUNK_SIZE,
+                dirty: false
+            }]
+        );
+        // A write across a chunk boundary, a zeroing, a trim; a failed write marks nothing.
+        disk.write_at(&[1; 10], 2 * CHUNK_SIZE - 5).unwrap();
+        disk.write_zeroes(5 * CHUNK_SIZE, 1).unwrap();
+        disk.trim(9 * CHUNK_SIZE, CHUNK_SIZE).unwrap();
+        disk.inject(Fault::write_at(12 * CHUNK_SIZE));
+        assert!(disk.write_at(&[1], 12 * CHUNK_SIZE).is_err());
+        disk.clear_faults();
+        let d = |offset: u64, chunks: u64, dirty| DirtyExtent {
+            offset: offset * CHUNK_SIZE,
+            length: chunks * CHUNK_SIZE,
+            dirty,
+        };
+        assert_eq!(
+            b0.dirty_extents(0, 16 * CHUNK_SIZE).unwrap(),
+            vec![
+                d(0, 1, false),
+                d(1, 2, true),
+                d(3, 2, false),
+                d(5, 1, true),
+                d(6, 3, false),
+                d(9, 1, true),
+                d(10, 6, false)
+            ]
+        );
+        // Asked ranges are clipped exactly.
+        let part = b0.dirty_extents(CHUNK_SIZE + 3, 10).unwrap();
+        assert_eq!(part, vec![DirtyExtent::dirty(CHUNK_SIZE + 3, 10)]);
+        // A second bitmap starts clean; clearing one leaves the other.
+        disk.add_dirty_bitmap("b1").unwrap();
+        disk.write_at(b"x", 15 * CHUNK_SIZE).unwrap();
+        disk.clear_dirty_bitmap("b0").unwrap();
+        assert_eq!(disk.dirty_bitmaps(), vec!["b0", "b1"]);
+        let b1 = disk.dirty_bitmap_handle("b1").unwrap();
+        assert_eq!(
+            b1.dirty_extents(0, 16 * CHUNK_SIZE).unwrap(),
+            vec![d(0, 15, false), d(15, 1, true)]
+        );
+        assert!(b0
+            .dirty_extents(0, 16 * CHUNK_SIZE)
+            .unwrap()
+            .iter()
+            .all(|e| !e.dirty));
+        // Faults, out-of-range queries, removed bitmaps.
+        disk.inject(Fault::dirty_extents().times(1));
+        assert!(matches!(
+            b1.dirty_extents(0, 1),
+            Err(Error::Injected {
+                op: "dirty-extents",
+                ..
+            })
+        ));
+        assert!(b1.dirty_extents(0, 1).is_ok());
+        assert!(matches!(
+            b1.dirty_extents(16 * CHUNK_SIZE, 1),
+            Err(Error::OutOfRange { .. })
+        ));
+        disk.remove_dirty_bitmap("b1").unwrap();
+        assert!(matches!(b1.dirty_extents(0, 1), Err(Error::NotFound(_))));
+        assert!(disk.remove_dirty_bitmap("b1").is_err());
     }
 
     #[test]

@@ -35,6 +35,9 @@ const TEST_PEERS: &[(&str, &str)] = &[
     ("systemd", "/usr/bin/systemd-detect-virt"),
     ("util-linux", "/usr/bin/setpriv"),
     ("socat", "/usr/bin/socat"),
+    // disk-transport's `tls` feature links the system OpenSSL (nbds:// tests, the CLI).
+    ("libssl-dev", "/usr/include/openssl/ssl.h"),
+    ("pkgconf", "/usr/bin/pkg-config"),
 ];
 
 /// Crates with a cargo-fuzz package of their own, outside the workspace.
