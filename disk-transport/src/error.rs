@@ -14,7 +14,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// An operating-system I/O error, with what was being done and where.
-    #[error("{op}{at}: {source}", at = fmt_offset(*offset))]
+    #[error("{op}{at}", at = fmt_offset(*offset))]
     Io {
         /// What was being done ("read", "connect to /run/nbd.sock", ...).
         op: String,

@@ -1,11 +1,39 @@
 //! QEMU guest agents by URI: real ones over a Unix socket, TCP or a character device, and the
 //! fake.
+//!
+//! The agent is reached asynchronously (tokio): call these inside a runtime. The handle is an
+//! `Arc<dyn GuestAgent>`, so clone it into as many tasks as you like; a mock
+//! ([`MockGuestAgent`](crate::mock), feature `mock`) or the [`fake`] fits the same type in your
+//! tests.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vmsdk::agent::{GuestAgent, GuestAgentExt};
+//!
+//! /// The code under test takes any agent: the real one, the fake, or a mock.
+//! async fn hostname(agent: Arc<dyn GuestAgent>) -> vmsdk::Result<String> {
+//!     Ok(agent.host_name().await?.host_name)
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> vmsdk::Result<()> {
+//! let agent = vmsdk::agent::fake();
+//! assert!(!hostname(agent).await?.is_empty());
+//! # Ok(())
+//! # }
+//! ```
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use qga_proto::{Address, AsyncClient, ClientConfig, GuestAgent, Result};
+pub use qga_proto::fake::FakeAgent;
+pub use qga_proto::{Address, ClientConfig, GuestAgent, GuestAgentExt};
 
-/// Connects to the guest agent at `uri` with the default settings (10 s per call):
+use crate::Result;
+
+/// Connects to the guest agent at `uri` with [`ClientConfig::default()`]: each call waits up
+/// to 30 s for its reply, and the `guest-sync` handshake that (re)synchronises the channel up
+/// to 5 s per attempt, two attempts.
 ///
 /// * `qga+unix:///run/libvirt/qemu/…/org.qemu.guest_agent.0` — QEMU's host-side socket
 ///   (libvirt, Proxmox `/var/run/qemu-server/VMID.qga`, or `qemu-ga -m unix-listen`);
@@ -13,32 +41,47 @@ use qga_proto::{Address, AsyncClient, ClientConfig, GuestAgent, Result};
 /// * `qga+serial:///dev/virtio-ports/org.qemu.guest_agent.0` — a character device;
 /// * a bare absolute path: under `/dev` a character device, elsewhere a socket.
 ///
-/// Must be called inside a tokio runtime.
-pub async fn connect(uri: &str) -> Result<Box<dyn GuestAgent>> {
+/// A failure names the address and keeps the operating system's error as its source:
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let error = vmsdk::agent::connect("qga+unix:///nonexistent/qga.sock").await.err().unwrap();
+/// assert_eq!(
+///     error.to_string(),
+///     "cannot connect to the guest agent at qga+unix:///nonexistent/qga.sock"
+/// );
+/// assert!(std::error::Error::source(&error).is_some());
+/// # }
+/// ```
+pub async fn connect(uri: &str) -> Result<Arc<dyn GuestAgent>> {
     connect_with(uri, ClientConfig::default()).await
 }
 
-/// [`connect`] with explicit client settings.
-pub async fn connect_with(uri: &str, config: ClientConfig) -> Result<Box<dyn GuestAgent>> {
+/// [`connect`] with explicit client settings (timeouts, reply size limit, ...).
+pub async fn connect_with(uri: &str, config: ClientConfig) -> Result<Arc<dyn GuestAgent>> {
     let address = Address::parse(uri)?;
-    Ok(Box::new(
-        AsyncClient::connect_address(&address, config).await?,
+    Ok(Arc::new(
+        qga_proto::AsyncClient::connect_address(&address, config).await?,
     ))
 }
 
 /// A fake agent resembling qemu-ga on a Linux guest, reached through the real client code over
-/// an in-memory stream. Must be called inside a tokio runtime.
+/// an in-memory stream. Must be called inside a tokio runtime. For other guests, versions or
+/// scripted faults, build a [`FakeAgent`] yourself.
 ///
 /// ```
+/// use vmsdk::agent::GuestAgentExt;
+///
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), qga_proto::Error> {
+/// # async fn main() -> vmsdk::Result<()> {
 /// let agent = vmsdk::agent::fake();
 /// let info = agent.info().await?;
 /// assert!(info.supported_commands.iter().any(|c| c.name == "guest-ping"));
 /// # Ok(())
 /// # }
 /// ```
-pub fn fake() -> Box<dyn GuestAgent> {
+pub fn fake() -> Arc<dyn GuestAgent> {
     let config = ClientConfig::default().timeout(Duration::from_secs(5));
-    Box::new(qga_proto::fake::FakeAgent::linux().connect_async_with(config))
+    Arc::new(FakeAgent::linux().connect_async_with(config))
 }

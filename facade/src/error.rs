@@ -1,27 +1,72 @@
-//! The facade's error type.
+//! The facade's error type: one type for every capability, so `?` works across them.
 
 use std::path::PathBuf;
 
-/// What can go wrong when the facade picks or opens a backend.
+/// What can go wrong in the facade or in any capability it hands out.
+///
+/// Each capability's own error converts into it with `From`, so a function returning
+/// [`vmsdk::Result`](Result) can use `?` on detection, statistics, the guest agent and disks
+/// alike. The capability's error stays reachable for matching:
+///
+/// ```
+/// # #[cfg(all(feature = "stats", feature = "disk"))]
+/// # fn demo() -> vmsdk::Result<()> {
+/// use vmsdk::disk::OpenFlags;
+/// use vmsdk::{BackendChoice, Platform};
+///
+/// /// Statistics and a disk in one function, one error type.
+/// fn report() -> vmsdk::Result<String> {
+///     let platform = Platform::builder().backend(BackendChoice::Fake).build()?;
+///     let mut stats = platform.guest_stats()?;
+///     stats.update()?; // a guest_stats::Error
+///     let disk = vmsdk::disk::open("mem://scratch?size=1M", OpenFlags::read_only())?;
+///     Ok(format!("{} ms stolen, {} bytes", stats.cpu_stolen_ms()?, disk.info()?.capacity))
+/// }
+///
+/// let line = report()?;
+/// assert!(line.ends_with("1048576 bytes"));
+/// match vmsdk::disk::open("nbd://", OpenFlags::read_only()) {
+///     Err(vmsdk::Error::Disk(cause)) => println!("the disk layer said: {cause}"),
+///     other => panic!("expected a disk error, got {other:?}"),
+/// }
+/// # Ok(())
+/// # }
+/// # #[cfg(all(feature = "stats", feature = "disk"))]
+/// # demo().unwrap();
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The guest statistics backend failed.
+    #[cfg(feature = "stats")]
     #[error(transparent)]
     GuestStats(#[from] guest_stats::Error),
-    /// This machine has no guest statistics backend in this build.
-    #[error("no guest statistics backend for {what}: {why}")]
+    /// The guest agent client failed.
+    #[cfg(feature = "agent")]
+    #[error(transparent)]
+    Agent(#[from] qga_proto::Error),
+    /// A disk backend failed.
+    #[cfg(feature = "disk")]
+    #[error(transparent)]
+    Disk(#[from] disk_transport::Error),
+    /// This machine has no guest statistics backend.
+    #[error(
+        "no guest statistics backend for {what}: {}/proc/stat is not readable, and only Linux \
+         guests and VMware VMs have one (choose BackendChoice::Fake, or set VMSDK_BACKEND=fake, \
+         for the fake)",
+        root.display().to_string().trim_end_matches('/')
+    )]
     NoStatsBackend {
-        /// What was detected ("bare metal", "vmware", ...).
+        /// What was detected (`bare metal`, `kvm`, ...).
         what: String,
-        /// Why nothing fits and what to do about it.
-        why: String,
+        /// The filesystem root the Linux backend looked under.
+        root: PathBuf,
     },
-    /// `VMSDK_BACKEND` or `--backend` holds a word that names no backend.
+    /// `VMSDK_BACKEND` (or whatever string was parsed) names no backend.
     #[error("unknown backend `{0}` (expected `auto` or `fake`)")]
     UnknownBackend(String),
     /// A fixture tree's CPUID recording could not be read.
-    #[error("cannot read the CPUID recording under {root}: {source}")]
+    #[error("cannot read the CPUID recording under {}", root.display())]
     CpuidRecording {
         /// The root whose `cpuid` file is broken.
         root: PathBuf,

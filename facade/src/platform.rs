@@ -1,12 +1,17 @@
 //! `Platform`: detect the hypervisor once, then hand out the backends that fit it.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+#[cfg(feature = "stats")]
+use std::path::Path;
+use std::path::PathBuf;
 use std::str::FromStr;
 
+#[cfg(feature = "stats")]
 use guest_stats::GuestStats;
 
-use crate::detect::{Detection, Detector, Hypervisor};
+#[cfg(feature = "stats")]
+use crate::detect::Hypervisor;
+use crate::detect::{Detection, Detector};
 use crate::error::{Error, Result};
 
 /// Which family of backends to hand out.
@@ -60,9 +65,11 @@ impl fmt::Display for BackendChoice {
 /// use vmsdk::{BackendChoice, Platform};
 ///
 /// let platform = Platform::builder().backend(BackendChoice::Fake).build()?;
+/// # #[cfg(feature = "stats")] {
 /// let mut stats = platform.guest_stats()?;
 /// stats.update()?;
 /// println!("stolen: {} ms", stats.cpu_stolen_ms()?);
+/// # }
 /// # Ok::<(), vmsdk::Error>(())
 /// ```
 #[derive(Debug, Clone)]
@@ -140,8 +147,18 @@ impl Platform {
         self.backend
     }
 
+    /// The filesystem root detection and the Linux backend read `/proc`, `/sys`, ... under.
+    pub fn root(&self) -> &std::path::Path {
+        &self.root
+    }
+
     /// The guest statistics backend for this machine: the VMware backdoor on VMware, the Linux
     /// backend on every other Linux guest, the scripted fake with [`BackendChoice::Fake`].
+    ///
+    /// The calls are blocking but short (a few small procfs reads, or one backdoor call), so an
+    /// async program may call them on a task at its sampling interval.
+    #[cfg(feature = "stats")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "stats")))]
     pub fn guest_stats(&self) -> Result<Box<dyn GuestStats>> {
         if self.backend == BackendChoice::Fake {
             return Ok(Box::new(guest_stats::fake::FakeGuestStats::example()));
@@ -150,6 +167,7 @@ impl Platform {
     }
 }
 
+#[cfg(feature = "stats")]
 fn stats_backend(vm: Option<Hypervisor>, root: &Path) -> Result<Box<dyn GuestStats>> {
     if vm == Some(Hypervisor::Vmware) && root == Path::new("/") {
         // The backdoor needs I/O privilege (root and iopl); without it the Linux backend still
@@ -170,14 +188,12 @@ fn stats_backend(vm: Option<Hypervisor>, root: &Path) -> Result<Box<dyn GuestSta
     }
     Err(Error::NoStatsBackend {
         what: vm.map_or_else(|| "bare metal".to_owned(), |h| h.to_string()),
-        why: format!(
-            "{} has no readable proc/stat; only Linux guests have a statistics backend besides              VMware's (use `--backend fake` to try the fake)",
-            root.display()
-        ),
+        root: root.to_owned(),
     })
 }
 
 /// Logs why the VMware backend was passed over, for whoever collects the program's traces.
+#[cfg(feature = "stats")]
 fn warn_fallback(error: &guest_stats::Error) {
     tracing::warn!(%error, "VMware backdoor unavailable; using the Linux statistics backend");
 }
@@ -197,6 +213,7 @@ mod tests {
         assert!(err.to_string().contains("expected `auto` or `fake`"));
     }
 
+    #[cfg(feature = "stats")]
     #[test]
     fn fake_platform_hands_out_the_fake_stats() {
         let platform = Platform::builder()

@@ -16,7 +16,7 @@ use tokio::time::{timeout_at, Instant};
 use crate::address::Address;
 use crate::agent::GuestAgent;
 use crate::cmd::{self, Command};
-use crate::error::{Error, Result};
+use crate::error::{connect_failed, Error, Result};
 use crate::session::{Await, Caps, ClientConfig, Session, Step};
 use crate::transport::AsyncCharDevice;
 use crate::types::GuestAgentInfo;
@@ -401,7 +401,9 @@ impl AsyncClient<UnixStream> {
     /// reconnects to the same path if the connection drops.
     pub async fn connect_unix(path: impl AsRef<Path>, config: ClientConfig) -> Result<Self> {
         let path = path.as_ref().to_owned();
-        let stream = bounded_connect(config.sync_timeout, UnixStream::connect(&path)).await?;
+        let stream = bounded_connect(config.sync_timeout, UnixStream::connect(&path))
+            .await
+            .map_err(connect_failed(Address::Unix(path.clone())))?;
         Ok(Self::with_config(stream, config)
             .with_reconnect(move || UnixStream::connect(path.clone())))
     }
@@ -411,7 +413,9 @@ impl AsyncClient<TcpStream> {
     /// Connects to `host:port`; reconnects if the connection drops.
     pub async fn connect_tcp(addr: &str, config: ClientConfig) -> Result<Self> {
         let addr = addr.to_owned();
-        let stream = bounded_connect(config.sync_timeout, TcpStream::connect(&addr)).await?;
+        let stream = bounded_connect(config.sync_timeout, TcpStream::connect(&addr))
+            .await
+            .map_err(connect_failed(Address::Tcp(addr.clone())))?;
         Ok(Self::with_config(stream, config)
             .with_reconnect(move || TcpStream::connect(addr.clone())))
     }
@@ -421,7 +425,10 @@ impl AsyncClient<AsyncCharDevice> {
     /// Opens a character device such as
     /// [`VIRTIO_PORT_PATH`](crate::address::VIRTIO_PORT_PATH).
     pub fn open_serial(path: impl AsRef<Path>, config: ClientConfig) -> Result<Self> {
-        Ok(Self::with_config(AsyncCharDevice::open(path)?, config))
+        let device = AsyncCharDevice::open(&path)
+            .map_err(Error::Io)
+            .map_err(connect_failed(Address::Serial(path.as_ref().to_owned())))?;
+        Ok(Self::with_config(device, config))
     }
 }
 
@@ -440,7 +447,9 @@ impl AsyncClient<BoxedStream> {
                 Address::Serial(p) => Box::new(AsyncCharDevice::open(p)?),
             })
         }
-        let stream = bounded_connect(config.sync_timeout, open(address.clone())).await?;
+        let stream = bounded_connect(config.sync_timeout, open(address.clone()))
+            .await
+            .map_err(connect_failed(address))?;
         let address = address.clone();
         Ok(Self::with_config(stream, config).with_reconnect(move || open(address.clone())))
     }

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::address::Address;
 use crate::cmd::{self, Command};
-use crate::error::{Error, Result};
+use crate::error::{connect_failed, Error, Result};
 use crate::ext::{Backoff, ExecOutput, FILE_CHUNK};
 use crate::session::{decode, Await, Caps, ClientConfig, Session, Step};
 use crate::transport::{CharDevice, Transport};
@@ -450,7 +450,9 @@ impl Client<UnixStream> {
     /// Connects to a Unix socket; reconnects to the same path if the connection drops.
     pub fn connect_unix(path: impl AsRef<Path>, config: ClientConfig) -> Result<Self> {
         let path = path.as_ref().to_owned();
-        let stream = UnixStream::connect(&path)?;
+        let stream = UnixStream::connect(&path)
+            .map_err(Error::Io)
+            .map_err(connect_failed(Address::Unix(path.clone())))?;
         Ok(Self::with_config(stream, config).with_reconnect(move || UnixStream::connect(&path)))
     }
 }
@@ -460,7 +462,9 @@ impl Client<TcpStream> {
     pub fn connect_tcp(addr: &str, config: ClientConfig) -> Result<Self> {
         let addr = addr.to_owned();
         let limit = config.sync_timeout;
-        let stream = tcp_connect(&addr, limit)?;
+        let stream = tcp_connect(&addr, limit)
+            .map_err(Error::Io)
+            .map_err(connect_failed(Address::Tcp(addr.clone())))?;
         Ok(Self::with_config(stream, config).with_reconnect(move || tcp_connect(&addr, limit)))
     }
 }
@@ -469,7 +473,10 @@ impl Client<CharDevice> {
     /// Opens a character device such as
     /// [`VIRTIO_PORT_PATH`](crate::address::VIRTIO_PORT_PATH).
     pub fn open_serial(path: impl AsRef<Path>, config: ClientConfig) -> Result<Self> {
-        Ok(Self::with_config(CharDevice::open(path)?, config))
+        let device = CharDevice::open(&path)
+            .map_err(Error::Io)
+            .map_err(connect_failed(Address::Serial(path.as_ref().to_owned())))?;
+        Ok(Self::with_config(device, config))
     }
 }
 
@@ -489,7 +496,9 @@ impl Client<Box<dyn Transport>> {
                 Address::Serial(p) => Box::new(CharDevice::open(p)?),
             })
         };
-        let stream = open(address)?;
+        let stream = open(address)
+            .map_err(Error::Io)
+            .map_err(connect_failed(address))?;
         let address = address.clone();
         Ok(Self::with_config(stream, config).with_reconnect(move || open(&address)))
     }

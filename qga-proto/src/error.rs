@@ -4,6 +4,17 @@ use std::time::Duration;
 
 pub use crate::types::ErrorClass;
 
+/// Turns an I/O failure while opening the channel into [`Error::Connect`] naming `address`.
+pub(crate) fn connect_failed(address: impl std::fmt::Display) -> impl FnOnce(Error) -> Error {
+    move |error| match error {
+        Error::Io(source) => Error::Connect {
+            address: address.to_string(),
+            source,
+        },
+        other => other,
+    }
+}
+
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -70,8 +81,18 @@ pub enum Error {
         /// What was wrong.
         detail: String,
     },
+    /// The channel to the agent could not be opened: no socket at the path, nobody listening,
+    /// no permission, or no answer within the connect timeout.
+    #[error("cannot connect to the guest agent at {address}")]
+    Connect {
+        /// The address, as `qga+unix:///path`, `qga+tcp://host:port` or `qga+serial:///dev/…`.
+        address: String,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The reply was valid JSON but did not have the shape the command returns.
-    #[error("unexpected reply to {command}: {source}")]
+    #[error("unexpected reply to {command}")]
     Decode {
         /// The command.
         command: String,
@@ -80,7 +101,7 @@ pub enum Error {
         source: serde_json::Error,
     },
     /// The arguments could not be serialised.
-    #[error("cannot encode the arguments of {command}: {source}")]
+    #[error("cannot encode the arguments of {command}")]
     Encode {
         /// The command.
         command: String,
@@ -105,7 +126,7 @@ pub enum Error {
         timeout: Duration,
     },
     /// An I/O error on the channel.
-    #[error("I/O error on the guest agent channel: {0}")]
+    #[error("I/O error on the guest agent channel")]
     Io(#[from] std::io::Error),
 }
 

@@ -1,21 +1,50 @@
 //! Virtual disks by URI, for every backend this build has.
+//!
+//! Disk calls are blocking: a read, write, flush or copy takes as long as the storage and the
+//! network take. In an async program run them with `tokio::task::spawn_blocking`; a disk is
+//! `Send + Sync`, so an `Arc<dyn Disk>` can be shared between blocking tasks:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vmsdk::disk::{Disk, OpenFlags};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> vmsdk::Result<()> {
+//! let disk: Arc<dyn Disk> = vmsdk::disk::open("mem://scratch?size=1M", OpenFlags::read_write())?.into();
+//! let writer = Arc::clone(&disk);
+//! tokio::task::spawn_blocking(move || writer.write_at(b"boot", 0))
+//!     .await
+//!     .expect("the blocking task panicked")?;
+//! let mut sector = [0; 4];
+//! disk.read_at(&mut sector, 0)?;
+//! assert_eq!(&sector, b"boot");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Unit-test code that takes a `&dyn Disk` against [`MemoryDisk`], or against
+//! `vmsdk::mock::MockDisk` (feature `mock`).
 
 pub mod vddk_uri;
 
 use std::path::Path;
 
-use disk_transport::{Disk, DiskUri, OpenFlags, Result};
+pub use disk_transport::copy;
+pub use disk_transport::memory::MemoryDisk;
+pub use disk_transport::{Disk, DiskInfo, DiskUri, Extent, ExtentKind, OpenFlags};
+
+use crate::Result;
 
 /// Opens the disk `uri` names: `file:///path` (or a bare path), `nbd://host[:port]/export`,
 /// `nbd+unix:///export?socket=PATH`, `mem://NAME?size=SIZE`, `vddk://…` (see [`vddk_uri`]).
 ///
 /// ```
-/// use vmsdk::disk_transport::OpenFlags;
+/// use vmsdk::disk::OpenFlags;
 ///
 /// let disk = vmsdk::disk::open("mem://example?size=1M", OpenFlags::read_write())?;
 /// disk.write_at(b"hello", 4096)?;
 /// assert_eq!(disk.info()?.capacity, 1 << 20);
-/// # Ok::<(), vmsdk::disk_transport::Error>(())
+/// # Ok::<(), vmsdk::Error>(())
 /// ```
 pub fn open(uri: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
     if uri.starts_with("vddk://") {
@@ -25,7 +54,7 @@ pub fn open(uri: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
         // The disk keeps its connection alive; dropping ours here is fine.
         return Ok(Box::new(connection.open_disk(&target.path, flags)?));
     }
-    disk_transport::open_uri(&normalize(uri), flags)
+    Ok(disk_transport::open_uri(&normalize(uri), flags)?)
 }
 
 /// A bare relative path (`disk.img`, as people type on a command line) names a file.
@@ -75,7 +104,7 @@ pub const NULL_SINK: &str = "null:";
 /// let (sink, reads_as_zero) = vmsdk::disk::open_or_create("null:", 1 << 30)?;
 /// assert!(reads_as_zero);
 /// assert_eq!(sink.info()?.capacity, 1 << 30);
-/// # Ok::<(), vmsdk::disk_transport::Error>(())
+/// # Ok::<(), vmsdk::Error>(())
 /// ```
 pub fn open_or_create(uri: &str, size: u64) -> Result<(Box<dyn Disk>, bool)> {
     if uri == NULL_SINK {

@@ -213,7 +213,7 @@ pub fn run(backend: BackendChoice, args: &AgentArgs) -> CliResult {
         .enable_all()
         .build()?;
     let outcome = runtime.block_on(async {
-        let agent: Box<dyn GuestAgent> = match (uri, backend) {
+        let agent: std::sync::Arc<dyn GuestAgent> = match (uri, backend) {
             (Some(uri), _) => {
                 let config = qga_proto::ClientConfig::default()
                     .timeout(Duration::from_secs_f64(invocation.timeout));

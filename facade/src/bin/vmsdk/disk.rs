@@ -72,7 +72,7 @@ fn open(
     backend: BackendChoice,
     uri: Option<&str>,
     flags: OpenFlags,
-) -> disk_transport::Result<Box<dyn Disk>> {
+) -> vmsdk::Result<Box<dyn Disk>> {
     match (uri, backend) {
         (Some(uri), _) => vmsdk::disk::open(uri, flags),
         (None, BackendChoice::Fake) => {
@@ -89,7 +89,8 @@ fn open(
             "name a disk URI (file:///path, nbd://host/export, nbd+unix:///export?socket=PATH, \
              mem://NAME?size=SIZE), or use --backend fake for the demo disk"
                 .to_owned(),
-        )),
+        )
+        .into()),
     }
 }
 

@@ -47,10 +47,31 @@ fn main() -> ExitCode {
     match outcome {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("vmsdk: {error}");
+            eprintln!("vmsdk: {}", describe(error.as_ref()));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, `outer: cause: root cause`: each error's message
+/// leaves its source out (the Rust API guideline), so the chain is walked here. Errors with a
+/// command-line remedy get it appended.
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        let text = next.to_string();
+        // Transparent wrappers repeat their inner message; print each message once.
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = next.source();
+    }
+    if let Some(vmsdk::Error::NoStatsBackend { .. }) = error.downcast_ref::<vmsdk::Error>() {
+        line.push_str("; `--backend fake` shows the fake's statistics");
+    }
+    line
 }
 
 /// What a subcommand reports when it cannot do its job; printed as `vmsdk: <message>`.

@@ -153,17 +153,7 @@ fn print_interval(out: &mut impl std::io::Write, sample: &Interval, format: Form
             writeln!(out, "{}", line.trim_end())?;
         }
         Format::Json => {
-            let line = serde_json::json!({
-                "session_id": sample.snapshot.session_id,
-                "session_changed": sample.session_changed,
-                "elapsed_delta_ms": sample.elapsed_delta_ms,
-                "cpu_used_delta_ms": sample.cpu_used_delta_ms,
-                "cpu_stolen_delta_ms": sample.cpu_stolen_delta_ms,
-                "cpu_used_percent": sample.cpu_used_percent,
-                "cpu_stolen_percent": sample.cpu_stolen_percent,
-                "effective_cpu_mhz": sample.effective_cpu_mhz,
-                "snapshot": sample.snapshot,
-            });
+            let line = serde_json::to_string(sample)?;
             writeln!(out, "{line}")?;
         }
         Format::Prometheus => write!(out, "{}", prometheus::render(&sample.snapshot))?,
