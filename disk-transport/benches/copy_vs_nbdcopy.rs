@@ -228,6 +228,8 @@ fn vmsdk_binary() -> Result<PathBuf, String> {
             "--release",
             "-p",
             "vmsdk",
+            "--features",
+            "cli",
             "--bin",
             "vmsdk",
             "--target-dir",

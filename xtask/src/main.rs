@@ -344,6 +344,8 @@ fn bench_detect(runs: Option<&str>) -> Result<(), String> {
             "--quiet",
             "-p",
             "vmsdk",
+            "--features",
+            "cli",
             "--bin",
             "vmsdk",
         ],

@@ -276,6 +276,8 @@ fn build_binaries(layout: &Layout) -> Result<Binaries, String> {
             "build",
             "-p",
             "vmsdk",
+            "--features",
+            "vmsdk/cli",
             "--bin",
             "vmsdk",
             "-p",
