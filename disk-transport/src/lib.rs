@@ -97,6 +97,7 @@
 // The only unsafe code allowed is the FFI layer of a VDDK backend (`vddk::ffi`), which must opt in
 // with `#[allow(unsafe_code)]`; everything else stays safe.
 #![deny(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 use std::fmt;
 
@@ -113,12 +114,15 @@ pub mod null;
 pub mod uri;
 
 #[cfg(feature = "file")]
+#[cfg_attr(docsrs, doc(cfg(feature = "file")))]
 pub mod file;
 #[cfg(feature = "nbd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "nbd")))]
 pub mod nbd;
 #[cfg(feature = "tls")]
 mod tls;
 #[cfg(all(feature = "vddk", unix))]
+#[cfg_attr(docsrs, doc(cfg(all(feature = "vddk", unix))))]
 pub mod vddk;
 
 pub use access::AccessGuard;

@@ -103,6 +103,7 @@ pub trait GuestAgentExt: GuestAgent {
     /// [`capture`](crate::cmd::GuestExecArgs::capture) to the arguments to collect
     /// stdout and stderr. `timeout` bounds the wait for the exit.
     #[cfg(feature = "tokio")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     async fn exec_wait(
         &self,
         args: crate::cmd::GuestExecArgs,

@@ -31,7 +31,14 @@
 //! - [`AsyncClient`] (feature `tokio`) and [`Client`] (blocking) over Unix
 //!   sockets, TCP and character devices.
 //! - [`fake`]: [`fake::FakeAgent`], a stateful Linux-like agent for tests.
+//!
+//! # Cargo features
+//!
+//! - `tokio` (default): [`AsyncClient`], [`transport::AsyncCharDevice`],
+//!   [`GuestAgentExt::exec_wait`], [`freeze_filesystems`] and the async side of the fake agent.
+//! - `mock`: [`MockGuestAgent`], mockall's expectation-style double of [`GuestAgent`].
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[macro_use]
 mod macros;
@@ -52,13 +59,16 @@ pub mod wire;
 
 pub use address::Address;
 #[cfg(feature = "mock")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
 pub use agent::MockGuestAgent;
 pub use agent::{call, GuestAgent};
 #[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use async_client::{AsyncClient, AsyncStream, BoxedStream};
 pub use client::{Client, FreezeGuard, DRAIN_TIME};
 pub use error::{Error, ErrorClass, Result};
 #[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use ext::{freeze_filesystems, FsFreezeGuard};
 pub use ext::{ExecOutput, GuestAgentExt, FILE_CHUNK};
 pub use session::ClientConfig;

@@ -147,6 +147,7 @@ impl Transport for CharDevice {
 }
 
 #[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
 pub use self::async_chardev::AsyncCharDevice;
 
 #[cfg(feature = "tokio")]

@@ -1460,47 +1460,49 @@ static LOG_SINK: OnceLock<fn(super::LogLevel, &str)> = OnceLock::new();
 /// there is no second, larger attempt).
 const LOG_BUFFER: usize = 8192;
 
-/// Formats `fmt` with `args` (a `va_list`) through libc's `vsnprintf`.
-///
-/// # Safety
-/// `fmt` must be NULL or a printf format string, and `args` the matching, started `va_list` as
-/// the platform passes it (see the module docs).
-#[cfg(all(
-    target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-))]
-unsafe fn format_va_list(fmt: *const c_char, args: *mut c_void) -> String {
-    extern "C" {
-        fn vsnprintf(buf: *mut c_char, len: usize, fmt: *const c_char, args: *mut c_void) -> c_int;
+// The `va_list` ABI decides how much of a VDDK log message can be formatted (module docs).
+cfg_if::cfg_if! {
+    if #[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))] {
+        /// Formats `fmt` with `args` (a `va_list`) through libc's `vsnprintf`.
+        ///
+        /// # Safety
+        /// `fmt` must be NULL or a printf format string, and `args` the matching, started
+        /// `va_list` as the platform passes it (see the module docs).
+        unsafe fn format_va_list(fmt: *const c_char, args: *mut c_void) -> String {
+            extern "C" {
+                fn vsnprintf(
+                    buf: *mut c_char,
+                    len: usize,
+                    fmt: *const c_char,
+                    args: *mut c_void,
+                ) -> c_int;
+            }
+            if fmt.is_null() {
+                return String::new();
+            }
+            let mut buf = vec![0u8; LOG_BUFFER];
+            // SAFETY: `buf` is writable for LOG_BUFFER bytes, vsnprintf writes at most that many
+            // including the NUL; fmt/args are valid per the caller's contract and consumed once.
+            let n = unsafe { vsnprintf(buf.as_mut_ptr().cast(), buf.len(), fmt, args) };
+            if n < 0 {
+                // SAFETY: fmt is a NUL-terminated string per the contract.
+                return unsafe { copy_c_string(fmt) }.unwrap_or_default();
+            }
+            let len = (n as usize).min(LOG_BUFFER - 1);
+            buf.truncate(len);
+            String::from_utf8_lossy(&buf).into_owned()
+        }
+    } else {
+        /// Without a known `va_list` ABI, only the format string itself is kept.
+        ///
+        /// # Safety
+        /// `fmt` must be NULL or a NUL-terminated string.
+        unsafe fn format_va_list(fmt: *const c_char, _args: *mut c_void) -> String {
+            // SAFETY: per the contract.
+            let text = unsafe { copy_c_string(fmt) }.unwrap_or_default();
+            format!("{text} (arguments not formatted on this platform)")
+        }
     }
-    if fmt.is_null() {
-        return String::new();
-    }
-    let mut buf = vec![0u8; LOG_BUFFER];
-    // SAFETY: `buf` is writable for LOG_BUFFER bytes, vsnprintf writes at most that many
-    // including the NUL; fmt/args are valid per the caller's contract and consumed once.
-    let n = unsafe { vsnprintf(buf.as_mut_ptr().cast(), buf.len(), fmt, args) };
-    if n < 0 {
-        // SAFETY: fmt is a NUL-terminated string per the contract.
-        return unsafe { copy_c_string(fmt) }.unwrap_or_default();
-    }
-    let len = (n as usize).min(LOG_BUFFER - 1);
-    buf.truncate(len);
-    String::from_utf8_lossy(&buf).into_owned()
-}
-
-/// Without a known `va_list` ABI, only the format string itself is kept.
-///
-/// # Safety
-/// `fmt` must be NULL or a NUL-terminated string.
-#[cfg(not(all(
-    target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "aarch64")
-)))]
-unsafe fn format_va_list(fmt: *const c_char, _args: *mut c_void) -> String {
-    // SAFETY: per the contract.
-    let text = unsafe { copy_c_string(fmt) }.unwrap_or_default();
-    format!("{text} (arguments not formatted on this platform)")
 }
 
 fn deliver(level: super::LogLevel, fmt: *const c_char, args: *mut c_void) {

@@ -260,6 +260,7 @@ mod async_side {
     use crate::async_client::AsyncClient;
     use crate::session::ClientConfig;
 
+    #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
     impl FakeAgent {
         /// Serves one connection on an async stream until it closes.
         pub async fn serve_async<S: AsyncRead + AsyncWrite + Unpin>(&self, mut stream: S) {
