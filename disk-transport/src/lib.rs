@@ -237,7 +237,6 @@ pub trait Disk: Send + Sync + fmt::Debug {
         ))
     }
 
-
     /// Makes `[offset, offset + length)` read as zeros, deallocating where the backend can.
     fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
         let zeros = vec![0u8; length.min(1 << 20) as usize];
@@ -286,12 +285,137 @@ pub trait Disk: Send + Sync + fmt::Debug {
     fn max_in_flight(&self) -> usize {
         1
     }
+
     /// What the network protocol negotiated (NBD: TLS, header style, contexts, flags, block
     /// sizes), for display; `None` for local backends.
     fn protocol(&self) -> Option<ProtocolInfo> {
         None
     }
 }
+
+/// Implements [`Disk`] for a pointer by forwarding every method, the provided ones included, so
+/// a backend's (or a mock's) own answer survives the `Box<dyn Disk>` or `Arc<dyn Disk>` it is
+/// handed out in. `clippy::missing_trait_methods` keeps the list complete when the trait grows.
+macro_rules! forward_disk {
+    ($($pointer:tt)*) => {
+        #[deny(clippy::missing_trait_methods)]
+        impl<D: Disk + ?Sized> Disk for $($pointer)* {
+            fn info(&self) -> Result<DiskInfo> {
+                (**self).info()
+            }
+
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+                (**self).read_at(buf, offset)
+            }
+
+            fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+                (**self).write_at(buf, offset)
+            }
+
+            fn flush(&self) -> Result<()> {
+                (**self).flush()
+            }
+
+            fn allocated_extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+                (**self).allocated_extents(offset, length)
+            }
+
+            fn dirty_extents(&self, offset: u64, length: u64) -> Result<Vec<DirtyExtent>> {
+                (**self).dirty_extents(offset, length)
+            }
+
+            fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
+                (**self).write_zeroes(offset, length)
+            }
+
+            fn trim(&self, offset: u64, length: u64) -> Result<()> {
+                (**self).trim(offset, length)
+            }
+
+            fn metadata_keys(&self) -> Result<Vec<String>> {
+                (**self).metadata_keys()
+            }
+
+            fn read_metadata(&self, key: &str) -> Result<String> {
+                (**self).read_metadata(key)
+            }
+
+            fn write_metadata(&self, key: &str, value: &str) -> Result<()> {
+                (**self).write_metadata(key, value)
+            }
+
+            fn submit_read(&self, offset: u64, buf: Vec<u8>, done: ReadCompletion) {
+                (**self).submit_read(offset, buf, done)
+            }
+
+            fn submit_write(&self, offset: u64, buf: Vec<u8>, done: WriteCompletion) {
+                (**self).submit_write(offset, buf, done)
+            }
+
+            fn max_in_flight(&self) -> usize {
+                (**self).max_in_flight()
+            }
+
+            fn protocol(&self) -> Option<ProtocolInfo> {
+                (**self).protocol()
+            }
+        }
+    };
+}
+
+forward_disk!(Box<D>);
+forward_disk!(std::sync::Arc<D>);
+forward_disk!(&D);
+
+/// Implements [`DiskTransport`] and [`Connection`] for a pointer by forwarding every method.
+macro_rules! forward_transport_and_connection {
+    ($($pointer:tt)*) => {
+        #[deny(clippy::missing_trait_methods)]
+        impl<T: DiskTransport + ?Sized> DiskTransport for $($pointer)*<T> {
+            fn name(&self) -> &'static str {
+                (**self).name()
+            }
+
+            fn transport_modes(&self) -> Vec<TransportMode> {
+                (**self).transport_modes()
+            }
+
+            fn list_transport_modes(&self) -> String {
+                (**self).list_transport_modes()
+            }
+
+            fn connect(&self, params: &ConnectParams) -> Result<Box<dyn Connection>> {
+                (**self).connect(params)
+            }
+
+            fn prepare_for_access(
+                &self,
+                params: &ConnectParams,
+                identity: &str,
+            ) -> Result<AccessGuard> {
+                (**self).prepare_for_access(params, identity)
+            }
+
+            fn cleanup(&self, params: &ConnectParams) -> Result<CleanupStats> {
+                (**self).cleanup(params)
+            }
+        }
+
+        #[deny(clippy::missing_trait_methods)]
+        impl<C: Connection + ?Sized> Connection for $($pointer)*<C> {
+            fn open(&self, path: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
+                (**self).open(path, flags)
+            }
+
+            fn read_only(&self) -> bool {
+                (**self).read_only()
+            }
+        }
+    };
+}
+
+forward_transport_and_connection!(Box);
+forward_transport_and_connection!(std::sync::Arc);
 
 /// Makes `[offset, offset + length)` read as zeros by writing `zeros`, an all-zero buffer, as
 /// many times as it takes: the fallback of [`Disk::write_zeroes`].
@@ -319,5 +443,49 @@ pub fn check_range(offset: u64, length: u64, capacity: u64) -> Result<()> {
             length,
             capacity,
         }),
+    }
+}
+
+#[cfg(all(test, feature = "mock"))]
+mod forwarding_tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// The provided methods are the ones a pointer could silently bypass: a mock's expectation
+    /// on each answers through `Box<dyn Disk>`, `Arc<dyn Disk>` and `&dyn Disk` alike.
+    #[test]
+    fn pointers_forward_the_provided_methods_to_the_mock() {
+        fn check(disk: &impl Disk) {
+            assert_eq!(disk.max_in_flight(), 7);
+            assert_eq!(disk.metadata_keys().unwrap(), ["uuid"]);
+            assert_eq!(disk.read_metadata("uuid").unwrap(), "42");
+            disk.write_metadata("uuid", "43").unwrap();
+            disk.write_zeroes(0, 4096).unwrap();
+            disk.trim(0, 4096).unwrap();
+            assert!(disk.dirty_extents(0, 4096).unwrap().is_empty());
+            assert!(disk.protocol().is_none());
+        }
+        let mock = || {
+            let mut mock = MockDisk::new();
+            mock.expect_max_in_flight().return_const(7_usize);
+            mock.expect_metadata_keys()
+                .returning(|| Ok(vec!["uuid".to_owned()]));
+            mock.expect_read_metadata()
+                .returning(|_| Ok("42".to_owned()));
+            mock.expect_write_metadata().returning(|_, _| Ok(()));
+            mock.expect_write_zeroes().times(1).returning(|_, _| Ok(()));
+            mock.expect_trim().times(1).returning(|_, _| Ok(()));
+            mock.expect_dirty_extents().returning(|_, _| Ok(Vec::new()));
+            mock.expect_protocol().returning(|| None);
+            mock
+        };
+        let boxed: Box<dyn Disk> = Box::new(mock());
+        check(&boxed);
+        let shared: Arc<dyn Disk> = Arc::new(mock());
+        check(&shared);
+        let plain = mock();
+        let by_ref: &dyn Disk = &plain;
+        check(&by_ref);
     }
 }

@@ -381,6 +381,7 @@ macro_rules! numeric_accessors {
 /// included: a backend or mock that overrides an accessor keeps its answer behind the pointer.
 macro_rules! forward_guest_stats {
     ($($pointer:tt)*) => {
+        #[deny(clippy::missing_trait_methods)]
         impl<G: GuestStats + ?Sized> GuestStats for $($pointer)* {
             fn backend(&self) -> &'static str {
                 (**self).backend()
@@ -437,7 +438,6 @@ fn wrong_kind(_stat: Stat) -> Error {
     Error::Other
 }
 
-
 #[cfg(test)]
 mod forwarding_tests {
     use super::*;
@@ -457,7 +457,11 @@ mod forwarding_tests {
         assert_eq!(listed.len(), count, "an accessor is listed twice");
         for &stat in Stat::ALL {
             if stat != Stat::ResourcePoolPath {
-                assert!(listed.contains(&stat), "{} has no forwarded accessor", stat.name());
+                assert!(
+                    listed.contains(&stat),
+                    "{} has no forwarded accessor",
+                    stat.name()
+                );
             }
         }
     }
@@ -491,10 +495,18 @@ mod forwarding_tests {
         }
         let mut mock: MockGuestStats = numeric_accessors!(expect_all);
         mock.expect_backend().times(2).return_const("mock");
-        mock.expect_update().times(2).returning(|| Ok(SessionId::new(7)));
-        mock.expect_session_id().times(2).returning(|| Ok(SessionId::new(7)));
-        mock.expect_stat().times(2).returning(|_| Ok(StatValue::U64(1)));
-        mock.expect_snapshot().times(2).returning(|| Ok(Snapshot::new(SessionId::new(7), "mock")));
+        mock.expect_update()
+            .times(2)
+            .returning(|| Ok(SessionId::new(7)));
+        mock.expect_session_id()
+            .times(2)
+            .returning(|| Ok(SessionId::new(7)));
+        mock.expect_stat()
+            .times(2)
+            .returning(|_| Ok(StatValue::U64(1)));
+        mock.expect_snapshot()
+            .times(2)
+            .returning(|| Ok(Snapshot::new(SessionId::new(7), "mock")));
         mock.expect_resource_pool_path()
             .times(2)
             .returning(|| Ok("/pool".to_owned()));
