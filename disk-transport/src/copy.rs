@@ -282,15 +282,20 @@ impl CopyReport {
 /// A copy that did not finish: why ([`Error::Cancelled`] when it was cancelled), and what it
 /// had done until then. The destination was not flushed. `?` turns it into the crate's
 /// [`Error`] where the report is not needed.
+///
+/// Its message says how far the copy got; the reason is its [`source`](std::error::Error::source)
+/// (and [`error`](Self::error)), so print the chain: `copy stopped after 1048576 of 4194304
+/// bytes: injected read failure at offset 1048576`.
 #[derive(Debug, thiserror::Error)]
-#[error("{error} (after {} of {} bytes)", report.progress.done, report.progress.total)]
+#[error("copy stopped after {} of {} bytes", report.progress.done, report.progress.total)]
 pub struct CopyError {
     /// Why the copy stopped.
     #[source]
     pub error: Error,
     /// What the copy finished before it stopped. Bytes are counted as done once written,
     /// zeroed or skipped; with requests in flight they need not be one contiguous range.
-    pub report: CopyReport,
+    /// (Boxed, to keep `Result`s small.)
+    pub report: Box<CopyReport>,
 }
 
 impl From<CopyError> for Error {
@@ -581,13 +586,13 @@ pub fn copy_extents(
 fn failed(error: Error, total: u64, started: Instant) -> CopyError {
     CopyError {
         error,
-        report: CopyReport {
+        report: Box::new(CopyReport {
             progress: CopyProgress {
                 total,
                 ..CopyProgress::default()
             },
             elapsed: started.elapsed(),
-        },
+        }),
     }
 }
 
@@ -602,7 +607,12 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(src: &dyn Disk, dst: &dyn Disk, options: &CopyOptions, incremental: bool) -> Result<Self> {
+    fn new(
+        src: &dyn Disk,
+        dst: &dyn Disk,
+        options: &CopyOptions,
+        incremental: bool,
+    ) -> Result<Self> {
         let sinfo = src.info()?;
         let dinfo = dst.info()?;
         if dinfo.read_only {
@@ -691,31 +701,29 @@ fn run(
         progress: p,
         elapsed: started.elapsed(),
     };
+    let failed = |error, p| {
+        Err(CopyError {
+            error,
+            report: Box::new(report(p)),
+        })
+    };
     if let Some(error) = shared
         .first_error
         .into_inner()
         .unwrap_or_else(|e| e.into_inner())
     {
-        return Err(CopyError {
-            error,
-            report: report(p),
-        });
+        return failed(error, p);
     }
     if p.done != p.total {
-        return Err(CopyError {
-            error: Error::Protocol(format!(
-                "copy finished {} of {} bytes; refusing to report success",
-                p.done, p.total
-            )),
-            report: report(p),
-        });
+        let error = Error::Protocol(format!(
+            "copy finished {} of {} bytes; refusing to report success",
+            p.done, p.total
+        ));
+        return failed(error, p);
     }
     if options.flush {
         if let Err(error) = dst.flush() {
-            return Err(CopyError {
-                error,
-                report: report(p),
-            });
+            return failed(error, p);
         }
     }
     Ok(report(p))
@@ -1226,14 +1234,16 @@ mod tests {
     #[test]
     fn incremental_copies_follow_the_bitmap_and_zero_what_was_erased() {
         let vm = MemoryDisk::new(64 * CHUNK_SIZE);
-        vm.write_at(&pattern(20 * CHUNK_SIZE as usize, 1), 0).unwrap();
+        vm.write_at(&pattern(20 * CHUNK_SIZE as usize, 1), 0)
+            .unwrap();
         vm.add_dirty_bitmap("b0").unwrap();
         let backup = MemoryDisk::new(64 * CHUNK_SIZE);
         let full = copy(&vm, &backup, &CopyOptions::default(), &mut |_| {}).unwrap();
         assert_eq!(full.progress.total, 64 * CHUNK_SIZE);
         // The guest writes, overwrites, and erases (zeroes) a range that held data.
         vm.write_at(&pattern(100, 2), 30 * CHUNK_SIZE + 7).unwrap();
-        vm.write_at(&pattern(CHUNK_SIZE as usize, 3), 2 * CHUNK_SIZE).unwrap();
+        vm.write_at(&pattern(CHUNK_SIZE as usize, 3), 2 * CHUNK_SIZE)
+            .unwrap();
         vm.write_zeroes(10 * CHUNK_SIZE, 3 * CHUNK_SIZE).unwrap();
         let since = vm.dirty_bitmap_handle("b0").unwrap();
         let report = copy_changed(&since, &backup, &CopyOptions::default(), &mut |_| {}).unwrap();
@@ -1266,7 +1276,10 @@ mod tests {
         // A destination of another size, even a larger one.
         let bigger = MemoryDisk::new(2 << 20);
         let failed = copy_changed(&since, &bigger, &options, &mut |_| {}).unwrap_err();
-        assert!(failed.to_string().contains("source's size"), "{failed}");
+        assert!(
+            failed.error.to_string().contains("source's size"),
+            "{failed}"
+        );
         // The bitmap cannot be read (a broken checkpoint).
         vm.inject(Fault::dirty_extents());
         let failed = copy_changed(&since, &dst, &options, &mut |_| {}).unwrap_err();
@@ -1325,7 +1338,10 @@ mod tests {
         let mut last = CopyProgress::default();
         let failed = copy(&src, &dst, &options, &mut |p| last = *p).unwrap_err();
         assert!(matches!(failed.error, Error::Cancelled), "{failed}");
-        assert!(failed.to_string().contains(" of 16777216 bytes"), "{failed}");
+        assert!(
+            failed.to_string().ends_with(" of 16777216 bytes"),
+            "{failed}"
+        );
         let done = failed.report.progress.done;
         // Stopped early: what was read by then (the token's 4 MiB plus at most 64 requests of
         // 64 KiB in flight) bounds what was written.
@@ -1336,12 +1352,18 @@ mod tests {
             .chunks(65536)
             .zip(got.chunks(65536))
             .filter(|(w, g)| {
-                assert!(w == g || is_zero(g), "a piece that is neither copied nor untouched");
+                assert!(
+                    w == g || is_zero(g),
+                    "a piece that is neither copied nor untouched"
+                );
                 w == g
             })
             .count();
         assert_eq!(landed as u64 * 65536, done);
-        assert_eq!(last, failed.report.progress, "the callback saw the final counters");
+        assert_eq!(
+            last, failed.report.progress,
+            "the callback saw the final counters"
+        );
         assert_eq!(dst.flush_count(), 0, "a cancelled copy is not flushed");
         // A token cancelled before the start writes nothing.
         let src = src.disk;
@@ -1375,7 +1397,11 @@ mod tests {
         let failed = copy(&src, &dst, &options, &mut |_| {}).unwrap_err();
         canceller.join().unwrap();
         assert!(matches!(failed.error, Error::Cancelled), "{failed}");
-        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]

@@ -232,8 +232,8 @@ fn fake_disk_info_and_map_describe_the_demo_disk() {
     let extents: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
     let covered: u64 = extents.iter().map(|e| e["length"].as_u64().unwrap()).sum();
     assert_eq!(covered, 1 << 30);
-    assert!(extents.iter().any(|e| e["kind"] == "data"));
-    assert!(extents.iter().any(|e| e["kind"] == "hole"));
+    assert!(extents.iter().any(|e| e["description"] == "data"));
+    assert!(extents.iter().any(|e| e["description"] == "hole,zero"));
 }
 
 #[test]
@@ -267,7 +267,7 @@ fn disk_copy_of_a_sparse_file_creates_an_identical_sparse_file() {
     let map = vmsdk(&["disk", "map", "--json", dst.to_str().unwrap()]);
     let extents: Vec<serde_json::Value> = serde_json::from_slice(&map.stdout).unwrap();
     assert!(
-        extents.iter().any(|e| e["kind"] == "hole"),
+        extents.iter().any(|e| e["description"] == "hole,zero"),
         "the copy kept the holes: {extents:?}"
     );
 }

@@ -1,11 +1,13 @@
 //! `vmsdk disk`: information, allocation map and copies of virtual disks named by URI.
 
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use disk_transport::copy::{copy, CopyOptions};
-use disk_transport::{Disk, ExtentKind, OpenFlags};
+use disk_transport::copy::{self, copy, copy_changed, CancelToken, CopyOptions, CopyProgress};
+use disk_transport::{Disk, DiskUri, Error, ExtentKind, OpenFlags};
 use indicatif::{ProgressBar, ProgressStyle};
 use vmsdk::BackendChoice;
 
@@ -28,13 +30,19 @@ enum DiskCommand {
         #[arg(long)]
         json: bool,
     },
-    /// The allocation map: data, zero and hole extents (as `nbdinfo --map` prints them).
+    /// The allocation map: data, zero and hole extents (as `nbdinfo --map` prints them); with
+    /// a dirty bitmap (--dirty-bitmap, or ?dirty-bitmap= in the URI) its clean and dirty
+    /// extents instead (as `nbdinfo --map=qemu:dirty-bitmap:NAME`).
     Map {
         /// The disk URI (default with --backend fake: the fake demo disk).
         uri: Option<String>,
-        /// Print JSON instead of text.
+        /// Print JSON instead of text (nbdinfo's fields: offset, length, type, description).
         #[arg(long)]
         json: bool,
+        /// Map this dirty bitmap of an NBD export (`qemu:dirty-bitmap:NAME`, exported with
+        /// `qemu-nbd -B NAME` or QEMU's block-export-add).
+        #[arg(long, value_name = "NAME")]
+        dirty_bitmap: Option<String>,
     },
     /// Copy a disk to another, skipping holes, with many requests in flight.
     Copy {
@@ -43,11 +51,15 @@ enum DiskCommand {
         /// Destination: a disk URI, a path (a missing file is created at the source's size), or
         /// `null:` to discard the data (measures how fast the source reads).
         destination: String,
+        /// Incremental: write only what the source's dirty bitmap NAME marks changed into the
+        /// destination, which must exist with the source's size (the previous full copy).
+        #[arg(long, value_name = "NAME")]
+        dirty_bitmap: Option<String>,
         /// Bytes per request.
-        #[arg(long, default_value_t = 256 * 1024)]
+        #[arg(long, default_value_t = copy::DEFAULT_REQUEST_SIZE)]
         request_size: usize,
         /// Requests in flight at once.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = copy::DEFAULT_REQUESTS_IN_FLIGHT)]
         requests: usize,
         /// NBD connections per disk when the server allows multi-conn (default: one per CPU,
         /// at most 4, as nbdcopy); a `connections=N` in the URI wins.
@@ -57,8 +69,12 @@ enum DiskCommand {
         #[arg(long)]
         threads: Option<usize>,
         /// Give up when no request completes for this many seconds.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = copy::DEFAULT_STALL_TIMEOUT.as_secs())]
         stall_timeout: u64,
+        /// Try a request that failed with a transient error (EIO from the server, an
+        /// interrupted read) up to this many more times, waiting 1 s, 2 s, 4 s, ...
+        #[arg(long, default_value_t = 0)]
+        retries: u32,
         /// No progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -113,51 +129,82 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
                 }
             }
         }
-        DiskCommand::Map { uri, json } => {
-            let disk = open(backend, uri.as_deref(), OpenFlags::read_only())?;
-            let capacity = disk.info()?.capacity;
-            let extents = disk.allocated_extents(0, capacity)?;
-            if *json {
-                println!("{}", serde_json::to_string_pretty(&extents)?);
-            } else {
-                for extent in extents {
-                    println!(
-                        "{:>10}  {:>10}  {:>3}  {}",
-                        extent.offset,
-                        extent.length,
-                        extent.kind.nbd_flags(),
-                        describe(extent.kind)
-                    );
+        DiskCommand::Map {
+            uri,
+            json,
+            dirty_bitmap,
+        } => {
+            let uri = match (uri, dirty_bitmap) {
+                (Some(uri), Some(name)) => Some(with_dirty_bitmap(uri, name)?),
+                (None, Some(_)) => {
+                    return Err("--dirty-bitmap needs the URI of an NBD export".into())
                 }
-            }
+                (uri, None) => uri.clone(),
+            };
+            let disk = open(backend, uri.as_deref(), OpenFlags::read_only())?;
+            let info = disk.info()?;
+            // (offset, length, type, description) rows, as nbdinfo prints them.
+            let rows: Vec<(u64, u64, u32, &str)> = if info.dirty_bitmap.is_some() {
+                disk.dirty_extents(0, info.capacity)?
+                    .iter()
+                    .map(|e| {
+                        let what = if e.dirty { "dirty" } else { "clean" };
+                        (e.offset, e.length, e.nbd_flags(), what)
+                    })
+                    .collect()
+            } else {
+                disk.allocated_extents(0, info.capacity)?
+                    .iter()
+                    .map(|e| (e.offset, e.length, e.kind.nbd_flags(), describe(e.kind)))
+                    .collect()
+            };
+            print!("{}", format_map(&rows, *json));
         }
         DiskCommand::Copy {
             source,
             destination,
+            dirty_bitmap,
             request_size,
             requests,
             connections,
             threads,
             stall_timeout,
+            retries,
             no_progress,
         } => {
             let connections = connections.unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
             });
-            let source = vmsdk::disk::with_default_connections(source, connections);
+            let source = match dirty_bitmap {
+                Some(name) => with_dirty_bitmap(source, name)?,
+                None => source.clone(),
+            };
+            let source = vmsdk::disk::with_default_connections(&source, connections);
             let destination = vmsdk::disk::with_default_connections(destination, connections);
             let src = vmsdk::disk::open(&source, OpenFlags::read_only())?;
             let capacity = src.info()?.capacity;
+            if dirty_bitmap.is_some() {
+                if let Some(path) = missing_file(&destination) {
+                    return Err(format!(
+                        "{} does not exist: an incremental copy writes into the previous full copy",
+                        path.display()
+                    )
+                    .into());
+                }
+            }
             let (dst, fresh) = vmsdk::disk::open_or_create(&destination, capacity)?;
             let mut options = CopyOptions::default();
             if let Some(n) = threads {
                 options = options.threads(*n);
             }
+            let cancel = interrupt_token()?;
             let options = options
                 .request_size(*request_size)
                 .requests_in_flight(*requests)
                 .destination_is_zero(fresh)
-                .stall_timeout(Duration::from_secs(*stall_timeout));
+                .stall_timeout(Duration::from_secs(*stall_timeout))
+                .retries(*retries)
+                .cancel(cancel);
             let bar = if *no_progress {
                 ProgressBar::hidden()
             } else {
@@ -169,15 +216,45 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
                 )
                 .map_err(|e| e.to_string())?,
             );
-            let report = copy(src.as_ref(), dst.as_ref(), &options, &mut |p| {
-                bar.set_position(p.done)
-            });
+            let mut on_progress = |p: &CopyProgress| {
+                bar.set_length(p.total);
+                bar.set_position(p.done);
+            };
+            let result = if dirty_bitmap.is_some() {
+                copy_changed(src.as_ref(), dst.as_ref(), &options, &mut on_progress)
+            } else {
+                copy(src.as_ref(), dst.as_ref(), &options, &mut on_progress)
+            };
             bar.finish_and_clear();
-            let report = report?;
+            let report = match result {
+                Ok(report) => report,
+                Err(failed) if matches!(failed.error, Error::Cancelled) => {
+                    let p = failed.report.progress;
+                    eprintln!(
+                        "vmsdk: interrupted: copy stopped after {} of {} bytes ({:.1} %) in {:.2} s; \
+                         the destination is incomplete",
+                        p.done,
+                        p.total,
+                        p.done as f64 * 100.0 / p.total.max(1) as f64,
+                        failed.report.elapsed.as_secs_f64()
+                    );
+                    return Ok(ExitCode::from(130));
+                }
+                Err(failed) => return Err(failed.into()),
+            };
             let p = report.progress;
+            let what = if dirty_bitmap.is_some() {
+                format!("{} changed bytes of {capacity}", p.total)
+            } else {
+                format!("{} bytes", p.total)
+            };
+            let retried = if p.retried > 0 {
+                format!(", {} requests retried", p.retried)
+            } else {
+                String::new()
+            };
             println!(
-                "copied {} bytes in {:.2} s ({:.1} MiB/s): {} read, {} written, {} zeroed, {} skipped",
-                p.total,
+                "copied {what} in {:.2} s ({:.1} MiB/s): {} read, {} written, {} zeroed, {} skipped{retried}",
                 report.elapsed.as_secs_f64(),
                 report.bytes_per_second() / (1024.0 * 1024.0),
                 p.read,
@@ -199,4 +276,91 @@ fn describe(kind: ExtentKind) -> &'static str {
         ExtentKind::Unallocated => "hole",
         _ => "unknown",
     }
+}
+
+/// A map as `nbdinfo --map` prints it: `OFFSET  LENGTH  TYPE  DESCRIPTION` lines, or with
+/// `json` nbdinfo's array of `{ "offset", "length", "type", "description" }` objects.
+fn format_map(rows: &[(u64, u64, u32, &str)], json: bool) -> String {
+    if !json {
+        return rows
+            .iter()
+            .map(|(offset, length, kind, what)| {
+                format!("{offset:>10}  {length:>10}  {kind:>3}  {what}\n")
+            })
+            .collect();
+    }
+    let objects: Vec<String> = rows
+        .iter()
+        .map(|(offset, length, kind, what)| {
+            format!(
+                "{{ \"offset\": {offset}, \"length\": {length}, \"type\": {kind}, \"description\": {}}}",
+                serde_json::Value::from(*what)
+            )
+        })
+        .collect();
+    format!("[\n{}\n]\n", objects.join(",\n"))
+}
+
+/// `uri` with `dirty-bitmap=NAME` among its parameters. Dirty bitmaps are read over NBD; other
+/// URIs, and NBD URIs naming another bitmap, are errors.
+fn with_dirty_bitmap(uri: &str, name: &str) -> Result<String, String> {
+    match uri.parse::<DiskUri>() {
+        Ok(DiskUri::Nbd {
+            dirty_bitmap: None, ..
+        }) => {
+            let separator = if uri.contains('?') { '&' } else { '?' };
+            Ok(format!("{uri}{separator}dirty-bitmap={}", query_escape(name)))
+        }
+        Ok(DiskUri::Nbd {
+            dirty_bitmap: Some(given),
+            ..
+        }) if given == name => Ok(uri.to_owned()),
+        Ok(DiskUri::Nbd {
+            dirty_bitmap: Some(given),
+            ..
+        }) => Err(format!(
+            "the URI asks for dirty bitmap {given:?} and --dirty-bitmap for {name:?}"
+        )),
+        _ => Err(format!(
+            "--dirty-bitmap {name} reads qemu:dirty-bitmap:{name} over NBD; {uri} is not an NBD URI \
+             (export the disk with `qemu-nbd -B {name}` or QEMU's block-export-add and name it \
+             nbd://HOST/EXPORT or nbd+unix:///EXPORT?socket=PATH)"
+        )),
+    }
+}
+
+/// Percent-escapes what cannot stand in a URI query value.
+fn query_escape(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+/// The path of a file URI (or bare path) that does not exist.
+fn missing_file(uri: &str) -> Option<std::path::PathBuf> {
+    let path = if uri.contains(':') {
+        match uri.parse::<DiskUri>() {
+            Ok(DiskUri::File { path, .. }) => path,
+            _ => return None,
+        }
+    } else {
+        std::path::PathBuf::from(uri)
+    };
+    (!path.exists()).then_some(path)
+}
+
+/// A cancel token set by Ctrl-C (SIGINT): the copy stops within a second and says how far it
+/// got. A second Ctrl-C ends the process at once, with status 130.
+fn interrupt_token() -> std::io::Result<CancelToken> {
+    use signal_hook::consts::SIGINT;
+    let flag = Arc::new(AtomicBool::new(false));
+    // The order matters: the exit is armed by the first signal, which sets the flag after it.
+    signal_hook::flag::register_conditional_shutdown(SIGINT, 130, Arc::clone(&flag))?;
+    signal_hook::flag::register(SIGINT, Arc::clone(&flag))?;
+    Ok(CancelToken::from(flag))
 }
