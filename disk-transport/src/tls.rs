@@ -82,12 +82,8 @@ fn tls_error(msg: impl Into<String>) -> Error {
 /// Reads the key of `user` from a GnuTLS/psktool PSK file (`USER:HEXKEY` lines), as libnbd
 /// does. Errors name the file and the user, never the key.
 fn read_psk(file: &Path, user: &str) -> Result<PskKey> {
-    let text = std::fs::read_to_string(file).map_err(|e| {
-        tls_error(format!(
-            "cannot read the PSK file {}: {e}",
-            file.display()
-        ))
-    })?;
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| tls_error(format!("cannot read the PSK file {}: {e}", file.display())))?;
     let hex = text
         .lines()
         .map(|l| l.trim_end_matches('\r'))
@@ -174,8 +170,8 @@ fn e(what: &str) -> impl FnOnce(openssl::error::ErrorStack) -> Error + '_ {
 impl TlsConfig {
     /// Resolves libnbd's defaults for `tls` on a connection to `address`.
     pub fn new(tls: &NbdTls, address: &NbdAddress) -> Result<Self> {
-        let mut builder = SslConnector::builder(SslMethod::tls_client())
-            .map_err(e("set up OpenSSL"))?;
+        let mut builder =
+            SslConnector::builder(SslMethod::tls_client()).map_err(e("set up OpenSSL"))?;
         builder
             .set_min_proto_version(Some(SslVersion::TLS1_2))
             .map_err(e("set the TLS version"))?;
@@ -413,9 +409,7 @@ impl<S: Read + Write> TlsStream<S> {
                     let description = format!(
                         "{} {}",
                         ssl.ssl().version_str(),
-                        ssl.ssl()
-                            .current_cipher()
-                            .map_or("?", |c| c.name())
+                        ssl.ssl().current_cipher().map_or("?", |c| c.name())
                     );
                     return Ok(TlsStream {
                         inner: Arc::new(Inner {
@@ -472,6 +466,15 @@ impl<S> TlsStream<S> {
         self.write_timeout = write;
     }
 
+    /// Ends the session politely (TLS `close_notify`), so the server sees a clean end rather
+    /// than a truncated stream. Best effort: it never waits for the server.
+    pub fn close_notify(&self)
+    where
+        S: Read + Write,
+    {
+        let _ = self.lock().shutdown();
+    }
+
     /// Shuts the socket down, waking every handle that waits on it.
     pub fn shutdown(&self) {
         let _ = rustix::net::shutdown(self.inner.fd.as_fd(), rustix::net::Shutdown::Both);
@@ -507,9 +510,7 @@ impl<S: Read + Write> Read for TlsStream<S> {
                 Ok(n) => return Ok(n),
                 Err(e) if e.code() == ErrorCode::ZERO_RETURN => return Ok(0),
                 // An EOF without close_notify: the server hung up.
-                Err(e) if e.code() == ErrorCode::SYSCALL && e.io_error().is_none() => {
-                    return Ok(0)
-                }
+                Err(e) if e.code() == ErrorCode::SYSCALL && e.io_error().is_none() => return Ok(0),
                 Err(e) => retry_or_error(e)?,
             };
             wait_for(&self.inner.fd, want, deadline)?;
@@ -594,7 +595,10 @@ mod tests {
         };
         let config = TlsConfig::new(&psk, &unix).unwrap();
         let shown = format!("{config:?} {}", config.describe());
-        assert!(shown.contains("alice") && !shown.to_lowercase().contains("c0ffee"), "{shown}");
+        assert!(
+            shown.contains("alice") && !shown.to_lowercase().contains("c0ffee"),
+            "{shown}"
+        );
         // A missing ca-cert.pem in a named directory is an error, not a silent fallback.
         let certs = NbdTls {
             certificates: Some(dir.path().to_owned()),

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 pub mod disk;
 pub mod peers;
 pub mod qga;
+pub mod tls;
 
 /// Whether this process runs as root (uid 0), from `/proc/self/status`.
 pub fn running_as_root() -> bool {

@@ -604,16 +604,24 @@ fn path_candidates(arg: &str) -> Vec<PathBuf> {
     if arg.starts_with('/') {
         found.push(PathBuf::from(arg));
     }
-    if let Some((_, value)) = arg.split_once('=') {
-        if value.starts_with('/') && !arg.contains("://") {
-            found.push(PathBuf::from(value));
+    if !arg.contains("://") {
+        // `key=/path`, also inside comma lists (`tls-creds-x509,id=t0,dir=/certs`).
+        for item in arg.split(',') {
+            if let Some((_, value)) = item.split_once('=') {
+                if value.starts_with('/') {
+                    found.push(PathBuf::from(value));
+                }
+            }
         }
     }
     if arg.contains("://") {
+        // Local files in NBD URIs: `socket=`, `tls-certificates=`, `tls-psk-file=`.
         if let Some(query) = arg.split_once('?').map(|(_, q)| q) {
             for pair in query.split('&') {
-                if let Some(socket) = pair.strip_prefix("socket=") {
-                    found.push(PathBuf::from(socket));
+                if let Some((_, value)) = pair.split_once('=') {
+                    if value.starts_with('/') {
+                        found.push(PathBuf::from(value));
+                    }
                 }
             }
         }

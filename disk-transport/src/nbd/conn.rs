@@ -120,6 +120,14 @@ impl Stream {
             Stream::Tls(s) => s.shutdown(),
         }
     }
+    /// Sends TLS `close_notify` on an encrypted stream (nothing on a plain one).
+    pub fn close_notify(&self) {
+        match self {
+            Stream::Plain(_) => {}
+            #[cfg(feature = "tls")]
+            Stream::Tls(s) => s.close_notify(),
+        }
+    }
     /// The TLS protocol and cipher, if the stream is encrypted.
     pub fn tls_description(&self) -> Option<String> {
         match self {
@@ -470,6 +478,7 @@ impl Conn {
             } else {
                 writer.write_all(&proto::encode_request(0, proto::cmd::DISC, 0, 0, 0))
             };
+            writer.close_notify();
         }
         self.kill("the connection was closed by the client".into());
         if let Some(handle) = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {

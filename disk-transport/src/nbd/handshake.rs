@@ -129,6 +129,8 @@ pub(crate) struct Handshake {
     received: u64,
     /// Size and flags from `EXPORT_NAME`.
     legacy: Option<(u64, u16)>,
+    /// Bytes received when the TLS session came up.
+    received_at_tls: Option<u64>,
 }
 
 fn protocol(msg: impl Into<String>) -> Error {
@@ -193,7 +195,15 @@ impl Handshake {
             replies: 0,
             received: 0,
             legacy: None,
+            received_at_tls: None,
         }
+    }
+
+    /// Whether the TLS session is up but the server has not answered anything inside it yet:
+    /// a server that then hangs up refused the client after the TLS handshake (TLS 1.3 servers
+    /// check client certificates only then).
+    pub fn nothing_since_tls(&self) -> bool {
+        self.received_at_tls == Some(self.received)
     }
 
     /// Bytes to send now.
@@ -217,6 +227,7 @@ impl Handshake {
     pub fn tls_established(&mut self) -> Event {
         debug_assert_eq!(self.state, State::Tls);
         self.tls = true;
+        self.received_at_tls = Some(self.received);
         self.first_option()
     }
 

@@ -277,7 +277,11 @@ pub struct ExportEntry {
 /// Lists the exports of the server at `address` (`NBD_OPT_LIST`, what `nbdinfo --list` shows).
 /// Servers may refuse (policy); that is an [`Error::Handshake`].
 pub fn list_exports(address: &NbdAddress, timeout: Duration) -> Result<Vec<ExportEntry>> {
-    list(&NbdOptions::new(address.clone()).timeout(timeout).connect_timeout(timeout))
+    list(
+        &NbdOptions::new(address.clone())
+            .timeout(timeout)
+            .connect_timeout(timeout),
+    )
 }
 
 /// Lists the exports of the server `options` name, over TLS if they ask for it.
@@ -478,6 +482,18 @@ fn start_tls(
     }
 }
 
+/// An error and its sources, as one line.
+fn error_chain(e: &Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
 /// Connects and runs the whole handshake (TLS included) under one deadline.
 fn negotiate(
     options: &NbdOptions,
@@ -499,6 +515,21 @@ fn negotiate(
             }
             Ok(done) => return Ok((stream, done)),
             Err(e) => {
+                let e = if hs.nothing_since_tls()
+                    && matches!(e, Error::Io { .. } | Error::Handshake(_))
+                {
+                    let how = match &e {
+                        Error::Io { .. } => format!(" ({})", error_chain(&e)),
+                        _ => String::new(),
+                    };
+                    Error::Handshake(format!(
+                        "TLS: the server ended the session right after the TLS handshake{how}; \
+                         it may require a client certificate it trusts (client-cert.pem and \
+                         client-key.pem in the tls-certificates directory)"
+                    ))
+                } else {
+                    e
+                };
                 // A refused option leaves the server waiting for the next one: say goodbye
                 // properly (NBD_OPT_ABORT) rather than just hanging up. Best effort, briefly;
                 // the error is what matters.
@@ -523,7 +554,9 @@ fn open_one(
 ) -> Result<(Conn, Negotiated, Option<String>)> {
     let (stream, event) = negotiate(options, request(options), tls)?;
     let Event::Done(negotiated) = event else {
-        return Err(Error::Protocol("the handshake ended without an export".into()));
+        return Err(Error::Protocol(
+            "the handshake ended without an export".into(),
+        ));
     };
     #[cfg(feature = "tls")]
     let session = stream.tls_description().map(|cipher| match tls {
