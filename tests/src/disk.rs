@@ -147,7 +147,9 @@ impl NbdServer {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !server.socket.exists() {
+        // The socket file appears at bind(), a moment before listen(): wait for the listening
+        // state (a connection in between would be refused).
+        while !is_listening(&server.socket) {
             if let Some(status) = server
                 .child
                 .as_mut()
@@ -157,7 +159,7 @@ impl NbdServer {
             }
             assert!(
                 Instant::now() < deadline,
-                "NBD server did not create {} within 10 s",
+                "NBD server did not listen on {} within 10 s",
                 server.socket.display()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -203,6 +205,23 @@ impl Drop for NbdServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether a Unix socket is bound at `path` and listening, from `/proc/net/unix` (whose Flags
+/// column has `__SO_ACCEPTCON`, 0x10000, for listening sockets). Without a probe connection, so
+/// servers log no failed negotiation.
+pub fn is_listening(path: &Path) -> bool {
+    const ACCEPTING: u32 = 0x10000;
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let wanted = path.to_string_lossy();
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8
+            && fields[7] == wanted
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|f| f & ACCEPTING != 0)
+    })
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.

@@ -1,10 +1,11 @@
 //! disk-transport's file backend on a real file system: extents agree with nbdkit's view of the
-//! same file, and O_DIRECT copies are exact.
+//! same file (nbdkit and nbdinfo of each peer generation), and O_DIRECT copies are exact.
 
 use disk_transport::copy::{copy, CopyOptions};
 use disk_transport::file::{FileDisk, FileOptions};
 use disk_transport::{open_uri, Disk, Error, OpenFlags};
-use vmsdk_tests::disk::{merge_map, nbdinfo_map, sha256_file, sparse_image, NbdServer};
+use vmsdk_tests::disk::{merge_map, nbdinfo_map_in, sha256_file, sparse_image, NbdServer};
+use vmsdk_tests::peers::for_each_generation;
 
 const MIB: u64 = 1 << 20;
 
@@ -39,13 +40,15 @@ fn file_extents_match_nbdkit_file_plugin() {
         .iter()
         .map(|e| (e.offset, e.length, e.kind.nbd_flags()))
         .collect();
-    let Some(server) = NbdServer::nbdkit(&["-r", "file", image.to_str().unwrap()]) else {
-        return;
-    };
-    let Some(theirs) = nbdinfo_map(&server.uri(), None) else {
-        return;
-    };
-    assert_eq!(ours, merge_map(&theirs));
+    for_each_generation(&["nbdkit", "nbdinfo"], |g| {
+        let Some(server) = NbdServer::nbdkit_in(g, &["-r", "file", image.to_str().unwrap()]) else {
+            return;
+        };
+        let Some(theirs) = nbdinfo_map_in(g, &server.uri(), None) else {
+            return;
+        };
+        assert_eq!(ours, merge_map(&theirs), "{g}");
+    });
 }
 
 #[test]

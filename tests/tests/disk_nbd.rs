@@ -1,18 +1,23 @@
 //! disk-transport's NBD client and copy engine against real servers: qemu-nbd and nbdkit
 //! (with its error and delay filters), checked with sha256 and `nbdinfo --map`.
+//!
+//! Every test runs against each peer generation ([`Generation::selected`]): Debian 12's
+//! qemu-nbd 7.2, nbdkit 1.32 and nbdinfo 1.14 on the machine, and Debian 13's qemu-nbd 10.0,
+//! nbdkit 1.42 and nbdinfo 1.22 in the peer root; each prints the versions it ran.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use disk_transport::copy::{copy, CopyOptions};
+use disk_transport::copy::{copy, copy_changed, CopyOptions};
 use disk_transport::file::FileDisk;
 use disk_transport::nbd::{NbdDisk, NbdOptions};
 use disk_transport::{open_uri, Disk, Error, ExtentKind, NbdAddress, OpenFlags};
 use vmsdk_tests::disk::{
-    merge_map, nbdinfo_map, random_bytes, random_image, sha256, sha256_file, sparse_image,
+    merge_map, nbdinfo_map_in, random_bytes, random_image, sha256, sha256_file, sparse_image,
     NbdServer,
 };
+use vmsdk_tests::peers::{for_each_generation, Generation};
 
 const MIB: u64 = 1 << 20;
 
@@ -26,20 +31,23 @@ fn options(server: &NbdServer, export: &str) -> NbdOptions {
 /// export, checking sha256 both ways.
 /// qemu-nbd rounds sizes up to 512 bytes, so odd sizes are served by nbdkit.
 fn serve(
+    generation: Generation,
     image: &std::path::Path,
     read_only: bool,
     nbdkit: bool,
 ) -> Option<(NbdServer, &'static str)> {
     let path = image.to_str().unwrap();
+    let g = generation;
     match (nbdkit, read_only) {
-        (false, true) => NbdServer::qemu_nbd(&["-r", "-f", "raw", path]).map(|s| (s, "disk")),
-        (false, false) => NbdServer::qemu_nbd(&["-f", "raw", path]).map(|s| (s, "disk")),
-        (true, true) => NbdServer::nbdkit(&["-r", "file", path]).map(|s| (s, "")),
-        (true, false) => NbdServer::nbdkit(&["file", path]).map(|s| (s, "")),
+        (false, true) => NbdServer::qemu_nbd_in(g, &["-r", "-f", "raw", path]).map(|s| (s, "disk")),
+        (false, false) => NbdServer::qemu_nbd_in(g, &["-f", "raw", path]).map(|s| (s, "disk")),
+        (true, true) => NbdServer::nbdkit_in(g, &["-r", "file", path]).map(|s| (s, "")),
+        (true, false) => NbdServer::nbdkit_in(g, &["file", path]).map(|s| (s, "")),
     }
 }
 
 fn round_trip(
+    generation: Generation,
     image: &std::path::Path,
     dir: &std::path::Path,
     connections: usize,
@@ -48,7 +56,7 @@ fn round_trip(
 ) {
     let expected = sha256_file(image);
     let size = std::fs::metadata(image).unwrap().len();
-    let Some((server, export)) = serve(image, true, nbdkit) else {
+    let Some((server, export)) = serve(generation, image, true, nbdkit) else {
         return;
     };
     let src = NbdDisk::connect(
@@ -80,7 +88,7 @@ fn round_trip(
         .map(|i| (size / 8 * i, 65536.min(size as usize / 8)))
         .collect();
     sparse_image(&back, size, &garbage);
-    let Some((server, export)) = serve(&back, false, nbdkit) else {
+    let Some((server, export)) = serve(generation, &back, false, nbdkit) else {
         return;
     };
     let src = FileDisk::open(&out, &Default::default()).unwrap();
@@ -94,11 +102,15 @@ fn round_trip(
 
 #[test]
 fn copies_random_sparse_and_odd_sized_images_both_ways() {
+    for_each_generation(&["qemu-nbd", "nbdkit"], copy_both_ways);
+}
+
+fn copy_both_ways(g: Generation) {
     let dir = tempfile::tempdir().unwrap();
     let random = dir.path().join("random.img");
     random_image(&random, 8 * MIB as usize, 1);
-    round_trip(&random, dir.path(), 1, true, false);
-    round_trip(&random, dir.path(), 1, true, true);
+    round_trip(g, &random, dir.path(), 1, true, false);
+    round_trip(g, &random, dir.path(), 1, true, true);
 
     let sparse = dir.path().join("sparse.img");
     sparse_image(
@@ -111,16 +123,20 @@ fn copies_random_sparse_and_odd_sized_images_both_ways() {
             (256 * MIB - 4096, 4096),
         ],
     );
-    round_trip(&sparse, dir.path(), 1, true, false);
+    round_trip(g, &sparse, dir.path(), 1, true, false);
 
     // Odd size: not a multiple of 512, data in the unaligned tail.
     let odd = dir.path().join("odd.img");
     sparse_image(&odd, 5 * MIB + 4097, &[(MIB, 1000), (5 * MIB, 4097)]);
-    round_trip(&odd, dir.path(), 1, true, true);
+    round_trip(g, &odd, dir.path(), 1, true, true);
 }
 
 #[test]
 fn copies_with_multi_conn_and_with_simple_replies() {
+    for_each_generation(&["qemu-nbd", "nbdkit"], multi_conn_and_simple_replies);
+}
+
+fn multi_conn_and_simple_replies(g: Generation) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("random.img");
     sparse_image(
@@ -128,13 +144,17 @@ fn copies_with_multi_conn_and_with_simple_replies() {
         64 * MIB,
         &[(0, 8 * MIB as usize), (40 * MIB + 7, 123_457)],
     );
-    round_trip(&image, dir.path(), 2, true, false);
-    round_trip(&image, dir.path(), 2, true, true);
-    round_trip(&image, dir.path(), 1, false, false);
+    round_trip(g, &image, dir.path(), 2, true, false);
+    round_trip(g, &image, dir.path(), 2, true, true);
+    round_trip(g, &image, dir.path(), 1, false, false);
 }
 
 #[test]
 fn block_status_matches_nbdinfo_map() {
+    for_each_generation(&["qemu-nbd", "nbdkit", "nbdinfo"], block_status_vs_nbdinfo);
+}
+
+fn block_status_vs_nbdinfo(g: Generation) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("sparse.img");
     sparse_image(
@@ -148,11 +168,11 @@ fn block_status_matches_nbdinfo_map() {
     );
     let path = image.to_str().unwrap();
     let servers = [
-        NbdServer::qemu_nbd(&["-r", "-f", "raw", path]),
-        NbdServer::nbdkit(&["-r", "file", path]),
+        NbdServer::qemu_nbd_in(g, &["-r", "-f", "raw", path]),
+        NbdServer::nbdkit_in(g, &["-r", "file", path]),
     ];
     for server in servers.into_iter().flatten() {
-        let Some(expected) = nbdinfo_map(&server.uri(), None) else {
+        let Some(expected) = nbdinfo_map_in(g, &server.uri(), None) else {
             return;
         };
         let disk = open_uri(&server.uri(), OpenFlags::read_only()).unwrap();
@@ -174,19 +194,24 @@ fn block_status_matches_nbdinfo_map() {
 
 #[test]
 fn dirty_bitmap_extents_match_nbdinfo() {
-    let Some(qemu_img) = vmsdk_tests::require_program("qemu-img", "qemu-utils") else {
-        return;
-    };
-    let Some(qemu_io) = vmsdk_tests::require_program("qemu-io", "qemu-utils") else {
+    for_each_generation(
+        &["qemu-img", "qemu-nbd", "nbdinfo"],
+        dirty_bitmap_vs_nbdinfo,
+    );
+}
+
+/// The image, its bitmap and its writes are made by the generation's own qemu-img and qemu-io.
+fn dirty_bitmap_vs_nbdinfo(g: Generation) {
+    let (Some(qemu_img), Some(qemu_io)) = (
+        g.command("qemu-img", "qemu-utils"),
+        g.command("qemu-io", "qemu-utils"),
+    ) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.qcow2");
-    let run = |program: &std::path::Path, args: &[&str]| {
-        let out = std::process::Command::new(program)
-            .args(args)
-            .output()
-            .unwrap();
+    let run = |program: &vmsdk_tests::peers::PeerCommand, args: &[&str]| {
+        let out = program.clone().args(args).output();
         assert!(
             out.status.success(),
             "{}",
@@ -201,7 +226,7 @@ fn dirty_bitmap_extents_match_nbdinfo() {
         &qemu_io,
         &["-c", "write -P 2 8M 128k", "-c", "write -P 3 32M 64k", path],
     );
-    let Some(server) = NbdServer::qemu_nbd(&["-r", "-f", "qcow2", "-B", "b0", path]) else {
+    let Some(server) = NbdServer::qemu_nbd_in(g, &["-r", "-f", "qcow2", "-B", "b0", path]) else {
         return;
     };
     let disk = NbdDisk::connect(&options(&server, "disk").dirty_bitmap("b0")).unwrap();
@@ -211,7 +236,7 @@ fn dirty_bitmap_extents_match_nbdinfo() {
         .iter()
         .map(|d| (d.offset, d.length, u32::from(d.dirty)))
         .collect();
-    let Some(expected) = nbdinfo_map(&server.uri(), Some("qemu:dirty-bitmap:b0")) else {
+    let Some(expected) = nbdinfo_map_in(g, &server.uri(), Some("qemu:dirty-bitmap:b0")) else {
         return;
     };
     assert_eq!(dirty, merge_map(&expected));
@@ -221,23 +246,13 @@ fn dirty_bitmap_extents_match_nbdinfo() {
     // equals the disk now.
     let backup = disk_transport::memory::MemoryDisk::new(64 * MIB);
     backup.write_at(&[1u8; MIB as usize], 0).unwrap();
-    let changed: Vec<(u64, u64)> = dirty
+    let changed: u64 = dirty
         .iter()
         .filter(|&&(_, _, d)| d == 1)
-        .map(|&(o, l, _)| (o, l))
-        .collect();
-    let report = disk_transport::copy::copy_ranges(
-        &disk,
-        &backup,
-        Some(&changed),
-        &CopyOptions::default(),
-        &mut |_| {},
-    )
-    .unwrap();
-    assert_eq!(
-        report.progress.total,
-        changed.iter().map(|r| r.1).sum::<u64>()
-    );
+        .map(|&(_, l, _)| l)
+        .sum();
+    let report = copy_changed(&disk, &backup, &CopyOptions::default(), &mut |_| {}).unwrap();
+    assert_eq!(report.progress.total, changed);
     let mut now = vec![0u8; 64 * MIB as usize];
     disk.read_at(&mut now, 0).unwrap();
     assert_eq!(sha256(&backup.to_vec().unwrap()), sha256(&now));
@@ -248,7 +263,11 @@ fn dirty_bitmap_extents_match_nbdinfo() {
 
 #[test]
 fn nbdkit_memory_read_write_zero_trim_flush() {
-    let Some(server) = NbdServer::nbdkit(&["memory", "size=16M"]) else {
+    for_each_generation(&["nbdkit"], nbdkit_memory);
+}
+
+fn nbdkit_memory(g: Generation) {
+    let Some(server) = NbdServer::nbdkit_in(g, &["memory", "size=16M"]) else {
         return;
     };
     let disk = open_uri(&server.uri(), OpenFlags::read_write()).unwrap();
@@ -275,7 +294,11 @@ fn nbdkit_memory_read_write_zero_trim_flush() {
 
 #[test]
 fn unknown_export_and_missing_socket_are_clear_errors() {
-    let Some(server) = NbdServer::qemu_nbd(&["-r", "-f", "raw", "/dev/null"]) else {
+    for_each_generation(&["qemu-nbd"], unknown_export_and_missing_socket);
+}
+
+fn unknown_export_and_missing_socket(g: Generation) {
+    let Some(server) = NbdServer::qemu_nbd_in(g, &["-r", "-f", "raw", "/dev/null"]) else {
         return;
     };
     let err = NbdDisk::connect(&options(&server, "no-such-export")).unwrap_err();
@@ -291,13 +314,20 @@ fn unknown_export_and_missing_socket_are_clear_errors() {
 
 #[test]
 fn server_errors_name_the_offset() {
-    let Some(server) = NbdServer::nbdkit(&[
-        "--filter=error",
-        "pattern",
-        "size=64M",
-        "error-pread=EIO",
-        "error-pread-rate=100%",
-    ]) else {
+    for_each_generation(&["nbdkit"], server_errors);
+}
+
+fn server_errors(g: Generation) {
+    let Some(server) = NbdServer::nbdkit_in(
+        g,
+        &[
+            "--filter=error",
+            "pattern",
+            "size=64M",
+            "error-pread=EIO",
+            "error-pread-rate=100%",
+        ],
+    ) else {
         return;
     };
     let disk = NbdDisk::connect(&options(&server, "")).unwrap();
@@ -312,14 +342,21 @@ fn server_errors_name_the_offset() {
 
     // A copy stops with that error instead of reporting success.
     let dst = disk_transport::memory::MemoryDisk::new(64 * MIB);
-    let err = copy(&disk, &dst, &CopyOptions::default(), &mut |_| {}).unwrap_err();
+    let err = copy(&disk, &dst, &CopyOptions::default(), &mut |_| {})
+        .unwrap_err()
+        .error;
     assert_eq!(err.nbd_errno(), Some(5), "{err}");
     assert!(err.to_string().contains("offset"), "{err}");
 }
 
 #[test]
 fn a_stalled_server_times_out_instead_of_hanging() {
-    let Some(server) = NbdServer::nbdkit(&["--filter=delay", "memory", "size=8M", "rdelay=30"])
+    for_each_generation(&["nbdkit"], stalled_server_times_out);
+}
+
+fn stalled_server_times_out(g: Generation) {
+    let Some(server) =
+        NbdServer::nbdkit_in(g, &["--filter=delay", "memory", "size=8M", "rdelay=30"])
     else {
         return;
     };
@@ -352,17 +389,24 @@ fn a_stalled_server_times_out_instead_of_hanging() {
 
 #[test]
 fn killing_the_server_mid_copy_fails_with_the_offset() {
+    for_each_generation(&["nbdkit"], killed_server_mid_copy);
+}
+
+fn killed_server_mid_copy(g: Generation) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("big.img");
     random_image(&image, 64 * MIB as usize, 3);
     // A slow server (2 ms per read) so the copy is surely in progress when it is killed.
-    let Some(mut server) = NbdServer::nbdkit(&[
-        "-r",
-        "--filter=delay",
-        "file",
-        image.to_str().unwrap(),
-        "rdelay=2ms",
-    ]) else {
+    let Some(mut server) = NbdServer::nbdkit_in(
+        g,
+        &[
+            "-r",
+            "--filter=delay",
+            "file",
+            image.to_str().unwrap(),
+            "rdelay=2ms",
+        ],
+    ) else {
         return;
     };
     let src = NbdDisk::connect(&options(&server, "").timeout(Duration::from_secs(5))).unwrap();
@@ -387,7 +431,9 @@ fn killing_the_server_mid_copy_fails_with_the_offset() {
         },
     );
     killer.join().unwrap();
-    let err = result.expect_err("a copy from a killed server must not succeed");
+    let err = result
+        .expect_err("a copy from a killed server must not succeed")
+        .error;
     eprintln!("killed server: {err}");
     assert!(
         matches!(
@@ -409,16 +455,23 @@ fn killing_the_server_mid_copy_fails_with_the_offset() {
 
 #[test]
 fn block_size_constraints_are_obeyed() {
+    for_each_generation(&["nbdkit"], block_size_constraints);
+}
+
+fn block_size_constraints(g: Generation) {
     // The server refuses (EINVAL) any request breaking its advertised sizes.
-    let Some(server) = NbdServer::nbdkit(&[
-        "--filter=blocksize-policy",
-        "memory",
-        "size=8M",
-        "blocksize-minimum=4096",
-        "blocksize-preferred=65536",
-        "blocksize-maximum=131072",
-        "blocksize-error-policy=error",
-    ]) else {
+    let Some(server) = NbdServer::nbdkit_in(
+        g,
+        &[
+            "--filter=blocksize-policy",
+            "memory",
+            "size=8M",
+            "blocksize-minimum=4096",
+            "blocksize-preferred=65536",
+            "blocksize-maximum=131072",
+            "blocksize-error-policy=error",
+        ],
+    ) else {
         return;
     };
     let disk = NbdDisk::connect(&options(&server, "")).unwrap();
@@ -463,18 +516,27 @@ fn block_size_constraints_are_obeyed() {
 
 #[test]
 fn a_failing_destination_stops_the_copy_with_the_offset() {
-    let Some(server) = NbdServer::nbdkit(&[
-        "--filter=error",
-        "memory",
-        "size=16M",
-        "error-pwrite=ENOSPC",
-        "error-pwrite-rate=100%",
-    ]) else {
+    for_each_generation(&["nbdkit"], failing_destination);
+}
+
+fn failing_destination(g: Generation) {
+    let Some(server) = NbdServer::nbdkit_in(
+        g,
+        &[
+            "--filter=error",
+            "memory",
+            "size=16M",
+            "error-pwrite=ENOSPC",
+            "error-pwrite-rate=100%",
+        ],
+    ) else {
         return;
     };
     let dst = NbdDisk::connect(&options(&server, "")).unwrap();
     let src = disk_transport::memory::MemoryDisk::with_data(&random_bytes(16 * MIB as usize, 4));
-    let err = copy(&src, &dst, &CopyOptions::default(), &mut |_| {}).unwrap_err();
+    let err = copy(&src, &dst, &CopyOptions::default(), &mut |_| {})
+        .unwrap_err()
+        .error;
     assert_eq!(err.nbd_errno(), Some(28), "{err}");
     assert!(err.to_string().contains("ENOSPC"), "{err}");
     assert!(err.to_string().contains("offset"), "{err}");
@@ -482,8 +544,12 @@ fn a_failing_destination_stops_the_copy_with_the_offset() {
 
 #[test]
 fn lists_exports_like_nbdinfo() {
+    for_each_generation(&["qemu-nbd"], lists_exports);
+}
+
+fn lists_exports(g: Generation) {
     let Some(server) =
-        NbdServer::qemu_nbd(&["-r", "-D", "the test disk", "-f", "raw", "/dev/null"])
+        NbdServer::qemu_nbd_in(g, &["-r", "-D", "the test disk", "-f", "raw", "/dev/null"])
     else {
         return;
     };
@@ -499,6 +565,10 @@ fn lists_exports_like_nbdinfo() {
 
 #[test]
 fn copies_over_tcp_loopback() {
+    for_each_generation(&["qemu-nbd", "nbdinfo"], copy_over_tcp);
+}
+
+fn copy_over_tcp(g: Generation) {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("tcp.img");
     sparse_image(
@@ -508,7 +578,7 @@ fn copies_over_tcp_loopback() {
     );
     // The helper's readiness probe makes qemu-nbd log a failed negotiation; harmless.
     let Some((server, uri)) =
-        NbdServer::qemu_nbd_tcp(&["-r", "-f", "raw", image.to_str().unwrap()])
+        NbdServer::qemu_nbd_tcp_in(g, &["-r", "-f", "raw", image.to_str().unwrap()])
     else {
         return;
     };
@@ -526,7 +596,7 @@ fn copies_over_tcp_loopback() {
     .unwrap();
     drop(dst);
     assert_eq!(sha256_file(&out), sha256_file(&image));
-    let Some(expected) = nbdinfo_map(&uri, None) else {
+    let Some(expected) = nbdinfo_map_in(g, &uri, None) else {
         return;
     };
     let ours: Vec<(u64, u64, u32)> = src
