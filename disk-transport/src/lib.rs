@@ -16,51 +16,55 @@
 //! # Example: unit-testing backup code against the in-memory fake
 //!
 //! The [`memory`] backend is a product for your tests: sparse (a 1 TiB disk costs nothing),
-//! stateful, with extents and failure injection.
+//! stateful, with extents, dirty bitmaps and failure injection. The backup logic below is what
+//! runs in production against NBD or VDDK: a full copy, then incremental ones of what a dirty
+//! bitmap marks changed, all through the pipelined [`copy`] engine (a few request-sized buffers,
+//! whatever the disk's size; holes are never read).
 //!
 //! ```
-//! use disk_transport::memory::{Fault, MemoryDisk, MemoryTransport};
-//! use disk_transport::{ConnectParams, Disk, DiskTransport, OpenFlags};
+//! use disk_transport::copy::{copy, copy_changed, CopyError, CopyOptions};
+//! use disk_transport::memory::{Fault, MemoryDisk, MemoryTransport, CHUNK_SIZE};
+//! use disk_transport::{ConnectParams, Disk, DiskTransport, Error, OpenFlags};
 //!
-//! /// The code under test: copies every allocated range of `src` into `dst`.
-//! fn backup(src: &dyn Disk, dst: &dyn Disk) -> disk_transport::Result<u64> {
-//!     let size = src.info()?.capacity;
-//!     let mut copied = 0;
-//!     for extent in src.allocated_extents(0, size)? {
-//!         if extent.kind.reads_as_zero() {
-//!             continue;
-//!         }
-//!         let mut buf = vec![0; extent.length as usize];
-//!         src.read_at(&mut buf, extent.offset)?;
-//!         dst.write_at(&buf, extent.offset)?;
-//!         copied += extent.length;
-//!     }
-//!     dst.flush()?;
-//!     Ok(copied)
+//! /// The code under test: a full backup of `vm` into `backup`, or with `incremental` only
+//! /// what changed since the last one. Returns the bytes read from the VM's disk.
+//! fn backup(vm: &dyn Disk, backup: &dyn Disk, incremental: bool) -> Result<u64, CopyError> {
+//!     let options = CopyOptions::default().retries(2);
+//!     let report = if incremental {
+//!         copy_changed(vm, backup, &options, &mut |_| {})?
+//!     } else {
+//!         copy(vm, backup, &options, &mut |_| {})?
+//!     };
+//!     Ok(report.progress.read)
 //! }
 //!
-//! # fn main() -> disk_transport::Result<()> {
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let vm_disk = MemoryDisk::new(1 << 40); // 1 TiB, sparse
 //! vm_disk.write_at(b"boot sector", 0)?;
 //! vm_disk.write_at(b"some data", 512 << 30)?;
+//! vm_disk.add_dirty_bitmap("checkpoint-1")?; // taken with the full backup
 //! let transport = MemoryTransport::new()
-//!     .with_disk("[datastore1] vm/vm.vmdk", vm_disk)
+//!     .with_disk("[datastore1] vm/vm.vmdk", vm_disk.clone())
 //!     .with_disk("backup.img", MemoryDisk::new(1 << 40));
 //!
 //! let connection = transport.connect(&ConnectParams::builder().read_write().build()?)?;
 //! let src = connection.open("[datastore1] vm/vm.vmdk", OpenFlags::read_only())?;
 //! let dst = connection.open("backup.img", OpenFlags::read_write())?;
-//! let copied = backup(src.as_ref(), dst.as_ref())?;
-//! assert_eq!(copied, 2 * disk_transport::memory::CHUNK_SIZE); // only two chunks were allocated
+//! assert_eq!(backup(src.as_ref(), dst.as_ref(), false)?, 2 * CHUNK_SIZE); // two chunks hold data
 //!
-//! let mut check = [0u8; 9];
-//! dst.read_at(&mut check, 512 << 30)?;
-//! assert_eq!(&check, b"some data");
+//! // The guest writes; the incremental backup reads only the chunk it changed.
+//! vm_disk.write_at(b"a new file", 7 << 30)?;
+//! let changes = vm_disk.dirty_bitmap_handle("checkpoint-1")?;
+//! assert_eq!(backup(&changes, dst.as_ref(), true)?, CHUNK_SIZE);
+//! let mut check = [0u8; 10];
+//! dst.read_at(&mut check, 7 << 30)?;
+//! assert_eq!(&check, b"a new file");
 //!
-//! // And the unhappy path: a bad sector half-way through.
-//! transport.disk("[datastore1] vm/vm.vmdk").unwrap().inject(Fault::read_at(512 << 30));
-//! let err = backup(src.as_ref(), dst.as_ref()).unwrap_err();
-//! assert!(err.to_string().contains("offset"));
+//! // And the unhappy path: a bad sector, which two retries do not cure.
+//! vm_disk.inject(Fault::read_at(512 << 30));
+//! let failed = backup(src.as_ref(), dst.as_ref(), false).unwrap_err();
+//! assert!(matches!(failed.error, Error::Injected { offset, .. } if offset == 512 << 30));
+//! assert_eq!(failed.report.progress.retried, 2);
 //! # Ok(())
 //! # }
 //! ```
@@ -75,8 +79,9 @@
 //! | NBD client | `nbd` | qemu-nbd, nbdkit, qemu's NBD server, ... | `base:allocation`, `qemu:dirty-bitmap:*` |
 //! | VDDK | `vddk` | vSphere (SAN, HotAdd, NBD/NBDSSL) and local VMDKs | `QueryAllocatedBlocks` |
 //!
-//! Copies between any two of them go through [`copy::copy`] (whole disks) or
-//! [`copy::copy_ranges`] (incremental backups from changed-block ranges).
+//! Copies between any two of them go through [`copy::copy`] (whole disks),
+//! [`copy::copy_changed`] (incremental backups from the source's dirty bitmap,
+//! [`Disk::dirty_extents`]) or [`copy::copy_extents`] (from a change list you have).
 //!
 //! # Failure model
 //!
