@@ -1,13 +1,16 @@
 //! Project automation for vmsdk, run as `cargo xtask <task>`.
 //!
 //! * `ci` — install what the tests need (Debian packages, as root, only when missing), then run
-//!   `cargo fmt --check`, clippy with warnings denied, the whole test suite and the docs.
+//!   `cargo fmt --check`, clippy with warnings denied, the whole test suite, the docs, the
+//!   packaging of every published crate, every fuzz target for a bounded time, and the VM test.
 //! * `deps` — only the install step of `ci` (the Debian packages and the peer root).
 //! * `peer-root [--unmount | --rebuild]` — build (once, cached under `target/peer-root/`) the
 //!   Debian 13 root holding the second generation of test peers; see [`peer_root`].
 //! * `bench-detect [RUNS]` — wall time of `vmsdk detect` and `systemd-detect-virt` as whole
 //!   processes, interleaved in one run, with their ratio.
-//! * `fuzz [SECONDS]` — build every fuzz target and run each for a while (needs cargo-fuzz).
+//! * `package` — `cargo package` of every published crate, each built from its package.
+//! * `fuzz [SECONDS]` — build every fuzz target and run each for a while on its seed corpus
+//!   (installs cargo-fuzz when missing); a crash fails the task and names its reproducer.
 //! * `vm-test` — boot Debian's kernel under QEMU (TCG) and check the SDK inside the guest and
 //!   through the guest agent's virtio-serial channel.
 //!
@@ -15,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+mod features;
 mod peer_root;
 mod vm_test;
 
@@ -43,6 +47,13 @@ const TEST_PEERS: &[(&str, &str)] = &[
 /// Crates with a cargo-fuzz package of their own, outside the workspace.
 const FUZZ_DIRS: &[&str] = &["guest-stats/fuzz", "qga-proto/fuzz", "disk-transport/fuzz"];
 
+/// Seconds each fuzz target runs in `cargo xtask ci`.
+const CI_FUZZ_SECONDS: u32 = 20;
+
+/// Seconds one fuzz input may take before libFuzzer reports it as a hang (a failure, with the
+/// input saved like a crash). Far above what any decoder needs for one input.
+const FUZZ_INPUT_TIMEOUT_SECONDS: u32 = 10;
+
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
     let task = args.first().map(String::as_str).unwrap_or("help");
@@ -52,9 +63,17 @@ fn main() -> ExitCode {
             install_test_peers().and_then(|()| peer_root::ensure(&workspace_root()).map(|_| ()))
         }
         "peer-root" => peer_root::run(&workspace_root(), &args[1..]),
-        "fuzz" => fuzz(args.get(1).map(String::as_str)),
+        "features" => features::check(
+            &workspace_root(),
+            &env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()),
+        ),
+        "fuzz" => fuzz_task(args.get(1).map(String::as_str)),
+        "package" => package(
+            &workspace_root(),
+            &env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()),
+        ),
         "bench-detect" => bench_detect(args.get(1).map(String::as_str)),
-        "vm-test" => vm_test::run(&workspace_root()),
+        "vm-test" => vm_test::run_selected(&workspace_root(), &args[1..]),
         "help" | "-h" | "--help" => {
             print_help();
             Ok(())
@@ -74,12 +93,15 @@ fn print_help() {
     println!(
         "usage: cargo xtask <task>\n\n\
          tasks:\n  \
-         ci            install test peers, then fmt, clippy, tests and docs (what CI runs)\n  \
+         ci            install test peers, then fmt, clippy, tests, docs, packaging, fuzzing, VM test\n  \
          deps          install the Debian packages the tests need (as root, only if missing)\n  \
          peer-root [--unmount|--rebuild]  build the Debian 13 peer root (cached in target/)\n  \
-         fuzz [SECS]   run every fuzz target for SECS seconds each (default 60; needs cargo-fuzz)\n  \
+         package       package and build every published crate as `cargo publish` would\n  \
+         features      lint the facade's feature sets alone and check a library user's dependency tree\n  \
+         fuzz [SECS]   run every fuzz target for SECS seconds each (default 60; ci runs 20)\n  \
          bench-detect [RUNS]  time `vmsdk detect` against `systemd-detect-virt`, interleaved\n  \
-         vm-test       boot a QEMU VM (TCG) and run the in-guest and guest-agent checks"
+         vm-test [BOOT...]  boot QEMU VMs (TCG: qemu, vmware-dmi, qemu10) and run the in-guest\n                \
+         and guest-agent checks"
     );
 }
 
@@ -121,6 +143,8 @@ fn ci() -> Result<(), String> {
         ],
         &[],
     )?;
+    // Each capability of the facade on its own, and the lean library build.
+    features::check(&root, &cargo)?;
     // The peers were installed above, so a peer test that finds its peer missing must fail
     // rather than skip: CI=true tells the tests so.
     step(
@@ -137,17 +161,8 @@ fn ci() -> Result<(), String> {
         &["doc", "--workspace", "--no-deps", "--all-features"],
         &[("RUSTDOCFLAGS", "-D warnings")],
     )?;
-    for dir in FUZZ_DIRS {
-        if root.join(dir).join("Cargo.toml").exists() {
-            step(
-                &root.join(dir),
-                &format!("fuzz targets build ({dir})"),
-                &cargo,
-                &["check", "--quiet"],
-                &[],
-            )?;
-        }
-    }
+    package(&root, &cargo)?;
+    fuzz_all(&root, CI_FUZZ_SECONDS)?;
     // The end-to-end test in a real virtual machine comes last: it needs the binaries the
     // steps above built and checked.
     println!("==> vm-test");
@@ -262,67 +277,198 @@ fn install_test_peers() -> Result<(), String> {
     }
 }
 
-fn fuzz(seconds: Option<&str>) -> Result<(), String> {
+/// Packages every published crate as `cargo publish` would and builds each package on its own:
+/// the published crates resolve each other from the packages just made, not from their paths.
+/// Members marked `publish = false` (tests, tools) are left out.
+fn package(root: &Path, cargo: &str) -> Result<(), String> {
+    let unpublished = unpublished_members(root)?;
+    let mut args = vec!["package", "--workspace", "--allow-dirty"];
+    for name in &unpublished {
+        args.extend(["--exclude", name.as_str()]);
+    }
+    step(root, "package", cargo, &args, &[])
+}
+
+/// The members of the workspace whose manifest says `publish = false`.
+fn unpublished_members(root: &Path) -> Result<Vec<String>, String> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    };
+    let workspace = read(&root.join("Cargo.toml"))?;
+    let members = workspace
+        .split_once("members = [")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(list, _)| list)
+        .ok_or("no `members = [...]` in the workspace manifest")?;
+    let mut names = Vec::new();
+    let entries = members
+        .lines()
+        .map(|line| line.split_once('#').map_or(line, |(code, _)| code))
+        .flat_map(|code| code.split(','));
+    for member in entries {
+        let member = member.trim().trim_matches('"');
+        if member.is_empty() {
+            continue;
+        }
+        let manifest = read(&root.join(member).join("Cargo.toml"))?;
+        let field = |key: &str| {
+            manifest.lines().find_map(|line| {
+                let (k, v) = line.split_once('=')?;
+                (k.trim() == key).then(|| v.trim().trim_matches('"').to_owned())
+            })
+        };
+        if field("publish").as_deref() == Some("false") {
+            names.push(field("name").ok_or(format!("{member}/Cargo.toml has no name"))?);
+        }
+    }
+    Ok(names)
+}
+
+fn fuzz_task(seconds: Option<&str>) -> Result<(), String> {
     let seconds = seconds.unwrap_or("60");
-    seconds
+    let seconds = seconds
         .parse::<u32>()
         .map_err(|_| format!("`{seconds}` is not a number of seconds"))?;
-    let root = workspace_root();
-    let has_cargo_fuzz = Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .output()
-        .is_ok_and(|out| out.status.success());
-    if !has_cargo_fuzz {
-        step(
-            &root,
-            "install cargo-fuzz",
-            "cargo",
-            &["install", "--locked", "cargo-fuzz"],
-            &[],
-        )?;
-    }
+    fuzz_all(&workspace_root(), seconds)
+}
+
+/// Builds every target of every fuzz package (one `cargo fuzz build` per package, with the
+/// address sanitizer), then runs each target for `seconds` on its corpus and seeds. All targets
+/// run even when one fails; the failures are reported together with the reproducer files
+/// libFuzzer wrote under `fuzz/artifacts/<target>/`.
+fn fuzz_all(root: &Path, seconds: u32) -> Result<(), String> {
+    let started = Instant::now();
+    ensure_cargo_fuzz(root)?;
+    // cargo-fuzz needs nightly-only flags; the one stable toolchain here allows them with
+    // RUSTC_BOOTSTRAP.
+    let env = [("RUSTC_BOOTSTRAP", "1")];
+    // One target directory for the three packages, so libFuzzer itself and the dependencies
+    // they share are compiled once.
+    let target_dir = root.join("target").join("fuzz");
+    let target_dir = target_dir.to_string_lossy();
+    let max_time = format!("-max_total_time={seconds}");
+    let input_timeout = format!("-timeout={FUZZ_INPUT_TIMEOUT_SECONDS}");
+    let mut failures = Vec::new();
+    let mut ran = 0;
     for dir in FUZZ_DIRS {
         let dir = root.join(dir);
         if !dir.join("Cargo.toml").exists() {
             continue;
         }
-        let listing = Command::new("cargo")
-            .args(["fuzz", "list"])
-            .current_dir(&dir)
-            .output()
-            .map_err(|e| format!("could not run cargo fuzz (cargo install cargo-fuzz): {e}"))?;
-        if !listing.status.success() {
-            return Err(format!(
-                "`cargo fuzz list` failed in {}: {}",
-                dir.display(),
-                String::from_utf8_lossy(&listing.stderr)
-            ));
-        }
-        for target in String::from_utf8_lossy(&listing.stdout).lines() {
-            let max_time = format!("-max_total_time={seconds}");
+        let targets = fuzz_targets(&dir)?;
+        step(
+            &dir,
+            &format!("fuzz build ({} targets)", targets.len()),
+            "cargo",
+            &["fuzz", "build", "--target-dir", &target_dir],
+            &env,
+        )?;
+        for target in &targets {
             // A corpus directory of its own per target, seeded from `seeds/<target>` when the
             // crate ships valid inputs, so the fuzzer starts past the header checks.
             let corpus = format!("corpus/{target}");
             std::fs::create_dir_all(dir.join(&corpus))
                 .map_err(|e| format!("cannot create {corpus}: {e}"))?;
             let seeds = format!("seeds/{target}");
-            let mut args = vec!["fuzz", "run", target, corpus.as_str()];
+            let mut args = vec![
+                "fuzz",
+                "run",
+                "--target-dir",
+                &target_dir,
+                target,
+                corpus.as_str(),
+            ];
             if dir.join(&seeds).is_dir() {
                 args.push(seeds.as_str());
             }
-            args.extend(["--", max_time.as_str()]);
-            // cargo-fuzz needs nightly-only flags; the one stable toolchain here allows them
-            // with RUSTC_BOOTSTRAP.
-            step(
-                &dir,
-                &format!("fuzz {target}"),
-                "cargo",
-                &args,
-                &[("RUSTC_BOOTSTRAP", "1")],
-            )?;
+            args.extend(["--", max_time.as_str(), input_timeout.as_str()]);
+            let artifacts = dir.join("artifacts").join(target);
+            let before = files_in(&artifacts);
+            ran += 1;
+            if let Err(error) = step(&dir, &format!("fuzz {target}"), "cargo", &args, &env) {
+                let written: Vec<PathBuf> = files_in(&artifacts)
+                    .into_iter()
+                    .filter(|f| !before.contains(f))
+                    .collect();
+                if written.is_empty() {
+                    failures.push(format!("{target}: {error} (no reproducer was written)"));
+                }
+                for file in written {
+                    failures.push(format!(
+                        "{target}: reproducer {}\n    replay: cd {} && RUSTC_BOOTSTRAP=1 cargo fuzz \
+                         run {target} {}",
+                        file.display(),
+                        dir.display(),
+                        file.display()
+                    ));
+                }
+            }
         }
     }
-    Ok(())
+    println!(
+        "fuzz: {ran} targets, {seconds} s each, {} failed, {:.0} s in all (builds included)",
+        failures.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "fuzzing found failures:\n  {}",
+            failures.join("\n  ")
+        ))
+    }
+}
+
+fn ensure_cargo_fuzz(root: &Path) -> Result<(), String> {
+    let has_cargo_fuzz = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if has_cargo_fuzz {
+        return Ok(());
+    }
+    step(
+        root,
+        "install cargo-fuzz",
+        "cargo",
+        &["install", "--locked", "cargo-fuzz"],
+        &[],
+    )
+}
+
+/// The targets `cargo fuzz list` names in the fuzz package at `dir`.
+fn fuzz_targets(dir: &Path) -> Result<Vec<String>, String> {
+    let listing = Command::new("cargo")
+        .args(["fuzz", "list"])
+        .current_dir(dir)
+        .output()
+        .map_err(|e| format!("could not run cargo fuzz: {e}"))?;
+    if !listing.status.success() {
+        return Err(format!(
+            "`cargo fuzz list` failed in {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&listing.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&listing.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// The files directly in `dir` (none when it does not exist).
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|path| path.is_file())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Times whole-process runs of `vmsdk detect` and `systemd-detect-virt`, alternating them so

@@ -1,0 +1,123 @@
+//! The facade's feature sets stay honest: each capability builds and lints on its own, and a
+//! library user's dependency tree holds none of the command line tool's crates.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::step;
+
+/// Feature sets of `vmsdk` a library user may pick, as `--features` values (empty: detection
+/// only).
+const FEATURE_SETS: &[&str] = &["", "stats", "agent", "disk", "stats,agent,disk,mock"];
+
+/// Crates only the `cli` feature may bring in.
+const CLI_ONLY: &[&str] = &["clap", "indicatif", "tiny_http"];
+
+/// Crates each capability may bring in and the others must not.
+const CAPABILITY_CRATES: &[(&str, &[&str])] = &[
+    ("stats", &["guest-stats"]),
+    ("agent", &["qga-proto", "tokio", "async-trait"]),
+    ("disk", &["disk-transport", "rustix", "libloading"]),
+];
+
+/// Lints every feature set, runs the facade's doc tests with statistics only, and checks the
+/// dependency trees.
+pub fn check(root: &Path, cargo: &str) -> Result<(), String> {
+    for features in FEATURE_SETS {
+        let mut args = vec!["clippy", "--quiet", "-p", "vmsdk", "--no-default-features"];
+        if !features.is_empty() {
+            args.extend(["--features", features]);
+        }
+        args.extend(["--lib", "--", "-D", "warnings"]);
+        let name = format!("clippy vmsdk [{}]", display(features));
+        step(root, &name, cargo, &args, &[])?;
+    }
+    step(
+        root,
+        "doc tests vmsdk [stats]",
+        cargo,
+        &[
+            "test",
+            "--quiet",
+            "-p",
+            "vmsdk",
+            "--no-default-features",
+            "--features",
+            "stats",
+            "--doc",
+        ],
+        &[],
+    )?;
+    for features in FEATURE_SETS {
+        let tree = dependency_tree(root, cargo, features)?;
+        let mut forbidden: Vec<&str> = CLI_ONLY.to_vec();
+        for (capability, crates) in CAPABILITY_CRATES {
+            if !features.split(',').any(|f| f == *capability) {
+                forbidden.extend(crates.iter().copied());
+            }
+        }
+        let found: Vec<&str> = forbidden
+            .into_iter()
+            .filter(|name| tree.iter().any(|line| line == name))
+            .collect();
+        if !found.is_empty() {
+            return Err(format!(
+                "vmsdk [{}] pulls in {} for a library user",
+                display(features),
+                found.join(", ")
+            ));
+        }
+        println!(
+            "<== vmsdk [{}]: {} crates, none of the command line tool's",
+            display(features),
+            tree.len()
+        );
+    }
+    Ok(())
+}
+
+fn display(features: &str) -> &str {
+    if features.is_empty() {
+        "detection only"
+    } else {
+        features
+    }
+}
+
+/// The names of every crate in vmsdk's normal dependency tree with `features`.
+fn dependency_tree(root: &Path, cargo: &str, features: &str) -> Result<Vec<String>, String> {
+    let mut command = Command::new(cargo);
+    command.args([
+        "tree",
+        "-p",
+        "vmsdk",
+        "--no-default-features",
+        "-e",
+        "normal",
+        "--prefix",
+        "none",
+        "--format",
+        "{p}",
+    ]);
+    if !features.is_empty() {
+        command.args(["--features", features]);
+    }
+    let output = command
+        .current_dir(root)
+        .output()
+        .map_err(|e| format!("could not run cargo tree: {e}"))?;
+    if !output.status.success() {
+        return Err(format!(
+            "cargo tree failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    let mut names: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
