@@ -9,14 +9,14 @@
 //! left out rather than exported as zero.
 //!
 //! ```
-//! use guest_stats::fake::FakeGuestStats;
-//! use guest_stats::GuestStats;
+//! use vmsdk::guest_stats::fake::FakeGuestStats;
+//! use vmsdk::guest_stats::GuestStats;
 //!
 //! let mut stats = FakeGuestStats::example();
 //! stats.update()?;
 //! let text = vmsdk::prometheus::render(&stats.snapshot()?);
 //! assert!(text.contains("# TYPE vmsdk_cpu_stolen_seconds_total counter"));
-//! # Ok::<(), guest_stats::Error>(())
+//! # Ok::<(), vmsdk::Error>(())
 //! ```
 
 use std::fmt::Write as _;
