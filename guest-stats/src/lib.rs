@@ -64,13 +64,6 @@
 //! One handle must not be updated from two threads at once (the C API has no internal locking):
 //! `update` takes `&mut self`, so the compiler enforces it. Give each thread its own handle, or
 //! share one behind a `Mutex`.
-//!
-//! # Cargo features
-//!
-//! - `vmware` (default): the [`vmware`] backend: the hypervisor backdoor, the GuestRPC channel
-//!   and the guestlib decoders, in Rust, with no VMware library.
-//! - `linux` (default): the [`linux`] backend: procfs, sysfs and cgroupfs of any Linux guest.
-//! - `mock`: `MockGuestStats`, mockall's expectation-style double of [`GuestStats`].
 
 #![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
