@@ -1,5 +1,7 @@
 //! The `vmsdk` binary end to end on the fake backend: formats, --watch and the HTTP exporter.
 
+#![cfg(feature = "cli")]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
