@@ -84,11 +84,16 @@ const VERSION_PROBES: &[(&str, &[&str])] = &[
 ];
 
 /// Mounts a program in the root needs, made inside a private mount namespace, then `chroot`.
-/// Arguments: the root, then the program and its arguments.
+/// Arguments: the root, the number of directories to bind-mount at their own path, those
+/// directories, then the program and its arguments.
 const CHROOT_SCRIPT: &str = r#"set -e
-root=$1; shift
+root=$1; n=$2; shift 2
 for d in proc sys dev; do mount --rbind "/$d" "$root/$d"; done
 mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
+mount -t tmpfs -o mode=755 tmpfs "$root/run"
+while [ "$n" -gt 0 ]; do
+  mkdir -p "$root$1"; mount --bind "$1" "$root$1"; shift; n=$((n - 1))
+done
 exec chroot "$root" "$@""#;
 
 fn recipe() -> String {
@@ -198,22 +203,55 @@ fn probe_versions(root: &Path) -> Result<Vec<(String, String)>, String> {
 
 /// Runs `argv` in `root` (chroot in a private mount namespace with /proc, /sys, /dev) and
 /// returns its output; bounded by [`STEP_TIMEOUT_SECS`].
-fn in_root(root: &Path, argv: &[&str]) -> Result<Output, String> {
-    Command::new("timeout")
-        .arg(STEP_TIMEOUT_SECS.to_string())
-        .args(["unshare", "--mount", "--propagation", "private", "--"])
+pub(crate) fn in_root(root: &Path, argv: &[&str]) -> Result<Output, String> {
+    let mut command = Command::new("timeout");
+    command.arg(STEP_TIMEOUT_SECS.to_string()).args([
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+    ]);
+    chroot_args(&mut command, root, &[]);
+    command
+        .args(argv)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("could not run {} in the peer root: {e}", argv[0]))
+}
+
+/// A command running `program` in `root` with the directories `binds` (absolute, at least two
+/// levels deep, e.g. a build cache and a socket directory) bind-mounted at their own paths,
+/// all inside a private mount namespace. `unshare`, `sh` and `chroot` each exec the next, so
+/// the child's PID is the program's own and killing it by PID ends it; its mounts end with it.
+pub(crate) fn command_in_root(root: &Path, binds: &[&Path], program: &str) -> Command {
+    let mut command = Command::new("unshare");
+    command.args(["--mount", "--propagation", "private", "--"]);
+    chroot_args(&mut command, root, binds);
+    command.arg(program);
+    command
+}
+
+/// `sh -c CHROOT_SCRIPT …` with the root and the binds, and a clean environment.
+fn chroot_args(command: &mut Command, root: &Path, binds: &[&Path]) {
+    for dir in binds {
+        assert!(
+            dir.is_absolute() && dir.components().count() >= 3,
+            "refusing to bind {} into the peer root",
+            dir.display()
+        );
+    }
+    command
         .args(["sh", "-c", CHROOT_SCRIPT, "sh"])
         .arg(root)
-        .args(argv)
+        .arg(binds.len().to_string())
+        .args(binds)
         .env_clear()
         .env(
             "PATH",
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         )
-        .env("LANG", "C.UTF-8")
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("could not run {} in the peer root: {e}", argv[0]))
+        .env("LANG", "C.UTF-8");
 }
 
 /// Runs a command, inheriting output, and fails with its name when it fails.
@@ -541,7 +579,7 @@ fn mounts_under(dir: &Path) -> Result<Vec<String>, String> {
         .lines()
         .filter_map(|l| l.split_whitespace().nth(4))
         .map(unescape_mount_path)
-        .filter(|m| m == &dir || m.starts_with(&format!("{dir}/")))
+        .filter(|m| Path::new(m).starts_with(&dir))
         .collect();
     found.sort_by_key(|m| std::cmp::Reverse(m.len()));
     found.dedup();
@@ -585,4 +623,42 @@ fn unmount_under(dir: &Path) -> Result<usize, String> {
         println!("    unmounted {mount}");
     }
     Ok(mounts.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(unescape_mount_path(r"/a\040b/c\134d"), r"/a b/c\d");
+        assert_eq!(unescape_mount_path("/plain"), "/plain");
+        // A trailing backslash without three digits stays as it is.
+        assert_eq!(unescape_mount_path(r"/x\04"), r"/x\04");
+    }
+
+    #[test]
+    fn the_stamp_names_the_recipe_and_a_changed_recipe_is_noticed() {
+        let stamp = format!("recipe: {}\nbuilt: 1\npackage nbdkit: 1.42.3-1\n", recipe());
+        assert_eq!(stamp_recipe(&stamp), Some(recipe().as_str()));
+        assert_ne!(stamp_recipe("recipe: 0 trixie\n"), Some(recipe().as_str()));
+        assert_eq!(stamp_recipe("built: 1\n"), None);
+        // Every package the tests rely on is in the recipe.
+        for package in ["qemu-guest-agent", "nbdkit-plugin-vddk", "gnutls-bin", "systemd"] {
+            assert!(recipe().contains(package), "{package}");
+        }
+    }
+
+    #[test]
+    fn mounts_under_a_directory_are_found_deepest_first() {
+        // The machine's own root has mounts under it (/proc at least); a fresh directory none.
+        let found = mounts_under(Path::new("/")).unwrap();
+        assert!(found.iter().any(|m| m == "/proc"), "{found:?}");
+        let depths: Vec<usize> = found.iter().map(String::len).collect();
+        assert!(depths.windows(2).all(|w| w[0] >= w[1]));
+        let dir = std::env::temp_dir().join(format!("peer-root-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        assert!(mounts_under(&dir).unwrap().is_empty());
+        fs::remove_dir(&dir).unwrap();
+    }
 }

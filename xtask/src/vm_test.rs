@@ -7,7 +7,7 @@
 //!   `vmsdk-tests`). `/init` runs `guest_checks`, which prints
 //!   `VMSDK-CHECK <name> PASS|FAIL <detail>` lines on the serial console (captured to
 //!   `<target>/vm-test/console-<profile>.log`); the host requires every expected check to PASS.
-//! * Two boots of the same image ([`Profile`]):
+//! * Three boots ([`Profile`]):
 //!   - `qemu`: QEMU as it is. `vmsdk detect` against systemd-detect-virt, `vmsdk stats` with the
 //!     Linux backend, the backdoor refused under QEMU's CPUID signature. Then the guest starts
 //!     qemu-ga and the host runs the `vm_guest_agent` test of `vmsdk-tests` through the
@@ -17,6 +17,13 @@
 //!   - `vmware-dmi`: no CPUID hypervisor bit and a VMware DMI vendor, so guest-stats' own
 //!     detection accepts the backdoor and QEMU's vmport answers it: the fault guard without
 //!     I/O privilege, then GETVERSION through the real `asm!` port I/O after `iopl(3)`.
+//!   - `qemu10`: today's QEMU. The same checks as `qemu`, with Debian 13's QEMU 10.0
+//!     (`qemu-system-x86_64` of the peer root, run there by chroot in a private mount namespace,
+//!     see [`crate::peer_root`]) and an image carrying Debian 13's qemu-ga 10.0 and
+//!     systemd-detect-virt 257 with the root's libraries: detection parity, the agent checks,
+//!     the incremental backup through QEMU 10's NBD export and `guest-shutdown`.
+//!
+//! `cargo xtask vm-test [PROFILE...]` runs the named boots only (all by default).
 //!
 //! Every wait is bounded; a failure prints the guest console's tail. Everything is cached under
 //! `<target>/vm-test/` (`CARGO_TARGET_DIR` is honoured), so a second run downloads nothing;
@@ -49,11 +56,24 @@ pub(crate) const VM_PACKAGES: &[(&str, &str)] = &[
 /// the block device of the disk checks.
 const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_console", "virtio_blk"];
 
+/// Which QEMU boots the guest, and whose qemu-ga and systemd-detect-virt go into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Peers {
+    /// Debian 12's, installed on this machine (QEMU and qemu-ga 7.2, systemd 252).
+    Host,
+    /// Debian 13's, from the peer root (QEMU and qemu-ga 10.0, systemd 257).
+    Trixie,
+}
+
 /// One way of booting the guest: what QEMU pretends to be, and what the guest must report.
 #[derive(Debug)]
 struct Profile {
-    /// `vmsdk.profile=` on the kernel command line; `guest_checks` picks its checks by it.
+    /// The boot's name (console log `console-<name>.log`, `cargo xtask vm-test <name>`).
     name: &'static str,
+    /// `vmsdk.profile=` on the kernel command line; `guest_checks` picks its checks by it.
+    guest_profile: &'static str,
+    /// Whose QEMU and guest programs.
+    peers: Peers,
     /// Every check `guest_checks` must report here; a missing one is a failure.
     checks: &'static [&'static str],
     /// Extra QEMU arguments.
@@ -67,6 +87,8 @@ struct Profile {
 /// guest agent and disk checks from the host.
 const QEMU: Profile = Profile {
     name: "qemu",
+    guest_profile: "qemu",
+    peers: Peers::Host,
     checks: &[
         "detect",
         "detect-evidence",
@@ -82,6 +104,8 @@ const QEMU: Profile = Profile {
 /// library's own detection accepts the backdoor, which QEMU's vmport device then answers.
 const VMWARE_DMI: Profile = Profile {
     name: "vmware-dmi",
+    guest_profile: "vmware-dmi",
+    peers: Peers::Host,
     checks: &[
         "vmware-environment",
         "detect-parity",
@@ -96,6 +120,19 @@ const VMWARE_DMI: Profile = Profile {
     ],
     agent: false,
 };
+
+/// [`QEMU`] on Debian 13's QEMU 10.0 with its qemu-ga 10.0 and systemd-detect-virt 257.
+const QEMU10: Profile = Profile {
+    name: "qemu10",
+    guest_profile: "qemu",
+    peers: Peers::Trixie,
+    checks: QEMU.checks,
+    qemu_args: &[],
+    agent: true,
+};
+
+/// Every boot, in the order they run.
+const PROFILES: &[&Profile] = &[&QEMU, &VMWARE_DMI, &QEMU10];
 
 /// The VMX type QEMU's vmport is told to report (default 2); the guest checks it gets this one.
 const VMX_TYPE: u32 = 4;
@@ -167,8 +204,27 @@ struct Layout {
     sockets: PathBuf,
 }
 
+/// Runs every boot.
 pub fn run(root: &Path) -> Result<(), String> {
+    run_selected(root, &[])
+}
+
+/// Runs the boots named in `names` (every boot when empty).
+pub fn run_selected(root: &Path, names: &[String]) -> Result<(), String> {
     let started = Instant::now();
+    let profiles: Vec<&Profile> = if names.is_empty() {
+        PROFILES.to_vec()
+    } else {
+        let mut chosen = Vec::new();
+        for name in names {
+            let profile = PROFILES.iter().find(|p| p.name == name).ok_or_else(|| {
+                let known: Vec<&str> = PROFILES.iter().map(|p| p.name).collect();
+                format!("unknown vm-test boot `{name}`; known: {}", known.join(", "))
+            })?;
+            chosen.push(*profile);
+        }
+        chosen
+    };
     let target = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .map(|dir| {
@@ -189,7 +245,7 @@ pub fn run(root: &Path) -> Result<(), String> {
         .map_err(|e| format!("create {}: {e}", layout.cache.display()))?;
     fs::create_dir_all(&layout.sockets)
         .map_err(|e| format!("create {}: {e}", layout.sockets.display()))?;
-    let result = run_in(&layout);
+    let result = run_in(&layout, &profiles);
     let _ = fs::remove_dir_all(&layout.sockets);
     let total = started.elapsed().as_secs_f64();
     match &result {
@@ -199,17 +255,45 @@ pub fn run(root: &Path) -> Result<(), String> {
     result
 }
 
-fn run_in(layout: &Layout) -> Result<(), String> {
+fn run_in(layout: &Layout, profiles: &[&Profile]) -> Result<(), String> {
     install_packages()?;
+    // Debian 13's QEMU and guest programs come from the peer root (built once, as root).
+    let peer_root = if profiles.iter().any(|p| p.peers == Peers::Trixie) {
+        Some(crate::peer_root::ensure(&layout.root)?)
+    } else {
+        None
+    };
     let kernel = kernel::fetch(&layout.cache)?;
     let binaries = build_binaries(layout)?;
-    let image = layout.cache.join("initramfs.cpio");
-    build_image(&kernel, &binaries, &image)?;
+    let mut images = Vec::new();
+    for peers in [Peers::Host, Peers::Trixie] {
+        if !profiles.iter().any(|p| p.peers == peers) {
+            continue;
+        }
+        let (image, root) = match peers {
+            Peers::Host => (layout.cache.join("initramfs.cpio"), None),
+            Peers::Trixie => (
+                layout.cache.join("initramfs-trixie.cpio"),
+                peer_root.as_deref(),
+            ),
+        };
+        build_image(&kernel, &binaries, &image, root)?;
+        images.push((peers, image));
+    }
     let mut failures = Vec::new();
-    for profile in [&QEMU, &VMWARE_DMI] {
+    for profile in profiles {
+        let image = images
+            .iter()
+            .find(|(peers, _)| *peers == profile.peers)
+            .map(|(_, image)| image.as_path())
+            .ok_or("no image for this boot")?;
+        let root = match profile.peers {
+            Peers::Host => None,
+            Peers::Trixie => peer_root.as_deref(),
+        };
         let console = layout.cache.join(format!("console-{}.log", profile.name));
-        let vm = Vm::boot(layout, &kernel, &image, &console, profile)?;
-        let found = drive(vm, layout, &binaries, &kernel, profile);
+        let vm = Vm::boot(layout, &kernel, image, &console, profile, root)?;
+        let found = drive(vm, layout, &binaries, &kernel, profile, root);
         if !found.is_empty() {
             print_console_tail(&console);
         }
@@ -343,8 +427,18 @@ fn json_executable(line: &str) -> Option<String> {
     None
 }
 
-fn build_image(kernel: &kernel::Kernel, binaries: &Binaries, image: &Path) -> Result<(), String> {
-    let phase = Phase::start("initramfs");
+/// Writes the initramfs: our binaries, and qemu-ga and systemd-detect-virt from `peer_root`
+/// (with that root's libraries) or, without one, from this machine.
+fn build_image(
+    kernel: &kernel::Kernel,
+    binaries: &Binaries,
+    image: &Path,
+    peer_root: Option<&Path>,
+) -> Result<(), String> {
+    let phase = Phase::start(format!(
+        "initramfs ({})",
+        image.file_name().unwrap_or_default().to_string_lossy()
+    ));
     let modules = kernel::module_load_order(kernel, GUEST_MODULES)?;
     let script = init_script(&kernel.release, &modules);
     let qemu_ga = Path::new("/usr/sbin/qemu-ga");
@@ -352,19 +446,23 @@ fn build_image(kernel: &kernel::Kernel, binaries: &Binaries, image: &Path) -> Re
         initramfs::Program {
             host: &binaries.vmsdk,
             guest: "/usr/bin/vmsdk",
+            root: None,
         },
         initramfs::Program {
             host: &binaries.guest_checks,
             guest: "/usr/bin/guest_checks",
+            root: None,
         },
         initramfs::Program {
             host: qemu_ga,
             guest: "/usr/sbin/qemu-ga",
+            root: peer_root,
         },
         // The reference `vmsdk detect` is compared with, run in the same guest.
         initramfs::Program {
             host: Path::new("/usr/bin/systemd-detect-virt"),
             guest: "/usr/bin/systemd-detect-virt",
+            root: peer_root,
         },
     ];
     let size = initramfs::build(
@@ -456,12 +554,15 @@ struct Vm {
 }
 
 impl Vm {
+    /// Starts QEMU: this machine's, or with `peer_root` the root's, run there with the cache
+    /// and socket directories bind-mounted at their own paths.
     fn boot(
         layout: &Layout,
         kernel: &kernel::Kernel,
         image: &Path,
         console: &Path,
         profile: &Profile,
+        peer_root: Option<&Path>,
     ) -> Result<Vm, String> {
         let phase = Phase::start(format!("boot ({})", profile.name));
         let qga_socket = layout.sockets.join("qga.sock");
@@ -475,10 +576,17 @@ impl Vm {
         let append = format!(
             "console=ttyS0 panic=-1 quiet vmsdk.profile={} vmsdk.agent={} \
              vmsdk.vmx_type={VMX_TYPE} vmsdk.vmx_version={VMX_VERSION}",
-            profile.name,
+            profile.guest_profile,
             u8::from(profile.agent)
         );
-        let mut command = Command::new("qemu-system-x86_64");
+        let mut command = match peer_root {
+            None => Command::new("qemu-system-x86_64"),
+            Some(root) => crate::peer_root::command_in_root(
+                root,
+                &[&layout.cache, &layout.sockets],
+                "qemu-system-x86_64",
+            ),
+        };
         command
             .args(["-accel", "tcg", "-machine", "q35,vmport=on", "-m", "512"])
             .arg("-smp")
@@ -522,13 +630,26 @@ impl Vm {
         let child = command
             .spawn()
             .map_err(|e| format!("could not start qemu-system-x86_64: {e}"))?;
+        let version = match peer_root {
+            None => Command::new("qemu-system-x86_64").arg("--version").output(),
+            Some(root) => crate::peer_root::in_root(root, &["qemu-system-x86_64", "--version"])
+                .map_err(std::io::Error::other),
+        }
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .unwrap_or_default();
         let vm = Vm {
             child,
             console: console.to_path_buf(),
             qga_socket,
             qmp_socket,
         };
-        phase.done(&format!("qemu pid {}", vm.child.id()));
+        phase.done(&format!("{version}, pid {}", vm.child.id()));
         Ok(vm)
     }
 
@@ -627,6 +748,7 @@ fn drive(
     binaries: &Binaries,
     kernel: &kernel::Kernel,
     profile: &Profile,
+    peer_root: Option<&Path>,
 ) -> Vec<String> {
     let mut failures = Vec::new();
     let mut watch = ConsoleWatch::new(&vm.console);
@@ -635,7 +757,7 @@ fn drive(
         return failures;
     }
     if profile.agent {
-        if let Err(e) = host_checks(&mut vm, &mut watch, layout, binaries, kernel) {
+        if let Err(e) = host_checks(&mut vm, &mut watch, layout, binaries, kernel, peer_root) {
             failures.push(e);
         }
     }
@@ -713,6 +835,7 @@ fn host_checks(
     layout: &Layout,
     binaries: &Binaries,
     kernel: &kernel::Kernel,
+    peer_root: Option<&Path>,
 ) -> Result<(), String> {
     let phase = Phase::start("agent start");
     watch.wait_for(vm, "VMSDK-STAGE agent-started", AGENT_START)?;
@@ -723,11 +846,14 @@ fn host_checks(
     phase.done("qemu-ga running in the guest");
 
     let phase = Phase::start("host checks through virtio-serial and QMP (vm_guest_agent)");
-    let qga_version = Command::new("/usr/sbin/qemu-ga")
-        .arg("-V")
-        .output()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        .unwrap_or_default();
+    // The version of the qemu-ga put into the guest: this machine's or the peer root's.
+    let qga_version = match peer_root {
+        None => Command::new("/usr/sbin/qemu-ga").arg("-V").output(),
+        Some(root) => crate::peer_root::in_root(root, &["/usr/sbin/qemu-ga", "-V"])
+            .map_err(std::io::Error::other),
+    }
+    .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    .unwrap_or_default();
     let mut host = Command::new(&binaries.host_test)
         .env("VMSDK_VM_QGA_SOCKET", &vm.qga_socket)
         .env("VMSDK_VM_QMP_SOCKET", &vm.qmp_socket)

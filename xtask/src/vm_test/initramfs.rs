@@ -1,7 +1,7 @@
 //! Assembles the guest's initramfs: busybox, the kernel modules, qemu-ga, the project's binaries
 //! with the shared libraries they load, and the `/init` script that runs the checks.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,8 +12,13 @@ use super::kernel::Kernel;
 /// A program to put into the guest: where it is on the host and where it goes in the guest.
 #[derive(Debug)]
 pub struct Program<'a> {
+    /// The program's path on the host, or inside `root` when that is set.
     pub host: &'a Path,
     pub guest: &'a str,
+    /// A Debian root (the peer root) the program comes from, with its shared libraries. Where
+    /// a library path is wanted by programs from both, the root's copy goes in: the root is
+    /// the newer Debian, and glibc and its neighbours stay compatible with older binaries.
+    pub root: Option<&'a Path>,
 }
 
 /// What goes into the image besides the fixed layout.
@@ -43,13 +48,30 @@ pub fn build(contents: &Contents<'_>, out: &Path) -> Result<u64, String> {
     // Applets are linked at boot with `busybox --install -s`; sh is needed to run /init itself.
     archive.symlink("/bin/sh", "busybox");
 
-    let mut libraries = BTreeSet::new();
+    // Guest path of each library → where its bytes come from.
+    let mut libraries: BTreeMap<String, PathBuf> = BTreeMap::new();
     for program in contents.programs {
-        archive.file(program.guest, 0o755, &stripped(program.host)?);
-        libraries.extend(shared_libraries(program.host)?);
+        match program.root {
+            None => {
+                archive.file(program.guest, 0o755, &stripped(program.host)?);
+                for library in shared_libraries(program.host)? {
+                    libraries
+                        .entry(library.clone())
+                        .or_insert_with(|| PathBuf::from(library));
+                }
+            }
+            Some(root) => {
+                let inside = program.host.strip_prefix("/").unwrap_or(program.host);
+                archive.file(program.guest, 0o755, &stripped(&root.join(inside))?);
+                for library in root_shared_libraries(root, program.host)? {
+                    let source = root.join(library.trim_start_matches('/'));
+                    libraries.insert(library, source);
+                }
+            }
+        }
     }
-    for library in &libraries {
-        archive.file(library, 0o755, &read(Path::new(library))?);
+    for (library, source) in &libraries {
+        archive.file(library, 0o755, &read(source)?);
     }
 
     let modules_dir = format!("/lib/modules/{}", contents.kernel.release);
@@ -130,6 +152,23 @@ fn shared_libraries(program: &Path) -> Result<Vec<String>, String> {
         };
     }
     parse_ldd(&text).map_err(|line| format!("{}: library {line}", program.display()))
+}
+
+/// [`shared_libraries`] of a program in a Debian root, as the root's dynamic loader resolves
+/// them there (`ld.so --list`, run in the root).
+fn root_shared_libraries(root: &Path, program: &Path) -> Result<Vec<String>, String> {
+    let program = program.to_string_lossy();
+    let out =
+        crate::peer_root::in_root(root, &["/lib64/ld-linux-x86-64.so.2", "--list", &program])?;
+    if !out.status.success() {
+        return Err(format!(
+            "ld.so --list {program} in {} failed: {}",
+            root.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    parse_ldd(&String::from_utf8_lossy(&out.stdout))
+        .map_err(|line| format!("{program} in {}: library {line}", root.display()))
 }
 
 /// The absolute paths in `ldd` output, or the first line naming a library that is not found.
