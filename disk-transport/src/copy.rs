@@ -228,6 +228,26 @@ impl CopyOptions {
     fn cancelled(&self) -> bool {
         self.cancel.as_ref().is_some_and(CancelToken::is_cancelled)
     }
+
+    // What other engines ([`compare`](crate::compare), checksums) take from the options.
+    pub(crate) fn is_cancelled(&self) -> bool {
+        self.cancelled()
+    }
+    pub(crate) fn request_size_bytes(&self) -> usize {
+        self.request_size
+    }
+    pub(crate) fn uses_extents(&self) -> bool {
+        self.extents
+    }
+    pub(crate) fn thread_count(&self) -> usize {
+        self.threads.max(1)
+    }
+    pub(crate) fn in_flight(&self) -> usize {
+        self.requests_in_flight.max(1)
+    }
+    pub(crate) fn stall(&self) -> Duration {
+        self.stall_timeout
+    }
 }
 
 /// Progress so far, passed to the callback as requests complete (about every 50 ms per copying

@@ -112,6 +112,7 @@ mod mode;
 mod params;
 mod types;
 
+pub mod compare;
 pub mod config;
 pub mod copy;
 pub mod memory;
