@@ -750,14 +750,16 @@ impl NbdDisk {
         (u64::from(self.negotiated.max_payload) / min * min).max(min)
     }
 
-    /// Largest effect length for TRIM/WRITE_ZEROES/BLOCK_STATUS: 32 bits with compact
-    /// headers, any length with extended headers.
+    /// Largest effect length for TRIM/WRITE_ZEROES/BLOCK_STATUS: any length with extended
+    /// headers; with compact headers 4 GiB - 1 MiB, so that the pieces of a larger request
+    /// stay aligned (a server zeroes an unaligned piece's edges by writing zeroes, leaving
+    /// data where a hole was asked for).
     fn max_effect(&self) -> u64 {
         let min = u64::from(self.negotiated.min_block);
         let limit = if self.negotiated.extended {
             u64::MAX
         } else {
-            u64::from(u32::MAX)
+            (1 << 32) - (1 << 20)
         };
         limit / min * min
     }
@@ -1296,6 +1298,165 @@ mod tests {
         target.write_zeroes(0, 1 << 20).unwrap();
         target.read_at(&mut back[..4096], 4096).unwrap();
         assert!(back[..4096].iter().all(|&b| b == 0));
+    }
+
+    /// Serves `data` with the test server as `config` says; returns the request log too.
+    fn configured_server(
+        data: Vec<u8>,
+        mut config: super::test_server::Config,
+    ) -> (
+        tempfile::TempDir,
+        NbdAddress,
+        std::sync::Arc<std::sync::Mutex<Vec<super::test_server::Logged>>>,
+    ) {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        config.log = Some(log.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            if let Ok((stream, _)) = listener.accept() {
+                super::test_server::serve_with(stream, data, 9, config);
+            }
+        });
+        (dir, NbdAddress::Unix(path), log)
+    }
+
+    fn logged(
+        log: &std::sync::Mutex<Vec<super::test_server::Logged>>,
+        command: u16,
+    ) -> Vec<(u16, u64, u64)> {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.0 == command)
+            .map(|r| (r.1, r.2, r.3))
+            .collect()
+    }
+
+    #[test]
+    fn extended_headers_zero_trim_and_map_beyond_4_gib_in_one_request() {
+        const GIB: u64 = 1 << 30;
+        let size = 6 * GIB;
+        let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
+        for extended in [true, false] {
+            let config = super::test_server::Config {
+                extended,
+                size: Some(size),
+                ..Default::default()
+            };
+            let (_dir, address, log) = configured_server(data.clone(), config);
+            let disk = NbdDisk::connect(&NbdOptions::new(address).timeout(Duration::from_secs(10)))
+                .unwrap();
+            assert_eq!(disk.export_info().extended_headers, extended);
+            assert_eq!(
+                disk.protocol().unwrap().transmission,
+                if extended { "extended" } else { "structured" }
+            );
+            // Reads and writes (PAYLOAD_LEN checked by the server) through the shuffle.
+            let mut back = vec![0u8; data.len()];
+            disk.read_at(&mut back, 0).unwrap();
+            assert_eq!(back, data);
+            disk.write_at(&[7u8; 4096], 8192).unwrap();
+            let extents = disk.allocated_extents(0, size).unwrap();
+            assert_eq!(extents.last().unwrap().end(), size);
+            assert_eq!(extents.last().unwrap().kind, ExtentKind::Hole);
+            disk.write_zeroes(0, size).unwrap();
+            disk.trim(0, size).unwrap();
+            disk.read_at(&mut back[..65536], 0).unwrap();
+            assert!(back[..65536].iter().all(|&b| b == 0));
+            let zeroes = logged(&log, proto::cmd::WRITE_ZEROES);
+            let trims = logged(&log, proto::cmd::TRIM);
+            let status = logged(&log, proto::cmd::BLOCK_STATUS);
+            if extended {
+                // 6 GiB in one request each; block status asked for the whole disk at once.
+                assert_eq!(zeroes, vec![(0, 0, size)]);
+                assert_eq!(trims, vec![(0, 0, size)]);
+                assert_eq!(status[0], (0, 0, size));
+            } else {
+                assert_eq!(zeroes.len(), 2, "{zeroes:?}");
+                assert!(zeroes.iter().all(|z| z.2 <= u64::from(u32::MAX)));
+                assert_eq!(zeroes.iter().map(|z| z.2).sum::<u64>(), size);
+            }
+            let writes = logged(&log, proto::cmd::WRITE);
+            assert!(writes.iter().all(|w| w.0 & proto::cflag::FUA == 0));
+        }
+    }
+
+    #[test]
+    fn fua_when_asked_and_advertised_and_flush_when_not() {
+        for advertised in [true, false] {
+            let config = super::test_server::Config {
+                extended: true,
+                flags: if advertised { tflag::SEND_FUA } else { 0 },
+                ..Default::default()
+            };
+            let (_dir, address, log) = configured_server(vec![0u8; 1 << 20], config);
+            let disk = NbdDisk::connect(&NbdOptions::new(address.clone())).unwrap();
+            disk.write_at(&[1u8; 512], 0).unwrap();
+            disk.write_fua(&[2u8; 512], 512).unwrap();
+            let writes = logged(&log, proto::cmd::WRITE);
+            let fua: Vec<bool> = writes
+                .iter()
+                .map(|w| w.0 & proto::cflag::FUA != 0)
+                .collect();
+            let flushes = logged(&log, proto::cmd::FLUSH).len();
+            if advertised {
+                assert_eq!((fua, flushes), (vec![false, true], 0));
+            } else {
+                assert_eq!((fua, flushes), (vec![false, false], 1));
+            }
+            drop(disk);
+        }
+        // NbdOptions::fua: every write, zero and trim.
+        let config = super::test_server::Config {
+            flags: tflag::SEND_FUA,
+            ..Default::default()
+        };
+        let (_dir, address, log) = configured_server(vec![0u8; 1 << 20], config);
+        let disk = NbdDisk::connect(&NbdOptions::new(address).fua(true)).unwrap();
+        let (tx, rx) = mpsc::channel();
+        disk.submit_write(0, vec![3u8; 4096], Box::new(move |r| tx.send(r).unwrap()));
+        rx.recv().unwrap().unwrap();
+        disk.write_zeroes(4096, 4096).unwrap();
+        disk.trim(8192, 4096).unwrap();
+        for command in [
+            proto::cmd::WRITE,
+            proto::cmd::WRITE_ZEROES,
+            proto::cmd::TRIM,
+        ] {
+            let requests = logged(&log, command);
+            assert!(
+                !requests.is_empty() && requests.iter().all(|r| r.0 & proto::cflag::FUA != 0),
+                "{command}: {requests:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn fast_zero_only_when_the_server_says_it_is_fast() {
+        let data = vec![9u8; 1 << 20];
+        for (flags, slow, expect_zeroed, expect_requests) in [
+            (tflag::SEND_FAST_ZERO, false, true, 1),
+            (tflag::SEND_FAST_ZERO, true, false, 1),
+            (0, false, false, 0),
+        ] {
+            let config = super::test_server::Config {
+                extended: true,
+                flags,
+                slow_zero: slow,
+                ..Default::default()
+            };
+            let (_dir, address, log) = configured_server(data.clone(), config);
+            let disk = NbdDisk::connect(&NbdOptions::new(address)).unwrap();
+            assert_eq!(disk.fast_zero(0, 1 << 20).unwrap(), expect_zeroed);
+            let requests = logged(&log, proto::cmd::WRITE_ZEROES);
+            assert_eq!(requests.len(), expect_requests, "{requests:?}");
+            assert!(requests.iter().all(|r| r.0 & proto::cflag::FAST_ZERO != 0));
+            let mut back = vec![0u8; 4096];
+            disk.read_at(&mut back, 0).unwrap();
+            assert_eq!(back.iter().all(|&b| b == 0), expect_zeroed);
+        }
     }
 
     proptest! {

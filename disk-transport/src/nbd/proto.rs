@@ -341,8 +341,10 @@ pub fn parse_option_reply_header(b: &[u8; 20], expected_option: u32) -> Result<O
     }
     if h.length > MAX_OPTION_REPLY {
         return Err(proto(format!(
-            "option reply of {} bytes is too long",
-            h.length
+            "reply {} of {} bytes to {} (at most {MAX_OPTION_REPLY} allowed)",
+            reply_name(h.reply),
+            h.length,
+            option_name(h.option)
         )));
     }
     Ok(h)
