@@ -252,7 +252,9 @@ impl<S: AsyncStream + 'static> Inner<S> {
     ) -> Result<Value> {
         self.ready().await?;
         let replies = self.session.check_command(name)?;
-        self.exchange(name, args, timeout, replies).await
+        let adapted = self.session.adapt_arguments(name, args)?;
+        self.exchange(name, adapted.as_ref().or(args), timeout, replies)
+            .await
     }
 
     async fn exchange(

@@ -335,7 +335,8 @@ impl<S: Transport> Client<S> {
     fn execute(&mut self, name: &str, args: Option<&Value>, timeout: Duration) -> Result<Value> {
         self.ready()?;
         let replies = self.session.check_command(name)?;
-        self.exchange(name, args, timeout, replies)
+        let adapted = self.session.adapt_arguments(name, args)?;
+        self.exchange(name, adapted.as_ref().or(args), timeout, replies)
     }
 
     fn exchange(

@@ -38,6 +38,11 @@ pub trait Command {
     const SINCE: (u32, u32);
     /// The command's parameters as the schema declares them, in order.
     const PARAMS: &'static [ParamSpec];
+    /// The build condition of the reference's "Availability" line (`CONFIG_WIN32`,
+    /// `CONFIG_LINUX or CONFIG_WIN32`, ...), empty when every build has the command. Since 9.1
+    /// an agent built without it leaves the command out of `guest-info`; older agents list it
+    /// disabled.
+    const AVAILABILITY: &'static str = "";
 }
 
 /// JSON type of a parameter, as the agent's argument checker sees it.
@@ -96,6 +101,8 @@ pub struct CommandSpec {
     pub success_response: bool,
     /// Parameters in schema order.
     pub params: &'static [ParamSpec],
+    /// Build condition ([`Command::AVAILABILITY`]), empty for every build.
+    pub availability: &'static str,
 }
 
 impl CommandSpec {
@@ -106,6 +113,7 @@ impl CommandSpec {
             since: C::SINCE,
             success_response: C::SUCCESS_RESPONSE,
             params: C::PARAMS,
+            availability: C::AVAILABILITY,
         }
     }
 }
@@ -119,7 +127,7 @@ macro_rules! commands {
     ($(
         $(#[$doc:meta])*
         $ty:ident = $name:literal, since ($maj:literal, $min:literal), args $args:ty, returns $ret:ty,
-        reply $reply:literal, params [$($p:expr),* $(,)?];
+        reply $reply:literal, $(only $cond:literal,)? params [$($p:expr),* $(,)?];
     )*) => {
         $(
             $(#[$doc])*
@@ -133,6 +141,7 @@ macro_rules! commands {
                 const SUCCESS_RESPONSE: bool = $reply;
                 const SINCE: (u32, u32) = ($maj, $min);
                 const PARAMS: &'static [ParamSpec] = &[$($p),*];
+                const AVAILABILITY: &'static str = concat!("" $(, $cond)?);
             }
         )*
 
@@ -184,49 +193,49 @@ commands! {
         reply true, params [req("handle", Int)];
     /// `guest-fsfreeze-status`: whether filesystems are frozen.
     GuestFsfreezeStatus = "guest-fsfreeze-status", since (0, 15), args (),
-        returns crate::types::GuestFsfreezeStatus, reply true, params [];
+        returns crate::types::GuestFsfreezeStatus, reply true, only "CONFIG_WIN32 or CONFIG_FSFREEZE", params [];
     /// `guest-fsfreeze-freeze`: freeze every freezable local filesystem.
-    GuestFsfreezeFreeze = "guest-fsfreeze-freeze", since (0, 15), args (), returns i64, reply true, params [];
+    GuestFsfreezeFreeze = "guest-fsfreeze-freeze", since (0, 15), args (), returns i64, reply true, only "CONFIG_WIN32 or CONFIG_FSFREEZE", params [];
     /// `guest-fsfreeze-freeze-list`: freeze the given mount points.
     GuestFsfreezeFreezeList = "guest-fsfreeze-freeze-list", since (2, 2), args GuestFsfreezeFreezeListArgs,
-        returns i64, reply true, params [opt("mountpoints", Array)];
+        returns i64, reply true, only "CONFIG_WIN32 or CONFIG_FSFREEZE", params [opt("mountpoints", Array)];
     /// `guest-fsfreeze-thaw`: thaw frozen filesystems.
-    GuestFsfreezeThaw = "guest-fsfreeze-thaw", since (0, 15), args (), returns i64, reply true, params [];
+    GuestFsfreezeThaw = "guest-fsfreeze-thaw", since (0, 15), args (), returns i64, reply true, only "CONFIG_WIN32 or CONFIG_FSFREEZE", params [];
     /// `guest-fstrim`: discard unused blocks.
     GuestFstrim = "guest-fstrim", since (1, 2), args GuestFstrimArgs, returns GuestFilesystemTrimResponse,
-        reply true, params [opt("minimum", Int)];
+        reply true, only "CONFIG_WIN32 or CONFIG_FSTRIM", params [opt("minimum", Int)];
     /// `guest-suspend-disk`: hibernate; no reply on success.
-    GuestSuspendDisk = "guest-suspend-disk", since (1, 1), args (), returns Empty, reply false, params [];
+    GuestSuspendDisk = "guest-suspend-disk", since (1, 1), args (), returns Empty, reply false, only "CONFIG_LINUX or CONFIG_WIN32", params [];
     /// `guest-suspend-ram`: suspend to RAM; no reply on success.
-    GuestSuspendRam = "guest-suspend-ram", since (1, 1), args (), returns Empty, reply false, params [];
+    GuestSuspendRam = "guest-suspend-ram", since (1, 1), args (), returns Empty, reply false, only "CONFIG_LINUX or CONFIG_WIN32", params [];
     /// `guest-suspend-hybrid`: hybrid sleep; no reply on success.
-    GuestSuspendHybrid = "guest-suspend-hybrid", since (1, 1), args (), returns Empty, reply false, params [];
+    GuestSuspendHybrid = "guest-suspend-hybrid", since (1, 1), args (), returns Empty, reply false, only "CONFIG_LINUX", params [];
     /// `guest-network-get-interfaces`: interfaces, addresses, counters.
     GuestNetworkGetInterfaces = "guest-network-get-interfaces", since (1, 1), args (),
-        returns Vec<GuestNetworkInterface>, reply true, params [];
+        returns Vec<GuestNetworkInterface>, reply true, only "CONFIG_WIN32 or HAVE_GETIFADDRS", params [];
     /// `guest-get-vcpus`: logical processors.
     GuestGetVcpus = "guest-get-vcpus", since (1, 5), args (), returns Vec<GuestLogicalProcessor>,
-        reply true, params [];
+        reply true, only "CONFIG_LINUX or CONFIG_WIN32", params [];
     /// `guest-set-vcpus`: online/offline logical processors.
     GuestSetVcpus = "guest-set-vcpus", since (1, 5), args GuestSetVcpusArgs, returns i64,
-        reply true, params [req("vcpus", Array)];
+        reply true, only "CONFIG_LINUX", params [req("vcpus", Array)];
     /// `guest-get-disks`: block devices.
-    GuestGetDisks = "guest-get-disks", since (5, 2), args (), returns Vec<GuestDiskInfo>, reply true, params [];
+    GuestGetDisks = "guest-get-disks", since (5, 2), args (), returns Vec<GuestDiskInfo>, reply true, only "CONFIG_WIN32 or CONFIG_LIBUDEV", params [];
     /// `guest-get-fsinfo`: mounted filesystems.
     GuestGetFsinfo = "guest-get-fsinfo", since (2, 2), args (), returns Vec<GuestFilesystemInfo>,
-        reply true, params [];
+        reply true, only "CONFIG_WIN32 or CONFIG_LINUX", params [];
     /// `guest-set-user-password`: change an account's password.
     GuestSetUserPassword = "guest-set-user-password", since (2, 3), args GuestSetUserPasswordArgs,
-        returns Empty, reply true, params [req("username", Str), req("password", Str), req("crypted", Bool)];
+        returns Empty, reply true, only "CONFIG_WIN32 or CONFIG_LINUX or CONFIG_FREEBSD", params [req("username", Str), req("password", Str), req("crypted", Bool)];
     /// `guest-get-memory-blocks`: memory blocks.
     GuestGetMemoryBlocks = "guest-get-memory-blocks", since (2, 3), args (), returns Vec<GuestMemoryBlock>,
-        reply true, params [];
+        reply true, only "CONFIG_LINUX", params [];
     /// `guest-set-memory-blocks`: online/offline memory blocks.
     GuestSetMemoryBlocks = "guest-set-memory-blocks", since (2, 3), args GuestSetMemoryBlocksArgs,
-        returns Vec<GuestMemoryBlockResponse>, reply true, params [req("mem-blks", Array)];
+        returns Vec<GuestMemoryBlockResponse>, reply true, only "CONFIG_LINUX", params [req("mem-blks", Array)];
     /// `guest-get-memory-block-info`: memory block size.
     GuestGetMemoryBlockInfo = "guest-get-memory-block-info", since (2, 3), args (),
-        returns GuestMemoryBlockInfo, reply true, params [];
+        returns GuestMemoryBlockInfo, reply true, only "CONFIG_LINUX", params [];
     /// `guest-exec-status`: state of a process started by `guest-exec`.
     GuestExecStatus = "guest-exec-status", since (2, 5), args GuestExecStatusArgs,
         returns crate::types::GuestExecStatus, reply true, params [req("pid", Int)];
@@ -237,13 +246,13 @@ commands! {
     /// `guest-get-host-name`: the guest's host name.
     GuestGetHostName = "guest-get-host-name", since (2, 10), args (), returns GuestHostName, reply true, params [];
     /// `guest-get-users`: logged-in users.
-    GuestGetUsers = "guest-get-users", since (2, 10), args (), returns Vec<GuestUser>, reply true, params [];
+    GuestGetUsers = "guest-get-users", since (2, 10), args (), returns Vec<GuestUser>, reply true, only "CONFIG_WIN32 or HAVE_UTMPX", params [];
     /// `guest-get-timezone`: time zone.
     GuestGetTimezone = "guest-get-timezone", since (2, 10), args (), returns GuestTimezone, reply true, params [];
     /// `guest-get-osinfo`: operating system identity.
     GuestGetOsinfo = "guest-get-osinfo", since (2, 10), args (), returns GuestOSInfo, reply true, params [];
     /// `guest-get-devices`: devices and drivers (Windows).
-    GuestGetDevices = "guest-get-devices", since (5, 2), args (), returns Vec<GuestDeviceInfo>, reply true, params [];
+    GuestGetDevices = "guest-get-devices", since (5, 2), args (), returns Vec<GuestDeviceInfo>, reply true, only "CONFIG_WIN32", params [];
     /// `guest-ssh-get-authorized-keys`: a user's authorized SSH keys.
     GuestSshGetAuthorizedKeys = "guest-ssh-get-authorized-keys", since (5, 2), args GuestSshGetAuthorizedKeysArgs,
         returns GuestAuthorizedKeys, reply true, params [req("username", Str)];
@@ -256,14 +265,14 @@ commands! {
         params [req("username", Str), req("keys", Array)];
     /// `guest-get-diskstats`: disk I/O counters.
     GuestGetDiskstats = "guest-get-diskstats", since (7, 1), args (), returns Vec<GuestDiskStatsInfo>,
-        reply true, params [];
+        reply true, only "CONFIG_LINUX", params [];
     /// `guest-get-cpustats`: per-CPU times.
-    GuestGetCpustats = "guest-get-cpustats", since (7, 1), args (), returns Vec<GuestCpuStats>, reply true, params [];
+    GuestGetCpustats = "guest-get-cpustats", since (7, 1), args (), returns Vec<GuestCpuStats>, reply true, only "CONFIG_LINUX", params [];
     /// `guest-get-load`: load averages.
-    GuestGetLoad = "guest-get-load", since (10, 0), args (), returns GuestLoadAverage, reply true, params [];
+    GuestGetLoad = "guest-get-load", since (10, 0), args (), returns GuestLoadAverage, reply true, only "CONFIG_GETLOADAVG", params [];
     /// `guest-network-get-route`: routing table.
     GuestNetworkGetRoute = "guest-network-get-route", since (9, 1), args (), returns Vec<GuestNetworkRoute>,
-        reply true, params [];
+        reply true, only "CONFIG_LINUX", params [];
 }
 
 // ---------------------------------------------------------------------------

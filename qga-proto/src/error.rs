@@ -30,13 +30,46 @@ pub enum Error {
         /// The agent's human-readable description.
         desc: String,
     },
-    /// `guest-info` says the agent does not have this command; nothing was sent.
-    #[error("the guest agent (version {agent_version}) does not have command {command}; upgrade qemu-ga in the guest")]
+    /// The agent does not have this command because it predates it (or its version cannot
+    /// tell); nothing was sent. Upgrading qemu-ga in the guest adds it.
+    #[error("{}", not_supported(command, agent_version, *since))]
     CommandNotSupported {
         /// The command.
         command: String,
         /// Version the agent reported.
         agent_version: String,
+        /// The QEMU release that added the command, when this crate knows it.
+        since: Option<(u32, u32)>,
+    },
+    /// The agent is new enough for this command, but its build for this guest leaves it out
+    /// (a Windows-only command on Linux, a Linux build without libudev, ...): since 9.1 such
+    /// commands are missing from `guest-info`, older agents list them disabled. Nothing was
+    /// sent, and no upgrade of qemu-ga adds the command on this guest.
+    #[error("the guest agent (version {agent_version}) does not offer {command} on this guest: qemu-ga has it only {}; upgrading qemu-ga does not change that", availability_text(availability))]
+    CommandUnavailable {
+        /// The command.
+        command: String,
+        /// Version the agent reported.
+        agent_version: String,
+        /// The reference's build condition, e.g. `CONFIG_WIN32`.
+        availability: String,
+    },
+    /// An argument value the agent's version does not accept (e.g. a `capture-output` mode
+    /// other than `separated` or `none` before 8.1); nothing was sent.
+    #[error("the guest agent (version {agent_version}) does not accept {argument} {value} of {command}, which QEMU {}.{} added; {advice}", .since.0, .since.1)]
+    ArgumentNotSupported {
+        /// The command.
+        command: String,
+        /// The parameter.
+        argument: &'static str,
+        /// The value given, as JSON.
+        value: String,
+        /// The QEMU release that added the value.
+        since: (u32, u32),
+        /// Version the agent reported.
+        agent_version: String,
+        /// What works with this agent instead.
+        advice: &'static str,
     },
     /// `guest-info` says the command is disabled in this agent; nothing was sent.
     #[error("command {command} is disabled in the guest agent (version {agent_version}); enable it in the guest's qemu-ga configuration (--allow-rpcs/--block-rpcs)")]
@@ -131,15 +164,23 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether the command is unavailable in this agent: unknown, compiled out or
-    /// disabled, whether the client knew it beforehand or the agent said so.
+    /// Whether the command is unavailable in this agent: unknown, too new for it, left out of
+    /// its build or disabled, whether the client knew it beforehand or the agent said so.
     pub fn is_unsupported(&self) -> bool {
         match self {
-            Error::CommandNotSupported { .. } | Error::CommandDisabled { .. } => true,
-            Error::Agent { class, .. } => {
-                matches!(class, ErrorClass::CommandNotFound)
-                    || matches!(class, ErrorClass::Other(c) if c == "CommandDisabled")
-            }
+            Error::CommandNotSupported { .. }
+            | Error::CommandUnavailable { .. }
+            | Error::CommandDisabled { .. } => true,
+            Error::Agent { class, desc } => match class {
+                ErrorClass::CommandNotFound => true,
+                ErrorClass::Other(c) => c == "CommandDisabled",
+                // QEMU 2.x reports a disabled command as a generic error.
+                ErrorClass::GenericError => {
+                    desc.starts_with("The command ")
+                        && desc.ends_with(" has been disabled for this instance")
+                }
+                _ => false,
+            },
             _ => false,
         }
     }
@@ -173,6 +214,36 @@ fn attempts_note(attempts: u32, each: Duration) -> String {
         format!("{attempts} attempts of {}; ", fmt_duration(each))
     } else {
         String::new()
+    }
+}
+
+fn not_supported(command: &str, agent_version: &str, since: Option<(u32, u32)>) -> String {
+    match since {
+        Some((major, minor)) => format!(
+            "the guest agent (version {agent_version}) predates command {command}, which QEMU \
+             {major}.{minor} added; upgrade qemu-ga in the guest"
+        ),
+        None => {
+            format!("the guest agent (version {agent_version}) does not have command {command}")
+        }
+    }
+}
+
+/// Words for a build condition of the reference.
+fn availability_text(condition: &str) -> String {
+    let platforms = match condition {
+        "CONFIG_WIN32" => Some("Windows"),
+        "CONFIG_LINUX" => Some("Linux"),
+        "CONFIG_LINUX or CONFIG_WIN32" | "CONFIG_WIN32 or CONFIG_LINUX" => {
+            Some("Linux and Windows")
+        }
+        "CONFIG_WIN32 or CONFIG_LINUX or CONFIG_FREEBSD" => Some("Linux, FreeBSD and Windows"),
+        _ => None,
+    };
+    match platforms {
+        Some(p) => format!("in its builds for {p} guests"),
+        None if condition.is_empty() => "in some builds".to_owned(),
+        None => format!("in builds with {condition}"),
     }
 }
 

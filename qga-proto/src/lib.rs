@@ -49,6 +49,7 @@ mod agent;
 mod async_client;
 mod client;
 pub mod cmd;
+mod compat;
 mod error;
 mod ext;
 pub mod fake;

@@ -188,28 +188,23 @@ impl Session {
 
     /// Checks `name` against the cache; returns whether the agent answers on success.
     pub fn check_command(&self, name: &str) -> Result<bool> {
-        let static_reply = cmd::spec(name).map(|s| s.success_response).unwrap_or(true);
         match &self.caps {
             Caps::Known(info) if self.config.check_capabilities => {
-                // The handshake commands are answered even by agents that hide them.
-                if name == <cmd::GuestSync as cmd::Command>::NAME
-                    || name == <cmd::GuestSyncDelimited as cmd::Command>::NAME
-                {
-                    return Ok(true);
-                }
-                match info.command(name) {
-                    None => Err(Error::CommandNotSupported {
-                        command: name.to_owned(),
-                        agent_version: info.version.clone(),
-                    }),
-                    Some(c) if !c.enabled => Err(Error::CommandDisabled {
-                        command: name.to_owned(),
-                        agent_version: info.version.clone(),
-                    }),
-                    Some(c) => Ok(c.success_response),
-                }
+                crate::compat::check_command(info, name)
             }
-            _ => Ok(static_reply),
+            _ => Ok(cmd::spec(name).map(|s| s.success_response).unwrap_or(true)),
+        }
+    }
+
+    /// `args` of `name` in the form the agent's release accepts (`None`: unchanged), or why
+    /// it has none; see [`crate::compat::adapt_arguments`]. Without a known `guest-info` the
+    /// arguments go out as given.
+    pub fn adapt_arguments(&self, name: &str, args: Option<&Value>) -> Result<Option<Value>> {
+        match &self.caps {
+            Caps::Known(info) if self.config.check_capabilities => {
+                crate::compat::adapt_arguments(info, name, args)
+            }
+            _ => Ok(None),
         }
     }
 

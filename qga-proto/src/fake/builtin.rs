@@ -533,7 +533,7 @@ fn exec(state: &mut FakeState, args: &Map<String, Value>) -> Response {
 fn exec_status(state: &mut FakeState, args: &Map<String, Value>) -> Response {
     let pid = int(args, "pid").unwrap_or(-1);
     let Some(process) = state.processes.get(&pid) else {
-        return Response::generic("Invalid parameter 'pid'");
+        return state.release.unknown_pid();
     };
     if process.started.elapsed() < process.outcome.runtime {
         return Response::ok(GuestExecStatus {
@@ -548,7 +548,7 @@ fn exec_status(state: &mut FakeState, args: &Map<String, Value>) -> Response {
     }
     // Like qemu-ga: the first report of the exit is the last.
     let Some(process) = state.processes.remove(&pid) else {
-        return Response::generic("Invalid parameter 'pid'");
+        return state.release.unknown_pid();
     };
     let (capture_out, capture_err, merged) = process.capture;
     let outcome = process.outcome;

@@ -68,10 +68,11 @@ impl Connection {
                     String::new()
                 };
                 self.reset_lexer();
+                let release = self.shared.lock().release;
                 out.push(Output::Bytes(error_line(
                     None,
                     "GenericError",
-                    &format!("JSON parse error, stray '{stray}\u{FFFD}'"),
+                    &release.parse_error(&format!("stray '{stray}\u{FFFD}'")),
                 )));
                 continue;
             }
@@ -130,6 +131,7 @@ impl Connection {
 
     fn handle(&mut self, raw: &[u8]) -> Vec<Output> {
         let text = raw.trim_ascii();
+        let release = self.shared.lock().release;
         let value: Value = match serde_json::from_slice(text) {
             Ok(v) => v,
             Err(_) => {
@@ -137,10 +139,15 @@ impl Connection {
                 return vec![Output::Bytes(error_line(
                     None,
                     "GenericError",
-                    &format!("JSON parse error, stray '{shown}'"),
+                    &release.parse_error(&format!("stray '{shown}'")),
                 ))];
             }
         };
+        if release.legacy_dispatcher() {
+            if let Some(refusal) = legacy_envelope_error(&value) {
+                return vec![Output::Bytes(error_line(None, "GenericError", &refusal))];
+            }
+        }
         let Value::Object(mut request) = value else {
             return vec![Output::Bytes(error_line(
                 None,
@@ -234,6 +241,28 @@ impl Connection {
     }
 }
 
+/// What the QEMU 2.x agent answers to a request envelope it refuses: anything but an object
+/// is "Invalid JSON syntax", an object without `execute` is not a command at all, and the
+/// dispatcher knows only `execute` and `arguments` (so a request `id` is refused).
+fn legacy_envelope_error(request: &Value) -> Option<String> {
+    let Value::Object(map) = request else {
+        return Some("Invalid JSON syntax".to_owned());
+    };
+    if !map.contains_key("execute") {
+        return Some("this feature or command is not currently supported".to_owned());
+    }
+    map.iter().find_map(|(key, value)| match key.as_str() {
+        "execute" if !value.is_string() => {
+            Some("QMP input object member 'execute' expects 'string'".to_owned())
+        }
+        "arguments" if !value.is_object() => {
+            Some("QMP input object member 'arguments' expects 'object'".to_owned())
+        }
+        "execute" | "arguments" => None,
+        other => Some(format!("QMP input object member '{other}' is unexpected")),
+    })
+}
+
 fn return_line(id: Option<&Value>, v: Value) -> Vec<u8> {
     let mut obj = Map::new();
     obj.insert("return".into(), v);
@@ -270,14 +299,14 @@ fn kind_matches(kind: ParamKind, v: &Value) -> bool {
     }
 }
 
-fn kind_name(kind: ParamKind, param: &str) -> &'static str {
-    match (kind, param) {
-        (ParamKind::Int, _) => "integer",
-        (ParamKind::Str, _) => "string",
-        (ParamKind::Bool, _) => "boolean",
-        (ParamKind::Array, _) => "array",
-        (ParamKind::IntOrStr, _) => "GuestFileWhence",
-        (ParamKind::BoolOrStr, _) => "GuestExecCaptureOutput",
+fn kind_name(kind: ParamKind) -> &'static str {
+    match kind {
+        ParamKind::Int => "integer",
+        ParamKind::Str => "string",
+        ParamKind::Bool => "boolean",
+        ParamKind::Array => "array",
+        ParamKind::IntOrStr => "GuestFileWhence",
+        ParamKind::BoolOrStr => "GuestExecCaptureOutput",
     }
 }
 
@@ -289,17 +318,24 @@ fn dispatch(state: &mut super::FakeState, name: &str, args: Map<String, Value>) 
             format!("The command {name} has not been found"),
         );
     };
-    if !entry.enabled || (state.frozen && !super::FROZEN_ALLOWED.contains(&name)) {
-        return Response::error(
-            "CommandNotFound",
-            format!("Command {name} has been disabled"),
-        );
+    if !entry.enabled {
+        return state.release.disabled(name, false);
+    }
+    if state.frozen && !super::FROZEN_ALLOWED.contains(&name) {
+        return state.release.disabled(name, true);
     }
     if let Some(handler) = state.handlers.get(name).cloned() {
         return handler(state, &Value::Object(args));
     }
     if let Some(spec) = cmd::spec(name) {
         for p in spec.params {
+            // Before 8.1 `capture-output` is a plain boolean.
+            let kind = match (name, p.name) {
+                ("guest-exec", "capture-output") if !state.release.capture_modes() => {
+                    ParamKind::Bool
+                }
+                _ => p.kind,
+            };
             match args.get(p.name) {
                 None if !p.optional => {
                     return Response::error(
@@ -307,13 +343,13 @@ fn dispatch(state: &mut super::FakeState, name: &str, args: Map<String, Value>) 
                         format!("Parameter '{}' is missing", p.name),
                     )
                 }
-                Some(v) if !kind_matches(p.kind, v) => {
+                Some(v) if !kind_matches(kind, v) => {
                     return Response::error(
                         "GenericError",
                         format!(
                             "Invalid parameter type for '{}', expected: {}",
                             p.name,
-                            kind_name(p.kind, p.name)
+                            kind_name(kind)
                         ),
                     )
                 }

@@ -46,6 +46,7 @@
 
 mod builtin;
 mod conn;
+mod release;
 mod state;
 
 use std::collections::VecDeque;
@@ -56,6 +57,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub use self::release::AgentRelease;
 pub use self::state::{
     Account, ExecOutcome, ExecRequest, FakeCommand, FakeEvent, FakeState, OpenFile, Program,
 };
@@ -146,9 +148,28 @@ pub struct FakeAgent {
 }
 
 impl FakeAgent {
-    /// A fake that behaves like qemu-ga on a Debian guest.
+    /// A fake that behaves like qemu-ga 10.0 on a Debian guest.
     pub fn linux() -> Self {
         Self::with_state(FakeState::linux())
+    }
+
+    /// A fake that behaves like `release` of qemu-ga on a Debian guest: that release's
+    /// commands, reply members and error texts, for testing a tool against an old agent.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), qga_proto::Error> {
+    /// use qga_proto::fake::{AgentRelease, FakeAgent};
+    /// use qga_proto::{Error, GuestAgent};
+    ///
+    /// let agent = FakeAgent::linux_release(AgentRelease::Qemu7_2).connect_async();
+    /// assert_eq!(agent.info().await?.version, "7.2.22");
+    /// // guest-get-load came with 10.0: refused before sending, with the advice to upgrade.
+    /// assert!(matches!(agent.load().await, Err(Error::CommandNotSupported { .. })));
+    /// # Ok(()) }
+    /// ```
+    pub fn linux_release(release: AgentRelease) -> Self {
+        Self::with_state(FakeState::linux_release(release))
     }
 
     /// A fake that behaves like the virtio-win agent on a Windows guest.

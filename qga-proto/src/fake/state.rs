@@ -5,11 +5,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{FaultQueue, Handler};
+use super::{AgentRelease, FaultQueue, Handler};
 use crate::cmd::COMMANDS;
 use crate::types::*;
 
-/// Commands qemu-ga keeps enabled while filesystems are frozen.
+/// Commands qemu-ga keeps enabled while filesystems are frozen (its `ga_freeze_allowlist`,
+/// unchanged since 2.x).
 pub(crate) const FROZEN_ALLOWED: &[&str] = &[
     "guest-ping",
     "guest-info",
@@ -17,8 +18,6 @@ pub(crate) const FROZEN_ALLOWED: &[&str] = &[
     "guest-sync-delimited",
     "guest-fsfreeze-status",
     "guest-fsfreeze-thaw",
-    "guest-get-time",
-    "guest-get-load",
 ];
 
 /// One command the fake knows.
@@ -123,6 +122,8 @@ pub enum FakeEvent {
 /// Everything the fake guest is. Public fields: tests read and change them
 /// directly through [`super::FakeAgent::state`].
 pub struct FakeState {
+    /// The release whose error texts and argument rules the fake follows.
+    pub release: AgentRelease,
     /// `guest-info` version.
     pub version: String,
     /// Registered commands, in `guest-info` order.
@@ -186,6 +187,7 @@ pub struct FakeState {
 impl fmt::Debug for FakeState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FakeState")
+            .field("release", &self.release)
             .field("version", &self.version)
             .field("commands", &self.commands.len())
             .field("handlers", &self.handlers.keys().collect::<Vec<_>>())
@@ -348,16 +350,25 @@ impl FakeState {
         state
     }
 
-    /// The state of a small Debian 12 guest running qemu-ga 10.0.
+    /// The state of a small Debian guest running qemu-ga 10.0.
     pub fn linux() -> Self {
+        Self::linux_release(AgentRelease::Qemu10_0)
+    }
+
+    /// The state of a small Debian guest running `release` of qemu-ga: the commands a Linux
+    /// build of that release has (before 9.1 with the Windows-only ones listed disabled, since
+    /// then left out), the reply members it sends and its error texts.
+    pub fn linux_release(release: AgentRelease) -> Self {
         let commands = COMMANDS
             .iter()
-            // Windows-only; compiled out of Linux builds since 9.1.
-            .filter(|c| c.name != "guest-get-devices")
-            .map(|c| FakeCommand {
-                name: c.name.to_owned(),
-                enabled: true,
-                success_response: c.success_response,
+            .filter(|c| c.since <= release.numbers())
+            .filter_map(|c| {
+                let windows_only = c.availability == "CONFIG_WIN32";
+                (!windows_only || release.lists_platform_stubs()).then(|| FakeCommand {
+                    name: c.name.to_owned(),
+                    enabled: !windows_only,
+                    success_response: c.success_response,
+                })
             })
             .collect();
 
@@ -395,7 +406,8 @@ impl FakeState {
         );
 
         let mut state = FakeState {
-            version: "10.0.0".into(),
+            release,
+            version: release.version().into(),
             commands,
             handlers: BTreeMap::new(),
             osinfo: GuestOSInfo {
@@ -570,6 +582,21 @@ impl FakeState {
             requests: Vec::new(),
             faults: FaultQueue::new(),
         };
+        if !release.fs_usage() {
+            for fs in &mut state.filesystems {
+                fs.used_bytes = None;
+                fs.total_bytes = None;
+                for disk in &mut fs.disk {
+                    disk.dev = None;
+                    disk.serial = None;
+                }
+            }
+        }
+        if !release.privileged_bytes() {
+            for fs in &mut state.filesystems {
+                fs.total_bytes_privileged = None;
+            }
+        }
         install_programs(&mut state);
         state
     }
