@@ -47,8 +47,13 @@ const TEST_PEERS: &[(&str, &str)] = &[
 /// Crates with a cargo-fuzz package of their own, outside the workspace.
 const FUZZ_DIRS: &[&str] = &["guest-stats/fuzz", "qga-proto/fuzz", "disk-transport/fuzz"];
 
-/// Seconds each fuzz target runs in `cargo xtask ci`.
+/// Seconds each fuzz target runs in `cargo xtask ci`...
 const CI_FUZZ_SECONDS: u32 = 20;
+
+/// ...unless there are so many targets that their runs together would take longer than this;
+/// then each gets an equal share, so the step stays bounded as targets are added (13 targets
+/// of 20 s and three sanitizer builds took about 9 minutes on a busy 2-core machine).
+const CI_FUZZ_RUN_BUDGET_SECONDS: u32 = 360;
 
 /// Seconds one fuzz input may take before libFuzzer reports it as a hang (a failure, with the
 /// input saved like a crash). Far above what any decoder needs for one input.
@@ -162,7 +167,7 @@ fn ci() -> Result<(), String> {
         &[("RUSTDOCFLAGS", "-D warnings")],
     )?;
     package(&root, &cargo)?;
-    fuzz_all(&root, CI_FUZZ_SECONDS)?;
+    fuzz_all(&root, FuzzTime::Ci)?;
     // The end-to-end test in a real virtual machine comes last: it needs the binaries the
     // steps above built and checked.
     println!("==> vm-test");
@@ -329,16 +334,42 @@ fn fuzz_task(seconds: Option<&str>) -> Result<(), String> {
     let seconds = seconds
         .parse::<u32>()
         .map_err(|_| format!("`{seconds}` is not a number of seconds"))?;
-    fuzz_all(&workspace_root(), seconds)
+    fuzz_all(&workspace_root(), FuzzTime::Each(seconds))
+}
+
+/// How long each fuzz target runs.
+#[derive(Debug, Clone, Copy)]
+enum FuzzTime {
+    /// This many seconds.
+    Each(u32),
+    /// [`CI_FUZZ_SECONDS`], shortened to fit [`CI_FUZZ_RUN_BUDGET_SECONDS`].
+    Ci,
 }
 
 /// Builds every target of every fuzz package (one `cargo fuzz build` per package, with the
-/// address sanitizer), then runs each target for `seconds` on its corpus and seeds. All targets
-/// run even when one fails; the failures are reported together with the reproducer files
-/// libFuzzer wrote under `fuzz/artifacts/<target>/`.
-fn fuzz_all(root: &Path, seconds: u32) -> Result<(), String> {
+/// address sanitizer), then runs each target for a bounded time on its corpus and seeds. All
+/// targets run even when one fails; the failures are reported together with the reproducer
+/// files libFuzzer wrote under `fuzz/artifacts/<target>/`.
+fn fuzz_all(root: &Path, time: FuzzTime) -> Result<(), String> {
     let started = Instant::now();
     ensure_cargo_fuzz(root)?;
+    let mut packages = Vec::new();
+    for dir in FUZZ_DIRS {
+        let dir = root.join(dir);
+        if dir.join("Cargo.toml").exists() {
+            let targets = fuzz_targets(&dir)?;
+            packages.push((dir, targets));
+        }
+    }
+    let count: usize = packages.iter().map(|(_, targets)| targets.len()).sum();
+    let seconds = match time {
+        FuzzTime::Each(seconds) => seconds,
+        FuzzTime::Ci => {
+            let share =
+                CI_FUZZ_RUN_BUDGET_SECONDS / u32::try_from(count.max(1)).unwrap_or(u32::MAX);
+            CI_FUZZ_SECONDS.min(share.max(1))
+        }
+    };
     // cargo-fuzz needs nightly-only flags; the one stable toolchain here allows them with
     // RUSTC_BOOTSTRAP.
     let env = [("RUSTC_BOOTSTRAP", "1")];
@@ -350,20 +381,15 @@ fn fuzz_all(root: &Path, seconds: u32) -> Result<(), String> {
     let input_timeout = format!("-timeout={FUZZ_INPUT_TIMEOUT_SECONDS}");
     let mut failures = Vec::new();
     let mut ran = 0;
-    for dir in FUZZ_DIRS {
-        let dir = root.join(dir);
-        if !dir.join("Cargo.toml").exists() {
-            continue;
-        }
-        let targets = fuzz_targets(&dir)?;
+    for (dir, targets) in &packages {
         step(
-            &dir,
+            dir,
             &format!("fuzz build ({} targets)", targets.len()),
             "cargo",
             &["fuzz", "build", "--target-dir", &target_dir],
             &env,
         )?;
-        for target in &targets {
+        for target in targets {
             // A corpus directory of its own per target, seeded from `seeds/<target>` when the
             // crate ships valid inputs, so the fuzzer starts past the header checks.
             let corpus = format!("corpus/{target}");
@@ -385,7 +411,7 @@ fn fuzz_all(root: &Path, seconds: u32) -> Result<(), String> {
             let artifacts = dir.join("artifacts").join(target);
             let before = files_in(&artifacts);
             ran += 1;
-            if let Err(error) = step(&dir, &format!("fuzz {target}"), "cargo", &args, &env) {
+            if let Err(error) = step(dir, &format!("fuzz {target}"), "cargo", &args, &env) {
                 let written: Vec<PathBuf> = files_in(&artifacts)
                     .into_iter()
                     .filter(|f| !before.contains(f))
