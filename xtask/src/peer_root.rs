@@ -204,14 +204,8 @@ fn probe_versions(root: &Path) -> Result<Vec<(String, String)>, String> {
 /// Runs `argv` in `root` (chroot in a private mount namespace with /proc, /sys, /dev) and
 /// returns its output; bounded by [`STEP_TIMEOUT_SECS`].
 pub(crate) fn in_root(root: &Path, argv: &[&str]) -> Result<Output, String> {
-    let mut command = Command::new("timeout");
-    command.arg(STEP_TIMEOUT_SECS.to_string()).args([
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "--",
-    ]);
+    let mut command = timeout_command();
+    command.args(["unshare", "--mount", "--propagation", "private", "--"]);
     chroot_args(&mut command, root, &[]);
     command
         .args(argv)
@@ -254,6 +248,17 @@ fn chroot_args(command: &mut Command, root: &Path, binds: &[&Path]) {
         .env("LANG", "C.UTF-8");
 }
 
+/// `timeout --foreground STEP_TIMEOUT_SECS`: bounded, and left in xtask's process group so that
+/// Ctrl-C reaches the whole chain (plain `timeout` moves its child into a group of its own,
+/// which an interrupted xtask would leave running).
+fn timeout_command() -> Command {
+    let mut command = Command::new("timeout");
+    command
+        .args(["--foreground", "--kill-after=10"])
+        .arg(STEP_TIMEOUT_SECS.to_string());
+    command
+}
+
 /// Runs a command, inheriting output, and fails with its name when it fails.
 fn run_step(what: &str, command: &mut Command) -> Result<(), String> {
     let status = command
@@ -279,9 +284,8 @@ fn ensure_debootstrap() -> Result<(), String> {
     println!("==> peer root: installing debootstrap");
     let lock_wait = "DPkg::Lock::Timeout=900";
     let apt = |args: &[&str]| {
-        let mut c = Command::new("timeout");
-        c.arg(STEP_TIMEOUT_SECS.to_string())
-            .arg("apt-get")
+        let mut c = timeout_command();
+        c.arg("apt-get")
             .args(["-q", "-o", lock_wait])
             .args(args)
             .env("DEBIAN_FRONTEND", "noninteractive");
@@ -332,8 +336,7 @@ fn build(workspace: &Path) -> Result<(), String> {
         // with it, even if it is killed.
         run_step(
             "debootstrap",
-            Command::new("timeout")
-                .arg(STEP_TIMEOUT_SECS.to_string())
+            timeout_command()
                 .args(["unshare", "--mount", "--propagation", "private", "--"])
                 .arg("debootstrap")
                 .args(["--variant=minbase", "--components=main,contrib"])
@@ -456,10 +459,8 @@ fn unpack_unstable(base: &Path, root: &Path) -> Result<Vec<(String, String)>, St
             "Acquire::Languages=none".to_owned(),
         ];
         let apt = |args: &[&str]| {
-            let mut c = Command::new("timeout");
-            c.arg(STEP_TIMEOUT_SECS.to_string())
-                .arg("apt-get")
-                .arg("-q");
+            let mut c = timeout_command();
+            c.arg("apt-get").arg("-q");
             for o in &options {
                 c.arg("-o").arg(o);
             }
@@ -540,11 +541,47 @@ fn remove_leftovers(base: &Path) -> Result<(), String> {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.contains(".tmp-") || name.contains(".old-") {
+            let users = processes_using(&entry.path());
+            if !users.is_empty() {
+                return Err(format!(
+                    "{} is still in use by process(es) {} (another build, or one an interrupted \
+                     build left running); wait for them or end them, then run again",
+                    entry.path().display(),
+                    users.join(", ")
+                ));
+            }
             println!("==> peer root: removing the leftover {name}");
             remove_tree(&entry.path())?;
         }
     }
     Ok(())
+}
+
+/// Processes (`PID command`) whose root, working directory or an open file is under `dir`.
+fn processes_using(dir: &Path) -> Vec<String> {
+    let dir = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let mut users = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return users;
+    };
+    for entry in procs.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let proc_dir = entry.path();
+        let under = |link: PathBuf| fs::read_link(link).is_ok_and(|t| t.starts_with(&dir));
+        let uses = under(proc_dir.join("root"))
+            || under(proc_dir.join("cwd"))
+            || fs::read_dir(proc_dir.join("fd"))
+                .map(|fds| fds.flatten().any(|fd| under(fd.path())))
+                .unwrap_or(false);
+        if uses {
+            let command = fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
+            users.push(format!("{name} {}", command.trim()));
+        }
+    }
+    users
 }
 
 /// Deletes a tree after unmounting anything under it, never crossing into another file system.
@@ -644,7 +681,12 @@ mod tests {
         assert_ne!(stamp_recipe("recipe: 0 trixie\n"), Some(recipe().as_str()));
         assert_eq!(stamp_recipe("built: 1\n"), None);
         // Every package the tests rely on is in the recipe.
-        for package in ["qemu-guest-agent", "nbdkit-plugin-vddk", "gnutls-bin", "systemd"] {
+        for package in [
+            "qemu-guest-agent",
+            "nbdkit-plugin-vddk",
+            "gnutls-bin",
+            "systemd",
+        ] {
             assert!(recipe().contains(package), "{package}");
         }
     }
