@@ -115,6 +115,7 @@ mod types;
 pub mod compare;
 pub mod config;
 pub mod copy;
+pub mod factory;
 pub mod memory;
 pub mod null;
 pub mod uri;
@@ -146,7 +147,11 @@ pub use types::{
     clip_extents, push_dirty_extent, push_extent, AdapterType, DirtyExtent, DiskInfo, Extent,
     ExtentKind, Geometry, ProtocolInfo,
 };
-pub use uri::{open_uri, parse_size, percent_decode, DiskUri, NbdAddress, NbdTls};
+pub use factory::open_uri;
+pub use uri::{
+    parse_size, percent_decode, DiskUri, NbdAddress, NbdTls, VddkTarget, VddkUri,
+    VDDK_PASSWORD_ENV,
+};
 
 /// Called when a submitted read completes: the filled buffer, or the error.
 pub type ReadCompletion = Box<dyn FnOnce(Result<Vec<u8>>) + Send>;

@@ -3,7 +3,9 @@
 //! | URI | backend |
 //! |---|---|
 //! | `mem://NAME?size=1G` | [`memory`](crate::memory): the process-wide disk `NAME`, created with `size` on first use |
-//! | `file:///path/disk.img`, `/path/disk.img`, `./disk.img` | `file`; `?direct=1` opens with `O_DIRECT` |
+//! | `file:///path/disk.img`, `/path/disk.img`, `disk.img` | `file`; `?direct=1` opens with `O_DIRECT` |
+//! | `null:` | [`null`](crate::null): discards writes, reads zeros (as nbdcopy's `null:`) |
+//! | `vddk://USER@SERVER[:PORT]/DISK?vm=moref=vm-16&...`, `vddk:///path/local.vmdk` | `vddk` (see [`VddkUri`]) |
 //! | `nbd://HOST[:PORT]/[EXPORT]` | `nbd` over TCP (port 10809 by default), as libnbd writes it |
 //! | `nbd+unix:///[EXPORT]?socket=PATH` | `nbd` over a Unix socket |
 //! | `nbds://[USER@]HOST[:PORT]/[EXPORT]`, `nbds+unix://[USER@]/[EXPORT]?socket=PATH` | `nbd` over TLS (feature `tls`) |
@@ -26,7 +28,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::{Disk, Error, OpenFlags, Result};
+use crate::{Error, OpenFlags, Result};
 
 /// Where an NBD server listens.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -56,6 +58,177 @@ pub struct NbdTls {
     pub hostname: Option<String>,
     /// `tls-verify-peer=BOOL`, if given.
     pub verify_peer: Option<bool>,
+}
+
+/// The environment variable holding the password of a `vddk://USER@…` URI.
+pub const VDDK_PASSWORD_ENV: &str = "VMSDK_VDDK_PASSWORD";
+
+/// A `vddk://` URI: a VMware virtual disk reached through VDDK (libvixDiskLib loaded at run
+/// time).
+///
+/// ```text
+/// vddk://USER@SERVER[:PORT]/DISK-PATH?vm=moref=vm-16&snapshot=snapshot-47&thumbprint=AA:..:99
+///        &transports=nbdssl:nbd&libdir=/opt/vmware-vix-disklib-distrib&config=/etc/vddk.conf
+///        &nfc-port=902
+/// vddk:///path/to/local.vmdk?libdir=/opt/vmware-vix-disklib-distrib
+/// ```
+///
+/// The disk path is percent-encoded (`%5Bdatastore1%5D%20vm%2Fvm.vmdk` for
+/// `[datastore1] vm/vm.vmdk`). The password never goes in the URI, where shell history and
+/// logs would keep it: [`VddkUri::target`] takes it from [`VDDK_PASSWORD_ENV`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct VddkUri {
+    /// vCenter or ESXi host; `None` for a local file.
+    pub server: Option<String>,
+    /// Its port.
+    pub port: Option<u16>,
+    /// The user name (the password comes from the environment).
+    pub user: Option<String>,
+    /// The disk path as VDDK takes it.
+    pub path: String,
+    /// `vm=`: the VM (`moref=vm-16`).
+    pub vm: Option<String>,
+    /// `snapshot=`: the snapshot's MoRef.
+    pub snapshot: Option<String>,
+    /// `thumbprint=`: the server's SSL thumbprint (validated).
+    pub thumbprint: Option<String>,
+    /// `transports=`: colon-separated transport modes (validated).
+    pub transports: Option<String>,
+    /// `libdir=`: where VDDK is installed.
+    pub libdir: Option<String>,
+    /// `config=`: a VDDK configuration file.
+    pub config: Option<String>,
+    /// `nfc-port=`: the NFC host port.
+    pub nfc_port: Option<u16>,
+}
+
+/// What a `vddk://` URI says, ready to connect: parameters and the disk to open.
+#[derive(Debug, Clone)]
+pub struct VddkTarget {
+    /// The connection parameters (credentials redacted in `Debug`).
+    pub params: crate::ConnectParams,
+    /// The disk path as VDDK takes it.
+    pub path: String,
+}
+
+impl VddkUri {
+    /// The connection parameters and disk path; `password` is needed when the URI names a
+    /// user (take it from [`VDDK_PASSWORD_ENV`]).
+    pub fn target(&self, flags: OpenFlags, password: Option<String>) -> Result<VddkTarget> {
+        let uri = "vddk://";
+        let mut builder = crate::ConnectParams::builder().read_only(flags.read_only);
+        if let Some(server) = &self.server {
+            builder = builder.server(server.clone());
+        }
+        if let Some(port) = self.port {
+            builder = builder.port(port);
+        }
+        if let Some(user) = &self.user {
+            let password = password.ok_or_else(|| {
+                invalid(
+                    uri,
+                    format!("set {VDDK_PASSWORD_ENV} to the password of user {user:?}"),
+                )
+            })?;
+            builder = builder.user_password(user.clone(), crate::Secret::new(password));
+        }
+        if let Some(v) = &self.vm {
+            builder = builder.vm(v.clone());
+        }
+        if let Some(v) = &self.snapshot {
+            builder = builder.snapshot(v.clone());
+        }
+        if let Some(v) = &self.thumbprint {
+            builder = builder.thumbprint(crate::Thumbprint::new(v)?);
+        }
+        if let Some(v) = &self.transports {
+            builder = builder.transport_modes(crate::parse_transport_modes(v)?);
+        }
+        if let Some(v) = &self.libdir {
+            builder = builder.libdir(v.clone());
+        }
+        if let Some(v) = &self.config {
+            builder = builder.config_path(v.clone());
+        }
+        if let Some(v) = self.nfc_port {
+            builder = builder.nfc_host_port(v);
+        }
+        Ok(VddkTarget {
+            params: builder.build()?,
+            path: self.path.clone(),
+        })
+    }
+}
+
+fn parse_vddk(uri: &str, authority: &str, path: &str, query: &str) -> Result<VddkUri> {
+    let mut v = VddkUri {
+        server: None,
+        port: None,
+        user: None,
+        path: String::new(),
+        vm: None,
+        snapshot: None,
+        thumbprint: None,
+        transports: None,
+        libdir: None,
+        config: None,
+        nfc_port: None,
+    };
+    if authority.is_empty() {
+        // A local file: keep the leading slash.
+        v.path = percent_decode(uri, path)?;
+    } else {
+        let host_port = match authority.rsplit_once('@') {
+            Some((user, host)) => {
+                v.user = Some(percent_decode(uri, user)?);
+                host
+            }
+            None => authority,
+        };
+        let (host, port) = split_host_port_opt(uri, host_port)?;
+        v.server = Some(host);
+        v.port = port;
+        v.path = percent_decode(uri, path.trim_start_matches('/'))?;
+    }
+    if v.path.is_empty() || v.path == "/" {
+        return Err(invalid(uri, "no disk path after the server"));
+    }
+    // Values are taken as written after percent-decoding; `vm=moref=vm-16` keeps its `=`.
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = percent_decode(uri, value)?;
+        match key {
+            "vm" => v.vm = Some(value),
+            "snapshot" => v.snapshot = Some(value),
+            "thumbprint" => {
+                crate::Thumbprint::new(&value)?;
+                v.thumbprint = Some(value)
+            }
+            "transports" => {
+                crate::parse_transport_modes(&value)?;
+                v.transports = Some(value)
+            }
+            "libdir" => v.libdir = Some(value),
+            "config" => v.config = Some(value),
+            "nfc-port" => {
+                v.nfc_port = Some(
+                    value
+                        .parse()
+                        .map_err(|_| invalid(uri, format!("nfc-port `{value}` is not a port")))?,
+                )
+            }
+            other => {
+                return Err(invalid(
+                    uri,
+                    format!(
+                        "unknown parameter `{other}` (vddk URIs take vm, snapshot, thumbprint, \
+                         transports, libdir, config, nfc-port)"
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(v)
 }
 
 /// A parsed disk URI; see the [module docs](self).
@@ -91,6 +264,13 @@ pub enum DiskUri {
         /// Connections to open when the server allows multi-conn (1 if not given).
         connections: Option<usize>,
     },
+    /// `null:` (or `null:?size=SIZE`): the sink that discards writes and reads zeros.
+    Null {
+        /// Size in bytes, if given (a copy destination takes the source's).
+        size: Option<u64>,
+    },
+    /// `vddk://`.
+    Vddk(VddkUri),
 }
 
 fn invalid(uri: &str, reason: impl Into<String>) -> Error {
@@ -153,15 +333,55 @@ impl std::str::FromStr for DiskUri {
     type Err = Error;
 
     fn from_str(uri: &str) -> Result<Self> {
-        if uri.starts_with('/') || uri.starts_with("./") || uri.starts_with("../") {
+        if uri.is_empty() {
+            return Err(invalid(uri, "empty"));
+        }
+        if let Some(rest) = uri.strip_prefix("null:") {
+            let query = match rest.strip_prefix('?') {
+                Some(q) => Some(q),
+                None if rest.is_empty() => None,
+                None => return Err(invalid(uri, "null: takes only ?size=SIZE")),
+            };
+            let query = query_pairs(uri, query)?;
+            let mut size = None;
+            for (k, v) in query {
+                match k.as_str() {
+                    "size" => {
+                        size = Some(parse_size(&v).ok_or_else(|| {
+                            invalid(uri, format!("size {v:?} is not a size like 1G or 4096"))
+                        })?)
+                    }
+                    other => return Err(invalid(uri, format!("unknown parameter {other:?}"))),
+                }
+            }
+            return Ok(DiskUri::Null { size });
+        }
+        // A path: absolute, or relative as people type it on a command line (`disk.img`).
+        // Anything with a colon before its first slash is meant as a URI.
+        let looks_like_uri = uri
+            .find(':')
+            .is_some_and(|colon| uri.find('/').is_none_or(|slash| colon < slash));
+        if uri.starts_with('/') || !looks_like_uri {
             return Ok(DiskUri::File {
                 path: PathBuf::from(uri),
                 direct: false,
             });
         }
-        let (scheme, rest) = uri
-            .split_once("://")
-            .ok_or_else(|| invalid(uri, "expected SCHEME://... or an absolute path"))?;
+        let (scheme, rest) = uri.split_once("://").ok_or_else(|| {
+            invalid(
+                uri,
+                "expected SCHEME://..., null: or a path (write ./NAME for a file whose name has \
+                 a colon)",
+            )
+        })?;
+        if scheme == "vddk" {
+            let (rest, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let (authority, path) = match rest.find('/') {
+                Some(i) => rest.split_at(i),
+                None => (rest, ""),
+            };
+            return parse_vddk(uri, authority, path, query).map(DiskUri::Vddk);
+        }
         let (rest, query) = match rest.split_once('?') {
             Some((r, q)) => (r, Some(q)),
             None => (rest, None),
@@ -209,12 +429,15 @@ impl std::str::FromStr for DiskUri {
                     direct,
                 })
             }
-            "nbd" | "nbd+unix" | "nbds" | "nbds+unix" => parse_nbd(uri, scheme, authority, path, query),
+            "nbd" | "nbd+unix" | "nbds" | "nbds+unix" => {
+                parse_nbd(uri, scheme, authority, path, query)
+            }
             "nbd+vsock" | "nbds+vsock" => Err(invalid(uri, "NBD over vsock is not supported")),
             other => Err(invalid(
                 uri,
                 format!(
-                    "unknown scheme {other:?} (expected mem, file, nbd, nbd+unix, nbds or nbds+unix)"
+                    "unknown scheme {other:?} (expected file, nbd, nbd+unix, nbds, nbds+unix, \
+                     mem, null or vddk)"
                 ),
             )),
         }
@@ -354,6 +577,12 @@ fn split_host_port(uri: &str, authority: &str) -> Result<(String, u16)> {
     if authority.is_empty() {
         return Err(invalid(uri, "missing host: nbd://HOST[:PORT]/EXPORT"));
     }
+    let (host, port) = split_host_port_opt(uri, authority)?;
+    Ok((host, port.unwrap_or(10809)))
+}
+
+/// Splits `host[:port]` (IPv6 hosts in brackets).
+fn split_host_port_opt(uri: &str, authority: &str) -> Result<(String, Option<u16>)> {
     let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
         let (host, after) = v6
             .split_once(']')
@@ -365,107 +594,13 @@ fn split_host_port(uri: &str, authority: &str) -> Result<(String, u16)> {
             None => (authority, None),
         }
     };
-    let port = match port {
-        Some(p) => p
-            .parse()
-            .map_err(|_| invalid(uri, format!("port {p:?} is not a number 0-65535")))?,
-        None => 10809,
-    };
+    let port = port
+        .map(|p| {
+            p.parse()
+                .map_err(|_| invalid(uri, format!("port {p:?} is not a number 0-65535")))
+        })
+        .transpose()?;
     Ok((host.to_owned(), port))
-}
-
-/// Opens a disk from a URI (see the [module docs](self)). `flags.read_only` opens read-only.
-pub fn open_uri(uri: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
-    let parsed: DiskUri = uri.parse()?;
-    parsed.open(flags)
-}
-
-impl DiskUri {
-    /// Opens the disk this URI names.
-    pub fn open(&self, flags: OpenFlags) -> Result<Box<dyn Disk>> {
-        match self {
-            DiskUri::Memory { name, size } => {
-                let registry = crate::memory::shared();
-                let disk = match (registry.disk(name), size) {
-                    (Some(disk), Some(size)) if disk.capacity() != *size => {
-                        return Err(Error::InvalidParams(format!(
-                            "memory disk {name:?} exists with {} bytes, not {size}",
-                            disk.capacity()
-                        )))
-                    }
-                    (Some(disk), _) => disk,
-                    (None, Some(size)) => {
-                        let disk = crate::memory::MemoryDisk::new(*size);
-                        registry.insert(name.clone(), disk.clone());
-                        disk
-                    }
-                    (None, None) => {
-                        return Err(Error::NotFound(format!(
-                            "memory disk {name:?}; give ?size=SIZE to create it"
-                        )))
-                    }
-                };
-                Ok(Box::new(if flags.read_only {
-                    disk.read_only_handle()
-                } else {
-                    disk
-                }))
-            }
-            DiskUri::File { path, direct } => {
-                #[cfg(feature = "file")]
-                {
-                    let options = crate::file::FileOptions {
-                        read_only: flags.read_only,
-                        direct: *direct || flags.unbuffered,
-                        create_size: None,
-                    };
-                    Ok(Box::new(crate::file::FileDisk::open(path, &options)?))
-                }
-                #[cfg(not(feature = "file"))]
-                {
-                    let _ = (path, direct);
-                    Err(Error::Unsupported(
-                        "file:// (disk-transport was built without the `file` feature)".into(),
-                    ))
-                }
-            }
-            DiskUri::Nbd {
-                address,
-                export,
-                tls,
-                timeout,
-                dirty_bitmap,
-                connections,
-            } => {
-                #[cfg(feature = "nbd")]
-                {
-                    let mut options = crate::nbd::NbdOptions::new(address.clone())
-                        .export(export.clone())
-                        .read_only(flags.read_only);
-                    if let Some(tls) = tls {
-                        options = options.tls(tls.clone());
-                    }
-                    if let Some(t) = timeout {
-                        options = options.timeout(*t);
-                    }
-                    if let Some(b) = dirty_bitmap {
-                        options = options.dirty_bitmap(b.clone());
-                    }
-                    if let Some(n) = connections {
-                        options = options.connections(*n);
-                    }
-                    Ok(Box::new(crate::nbd::NbdDisk::connect(&options)?))
-                }
-                #[cfg(not(feature = "nbd"))]
-                {
-                    let _ = (address, export, tls, timeout, dirty_bitmap, connections);
-                    Err(Error::Unsupported(
-                        "nbd:// (disk-transport was built without the `nbd` feature)".into(),
-                    ))
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -568,6 +703,94 @@ mod tests {
         ));
     }
 
+    fn vddk(uri: &str) -> VddkUri {
+        match uri.parse::<DiskUri>().unwrap() {
+            DiskUri::Vddk(v) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn vddk_uris_carry_every_parameter_and_hide_the_password() {
+        let uri = "vddk://admin%40vsphere.local@esx1.example.com:902/\
+                   %5Bdatastore1%5D%20vm1%2Fvm1.vmdk?vm=moref=vm-16&snapshot=snapshot-47\
+                   &transports=nbdssl:nbd&libdir=/opt/vddk&nfc-port=9020";
+        let target = vddk(uri)
+            .target(OpenFlags::read_only(), Some("s3cret".into()))
+            .unwrap();
+        assert_eq!(target.path, "[datastore1] vm1/vm1.vmdk");
+        let params = &target.params;
+        assert_eq!(params.server(), Some("esx1.example.com"));
+        assert_eq!(params.port(), Some(902));
+        assert_eq!(params.nfc_host_port(), Some(9020));
+        assert_eq!(params.vm(), Some("moref=vm-16"));
+        assert_eq!(params.snapshot(), Some("snapshot-47"));
+        assert_eq!(
+            params.transport_modes_string().as_deref(),
+            Some("nbdssl:nbd")
+        );
+        assert!(params.read_only());
+        assert!(!format!("{target:?}").contains("s3cret"));
+        // IPv6 servers keep their port; a local file keeps its absolute path.
+        let v6 = vddk("vddk://u@[fd00::5]:902/d.vmdk?vm=moref=vm-1");
+        assert_eq!(
+            (v6.server.as_deref(), v6.port),
+            (Some("fd00::5"), Some(902))
+        );
+        let local = vddk("vddk:///srv/disks/a.vmdk")
+            .target(OpenFlags::read_write(), None)
+            .unwrap();
+        assert_eq!(local.path, "/srv/disks/a.vmdk");
+        assert!(!local.params.is_remote() && !local.params.read_only());
+        // A user without a password: the variable to set is named.
+        let err = vddk("vddk://root@esx/disk.vmdk")
+            .target(OpenFlags::read_only(), None)
+            .unwrap_err();
+        assert!(err.to_string().contains(VDDK_PASSWORD_ENV), "{err}");
+        for (uri, needle) in [
+            ("vddk://esx/d.vmdk?colour=red", "colour"),
+            ("vddk://esx:http/d.vmdk", "http"),
+            ("vddk://esx/", "no disk path"),
+            ("vddk://esx/d.vmdk?transports=warp", "warp"),
+            ("vddk://esx/%zz", "escape"),
+        ] {
+            let err = uri.parse::<DiskUri>().unwrap_err();
+            assert!(err.to_string().contains(needle), "{uri}: {err}");
+        }
+    }
+
+    #[test]
+    fn null_and_relative_paths() {
+        assert_eq!(
+            "null:".parse::<DiskUri>().unwrap(),
+            DiskUri::Null { size: None }
+        );
+        assert_eq!(
+            "null:?size=1G".parse::<DiskUri>().unwrap(),
+            DiskUri::Null {
+                size: Some(1 << 30)
+            }
+        );
+        assert!("null:x".parse::<DiskUri>().is_err());
+        for path in [
+            "disk.img",
+            "backups/disk.img",
+            "../d.img",
+            "./a:b.img",
+            "dir/a:b",
+        ] {
+            assert_eq!(
+                path.parse::<DiskUri>().unwrap(),
+                DiskUri::File {
+                    path: path.into(),
+                    direct: false
+                }
+            );
+        }
+        assert!("a:b.img".parse::<DiskUri>().is_err());
+        assert!("".parse::<DiskUri>().is_err());
+    }
+
     #[test]
     fn unknown_and_misplaced_parameters_are_named() {
         for (uri, needle) in [
@@ -619,6 +842,7 @@ mod tests {
 
     #[test]
     fn mem_uris_share_one_disk() {
+        use crate::open_uri;
         let a = open_uri("mem://uri-test-shared?size=1M", OpenFlags::read_write()).unwrap();
         a.write_at(b"hello", 100).unwrap();
         let b = open_uri("mem://uri-test-shared", OpenFlags::read_only()).unwrap();

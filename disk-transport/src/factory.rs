@@ -1,0 +1,260 @@
+//! Opening a disk by URI: the one place that knows every backend.
+//!
+//! [`DiskUri`] parses (see [`uri`](crate::uri) for the syntax); this module turns a parsed URI
+//! into an open [`Disk`] of whichever backend it names and this build has (features `file`,
+//! `nbd`, `tls`, `vddk`), as cloud-hypervisor's `block::factory` does for its disk images. The
+//! parser knows no backend and the backends know no URI syntax.
+//!
+//! ```
+//! use disk_transport::{factory, OpenFlags};
+//!
+//! # fn main() -> disk_transport::Result<()> {
+//! let disk = factory::open("mem://factory-doc?size=1M", OpenFlags::read_write())?;
+//! disk.write_at(b"hello", 4096)?;
+//! let (sink, reads_as_zero) = factory::open_or_create("null:", 1 << 30)?;
+//! assert!(reads_as_zero && sink.info()?.capacity == 1 << 30);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::path::Path;
+
+use crate::uri::{DiskUri, VddkUri, VDDK_PASSWORD_ENV};
+use crate::{Disk, Error, OpenFlags, Result};
+
+/// The destination that discards everything, as nbdcopy names it: for measuring how fast a
+/// source can be read.
+pub const NULL_SINK: &str = "null:";
+
+/// Opens the disk `uri` names: `file:///path` or a path, `nbd://`, `nbd+unix://`, `nbds://`,
+/// `nbds+unix://`, `mem://NAME?size=SIZE`, `null:?size=SIZE`, `vddk://…` (the password of a
+/// user comes from [`VDDK_PASSWORD_ENV`]). `flags.read_only` opens read-only.
+pub fn open(uri: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
+    uri.parse::<DiskUri>()?.open(flags)
+}
+
+/// [`open`] under its older name.
+pub fn open_uri(uri: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
+    open(uri, flags)
+}
+
+/// Opens `uri` for writing, creating it as a sparse file of `size` bytes when it names a file
+/// that does not exist; `null:` is a [`NullDisk`](crate::null::NullDisk) of `size` bytes.
+/// Returns the disk and whether it reads as zeros (created, or the null sink), so a copy may
+/// skip writing zeros.
+pub fn open_or_create(uri: &str, size: u64) -> Result<(Box<dyn Disk>, bool)> {
+    match uri.parse::<DiskUri>()? {
+        DiskUri::Null { size: given } => Ok((
+            Box::new(crate::null::NullDisk::new(given.unwrap_or(size))),
+            true,
+        )),
+        #[cfg(feature = "file")]
+        DiskUri::File { path, .. } if !Path::new(&path).exists() => {
+            let disk = crate::file::FileDisk::create(&path, size)?;
+            Ok((Box::new(disk), true))
+        }
+        parsed => Ok((parsed.open(OpenFlags::read_write())?, false)),
+    }
+}
+
+/// Returns `uri` asking for up to `connections` NBD connections when it is an NBD URI that
+/// does not say `connections=` itself; any other URI comes back unchanged. The client opens
+/// more than one only when the server advertises multi-conn, so this is safe for any server.
+/// More connections pay off when each request waits on the server (a slow disk, a network,
+/// TLS, VDDK behind nbdkit): nbdcopy defaults to one per CPU, at most 4.
+///
+/// ```
+/// use disk_transport::factory::with_default_connections;
+///
+/// let uri = with_default_connections("nbd+unix:///disk?socket=/run/s.sock", 2);
+/// assert_eq!(uri, "nbd+unix:///disk?socket=/run/s.sock&connections=2");
+/// assert_eq!(with_default_connections("nbd://host/disk?connections=1", 4), "nbd://host/disk?connections=1");
+/// assert_eq!(with_default_connections("disk.img", 4), "disk.img");
+/// ```
+pub fn with_default_connections(uri: &str, connections: usize) -> String {
+    match uri.parse::<DiskUri>() {
+        Ok(DiskUri::Nbd {
+            connections: None, ..
+        }) if connections > 1 => {
+            let separator = if uri.contains('?') { '&' } else { '?' };
+            format!("{uri}{separator}connections={connections}")
+        }
+        _ => uri.to_owned(),
+    }
+}
+
+#[cfg(all(feature = "vddk", unix))]
+fn open_vddk(vddk: &VddkUri, flags: OpenFlags) -> Result<Box<dyn Disk>> {
+    let target = vddk.target(flags, std::env::var(VDDK_PASSWORD_ENV).ok())?;
+    let transport = crate::vddk::VddkTransport::from_params(&target.params)?;
+    let connection = transport.connect_vddk(&target.params)?;
+    // The disk keeps its connection alive; dropping ours here is fine.
+    Ok(Box::new(connection.open_disk(&target.path, flags)?))
+}
+
+#[cfg(not(all(feature = "vddk", unix)))]
+fn open_vddk(vddk: &VddkUri, flags: OpenFlags) -> Result<Box<dyn Disk>> {
+    let _ = (vddk, flags, VDDK_PASSWORD_ENV);
+    Err(Error::Unsupported(
+        "vddk:// (disk-transport was built without the `vddk` feature)".into(),
+    ))
+}
+
+impl DiskUri {
+    /// Opens the disk this URI names (see [`open`]).
+    pub fn open(&self, flags: OpenFlags) -> Result<Box<dyn Disk>> {
+        match self {
+            DiskUri::Null { size } => {
+                let size = size.ok_or_else(|| {
+                    Error::InvalidParams(
+                        "null: needs a size to be opened on its own (null:?size=1G); as a copy \
+                         destination it takes the source's"
+                            .into(),
+                    )
+                })?;
+                Ok(Box::new(crate::null::NullDisk::new(size)))
+            }
+            DiskUri::Vddk(vddk) => open_vddk(vddk, flags),
+            DiskUri::Memory { name, size } => {
+                let registry = crate::memory::shared();
+                let disk = match (registry.disk(name), size) {
+                    (Some(disk), Some(size)) if disk.capacity() != *size => {
+                        return Err(Error::InvalidParams(format!(
+                            "memory disk {name:?} exists with {} bytes, not {size}",
+                            disk.capacity()
+                        )))
+                    }
+                    (Some(disk), _) => disk,
+                    (None, Some(size)) => {
+                        let disk = crate::memory::MemoryDisk::new(*size);
+                        registry.insert(name.clone(), disk.clone());
+                        disk
+                    }
+                    (None, None) => {
+                        return Err(Error::NotFound(format!(
+                            "memory disk {name:?}; give ?size=SIZE to create it"
+                        )))
+                    }
+                };
+                Ok(Box::new(if flags.read_only {
+                    disk.read_only_handle()
+                } else {
+                    disk
+                }))
+            }
+            DiskUri::File { path, direct } => {
+                #[cfg(feature = "file")]
+                {
+                    let options = crate::file::FileOptions {
+                        read_only: flags.read_only,
+                        direct: *direct || flags.unbuffered,
+                        create_size: None,
+                    };
+                    Ok(Box::new(crate::file::FileDisk::open(path, &options)?))
+                }
+                #[cfg(not(feature = "file"))]
+                {
+                    let _ = (path, direct);
+                    Err(Error::Unsupported(
+                        "file:// (disk-transport was built without the `file` feature)".into(),
+                    ))
+                }
+            }
+            DiskUri::Nbd {
+                address,
+                export,
+                tls,
+                timeout,
+                dirty_bitmap,
+                connections,
+            } => {
+                #[cfg(feature = "nbd")]
+                {
+                    let mut options = crate::nbd::NbdOptions::new(address.clone())
+                        .export(export.clone())
+                        .read_only(flags.read_only);
+                    if let Some(tls) = tls {
+                        options = options.tls(tls.clone());
+                    }
+                    if let Some(t) = timeout {
+                        options = options.timeout(*t);
+                    }
+                    if let Some(b) = dirty_bitmap {
+                        options = options.dirty_bitmap(b.clone());
+                    }
+                    if let Some(n) = connections {
+                        options = options.connections(*n);
+                    }
+                    Ok(Box::new(crate::nbd::NbdDisk::connect(&options)?))
+                }
+                #[cfg(not(feature = "nbd"))]
+                {
+                    let _ = (address, export, tls, timeout, dirty_bitmap, connections);
+                    Err(Error::Unsupported(
+                        "nbd:// (disk-transport was built without the `nbd` feature)".into(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn null_and_relative_paths_and_nbd_connections() {
+        let (sink, zero) = open_or_create("null:", 4096).unwrap();
+        assert!(zero);
+        assert_eq!(sink.info().unwrap().capacity, 4096);
+        assert_eq!(
+            open("null:?size=1M", OpenFlags::read_only())
+                .unwrap()
+                .info()
+                .unwrap()
+                .capacity,
+            1 << 20
+        );
+        assert!(open("null:", OpenFlags::read_only())
+            .unwrap_err()
+            .to_string()
+            .contains("size"));
+        assert_eq!(
+            with_default_connections("nbds://h/x?tls-psk-file=/k", 3),
+            "nbds://h/x?tls-psk-file=/k&connections=3"
+        );
+        assert_eq!(
+            with_default_connections("mem://a?size=1M", 3),
+            "mem://a?size=1M"
+        );
+    }
+
+    #[cfg(feature = "file")]
+    #[test]
+    fn missing_files_are_created_sparse() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.img");
+        let (disk, zero) = open_or_create(path.to_str().unwrap(), 1 << 20).unwrap();
+        assert!(zero);
+        assert_eq!(disk.info().unwrap().capacity, 1 << 20);
+        drop(disk);
+        let (_, zero) = open_or_create(path.to_str().unwrap(), 1 << 20).unwrap();
+        assert!(!zero);
+    }
+
+    #[test]
+    fn vddk_without_password_names_the_variable() {
+        let err = match open(
+            "vddk://root@esx/disk.vmdk?vm=moref=vm-1",
+            OpenFlags::read_only(),
+        ) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("opened"),
+        };
+        assert!(
+            err.contains(VDDK_PASSWORD_ENV) || err.contains("vddk"),
+            "{err}"
+        );
+    }
+}
