@@ -1384,6 +1384,55 @@ mod tests {
     }
 
     #[test]
+    fn unaligned_extents_and_extents_past_the_request_are_clipped() {
+        // Data in granules 0 and 2, an image end that is not a multiple of anything.
+        let size = 3 * 65536 + 700;
+        let mut data = vec![0u8; size];
+        data[..65536].fill(1);
+        data[2 * 65536..].fill(2);
+        for extended in [false, true] {
+            let config = super::test_server::Config {
+                extended,
+                min_block: Some(512),
+                unaligned_extents: true,
+                ..Default::default()
+            };
+            let (_dir, address, _log) = configured_server(data.clone(), config);
+            let disk = NbdDisk::connect(&NbdOptions::new(address)).unwrap();
+            let all = disk.allocated_extents(0, size as u64).unwrap();
+            let kinds: Vec<(u64, u64, ExtentKind)> =
+                all.iter().map(|e| (e.offset, e.length, e.kind)).collect();
+            assert_eq!(
+                kinds,
+                vec![
+                    (0, 65536, ExtentKind::Data),
+                    (65536, 65536, ExtentKind::Hole),
+                    (2 * 65536, 65536 + 700, ExtentKind::Data),
+                ]
+            );
+            // Any range, aligned or not, comes back exactly covered.
+            for (offset, length) in [
+                (1000u64, 70_000u64),
+                (65536 - 300, 301),
+                (size as u64 - 1, 1),
+            ] {
+                let part = disk.allocated_extents(offset, length).unwrap();
+                assert_eq!(part.first().unwrap().offset, offset);
+                assert_eq!(part.last().unwrap().end(), offset + length);
+                assert!(part.windows(2).all(|w| w[0].end() == w[1].offset));
+                for e in &part {
+                    let expect = kinds
+                        .iter()
+                        .find(|k| k.0 <= e.offset && e.offset < k.0 + k.1)
+                        .unwrap()
+                        .2;
+                    assert_eq!(e.kind, expect, "{offset}+{length}: {part:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn fua_when_asked_and_advertised_and_flush_when_not() {
         for advertised in [true, false] {
             let config = super::test_server::Config {

@@ -43,6 +43,11 @@ pub(crate) struct Config {
     pub slow_zero: bool,
     /// Where to log requests.
     pub log: Option<Arc<Mutex<Vec<Logged>>>>,
+    /// Advertised minimum block size (default 1).
+    pub min_block: Option<u32>,
+    /// Split every block status descriptor at an unaligned point (as nbdkit does at an
+    /// unaligned end of image).
+    pub unaligned_extents: bool,
 }
 
 fn send_option_reply(s: &mut UnixStream, option: u32, reply: u32, payload: &[u8]) {
@@ -135,7 +140,7 @@ pub(crate) fn serve_with(mut s: UnixStream, mut disk: Vec<u8>, seed: u64, config
                 export.extend_from_slice(&tf.to_be_bytes());
                 send_option_reply(&mut s, option, rep::INFO, &export);
                 let mut block = info::BLOCK_SIZE.to_be_bytes().to_vec();
-                for v in [1u32, 4096, 1 << 20] {
+                for v in [config.min_block.unwrap_or(1), 4096, 1 << 20] {
                     block.extend_from_slice(&v.to_be_bytes());
                 }
                 send_option_reply(&mut s, option, rep::INFO, &block);
@@ -293,7 +298,13 @@ fn answer(
                 } else {
                     0
                 };
-                descriptors.push(((g_end - pos) as u64, flags));
+                let len = (g_end - pos) as u64;
+                if config.unaligned_extents && len > 300 {
+                    descriptors.push((len - 300, flags));
+                    descriptors.push((300, flags));
+                } else {
+                    descriptors.push((len, flags));
+                }
                 pos = g_end;
             }
             if pos >= disk.len() && pos < end && descriptors.len() < 64 {
