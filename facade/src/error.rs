@@ -65,6 +65,25 @@ pub enum Error {
     /// `VMSDK_BACKEND` (or whatever string was parsed) names no backend.
     #[error("unknown backend `{0}` (expected `auto` or `fake`)")]
     UnknownBackend(String),
+    /// A metric name prefix or label name that Prometheus would not accept, or a label that
+    /// clashes with another.
+    #[cfg(feature = "prometheus-client")]
+    #[error("invalid Prometheus name `{name}`: {problem}")]
+    InvalidMetricName {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The Prometheus exporter cannot listen on its address.
+    #[cfg(feature = "exporter")]
+    #[error("cannot listen on {addr}")]
+    Listen {
+        /// The address, as resolved.
+        addr: String,
+        /// Why not.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// A fixture tree's CPUID recording could not be read.
     #[error("cannot read the CPUID recording under {}", root.display())]
     CpuidRecording {

@@ -25,10 +25,12 @@
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `stats` | yes | [`Platform::guest_stats`], [`guest_stats`] (VMware backdoor, Linux procfs, the fake), [`prometheus`] |
+//! | `stats` | yes | [`Platform::guest_stats`], [`guest_stats`] (VMware backdoor, Linux procfs, the fake) |
 //! | `agent` | yes | [`agent`]: QEMU guest agent clients on tokio, [`qga_proto`], the fake agent |
 //! | `disk` | yes | [`disk`]: disks by URI (file, NBD, VDDK, memory), [`disk_transport`], the copy engine |
 //! | `mock` | no | mockall mocks of every trait, gathered in [`mock`] |
+//! | `prometheus-client` | no | [`prometheus`]: the statistics as metrics through the official `prometheus-client` crate: a collector for your `Registry`, OpenMetrics and text 0.0.4 with content negotiation |
+//! | `exporter` | no | [`prometheus::Exporter`], a `/metrics` server (tiny_http) with your labels and per-interval rates |
 //! | `cli` | no | the `vmsdk` command line tool (clap, indicatif, tiny_http): `cargo install vmsdk --features cli` |
 //!
 //! A monitoring agent that needs detection and statistics only:
@@ -73,8 +75,8 @@ mod error;
 #[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
 pub mod mock;
 mod platform;
-#[cfg(feature = "stats")]
-#[cfg_attr(docsrs, doc(cfg(feature = "stats")))]
+#[cfg(feature = "prometheus-client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "prometheus-client")))]
 pub mod prometheus;
 
 pub use detect::{detect, ConfidentialVm, Container, Detection, Detector, Evidence, Hypervisor};

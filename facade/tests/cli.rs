@@ -47,8 +47,51 @@ fn fake_stats_as_json_have_every_statistic_key() {
 }
 
 #[test]
-fn fake_stats_table_names_every_statistic_with_its_unit() {
+fn fake_stats_table_leads_with_what_the_backend_gives_and_counts_the_rest() {
     let out = vmsdk_ok(&["--backend", "fake", "stats"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let json = vmsdk_ok(&["--backend", "fake", "stats", "--format", "json"]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let missing: Vec<&str> = guest_stats::Stat::ALL
+        .iter()
+        .map(|stat| stat.name())
+        .filter(|name| json[name].is_null())
+        .collect();
+    assert!(
+        !missing.is_empty(),
+        "the example fake lacks some host figures"
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    // Header, one row per available statistic, then the one line about the rest.
+    assert_eq!(
+        lines.len(),
+        2 + guest_stats::Stat::ALL.len() - missing.len() + 1,
+        "{text}"
+    );
+    assert!(!text.contains("n/a"), "{text}");
+    for name in &missing {
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.split_whitespace().next() == Some(*name)),
+            "{name} listed: {text}"
+        );
+    }
+    assert_eq!(
+        lines.last().copied(),
+        Some(
+            format!(
+                "{} statistics are not given by the fake backend; --all lists them",
+                missing.len()
+            )
+            .as_str()
+        )
+    );
+}
+
+#[test]
+fn fake_stats_table_with_all_names_every_statistic_with_its_unit() {
+    let out = vmsdk_ok(&["--backend", "fake", "stats", "--all"]);
     let text = String::from_utf8(out.stdout).unwrap();
     for stat in guest_stats::Stat::ALL {
         let line = text
@@ -132,13 +175,18 @@ impl Drop for Exporter {
 }
 
 fn http_get(addr: &str, path: &str) -> (String, String) {
+    http_request(addr, "GET", path, "*/*")
+}
+
+fn http_request(addr: &str, method: &str, path: &str, accept: &str) -> (String, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut response = String::new();
@@ -187,6 +235,75 @@ fn listen_serves_metrics_over_http() {
 
     let (head, _) = http_get(&addr, "/nope");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+
+    // What Prometheus 2 asks for first: OpenMetrics, with its exact content type.
+    let (head, body) = http_request(
+        &addr,
+        "GET",
+        "/metrics",
+        "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+         version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        "{head}"
+    );
+    assert!(body.ends_with("# EOF\n"));
+    assert!(body.contains("# UNIT vmsdk_cpu_stolen_seconds seconds"));
+
+    let (head, _) = http_request(&addr, "POST", "/metrics", "*/*");
+    assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("allow: get, head"),
+        "{head}"
+    );
+}
+
+#[test]
+fn listen_puts_the_given_labels_on_every_metric() {
+    let child = Command::new(env!("CARGO_BIN_EXE_vmsdk"))
+        .args(["--backend", "fake", "stats", "--listen", "127.0.0.1:0"])
+        .args(["--label", "vm=db-1", "--label", "site=lab"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut exporter = Exporter(child);
+    let mut first_line = String::new();
+    BufReader::new(exporter.0.stdout.take().unwrap())
+        .read_line(&mut first_line)
+        .unwrap();
+    let addr = first_line
+        .trim()
+        .strip_prefix("serving http://")
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("unexpected banner {first_line:?}"))
+        .to_owned();
+    let (_, body) = http_get(&addr, "/metrics");
+    let scrape = parse_exposition(&body);
+    assert!(!scrape.samples.is_empty());
+    for sample in &scrape.samples {
+        assert_eq!(sample.labels.get("vm"), Some("db-1"), "{}", sample.metric);
+        assert_eq!(sample.labels.get("site"), Some("lab"), "{}", sample.metric);
+    }
+
+    // A label vmsdk sets itself is refused with a clear message.
+    let out = vmsdk(&[
+        "--backend",
+        "fake",
+        "stats",
+        "--listen",
+        "127.0.0.1:0",
+        "--label",
+        "backend=x",
+    ]);
+    assert!(!out.status.success());
+    let message = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        message.contains("invalid Prometheus name `backend`: vmsdk sets this label itself"),
+        "{message}"
+    );
 }
 
 #[test]

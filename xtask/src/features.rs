@@ -8,16 +8,26 @@ use crate::step;
 
 /// Feature sets of `vmsdk` a library user may pick, as `--features` values (empty: detection
 /// only).
-const FEATURE_SETS: &[&str] = &["", "stats", "agent", "disk", "stats,agent,disk,mock"];
+const FEATURE_SETS: &[&str] = &[
+    "",
+    "stats",
+    "agent",
+    "disk",
+    "stats,agent,disk,mock",
+    "stats,prometheus-client",
+    "stats,prometheus-client,exporter",
+];
 
 /// Crates only the `cli` feature may bring in.
-const CLI_ONLY: &[&str] = &["clap", "indicatif", "tiny_http"];
+const CLI_ONLY: &[&str] = &["clap", "indicatif"];
 
 /// Crates each capability may bring in and the others must not.
 const CAPABILITY_CRATES: &[(&str, &[&str])] = &[
     ("stats", &["guest-stats"]),
     ("agent", &["qga-proto", "tokio", "async-trait"]),
     ("disk", &["disk-transport", "rustix", "libloading"]),
+    ("prometheus-client", &["prometheus-client"]),
+    ("exporter", &["tiny_http"]),
 ];
 
 /// Lints every feature set, runs the facade's doc tests with statistics only, and checks the

@@ -42,6 +42,8 @@ const TEST_PEERS: &[(&str, &str)] = &[
     // disk-transport's `tls` feature links the system OpenSSL (nbds:// tests, the CLI).
     ("libssl-dev", "/usr/include/openssl/ssl.h"),
     ("pkgconf", "/usr/bin/pkg-config"),
+    // Scrapes `vmsdk stats --listen` in the exporter's peer test.
+    ("prometheus", "/usr/bin/prometheus"),
 ];
 
 /// Crates with a cargo-fuzz package of their own, outside the workspace.

@@ -3,12 +3,12 @@
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use guest_stats::{GuestStats, Interval, Sampler, Snapshot, StatValue};
-use vmsdk::{prometheus, Platform};
+use vmsdk::prometheus::{self, Endpoint, Exporter};
+use vmsdk::{Hypervisor, Platform};
 
 use crate::CliResult;
 
@@ -33,9 +33,23 @@ pub struct StatsArgs {
     /// With --watch: stop after this many intervals.
     #[arg(long, requires = "watch")]
     count: Option<u64>,
-    /// Serve the statistics at http://ADDR/metrics in the Prometheus format.
+    /// Serve the statistics at http://ADDR/metrics for Prometheus (OpenMetrics or text 0.0.4,
+    /// as the scraper asks), with the per-interval rates.
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// With --listen: a label on every metric, e.g. --label vm=db-1 (repeatable).
+    #[arg(long, value_name = "NAME=VALUE", requires = "listen", value_parser = parse_label)]
+    label: Vec<(String, String)>,
+    /// Table: every statistic, also those this hypervisor does not give (shown as n/a).
+    #[arg(long)]
+    all: bool,
+}
+
+/// Parses `NAME=VALUE`.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .ok_or_else(|| format!("`{text}` is not NAME=VALUE"))
 }
 
 /// Parses `1s`, `250ms`, `2m` or a bare number of seconds.
@@ -66,7 +80,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 pub fn run(platform: &Platform, args: &StatsArgs) -> CliResult {
     let stats = platform.guest_stats()?;
     if let Some(addr) = args.listen {
-        return serve(stats, addr);
+        return serve(stats, addr, &args.label);
     }
     if let Some(interval) = args.watch {
         return watch(stats, interval, args.count, args.format);
@@ -75,33 +89,79 @@ pub fn run(platform: &Platform, args: &StatsArgs) -> CliResult {
     stats.update()?;
     let snapshot = stats.snapshot()?;
     match args.format {
-        Format::Table => print!("{}", table(&snapshot)),
+        Format::Table if args.all => print!("{}", table(&snapshot)),
+        Format::Table => print!("{}", first_table(&snapshot, platform.detection().vm)),
         Format::Json => println!("{}", serde_json::to_string_pretty(&snapshot)?),
         Format::Prometheus => print!("{}", prometheus::render(&snapshot)),
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Every statistic, `n/a` where there is no value (`--all`).
 fn table(snapshot: &Snapshot) -> String {
-    let mut out = format!(
-        "backend {}, session {}\n{:<26} {:>16}  {:<7} {}\n",
-        snapshot.backend, snapshot.session_id, "STATISTIC", "VALUE", "UNIT", "DESCRIPTION"
-    );
+    let mut out = table_header(snapshot);
     for (stat, value) in snapshot.iter() {
-        let shown = match value {
-            Some(StatValue::U64(n)) => n.to_string(),
-            Some(other) => other.to_string(),
-            None => "n/a".to_owned(),
-        };
-        out.push_str(&format!(
-            "{:<26} {:>16}  {:<7} {}\n",
-            stat.name(),
-            shown,
-            stat.unit().to_string(),
-            stat.description()
-        ));
+        out.push_str(&table_row(stat, value.as_ref()));
     }
     out
+}
+
+/// The statistics this machine gives, then one line on how many it does not and why.
+fn first_table(snapshot: &Snapshot, hypervisor: Option<Hypervisor>) -> String {
+    let mut out = table_header(snapshot);
+    for (stat, value) in snapshot.available() {
+        out.push_str(&table_row(stat, Some(&value)));
+    }
+    let missing = snapshot.iter().filter(|(_, value)| value.is_none()).count();
+    if missing > 0 {
+        out.push_str(&missing_line(missing, &snapshot.backend, hypervisor));
+        out.push('\n');
+    }
+    out
+}
+
+/// Why `missing` statistics have no value here, in one line.
+fn missing_line(missing: usize, backend: &str, hypervisor: Option<Hypervisor>) -> String {
+    let statistics = if missing == 1 {
+        "1 statistic is"
+    } else {
+        &format!("{missing} statistics are")
+    };
+    match backend {
+        // Outside VMware the guest kernel gives CPU time, steal, balloon and memory figures;
+        // reservations, limits, shares and the host's own figures only a VMware host knows.
+        "linux" => {
+            let place = hypervisor.map_or_else(|| "this machine".to_owned(), |h| h.to_string());
+            format!("{statistics} VMware host figures; not available on {place}; --all lists them")
+        }
+        "vmware" => format!(
+            "{statistics} not given by this VMware host (its version or configuration); --all \
+             lists them"
+        ),
+        other => format!("{statistics} not given by the {other} backend; --all lists them"),
+    }
+}
+
+fn table_header(snapshot: &Snapshot) -> String {
+    format!(
+        "backend {}, session {}\n{:<26} {:>16}  {:<7} {}\n",
+        snapshot.backend, snapshot.session_id, "STATISTIC", "VALUE", "UNIT", "DESCRIPTION"
+    )
+}
+
+fn table_row(stat: guest_stats::Stat, value: Option<&StatValue>) -> String {
+    let shown = match value {
+        Some(StatValue::U64(n)) => n.to_string(),
+        Some(other) => other.to_string(),
+        None => "n/a".to_owned(),
+    };
+    format!(
+        "{:<26} {:>16}  {:<7} {}\n",
+        stat.name(),
+        shown,
+        stat.unit().to_string(),
+        stat.description()
+    )
 }
 
 fn percent(value: Option<f64>) -> String {
@@ -162,57 +222,59 @@ fn print_interval(out: &mut impl std::io::Write, sample: &Interval, format: Form
     Ok(ExitCode::SUCCESS)
 }
 
-/// Serves `/metrics` until killed; every scrape takes a fresh update.
-fn serve(stats: Box<dyn GuestStats>, addr: SocketAddr) -> CliResult {
-    let server =
-        tiny_http::Server::http(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let bound = server
-        .server_addr()
-        .to_ip()
-        .map_or_else(|| addr.to_string(), |a| a.to_string());
-    println!("serving http://{bound}/metrics");
-    std::io::stdout().flush()?;
-    let stats = Mutex::new(stats);
-    let content_type = tiny_http::Header::from_bytes("Content-Type", prometheus::CONTENT_TYPE)
-        .map_err(|()| "bad content type header")?;
-    for request in server.incoming_requests() {
-        let path = request.url().split('?').next().unwrap_or("").to_owned();
-        let response = match (request.method(), path.as_str()) {
-            (tiny_http::Method::Get, "/metrics") => {
-                let body = scrape(&stats);
-                match body {
-                    Ok(text) => {
-                        tiny_http::Response::from_string(text).with_header(content_type.clone())
-                    }
-                    Err(error) => {
-                        tiny_http::Response::from_string(format!("{error}\n")).with_status_code(503)
-                    }
-                }
-            }
-            (tiny_http::Method::Get, "/") => {
-                tiny_http::Response::from_string("vmsdk guest statistics exporter: see /metrics\n")
-            }
-            _ => tiny_http::Response::from_string("not found\n").with_status_code(404),
-        };
-        // A scraper that hung up early is its own problem; keep serving the others.
-        let _ = request.respond(response);
+/// Serves `/metrics` until killed, through the library's exporter; every scrape takes a fresh
+/// update and the rates since the previous one.
+fn serve(stats: Box<dyn GuestStats>, addr: SocketAddr, labels: &[(String, String)]) -> CliResult {
+    let mut endpoint = Endpoint::builder();
+    for (name, value) in labels {
+        endpoint = endpoint.label(name, value)?;
     }
+    let exporter = Exporter::bind(addr, endpoint.build(stats)?)?;
+    println!("serving http://{}/metrics", exporter.local_addr());
+    std::io::stdout().flush()?;
+    exporter.serve();
     Ok(ExitCode::SUCCESS)
-}
-
-fn scrape(stats: &Mutex<Box<dyn GuestStats>>) -> Result<String, guest_stats::Error> {
-    // A panic while holding the lock cannot leave the stats half-updated in a way that matters:
-    // the next update replaces everything.
-    let mut stats = stats
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    stats.update()?;
-    Ok(prometheus::render(&stats.snapshot()?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_table_leads_with_what_this_machine_gives() {
+        use guest_stats::fake::{FakeGuestStats, FakeSample};
+        use guest_stats::Stat;
+
+        let mut stats = FakeGuestStats::constant(
+            FakeSample::new()
+                .with(Stat::CpuStolenMs, 42u64)
+                .with(Stat::ElapsedMs, 1_000u64),
+        );
+        stats.update().unwrap();
+        let mut snapshot = stats.snapshot().unwrap();
+        snapshot.backend = "linux".to_owned();
+        let text = first_table(&snapshot, Some(Hypervisor::Kvm));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        assert!(lines[2].starts_with("elapsed_ms "), "{text}");
+        assert!(lines[3].starts_with("cpu_stolen_ms "), "{text}");
+        let missing = Stat::ALL.len() - 2;
+        assert_eq!(
+            lines[4],
+            format!("{missing} statistics are VMware host figures; not available on kvm; --all lists them")
+        );
+        assert!(!text.contains("n/a"));
+        // --all: every statistic, in the API's order.
+        assert_eq!(table(&snapshot).lines().count(), Stat::ALL.len() + 2);
+        assert_eq!(
+            missing_line(1, "vmware", Some(Hypervisor::Vmware)),
+            "1 statistic is not given by this VMware host (its version or configuration); --all lists them"
+        );
+        assert_eq!(
+            missing_line(3, "linux", None),
+            "3 statistics are VMware host figures; not available on this machine; --all lists them"
+        );
+    }
 
     #[test]
     fn durations_parse_with_units() {
