@@ -510,3 +510,75 @@ fn block_status_and_dirty_bitmaps_over_tls_match_nbdinfo() {
         assert!(buf.iter().all(|&b| b == 2));
     });
 }
+
+#[test]
+fn vmsdk_disk_info_and_copy_over_tls() {
+    let Some(vmsdk) = vmsdk_tests::vmsdk_binary() else {
+        return;
+    };
+    let files = TlsFiles::new();
+    for_each_generation(&["qemu-nbd"], |generation| {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, random_bytes((2 * MIB) as usize, 31)).unwrap();
+        let object = qemu_psk(&files);
+        let Some(server) = NbdServer::qemu_nbd_in(
+            generation,
+            &[
+                "--object",
+                &object,
+                "--tls-creds",
+                "tls0",
+                "-f",
+                "raw",
+                image.to_str().unwrap(),
+            ],
+        ) else {
+            return;
+        };
+        let psk = format!("tls-psk-file={}", files.psk_file().display());
+        let uri = unix_uri(&server, Some(PSK_USER), &psk);
+        let out = std::process::Command::new(&vmsdk)
+            .args(["disk", "info", "--json", &uri])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let protocol = &info["protocol"];
+        eprintln!("{protocol}");
+        assert!(protocol["tls"].as_str().unwrap().contains("pre-shared key"));
+        assert_eq!(
+            protocol["transmission"],
+            if generation == vmsdk_tests::peers::Generation::Trixie {
+                "extended"
+            } else {
+                "structured"
+            }
+        );
+        assert_eq!(protocol["contexts"][0], "base:allocation");
+        let text = std::process::Command::new(&vmsdk)
+            .args(["disk", "info", &uri])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(text.stdout).unwrap();
+        assert!(text.contains("with TLS, using"), "{text}");
+        assert!(!text.contains(&files.psk_hex()), "{text}");
+        // A copy out of the TLS export, checked.
+        let copy = dir.path().join("copy.img");
+        let out = std::process::Command::new(&vmsdk)
+            .args(["disk", "copy", "--no-progress", &uri])
+            .arg(&copy)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(sha256_file(&copy), sha256_file(&image));
+    });
+}

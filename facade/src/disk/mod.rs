@@ -27,16 +27,17 @@
 
 pub mod vddk_uri;
 
-use std::path::Path;
-
 pub use disk_transport::copy;
 pub use disk_transport::memory::MemoryDisk;
-pub use disk_transport::{Disk, DiskInfo, DiskUri, Extent, ExtentKind, OpenFlags};
+pub use disk_transport::factory::NULL_SINK;
+pub use disk_transport::{Disk, DiskInfo, DiskUri, Extent, ExtentKind, OpenFlags, ProtocolInfo};
 
 use crate::Result;
 
-/// Opens the disk `uri` names: `file:///path` (or a bare path), `nbd://host[:port]/export`,
-/// `nbd+unix:///export?socket=PATH`, `mem://NAME?size=SIZE`, `vddk://…` (see [`vddk_uri`]).
+/// Opens the disk `uri` names: `file:///path` (or a path), `nbd://host[:port]/export`,
+/// `nbd+unix:///export?socket=PATH`, `nbds://…` and `nbds+unix://…` (TLS, feature `tls`),
+/// `mem://NAME?size=SIZE`, `null:?size=SIZE`, `vddk://…` (see [`vddk_uri`]). One parser
+/// ([`DiskUri`]) and one factory ([`disk_transport::factory`]) serve every backend.
 ///
 /// ```
 /// use vmsdk::disk::OpenFlags;
@@ -47,23 +48,7 @@ use crate::Result;
 /// # Ok::<(), vmsdk::Error>(())
 /// ```
 pub fn open(uri: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
-    if uri.starts_with("vddk://") {
-        let target = vddk_uri::parse(uri, flags, std::env::var(vddk_uri::PASSWORD_ENV).ok())?;
-        let transport = disk_transport::vddk::VddkTransport::from_params(&target.params)?;
-        let connection = transport.connect_vddk(&target.params)?;
-        // The disk keeps its connection alive; dropping ours here is fine.
-        return Ok(Box::new(connection.open_disk(&target.path, flags)?));
-    }
-    Ok(disk_transport::open_uri(&normalize(uri), flags)?)
-}
-
-/// A bare relative path (`disk.img`, as people type on a command line) names a file.
-fn normalize(uri: &str) -> std::borrow::Cow<'_, str> {
-    if uri.contains(':') || uri.starts_with('/') || uri.starts_with("./") {
-        uri.into()
-    } else {
-        format!("./{uri}").into()
-    }
+    Ok(disk_transport::factory::open(uri, flags)?)
 }
 
 /// Returns `uri` asking for up to `connections` NBD connections when it is an NBD URI that
@@ -80,20 +65,8 @@ fn normalize(uri: &str) -> std::borrow::Cow<'_, str> {
 /// assert_eq!(vmsdk::disk::with_default_connections("disk.img", 4), "disk.img");
 /// ```
 pub fn with_default_connections(uri: &str, connections: usize) -> String {
-    match normalize(uri).parse::<DiskUri>() {
-        Ok(DiskUri::Nbd {
-            connections: None, ..
-        }) if connections > 1 => {
-            let separator = if uri.contains('?') { '&' } else { '?' };
-            format!("{uri}{separator}connections={connections}")
-        }
-        _ => uri.to_owned(),
-    }
+    disk_transport::factory::with_default_connections(uri, connections)
 }
-
-/// The destination that discards everything, as nbdcopy names it: for measuring how fast a
-/// source can be read.
-pub const NULL_SINK: &str = "null:";
 
 /// Opens `uri` for writing, creating it as a sparse file of `size` bytes when it names a file
 /// that does not exist; [`NULL_SINK`] (`null:`) is a [`NullDisk`](disk_transport::null::NullDisk)
@@ -107,14 +80,5 @@ pub const NULL_SINK: &str = "null:";
 /// # Ok::<(), vmsdk::Error>(())
 /// ```
 pub fn open_or_create(uri: &str, size: u64) -> Result<(Box<dyn Disk>, bool)> {
-    if uri == NULL_SINK {
-        return Ok((Box::new(disk_transport::null::NullDisk::new(size)), true));
-    }
-    if let DiskUri::File { path, .. } = normalize(uri).parse::<DiskUri>()? {
-        if !Path::new(&path).exists() {
-            let disk = disk_transport::file::FileDisk::create(&path, size)?;
-            return Ok((Box::new(disk), true));
-        }
-    }
-    Ok((open(uri, OpenFlags::read_write())?, false))
+    Ok(disk_transport::factory::open_or_create(uri, size)?)
 }

@@ -137,17 +137,45 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
         DiskCommand::Info { uri, json } => {
             let disk = open(backend, uri.as_deref(), OpenFlags::read_only())?;
             let info = disk.info()?;
+            // What the network protocol negotiated (NBD), as nbdinfo shows it.
+            let protocol = disk.protocol();
             if *json {
-                println!("{}", serde_json::to_string_pretty(&info)?);
+                let mut value = serde_json::to_value(&info)?;
+                if let (Some(object), Some(p)) = (value.as_object_mut(), &protocol) {
+                    object.insert("protocol".into(), serde_json::to_value(p)?);
+                }
+                println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
-                let value = serde_json::to_value(&info)?;
-                for (key, field) in value.as_object().into_iter().flatten() {
-                    let shown = match field {
-                        serde_json::Value::Null => continue,
-                        serde_json::Value::String(s) => s.clone(),
-                        other => other.to_string(),
-                    };
-                    println!("{key:<24} {shown}");
+                let mut fields = vec![serde_json::to_value(&info)?];
+                if let Some(p) = &protocol {
+                    println!(
+                        "{:<24} {} {}, using {} packets",
+                        "protocol",
+                        p.protocol,
+                        if p.tls.is_some() {
+                            "with TLS"
+                        } else {
+                            "without TLS"
+                        },
+                        p.transmission
+                    );
+                    let mut value = serde_json::to_value(p)?;
+                    if let Some(object) = value.as_object_mut() {
+                        object.remove("protocol");
+                        let contexts = p.contexts.join(", ");
+                        object.insert("contexts".into(), contexts.into());
+                    }
+                    fields.push(value);
+                }
+                for value in &fields {
+                    for (key, field) in value.as_object().into_iter().flatten() {
+                        let shown = match field {
+                            serde_json::Value::Null => continue,
+                            serde_json::Value::String(s) => s.clone(),
+                            other => other.to_string(),
+                        };
+                        println!("{key:<24} {shown}");
+                    }
                 }
             }
         }
