@@ -125,11 +125,7 @@ macro_rules! high_bandwidth_call {
     }};
 }
 
-pub(super) fn send_high_bandwidth(
-    interface: Interface,
-    r: Registers,
-    data: &[u8],
-) -> Registers {
+pub(super) fn send_high_bandwidth(interface: Interface, r: Registers, data: &[u8]) -> Registers {
     let (pointer, count) = (data.as_ptr() as u64, data.len() as u64);
     match interface {
         Interface::IoPort => high_bandwidth_call!(
