@@ -44,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::blkhash::{BlkHasher, Blkhash, BlkhashSpec};
 use crate::types::{push_range, DirtyExtent, Extent, ExtentKind};
 use crate::{Disk, Error, Result};
 
@@ -132,6 +133,7 @@ pub struct CopyOptions {
     retries: u32,
     retry_delay: Duration,
     cancel: Option<CancelToken>,
+    blkhash: Option<BlkhashSpec>,
 }
 
 impl Default for CopyOptions {
@@ -148,6 +150,7 @@ impl Default for CopyOptions {
             retries: 0,
             retry_delay: DEFAULT_RETRY_DELAY,
             cancel: None,
+            blkhash: None,
         }
     }
 }
@@ -224,6 +227,13 @@ impl CopyOptions {
         self.cancel = Some(token);
         self
     }
+    /// Also compute the source's block hash while copying, as `nbdcopy --blkhash` does
+    /// ([`CopyReport::blkhash`]; default none). Whole-disk copies only: an incremental copy
+    /// does not see the whole disk, and fails with [`Error::Unsupported`] when asked.
+    pub fn blkhash(mut self, spec: Option<BlkhashSpec>) -> Self {
+        self.blkhash = spec;
+        self
+    }
 
     fn cancelled(&self) -> bool {
         self.cancel.as_ref().is_some_and(CancelToken::is_cancelled)
@@ -290,6 +300,10 @@ pub struct CopyReport {
     pub progress: CopyProgress,
     /// Wall-clock time.
     pub elapsed: Duration,
+    /// The source's block hash, when [`CopyOptions::blkhash`] asked for one and the copy
+    /// finished.
+    #[serde(default)]
+    pub blkhash: Option<Blkhash>,
 }
 
 impl CopyReport {
@@ -612,6 +626,7 @@ fn failed(error: Error, total: u64, started: Instant) -> CopyError {
                 ..CopyProgress::default()
             },
             elapsed: started.elapsed(),
+            blkhash: None,
         }),
     }
 }
@@ -633,6 +648,13 @@ impl Setup {
         options: &CopyOptions,
         incremental: bool,
     ) -> Result<Self> {
+        if incremental && options.blkhash.is_some() {
+            return Err(Error::Unsupported(
+                "a block hash of an incremental copy (it needs the whole disk: hash the \
+                 result, or ask the full copy)"
+                    .into(),
+            ));
+        }
         let sinfo = src.info()?;
         let dinfo = dst.info()?;
         if dinfo.read_only {
@@ -694,6 +716,7 @@ fn run(
         }),
         sparse_block: setup.align.max(4096) as usize,
         destination_is_zero: setup.destination_is_zero,
+        hasher: options.blkhash.map(|spec| BlkHasher::new(spec, setup.size)),
         stop: AtomicBool::new(false),
         first_error: Mutex::new(None),
     };
@@ -720,6 +743,7 @@ fn run(
     let report = |p: CopyProgress| CopyReport {
         progress: p,
         elapsed: started.elapsed(),
+        blkhash: None,
     };
     let failed = |error, p| {
         Err(CopyError {
@@ -746,7 +770,14 @@ fn run(
             return failed(error, p);
         }
     }
-    Ok(report(p))
+    let blkhash = match shared.hasher.map(BlkHasher::finish).transpose() {
+        Ok(hash) => hash,
+        Err(error) => return failed(error, p),
+    };
+    Ok(CopyReport {
+        blkhash,
+        ..report(p)
+    })
 }
 
 struct WorkerShared<'a> {
@@ -754,6 +785,8 @@ struct WorkerShared<'a> {
     /// Granularity of zero detection in read buffers.
     sparse_block: usize,
     destination_is_zero: bool,
+    /// Fed every finished range, when a block hash was asked for.
+    hasher: Option<BlkHasher>,
     stop: AtomicBool,
     first_error: Mutex<Option<Error>>,
 }
@@ -1019,7 +1052,12 @@ fn worker(
             };
             if piece.kind.reads_as_zero() {
                 match w.zero_range(piece.offset, piece.length) {
-                    Ok(d) => unreported.add(d),
+                    Ok(d) => {
+                        if let Some(h) = &shared.hasher {
+                            h.zeroes(piece.offset, piece.length);
+                        }
+                        unreported.add(d);
+                    }
                     Err(e) => first_error = Some(e),
                 }
                 continue;
@@ -1073,11 +1111,16 @@ fn worker(
                 };
                 if runs.iter().any(|r| r.2) {
                     let (d, result) = w.write_sparse(offset, &buf, &runs);
+                    match result {
+                        Ok(()) => {
+                            if let Some(h) = &shared.hasher {
+                                h.update(offset, &buf);
+                            }
+                        }
+                        Err(e) => first_error = Some(e),
+                    }
                     w.pool.push(buf);
                     unreported.add(d);
-                    if let Err(e) = result {
-                        first_error = Some(e);
-                    }
                     continue;
                 }
                 unreported.add(CopyProgress {
@@ -1087,8 +1130,14 @@ fn worker(
                 w.submit_write(offset, buf, 0);
             }
             Event::Written {
-                result: Ok(buf), ..
+                offset,
+                result: Ok(buf),
+                ..
             } => {
+                // Hashed once it is written, so a retried piece is hashed once.
+                if let Some(h) = &shared.hasher {
+                    h.update(offset, &buf);
+                }
                 unreported.add(CopyProgress {
                     written: buf.len() as u64,
                     done: buf.len() as u64,

@@ -112,6 +112,7 @@ mod mode;
 mod params;
 mod types;
 
+pub mod blkhash;
 pub mod compare;
 pub mod config;
 pub mod copy;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use disk_transport::blkhash::BlkhashSpec;
 use disk_transport::copy::{self, copy, copy_changed, CancelToken, CopyOptions, CopyProgress};
 use disk_transport::{Disk, DiskUri, Error, ExtentKind, OpenFlags};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -75,6 +76,35 @@ enum DiskCommand {
         /// interrupted read) up to this many more times, waiting 1 s, 2 s, 4 s, ...
         #[arg(long, default_value_t = 0)]
         retries: u32,
+        /// No progress bar.
+        #[arg(long)]
+        no_progress: bool,
+        /// Also compute the source's block hash, as `nbdcopy --blkhash` (default sha256/64k),
+        /// and print it at the end.
+        #[arg(long, value_name = "ALG[/SIZE]", num_args = 0..=1, require_equals = true,
+              default_missing_value = "sha256/64k")]
+        blkhash: Option<String>,
+        /// Write the block hash to this file instead of standard output.
+        #[arg(long, value_name = "FILE", requires = "blkhash")]
+        blkhash_file: Option<std::path::PathBuf>,
+    },
+    /// The block hash of a disk, as `nbdcopy --blkhash DISK null:` prints it (md5, sha1,
+    /// sha256, sha512 over blocks of SIZE; holes are not read; every core hashes).
+    Checksum {
+        /// The disk URI.
+        uri: String,
+        /// Algorithm and block size, as nbdcopy takes them: sha256, md5/4k, sha512/1M.
+        #[arg(long, value_name = "ALG[/SIZE]", default_value = "sha256/64k")]
+        blkhash: String,
+        /// Print JSON (algorithm, block size, disk size, digest) instead of the digest alone.
+        #[arg(long)]
+        json: bool,
+        /// NBD connections when the server allows multi-conn (default: one per CPU, at most 4).
+        #[arg(long)]
+        connections: Option<usize>,
+        /// Hashing threads (default: one per CPU, at most 4).
+        #[arg(long)]
+        threads: Option<usize>,
         /// No progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -221,7 +251,10 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
             stall_timeout,
             retries,
             no_progress,
+            blkhash,
+            blkhash_file,
         } => {
+            let blkhash: Option<BlkhashSpec> = blkhash.as_deref().map(str::parse).transpose()?;
             let connections = connections.unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
             });
@@ -254,18 +287,9 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
                 .destination_is_zero(fresh)
                 .stall_timeout(Duration::from_secs(*stall_timeout))
                 .retries(*retries)
+                .blkhash(blkhash)
                 .cancel(cancel);
-            let bar = if *no_progress {
-                ProgressBar::hidden()
-            } else {
-                ProgressBar::new(capacity)
-            };
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .map_err(|e| e.to_string())?,
-            );
+            let bar = progress_bar(*no_progress, capacity)?;
             let mut on_progress = |p: &CopyProgress| {
                 bar.set_length(p.total);
                 bar.set_position(p.done);
@@ -312,7 +336,78 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
                 p.zeroed,
                 p.skipped
             );
+            if let Some(hash) = report.blkhash {
+                match blkhash_file {
+                    Some(path) => std::fs::write(path, format!("{hash}\n"))?,
+                    None => println!("{hash}"),
+                }
+            }
         }
+        DiskCommand::Checksum {
+            uri,
+            blkhash,
+            json,
+            connections,
+            threads,
+            no_progress,
+        } => return checksum(uri, blkhash, *json, *connections, *threads, *no_progress),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A progress bar on standard error (hidden with `--no-progress`, and when it is no terminal).
+fn progress_bar(hidden: bool, length: u64) -> CliResult<ProgressBar> {
+    let bar = if hidden {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(length)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .map_err(|e| e.to_string())?,
+    );
+    Ok(bar)
+}
+
+/// `vmsdk disk checksum`: the digest alone, as nbdcopy prints it.
+fn checksum(
+    uri: &str,
+    spec: &str,
+    json: bool,
+    connections: Option<usize>,
+    threads: Option<usize>,
+    no_progress: bool,
+) -> CliResult {
+    let spec: BlkhashSpec = spec.parse()?;
+    let connections = connections
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)));
+    let uri = vmsdk::disk::with_default_connections(uri, connections);
+    let disk = vmsdk::disk::open(&uri, OpenFlags::read_only())?;
+    let bar = progress_bar(no_progress, disk.info()?.capacity)?;
+    let mut options = CopyOptions::default().cancel(interrupt_token()?);
+    if let Some(n) = threads {
+        options = options.threads(n);
+    }
+    let result = disk_transport::blkhash::checksum(disk.as_ref(), spec, &options, &mut |p| {
+        bar.set_position(p.done)
+    });
+    bar.finish_and_clear();
+    let hash = match result {
+        Ok(hash) => hash,
+        Err(failed) if matches!(failed.error, Error::Cancelled) => {
+            let p = failed.report.progress;
+            eprintln!(
+                "vmsdk: interrupted: checksum stopped after {} of {} bytes",
+                p.done, p.total
+            );
+            return Ok(ExitCode::from(130));
+        }
+        Err(failed) => return Err(failed.into()),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&hash)?);
+    } else {
+        println!("{hash}");
     }
     Ok(ExitCode::SUCCESS)
 }
