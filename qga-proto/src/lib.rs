@@ -29,8 +29,15 @@
 //!   per command); [`GuestAgentExt`] adds typed `call::<C>` and helpers
 //!   (`exec_wait`, `read_file`, `write_file`, `freeze`).
 //! - [`AsyncClient`] (feature `tokio`) and [`Client`] (blocking) over Unix
-//!   sockets, TCP and character devices.
-//! - [`fake`]: [`fake::FakeAgent`], a stateful Linux-like agent for tests.
+//!   sockets, TCP and character devices. The async client pipelines the calls of many
+//!   tasks on one connection, matching replies to callers by request id.
+//! - Version awareness: `guest-info` tells which commands the agent has; a command it
+//!   lacks fails before sending, saying whether the agent is too old
+//!   ([`Error::CommandNotSupported`]) or its build for this guest leaves the command out
+//!   ([`Error::CommandUnavailable`]); arguments newer than the agent are rewritten into
+//!   its form or refused ([`Error::ArgumentNotSupported`]).
+//! - [`fake`]: [`fake::FakeAgent`], a stateful Linux-like agent for tests, built as
+//!   qemu-ga 2.11, 7.2 or 10.0 ([`fake::AgentRelease`]).
 //!
 //! # Cargo features
 //!

@@ -40,9 +40,14 @@ pub struct ClientConfig {
     /// Ask `guest-info` once per synchronisation and refuse, before sending,
     /// commands the agent lacks or has disabled (default on).
     pub check_capabilities: bool,
-    /// Put an `id` on every request and ignore replies with another id
-    /// (default off: it only adds a cross-check, strict FIFO already holds).
+    /// Put an `id` on every request of the blocking [`crate::Client`] and ignore replies with
+    /// another id (default off: it only adds a cross-check, strict FIFO already holds). The
+    /// async client always numbers its requests, which is what lets it pipeline them.
     pub request_ids: bool,
+    /// Requests the async client keeps in flight on one connection at most (default 32).
+    /// Callers beyond that wait their turn, within their own timeouts. 1 sends one request at
+    /// a time. Agents that do not echo request ids (QEMU 2.x) get one at a time regardless.
+    pub max_in_flight: usize,
 }
 
 impl Default for ClientConfig {
@@ -55,6 +60,7 @@ impl Default for ClientConfig {
             max_reply_size: wire::DEFAULT_MAX_REPLY_SIZE,
             check_capabilities: true,
             request_ids: false,
+            max_in_flight: 32,
         }
     }
 }
@@ -99,6 +105,12 @@ impl ClientConfig {
     /// Sets [`request_ids`](Self::request_ids).
     pub fn request_ids(mut self, on: bool) -> Self {
         self.request_ids = on;
+        self
+    }
+
+    /// Sets [`max_in_flight`](Self::max_in_flight) (at least 1).
+    pub fn max_in_flight(mut self, requests: usize) -> Self {
+        self.max_in_flight = requests.max(1);
         self
     }
 }

@@ -377,15 +377,21 @@ async fn desync_faults_leave_the_client_usable() -> qga_proto::Result<()> {
     );
     assert_eq!(with_ids.host_name().await?.host_name, "fake-guest");
 
-    // Garbage instead of a reply: a clear error, then a resync.
+    // Garbage in front of a reply: the reply still reaches its caller (it carries the
+    // caller's id), and the channel is resynchronised.
     fake.fault_on(
         "guest-get-timezone",
         Fault::Garbage(b"\x00\x01 not json\n".to_vec()),
     );
-    assert!(matches!(
-        agent.timezone().await,
-        Err(Error::Protocol { .. })
-    ));
+    assert_eq!(agent.timezone().await?.offset, 0);
+    // Garbage instead of a reply: a clear error, then a resync.
+    fake.fault_on(
+        "guest-get-timezone",
+        Fault::ReplaceReply(b"\x00\x01 not json\n".to_vec()),
+    );
+    let err = agent.timezone().await.unwrap_err();
+    assert!(matches!(err, Error::Protocol { .. }), "{err}");
+    assert!(err.to_string().contains("guest-get-timezone"), "{err}");
     assert_eq!(agent.timezone().await?.offset, 0);
 
     // A late reply (agent busy): timeout, then the late reply is skipped.

@@ -222,6 +222,7 @@ impl Connection {
                 out.push(Output::Bytes(bytes));
                 out.extend(reply.map(Output::Bytes));
             }
+            Some(Fault::ReplaceReply(bytes)) => out.push(Output::Bytes(bytes)),
             Some(Fault::StaleReply(v)) => {
                 out.push(Output::Bytes(return_line(None, v)));
                 out.extend(reply.map(Output::Bytes));

@@ -28,8 +28,8 @@
 //!
 //! let fake = FakeAgent::linux();
 //! fake.state().host_name = "web-1".into();
-//! // The first osinfo reply is preceded by garbage on the channel; the client copes.
-//! fake.fault_on("guest-get-osinfo", Fault::Garbage(b"\x00noise\n".to_vec()));
+//! // The first osinfo reply is garbled on the channel; the client copes.
+//! fake.fault_on("guest-get-osinfo", Fault::ReplaceReply(b"\x00noise\n".to_vec()));
 //!
 //! let client = fake.clone().connect_async();
 //! let summary = guest_summary(&client).await;
@@ -114,6 +114,8 @@ pub type Handler = Arc<dyn Fn(&mut FakeState, &Value) -> Response + Send + Sync>
 pub enum Fault {
     /// Write these bytes before the reply.
     Garbage(Vec<u8>),
+    /// Write these bytes instead of the reply (a reply garbled on the way).
+    ReplaceReply(Vec<u8>),
     /// Write this stale `{"return": value}` line before the reply.
     StaleReply(Value),
     /// Wait this long before replying (the agent is single-threaded: later
