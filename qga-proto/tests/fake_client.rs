@@ -220,7 +220,10 @@ async fn silent_commands_return_after_the_grace_period() -> qga_proto::Result<()
 #[tokio::test]
 async fn files_stream_in_chunks_and_handles_start_at_1000() -> qga_proto::Result<()> {
     let fake = FakeAgent::linux();
-    let agent = fake.clone().connect_async_with(quick());
+    // Megabytes through base64 in a debug build on a busy machine: not a timing test.
+    let agent = fake
+        .clone()
+        .connect_async_with(quick().timeout(Duration::from_secs(10)));
     let data: Vec<u8> = (0..(qga_proto::FILE_CHUNK * 2 + 123))
         .map(|i| (i % 251) as u8)
         .collect();
