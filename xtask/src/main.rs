@@ -288,16 +288,98 @@ fn install_test_peers() -> Result<(), String> {
 /// the published crates resolve each other from the packages just made, not from their paths.
 /// Members marked `publish = false` (tests, tools) are left out.
 fn package(root: &Path, cargo: &str) -> Result<(), String> {
-    let unpublished = unpublished_members(root)?;
-    let mut args = vec!["package", "--workspace", "--allow-dirty"];
-    for name in &unpublished {
+    let members = workspace_members(root)?;
+    // A target directory of its own, see `forget_previous_packages`.
+    let target = env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let check_dir = target.join("package-check");
+    forget_previous_packages(&check_dir, &members)?;
+    let check_dir = check_dir.to_string_lossy();
+    let mut args = vec![
+        "package",
+        "--workspace",
+        "--allow-dirty",
+        "--target-dir",
+        &check_dir,
+    ];
+    for (name, _) in members.iter().filter(|(_, published)| !published) {
         args.extend(["--exclude", name.as_str()]);
     }
     step(root, "package", cargo, &args, &[])
 }
 
-/// The members of the workspace whose manifest says `publish = false`.
-fn unpublished_members(root: &Path) -> Result<Vec<String>, String> {
+/// Removes what earlier packaging runs left for the next one to trip over.
+///
+/// Cargo verifies each package against its siblings' packages in a registry it makes under
+/// `<target>/package/`, unpacks them into `$CARGO_HOME/registry/src/-<hash>/` (a local registry
+/// has no host name), and treats registry packages as immutable: an unpacked `name-version`
+/// directory is reused as it is, and so is a build of it (its files carry cargo's fixed 2006
+/// timestamp, older than any build). After a change to a sibling crate of the same version,
+/// the next verification would build against the sibling's previous package. So packaging
+/// uses a target directory of its own (`check_dir`, where every build of our crates comes from
+/// a package, and third-party dependencies stay cached), and this removes its registry, the
+/// fingerprints of our crates in it, and their unpacked copies.
+fn forget_previous_packages(check_dir: &Path, members: &[(String, bool)]) -> Result<(), String> {
+    let remove = |dir: &Path| {
+        std::fs::remove_dir_all(dir).map_err(|e| format!("cannot remove {}: {e}", dir.display()))
+    };
+    // `name-<something>` where the rest starts like a version or a hash, not `name-tests-...`.
+    let is_ours = |file_name: &str, rest_starts: fn(char) -> bool| {
+        members.iter().any(|(member, _)| {
+            file_name
+                .strip_prefix(member.as_str())
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|rest| rest.starts_with(rest_starts) && !rest.contains('-'))
+        })
+    };
+    let previous = check_dir.join("package");
+    if previous.is_dir() {
+        remove(&previous)?;
+    }
+    for profile in ["debug", "release"] {
+        let Ok(fingerprints) = std::fs::read_dir(check_dir.join(profile).join(".fingerprint"))
+        else {
+            continue;
+        };
+        for dir in fingerprints.filter_map(|entry| entry.ok().map(|e| e.path())) {
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            if name.is_some_and(|name| is_ours(&name, |c| c.is_ascii_hexdigit())) {
+                remove(&dir)?;
+            }
+        }
+    }
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")));
+    let Some(sources) = cargo_home.map(|home| home.join("registry").join("src")) else {
+        return Ok(());
+    };
+    let Ok(registries) = std::fs::read_dir(&sources) else {
+        return Ok(());
+    };
+    for registry in registries.filter_map(|entry| entry.ok().map(|e| e.path())) {
+        let local = registry
+            .file_name()
+            .is_some_and(|name| name.to_string_lossy().starts_with('-'));
+        if !local {
+            continue;
+        }
+        let Ok(unpacked) = std::fs::read_dir(&registry) else {
+            continue;
+        };
+        for dir in unpacked.filter_map(|entry| entry.ok().map(|e| e.path())) {
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+            let ours = name.is_some_and(|name| is_ours(&name, |c| c.is_ascii_digit()));
+            if ours && dir.is_dir() {
+                remove(&dir)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The members of the workspace by package name, each with whether it is published (its
+/// manifest does not say `publish = false`).
+fn workspace_members(root: &Path) -> Result<Vec<(String, bool)>, String> {
     let read = |path: &Path| {
         std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
     };
@@ -324,9 +406,8 @@ fn unpublished_members(root: &Path) -> Result<Vec<String>, String> {
                 (k.trim() == key).then(|| v.trim().trim_matches('"').to_owned())
             })
         };
-        if field("publish").as_deref() == Some("false") {
-            names.push(field("name").ok_or(format!("{member}/Cargo.toml has no name"))?);
-        }
+        let name = field("name").ok_or(format!("{member}/Cargo.toml has no name"))?;
+        names.push((name, field("publish").as_deref() != Some("false")));
     }
     Ok(names)
 }
