@@ -39,14 +39,17 @@ use std::path::PathBuf;
 pub enum Error {
     /// The guest statistics backend failed.
     #[cfg(feature = "stats")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "stats")))]
     #[error(transparent)]
     GuestStats(#[from] guest_stats::Error),
     /// The guest agent client failed.
     #[cfg(feature = "agent")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "agent")))]
     #[error(transparent)]
     Agent(#[from] qga_proto::Error),
     /// A disk backend failed.
     #[cfg(feature = "disk")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "disk")))]
     #[error(transparent)]
     Disk(#[from] disk_transport::Error),
     /// This machine has no guest statistics backend.
@@ -68,6 +71,7 @@ pub enum Error {
     /// A metric name prefix or label name that Prometheus would not accept, or a label that
     /// clashes with another.
     #[cfg(feature = "prometheus-client")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "prometheus-client")))]
     #[error("invalid Prometheus name `{name}`: {problem}")]
     InvalidMetricName {
         /// The name as given.
@@ -77,6 +81,7 @@ pub enum Error {
     },
     /// The Prometheus exporter cannot listen on its address.
     #[cfg(feature = "exporter")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "exporter")))]
     #[error("cannot listen on {addr}")]
     Listen {
         /// The address, as resolved.
