@@ -506,9 +506,7 @@ fn exec(state: &mut FakeState, args: &Map<String, Value>) -> Response {
         }
     };
     let Some(program) = state.find_program(&path) else {
-        return Response::generic(format!(
-            "Guest agent command failed, error was 'Failed to execute child process \u{201C}{path}\u{201D} (No such file or directory)'"
-        ));
+        return state.release.spawn_failed(&path);
     };
     let request = ExecRequest {
         path,

@@ -6,7 +6,7 @@
 //! `guest-info` lists the Linux commands, the informational commands answer
 //! with plausible data, files live in an in-memory filesystem (handles count
 //! from 1000 as in qemu-ga), `guest-exec` runs a few canned programs
-//! (`echo`, `cat`, `true`, `false`, `sleep`, `uname`, `sh -c 'exit N'`) and forgets a
+//! (`echo`, `cat`, `true`, `false`, `sleep`, `uname`, `sh -c` with `echo`, `cat`, `exit`) and forgets a
 //! process after reporting its exit once, shutdown and suspend answer nothing.
 //! Errors use qemu-ga's classes and texts.
 //!

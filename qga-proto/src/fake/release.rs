@@ -15,6 +15,7 @@ use super::Response;
 /// | disabled command | `GenericError` "The command X has been disabled for this instance" | `CommandNotFound` "Command X has been disabled" | `CommandNotFound` "Command X has been disabled: the command is not allowed" |
 /// | request `id` | refused ("QMP input object member 'id' is unexpected") | echoed | echoed |
 /// | unparsable input | "Invalid JSON syntax" | "JSON parse error, …" | "JSON parse error, …" |
+/// | program that cannot start | "Guest agent command failed, error was 'Failed to execute child process …'" | the same | "Failed to execute child process …" |
 /// | unknown `guest-exec-status` pid | "Invalid parameter 'pid'" | "Invalid parameter 'pid'" | "PID ld does not exist" (sic) |
 ///
 /// 7.2 and 10.0 are checked against Debian's qemu-ga 7.2.22 and 10.0.13 by the differential
@@ -115,6 +116,17 @@ impl AgentRelease {
             // 10.0 lost the `%` of its PRId64 format: the text really reads "PID ld".
             AgentRelease::Qemu10_0 => Response::generic("PID ld does not exist"),
             _ => Response::generic("Invalid parameter 'pid'"),
+        }
+    }
+
+    /// The reply to `guest-exec` of a program that cannot be started.
+    pub(crate) fn spawn_failed(self, path: &str) -> Response {
+        let glib = format!(
+            "Failed to execute child process \u{201C}{path}\u{201D} (No such file or directory)"
+        );
+        match self {
+            AgentRelease::Qemu10_0 => Response::generic(glib),
+            _ => Response::generic(format!("Guest agent command failed, error was '{glib}'")),
         }
     }
 

@@ -646,7 +646,8 @@ fn install_programs(state: &mut FakeState) {
             },
         }
     });
-    // `sh -c 'exit N'` and `sh -c 'kill -TERM $$'`: enough for exit-status tests.
+    // `sh -c SCRIPT` for scripts of `;`-separated `echo WORDS` (`>&2` for stderr), `cat`,
+    // `exit N` and `kill -TERM $$`: enough for exit-status and capture tests.
     state.program("/bin/sh", |r| {
         let script = match r.args.as_slice() {
             [flag, script, ..] if flag == "-c" => script.trim(),
@@ -658,22 +659,43 @@ fn install_programs(state: &mut FakeState) {
                 }
             }
         };
-        if let Some(code) = script
-            .strip_prefix("exit ")
-            .and_then(|c| c.trim().parse().ok())
-        {
-            return ExecOutcome::exit(code, Vec::new());
+        let mut outcome = ExecOutcome::exit(0, Vec::new());
+        for (line, step) in script.split(';').map(str::trim).enumerate() {
+            if let Some(code) = step
+                .strip_prefix("exit ")
+                .and_then(|c| c.trim().parse().ok())
+            {
+                outcome.exitcode = Some(code);
+                return outcome;
+            }
+            if step == "kill -TERM $$" {
+                outcome.exitcode = None;
+                outcome.signal = Some(15);
+                return outcome;
+            }
+            if step == "cat" {
+                outcome.stdout.extend_from_slice(&r.input);
+                continue;
+            }
+            if let Some(words) = step.strip_prefix("echo ") {
+                let (words, to_stderr) = match words.trim().strip_suffix(">&2") {
+                    Some(w) => (w.trim(), true),
+                    None => (words.trim(), false),
+                };
+                let text = format!("{words}\n").into_bytes();
+                if to_stderr {
+                    outcome.stderr.extend(text);
+                } else {
+                    outcome.stdout.extend(text);
+                }
+                continue;
+            }
+            outcome.exitcode = Some(127);
+            outcome
+                .stderr
+                .extend(format!("sh: {}: {step}: not found\n", line + 1).into_bytes());
+            return outcome;
         }
-        if script == "kill -TERM $$" {
-            return ExecOutcome {
-                signal: Some(15),
-                ..Default::default()
-            };
-        }
-        ExecOutcome {
-            exitcode: Some(127),
-            stderr: format!("sh: 1: {script}: not found\n").into_bytes(),
-            ..Default::default()
-        }
+        outcome
     });
 }
