@@ -1,14 +1,15 @@
-//! Desync suite: the same channel faults against the real qemu-ga and the
-//! fake agent. Every scenario ends with the client usable again or a clear
-//! error, never a hang.
+//! Desync suite: the same channel faults against the real qemu-ga of both generations (7.2 on
+//! the machine, 10.0 in the Debian 13 root) and the fake agent built as each release. Every
+//! scenario ends with the client usable again or a clear error, never a hang.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use qga_proto::fake::{FakeAgent, Fault};
+use qga_proto::fake::{AgentRelease, FakeAgent, Fault};
 use qga_proto::{AsyncClient, BoxedStream, ClientConfig, Error, ErrorClass, GuestAgent};
 use tokio::io::AsyncWriteExt;
+use vmsdk_tests::peers::for_each_generation;
 use vmsdk_tests::qga::{QemuGa, BLOCKED_RPCS};
 
 fn config() -> ClientConfig {
@@ -112,7 +113,35 @@ async fn assert_usable(peer: &str, client: &AsyncClient<BoxedStream>) {
     assert!(!host.host_name.is_empty());
 }
 
-async fn run_suite(mut peer: Peer) {
+/// What `release` answers to a command its administrator disabled.
+fn disabled_reply(release: AgentRelease, command: &str) -> (ErrorClass, String) {
+    match release {
+        AgentRelease::Qemu2_11 => (
+            ErrorClass::GenericError,
+            format!("The command {command} has been disabled for this instance"),
+        ),
+        AgentRelease::Qemu7_2 => (
+            ErrorClass::CommandNotFound,
+            format!("Command {command} has been disabled"),
+        ),
+        _ => (
+            ErrorClass::CommandNotFound,
+            format!("Command {command} has been disabled: the command is not allowed"),
+        ),
+    }
+}
+
+fn release_of(version: &str) -> AgentRelease {
+    if version.starts_with("7.2") {
+        AgentRelease::Qemu7_2
+    } else if version.starts_with("10.0") {
+        AgentRelease::Qemu10_0
+    } else {
+        panic!("no release known for qemu-ga {version}")
+    }
+}
+
+async fn run_suite(mut peer: Peer, release: AgentRelease) {
     let name = peer.name();
 
     // 1. Half a request left by an earlier client.
@@ -194,8 +223,16 @@ async fn run_suite(mut peer: Peer) {
     peer.after_scenario();
 
     // 6. A disabled command: refused locally, or the agent's own error when checks are off.
-    let disabled = "guest-ssh-get-authorized-keys";
-    let args = serde_json::json!({"username": "nobody"});
+    // A read-only command the test agents block (2.11 predates it: the fake alone runs as
+    // 2.11, so a state-changing one stands in there).
+    let (disabled, args) = if release == AgentRelease::Qemu2_11 {
+        ("guest-set-time", serde_json::json!({}))
+    } else {
+        (
+            "guest-ssh-get-authorized-keys",
+            serde_json::json!({"username": "nobody"}),
+        )
+    };
     let client = peer.client(peer.raw().await, config());
     let err = bounded("disabled", client.execute_raw(disabled, Some(args.clone())))
         .await
@@ -212,8 +249,10 @@ async fn run_suite(mut peer: Peer) {
         .unwrap_err();
     match &err {
         Error::Agent { class, desc } => {
-            assert_eq!(class, &ErrorClass::CommandNotFound);
-            assert_eq!(desc, &format!("Command {disabled} has been disabled"));
+            assert_eq!(
+                (class.clone(), desc.clone()),
+                disabled_reply(release, disabled)
+            );
         }
         other => panic!("{name}: {other}"),
     }
@@ -246,8 +285,8 @@ async fn run_suite(mut peer: Peer) {
     peer.after_scenario();
 }
 
-fn fake_like_the_test_agent() -> FakeAgent {
-    let fake = FakeAgent::linux();
+fn fake_like_the_test_agent(release: AgentRelease) -> FakeAgent {
+    let fake = FakeAgent::linux_release(release);
     for rpc in BLOCKED_RPCS {
         fake.state().disable(rpc);
     }
@@ -256,24 +295,55 @@ fn fake_like_the_test_agent() -> FakeAgent {
 
 #[tokio::test]
 async fn desync_suite_against_the_fake() {
-    run_suite(Peer::Fake(fake_like_the_test_agent())).await;
+    for &release in AgentRelease::ALL {
+        eprintln!("fake {release}");
+        run_suite(Peer::Fake(fake_like_the_test_agent(release)), release).await;
+    }
 }
 
-#[tokio::test]
-async fn desync_suite_against_qemu_ga() {
-    let Some(qga) = QemuGa::start() else { return };
-    run_suite(Peer::Real(qga)).await;
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+#[test]
+fn desync_suite_against_qemu_ga() {
+    for_each_generation(&["qemu-ga"], |generation| {
+        let Some(qga) = QemuGa::start_in(generation) else {
+            return;
+        };
+        eprintln!("running against {}", qga.version());
+        runtime().block_on(async {
+            let probe = AsyncClient::connect_unix(qga.socket(), config())
+                .await
+                .expect("connect");
+            let release = release_of(&probe.info().await.expect("guest-info").version);
+            probe.close().await;
+            run_suite(Peer::Real(qga), release).await;
+        });
+    });
 }
 
 #[test]
 fn blocking_client_recovers_on_a_dirty_channel_of_qemu_ga() {
+    for_each_generation(&["qemu-ga"], |generation| {
+        let Some(qga) = QemuGa::start_in(generation) else {
+            return;
+        };
+        eprintln!("running against {}", qga.version());
+        blocking_recovery(&qga);
+    });
+}
+
+fn blocking_recovery(qga: &QemuGa) {
     use std::io::Write;
     use std::os::unix::net::UnixStream;
 
     use qga_proto::cmd;
     use qga_proto::Client;
 
-    let Some(qga) = QemuGa::start() else { return };
     // An earlier client left half a request, an unread reply and a stray 0xFF.
     let mut raw = UnixStream::connect(qga.socket()).expect("connect");
     raw.write_all(b"{\"execute\":\"guest-info\"}\n{\"execute\": \"guest-get-ti")
@@ -306,13 +376,20 @@ fn blocking_client_recovers_on_a_dirty_channel_of_qemu_ga() {
 
 /// qemu-ga 7.2 exits when a client closes with replies unread; closing a
 /// client after a timed-out call reads the late replies first.
-#[tokio::test]
-async fn closing_after_a_timeout_keeps_qemu_ga_alive() {
+#[test]
+fn closing_after_a_timeout_keeps_qemu_ga_alive() {
+    for_each_generation(&["qemu-ga"], |generation| {
+        let Some(qga) = QemuGa::start_in(generation) else {
+            return;
+        };
+        eprintln!("running against {}", qga.version());
+        runtime().block_on(close_after_timeout(qga));
+    });
+}
+
+async fn close_after_timeout(mut qga: QemuGa) {
     use qga_proto::Client;
 
-    let Some(mut qga) = QemuGa::start() else {
-        return;
-    };
     let short = config().timeout(Duration::from_millis(300));
 
     let client = AsyncClient::connect_unix(qga.socket(), short.clone())

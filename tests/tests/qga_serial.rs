@@ -1,13 +1,32 @@
-//! The character-device path against a real qemu-ga on a serial line (pty
-//! pair from socat): the channel outlives clients, so stale data from an
-//! earlier client really is waiting for the next one.
+//! The character-device path against a real qemu-ga of each generation (7.2 on the machine,
+//! 10.0 in the Debian 13 root) on a serial line (pty pair from socat): the channel outlives
+//! clients, so stale data from an earlier client really is waiting for the next one.
 
 use std::io::Write;
 use std::time::Duration;
 
 use qga_proto::cmd;
 use qga_proto::{AsyncClient, Client, ClientConfig, GuestAgent, GuestAgentExt};
+use vmsdk_tests::peers::for_each_generation;
 use vmsdk_tests::qga::QemuGa;
+
+/// Runs `body` with a serial-line agent of every selected generation.
+fn with_each_serial_agent(mut body: impl FnMut(QemuGa)) {
+    for_each_generation(&["qemu-ga"], |generation| {
+        let Some(qga) = QemuGa::start_serial_in(generation) else {
+            return;
+        };
+        eprintln!("running against {}", qga.version());
+        body(qga);
+    });
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
 
 fn config() -> ClientConfig {
     ClientConfig::default()
@@ -29,11 +48,12 @@ fn dirty_the_line(qga: &QemuGa) {
 }
 
 #[test]
-fn blocking_client_on_a_dirty_serial_line() -> qga_proto::Result<()> {
-    let Some(qga) = QemuGa::start_serial() else {
-        return Ok(());
-    };
-    dirty_the_line(&qga);
+fn blocking_client_on_a_dirty_serial_line() {
+    with_each_serial_agent(|qga| blocking_on_dirty_line(&qga).expect("serial line"));
+}
+
+fn blocking_on_dirty_line(qga: &QemuGa) -> qga_proto::Result<()> {
+    dirty_the_line(qga);
     let mut client = Client::open_serial(qga.serial_path(), config())?;
     assert!(client.call::<cmd::GuestInfo>(&())?.is_enabled("guest-ping"));
     assert!(!client
@@ -50,11 +70,16 @@ fn blocking_client_on_a_dirty_serial_line() -> qga_proto::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn async_client_on_a_dirty_serial_line() -> qga_proto::Result<()> {
-    let Some(qga) = QemuGa::start_serial() else {
-        return Ok(());
-    };
+#[test]
+fn async_client_on_a_dirty_serial_line() {
+    with_each_serial_agent(|qga| {
+        runtime()
+            .block_on(async_on_dirty_line(qga))
+            .expect("serial line")
+    });
+}
+
+async fn async_on_dirty_line(qga: QemuGa) -> qga_proto::Result<()> {
     dirty_the_line(&qga);
     let agent: Box<dyn GuestAgent> =
         Box::new(AsyncClient::open_serial(qga.serial_path(), config())?);
@@ -76,11 +101,16 @@ async fn async_client_on_a_dirty_serial_line() -> qga_proto::Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn address_strings_reach_the_serial_line() -> qga_proto::Result<()> {
-    let Some(qga) = QemuGa::start_serial() else {
-        return Ok(());
-    };
+#[test]
+fn address_strings_reach_the_serial_line() {
+    with_each_serial_agent(|qga| {
+        runtime()
+            .block_on(address_reaches(qga))
+            .expect("serial line")
+    });
+}
+
+async fn address_reaches(qga: QemuGa) -> qga_proto::Result<()> {
     let uri = format!("qga+serial://{}", qga.serial_path().display());
     let agent = AsyncClient::connect(&uri, config()).await?;
     assert_eq!(agent.sync(12345).await?, 12345);
