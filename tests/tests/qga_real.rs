@@ -511,3 +511,68 @@ fn many_callers_pipelined_on_one_connection() {
         assert!(qga.is_running(), "qemu-ga exited; log:\n{}", qga.log());
     });
 }
+
+/// `vmsdk agent URI devices` against a Linux agent: the command is not in its build, and the
+/// message says so instead of advising an upgrade; `exec --capture merged` works from 8.1 and
+/// is refused with the reason before.
+#[test]
+fn cli_tells_a_platform_gap_from_a_too_old_agent() {
+    let Some(vmsdk) = vmsdk_tests::vmsdk_binary() else {
+        return;
+    };
+    for_each_generation(&["qemu-ga"], |generation| {
+        let Some(qga) = QemuGa::start_in(generation) else {
+            return;
+        };
+        eprintln!("running against {}", qga.version());
+        let uri = format!("qga+unix://{}", qga.socket().display());
+        let run = |args: &[&str]| {
+            std::process::Command::new(&vmsdk)
+                .arg("agent")
+                .arg(&uri)
+                .args(args)
+                .output()
+                .expect("run vmsdk")
+        };
+        let out = run(&["devices"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains("only in its builds for Windows guests"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("upgrade qemu-ga in the guest"), "{stderr}");
+
+        let out = run(&["load"]);
+        let merged = run(&[
+            "exec",
+            "--capture",
+            "merged",
+            "/bin/sh",
+            "-c",
+            "echo out; echo err >&2",
+        ]);
+        if generation.name() == "host" {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                stderr.contains("which QEMU 10.0 added; upgrade qemu-ga"),
+                "{stderr}"
+            );
+            let stderr = String::from_utf8_lossy(&merged.stderr);
+            assert!(!merged.status.success());
+            assert!(stderr.contains("capture-output \"merged\""), "{stderr}");
+        } else {
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(
+                merged.status.success(),
+                "{}",
+                String::from_utf8_lossy(&merged.stderr)
+            );
+            assert_eq!(merged.stdout, b"out\nerr\n");
+        }
+    });
+}

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write as _;
 
 use qga_proto::cmd::GuestExecArgs;
+use qga_proto::types::GuestExecCaptureOutputMode;
 use qga_proto::{GuestAgent, GuestAgentExt};
 use serde::Serialize;
 use vmsdk::BackendChoice;
@@ -81,6 +82,11 @@ enum AgentCommand {
         /// Feed this text to the program's standard input.
         #[arg(long)]
         input: Option<String>,
+        /// What to capture: separated (stdout and stderr apart), merged (both into stdout),
+        /// stdout, stderr or none. Modes other than separated and none need qemu-ga 8.1.
+        #[arg(long, default_value = "separated",
+              value_parser = ["none", "stdout", "stderr", "separated", "merged"])]
+        capture: String,
         /// The program (a path or a name the agent finds in its PATH).
         program: String,
         /// Its arguments.
@@ -129,15 +135,21 @@ async fn call(agent: &dyn GuestAgent, command: &AgentCommand) -> CliResult<Outco
         AgentCommand::Exec {
             wait,
             input,
+            capture,
             program,
             args,
         } => {
             if !(wait.is_finite() && *wait > 0.0) {
                 return Err("--wait must be a positive number of seconds".into());
             }
-            let mut request = GuestExecArgs::new(program.as_str())
-                .args(args.iter().map(String::as_str))
-                .capture();
+            let request =
+                GuestExecArgs::new(program.as_str()).args(args.iter().map(String::as_str));
+            // `separated` as the boolean every agent takes; the other modes by name (8.1+;
+            // the client refuses them before sending to an older agent).
+            let mut request = match GuestExecCaptureOutputMode::from(capture.as_str()) {
+                GuestExecCaptureOutputMode::Separated => request.capture(),
+                mode => request.capture_mode(mode),
+            };
             if let Some(input) = input {
                 request = request.input(input.as_bytes());
             }
