@@ -27,10 +27,12 @@
 
 pub mod vddk_uri;
 
-pub use disk_transport::copy;
-pub use disk_transport::memory::MemoryDisk;
 pub use disk_transport::factory::NULL_SINK;
-pub use disk_transport::{Disk, DiskInfo, DiskUri, Extent, ExtentKind, OpenFlags, ProtocolInfo};
+pub use disk_transport::memory::MemoryDisk;
+pub use disk_transport::{blkhash, compare, copy};
+pub use disk_transport::{
+    DirtyExtent, Disk, DiskInfo, DiskUri, Extent, ExtentKind, OpenFlags, ProtocolInfo,
+};
 
 use crate::Result;
 
