@@ -136,6 +136,7 @@ pub mod vddk;
 pub use access::AccessGuard;
 pub use config::Config;
 pub use error::{nbd_errno_name, Error, Result};
+pub use factory::open_uri;
 pub use mode::{
     default_transport_priority, format_transport_modes, parse_transport_modes, select_transport,
     StorageKind, TransportContext, TransportMode, TransportPlan, ALL_TRANSPORT_MODES,
@@ -148,10 +149,8 @@ pub use types::{
     clip_extents, push_dirty_extent, push_extent, AdapterType, DirtyExtent, DiskInfo, Extent,
     ExtentKind, Geometry, ProtocolInfo,
 };
-pub use factory::open_uri;
 pub use uri::{
-    parse_size, percent_decode, DiskUri, NbdAddress, NbdTls, VddkTarget, VddkUri,
-    VDDK_PASSWORD_ENV,
+    parse_size, percent_decode, DiskUri, NbdAddress, NbdTls, VddkTarget, VddkUri, VDDK_PASSWORD_ENV,
 };
 
 /// Called when a submitted read completes: the filled buffer, or the error.

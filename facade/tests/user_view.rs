@@ -142,9 +142,10 @@ async fn errors_of_every_capability_keep_their_sources_apart() {
 
     // A disk: a file that does not exist.
     let missing = dir.path().join("missing.img");
-    let error = vmsdk::disk::open(&missing.display().to_string(), OpenFlags::read_only())
-        .err()
-        .expect("no such disk");
+    let Err(error) = vmsdk::disk::open(&missing.display().to_string(), OpenFlags::read_only())
+    else {
+        panic!("a missing disk opened");
+    };
     assert!(matches!(error, vmsdk::Error::Disk(_)));
     assert!(error.to_string().contains("missing.img"), "{error}");
     assert!(error.source().is_some(), "{error:?}");
