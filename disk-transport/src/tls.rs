@@ -175,6 +175,13 @@ impl TlsConfig {
         builder
             .set_min_proto_version(Some(SslVersion::TLS1_2))
             .map_err(e("set the TLS version"))?;
+        // TLS 1.3 suites: AES-128-GCM first, the fastest with hardware AES (AES-256-GCM and
+        // ChaCha20 still offered).
+        builder
+            .set_ciphersuites(
+                "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256",
+            )
+            .map_err(e("choose TLS 1.3 suites"))?;
         let hostname = tls.hostname.clone().or_else(|| match address {
             NbdAddress::Tcp { host, .. } => Some(host.clone()),
             NbdAddress::Unix(_) => None,
@@ -187,6 +194,11 @@ impl TlsConfig {
             builder
                 .set_cipher_list("ECDHEPSK:DHEPSK:PSK:!aNULL:!eNULL:!MD5:!3DES:!RC4:!SHA1")
                 .map_err(e("choose PSK cipher suites"))?;
+            // TLS 1.3 with an external PSK needs a SHA-256 suite; AES-GCM first (hardware AES
+            // makes it several times faster than ChaCha20 here).
+            builder
+                .set_ciphersuites("TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256")
+                .map_err(e("choose TLS 1.3 PSK suites"))?;
             builder.set_verify(SslVerifyMode::NONE);
             let identity = user.clone().into_bytes();
             builder.set_psk_client_callback(move |_ssl, _hint, id_buf, psk_buf| {
@@ -352,8 +364,89 @@ fn wait_for(fd: &OwnedFd, flags: PollFlags, deadline: Option<Instant>) -> io::Re
     }
 }
 
+/// Most encrypted bytes gathered before they go to the socket: a 256 KiB request in one
+/// system call rather than one per 16 KiB record.
+const GATHER: usize = 256 * 1024 + 4096;
+
+/// The socket as OpenSSL sees it: records OpenSSL writes are gathered and sent together when
+/// the caller drains them, or when the buffer is full. Reads go straight to the socket.
+struct Gather<S> {
+    socket: S,
+    out: Vec<u8>,
+    sent: usize,
+}
+
+impl<S: Write> Gather<S> {
+    fn pending(&self) -> bool {
+        self.sent < self.out.len()
+    }
+
+    /// Sends what the socket takes now; `Ok` also when some is left (the socket is full).
+    fn drain(&mut self) -> io::Result<()> {
+        while self.pending() {
+            match self.socket.write(&self.out[self.sent..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.sent = 0;
+        Ok(())
+    }
+}
+
+impl<S: Read> Read for Gather<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.socket.read(buf)
+    }
+}
+
+impl<S: Write> Write for Gather<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.out.len() - self.sent + buf.len() > GATHER {
+            self.drain()?;
+            if self.out.len() - self.sent + buf.len() > GATHER {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+        }
+        if self.sent > 0 && self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.drain()?;
+        if self.pending() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Sends everything `gather` holds, waiting for the socket until `deadline`.
+fn drain_all<S: Write>(
+    gather: &mut Gather<S>,
+    fd: &OwnedFd,
+    deadline: Option<Instant>,
+) -> io::Result<()> {
+    loop {
+        gather.drain()?;
+        if !gather.pending() {
+            return Ok(());
+        }
+        wait_for(fd, PollFlags::OUT, deadline)?;
+    }
+}
+
 struct Inner<S> {
-    ssl: Mutex<SslStream<S>>,
+    ssl: Mutex<SslStream<Gather<S>>>,
     /// The socket, for waiting on it and shutting it down without the lock.
     fd: OwnedFd,
     /// The cipher and protocol, for `disk info`.
@@ -378,6 +471,8 @@ impl<S> fmt::Debug for TlsStream<S> {
 
 /// The largest payload of one TLS record: small writes are gathered up to this size.
 const RECORD: usize = 16 * 1024;
+/// How much of a payload joins its request header in one record.
+const SMALL: usize = 4096;
 
 impl<S: Read + Write> TlsStream<S> {
     /// Runs the TLS handshake on `socket` (whose descriptor `fd` is, duplicated), finishing
@@ -402,10 +497,24 @@ impl<S: Read + Write> TlsStream<S> {
             offset: None,
             after: timeout,
         };
+        let socket = Gather {
+            socket,
+            out: Vec::with_capacity(GATHER),
+            sent: 0,
+        };
+        let io_error = |e: io::Error| {
+            if e.kind() == io::ErrorKind::TimedOut {
+                expired()
+            } else {
+                Error::io("TLS handshake", None, e)
+            }
+        };
         let mut attempt = configuration.connect(config.hostname.as_deref().unwrap_or(""), socket);
         loop {
-            let mid: MidHandshakeSslStream<S> = match attempt {
-                Ok(ssl) => {
+            let mut mid: MidHandshakeSslStream<Gather<S>> = match attempt {
+                Ok(mut ssl) => {
+                    // The client's last flight may still be gathered.
+                    drain_all(ssl.get_mut(), &fd, Some(deadline)).map_err(io_error)?;
                     let description = format!(
                         "{} {}",
                         ssl.ssl().version_str(),
@@ -429,25 +538,18 @@ impl<S: Read + Write> TlsStream<S> {
                 }
                 Err(HandshakeError::WouldBlock(mid)) => mid,
             };
-            let flags = if mid.error().code() == ErrorCode::WANT_WRITE {
-                PollFlags::OUT
-            } else {
-                PollFlags::IN
-            };
-            wait_for(&fd, flags, Some(deadline)).map_err(|e| {
-                if e.kind() == io::ErrorKind::TimedOut {
-                    expired()
-                } else {
-                    Error::io("TLS handshake", None, e)
-                }
-            })?;
+            // What OpenSSL wrote goes out first; then wait for what it needs.
+            drain_all(mid.get_mut(), &fd, Some(deadline)).map_err(io_error)?;
+            if mid.error().code() != ErrorCode::WANT_WRITE {
+                wait_for(&fd, PollFlags::IN, Some(deadline)).map_err(io_error)?;
+            }
             attempt = mid.handshake();
         }
     }
 }
 
 impl<S> TlsStream<S> {
-    fn lock(&self) -> MutexGuard<'_, SslStream<S>> {
+    fn lock(&self) -> MutexGuard<'_, SslStream<Gather<S>>> {
         self.inner.ssl.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -472,7 +574,9 @@ impl<S> TlsStream<S> {
     where
         S: Read + Write,
     {
-        let _ = self.lock().shutdown();
+        let mut ssl = self.lock();
+        let _ = ssl.shutdown();
+        let _ = ssl.get_mut().drain();
     }
 
     /// Shuts the socket down, waking every handle that waits on it.
@@ -505,7 +609,15 @@ impl<S: Read + Write> Read for TlsStream<S> {
         }
         let deadline = self.read_timeout.map(|t| Instant::now() + t);
         loop {
-            let result = self.lock().ssl_read(buf);
+            let result = {
+                let mut ssl = self.lock();
+                let result = ssl.ssl_read(buf);
+                // A read may make OpenSSL answer (a key update): send it on its way.
+                if ssl.get_mut().pending() {
+                    ssl.get_mut().drain()?;
+                }
+                result
+            };
             let want = match result {
                 Ok(n) => return Ok(n),
                 Err(e) if e.code() == ErrorCode::ZERO_RETURN => return Ok(0),
@@ -524,13 +636,31 @@ impl<S: Read + Write> Write for TlsStream<S> {
             return Ok(0);
         }
         let deadline = self.write_timeout.map(|t| Instant::now() + t);
-        loop {
-            let result = self.lock().ssl_write(buf);
+        let written = loop {
+            let result = {
+                let mut ssl = self.lock();
+                let result = ssl.ssl_write(buf);
+                ssl.get_mut().drain()?;
+                result
+            };
             let want = match result {
-                Ok(n) => return Ok(n),
+                Ok(n) => break n,
                 Err(e) => retry_or_error(e)?,
             };
             wait_for(&self.inner.fd, want, deadline)?;
+        };
+        // Written means handed to the kernel: nothing may wait in the gather buffer for a
+        // next write that may never come.
+        loop {
+            let pending = {
+                let mut ssl = self.lock();
+                ssl.get_mut().drain()?;
+                ssl.get_mut().pending()
+            };
+            if !pending {
+                return Ok(written);
+            }
+            wait_for(&self.inner.fd, PollFlags::OUT, deadline)?;
         }
     }
 
@@ -542,11 +672,18 @@ impl<S: Read + Write> Write for TlsStream<S> {
         if bufs[first].len() >= RECORD || first + 1 >= bufs.len() {
             return self.write(&bufs[first]);
         }
-        let mut gathered = Vec::with_capacity(RECORD);
+        // The header and the start of the payload: one record of up to 4 KiB, so that only a
+        // little is copied; the rest of the payload follows in full records.
+        let limit = if bufs[first].len() < SMALL {
+            SMALL
+        } else {
+            RECORD
+        };
+        let mut gathered = Vec::with_capacity(limit);
         for b in &bufs[first..] {
-            let room = RECORD - gathered.len();
+            let room = limit - gathered.len();
             gathered.extend_from_slice(&b[..b.len().min(room)]);
-            if gathered.len() == RECORD {
+            if gathered.len() == limit {
                 break;
             }
         }

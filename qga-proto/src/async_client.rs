@@ -443,6 +443,9 @@ impl<S: AsyncStream + 'static> Driver<S> {
 
     async fn run(mut self) {
         let mut buf = vec![0u8; READ_CHUNK];
+        // One timer for the driver's life, moved when the next deadline moves.
+        let mut timer = Box::pin(sleep_until(Instant::now()));
+        let mut armed_for = None;
         loop {
             if let Some(until) = self.closing {
                 if self.drained() || Instant::now() >= until {
@@ -453,7 +456,12 @@ impl<S: AsyncStream + 'static> Driver<S> {
                 continue;
             }
             self.advance(Instant::now());
-            let event = self.next_event(&mut buf).await;
+            let deadline = self.next_deadline();
+            if armed_for != Some(deadline) {
+                timer.as_mut().reset(deadline);
+                armed_for = Some(deadline);
+            }
+            let event = self.next_event(&mut buf, timer.as_mut()).await;
             self.handle(event, &buf);
         }
         for ack in self.close_acks.drain(..) {
@@ -462,8 +470,7 @@ impl<S: AsyncStream + 'static> Driver<S> {
     }
 
     /// Waits for the next thing to happen.
-    async fn next_event(&mut self, buf: &mut [u8]) -> Event {
-        let deadline = self.next_deadline();
+    async fn next_event(&mut self, buf: &mut [u8], timer: Pin<&mut tokio::time::Sleep>) -> Event {
         let Driver {
             inbox,
             inbox_open,
@@ -497,7 +504,7 @@ impl<S: AsyncStream + 'static> Driver<S> {
             request = inbox.recv(), if *inbox_open => Event::Request(request),
             event = write, if writing => event,
             read = read, if reading => Event::Read(read),
-            () = sleep_until(deadline) => Event::Timer,
+            () = timer => Event::Timer,
         }
     }
 
@@ -640,8 +647,10 @@ impl<S: AsyncStream + 'static> Driver<S> {
 
     fn next_deadline(&self) -> Instant {
         let far = Instant::now() + Duration::from_secs(3600);
+        // While a handshake runs, its own bound ends the work waiting for it.
+        let handshaking = matches!(self.phase, Phase::Syncing { .. });
         let queued = self.queue.iter().filter_map(|job| match job {
-            Job::Call(call) => Some(call.deadline),
+            Job::Call(call) if !handshaking => Some(call.deadline),
             _ => None,
         });
         let pending = self.pending.iter().filter(|p| p.live()).map(|p| p.deadline);
@@ -761,6 +770,9 @@ impl<S: AsyncStream + 'static> Driver<S> {
 
     /// Answers what ran out of time.
     fn expire(&mut self, now: Instant) {
+        if self.next_deadline() > now {
+            return;
+        }
         // Work waiting for a handshake is ended by the handshake's own bound, with the error
         // that says what is wrong (the agent does not answer at all).
         let handshaking = matches!(self.phase, Phase::Syncing { .. });

@@ -77,7 +77,7 @@ pub fn vmsdk_binary() -> Option<PathBuf> {
         return Some(binary);
     }
     let message = format!(
-        "{} is not built; run `cargo build -p vmsdk` or `cargo test --workspace`",
+        "{} is not built; run `cargo build -p vmsdk --features cli` or `cargo test --workspace --all-features`",
         binary.display()
     );
     assert!(!running_in_ci(), "{message}");

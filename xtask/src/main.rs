@@ -430,7 +430,12 @@ enum FuzzTime {
 }
 
 /// Builds every target of every fuzz package (one `cargo fuzz build` per package, with the
-/// address sanitizer), then runs each target for a bounded time on its corpus and seeds. All
+/// address sanitizer), and runs each target for a bounded time on its corpus and seeds.
+///
+/// The runs of one package overlap the build of the next: a worker thread runs the fuzz
+/// binaries one at a time (each is single-threaded) while cargo builds. The binaries are run
+/// directly, as `cargo fuzz run` would after its build, so that they do not wait for the
+/// build directory's lock. Each run's output goes to `<target>/fuzz/logs/<target>.log`. All
 /// targets run even when one fails; the failures are reported together with the reproducer
 /// files libFuzzer wrote under `fuzz/artifacts/<target>/`.
 fn fuzz_all(root: &Path, time: FuzzTime) -> Result<(), String> {
@@ -458,64 +463,55 @@ fn fuzz_all(root: &Path, time: FuzzTime) -> Result<(), String> {
     let env = [("RUSTC_BOOTSTRAP", "1")];
     // One target directory for the three packages, so libFuzzer itself and the dependencies
     // they share are compiled once.
-    let target_dir = root.join("target").join("fuzz");
-    let target_dir = target_dir.to_string_lossy();
-    let max_time = format!("-max_total_time={seconds}");
-    let input_timeout = format!("-timeout={FUZZ_INPUT_TIMEOUT_SECONDS}");
-    let mut failures = Vec::new();
-    let mut ran = 0;
+    let target = env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    let target_dir = target.join("fuzz");
+    let binaries = target_dir.join(host_triple()?).join("release");
+    let logs = target_dir.join("logs");
+    std::fs::create_dir_all(&logs).map_err(|e| format!("cannot create {}: {e}", logs.display()))?;
+    let target_dir = target_dir.to_string_lossy().into_owned();
+
+    let (jobs, queue) = std::sync::mpsc::channel::<FuzzJob>();
+    let worker = std::thread::spawn(move || {
+        queue
+            .into_iter()
+            .map(|job| job.run(seconds))
+            .collect::<Vec<_>>()
+    });
+    let mut build_error = None;
     for (dir, targets) in &packages {
-        step(
+        let built = step(
             dir,
             &format!("fuzz build ({} targets)", targets.len()),
             "cargo",
             &["fuzz", "build", "--target-dir", &target_dir],
             &env,
-        )?;
+        );
+        if let Err(error) = built {
+            build_error = Some(error);
+            break;
+        }
         for target in targets {
-            // A corpus directory of its own per target, seeded from `seeds/<target>` when the
-            // crate ships valid inputs, so the fuzzer starts past the header checks.
-            let corpus = format!("corpus/{target}");
-            std::fs::create_dir_all(dir.join(&corpus))
-                .map_err(|e| format!("cannot create {corpus}: {e}"))?;
-            let seeds = format!("seeds/{target}");
-            let mut args = vec![
-                "fuzz",
-                "run",
-                "--target-dir",
-                &target_dir,
-                target,
-                corpus.as_str(),
-            ];
-            if dir.join(&seeds).is_dir() {
-                args.push(seeds.as_str());
-            }
-            args.extend(["--", max_time.as_str(), input_timeout.as_str()]);
-            let artifacts = dir.join("artifacts").join(target);
-            let before = files_in(&artifacts);
-            ran += 1;
-            if let Err(error) = step(dir, &format!("fuzz {target}"), "cargo", &args, &env) {
-                let written: Vec<PathBuf> = files_in(&artifacts)
-                    .into_iter()
-                    .filter(|f| !before.contains(f))
-                    .collect();
-                if written.is_empty() {
-                    failures.push(format!("{target}: {error} (no reproducer was written)"));
-                }
-                for file in written {
-                    failures.push(format!(
-                        "{target}: reproducer {}\n    replay: cd {} && RUSTC_BOOTSTRAP=1 cargo fuzz \
-                         run {target} {}",
-                        file.display(),
-                        dir.display(),
-                        file.display()
-                    ));
-                }
+            let job = FuzzJob {
+                dir: dir.clone(),
+                target: target.clone(),
+                binary: binaries.join(target),
+                log: logs.join(format!("{target}.log")),
+            };
+            if jobs.send(job).is_err() {
+                break;
             }
         }
     }
+    drop(jobs);
+    let outcomes = worker
+        .join()
+        .map_err(|_| "the fuzz worker thread panicked".to_owned())?;
+    if let Some(error) = build_error {
+        return Err(error);
+    }
+    let failures: Vec<String> = outcomes.into_iter().filter_map(Result::err).collect();
     println!(
-        "fuzz: {ran} targets, {seconds} s each, {} failed, {:.0} s in all (builds included)",
+        "fuzz: {count} targets, {seconds} s each, {} failed, {:.0} s in all (builds included)",
         failures.len(),
         started.elapsed().as_secs_f64()
     );
@@ -527,6 +523,128 @@ fn fuzz_all(root: &Path, time: FuzzTime) -> Result<(), String> {
             failures.join("\n  ")
         ))
     }
+}
+
+/// One fuzz target to run once its package is built.
+#[derive(Debug)]
+struct FuzzJob {
+    /// The fuzz package (holds `corpus/`, `seeds/`, `artifacts/`).
+    dir: PathBuf,
+    target: String,
+    binary: PathBuf,
+    log: PathBuf,
+}
+
+impl FuzzJob {
+    /// Runs the target for `seconds` on `corpus/<target>` (where new inputs go) and
+    /// `seeds/<target>` (valid inputs the crate ships, so the fuzzer starts past the header
+    /// checks); a crash, a leak or an input slower than the per-input timeout fails it.
+    fn run(self, seconds: u32) -> Result<(), String> {
+        let FuzzJob {
+            dir,
+            target,
+            binary,
+            log,
+        } = self;
+        let fail = |why: String| Err(format!("{target}: {why}"));
+        let corpus = dir.join("corpus").join(&target);
+        let seeds = dir.join("seeds").join(&target);
+        let artifacts = dir.join("artifacts").join(&target);
+        for needed in [&corpus, &artifacts] {
+            if let Err(e) = std::fs::create_dir_all(needed) {
+                return fail(format!("cannot create {}: {e}", needed.display()));
+            }
+        }
+        let output = match std::fs::File::create(&log).and_then(|f| Ok((f.try_clone()?, f))) {
+            Ok(files) => files,
+            Err(e) => return fail(format!("cannot create {}: {e}", log.display())),
+        };
+        let before = files_in(&artifacts);
+        let mut command = Command::new(&binary);
+        command
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .arg(format!("-max_total_time={seconds}"))
+            .arg(format!("-timeout={FUZZ_INPUT_TIMEOUT_SECONDS}"))
+            .arg(&corpus);
+        if seeds.is_dir() {
+            command.arg(&seeds);
+        }
+        // What `cargo fuzz run` adds for the address sanitizer, after the caller's options.
+        let asan_options = match env::var("ASAN_OPTIONS") {
+            Ok(options) if !options.is_empty() => format!("{options}:detect_odr_violation=0"),
+            _ => "detect_odr_violation=0".to_owned(),
+        };
+        let started = Instant::now();
+        let status = command
+            .env("ASAN_OPTIONS", asan_options)
+            .current_dir(&dir)
+            .stdout(output.0)
+            .stderr(output.1)
+            .status();
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        // libFuzzer's last word, e.g. "Done 412345 runs in 21 second(s)".
+        let summary = log_text
+            .lines()
+            .rev()
+            .find(|line| line.starts_with("Done "))
+            .unwrap_or("")
+            .to_owned();
+        let ok = matches!(&status, Ok(status) if status.success());
+        println!(
+            "<== fuzz {target}: {} in {:.0} s {summary} (log: {})",
+            if ok { "ok" } else { "FAILED" },
+            started.elapsed().as_secs_f64(),
+            log.display()
+        );
+        if ok {
+            return Ok(());
+        }
+        let tail: Vec<&str> = log_text.lines().rev().take(30).collect();
+        eprintln!(
+            "--- last lines of {} ---\n{}",
+            log.display(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        );
+        let written: Vec<PathBuf> = files_in(&artifacts)
+            .into_iter()
+            .filter(|f| !before.contains(f))
+            .collect();
+        let why = match status {
+            Err(e) => format!("cannot run {}: {e}", binary.display()),
+            Ok(status) => format!("{status}"),
+        };
+        if written.is_empty() {
+            return fail(format!(
+                "{why} (no reproducer was written; see {})",
+                log.display()
+            ));
+        }
+        let files: Vec<String> = written
+            .iter()
+            .map(|file| {
+                format!(
+                    "reproducer {}\n    replay: cd {} && RUSTC_BOOTSTRAP=1 cargo fuzz run {target} {}",
+                    file.display(),
+                    dir.display(),
+                    file.display()
+                )
+            })
+            .collect();
+        fail(format!("{why}: {}", files.join("\n  ")))
+    }
+}
+
+/// The target triple cargo-fuzz builds for: this host's, from `rustc -vV`.
+fn host_triple() -> Result<String, String> {
+    let output = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .map_err(|e| format!("cannot run rustc -vV: {e}"))?;
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| line.strip_prefix("host: "))
+        .map(str::to_owned)
+        .ok_or_else(|| "rustc -vV names no host triple".to_owned())
 }
 
 fn ensure_cargo_fuzz(root: &Path) -> Result<(), String> {

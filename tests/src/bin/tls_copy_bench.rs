@@ -10,7 +10,8 @@
 //! (Debian 13 peer root) behind `--tls=require`, reached over `nbds+unix://`, a fresh server
 //! for every copy. Both tools flush the destination at the end (`vmsdk disk copy` always does;
 //! nbdcopy is given `--flush`) and use their default connections and requests in flight. Wall
-//! time and peak RSS come from GNU time (`/usr/bin/time -f '%e %M'`) around each process;
+//! time, CPU time and peak RSS come from GNU time (`/usr/bin/time -f '%e %U %S %M'`) around
+//! each process;
 //! after each copy the export's SHA-256 is checked against the source's.
 
 use std::path::Path;
@@ -21,10 +22,10 @@ use vmsdk_tests::disk::{nbd_tool, random_image, sha256_file, NbdServer};
 use vmsdk_tests::peers::Generation;
 use vmsdk_tests::tls::{TlsFiles, PSK_USER};
 
-/// Seconds and peak RSS (KiB) of `command`, run under GNU time.
-fn timed(command: &Command) -> (f64, u64) {
+/// Wall seconds, CPU seconds (user + system) and peak RSS (KiB) of `command`, under GNU time.
+fn timed(command: &Command) -> (f64, f64, u64) {
     let mut timed = Command::new("/usr/bin/time");
-    timed.args(["-f", "%e %M"]).arg(command.get_program());
+    timed.args(["-f", "%e %U %S %M"]).arg(command.get_program());
     timed.args(command.get_args());
     for (k, v) in command.get_envs() {
         match v {
@@ -40,9 +41,11 @@ fn timed(command: &Command) -> (f64, u64) {
     let last = stderr.lines().last().unwrap_or_default().to_owned();
     assert!(out.status.success(), "{:?} failed:\n{stderr}", command);
     let mut it = last.split_whitespace();
-    let secs: f64 = it.next().and_then(|v| v.parse().ok()).expect("time output");
-    let kib: u64 = it.next().and_then(|v| v.parse().ok()).expect("time output");
-    (secs, kib)
+    let mut number = || -> f64 { it.next().and_then(|v| v.parse().ok()).expect("time output") };
+    let secs = number();
+    let cpu = number() + number();
+    let kib = number() as u64;
+    (secs, cpu, kib)
 }
 
 /// The export's SHA-256, read back with vmsdk's own client.
@@ -115,8 +118,8 @@ fn main() {
     );
     println!("source: {size_mib} MiB of random data; destination: nbdkit memory, --tls=require");
     println!(
-        "{:<8} {:<8} {:>8} {:>10} {:>12}",
-        "tls", "tool", "seconds", "MB/s", "peak RSS"
+        "{:<8} {:<8} {:>8} {:>10} {:>8} {:>12}",
+        "tls", "tool", "seconds", "MB/s", "CPU s", "peak RSS"
     );
     for psk in [true, false] {
         let mode = if psk { "PSK" } else { "X.509" };
@@ -139,7 +142,7 @@ fn main() {
                         .arg(&uri)
                         .to_command()
                 };
-                let (secs, kib) = timed(&command);
+                let (secs, cpu, kib) = timed(&command);
                 assert_eq!(
                     export_sha(&uri, size_mib << 20),
                     expected,
@@ -147,7 +150,7 @@ fn main() {
                 );
                 best[i] = best[i].min(secs);
                 println!(
-                    "{mode:<8} {tool:<8} {secs:>8.2} {:>10.1} {:>9} MiB",
+                    "{mode:<8} {tool:<8} {secs:>8.2} {:>10.1} {cpu:>8.2} {:>8} MiB",
                     bytes / secs / 1e6,
                     kib / 1024
                 );
