@@ -258,6 +258,19 @@ impl CopyOptions {
     pub(crate) fn stall(&self) -> Duration {
         self.stall_timeout
     }
+    // What the sequential copies of [`stream`](crate::stream) take besides.
+    pub(crate) fn blkhash_spec(&self) -> Option<BlkhashSpec> {
+        self.blkhash
+    }
+    pub(crate) fn detects_zeroes(&self) -> bool {
+        self.detect_zeroes
+    }
+    pub(crate) fn destination_starts_zero(&self) -> bool {
+        self.destination_is_zero
+    }
+    pub(crate) fn flushes(&self) -> bool {
+        self.flush
+    }
 }
 
 /// Progress so far, passed to the callback as requests complete (about every 50 ms per copying

@@ -140,6 +140,15 @@ pub enum Error {
     /// copy). Whatever completed before stays done; nothing was left half-written.
     #[error("cancelled")]
     Cancelled,
+    /// A stream copied onto a disk ([`stream::copy_from_stream`](crate::stream::copy_from_stream))
+    /// holds more bytes than the disk. The disk was written up to its end.
+    #[error("{stream} holds more than the destination's {capacity} bytes (the destination was written up to its end; give a larger one)")]
+    StreamTooLong {
+        /// The stream ("standard input").
+        stream: String,
+        /// The destination's size in bytes.
+        capacity: u64,
+    },
     /// A failure injected by the [`memory`](crate::memory) fake.
     #[error("injected {op} failure at offset {offset}")]
     Injected {

@@ -29,8 +29,24 @@ pub const NULL_SINK: &str = "null:";
 /// Opens the disk `uri` names: `file:///path` or a path, `nbd://`, `nbd+unix://`, `nbds://`,
 /// `nbds+unix://`, `mem://NAME?size=SIZE`, `null:?size=SIZE`, `vddk://…` (the password of a
 /// user comes from [`VDDK_PASSWORD_ENV`]). `flags.read_only` opens read-only.
+///
+/// `-` is no disk but a stream (standard input or output, as nbdcopy takes it): it fails with
+/// [`Error::InvalidUri`] pointing to [`stream`](crate::stream), whose copies take it.
 pub fn open(uri: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
+    refuse_stream(uri)?;
     uri.parse::<DiskUri>()?.open(flags)
+}
+
+/// `-` names standard input or output, which cannot seek: never a file named `-`.
+fn refuse_stream(uri: &str) -> Result<()> {
+    if crate::stream::is_stdio(uri) {
+        return Err(Error::InvalidUri {
+            uri: uri.to_owned(),
+            reason: "`-` is standard input or output, a stream and not a disk: copy from or                      to it with stream::copy_from_stream or stream::copy_to_stream (`vmsdk disk                      copy - DST`, `vmsdk disk copy SRC -`); for a file named `-` write ./-"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 /// [`open`] under its older name.
@@ -43,6 +59,7 @@ pub fn open_uri(uri: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
 /// Returns the disk and whether it reads as zeros (created, or the null sink), so a copy may
 /// skip writing zeros.
 pub fn open_or_create(uri: &str, size: u64) -> Result<(Box<dyn Disk>, bool)> {
+    refuse_stream(uri)?;
     match uri.parse::<DiskUri>()? {
         DiskUri::Null { size: given } => Ok((
             Box::new(crate::null::NullDisk::new(given.unwrap_or(size))),
@@ -241,6 +258,18 @@ mod tests {
         drop(disk);
         let (_, zero) = open_or_create(path.to_str().unwrap(), 1 << 20).unwrap();
         assert!(!zero);
+    }
+
+    #[test]
+    fn a_dash_is_a_stream_not_a_file() {
+        for result in [
+            open("-", OpenFlags::read_only()).map(|_| ()),
+            open_or_create("-", 4096).map(|_| ()),
+        ] {
+            let err = result.unwrap_err();
+            assert!(matches!(err, Error::InvalidUri { .. }), "{err}");
+            assert!(err.to_string().contains("copy_to_stream"), "{err}");
+        }
     }
 
     #[test]

@@ -119,6 +119,7 @@ pub mod copy;
 pub mod factory;
 pub mod memory;
 pub mod null;
+pub mod stream;
 pub mod uri;
 
 #[cfg(feature = "file")]
