@@ -39,7 +39,7 @@
 // The minimal build (`VDDK_STANDIN_MINIMAL=1`, see build.rs) leaves out the exports that use some helpers and fields.
 #![cfg_attr(standin_minimal, allow(dead_code, unused_imports))]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_char, c_ulong, c_void, CStr, CString};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -49,14 +49,24 @@ use std::time::Duration;
 use disk_transport::vddk::ffi::*;
 use serde_json::{json, Value};
 
+mod ffi;
+mod store;
+
+use store::{Store, CHUNK};
+
+/// `VIX_E_FILE_ERROR`: an I/O error on a file-backed disk.
+pub const VIX_E_FILE_ERROR: VixError = 7;
+/// `VIX_E_FILE_ALREADY_EXISTS`: `VixDiskLib_Create` of a disk that exists.
+pub const VIX_E_FILE_ALREADY_EXISTS: VixError = 12;
+/// `VIX_E_FILE_ACCESS_ERROR`: a file-backed disk that cannot be opened.
+pub const VIX_E_FILE_ACCESS_ERROR: VixError = 13;
+
 extern "C" {
     /// From shim.c: calls `func(fmt, va_list of the remaining arguments)`.
     fn standin_log(func: Option<LogFn>, fmt: *const c_char, ...);
     /// From shim.c: `sizeof(VixDiskLibConnectParams)` as gcc lays it out.
     fn standin_connect_params_size() -> usize;
 }
-
-const CHUNK: u64 = 64 * 1024;
 
 #[derive(Debug, Clone, Default)]
 struct Faults {
@@ -70,8 +80,7 @@ struct Faults {
 
 #[derive(Debug, Default)]
 struct DiskData {
-    data: Vec<u8>,
-    allocated: BTreeSet<u64>,
+    store: Store,
     metadata: BTreeMap<String, String>,
     physical_sector: u32,
     counters: BTreeMap<&'static str, u64>,
@@ -128,7 +137,37 @@ fn state() -> MutexGuard<'static, Global> {
     STATE.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+impl DiskData {
+    /// A disk over `store` with the metadata VDDK reports for a fresh lsilogic disk.
+    fn new(store: Store, physical_sector: u32) -> DiskData {
+        let sectors = store.size() / 512;
+        DiskData {
+            store,
+            metadata: BTreeMap::from([
+                ("adapterType".to_owned(), "lsilogic".to_owned()),
+                (
+                    "geometry.cylinders".to_owned(),
+                    (sectors / (255 * 63)).to_string(),
+                ),
+                (
+                    "uuid".to_owned(),
+                    "60 00 c2 9b 7d 2e 5e 4b-a1 c0 0f 3e 9d 7a 11 22".to_owned(),
+                ),
+            ]),
+            physical_sector,
+            counters: BTreeMap::new(),
+        }
+    }
+}
+
 impl Global {
+    /// Whether local disks are files (`standin.fileDisks = 1` in the InitEx configuration).
+    fn file_disks(&self) -> bool {
+        self.config
+            .get("standin.filedisks")
+            .is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+    }
+
     fn call(&mut self, name: &'static str) {
         *self.calls.entry(name).or_default() += 1;
     }
@@ -162,8 +201,12 @@ impl Global {
             .iter()
             .map(|(name, d)| {
                 let mut v = json!(d.counters);
-                v["size"] = json!(d.data.len());
-                v["allocated_chunks"] = json!(d.allocated.len());
+                v["size"] = json!(d.store.size());
+                v["allocated_chunks"] = json!(d
+                    .store
+                    .allocated_chunks(0, d.store.size().div_ceil(CHUNK))
+                    .map_or(0, |c| c.len()));
+                v["file"] = json!(d.store.path());
                 (name, v)
             })
             .collect();
@@ -288,9 +331,14 @@ fn parse_config(path: &str) -> std::io::Result<BTreeMap<String, String>> {
         .collect())
 }
 
-fn parse_disk_spec(path: &str) -> (String, u64, u32, Faults) {
+/// The size of an in-memory disk opened without `size=`.
+const DEFAULT_SIZE: u64 = 1 << 20;
+
+/// Splits `name?options` into the name, the `size=` (if given), the physical sector size and
+/// the faults to inject.
+fn parse_disk_spec(path: &str) -> (String, Option<u64>, u32, Faults) {
     let (name, query) = path.split_once('?').unwrap_or((path, ""));
-    let mut size = 1 << 20;
+    let mut size = None;
     let mut phys = 512;
     let mut faults = Faults::default();
     let at = |v: &str| -> Option<(u64, u64)> {
@@ -300,7 +348,7 @@ fn parse_disk_spec(path: &str) -> (String, u64, u32, Faults) {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         match k {
-            "size" => size = v.parse().unwrap_or(size),
+            "size" => size = v.parse().ok().or(size),
             "phys" => phys = v.parse().unwrap_or(phys),
             "fail_open" => faults.open = v.parse().ok(),
             "fail_read" => faults.read = at(v),
@@ -746,9 +794,10 @@ pub unsafe extern "C" fn VixDiskLib_Open(
         g.call("VixDiskLib_Open");
         let Some(conn) = g.conns.get(&(connection as usize)) else {
             g.violation("bad_connection");
-            return Err((VIX_E_INVALID_HANDLE, g.warn));
+            return Err((VIX_E_INVALID_HANDLE, g.warn, None));
         };
         let read_only = conn.read_only || flags & FLAG_OPEN_READ_ONLY != 0;
+        let remote = conn.remote;
         let mode = if conn.remote {
             static_mode(
                 conn.transports
@@ -760,27 +809,38 @@ pub unsafe extern "C" fn VixDiskLib_Open(
             c"file"
         };
         if let Some(code) = faults.open {
-            return Err((code, g.warn));
+            return Err((code, g.warn, None));
         }
-        let disk = g.disks.entry(name.clone()).or_insert_with(|| {
-            let sectors = size / 512;
-            DiskData {
-                data: vec![0; size as usize],
-                metadata: BTreeMap::from([
-                    ("adapterType".to_owned(), "lsilogic".to_owned()),
-                    (
-                        "geometry.cylinders".to_owned(),
-                        (sectors / (255 * 63)).to_string(),
-                    ),
-                    (
-                        "uuid".to_owned(),
-                        "60 00 c2 9b 7d 2e 5e 4b-a1 c0 0f 3e 9d 7a 11 22".to_owned(),
-                    ),
-                ]),
-                physical_sector: phys,
-                ..DiskData::default()
+        let warn = g.warn;
+        if !remote && g.file_disks() {
+            // Like VDDK opening a local VMDK: the path names the file, and must be absolute.
+            if !name.starts_with('/') {
+                let why = format!("local disk {name:?} is not an absolute path");
+                return Err((VIX_E_INVALID_ARG, warn, Some(why)));
             }
-        });
+            if size.is_some() {
+                let why = format!("size= given for the file-backed disk {name:?}");
+                return Err((VIX_E_INVALID_ARG, warn, Some(why)));
+            }
+            let reopen = match g.disks.get(&name) {
+                None => true,
+                Some(d) => !read_only && !d.store.writable(),
+            };
+            if reopen {
+                let store = Store::open_file(std::path::Path::new(&name), !read_only)
+                    .map_err(|(code, why)| (code, warn, Some(why)))?;
+                match g.disks.get_mut(&name) {
+                    Some(d) => d.store = store,
+                    None => {
+                        g.disks.insert(name.clone(), DiskData::new(store, phys));
+                    }
+                }
+            }
+        }
+        let disk = g
+            .disks
+            .entry(name.clone())
+            .or_insert_with(|| DiskData::new(Store::memory(size.unwrap_or(DEFAULT_SIZE)), phys));
         *disk.counters.entry("opens").or_default() += 1;
         if read_only {
             *disk.counters.entry("read_only_opens").or_default() += 1;
@@ -810,15 +870,17 @@ pub unsafe extern "C" fn VixDiskLib_Open(
             unsafe { *handle = id as VixDiskLibHandle };
             VIX_OK
         }
-        Err((code, warn)) => {
+        Err((code, warn, why)) => {
             let disk = CString::new(name).unwrap_or_default();
-            // SAFETY: %s with a NUL-terminated string and %lu with an unsigned long.
+            let why = CString::new(why.unwrap_or_default()).unwrap_or_default();
+            // SAFETY: two %s with NUL-terminated strings and %lu with an unsigned long.
             unsafe {
                 standin_log(
                     warn,
-                    c"Open of %s failed: error %lu".as_ptr(),
+                    c"Open of %s failed: error %lu %s".as_ptr(),
                     disk.as_ptr(),
                     code as c_ulong,
+                    why.as_ptr(),
                 )
             };
             code
@@ -847,6 +909,100 @@ pub extern "C" fn VixDiskLib_Close(handle: VixDiskLibHandle) -> VixError {
     })
 }
 
+/// `VixDiskLibProgressFunc`: `Bool (*)(void *progressData, int percentCompleted)`; returning
+/// FALSE (0) asks to cancel.
+pub type ProgressFn = unsafe extern "C" fn(data: *mut c_void, percent: std::ffi::c_int) -> c_char;
+
+/// `VixDiskLib_Create`'s signature as `vixDiskLib.h` declares it. vmsdk's backend never calls
+/// Create (so `disk_transport::vddk::ffi` has no type for it); nbdkit's vddk plugin requires
+/// the symbol and calls it for `create=true`.
+pub type CreateFn = unsafe extern "C" fn(
+    connection: VixDiskLibConnection,
+    path: *const c_char,
+    params: *const VixDiskLibCreateParams,
+    progress: Option<ProgressFn>,
+    progress_data: *mut c_void,
+) -> VixError;
+
+const _: CreateFn = VixDiskLib_Create;
+
+/// `VixDiskLib_Create`: creates a local disk of `capacity` sectors. With `standin.fileDisks =
+/// 1` the path is a file, which must not exist (`VIX_E_FILE_ALREADY_EXISTS`) and is created
+/// sparse; otherwise an in-memory disk of that name. VDDK creates only hosted (local) disks:
+/// on a remote connection this is `VIX_E_NOT_SUPPORTED`, on a read-only one
+/// `VIX_E_FILE_READ_ONLY`. The progress callback, when given, hears 0 and 100 percent.
+///
+/// # Safety
+/// `path` NUL-terminated, `params` NULL or valid, `progress` NULL or callable with
+/// `progress_data`.
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_Create(
+    connection: VixDiskLibConnection,
+    path: *const c_char,
+    params: *const VixDiskLibCreateParams,
+    progress: Option<ProgressFn>,
+    progress_data: *mut c_void,
+) -> VixError {
+    let _section = OpenCloseSection::enter();
+    // SAFETY: per the contract.
+    let (Some(path), false) = (unsafe { text(path) }, params.is_null()) else {
+        return VIX_E_INVALID_ARG;
+    };
+    // SAFETY: non-NULL and valid per the contract.
+    let params = unsafe { *params };
+    let report = |percent| {
+        if let Some(progress) = progress {
+            // SAFETY: the caller's callback with the caller's data, per the contract.
+            unsafe { progress(progress_data, percent) };
+        }
+    };
+    report(0);
+    let code = with_state(|g| {
+        g.call("VixDiskLib_Create");
+        let Some(conn) = g.conns.get(&(connection as usize)) else {
+            g.violation("bad_connection");
+            return VIX_E_INVALID_HANDLE;
+        };
+        if conn.remote {
+            return VIX_E_NOT_SUPPORTED;
+        }
+        if conn.read_only {
+            return VIX_E_FILE_READ_ONLY;
+        }
+        let (name, size, phys, _) = parse_disk_spec(&path);
+        let Some(bytes) = params
+            .capacity
+            .checked_mul(SECTOR_SIZE)
+            .filter(|&b| b > 0 && size.is_none())
+        else {
+            return VIX_E_INVALID_ARG;
+        };
+        if g.file_disks() {
+            if !name.starts_with('/') {
+                return VIX_E_INVALID_ARG;
+            }
+            return match Store::create_file(std::path::Path::new(&name), bytes) {
+                Ok(()) => VIX_OK,
+                Err((code, _)) => code,
+            };
+        }
+        if g.disks.contains_key(&name) {
+            return VIX_E_FILE_ALREADY_EXISTS;
+        }
+        let Ok(len) = usize::try_from(bytes) else {
+            return VIX_E_OUT_OF_MEMORY;
+        };
+        let mut disk = DiskData::new(Store::memory(len as u64), phys);
+        *disk.counters.entry("creates").or_default() += 1;
+        g.disks.insert(name, disk);
+        VIX_OK
+    });
+    if code == VIX_OK {
+        report(100);
+    }
+    code
+}
+
 /// `VixDiskLib_GetTransportMode`.
 #[no_mangle]
 pub extern "C" fn VixDiskLib_GetTransportMode(handle: VixDiskLibHandle) -> *const c_char {
@@ -867,7 +1023,8 @@ pub unsafe extern "C" fn VixDiskLib_GetInfo(
     handle: VixDiskLibHandle,
     info: *mut *mut VixDiskLibInfo,
 ) -> VixError {
-    let _section = match enter_handle(handle, "VixDiskLib_GetInfo", true) {
+    // Not I/O: allowed while asynchronous requests are in flight, as for QueryAllocatedBlocks.
+    let _section = match enter_handle(handle, "VixDiskLib_GetInfo", false) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -877,7 +1034,7 @@ pub unsafe extern "C" fn VixDiskLib_GetInfo(
     let made = with_state(|g| {
         let h = g.handles.get(&(handle as usize))?;
         let disk = g.disks.get(&h.disk)?;
-        let sectors = disk.data.len() as u64 / 512;
+        let sectors = disk.store.size() / 512;
         let phys = disk.physical_sector;
         let uuid = disk.metadata.get("uuid").cloned().unwrap_or_default();
         let disk_name = h.disk.clone();
@@ -952,29 +1109,29 @@ fn transfer(handle: usize, start: u64, count: u64, buf: *mut u8, write: bool) ->
         let Some(disk) = g.disks.get_mut(&disk_name) else {
             return VIX_E_INVALID_HANDLE;
         };
-        let sectors = disk.data.len() as u64 / 512;
+        let sectors = disk.store.size() / 512;
         match start.checked_add(count) {
             Some(end) if end <= sectors => {}
             _ => return VIX_E_DISK_OUTOFRANGE,
         }
-        let (a, len) = ((start * 512) as usize, (count * 512) as usize);
-        if write {
+        let (offset, len) = (start * 512, (count * 512) as usize);
+        let result = if write {
             // SAFETY: the caller passed `buf` readable for `count` sectors (VDDK's contract).
             let src = unsafe { std::slice::from_raw_parts(buf, len) };
-            disk.data[a..a + len].copy_from_slice(src);
-            if len > 0 {
-                for chunk in (a as u64 / CHUNK)..=((a + len - 1) as u64 / CHUNK) {
-                    disk.allocated.insert(chunk);
-                }
-            }
-            *disk.counters.entry("writes").or_default() += 1;
+            disk.store.write(offset, src)
         } else {
             // SAFETY: the caller passed `buf` writable for `count` sectors (VDDK's contract).
             let dst = unsafe { std::slice::from_raw_parts_mut(buf, len) };
-            dst.copy_from_slice(&disk.data[a..a + len]);
-            *disk.counters.entry("reads").or_default() += 1;
+            disk.store.read(offset, dst)
+        };
+        match result {
+            Ok(()) => {
+                let what = if write { "writes" } else { "reads" };
+                *disk.counters.entry(what).or_default() += 1;
+                VIX_OK
+            }
+            Err(code) => code,
         }
-        VIX_OK
     })
 }
 
@@ -1161,7 +1318,14 @@ pub extern "C" fn VixDiskLib_Flush(handle: VixDiskLibHandle) -> VixError {
         };
         let (disk, fault) = (h.disk.clone(), h.faults.flush);
         g.disk_count(&disk, "flushes");
-        fault.unwrap_or(VIX_OK)
+        if let Some(code) = fault {
+            return code;
+        }
+        match g.disks.get(&disk).map(|d| d.store.flush()) {
+            Some(Ok(())) => VIX_OK,
+            Some(Err(code)) => code,
+            None => VIX_E_INVALID_HANDLE,
+        }
     })
 }
 
@@ -1178,7 +1342,9 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
     chunk_size: u64,
     list: *mut *mut VixDiskLibBlockList,
 ) -> VixError {
-    let _section = match enter_handle(handle, "VixDiskLib_QueryAllocatedBlocks", true) {
+    // Not I/O: asynchronous reads may be in flight (nbdkit's vddk plugin asks for extents
+    // between ReadAsync calls without a Wait, and real VDDK answers).
+    let _section = match enter_handle(handle, "VixDiskLib_QueryAllocatedBlocks", false) {
         Ok(s) => s,
         Err(code) => return code,
     };
@@ -1196,7 +1362,7 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
             return Err(code);
         }
         let disk = g.disks.get(&disk_name).ok_or(VIX_E_INVALID_HANDLE)?;
-        let sectors = disk.data.len() as u64 / 512;
+        let sectors = disk.store.size() / 512;
         let valid = chunk_size >= MIN_CHUNK_SIZE
             && start.is_multiple_of(chunk_size)
             && count.is_multiple_of(chunk_size)
@@ -1208,10 +1374,10 @@ pub unsafe extern "C" fn VixDiskLib_QueryAllocatedBlocks(
         // Runs of allocated 64 KiB chunks, in sectors, within the request.
         let sectors_per_chunk = CHUNK / 512;
         let mut runs: Vec<VixDiskLibBlock> = Vec::new();
-        for chunk in disk
-            .allocated
-            .range(start / sectors_per_chunk..(start + count).div_ceil(sectors_per_chunk))
-        {
+        for chunk in disk.store.allocated_chunks(
+            start / sectors_per_chunk,
+            (start + count).div_ceil(sectors_per_chunk),
+        )? {
             let offset = chunk * sectors_per_chunk;
             match runs.last_mut() {
                 Some(last) if last.offset + last.length == offset => {

@@ -1,0 +1,224 @@
+//! Where a stand-in disk keeps its bytes: in this process's memory, or in a file.
+//!
+//! A file-backed disk (`standin.fileDisks = 1`, local connections) is the file itself: reads and
+//! writes go to it with `pread`/`pwrite`, flushes `fdatasync` it, and what is allocated is what
+//! the file system says (`SEEK_DATA`/`SEEK_HOLE`), counted in the same 64 KiB chunks as the
+//! in-memory map. Nothing about the disk lives in the process, so two processes that load the
+//! stand-in (nbdkit's vddk plugin and vmsdk's VDDK backend, say) see the same bytes and the
+//! same allocation.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use disk_transport::vddk::ffi::{VixError, VIX_E_DISK_OUTOFRANGE, VIX_E_INVALID_ARG};
+
+use crate::{VIX_E_FILE_ACCESS_ERROR, VIX_E_FILE_ERROR};
+
+/// The allocation unit of both maps: VDDK's `QueryAllocatedBlocks` answers in grains, and the
+/// stand-in's grain is 64 KiB.
+pub(crate) const CHUNK: u64 = 64 * 1024;
+
+/// The bytes of a disk.
+#[derive(Debug)]
+pub(crate) enum Store {
+    /// Lives as long as the process; `allocated` holds the chunks ever written.
+    Memory {
+        data: Vec<u8>,
+        allocated: BTreeSet<u64>,
+    },
+    /// The file at `path`, `size` bytes (a whole number of sectors), opened for writing when
+    /// `writable`.
+    File {
+        path: PathBuf,
+        file: File,
+        size: u64,
+        writable: bool,
+    },
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store::Memory {
+            data: Vec::new(),
+            allocated: BTreeSet::new(),
+        }
+    }
+}
+
+impl Store {
+    /// A zeroed in-memory disk of `size` bytes.
+    pub(crate) fn memory(size: u64) -> Store {
+        Store::Memory {
+            data: vec![0; size as usize],
+            allocated: BTreeSet::new(),
+        }
+    }
+
+    /// Opens the file at `path` as a disk. VDDK's answers to what can go wrong: a missing file
+    /// is `VIX_E_FILE_NOT_FOUND`, one that cannot be opened `VIX_E_FILE_ACCESS_ERROR`, one
+    /// that is not a whole number of sectors `VIX_E_INVALID_ARG` (the text says which).
+    pub(crate) fn open_file(path: &Path, writable: bool) -> Result<Store, (VixError, String)> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|e| {
+                let code = if e.kind() == std::io::ErrorKind::NotFound {
+                    disk_transport::vddk::ffi::VIX_E_FILE_NOT_FOUND
+                } else {
+                    VIX_E_FILE_ACCESS_ERROR
+                };
+                (code, format!("cannot open {}: {e}", path.display()))
+            })?;
+        let meta = file.metadata().map_err(|e| {
+            (
+                VIX_E_FILE_ERROR,
+                format!("cannot stat {}: {e}", path.display()),
+            )
+        })?;
+        if !meta.is_file() {
+            return Err((
+                VIX_E_INVALID_ARG,
+                format!("{} is not a regular file", path.display()),
+            ));
+        }
+        if meta.len() % 512 != 0 {
+            return Err((
+                VIX_E_INVALID_ARG,
+                format!(
+                    "{} is {} bytes, not a whole number of 512-byte sectors",
+                    path.display(),
+                    meta.len()
+                ),
+            ));
+        }
+        Ok(Store::File {
+            path: path.to_path_buf(),
+            file,
+            size: meta.len(),
+            writable,
+        })
+    }
+
+    /// Creates the file at `path` (which must not exist) as a sparse disk of `size` bytes.
+    pub(crate) fn create_file(path: &Path, size: u64) -> Result<(), (VixError, String)> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| {
+                let code = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    crate::VIX_E_FILE_ALREADY_EXISTS
+                } else {
+                    VIX_E_FILE_ACCESS_ERROR
+                };
+                (code, format!("cannot create {}: {e}", path.display()))
+            })?;
+        file.set_len(size).map_err(|e| {
+            (
+                VIX_E_FILE_ERROR,
+                format!("cannot size {}: {e}", path.display()),
+            )
+        })
+    }
+
+    /// Whether the store may be written (a file opened read-only may not).
+    pub(crate) fn writable(&self) -> bool {
+        match self {
+            Store::Memory { .. } => true,
+            Store::File { writable, .. } => *writable,
+        }
+    }
+
+    /// The file, for a file-backed disk.
+    pub(crate) fn path(&self) -> Option<&Path> {
+        match self {
+            Store::Memory { .. } => None,
+            Store::File { path, .. } => Some(path),
+        }
+    }
+
+    /// The capacity in bytes.
+    pub(crate) fn size(&self) -> u64 {
+        match self {
+            Store::Memory { data, .. } => data.len() as u64,
+            Store::File { size, .. } => *size,
+        }
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<(), VixError> {
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= self.size() => Ok(()),
+            _ => Err(VIX_E_DISK_OUTOFRANGE),
+        }
+    }
+
+    /// Fills `dst` from `offset`.
+    pub(crate) fn read(&self, offset: u64, dst: &mut [u8]) -> Result<(), VixError> {
+        self.check(offset, dst.len())?;
+        match self {
+            Store::Memory { data, .. } => {
+                let a = offset as usize;
+                dst.copy_from_slice(&data[a..a + dst.len()]);
+                Ok(())
+            }
+            Store::File { file, .. } => file
+                .read_exact_at(dst, offset)
+                .map_err(|_| VIX_E_FILE_ERROR),
+        }
+    }
+
+    /// Writes `src` at `offset`.
+    pub(crate) fn write(&mut self, offset: u64, src: &[u8]) -> Result<(), VixError> {
+        self.check(offset, src.len())?;
+        match self {
+            Store::Memory { data, allocated } => {
+                let a = offset as usize;
+                data[a..a + src.len()].copy_from_slice(src);
+                if !src.is_empty() {
+                    allocated.extend(offset / CHUNK..=(offset + src.len() as u64 - 1) / CHUNK);
+                }
+                Ok(())
+            }
+            Store::File { file, .. } => {
+                file.write_all_at(src, offset).map_err(|_| VIX_E_FILE_ERROR)
+            }
+        }
+    }
+
+    /// Makes written data durable (a no-op in memory).
+    pub(crate) fn flush(&self) -> Result<(), VixError> {
+        match self {
+            Store::Memory { .. } => Ok(()),
+            Store::File { file, .. } => file.sync_data().map_err(|_| VIX_E_FILE_ERROR),
+        }
+    }
+
+    /// The allocated chunks among `first..end` (chunk numbers), in order.
+    pub(crate) fn allocated_chunks(&self, first: u64, end: u64) -> Result<Vec<u64>, VixError> {
+        match self {
+            Store::Memory { allocated, .. } => Ok(allocated.range(first..end).copied().collect()),
+            Store::File { file, size, .. } => {
+                let mut chunks = Vec::new();
+                let stop = (end.saturating_mul(CHUNK)).min(*size);
+                let mut pos = first.saturating_mul(CHUNK);
+                while pos < stop {
+                    let Some(data) = crate::ffi::seek_data(file, pos)? else {
+                        break;
+                    };
+                    if data >= stop {
+                        break;
+                    }
+                    let hole = crate::ffi::seek_hole(file, data)?.min(stop);
+                    let (a, b) = (data / CHUNK, (hole - 1) / CHUNK);
+                    let from = chunks.last().map_or(a, |&last: &u64| a.max(last + 1));
+                    chunks.extend(from..=b);
+                    pos = hole.max((b + 1) * CHUNK);
+                }
+                Ok(chunks)
+            }
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The stand-in VDDK checked by a real consumer: nbdkit's own vddk plugin (Debian 13's
+//! `nbdkit-plugin-vddk`, in the peer root) loads the stand-in `libvixDiskLib.so.8` from
+//! `libdir=`, and `nbdinfo --map`, `nbdcopy` and vmsdk's NBD client read a file-backed stand-in
+//! disk through it — the same bytes and extents vmsdk's own VDDK backend reads from the same
+//! file through the same library, and what the file holds.
+//!
+//! Both processes configure the stand-in with `standin.fileDisks = 1` (InitEx configuration
+//! file: nbdkit's `config=`, vmsdk's `VddkOptions::config_path`), so a local disk is the file
+//! its path names and its allocation is the file system's, in 64 KiB chunks.
+#![cfg(target_os = "linux")]
+
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use disk_transport::vddk::{VddkOptions, VddkTransport};
+use disk_transport::{open_uri, ConnectParams, Disk, DiskTransport, ExtentKind, OpenFlags};
+use vmsdk_tests::disk::{
+    merge_map, nbd_tool, nbdinfo_map_in, random_bytes, sha256, sha256_file, NbdServer,
+};
+use vmsdk_tests::peers::{announce, trixie_packages, trixie_root, Generation};
+use vmsdk_tests::{running_in_ci, vddk_standin_libdir};
+
+/// Where Debian 13's `nbdkit-plugin-vddk` installs the plugin, inside the root.
+const PLUGIN: &str = "usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-vddk-plugin.so";
+
+/// The stand-in's allocation unit.
+const CHUNK: u64 = 64 * 1024;
+
+/// The disk: 8 MiB (whole chunks: nbdkit queries whole chunks up to the rounded-up end).
+const SIZE: u64 = 8 << 20;
+
+/// NBD block-status flags as `nbdinfo --map` prints them.
+const HOLE_ZERO: u32 = 3;
+const DATA: u32 = 0;
+
+/// A test directory the peer root can see (bind-mounted by the harness), laid out as a VDDK
+/// distribution (`lib64/libvixDiskLib.so.8`) with the disk, the two InitEx configuration files
+/// and the stand-in's counters of both processes.
+struct Fixture {
+    dir: tempfile::TempDir,
+    /// (offset, bytes) written into the otherwise sparse disk.
+    islands: Vec<(u64, Vec<u8>)>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("lib64")).unwrap();
+        std::fs::copy(
+            vddk_standin_libdir().join("lib64/libvixDiskLib.so.8"),
+            dir.path().join("lib64/libvixDiskLib.so.8"),
+        )
+        .expect("install the stand-in into the test directory");
+        // Random data across chunk boundaries, a chunk written with zeros (allocated, so data
+        // to both readers), a lone sector at the end; holes everywhere else.
+        let islands = vec![
+            (0, random_bytes(4096, 1)),
+            (200_000 / 512 * 512, random_bytes(70_000 / 512 * 512, 2)),
+            (3 << 20, random_bytes(1 << 20, 3)),
+            (5 << 20, vec![0; CHUNK as usize]),
+            (SIZE - 512, random_bytes(512, 4)),
+        ];
+        let file = std::fs::File::create(dir.path().join("disk.img")).unwrap();
+        file.set_len(SIZE).unwrap();
+        for (offset, bytes) in &islands {
+            file.write_all_at(bytes, *offset).unwrap();
+        }
+        file.sync_all().unwrap();
+        for who in ["nbdkit", "vmsdk"] {
+            std::fs::write(
+                dir.path().join(format!("{who}.conf")),
+                format!(
+                    "# The stand-in VDDK, as {who} loads it\nstandin.fileDisks = 1\nstandin.statsFile = {}\n",
+                    dir.path().join(format!("{who}-stats.json")).display()
+                ),
+            )
+            .unwrap();
+        }
+        Fixture { dir, islands }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn arg(&self, key: &str, name: &str) -> String {
+        format!("{key}={}", self.path(name).display())
+    }
+
+    /// The map the disk must have: a chunk is data when any island touches it, merged.
+    fn expected_map(&self) -> Vec<(u64, u64, u32)> {
+        let chunks = SIZE / CHUNK;
+        let mut map = Vec::new();
+        for c in 0..chunks {
+            let (a, b) = (c * CHUNK, (c + 1) * CHUNK);
+            let touched = self
+                .islands
+                .iter()
+                .any(|(o, bytes)| *o < b && o + bytes.len() as u64 > a);
+            map.push((a, CHUNK, if touched { DATA } else { HOLE_ZERO }));
+        }
+        merge_map(&map)
+    }
+
+    /// The stand-in's counters as one process published them.
+    fn stats(&self, who: &str) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.path(&format!("{who}-stats.json")))
+            .unwrap_or_else(|e| panic!("{who}: the stand-in wrote no counters: {e}"));
+        serde_json::from_str(&text).unwrap()
+    }
+}
+
+/// Whether the root has the vddk plugin; a missing one fails under CI.
+fn plugin_installed() -> bool {
+    let plugin = trixie_root().join(PLUGIN);
+    if plugin.is_file() {
+        return true;
+    }
+    let message = format!(
+        "nbdkit's vddk plugin {} is missing (Debian 13 package `nbdkit-plugin-vddk`, contrib; \
+         `cargo xtask peer-root --rebuild`)",
+        plugin.display()
+    );
+    assert!(!running_in_ci(), "{message}");
+    eprintln!("SKIPPED (trixie): {message}");
+    false
+}
+
+fn flags(kind: ExtentKind) -> u32 {
+    match kind {
+        ExtentKind::Data => DATA,
+        ExtentKind::Zero => 2,
+        ExtentKind::Hole => HOLE_ZERO,
+        ExtentKind::Unallocated => 1,
+        other => panic!("unexpected extent kind {other:?}"),
+    }
+}
+
+/// Reads all of `disk` in 1 MiB requests and returns the SHA-256 and the extents as map triples.
+fn read_disk(disk: &dyn Disk) -> (String, Vec<(u64, u64, u32)>) {
+    let capacity = disk.info().unwrap().capacity;
+    assert_eq!(capacity, SIZE);
+    let mut all = vec![0u8; capacity as usize];
+    for (i, chunk) in all.chunks_mut(1 << 20).enumerate() {
+        disk.read_at(chunk, i as u64 * (1 << 20)).unwrap();
+    }
+    let extents = disk.allocated_extents(0, capacity).unwrap();
+    let map = extents
+        .iter()
+        .map(|e| (e.offset, e.length, flags(e.kind)))
+        .collect::<Vec<_>>();
+    (sha256(&all), merge_map(&map))
+}
+
+/// What nbdkit prints for `--dump-plugin`, with the stand-in as its library.
+fn dump_plugin(fixture: &Fixture) -> String {
+    let command = Generation::Trixie
+        .command("nbdkit", "nbdkit")
+        .expect("nbdkit was found a moment ago");
+    let out = command
+        .args(["vddk", "--dump-plugin"])
+        .arg(format!("libdir={}", fixture.dir.path().display()))
+        .output();
+    assert!(
+        out.status.success(),
+        "nbdkit vddk --dump-plugin: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn assert_no_violations(fixture: &Fixture, who: &str) -> serde_json::Value {
+    let stats = fixture.stats(who);
+    assert_eq!(
+        stats["violations"],
+        serde_json::json!({}),
+        "{who} broke VDDK's rules: {stats}"
+    );
+    stats
+}
+
+fn count(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+#[test]
+fn nbdkit_vddk_plugin_and_vmsdk_read_the_same_standin_disk() {
+    let generation = Generation::Trixie;
+    if generation.command("nbdkit", "nbdkit").is_none() || !plugin_installed() {
+        return;
+    }
+    announce(generation, &["nbdkit", "nbdinfo", "nbdcopy"]);
+    let package = trixie_packages()
+        .into_iter()
+        .find(|(name, _)| name == "nbdkit-plugin-vddk");
+    eprintln!("peers: nbdkit-plugin-vddk {package:?}");
+
+    let fixture = Fixture::new();
+    let disk_path = fixture.path("disk.img");
+    let file_sha = sha256_file(&disk_path);
+    let expected = fixture.expected_map();
+    assert!(expected.len() >= 7, "{expected:?}");
+
+    // nbdkit finds the stand-in where it looks for VDDK 8 and sees every function it uses,
+    // the optional ones included.
+    let dump = dump_plugin(&fixture);
+    assert!(dump.contains("vddk_library_version=8\n"), "{dump}");
+    let dll = format!(
+        "vddk_dll={}\n",
+        fixture.path("lib64/libvixDiskLib.so.8").display()
+    );
+    assert!(dump.contains(&dll), "{dump}");
+    for function in [
+        "VixDiskLib_Create",
+        "VixDiskLib_Wait",
+        "VixDiskLib_QueryAllocatedBlocks",
+        "VixDiskLib_FreeBlockList",
+        "VixDiskLib_AllocateConnectParams",
+    ] {
+        assert!(
+            dump.contains(&format!("{function}=1\n")),
+            "{function}: {dump}"
+        );
+    }
+
+    let server = NbdServer::nbdkit_in(
+        generation,
+        &[
+            "-r",
+            "vddk",
+            &format!("libdir={}", fixture.dir.path().display()),
+            &fixture.arg("config", "nbdkit.conf"),
+            &fixture.arg("file", "disk.img"),
+        ],
+    )
+    .expect("nbdkit was found a moment ago");
+    eprintln!("server: {}", server.version());
+    let uri = server.uri();
+
+    // nbdinfo --map: extents from VixDiskLib_QueryAllocatedBlocks in nbdkit.
+    let nbd_map = merge_map(&nbdinfo_map_in(generation, &uri, None).expect("nbdinfo"));
+    assert_eq!(nbd_map, expected, "nbdinfo --map through nbdkit-vddk");
+
+    // nbdcopy: the bytes, from VixDiskLib_ReadAsync on nbdkit's per-connection worker thread.
+    let copy = fixture.path("nbdcopy.img");
+    let out = nbd_tool(generation, "nbdcopy")
+        .expect("nbdcopy")
+        .arg(&uri)
+        .arg(&copy)
+        .output();
+    assert!(
+        out.status.success(),
+        "nbdcopy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sha256_file(&copy), file_sha, "nbdcopy through nbdkit-vddk");
+
+    // vmsdk's NBD client through nbdkit-vddk.
+    let nbd_disk = open_uri(&uri, OpenFlags::read_only()).unwrap();
+    let (nbd_sha, nbd_client_map) = read_disk(nbd_disk.as_ref());
+    drop(nbd_disk);
+    assert_eq!(nbd_sha, file_sha, "vmsdk NBD client through nbdkit-vddk");
+    assert_eq!(
+        nbd_client_map, expected,
+        "vmsdk NBD extents through nbdkit-vddk"
+    );
+
+    // vmsdk's own VDDK backend on the same disk, through the same library, in this process.
+    let vddk = VddkTransport::new(
+        &VddkOptions::new()
+            .libdir(fixture.dir.path())
+            .config_path(fixture.path("vmsdk.conf")),
+    )
+    .unwrap();
+    let connection = vddk
+        .connect(&ConnectParams::builder().build().unwrap())
+        .unwrap();
+    let disk = connection
+        .open(disk_path.to_str().unwrap(), OpenFlags::read_only())
+        .unwrap();
+    let (vddk_sha, vddk_map) = read_disk(disk.as_ref());
+    assert_eq!(vddk_sha, file_sha, "vmsdk VDDK backend");
+    assert_eq!(vddk_map, expected, "vmsdk VDDK backend extents");
+    assert_eq!(vddk_map, nbd_map);
+    drop(disk);
+    drop(connection);
+
+    // Both processes used the library by its rules, and used the calls compared here.
+    let theirs = assert_no_violations(&fixture, "nbdkit");
+    let ours = assert_no_violations(&fixture, "vmsdk");
+    for stats in [&theirs, &ours] {
+        assert!(
+            count(&stats["calls"]["VixDiskLib_QueryAllocatedBlocks"]) > 0,
+            "{stats}"
+        );
+        assert_eq!(
+            stats["disks"][disk_path.to_str().unwrap()]["file"],
+            disk_path.to_str().unwrap(),
+            "{stats}"
+        );
+    }
+    assert!(
+        count(&theirs["calls"]["VixDiskLib_ReadAsync"]) > 0,
+        "{theirs}"
+    );
+    assert!(count(&theirs["calls"]["VixDiskLib_Wait"]) > 0, "{theirs}");
+    assert_eq!(theirs["connects"]["local"]["read_only"], true, "{theirs}");
+    drop(server);
+}
