@@ -149,6 +149,13 @@ pub enum Error {
         /// The destination's size in bytes.
         capacity: u64,
     },
+    /// A disk image was to be written to a terminal ([`stream::StreamSink::stdout`](crate::stream::StreamSink::stdout)),
+    /// which nbdcopy refuses too.
+    #[error("{stream} is a terminal: refusing to write a disk image to it (redirect it to a file or pipe it into a program)")]
+    StreamIsTerminal {
+        /// The stream ("standard output").
+        stream: String,
+    },
     /// A failure injected by the [`memory`](crate::memory) fake.
     #[error("injected {op} failure at offset {offset}")]
     Injected {

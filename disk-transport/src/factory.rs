@@ -42,7 +42,9 @@ fn refuse_stream(uri: &str) -> Result<()> {
     if crate::stream::is_stdio(uri) {
         return Err(Error::InvalidUri {
             uri: uri.to_owned(),
-            reason: "`-` is standard input or output, a stream and not a disk: copy from or                      to it with stream::copy_from_stream or stream::copy_to_stream (`vmsdk disk                      copy - DST`, `vmsdk disk copy SRC -`); for a file named `-` write ./-"
+            reason: "`-` is standard input or output, a stream and not a disk: copy from or \
+                to it with stream::copy_from_stream or stream::copy_to_stream (`vmsdk disk \
+                copy - DST`, `vmsdk disk copy SRC -`); for a file named `-` write ./-"
                 .into(),
         });
     }

@@ -141,11 +141,9 @@ impl StreamSink {
     pub fn stdout() -> Result<Self> {
         let stdout = std::io::stdout();
         if stdout.is_terminal() {
-            return Err(Error::InvalidParams(
-                "standard output is a terminal: refusing to write a disk image to it (redirect \
-                 it to a file or pipe it into a program)"
-                    .into(),
-            ));
+            return Err(Error::StreamIsTerminal {
+                stream: "standard output".into(),
+            });
         }
         let fd = stdout
             .as_fd()
@@ -195,6 +193,8 @@ struct QueueState<T> {
     error: Option<Error>,
     /// The stream's thread has finished everything it was given.
     drained: bool,
+    /// Bytes the stream's thread has written (a writing copy's progress).
+    written: u64,
 }
 
 impl<T> Queue<T> {
@@ -205,6 +205,7 @@ impl<T> Queue<T> {
                 closed: false,
                 error: None,
                 drained: false,
+                written: 0,
             }),
             changed: Condvar::new(),
         }
@@ -369,7 +370,10 @@ fn write_stream(mut sink: StreamSink, queue: &Queue<Chunk>) {
             }
         };
         match result {
-            Ok(n) => offset += n,
+            Ok(n) => {
+                offset += n;
+                queue.lock().written = offset;
+            }
             Err(e) => return queue.fail(write_error(&sink.name, offset, e)),
         }
     }
@@ -522,30 +526,27 @@ pub fn copy_to_stream(
                     break;
                 }
                 let (offset, chunk) = entry.remove();
-                let length = match &chunk {
+                match &chunk {
                     Chunk::Data(data) => {
                         if let Some(h) = &hasher {
                             h.update(offset, data);
                         }
                         p.read += data.len() as u64;
-                        p.written += data.len() as u64;
-                        data.len() as u64
                     }
                     Chunk::Zeros(length) => {
                         if let Some(h) = &hasher {
                             h.zeroes(offset, *length);
                         }
-                        p.written += *length;
-                        *length
                     }
-                };
+                }
                 let mut state = queue.wait_until(options, &stall, false, |s| {
                     s.items.len() < QUEUE_CHUNKS || s.closed
                 })?;
                 state.items.push_back(chunk);
+                // Done is what reached the stream.
+                (p.written, p.done) = (state.written, state.written);
                 drop(state);
                 queue.changed.notify_all();
-                p.done += length;
                 emitted += 1;
                 reporter.maybe(&p);
             }
@@ -580,6 +581,8 @@ pub fn copy_to_stream(
         Ok(())
     })();
     queue.close();
+    let written = queue.lock().written;
+    (p.written, p.done) = (written, written);
     (reporter.callback)(&p);
     if let Err(error) = result {
         return Err(stopped(error, p, started));
@@ -935,6 +938,8 @@ mod tests {
         };
         assert_eq!(source.kind(), std::io::ErrorKind::BrokenPipe);
         assert!(op.contains("reading end of the pipe was closed"), "{op}");
+        // Nothing reached the stream, and the report says so.
+        assert_eq!(failed.report.progress.done, 0);
     }
 
     /// A writer or reader that blocks until released.

@@ -8,6 +8,9 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use disk_transport::blkhash::BlkhashSpec;
 use disk_transport::copy::{self, copy, copy_changed, CancelToken, CopyOptions, CopyProgress};
+use disk_transport::stream::{
+    copy_from_stream, copy_to_stream, is_stdio, StreamSink, StreamSource,
+};
 use disk_transport::{Disk, DiskUri, Error, ExtentKind, OpenFlags};
 use indicatif::{ProgressBar, ProgressStyle};
 use vmsdk::BackendChoice;
@@ -47,10 +50,13 @@ enum DiskCommand {
     },
     /// Copy a disk to another, skipping holes, with many requests in flight.
     Copy {
-        /// Source disk URI.
+        /// Source disk URI, or `-` for standard input (an image stream, e.g. from zstdcat or
+        /// ssh: it fills the destination from its start until it ends).
         source: String,
-        /// Destination: a disk URI, a path (a missing file is created at the source's size), or
-        /// `null:` to discard the data (measures how fast the source reads).
+        /// Destination: a disk URI, a path (a missing file is created at the source's size),
+        /// `null:` to discard the data (measures how fast the source reads), or `-` for
+        /// standard output (every byte in order, holes as zeros: pipe it into a compressor or
+        /// ssh; the summary then goes to standard error).
         destination: String,
         /// Incremental: write only what the source's dirty bitmap NAME marks changed into the
         /// destination, which must exist with the source's size (the previous full copy).
@@ -258,6 +264,28 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
             let connections = connections.unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
             });
+            if is_stdio(source) || is_stdio(destination) {
+                let stream = StreamCopy {
+                    source,
+                    destination,
+                    incremental: dirty_bitmap.is_some(),
+                    connections,
+                    blkhash,
+                    blkhash_file: blkhash_file.as_deref(),
+                    no_progress: *no_progress,
+                };
+                let mut options = CopyOptions::default();
+                if let Some(n) = threads {
+                    options = options.threads(*n);
+                }
+                let options = options
+                    .request_size(*request_size)
+                    .requests_in_flight(*requests)
+                    .stall_timeout(Duration::from_secs(*stall_timeout))
+                    .retries(*retries)
+                    .blkhash(blkhash);
+                return stream_copy(&stream, options);
+            }
             let source = match dirty_bitmap {
                 Some(name) => with_dirty_bitmap(source, name)?,
                 None => source.clone(),
@@ -351,6 +379,131 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
             threads,
             no_progress,
         } => return checksum(uri, blkhash, *json, *connections, *threads, *no_progress),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `vmsdk disk copy` was asked, when one side is `-`.
+struct StreamCopy<'a> {
+    source: &'a str,
+    destination: &'a str,
+    incremental: bool,
+    connections: usize,
+    blkhash: Option<BlkhashSpec>,
+    blkhash_file: Option<&'a std::path::Path>,
+    no_progress: bool,
+}
+
+/// `vmsdk disk copy - DST` and `vmsdk disk copy SRC -`, as nbdcopy takes them: standard input
+/// fills an existing disk from its start until it ends; standard output gets every byte of the
+/// source in order, holes as zeros. Standard output carries nothing but the image then: the
+/// summary and the block hash go to standard error (or --blkhash-file).
+fn stream_copy(args: &StreamCopy<'_>, options: CopyOptions) -> CliResult {
+    if is_stdio(args.source) && is_stdio(args.destination) {
+        return Err("`-` on both sides: copy standard input to standard output with cat".into());
+    }
+    if args.incremental {
+        return Err(
+            "--dirty-bitmap with `-`: an incremental copy writes the changed ranges at their \
+                offsets, which a stream does not have; copy into a disk"
+                .into(),
+        );
+    }
+    let options = options.cancel(interrupt_token()?);
+    let (result, capacity) = if is_stdio(args.source) {
+        if args.blkhash.is_some() {
+            return Err(
+                "--blkhash of standard input: its size is known only when it ends; \
+                hash the destination afterwards (vmsdk disk checksum)"
+                    .into(),
+            );
+        }
+        let destination = vmsdk::disk::with_default_connections(args.destination, args.connections);
+        let (dst, fresh) = if destination.starts_with(vmsdk::disk::NULL_SINK) {
+            // Any length: the sink takes what comes.
+            vmsdk::disk::open_or_create(&destination, i64::MAX as u64)?
+        } else if let Some(path) = missing_file(&destination) {
+            return Err(format!(
+                "{} does not exist: a copy from standard input writes into an existing disk, \
+                    since the stream's size is not known before it ends (create it with the \
+                    image's size, e.g. truncate -s SIZE, or name an NBD export)",
+                path.display()
+            )
+            .into());
+        } else {
+            (
+                vmsdk::disk::open(&destination, OpenFlags::read_write())?,
+                false,
+            )
+        };
+        let capacity = dst.info()?.capacity;
+        let source = StreamSource::stdin()?;
+        let bar = progress_bar(args.no_progress, capacity)?;
+        let result = copy_from_stream(
+            source,
+            dst.as_ref(),
+            &options.destination_is_zero(fresh),
+            &mut |p| bar.set_position(p.done),
+        );
+        bar.finish_and_clear();
+        (result, capacity)
+    } else {
+        let source = vmsdk::disk::with_default_connections(args.source, args.connections);
+        let src = vmsdk::disk::open(&source, OpenFlags::read_only())?;
+        let capacity = src.info()?.capacity;
+        let sink = StreamSink::stdout()?;
+        let bar = progress_bar(args.no_progress, capacity)?;
+        let result = copy_to_stream(src.as_ref(), sink, &options, &mut |p| {
+            bar.set_position(p.done)
+        });
+        bar.finish_and_clear();
+        (result, capacity)
+    };
+    let report = match result {
+        Ok(report) => report,
+        Err(failed) if matches!(failed.error, Error::Cancelled) => {
+            let p = failed.report.progress;
+            eprintln!(
+                "vmsdk: interrupted: copy stopped after {} bytes; the destination is incomplete",
+                p.done
+            );
+            return Ok(ExitCode::from(130));
+        }
+        Err(failed) => return Err(failed.into()),
+    };
+    let p = report.progress;
+    let what = if is_stdio(args.source) {
+        "from standard input"
+    } else {
+        "to standard output"
+    };
+    eprintln!(
+        "copied {} bytes {what} in {:.2} s ({:.1} MiB/s): {} read, {} written, {} zeroed, {} skipped",
+        p.total,
+        report.elapsed.as_secs_f64(),
+        report.bytes_per_second() / (1024.0 * 1024.0),
+        p.read,
+        p.written,
+        p.zeroed,
+        p.skipped
+    );
+    if is_stdio(args.source)
+        && p.total < capacity
+        && !args.destination.starts_with(vmsdk::disk::NULL_SINK)
+    {
+        eprintln!(
+            "vmsdk: standard input ended after {} bytes; the destination's other {} bytes were \
+                left as they were",
+            p.total,
+            capacity - p.total
+        );
+    }
+    if let Some(hash) = report.blkhash {
+        match args.blkhash_file {
+            Some(path) => std::fs::write(path, format!("{hash}\n"))?,
+            // Standard output holds the image.
+            None => eprintln!("{hash}"),
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
