@@ -183,8 +183,10 @@ fn count(v: &serde_json::Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
+/// One test for both directions: VDDK is initialised once per process with one `libdir`, and
+/// vmsdk's backend here must load the stand-in from the test directory nbdkit sees.
 #[test]
-fn nbdkit_vddk_plugin_and_vmsdk_read_the_same_standin_disk() {
+fn nbdkit_vddk_plugin_and_vmsdk_share_standin_disks() {
     let generation = Generation::Trixie;
     if generation.command("nbdkit", "nbdkit").is_none() || !plugin_installed() {
         return;
@@ -196,6 +198,20 @@ fn nbdkit_vddk_plugin_and_vmsdk_read_the_same_standin_disk() {
     eprintln!("peers: nbdkit-plugin-vddk {package:?}");
 
     let fixture = Fixture::new();
+    let vddk = VddkTransport::new(
+        &VddkOptions::new()
+            .libdir(fixture.dir.path())
+            .config_path(fixture.path("vmsdk.conf")),
+    )
+    .unwrap();
+    read_the_same_disk(&fixture, &vddk);
+    write_a_created_disk(&fixture, &vddk);
+}
+
+/// A file-backed disk read by nbdinfo, nbdcopy and vmsdk's NBD client through nbdkit-vddk, and
+/// by vmsdk's VDDK backend directly: same bytes, same extents, as the file and its holes.
+fn read_the_same_disk(fixture: &Fixture, vddk: &VddkTransport) {
+    let generation = Generation::Trixie;
     let disk_path = fixture.path("disk.img");
     let file_sha = sha256_file(&disk_path);
     let expected = fixture.expected_map();
@@ -203,7 +219,7 @@ fn nbdkit_vddk_plugin_and_vmsdk_read_the_same_standin_disk() {
 
     // nbdkit finds the stand-in where it looks for VDDK 8 and sees every function it uses,
     // the optional ones included.
-    let dump = dump_plugin(&fixture);
+    let dump = dump_plugin(fixture);
     assert!(dump.contains("vddk_library_version=8\n"), "{dump}");
     let dll = format!(
         "vddk_dll={}\n",
@@ -266,12 +282,6 @@ fn nbdkit_vddk_plugin_and_vmsdk_read_the_same_standin_disk() {
     );
 
     // vmsdk's own VDDK backend on the same disk, through the same library, in this process.
-    let vddk = VddkTransport::new(
-        &VddkOptions::new()
-            .libdir(fixture.dir.path())
-            .config_path(fixture.path("vmsdk.conf")),
-    )
-    .unwrap();
     let connection = vddk
         .connect(&ConnectParams::builder().build().unwrap())
         .unwrap();
@@ -286,8 +296,8 @@ fn nbdkit_vddk_plugin_and_vmsdk_read_the_same_standin_disk() {
     drop(connection);
 
     // Both processes used the library by its rules, and used the calls compared here.
-    let theirs = assert_no_violations(&fixture, "nbdkit");
-    let ours = assert_no_violations(&fixture, "vmsdk");
+    let theirs = assert_no_violations(fixture, "nbdkit");
+    let ours = assert_no_violations(fixture, "vmsdk");
     for stats in [&theirs, &ours] {
         assert!(
             count(&stats["calls"]["VixDiskLib_QueryAllocatedBlocks"]) > 0,
@@ -306,4 +316,100 @@ fn nbdkit_vddk_plugin_and_vmsdk_read_the_same_standin_disk() {
     assert!(count(&theirs["calls"]["VixDiskLib_Wait"]) > 0, "{theirs}");
     assert_eq!(theirs["connects"]["local"]["read_only"], true, "{theirs}");
     drop(server);
+}
+
+/// nbdkit-vddk with `create=true` (VixDiskLib_Create) takes a copy of the disk from nbdcopy
+/// (`--flush`: WriteAsync, then Wait and Flush), with asynchronous requests completed on the
+/// stand-in's threads 300 µs later; a second, read-only nbdkit serves the result to nbdinfo and
+/// nbdcopy while extents are asked between asynchronous reads; vmsdk's VDDK backend reads the
+/// created file and agrees.
+fn write_a_created_disk(fixture: &Fixture, vddk: &VddkTransport) {
+    let generation = Generation::Trixie;
+    let source = fixture.path("disk.img");
+    let created = fixture.path("created.img");
+    let created_name = created.to_str().unwrap();
+    let with_delay = format!("file={created_name}?async_delay_us=300");
+    let libdir = format!("libdir={}", fixture.dir.path().display());
+    let config = fixture.arg("config", "nbdkit.conf");
+    let size = format!("create-size={SIZE}");
+    let server = NbdServer::nbdkit_in(
+        generation,
+        &["vddk", &libdir, &config, &with_delay, "create=true", &size],
+    )
+    .expect("nbdkit was found before");
+    let out = nbd_tool(generation, "nbdcopy")
+        .expect("nbdcopy")
+        .arg("--flush")
+        .arg(&source)
+        .arg(server.uri())
+        .output();
+    assert!(
+        out.status.success(),
+        "nbdcopy into nbdkit-vddk: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(server);
+    let theirs = assert_no_violations(fixture, "nbdkit");
+    assert_eq!(count(&theirs["calls"]["VixDiskLib_Create"]), 1, "{theirs}");
+    let disk = &theirs["disks"][created_name];
+    assert!(count(&disk["async_writes"]) > 0, "{theirs}");
+    assert!(count(&disk["flushes"]) > 0, "{theirs}");
+    assert_eq!(disk["size"], SIZE, "{theirs}");
+    assert_eq!(
+        sha256_file(&created),
+        sha256_file(&source),
+        "the file nbdkit-vddk created and nbdcopy filled"
+    );
+
+    // Read back through a read-only nbdkit, asynchronous completions still delayed.
+    let server = NbdServer::nbdkit_in(generation, &["-r", "vddk", &libdir, &config, &with_delay])
+        .expect("nbdkit was found before");
+    let nbd_map = merge_map(&nbdinfo_map_in(generation, &server.uri(), None).expect("nbdinfo"));
+    let copy = fixture.path("created-copy.img");
+    let out = nbd_tool(generation, "nbdcopy")
+        .expect("nbdcopy")
+        .arg(server.uri())
+        .arg(&copy)
+        .output();
+    assert!(
+        out.status.success(),
+        "nbdcopy from nbdkit-vddk: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sha256_file(&copy), sha256_file(&source));
+    let nbd_disk = open_uri(&server.uri(), OpenFlags::read_only()).unwrap();
+    let (nbd_sha, nbd_client_map) = read_disk(nbd_disk.as_ref());
+    drop(nbd_disk);
+    drop(server);
+    let theirs = assert_no_violations(fixture, "nbdkit");
+    assert!(
+        count(&theirs["disks"][created_name]["async_reads"]) > 0,
+        "{theirs}"
+    );
+
+    let connection = vddk
+        .connect(&ConnectParams::builder().build().unwrap())
+        .unwrap();
+    let disk = connection
+        .open(created_name, OpenFlags::read_only())
+        .unwrap();
+    let (vddk_sha, vddk_map) = read_disk(disk.as_ref());
+    drop(disk);
+    drop(connection);
+    assert_eq!(vddk_sha, sha256_file(&source));
+    assert_eq!(nbd_sha, vddk_sha);
+    assert_eq!(nbd_map, vddk_map, "nbdinfo --map vs vmsdk VDDK backend");
+    assert_eq!(nbd_client_map, vddk_map, "vmsdk NBD client vs VDDK backend");
+    // Every chunk that has data in the source has data in the copy.
+    for (offset, length, flags) in fixture.expected_map() {
+        if flags == DATA {
+            assert!(
+                vddk_map
+                    .iter()
+                    .any(|&(o, l, f)| f == DATA && o <= offset && offset + length <= o + l),
+                "{offset}+{length} lost its data: {vddk_map:?}"
+            );
+        }
+    }
+    assert_no_violations(fixture, "vmsdk");
 }

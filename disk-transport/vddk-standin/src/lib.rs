@@ -2,8 +2,11 @@
 //! real `dlopen` path, the way nbdkit tests its VDDK plugin with `tests/dummy-vddk.c`.
 //!
 //! It exports the VDDK functions the backend uses, through the very function-pointer types the
-//! backend calls them with (`disk_transport::vddk::ffi`), so signatures cannot drift. It keeps
-//! disks in memory, checks how it is called and reports what it saw.
+//! backend calls them with (`disk_transport::vddk::ffi`), so signatures cannot drift, plus
+//! `VixDiskLib_Create`, which nbdkit's vddk plugin also requires — nbdkit loads this library
+//! as its VDDK too (`nbdkit vddk libdir=DIR config=CONF file=/abs/disk.img`, with the library
+//! at `DIR/lib64/libvixDiskLib.so.8`). It keeps disks in memory or in files, checks how it is
+//! called and reports what it saw.
 //!
 //! # Disks
 //!
@@ -15,6 +18,16 @@
 //! through the completion callback. `async_delay_us` completes asynchronous requests on a thread
 //! after that delay (otherwise they complete inside the call, as VDDK does for local files).
 //!
+//! With `standin.fileDisks = 1` in the configuration, a disk opened on a local connection (no
+//! server) is instead the file its path names, as a local VMDK is for VDDK: the path must be
+//! absolute (else `VIX_E_INVALID_ARG`) and the file exist (else `VIX_E_FILE_NOT_FOUND`) and
+//! hold whole sectors; `size=` is refused, the other options apply. Reads and writes go to the
+//! file, Flush `fdatasync`s it, and QueryAllocatedBlocks reports the 64 KiB chunks in which
+//! the file system has data (`SEEK_DATA`/`SEEK_HOLE`). Nothing is cached in the process, so
+//! several processes loading the stand-in see the same bytes and extents. Remote connections
+//! keep in-memory disks. `VixDiskLib_Create` makes a sparse file (or in-memory disk) of the
+//! requested capacity; an existing one is `VIX_E_FILE_ALREADY_EXISTS`.
+//!
 //! # Configuration (the InitEx configuration file)
 //!
 //! `standin.statsFile = PATH` — after every call, write a JSON snapshot of the counters there;
@@ -22,7 +35,8 @@
 //! `VIX_E_AUTHENTICATION_FAIL`; `standin.logPassword = 1` — ConnectEx logs the password (so tests
 //! can check that the caller redacts it); `standin.transportModes = LIST`;
 //! `standin.failInitEx = CODE`; `standin.delayUs = N` — sleep inside Open/Close and I/O calls to
-//! widen the window in which overlapping calls (which VDDK forbids) are detected.
+//! widen the window in which overlapping calls (which VDDK forbids) are detected;
+//! `standin.fileDisks = 1` — local disks are files (above).
 //!
 //! # The minimal variant
 //!
@@ -32,8 +46,10 @@
 //! # Rule checks
 //!
 //! Each violation of VDDK's rules is counted under `violations` in the stats: InitEx twice,
-//! overlapping Open/Close/ConnectEx/Disconnect, concurrent calls on one handle, synchronous
-//! calls while asynchronous ones are outstanding, Disconnect with open disks, Close with
+//! overlapping Open/Close/ConnectEx/Disconnect/Create, concurrent calls on one handle, synchronous
+//! Read/Write/Flush/metadata calls while asynchronous requests are outstanding (GetInfo and
+//! QueryAllocatedBlocks are allowed then: nbdkit's vddk plugin makes them between ReadAsync
+//! calls without a Wait, against real VDDK), Disconnect with open disks, Close with
 //! outstanding requests, unknown handles, Exit with open handles, a non-NULL locale.
 #![allow(non_snake_case)]
 // The minimal build (`VDDK_STANDIN_MINIMAL=1`, see build.rs) leaves out the exports that use some helpers and fields.

@@ -222,3 +222,70 @@ impl Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vddk-standin-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        let _ = std::fs::remove_file(&path);
+        path
+    }
+
+    #[test]
+    fn a_file_disk_reports_the_file_systems_allocation_in_chunks() {
+        let path = scratch("alloc.img");
+        Store::create_file(&path, 16 * CHUNK).unwrap();
+        let mut store = Store::open_file(&path, true).unwrap();
+        assert_eq!(store.size(), 16 * CHUNK);
+        assert_eq!(store.allocated_chunks(0, 16).unwrap(), Vec::<u64>::new());
+        // One sector inside chunk 2, a write straddling chunks 5 and 6, the last sector.
+        store.write(2 * CHUNK + 512, &[7; 512]).unwrap();
+        store.write(6 * CHUNK - 4096, &[9; 8192]).unwrap();
+        store.write(16 * CHUNK - 512, &[1; 512]).unwrap();
+        store.flush().unwrap();
+        assert_eq!(store.allocated_chunks(0, 16).unwrap(), vec![2, 5, 6, 15]);
+        assert_eq!(store.allocated_chunks(3, 6).unwrap(), vec![5]);
+        assert_eq!(store.allocated_chunks(7, 15).unwrap(), Vec::<u64>::new());
+        // Another handle on the same file sees the same bytes and map.
+        let other = Store::open_file(&path, false).unwrap();
+        let mut sector = [0u8; 512];
+        other.read(2 * CHUNK + 512, &mut sector).unwrap();
+        assert_eq!(sector, [7; 512]);
+        assert_eq!(other.allocated_chunks(0, 16).unwrap(), vec![2, 5, 6, 15]);
+        assert!(!other.writable());
+        assert_eq!(
+            other.read(16 * CHUNK, &mut sector),
+            Err(VIX_E_DISK_OUTOFRANGE)
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn file_disk_errors_are_vddks() {
+        let missing = scratch("missing.img");
+        let err = Store::open_file(&missing, false).unwrap_err();
+        assert_eq!(err.0, disk_transport::vddk::ffi::VIX_E_FILE_NOT_FOUND);
+        assert!(err.1.contains("missing.img"), "{}", err.1);
+
+        let odd = scratch("odd.img");
+        std::fs::write(&odd, [0u8; 1000]).unwrap();
+        let err = Store::open_file(&odd, false).unwrap_err();
+        assert_eq!(err.0, VIX_E_INVALID_ARG);
+        assert!(err.1.contains("not a whole number"), "{}", err.1);
+        assert_eq!(
+            Store::create_file(&odd, 4096).unwrap_err().0,
+            crate::VIX_E_FILE_ALREADY_EXISTS
+        );
+        std::fs::remove_file(&odd).unwrap();
+
+        let dir = odd.parent().unwrap();
+        assert_eq!(
+            Store::open_file(dir, false).unwrap_err().0,
+            VIX_E_INVALID_ARG
+        );
+    }
+}
