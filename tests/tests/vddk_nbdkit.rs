@@ -206,6 +206,7 @@ fn nbdkit_vddk_plugin_and_vmsdk_share_standin_disks() {
     .unwrap();
     read_the_same_disk(&fixture, &vddk);
     write_a_created_disk(&fixture, &vddk);
+    map_the_tail_of_an_odd_sized_disk(&fixture, &vddk);
 }
 
 /// A file-backed disk read by nbdinfo, nbdcopy and vmsdk's NBD client through nbdkit-vddk, and
@@ -412,4 +413,74 @@ fn write_a_created_disk(fixture: &Fixture, vddk: &VddkTransport) {
         }
     }
     assert_no_violations(fixture, "vmsdk");
+}
+
+/// A disk whose size is not a whole number of 64 KiB chunks: QueryAllocatedBlocks cannot be
+/// asked about the tail (the stand-in refuses a range past the end, as the chunk rules
+/// demand), so both nbdkit 1.42's plugin and vmsdk's backend stop at the last whole chunk and
+/// report the tail as data.
+fn map_the_tail_of_an_odd_sized_disk(fixture: &Fixture, vddk: &VddkTransport) {
+    let generation = Generation::Trixie;
+    let size = 16 * CHUNK + 1536;
+    let path = fixture.path("odd.img");
+    let name = path.to_str().unwrap();
+    let file = std::fs::File::create(&path).unwrap();
+    file.set_len(size).unwrap();
+    file.write_all_at(&random_bytes(4096, 5), 3 * CHUNK)
+        .unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    let expected = vec![
+        (0, 3 * CHUNK, HOLE_ZERO),
+        (3 * CHUNK, CHUNK, DATA),
+        (4 * CHUNK, 12 * CHUNK, HOLE_ZERO),
+        (16 * CHUNK, 1536, DATA),
+    ];
+
+    let server = NbdServer::nbdkit_in(
+        generation,
+        &[
+            "-r",
+            "vddk",
+            &format!("libdir={}", fixture.dir.path().display()),
+            &fixture.arg("config", "nbdkit.conf"),
+            &format!("file={name}"),
+        ],
+    )
+    .expect("nbdkit was found before");
+    let nbd_map = merge_map(&nbdinfo_map_in(generation, &server.uri(), None).expect("nbdinfo"));
+    let nbd_disk = open_uri(&server.uri(), OpenFlags::read_only()).unwrap();
+    let nbd_sha = read_all(nbd_disk.as_ref(), size);
+    drop(nbd_disk);
+    drop(server);
+    assert_no_violations(fixture, "nbdkit");
+
+    let connection = vddk
+        .connect(&ConnectParams::builder().build().unwrap())
+        .unwrap();
+    let disk = connection.open(name, OpenFlags::read_only()).unwrap();
+    let vddk_sha = read_all(disk.as_ref(), size);
+    let vddk_map = merge_map(
+        &disk
+            .allocated_extents(0, size)
+            .unwrap()
+            .iter()
+            .map(|e| (e.offset, e.length, flags(e.kind)))
+            .collect::<Vec<_>>(),
+    );
+    drop(disk);
+    drop(connection);
+    assert_eq!(nbd_map, expected, "nbdinfo --map through nbdkit-vddk");
+    assert_eq!(vddk_map, expected, "vmsdk VDDK backend");
+    assert_eq!(nbd_sha, sha256_file(&path));
+    assert_eq!(vddk_sha, nbd_sha);
+    assert_no_violations(fixture, "vmsdk");
+}
+
+/// SHA-256 of all `size` bytes of `disk`, read in one request.
+fn read_all(disk: &dyn Disk, size: u64) -> String {
+    assert_eq!(disk.info().unwrap().capacity, size);
+    let mut all = vec![0u8; size as usize];
+    disk.read_at(&mut all, 0).unwrap();
+    sha256(&all)
 }
