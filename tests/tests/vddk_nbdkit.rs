@@ -194,8 +194,9 @@ fn nbdkit_vddk_plugin_and_vmsdk_share_standin_disks() {
     announce(generation, &["nbdkit", "nbdinfo", "nbdcopy"]);
     let package = trixie_packages()
         .into_iter()
-        .find(|(name, _)| name == "nbdkit-plugin-vddk");
-    eprintln!("peers: nbdkit-plugin-vddk {package:?}");
+        .find(|(name, _)| name == "nbdkit-plugin-vddk")
+        .map_or_else(|| "(not in the root's stamp)".to_owned(), |(_, v)| v);
+    eprintln!("peers: nbdkit-plugin-vddk {package}, loading the stand-in libvixDiskLib.so.8");
 
     let fixture = Fixture::new();
     let vddk = VddkTransport::new(
