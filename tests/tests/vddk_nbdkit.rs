@@ -273,6 +273,40 @@ fn read_the_same_disk(fixture: &Fixture, vddk: &VddkTransport) {
     );
     assert_eq!(sha256_file(&copy), file_sha, "nbdcopy through nbdkit-vddk");
 
+    // Three clients at once: nbdkit opens a VDDK connection and handle per client (ConnectEx and
+    // Open on its connection threads, under its own open/close lock) and drives each handle
+    // from that client's worker thread; the stand-in counts any overlap of Open/Close or
+    // concurrent calls on one handle (checked below).
+    let copies: Vec<PathBuf> = (0..3)
+        .map(|i| fixture.path(&format!("nbdcopy-{i}.img")))
+        .collect();
+    let runs: Vec<_> = copies
+        .iter()
+        .map(|copy| {
+            let command = nbd_tool(generation, "nbdcopy")
+                .expect("nbdcopy")
+                .arg(&uri)
+                .arg(copy);
+            std::thread::spawn(move || command.output())
+        })
+        .collect();
+    for run in runs {
+        let out = run.join().unwrap();
+        assert!(
+            out.status.success(),
+            "parallel nbdcopy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for copy in &copies {
+        assert_eq!(
+            sha256_file(copy),
+            file_sha,
+            "parallel nbdcopy {}",
+            copy.display()
+        );
+    }
+
     // vmsdk's NBD client through nbdkit-vddk.
     let nbd_disk = open_uri(&uri, OpenFlags::read_only()).unwrap();
     let (nbd_sha, nbd_client_map) = read_disk(nbd_disk.as_ref());
@@ -316,6 +350,11 @@ fn read_the_same_disk(fixture: &Fixture, vddk: &VddkTransport) {
         "{theirs}"
     );
     assert!(count(&theirs["calls"]["VixDiskLib_Wait"]) > 0, "{theirs}");
+    // nbdinfo, nbdcopy, three parallel nbdcopy and vmsdk's NBD client: a handle each.
+    assert!(
+        count(&theirs["disks"][disk_path.to_str().unwrap()]["opens"]) >= 6,
+        "{theirs}"
+    );
     assert_eq!(theirs["connects"]["local"]["read_only"], true, "{theirs}");
     drop(server);
 }
