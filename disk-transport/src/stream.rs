@@ -731,7 +731,8 @@ pub fn copy_from_stream(
     };
     let stall = format!("reading {name}");
     let (tx, rx) = mpsc::channel::<(u64, Result<Vec<u8>>)>();
-    let mut in_flight = 0usize;
+    // Writes submitted and not yet taken back (a Cell: the completion closure takes them).
+    let in_flight = std::cell::Cell::new(0usize);
     let result = (|| -> Result<()> {
         let mut offset = 0u64;
         let mut ended = false;
@@ -754,18 +755,16 @@ pub fn copy_from_stream(
                     Err(_) => return Ok(false),
                 }
             };
+            in_flight.set(in_flight.get() - 1);
             result?;
             p.written += length;
             p.done += length;
             Ok(true)
         };
         while !ended {
-            while complete(&mut p, false)? {
-                in_flight -= 1;
-            }
-            if in_flight >= options.in_flight() {
+            while complete(&mut p, false)? {}
+            if in_flight.get() >= options.in_flight() {
                 complete(&mut p, true)?;
-                in_flight -= 1;
                 continue;
             }
             let mut state = queue.wait_until(options, &stall, true, |s| !s.items.is_empty())?;
@@ -808,7 +807,7 @@ pub fn copy_from_stream(
                     (false, None) => Vec::new(),
                 };
                 let tx = tx.clone();
-                in_flight += 1;
+                in_flight.set(in_flight.get() + 1);
                 dst.submit_write(
                     at,
                     buf,
@@ -820,9 +819,8 @@ pub fn copy_from_stream(
             offset += length;
             reporter.maybe(&p);
         }
-        while in_flight > 0 {
+        while in_flight.get() > 0 {
             complete(&mut p, true)?;
-            in_flight -= 1;
         }
         // The stream's length is what there was to copy.
         p.total = offset;
@@ -832,6 +830,23 @@ pub fn copy_from_stream(
         Ok(())
     })();
     queue.close();
+    // Writes still in flight after a failure finish first (within the stall timeout), so what
+    // the error says was written is written; a failed one is the better error.
+    let mut result = result;
+    let deadline = Instant::now() + options.stall();
+    while in_flight.get() > 0 {
+        let Ok((length, done)) =
+            rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        else {
+            break;
+        };
+        in_flight.set(in_flight.get() - 1);
+        match done {
+            Ok(_) => (p.written, p.done) = (p.written + length, p.done + length),
+            Err(e) if matches!(result, Err(Error::StreamTooLong { .. })) => result = Err(e),
+            Err(_) => {}
+        }
+    }
     (reporter.callback)(&p);
     match result {
         Ok(()) => Ok(CopyReport {
