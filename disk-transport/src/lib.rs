@@ -81,7 +81,9 @@
 //!
 //! Copies between any two of them go through [`copy::copy`] (whole disks),
 //! [`copy::copy_changed`] (incremental backups from the source's dirty bitmap,
-//! [`Disk::dirty_extents`]) or [`copy::copy_extents`] (from a change list you have).
+//! [`Disk::dirty_extents`]) or [`copy::copy_extents`] (from a change list you have). Streams,
+//! such as standard input and output (`-`, as nbdcopy names them), go through
+//! [`stream::copy_to_stream`] and [`stream::copy_from_stream`].
 //!
 //! # Failure model
 //!
