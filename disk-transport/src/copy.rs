@@ -48,10 +48,16 @@ use crate::blkhash::{BlkHasher, Blkhash, BlkhashSpec};
 use crate::types::{push_range, DirtyExtent, Extent, ExtentKind};
 use crate::{Disk, Error, Result};
 
-/// Bytes per request unless [`CopyOptions::request_size`] says otherwise (as nbdcopy).
-pub const DEFAULT_REQUEST_SIZE: usize = 256 * 1024;
-/// Requests in flight unless [`CopyOptions::requests_in_flight`] says otherwise (as nbdcopy).
-pub const DEFAULT_REQUESTS_IN_FLIGHT: usize = 64;
+/// Bytes per request unless [`CopyOptions::request_size`] says otherwise. Twice nbdcopy's
+/// 256 KiB: each request costs this engine a hand-over from the connection's reader thread to
+/// a copying thread (a wake-up and a context switch); halving their number (with
+/// [`DEFAULT_REQUESTS_IN_FLIGHT`]) copied a 2 GiB qemu-nbd 10.0 export to `null:` in 1.13 s
+/// instead of 1.26 s, nbdcopy 1.22 taking 1.37 s (medians of 5 interleaved runs, 2 CPUs).
+pub const DEFAULT_REQUEST_SIZE: usize = 512 * 1024;
+/// Requests in flight unless [`CopyOptions::requests_in_flight`] says otherwise: with
+/// [`DEFAULT_REQUEST_SIZE`], 16 MiB, the bytes nbdcopy keeps in flight (64 × 256 KiB), enough
+/// to hide a millisecond of server latency per request.
+pub const DEFAULT_REQUESTS_IN_FLIGHT: usize = 32;
 /// How long a copy waits for any request to complete before giving up, unless
 /// [`CopyOptions::stall_timeout`] says otherwise.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -163,13 +169,13 @@ fn default_threads() -> usize {
 }
 
 impl CopyOptions {
-    /// Bytes per read/write request (default [`DEFAULT_REQUEST_SIZE`], 256 KiB; rounded to the
+    /// Bytes per read/write request (default [`DEFAULT_REQUEST_SIZE`], 512 KiB; rounded to the
     /// disks' block sizes and capped by their maximum request sizes).
     pub fn request_size(mut self, bytes: usize) -> Self {
         self.request_size = bytes.max(1);
         self
     }
-    /// Requests kept in flight (default [`DEFAULT_REQUESTS_IN_FLIGHT`], 64).
+    /// Requests kept in flight (default [`DEFAULT_REQUESTS_IN_FLIGHT`], 32).
     pub fn requests_in_flight(mut self, n: usize) -> Self {
         self.requests_in_flight = n.max(1);
         self
@@ -270,6 +276,12 @@ impl CopyOptions {
     }
     pub(crate) fn flushes(&self) -> bool {
         self.flush
+    }
+    pub(crate) fn retry_limit(&self) -> u32 {
+        self.retries
+    }
+    pub(crate) fn first_retry_delay(&self) -> Duration {
+        self.retry_delay
     }
 }
 

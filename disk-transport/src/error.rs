@@ -149,6 +149,15 @@ pub enum Error {
         /// The destination's size in bytes.
         capacity: u64,
     },
+    /// A stream moved no data for the copy's stall timeout: the program at its other end
+    /// neither wrote nor read.
+    #[error("{stream} moved no data for {after:?} (is the program at the other end of the pipe stalled? raise the stall timeout if it is just slow)")]
+    StreamStalled {
+        /// The stream ("standard input", "standard output").
+        stream: String,
+        /// The timeout that expired.
+        after: Duration,
+    },
     /// A disk image was to be written to a terminal ([`stream::StreamSink::stdout`](crate::stream::StreamSink::stdout)),
     /// which nbdcopy refuses too.
     #[error("{stream} is a terminal: refusing to write a disk image to it (redirect it to a file or pipe it into a program)")]

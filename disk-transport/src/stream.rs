@@ -19,7 +19,7 @@
 //!
 //! The stream is read or written on a thread of its own, so the copy can give up on a stalled
 //! pipe: when no data moves for [`CopyOptions::stall_timeout`] the copy fails with
-//! [`Error::Timeout`]. (The stream's thread may stay blocked in its `read`/`write` until the
+//! [`Error::StreamStalled`]. (The stream's thread may stay blocked in its `read`/`write` until the
 //! other end moves or the process exits; it does nothing after that.) A reader that closed
 //! the pipe early fails the copy with an [`Error::Io`] of kind
 //! [`BrokenPipe`](std::io::ErrorKind::BrokenPipe) that says so.
@@ -45,7 +45,8 @@
 //! # }
 //! ```
 
-use std::collections::{BTreeMap, VecDeque};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::AsFd;
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -271,7 +272,7 @@ impl<T> Queue<T> {
     fn wait_until(
         &self,
         options: &CopyOptions,
-        stall: &str,
+        stream: &str,
         items_first: bool,
         mut ready: impl FnMut(&mut QueueState<T>) -> bool,
     ) -> Result<std::sync::MutexGuard<'_, QueueState<T>>> {
@@ -292,9 +293,8 @@ impl<T> Queue<T> {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(Error::Timeout {
-                    what: stall.to_owned(),
-                    offset: None,
+                return Err(Error::StreamStalled {
+                    stream: stream.to_owned(),
                     after: options.stall(),
                 });
             }
@@ -442,8 +442,9 @@ impl Pieces<'_> {
 /// Copies all of `src`, in order, to the stream `sink`: what `nbdcopy SOURCE -` writes to
 /// standard output. Holes and zero extents are not read but written as zeros. Several reads
 /// are in flight ([`CopyOptions::requests_in_flight`]), put back in order before they are
-/// written. [`CopyOptions::blkhash`] hashes the source on the way; zero detection, retries and
-/// flushing do not apply to a stream.
+/// written. [`CopyOptions::blkhash`] hashes the source on the way; [`CopyOptions::retries`]
+/// retries failed reads as the engine does; zero detection and flushing do not apply to a
+/// stream.
 pub fn copy_to_stream(
     src: &dyn Disk,
     sink: StreamSink,
@@ -486,13 +487,22 @@ pub fn copy_to_stream(
         asked: 0,
         queue: VecDeque::new(),
     };
-    let stall = format!("writing to {name}");
     let result = (|| -> Result<()> {
         let (tx, rx) = mpsc::channel::<(u64, Result<Vec<u8>>)>();
         // Pieces by sequence number: read or zero, waiting for their turn.
         let mut ready: BTreeMap<u64, (u64, Chunk)> = BTreeMap::new();
-        // The offsets of the reads in flight, by sequence number.
-        let mut reading: BTreeMap<u64, u64> = BTreeMap::new();
+        // The reads in flight by sequence number: offset, length, retries so far.
+        let mut reading: BTreeMap<u64, (u64, u64, u32)> = BTreeMap::new();
+        let submit = |seq: u64, offset: u64, length: u64| {
+            let tx = tx.clone();
+            src.submit_read(
+                offset,
+                vec![0u8; length as usize],
+                Box::new(move |r| {
+                    let _ = tx.send((seq, r));
+                }),
+            );
+        };
         let mut submitted = 0u64;
         let mut emitted = 0u64;
         let mut planned_all = false;
@@ -507,16 +517,8 @@ pub fn copy_to_stream(
                         submitted += 1;
                     }
                     Some((offset, length, false)) => {
-                        let tx = tx.clone();
-                        let seq = submitted;
-                        reading.insert(seq, offset);
-                        src.submit_read(
-                            offset,
-                            vec![0u8; length as usize],
-                            Box::new(move |r| {
-                                let _ = tx.send((seq, r));
-                            }),
-                        );
+                        reading.insert(submitted, (offset, length, 0));
+                        submit(submitted, offset, length);
                         submitted += 1;
                     }
                 }
@@ -539,7 +541,7 @@ pub fn copy_to_stream(
                         }
                     }
                 }
-                let mut state = queue.wait_until(options, &stall, false, |s| {
+                let mut state = queue.wait_until(options, &name, false, |s| {
                     s.items.len() < QUEUE_CHUNKS || s.closed
                 })?;
                 state.items.push_back(chunk);
@@ -559,8 +561,18 @@ pub fn copy_to_stream(
             match rx.recv_timeout(POLL) {
                 Ok((seq, result)) => {
                     last_completion = Instant::now();
-                    let offset = reading.remove(&seq).unwrap_or_default();
-                    ready.insert(seq, (offset, Chunk::Data(result?)));
+                    let (offset, length, attempt) = reading.remove(&seq).unwrap_or_default();
+                    match result {
+                        Ok(data) => {
+                            ready.insert(seq, (offset, Chunk::Data(data)));
+                        }
+                        Err(e) if retry_after_backoff(options, &e, attempt)? => {
+                            p.retried += 1;
+                            reading.insert(seq, (offset, length, attempt + 1));
+                            submit(seq, offset, length);
+                        }
+                        Err(e) => return Err(e),
+                    }
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if last_completion.elapsed() >= options.stall() {
@@ -577,7 +589,7 @@ pub fn copy_to_stream(
             }
         }
         queue.close();
-        drop(queue.wait_until(options, &stall, false, |s| s.drained)?);
+        drop(queue.wait_until(options, &name, false, |s| s.drained)?);
         Ok(())
     })();
     queue.close();
@@ -596,6 +608,25 @@ pub fn copy_to_stream(
         elapsed: started.elapsed(),
         blkhash,
     })
+}
+
+/// Whether a request that failed with `e` after `attempt` retries may be tried again
+/// ([`CopyOptions::retries`], transient errors only), once the engine's backoff has passed.
+fn retry_after_backoff(options: &CopyOptions, e: &Error, attempt: u32) -> Result<bool> {
+    if attempt >= options.retry_limit() || !e.is_transient() {
+        return Ok(false);
+    }
+    let until = Instant::now() + options.first_retry_delay() * 2u32.pow(attempt.min(4));
+    loop {
+        if options.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(true);
+        }
+        std::thread::sleep(left.min(POLL));
+    }
 }
 
 /// What the stream's thread of [`copy_from_stream`] hands over.
@@ -683,7 +714,8 @@ fn read_stream(mut source: StreamSource, capacity: u64, request: u64, queue: &Qu
 /// Several writes are in flight ([`CopyOptions::requests_in_flight`]); all-zero chunks are
 /// zeroed rather than written ([`CopyOptions::detect_zeroes`]) or skipped
 /// ([`CopyOptions::destination_is_zero`]); the destination is flushed at the end
-/// ([`CopyOptions::flush`]). A block hash needs the size in advance, so
+/// ([`CopyOptions::flush`]); failed writes are retried as the engine retries them
+/// ([`CopyOptions::retries`]). A block hash needs the size in advance, so
 /// [`CopyOptions::blkhash`] fails with [`Error::Unsupported`]: hash the destination afterwards.
 pub fn copy_from_stream(
     source: StreamSource,
@@ -729,16 +761,30 @@ pub fn copy_from_stream(
         callback: progress,
         last: Instant::now(),
     };
-    let stall = format!("reading {name}");
-    let (tx, rx) = mpsc::channel::<(u64, Result<Vec<u8>>)>();
+    let (tx, rx) = mpsc::channel::<(u64, u64, Result<Vec<u8>>)>();
     // Writes submitted and not yet taken back (a Cell: the completion closure takes them).
     let in_flight = std::cell::Cell::new(0usize);
+    // With retries, a copy of each write in flight and its retry count, by offset: a failed
+    // write's buffer does not come back.
+    let kept: RefCell<HashMap<u64, (Vec<u8>, u32)>> = RefCell::new(HashMap::new());
+    let submit = |at: u64, buf: Vec<u8>| {
+        let tx = tx.clone();
+        let length = buf.len() as u64;
+        in_flight.set(in_flight.get() + 1);
+        dst.submit_write(
+            at,
+            buf,
+            Box::new(move |r| {
+                let _ = tx.send((at, length, r));
+            }),
+        );
+    };
     let result = (|| -> Result<()> {
         let mut offset = 0u64;
         let mut ended = false;
         // Takes one completed write: counts it, or returns its error.
         let complete = |p: &mut CopyProgress, wait: bool| -> Result<bool> {
-            let (length, result) = if wait {
+            let (at, length, result) = if wait {
                 match rx.recv_timeout(options.stall()) {
                     Ok(done) => done,
                     Err(_) => {
@@ -756,7 +802,19 @@ pub fn copy_from_stream(
                 }
             };
             in_flight.set(in_flight.get() - 1);
-            result?;
+            let kept_copy = kept.borrow_mut().remove(&at);
+            if let Err(e) = result {
+                let Some((buf, attempt)) = kept_copy else {
+                    return Err(e);
+                };
+                if !retry_after_backoff(options, &e, attempt)? {
+                    return Err(e);
+                }
+                p.retried += 1;
+                kept.borrow_mut().insert(at, (buf.clone(), attempt + 1));
+                submit(at, buf);
+                return Ok(true);
+            }
             p.written += length;
             p.done += length;
             Ok(true)
@@ -767,7 +825,7 @@ pub fn copy_from_stream(
                 complete(&mut p, true)?;
                 continue;
             }
-            let mut state = queue.wait_until(options, &stall, true, |s| !s.items.is_empty())?;
+            let mut state = queue.wait_until(options, &name, true, |s| !s.items.is_empty())?;
             let item = state.items.pop_front();
             drop(state);
             queue.changed.notify_all();
@@ -806,15 +864,10 @@ pub fn copy_from_stream(
                     (false, Some(all)) => all[start..end].to_vec(),
                     (false, None) => Vec::new(),
                 };
-                let tx = tx.clone();
-                in_flight.set(in_flight.get() + 1);
-                dst.submit_write(
-                    at,
-                    buf,
-                    Box::new(move |r| {
-                        let _ = tx.send((run, r));
-                    }),
-                );
+                if options.retry_limit() > 0 {
+                    kept.borrow_mut().insert(at, (buf.clone(), 0));
+                }
+                submit(at, buf);
             }
             offset += length;
             reporter.maybe(&p);
@@ -835,7 +888,7 @@ pub fn copy_from_stream(
     let mut result = result;
     let deadline = Instant::now() + options.stall();
     while in_flight.get() > 0 {
-        let Ok((length, done)) =
+        let Ok((_, length, done)) =
             rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
         else {
             break;
@@ -992,7 +1045,7 @@ mod tests {
         let sink = StreamSink::new("standard output", Stuck(Arc::clone(&release)));
         let failed = copy_to_stream(&sparse_disk(), sink, &options, &mut |_| {}).unwrap_err();
         assert!(
-            matches!(failed.error, Error::Timeout { ref what, .. } if what.contains("standard output")),
+            matches!(failed.error, Error::StreamStalled { ref stream, .. } if stream == "standard output"),
             "{}",
             failed.error
         );
@@ -1000,7 +1053,7 @@ mod tests {
         let failed =
             copy_from_stream(source, &MemoryDisk::new(1 << 20), &options, &mut |_| {}).unwrap_err();
         assert!(
-            matches!(failed.error, Error::Timeout { ref what, .. } if what.contains("standard input")),
+            matches!(failed.error, Error::StreamStalled { ref stream, .. } if stream == "standard input"),
             "{}",
             failed.error
         );
@@ -1096,6 +1149,38 @@ mod tests {
             failed.error
         );
         assert!(failed.report.progress.done < 4 << 20);
+    }
+
+    #[test]
+    fn transient_errors_are_retried_when_asked() {
+        let options = CopyOptions::default()
+            .retries(2)
+            .retry_delay(Duration::from_millis(1));
+        // Reading for a stream: the failed piece is read again, in its place.
+        let disk = sparse_disk();
+        disk.inject(Fault::read_at(5 * CHUNK_SIZE + 300).times(2));
+        let (sink, bytes) = StreamSink::to_vec();
+        let report = copy_to_stream(&disk, sink, &options, &mut |_| {}).unwrap();
+        assert_eq!(report.progress.retried, 2);
+        assert!(*bytes.lock().unwrap() == disk.to_vec().unwrap());
+        // Writing from a stream: the kept copy is written again.
+        let data = pattern(4 << 20, 6);
+        let dst = MemoryDisk::new(4 << 20);
+        dst.inject(Fault::write_at(3 << 20).times(1));
+        let source = StreamSource::new("standard input", std::io::Cursor::new(data.clone()));
+        let report = copy_from_stream(source, &dst, &options, &mut |_| {}).unwrap();
+        assert_eq!(report.progress.retried, 1);
+        assert!(dst.to_vec().unwrap() == data);
+        // Without retries, the first failure is final.
+        dst.inject(Fault::write_at(3 << 20).times(1));
+        let source = StreamSource::new("standard input", std::io::Cursor::new(data));
+        let failed =
+            copy_from_stream(source, &dst, &CopyOptions::default(), &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(failed.error, Error::Injected { .. }),
+            "{}",
+            failed.error
+        );
     }
 
     #[test]

@@ -506,3 +506,37 @@ fn a_terminal_is_refused_and_wrong_uses_say_why() {
     let text = fails(&["disk", "info", "-"]);
     assert!(text.contains("a stream and not a disk"), "{text}");
 }
+
+#[test]
+fn stalled_pipes_time_out_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("big.img");
+    random_image(&image, 16 * MIB as usize, 12);
+    // A writer that sends nothing for 4 s, against a stall timeout of 1 s.
+    let Some(mut copy) = vmsdk() else { return };
+    copy.args(["disk", "copy", "--no-progress", "--stall-timeout", "1", "-"])
+        .arg(&image);
+    let started = Instant::now();
+    let out = pipe(shell("sleep 4"), copy);
+    assert!(!out.second.success());
+    assert!(
+        out.second_stderr
+            .contains("standard input moved no data for 1s"),
+        "{}",
+        out.second_stderr
+    );
+    // A reader that takes nothing for 4 s: the pipe fills, then the copy gives up.
+    let mut copy = vmsdk().unwrap();
+    copy.args(["disk", "copy", "--no-progress", "--stall-timeout", "1"])
+        .arg(&image)
+        .arg("-");
+    let out = pipe(copy, shell("sleep 4"));
+    assert!(!out.first.success());
+    assert!(
+        out.first_stderr
+            .contains("standard output moved no data for 1s"),
+        "{}",
+        out.first_stderr
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
