@@ -512,12 +512,12 @@ fn stalled_pipes_time_out_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("big.img");
     random_image(&image, 16 * MIB as usize, 12);
-    // A writer that sends nothing for 4 s, against a stall timeout of 1 s.
+    // A writer that sends nothing for 8 s, against a stall timeout of 1 s.
     let Some(mut copy) = vmsdk() else { return };
     copy.args(["disk", "copy", "--no-progress", "--stall-timeout", "1", "-"])
         .arg(&image);
     let started = Instant::now();
-    let out = pipe(shell("sleep 4"), copy);
+    let out = pipe(shell("sleep 8"), copy);
     assert!(!out.second.success());
     assert!(
         out.second_stderr
@@ -525,12 +525,12 @@ fn stalled_pipes_time_out_with_a_message() {
         "{}",
         out.second_stderr
     );
-    // A reader that takes nothing for 4 s: the pipe fills, then the copy gives up.
+    // A reader that takes nothing for 8 s: the pipe fills, then the copy gives up.
     let mut copy = vmsdk().unwrap();
     copy.args(["disk", "copy", "--no-progress", "--stall-timeout", "1"])
         .arg(&image)
         .arg("-");
-    let out = pipe(copy, shell("sleep 4"));
+    let out = pipe(copy, shell("sleep 8"));
     assert!(!out.first.success());
     assert!(
         out.first_stderr

@@ -29,7 +29,7 @@ pub mod vddk_uri;
 
 pub use disk_transport::factory::NULL_SINK;
 pub use disk_transport::memory::MemoryDisk;
-pub use disk_transport::{blkhash, compare, copy};
+pub use disk_transport::{blkhash, compare, copy, stream};
 pub use disk_transport::{
     DirtyExtent, Disk, DiskInfo, DiskUri, Extent, ExtentKind, OpenFlags, ProtocolInfo,
 };
