@@ -17,6 +17,10 @@
 //!   destination fails with [`Error::StreamTooLong`] once the destination is full; nothing is
 //!   dropped silently.
 //!
+//! Standard output redirected into a file or onto a device can seek after all:
+//! `stdout_as_disk` (feature `file`) opens it as a disk for the parallel engine, so holes stay holes there
+//! (as nbdcopy does).
+//!
 //! The stream is read or written on a thread of its own, so the copy can give up on a stalled
 //! pipe: when no data moves for [`CopyOptions::stall_timeout`] the copy fails with
 //! [`Error::StreamStalled`]. (The stream's thread may stay blocked in its `read`/`write` until the
@@ -164,6 +168,37 @@ impl StreamSink {
     pub fn name(&self) -> &str {
         &self.name
     }
+}
+
+/// Standard output as a disk, when it is a regular file or a block device
+/// (`vmsdk disk copy SRC - > backup.img`), as nbdcopy treats it: the copy can then seek and
+/// keep holes as holes. An empty file is given `size` bytes and reads as zeros (the
+/// `bool`); a non-empty one keeps its size. `None` when standard output is a pipe, a
+/// socket or a terminal: copy to [`StreamSink::stdout`] then. The file is reopened through
+/// `/proc/self/fd/1` (without the `O_APPEND` a `>>` gives it, which would make every
+/// write an append).
+#[cfg(feature = "file")]
+#[cfg_attr(docsrs, doc(cfg(feature = "file")))]
+pub fn stdout_as_disk(size: u64) -> Result<Option<(Box<dyn Disk>, bool)>> {
+    use std::os::unix::fs::FileTypeExt;
+    let fd = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|e| Error::io("duplicate standard output", None, e))?;
+    let metadata = std::fs::File::from(fd)
+        .metadata()
+        .map_err(|e| Error::io("look at standard output", None, e))?;
+    let kind = metadata.file_type();
+    if !(kind.is_file() || kind.is_block_device()) {
+        return Ok(None);
+    }
+    let empty = kind.is_file() && metadata.len() == 0;
+    let options = crate::file::FileOptions {
+        create_size: Some(size),
+        ..crate::file::FileOptions::default()
+    };
+    let disk = crate::file::FileDisk::open("/proc/self/fd/1", &options)?;
+    Ok(Some((Box::new(disk), empty)))
 }
 
 struct SharedVec(Arc<Mutex<Vec<u8>>>);

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use disk_transport::blkhash::BlkhashSpec;
 use disk_transport::copy::{self, copy, copy_changed, CancelToken, CopyOptions, CopyProgress};
 use disk_transport::stream::{
-    copy_from_stream, copy_to_stream, is_stdio, StreamSink, StreamSource,
+    copy_from_stream, copy_to_stream, is_stdio, stdout_as_disk, StreamSink, StreamSource,
 };
 use disk_transport::{Disk, DiskUri, Error, ExtentKind, OpenFlags};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -451,11 +451,20 @@ fn stream_copy(args: &StreamCopy<'_>, options: CopyOptions) -> CliResult {
         let source = vmsdk::disk::with_default_connections(args.source, args.connections);
         let src = vmsdk::disk::open(&source, OpenFlags::read_only())?;
         let capacity = src.info()?.capacity;
-        let sink = StreamSink::stdout()?;
         let bar = progress_bar(args.no_progress, capacity)?;
-        let result = copy_to_stream(src.as_ref(), sink, &options, &mut |p| {
-            bar.set_position(p.done)
-        });
+        // Redirected into a file or onto a device (`> backup.img`), standard output can seek:
+        // the parallel engine copies into it and holes stay holes, as nbdcopy does.
+        let result = match stdout_as_disk(capacity)? {
+            Some((dst, fresh)) => copy(
+                src.as_ref(),
+                dst.as_ref(),
+                &options.destination_is_zero(fresh),
+                &mut |p| bar.set_position(p.done),
+            ),
+            None => copy_to_stream(src.as_ref(), StreamSink::stdout()?, &options, &mut |p| {
+                bar.set_position(p.done)
+            }),
+        };
         bar.finish_and_clear();
         (result, capacity)
     };
