@@ -364,9 +364,10 @@ fn wait_for(fd: &OwnedFd, flags: PollFlags, deadline: Option<Instant>) -> io::Re
     }
 }
 
-/// Most encrypted bytes gathered before they go to the socket: a 256 KiB request in one
-/// system call rather than one per 16 KiB record.
-const GATHER: usize = 256 * 1024 + 4096;
+/// Most encrypted bytes gathered before they go to the socket: a request of the copy
+/// engine's default size, with its records' overhead, in one system call rather than one per
+/// 16 KiB record.
+const GATHER: usize = crate::copy::DEFAULT_REQUEST_SIZE + 64 * 1024;
 
 /// The socket as OpenSSL sees it: records OpenSSL writes are gathered and sent together when
 /// the caller drains them, or when the buffer is full. Reads go straight to the socket.
