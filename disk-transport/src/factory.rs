@@ -17,8 +17,6 @@
 //! # }
 //! ```
 
-use std::path::Path;
-
 use crate::uri::{DiskUri, VddkUri, VDDK_PASSWORD_ENV};
 use crate::{Disk, Error, OpenFlags, Result};
 
@@ -68,7 +66,7 @@ pub fn open_or_create(uri: &str, size: u64) -> Result<(Box<dyn Disk>, bool)> {
             true,
         )),
         #[cfg(feature = "file")]
-        DiskUri::File { path, .. } if !Path::new(&path).exists() => {
+        DiskUri::File { path, .. } if !std::path::Path::new(&path).exists() => {
             let disk = crate::file::FileDisk::create(&path, size)?;
             Ok((Box::new(disk), true))
         }
