@@ -439,7 +439,7 @@ impl Bench {
             let ratio = medians[r] / medians[v].max(0.01);
             let rss = |i: usize| samples[i].iter().map(|x| x.peak_rss_kib).max().unwrap_or(0);
             println!(
-                "  goal ≥ {goal}× {} and peak RSS ≤ its: speed {:.2}× {}, RSS {} vs {} MiB {}",
+                "  goal ≥ {goal}× {} and peak RSS ≤ its: speed {:.3}× {}, RSS {} vs {} MiB {}",
                 tools[r].name,
                 ratio,
                 if ratio >= goal { "met" } else { "MISSED" },
