@@ -320,6 +320,23 @@ pub fn parse_size(text: &str) -> Option<u64> {
     number.checked_mul(1u64 << shift)
 }
 
+/// The `size=` of a URI whose only parameter it is (`mem://`, `null:`); any other parameter is
+/// an error naming it.
+fn size_parameter(uri: &str, query: Vec<(String, String)>) -> Result<Option<u64>> {
+    let mut size = None;
+    for (k, v) in query {
+        match k.as_str() {
+            "size" => {
+                size = Some(parse_size(&v).ok_or_else(|| {
+                    invalid(uri, format!("size {v:?} is not a size like 1G or 4096"))
+                })?)
+            }
+            other => return Err(invalid(uri, format!("unknown parameter {other:?}"))),
+        }
+    }
+    Ok(size)
+}
+
 fn query_pairs(uri: &str, query: Option<&str>) -> Result<Vec<(String, String)>> {
     let mut pairs = Vec::new();
     for item in query.unwrap_or("").split('&').filter(|s| !s.is_empty()) {
@@ -342,18 +359,7 @@ impl std::str::FromStr for DiskUri {
                 None if rest.is_empty() => None,
                 None => return Err(invalid(uri, "null: takes only ?size=SIZE")),
             };
-            let query = query_pairs(uri, query)?;
-            let mut size = None;
-            for (k, v) in query {
-                match k.as_str() {
-                    "size" => {
-                        size = Some(parse_size(&v).ok_or_else(|| {
-                            invalid(uri, format!("size {v:?} is not a size like 1G or 4096"))
-                        })?)
-                    }
-                    other => return Err(invalid(uri, format!("unknown parameter {other:?}"))),
-                }
-            }
+            let size = size_parameter(uri, query_pairs(uri, query)?)?;
             return Ok(DiskUri::Null { size });
         }
         // A path: absolute, or relative as people type it on a command line (`disk.img`).
@@ -397,17 +403,7 @@ impl std::str::FromStr for DiskUri {
                 if name.is_empty() {
                     return Err(invalid(uri, "missing disk name: mem://NAME?size=1G"));
                 }
-                let mut size = None;
-                for (k, v) in query {
-                    match k.as_str() {
-                        "size" => {
-                            size = Some(parse_size(&v).ok_or_else(|| {
-                                invalid(uri, format!("size {v:?} is not a size like 1G or 4096"))
-                            })?)
-                        }
-                        other => return Err(invalid(uri, format!("unknown parameter {other:?}"))),
-                    }
-                }
+                let size = size_parameter(uri, query)?;
                 Ok(DiskUri::Memory { name, size })
             }
             "file" => {
