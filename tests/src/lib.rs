@@ -29,6 +29,17 @@ pub fn running_as_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Panics unless `out` is a successful exit, naming `what` ran and showing its standard error.
+#[track_caller]
+pub fn assert_success(out: &std::process::Output, what: impl std::fmt::Display) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Whether the tests run under CI, where every peer must be present.
 pub fn running_in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")

@@ -29,10 +29,9 @@ fn peer(generation: Generation, program: &str, args: &[&str]) -> Option<Output> 
         .command(program, "qemu-utils")?
         .args(args)
         .output();
-    assert!(
-        out.status.success(),
-        "{program} {args:?} ({generation}) failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    vmsdk_tests::assert_success(
+        &out,
+        format_args!("{program} {args:?} ({generation}) failed"),
     );
     Some(out)
 }
@@ -44,11 +43,7 @@ fn vmsdk(args: &[&str]) -> Option<Output> {
 
 fn vmsdk_ok(args: &[&str]) -> Option<String> {
     let out = vmsdk(args)?;
-    assert!(
-        out.status.success(),
-        "vmsdk {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vmsdk_tests::assert_success(&out, format_args!("vmsdk {args:?} failed"));
     Some(String::from_utf8(out.stdout).expect("UTF-8"))
 }
 
@@ -96,11 +91,7 @@ fn nbdinfo_dirty_map(generation: Generation, uri: &str, name: &str, json: bool) 
         .arg(format!("--map=qemu:dirty-bitmap:{name}"))
         .arg(uri)
         .output();
-    assert!(
-        out.status.success(),
-        "nbdinfo: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vmsdk_tests::assert_success(&out, "nbdinfo");
     Some(String::from_utf8(out.stdout).unwrap())
 }
 

@@ -22,22 +22,14 @@ fn nbdcopy_blkhash(source: &str, spec: &str) -> Option<String> {
         .arg(source)
         .arg("null:")
         .output();
-    assert!(
-        out.status.success(),
-        "nbdcopy --blkhash={spec} {source}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vmsdk_tests::assert_success(&out, format_args!("nbdcopy --blkhash={spec} {source}"));
     Some(String::from_utf8(out.stdout).unwrap().trim().to_owned())
 }
 
 fn vmsdk(args: &[&str]) -> Option<String> {
     let binary = vmsdk_tests::vmsdk_binary()?;
     let out = Command::new(binary).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "vmsdk {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vmsdk_tests::assert_success(&out, format_args!("vmsdk {args:?}"));
     Some(String::from_utf8(out.stdout).unwrap())
 }
 

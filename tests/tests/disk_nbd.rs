@@ -212,11 +212,7 @@ fn dirty_bitmap_vs_nbdinfo(g: Generation) {
     let image = dir.path().join("disk.qcow2");
     let run = |program: &vmsdk_tests::peers::PeerCommand, args: &[&str]| {
         let out = program.clone().args(args).output();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        vmsdk_tests::assert_success(&out, format_args!("{args:?}"));
     };
     let path = image.to_str().unwrap();
     run(&qemu_img, &["create", "-q", "-f", "qcow2", path, "64M"]);

@@ -122,11 +122,7 @@ fn nbdcopy_stdout_sha256(generation: Generation, uri: &str) -> Option<String> {
         .arg(uri)
         .arg("-")
         .output_within(LIMIT);
-    assert!(
-        out.status.success(),
-        "nbdcopy {uri} - ({generation}): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vmsdk_tests::assert_success(&out, format_args!("nbdcopy {uri} - ({generation})"));
     Some(sha256(&out.stdout))
 }
 
@@ -411,11 +407,7 @@ fn read_export(uri: &str) -> Vec<u8> {
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vmsdk_tests::assert_success(&out, "vmsdk disk copy URI -");
     out.stdout
 }
 
@@ -557,11 +549,7 @@ fn stdout_redirected_into_a_file_stays_sparse_as_with_nbdcopy() {
         .stdout(std::fs::File::create(&ours).unwrap())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vmsdk_tests::assert_success(&out, "vmsdk disk copy SRC - > FILE");
     assert_eq!(sha256_file(&ours), sha256_file(&half));
     // The 8 MiB hole and the tail stay holes (the source holds about 8 MiB of data).
     assert!(

@@ -98,11 +98,7 @@ fn a_sparse_image_beyond_4_gib_maps_as_nbdinfo_maps_it() {
             .arg(server.uri())
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        vmsdk_tests::assert_success(&out, "vmsdk disk map");
         let printed = String::from_utf8(out.stdout).unwrap();
         let Some(nbdinfo) = nbd_tool(generation, "nbdinfo") else {
             return;

@@ -449,11 +449,7 @@ fn block_status_and_dirty_bitmaps_over_tls_match_nbdinfo() {
             ]),
         ] {
             let out = command.output();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            vmsdk_tests::assert_success(&out, "qemu-img or qemu-io");
         }
         let object = qemu_x509(&files.server_dir(), false);
         let tls = ["--object", &object, "--tls-creds", "tls0"];
@@ -542,11 +538,7 @@ fn vmsdk_disk_info_and_copy_over_tls() {
             .args(["disk", "info", "--json", &uri])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        vmsdk_tests::assert_success(&out, "vmsdk disk info");
         let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let protocol = &info["protocol"];
         eprintln!("{protocol}");
@@ -574,11 +566,7 @@ fn vmsdk_disk_info_and_copy_over_tls() {
             .arg(&copy)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        vmsdk_tests::assert_success(&out, "vmsdk disk copy");
         assert_eq!(sha256_file(&copy), sha256_file(&image));
     });
 }

@@ -56,11 +56,7 @@ fn the_test_directory_is_shared_and_nothing_stays_mounted() {
         let sh = generation.command("sh", "dash").unwrap();
         let script = "cat \"$1/from-host\" && echo peer > \"$1/from-peer\" && id -u";
         let out = sh.arg("-c").arg(script).arg("sh").arg(dir.path()).output();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        vmsdk_tests::assert_success(&out, "sh in the peer root");
         assert_eq!(String::from_utf8_lossy(&out.stdout), "hello0\n");
         assert_eq!(
             std::fs::read_to_string(dir.path().join("from-peer")).unwrap(),

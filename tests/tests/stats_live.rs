@@ -44,11 +44,7 @@ fn stats_match_procfs_read_around_the_same_moment() {
         .unwrap();
     let (used_after, stolen_after) = proc_stat_ms();
     let active_after = meminfo_mb("Active");
-    assert!(
-        out.status.success(),
-        "vmsdk stats failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vmsdk_tests::assert_success(&out, "vmsdk stats failed");
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["backend"], "linux", "this machine is a Linux guest");
 

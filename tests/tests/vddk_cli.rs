@@ -18,11 +18,7 @@ fn disk_info_and_copy_through_vddk() {
         .args(["disk", "info", "--json", &uri])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vmsdk_tests::assert_success(&out, "vmsdk disk info");
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(info["capacity"], 1_048_576);
     assert_eq!(info["read_only"], true);
@@ -34,11 +30,7 @@ fn disk_info_and_copy_through_vddk() {
         .args(["disk", "copy", "--no-progress", &uri, dst.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vmsdk_tests::assert_success(&out, "vmsdk disk copy");
     assert_eq!(std::fs::metadata(&dst).unwrap().len(), 1_048_576);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("copied 1048576 bytes"));
 

@@ -161,11 +161,7 @@ fn dump_plugin(fixture: &Fixture) -> String {
         .args(["vddk", "--dump-plugin"])
         .arg(format!("libdir={}", fixture.dir.path().display()))
         .output();
-    assert!(
-        out.status.success(),
-        "nbdkit vddk --dump-plugin: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vmsdk_tests::assert_success(&out, "nbdkit vddk --dump-plugin");
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -266,11 +262,7 @@ fn read_the_same_disk(fixture: &Fixture, vddk: &VddkTransport) {
         .arg(&uri)
         .arg(&copy)
         .output();
-    assert!(
-        out.status.success(),
-        "nbdcopy: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vmsdk_tests::assert_success(&out, "nbdcopy");
     assert_eq!(sha256_file(&copy), file_sha, "nbdcopy through nbdkit-vddk");
 
     // Three clients at once: nbdkit opens a VDDK connection and handle per client (ConnectEx and
@@ -292,11 +284,7 @@ fn read_the_same_disk(fixture: &Fixture, vddk: &VddkTransport) {
         .collect();
     for run in runs {
         let out = run.join().unwrap();
-        assert!(
-            out.status.success(),
-            "parallel nbdcopy: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        vmsdk_tests::assert_success(&out, "parallel nbdcopy");
     }
     for copy in &copies {
         assert_eq!(
@@ -384,11 +372,7 @@ fn write_a_created_disk(fixture: &Fixture, vddk: &VddkTransport) {
         .arg(&source)
         .arg(server.uri())
         .output();
-    assert!(
-        out.status.success(),
-        "nbdcopy into nbdkit-vddk: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vmsdk_tests::assert_success(&out, "nbdcopy into nbdkit-vddk");
     drop(server);
     let theirs = assert_no_violations(fixture, "nbdkit");
     assert_eq!(count(&theirs["calls"]["VixDiskLib_Create"]), 1, "{theirs}");
@@ -412,11 +396,7 @@ fn write_a_created_disk(fixture: &Fixture, vddk: &VddkTransport) {
         .arg(server.uri())
         .arg(&copy)
         .output();
-    assert!(
-        out.status.success(),
-        "nbdcopy from nbdkit-vddk: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    vmsdk_tests::assert_success(&out, "nbdcopy from nbdkit-vddk");
     assert_eq!(sha256_file(&copy), sha256_file(&source));
     let nbd_disk = open_uri(&server.uri(), OpenFlags::read_only()).unwrap();
     let (nbd_sha, nbd_client_map) = read_disk(nbd_disk.as_ref());
