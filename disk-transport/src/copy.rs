@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::blkhash::{BlkHasher, Blkhash, BlkhashSpec};
 use crate::types::{push_range, DirtyExtent, Extent, ExtentKind};
-use crate::{Disk, Error, Result};
+use crate::{Disk, DrivenQueue, Error, ReadCompletion, Result};
 
 /// Bytes per request unless [`CopyOptions::request_size`] says otherwise. Twice nbdcopy's
 /// 256 KiB: each request costs this engine a hand-over from the connection's reader thread to
@@ -896,6 +896,8 @@ struct Worker<'a, 's, 'p> {
     shared: &'s WorkerShared<'p>,
     options: &'s CopyOptions,
     tx: mpsc::Sender<Event>,
+    /// The source's reads on a queue this thread drives itself, when it has one.
+    queue: Option<Box<dyn DrivenQueue>>,
     pool: Vec<Vec<u8>>,
     outstanding: usize,
 }
@@ -906,18 +908,19 @@ impl Worker<'_, '_, '_> {
         buf.resize(length as usize, 0);
         let tx = self.tx.clone();
         self.outstanding += 1;
-        self.src.submit_read(
-            offset,
-            buf,
-            Box::new(move |result| {
-                let _ = tx.send(Event::Read {
-                    offset,
-                    length,
-                    attempt,
-                    result,
-                });
-            }),
-        );
+        let done: ReadCompletion = Box::new(move |result| {
+            let _ = tx.send(Event::Read {
+                offset,
+                length,
+                attempt,
+                result,
+            });
+        });
+        // A retry goes through the disk itself: the queue's connection may be what failed.
+        match &mut self.queue {
+            Some(queue) if attempt == 0 => queue.submit_read(offset, buf, done),
+            _ => self.src.submit_read(offset, buf, done),
+        }
     }
 
     fn submit_write(&mut self, offset: u64, buf: Vec<u8>, attempt: u32) {
@@ -1041,12 +1044,23 @@ fn worker(
     deltas: &mpsc::Sender<CopyProgress>,
 ) {
     let (tx, rx) = mpsc::channel::<Event>();
+    // A read completed by a reader thread costs a wake-up of this one; on a queue this thread
+    // drives, the read completes here. Only when the destination completes writes at once
+    // (files, `null:`): this thread waits in the source's socket, not for the destination.
+    let queue = if src.max_in_flight() > 1 && dst.max_in_flight() <= 1 {
+        // A server that refuses one more connection still serves the disk's own: the reads go
+        // there, as they would without queues; nothing but speed depends on it.
+        src.driven_queue().ok().flatten()
+    } else {
+        None
+    };
     let mut w = Worker {
         src,
         dst,
         shared,
         options,
         tx,
+        queue,
         pool: Vec::new(),
         outstanding: 0,
     };
@@ -1112,9 +1126,21 @@ fn worker(
             });
             break;
         }
-        let event = match rx.recv_timeout((options.stall_timeout - waited).min(POLL)) {
-            Ok(event) => event,
-            Err(_) => continue,
+        let wait = (options.stall_timeout - waited).min(POLL);
+        let event = match &mut w.queue {
+            None => match rx.recv_timeout(wait) {
+                Ok(event) => event,
+                Err(_) => continue,
+            },
+            // Completions of the queue's reads arrive while it is driven; retries and writes
+            // send theirs from elsewhere, and are seen within a `wait`.
+            Some(queue) => match rx.try_recv() {
+                Ok(event) => event,
+                Err(_) => {
+                    queue.drive(wait);
+                    continue;
+                }
+            },
         };
         last_event = Instant::now();
         w.outstanding -= 1;

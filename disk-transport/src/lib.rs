@@ -107,6 +107,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 use std::fmt;
+use std::time::Duration;
 
 mod access;
 mod error;
@@ -305,6 +306,38 @@ pub trait Disk: Send + Sync + fmt::Debug {
     fn protocol(&self) -> Option<ProtocolInfo> {
         None
     }
+
+    /// A private queue of reads whose completions run on the thread that drives it (see
+    /// [`DrivenQueue`]), or `Ok(None)` when the backend has none (the default): then
+    /// [`submit_read`](Disk::submit_read) is the way to overlap requests.
+    ///
+    /// NBD opens one more connection for each queue, without a reader thread, when the server
+    /// allows several (`CAN_MULTI_CONN`) and the export is not behind TLS. The copy engine asks
+    /// for one per copying thread when its destination completes writes synchronously, so no
+    /// completion is handed from a reader thread to a copying thread.
+    fn driven_queue(&self) -> Result<Option<Box<dyn DrivenQueue>>> {
+        Ok(None)
+    }
+}
+
+/// Reads that complete on the thread that owns the queue, inside [`drive`](Self::drive) and
+/// nowhere else: a thread that both waits for reads and works on their data reads the replies
+/// itself instead of being woken by another thread for each one. Get one from
+/// [`Disk::driven_queue`]; it belongs to one thread at a time (it is `Send`, not `Sync`).
+///
+/// Requests still waiting when the queue is dropped complete with
+/// [`Error::Disconnected`] (on the dropping thread).
+pub trait DrivenQueue: Send + fmt::Debug {
+    /// Starts a read of `buf.len()` bytes at `offset`; `done` runs inside a later
+    /// [`drive`](Self::drive), or here at once when the request cannot be sent (bad range, the
+    /// connection has ended).
+    fn submit_read(&mut self, offset: u64, buf: Vec<u8>, done: ReadCompletion);
+
+    /// Waits at most `wait` for replies and runs the completions of the requests they finish;
+    /// returns how many replies it read (0 when none came in time). A request older than the
+    /// backend's timeout, or a broken connection, completes every waiting request with its
+    /// error.
+    fn drive(&mut self, wait: Duration) -> usize;
 }
 
 /// Implements [`Disk`] for a pointer by forwarding every method, the provided ones included, so
@@ -372,6 +405,10 @@ macro_rules! forward_disk {
 
             fn protocol(&self) -> Option<ProtocolInfo> {
                 (**self).protocol()
+            }
+
+            fn driven_queue(&self) -> Result<Option<Box<dyn DrivenQueue>>> {
+                (**self).driven_queue()
             }
         }
     };

@@ -565,6 +565,99 @@ fn lists_exports(g: Generation) {
 }
 
 #[test]
+fn driven_queues_read_what_the_server_holds_and_a_capped_server_still_copies() {
+    for_each_generation(&["qemu-nbd", "nbdkit"], driven_queues);
+}
+
+fn driven_queues(g: Generation) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("random.img");
+    random_image(&image, 16 * MIB as usize, 5);
+    let bytes = std::fs::read(&image).unwrap();
+    let path = image.to_str().unwrap();
+    for (server, export) in [
+        NbdServer::qemu_nbd_in(g, &["-r", "-f", "raw", path]).map(|s| (s, "disk")),
+        NbdServer::nbdkit_in(g, &["-r", "file", path]).map(|s| (s, "")),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let disk = NbdDisk::connect(&options(&server, export)).unwrap();
+        let mut queue = disk
+            .driven_queue()
+            .unwrap()
+            .unwrap_or_else(|| panic!("{} offers multi-conn: a queue", server.version()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reads: Vec<(u64, usize)> = (0..40)
+            .map(|i| (i * 397 * 1024, 4096 + i as usize * 8192))
+            .collect();
+        for &(offset, length) in &reads {
+            let tx = tx.clone();
+            let me = std::thread::current().id();
+            queue.submit_read(
+                offset,
+                vec![0; length],
+                Box::new(move |r| {
+                    assert_eq!(
+                        std::thread::current().id(),
+                        me,
+                        "completed on the driving thread"
+                    );
+                    tx.send((offset, r)).unwrap()
+                }),
+            );
+        }
+        let mut got = 0;
+        let until = Instant::now() + Duration::from_secs(20);
+        while got < reads.len() {
+            assert!(
+                Instant::now() < until,
+                "{}: reads left waiting",
+                server.version()
+            );
+            queue.drive(Duration::from_millis(50));
+            while let Ok((offset, r)) = rx.try_recv() {
+                let buf = r.unwrap();
+                let at = offset as usize;
+                assert_eq!(
+                    buf,
+                    bytes[at..at + buf.len()],
+                    "{} at {offset}",
+                    server.version()
+                );
+                got += 1;
+            }
+        }
+        eprintln!("{}: {got} reads on a driven queue", server.version());
+    }
+
+    // qemu-nbd taking two clients while it advertises multi-conn: a copy over both connections
+    // cannot open queues of its own (the server leaves them unanswered) and must not wait for
+    // them long, nor copy less.
+    let Some(server) = NbdServer::qemu_nbd_in(g, &["-e", "2", "-r", "-f", "raw", path]) else {
+        return;
+    };
+    let src = NbdDisk::connect(&options(&server, "disk").connections(2)).unwrap();
+    assert!(src.info().unwrap().can_multi_conn);
+    let out = dir.path().join("out.img");
+    let dst = FileDisk::create(&out, 16 * MIB).unwrap();
+    let started = Instant::now();
+    copy(&src, &dst, &CopyOptions::default().threads(2), &mut |_| {}).unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "{}: a copy at the client limit took {took:?}",
+        server.version()
+    );
+    drop(dst);
+    assert_eq!(sha256_file(&out), sha256_file(&image));
+    eprintln!(
+        "{} capped at 2 clients: copied in {took:?}",
+        server.version()
+    );
+}
+
+#[test]
 fn copies_over_tcp_loopback() {
     for_each_generation(&["qemu-nbd", "nbdinfo"], copy_over_tcp);
 }

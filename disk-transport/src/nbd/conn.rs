@@ -1,6 +1,8 @@
 //! One NBD connection in the transmission phase: requests are written by the calling thread,
 //! replies are read by one reader thread that matches them to requests by cookie, so any
-//! number of requests can be in flight.
+//! number of requests can be in flight. A *driven* connection ([`Conn::start_driven`]) has no
+//! reader thread: the one thread that owns its [`Driver`] reads the replies and runs the
+//! completions itself, so a completion costs no hand-over between threads.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, BufReader, IoSlice, Read, Write};
@@ -47,7 +49,6 @@ impl Socket {
         };
     }
     /// A second descriptor of the socket, for waiting on it.
-    #[cfg(feature = "tls")]
     pub fn clone_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
         Ok(match self.try_clone()? {
             Socket::Tcp(s) => s.into(),
@@ -318,7 +319,7 @@ fn tick(timeout: Duration) -> Duration {
 
 impl Conn {
     /// Starts the transmission phase on a negotiated stream.
-    pub fn start(mut stream: Stream, style: ReplyStyle, timeout: Duration) -> Result<Conn> {
+    pub fn start(stream: Stream, style: ReplyStyle, timeout: Duration) -> Result<Conn> {
         // The reader wakes every tick to check deadlines; writers wait up to the timeout.
         let mut reader_stream = stream
             .try_clone()
@@ -326,6 +327,59 @@ impl Conn {
         reader_stream
             .set_timeouts(Some(tick(timeout)), Some(timeout))
             .map_err(|e| Error::io("set NBD socket timeouts", None, e))?;
+        let (conn, shared) = Conn::writer_side(stream, style, timeout)?;
+        let handle = std::thread::Builder::new()
+            .name("nbd-reader".into())
+            .spawn(move || run_reader(reader_stream, &shared))
+            .map_err(|e| Error::io("start NBD reader thread", None, e))?;
+        *conn.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        Ok(conn)
+    }
+
+    /// Starts the transmission phase on a negotiated plaintext stream without a reader thread:
+    /// replies are read, and completions run, only inside [`Driver::drive`] on the thread that
+    /// owns the driver. A TLS stream is refused: OpenSSL may hold decrypted bytes that waiting on
+    /// the socket cannot see.
+    pub fn start_driven(
+        stream: Stream,
+        style: ReplyStyle,
+        timeout: Duration,
+    ) -> Result<(Conn, Driver)> {
+        let wake_fd = match &stream {
+            Stream::Plain(socket) => socket
+                .clone_fd()
+                .map_err(|e| Error::io("clone NBD socket", None, e))?,
+            #[cfg(feature = "tls")]
+            Stream::Tls(_) => {
+                return Err(Error::Unsupported(
+                    "a driven NBD connection over TLS".into(),
+                ))
+            }
+        };
+        let mut reader_stream = stream
+            .try_clone()
+            .map_err(|e| Error::io("clone NBD socket", None, e))?;
+        // A reply the socket said had begun is read whole; these bound a server that stops in
+        // the middle of one, as on a threaded connection.
+        reader_stream
+            .set_timeouts(Some(tick(timeout)), Some(timeout))
+            .map_err(|e| Error::io("set NBD socket timeouts", None, e))?;
+        let (conn, shared) = Conn::writer_side(stream, style, timeout)?;
+        let driver = Driver {
+            inner: Some(BufReader::with_capacity(READ_BUFFER, reader_stream)),
+            fd: wake_fd,
+            shared,
+            last_check: Instant::now(),
+        };
+        Ok((conn, driver))
+    }
+
+    /// The writing half shared by both kinds of connection.
+    fn writer_side(
+        mut stream: Stream,
+        style: ReplyStyle,
+        timeout: Duration,
+    ) -> Result<(Conn, Arc<Shared>)> {
         let control = stream
             .try_clone()
             .map_err(|e| Error::io("clone NBD socket", None, e))?;
@@ -338,18 +392,14 @@ impl Conn {
             timeout,
             closing: AtomicBool::new(false),
         });
-        let reader_shared = shared.clone();
-        let handle = std::thread::Builder::new()
-            .name("nbd-reader".into())
-            .spawn(move || run_reader(reader_stream, &reader_shared))
-            .map_err(|e| Error::io("start NBD reader thread", None, e))?;
-        Ok(Conn {
+        let conn = Conn {
             writer: Mutex::new(stream),
             control,
-            shared,
+            shared: shared.clone(),
             next_cookie: AtomicU64::new(1),
-            reader: Mutex::new(Some(handle)),
-        })
+            reader: Mutex::new(None),
+        };
+        Ok((conn, shared))
     }
 
     /// Sends a request; `done` is called exactly once, from the reader thread or from here.
@@ -853,15 +903,17 @@ fn stop_reason(stop: &Stop, timeout: Duration) -> String {
     }
 }
 
+/// Bytes the reply reader buffers. Small on purpose: read data larger than the buffer goes
+/// straight from the socket into the caller's buffer, and only what the buffer over-read around
+/// a reply header (at most its size, twice per read reply) is copied a second time. 64 KiB here
+/// copied up to half of every 256 KiB read twice; 4 KiB still batches hundreds of small replies.
+const READ_BUFFER: usize = 4096;
+
 /// The reader thread: parses replies until the connection ends, then fails every request
 /// still waiting, so no caller waits forever.
 pub(crate) fn run_reader<R: Read>(stream: R, shared: &Shared) {
     let mut reader = ReplyReader {
-        // Small on purpose: read data larger than the buffer goes straight from the socket into
-        // the caller's buffer, and only what the buffer over-read around a reply header (at
-        // most its size, twice per read reply) is copied a second time. 64 KiB here copied up
-        // to half of every 256 KiB read twice; 4 KiB still batches hundreds of small replies.
-        inner: BufReader::with_capacity(4096, stream),
+        inner: BufReader::with_capacity(READ_BUFFER, stream),
         shared,
         in_hand: None,
     };
@@ -880,12 +932,18 @@ pub(crate) fn run_reader<R: Read>(stream: R, shared: &Shared) {
             }
         }
     };
+    fail_waiting(shared, &stop);
+}
+
+/// Ends a connection whose reader stopped: every request still waiting fails, with the reason
+/// that explains best.
+fn fail_waiting(shared: &Shared, stop: &Stop) {
     let drained: Vec<Pending> = {
         let mut table = shared.lock();
-        let reason = match (&table.dead, &stop) {
+        let reason = match (&table.dead, stop) {
             // Our own kill (a failed send, a close) explains better than the EOF it caused.
             (Some(reason), Stop::Eof | Stop::Closed | Stop::Io(_)) => reason.clone(),
-            _ => stop_reason(&stop, shared.timeout),
+            _ => stop_reason(stop, shared.timeout),
         };
         table.dead.get_or_insert(reason);
         table.unsent.clear();
@@ -895,7 +953,7 @@ pub(crate) fn run_reader<R: Read>(stream: R, shared: &Shared) {
     };
     let reason = shared.lock().dead.clone().unwrap_or_default();
     for p in drained {
-        let e = match &stop {
+        let e = match stop {
             Stop::Timeout { .. } => Error::Timeout {
                 what: format!("NBD {}", p.command.name()),
                 offset: Some(p.offset),
@@ -909,6 +967,111 @@ pub(crate) fn run_reader<R: Read>(stream: R, shared: &Shared) {
             },
         };
         p.complete(Err(e));
+    }
+}
+
+/// Most replies one [`Driver::drive`] reads before it returns, so its owner gets back to
+/// submitting new requests while the server still has work queued.
+const DRIVE_BATCH: usize = 1;
+
+/// The reading half of a driven connection ([`Conn::start_driven`]), owned by one thread. Every
+/// completion of the connection's requests runs inside [`drive`](Self::drive), on that thread;
+/// requests still waiting when the driver is dropped fail as disconnected.
+pub(crate) struct Driver {
+    /// `None` once the connection has ended (every waiting request has failed by then).
+    inner: Option<BufReader<Stream>>,
+    /// The socket, to wait on it.
+    fd: std::os::fd::OwnedFd,
+    shared: Arc<Shared>,
+    last_check: Instant,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("ended", &self.inner.is_none())
+            .field("waiting", &self.shared.lock().pending.len())
+            .finish()
+    }
+}
+
+impl Driver {
+    /// Waits at most `wait` for replies, reads those that came (up to [`DRIVE_BATCH`]) and runs
+    /// their completions here; returns how many replies it read (a read answered in several
+    /// structured chunks counts each). A reply the socket says
+    /// has begun is read whole (bounded by the connection's timeout). A request older than the
+    /// timeout, a broken stream or a protocol error end the connection: every waiting request
+    /// then completes with the error, and later calls return 0 at once.
+    pub fn drive(&mut self, wait: Duration) -> usize {
+        let Some(inner) = self.inner.take() else {
+            return 0;
+        };
+        let mut reader = ReplyReader {
+            inner,
+            shared: &self.shared,
+            in_hand: None,
+        };
+        let mut replies = 0;
+        let result = drive_batch(
+            &mut reader,
+            &self.fd,
+            wait,
+            &mut self.last_check,
+            &mut replies,
+        );
+        let inner = reader.inner;
+        match result {
+            Ok(()) => self.inner = Some(inner),
+            Err(stop) => fail_waiting(&self.shared, &stop),
+        }
+        replies
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if self.inner.take().is_some() {
+            fail_waiting(&self.shared, &Stop::Closed);
+        }
+    }
+}
+
+fn drive_batch(
+    reader: &mut ReplyReader<'_, Stream>,
+    fd: &std::os::fd::OwnedFd,
+    wait: Duration,
+    last_check: &mut Instant,
+    replies: &mut usize,
+) -> std::result::Result<(), Stop> {
+    let mut wait = wait;
+    while *replies < DRIVE_BATCH {
+        if reader.inner.buffer().is_empty() && !readable(fd, wait).map_err(Stop::Io)? {
+            break;
+        }
+        reader.one_reply()?;
+        *replies += 1;
+        wait = Duration::ZERO;
+    }
+    if last_check.elapsed() >= tick(reader.shared.timeout) {
+        *last_check = Instant::now();
+        reader.check_deadline()?;
+    }
+    Ok(())
+}
+
+/// Whether `fd` has bytes (or an end) to read within `wait`.
+fn readable(fd: &std::os::fd::OwnedFd, wait: Duration) -> io::Result<bool> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    let spec = Timespec {
+        tv_sec: wait.as_secs().min(i64::MAX as u64) as _,
+        tv_nsec: wait.subsec_nanos() as _,
+    };
+    match rustix::event::poll(&mut fds, Some(&spec)) {
+        Ok(n) => Ok(n > 0),
+        // A signal: report nothing yet; the caller drives again.
+        Err(rustix::io::Errno::INTR) => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 

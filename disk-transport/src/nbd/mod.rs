@@ -54,15 +54,15 @@ use serde::{Deserialize, Serialize};
 
 pub use conn::replay_reply_stream;
 pub use conn::ReplyStyle;
-use conn::{Command, Conn, Outcome, Socket, Stream};
+use conn::{Command, Conn, Driver, Outcome, Socket, Stream};
 use handshake::{Deadline, Event, Handshake, HandshakeRequest, Negotiated};
 use proto::tflag;
 
 use crate::types::{clip_extents, push_extent, DiskInfo, Extent, ExtentKind, ProtocolInfo};
 use crate::uri::{NbdAddress, NbdTls};
 use crate::{
-    check_range, AccessGuard, CleanupStats, ConnectParams, Connection, Disk, DiskTransport, Error,
-    OpenFlags, ReadCompletion, Result, TransportMode, WriteCompletion,
+    check_range, AccessGuard, CleanupStats, ConnectParams, Connection, Disk, DiskTransport,
+    DrivenQueue, Error, OpenFlags, ReadCompletion, Result, TransportMode, WriteCompletion,
 };
 
 /// How to reach and use an NBD export.
@@ -370,6 +370,56 @@ pub struct NbdDisk {
     fua: bool,
     /// The TLS session of the first connection, described.
     tls: Option<String>,
+    /// How to open one more connection for a [`DrivenQueue`]: `None` over TLS.
+    queue_options: Option<NbdOptions>,
+}
+
+/// How long a [`DrivenQueue`]'s connection may take to connect and negotiate before the queue
+/// is given up: a server answers a plaintext handshake in milliseconds, unless it is at its
+/// limit of clients.
+const QUEUE_HANDSHAKE: Duration = Duration::from_millis(500);
+
+/// A [`DrivenQueue`] on a connection of its own, without a reader thread.
+#[derive(Debug)]
+struct NbdQueue {
+    // Dropped first: sends NBD_CMD_DISC and shuts the socket, so the driver, dropped next,
+    // fails what is still waiting as closed by the client.
+    conn: Conn,
+    driver: Driver,
+    size: u64,
+    min_block: u64,
+    max_piece: u64,
+}
+
+impl DrivenQueue for NbdQueue {
+    fn submit_read(&mut self, offset: u64, buf: Vec<u8>, done: ReadCompletion) {
+        let length = buf.len() as u64;
+        if let Err(e) = check_io(offset, length, self.size, self.min_block) {
+            return done(Err(e));
+        }
+        if length > self.max_piece {
+            return done(Err(Error::InvalidParams(format!(
+                "a read of {length} bytes exceeds the server's largest request ({} bytes)",
+                self.max_piece
+            ))));
+        }
+        if length == 0 {
+            return done(Ok(buf));
+        }
+        self.conn.submit(
+            Command::Read,
+            0,
+            offset,
+            length,
+            None,
+            Some(buf),
+            Box::new(move |r| done(r.map(|o| o.buf.unwrap_or_default()))),
+        );
+    }
+
+    fn drive(&mut self, wait: Duration) -> usize {
+        self.driver.drive(wait)
+    }
 }
 
 /// Send buffer asked for on Unix-socket connections.
@@ -548,10 +598,12 @@ fn negotiate(
     }
 }
 
-fn open_one(
+/// Negotiates one connection: the stream in the transmission phase, what the server said, the
+/// TLS session described, and the reply style agreed.
+fn negotiate_one(
     options: &NbdOptions,
     tls: Option<&TlsSetup>,
-) -> Result<(Conn, Negotiated, Option<String>)> {
+) -> Result<(Stream, Negotiated, Option<String>, ReplyStyle)> {
     let (stream, event) = negotiate(options, request(options), tls)?;
     let Event::Done(negotiated) = event else {
         return Err(Error::Protocol(
@@ -572,8 +624,46 @@ fn open_one(
     } else {
         ReplyStyle::Simple
     };
+    Ok((stream, negotiated, session, style))
+}
+
+fn open_one(
+    options: &NbdOptions,
+    tls: Option<&TlsSetup>,
+) -> Result<(Conn, Negotiated, Option<String>)> {
+    let (stream, negotiated, session, style) = negotiate_one(options, tls)?;
     let conn = Conn::start(stream, style, options.timeout)?;
     Ok((conn, negotiated, session))
+}
+
+/// Refuses a further connection on which the server describes the export differently: requests
+/// spread over both would see two different disks.
+fn check_same_export(first: &Negotiated, other: &Negotiated) -> Result<()> {
+    if other.size != first.size
+        || other.flags != first.flags
+        || other.extended != first.extended
+        || other.contexts != first.contexts
+    {
+        return Err(Error::Protocol(
+            "the server described the export differently on a second connection".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a request's range against the export's size and minimum block size.
+fn check_io(offset: u64, length: u64, size: u64, min_block: u64) -> Result<()> {
+    check_range(offset, length, size)?;
+    let at_end = offset + length == size;
+    if !offset.is_multiple_of(min_block) || (!length.is_multiple_of(min_block) && !at_end) {
+        return Err(Error::Unaligned {
+            offset,
+            length,
+            alignment: min_block,
+            why: "the NBD server's minimum block size",
+        });
+    }
+    Ok(())
 }
 
 impl NbdDisk {
@@ -585,15 +675,7 @@ impl NbdDisk {
         if options.connections > 1 && negotiated.flags & tflag::CAN_MULTI_CONN != 0 {
             for _ in 1..options.connections {
                 let (conn, other, _) = open_one(options, tls.as_ref())?;
-                if other.size != negotiated.size
-                    || other.flags != negotiated.flags
-                    || other.extended != negotiated.extended
-                    || other.contexts != negotiated.contexts
-                {
-                    return Err(Error::Protocol(
-                        "the server described the export differently on a second connection".into(),
-                    ));
-                }
+                check_same_export(&negotiated, &other)?;
                 conns.push(conn);
             }
         }
@@ -606,6 +688,8 @@ impl NbdDisk {
             export: options.export.clone(),
             dirty_bitmap: options.dirty_bitmap.clone(),
             fua: options.fua,
+            // Driven queues open plaintext connections of their own; TLS ones stay threaded.
+            queue_options: tls.is_none().then(|| options.clone()),
             tls: session,
         })
     }
@@ -673,18 +757,12 @@ impl NbdDisk {
     }
 
     fn check_io(&self, offset: u64, length: u64) -> Result<()> {
-        check_range(offset, length, self.negotiated.size)?;
-        let min = u64::from(self.negotiated.min_block);
-        let at_end = offset + length == self.negotiated.size;
-        if !offset.is_multiple_of(min) || (!length.is_multiple_of(min) && !at_end) {
-            return Err(Error::Unaligned {
-                offset,
-                length,
-                alignment: min,
-                why: "the NBD server's minimum block size",
-            });
-        }
-        Ok(())
+        check_io(
+            offset,
+            length,
+            self.negotiated.size,
+            u64::from(self.negotiated.min_block),
+        )
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -1053,6 +1131,32 @@ impl Disk for NbdDisk {
         64 * self.conns.len()
     }
 
+    fn driven_queue(&self) -> Result<Option<Box<dyn DrivenQueue>>> {
+        let Some(options) = &self.queue_options else {
+            return Ok(None);
+        };
+        if !self.has(tflag::CAN_MULTI_CONN) {
+            return Ok(None);
+        }
+        // A server may cap its clients below what it serves over multi-conn (qemu-nbd -e N):
+        // the extra connection then waits unanswered in its backlog. A short handshake gives
+        // up soon and the copy reads through the disk's own connections.
+        let options = options
+            .clone()
+            .connect_timeout(QUEUE_HANDSHAKE)
+            .handshake_timeout(QUEUE_HANDSHAKE);
+        let (stream, negotiated, _, style) = negotiate_one(&options, None)?;
+        check_same_export(&self.negotiated, &negotiated)?;
+        let (conn, driver) = Conn::start_driven(stream, style, self.timeout)?;
+        Ok(Some(Box::new(NbdQueue {
+            conn,
+            driver,
+            size: self.negotiated.size,
+            min_block: u64::from(self.negotiated.min_block),
+            max_piece: self.max_piece(),
+        })))
+    }
+
     fn protocol(&self) -> Option<ProtocolInfo> {
         Some(self.export_info().protocol_info(&self.export))
     }
@@ -1162,6 +1266,7 @@ mod tests {
     use super::proto::*;
     use super::*;
     use proptest::prelude::*;
+    use std::sync::{Arc, Mutex};
 
     fn option_reply(option: u32, reply: u32, payload: &[u8]) -> Vec<u8> {
         let mut v = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
@@ -1298,6 +1403,168 @@ mod tests {
         target.write_zeroes(0, 1 << 20).unwrap();
         target.read_at(&mut back[..4096], 4096).unwrap();
         assert!(back[..4096].iter().all(|&b| b == 0));
+    }
+
+    /// Serves `data` with multi-conn on every connection made, as `config` says otherwise;
+    /// counts the connections.
+    fn multi_conn_server(
+        data: Vec<u8>,
+        mut config: super::test_server::Config,
+    ) -> (tempfile::TempDir, NbdAddress, Arc<AtomicUsize>) {
+        config.flags |= tflag::CAN_MULTI_CONN;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            for (n, stream) in listener.incoming().enumerate() {
+                let Ok(stream) = stream else { return };
+                count.fetch_add(1, Ordering::SeqCst);
+                let (data, config) = (data.clone(), config.clone());
+                std::thread::spawn(move || {
+                    super::test_server::serve_with(stream, data, n as u64 + 3, config)
+                });
+            }
+        });
+        (dir, NbdAddress::Unix(path), accepted)
+    }
+
+    #[test]
+    fn driven_queues_complete_reads_on_the_driving_thread_only() {
+        let data: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8 | 1).collect();
+        let (_dir, address, accepted) = multi_conn_server(data.clone(), Default::default());
+        let disk =
+            NbdDisk::connect(&NbdOptions::new(address).timeout(Duration::from_secs(10))).unwrap();
+        let mut queue = disk
+            .driven_queue()
+            .unwrap()
+            .expect("a queue on a multi-conn export");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "one more connection for the queue"
+        );
+        type Done = (u64, std::thread::ThreadId, Result<Vec<u8>>);
+        let done: Arc<Mutex<Vec<Done>>> = Arc::default();
+        for i in 0..24u64 {
+            let offset = i * 70_001;
+            let done = done.clone();
+            queue.submit_read(
+                offset,
+                vec![0xEE; 4096 + i as usize * 1000],
+                Box::new(move |r| {
+                    done.lock()
+                        .unwrap()
+                        .push((offset, std::thread::current().id(), r))
+                }),
+            );
+        }
+        // No reader thread: nothing completes until the queue is driven.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(done.lock().unwrap().is_empty());
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while done.lock().unwrap().len() < 24 && std::time::Instant::now() < until {
+            queue.drive(Duration::from_millis(50));
+        }
+        let done = std::mem::take(&mut *done.lock().unwrap());
+        assert_eq!(done.len(), 24);
+        for (offset, thread, result) in done {
+            assert_eq!(thread, std::thread::current().id());
+            let buf = result.unwrap();
+            let at = offset as usize;
+            assert_eq!(buf, data[at..at + buf.len()], "read at {offset}");
+        }
+        // Bad requests complete at once, with the reason.
+        let (tx, rx) = std::sync::mpsc::channel();
+        queue.submit_read(
+            data.len() as u64,
+            vec![0; 512],
+            Box::new(move |r| tx.send(r).unwrap()),
+        );
+        assert!(matches!(
+            rx.try_recv().unwrap(),
+            Err(Error::OutOfRange { .. })
+        ));
+    }
+
+    #[test]
+    fn a_dropped_queue_fails_its_waiting_reads_and_a_silent_server_times_out() {
+        let (_dir, address, _) = multi_conn_server(vec![1u8; 1 << 20], Default::default());
+        let disk = NbdDisk::connect(&NbdOptions::new(address)).unwrap();
+        let mut queue = disk.driven_queue().unwrap().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx2 = tx.clone();
+        queue.submit_read(0, vec![0; 4096], Box::new(move |r| tx2.send(r).unwrap()));
+        drop(queue);
+        let e = rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(e, Error::Disconnected { .. }), "{e}");
+        // The disk itself is unaffected.
+        let mut buf = vec![0u8; 4096];
+        disk.read_at(&mut buf, 0).unwrap();
+        assert!(buf.iter().all(|&b| b == 1));
+
+        // A server that never answers: the read fails once it is older than the timeout.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mute.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            for (n, stream) in listener.incoming().flatten().enumerate() {
+                // The disk's own connection answers; the queue's (the second) never does.
+                let config = super::test_server::Config {
+                    flags: tflag::CAN_MULTI_CONN,
+                    mute_after: (n == 1).then_some(0),
+                    ..Default::default()
+                };
+                std::thread::spawn(move || {
+                    super::test_server::serve_with(stream, vec![1; 1 << 20], 5, config)
+                });
+            }
+        });
+        let timeout = Duration::from_millis(300);
+        let disk =
+            NbdDisk::connect(&NbdOptions::new(NbdAddress::Unix(path)).timeout(timeout)).unwrap();
+        let mut queue = disk.driven_queue().unwrap().unwrap();
+        queue.submit_read(0, vec![0; 4096], Box::new(move |r| tx.send(r).unwrap()));
+        let started = std::time::Instant::now();
+        let result = loop {
+            if let Ok(result) = rx.try_recv() {
+                break result;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the silent server's read never failed"
+            );
+            queue.drive(Duration::from_millis(20));
+        };
+        assert!(matches!(result, Err(Error::Timeout { .. })), "{result:?}");
+        assert!(started.elapsed() >= timeout);
+        assert_eq!(queue.drive(Duration::ZERO), 0);
+    }
+
+    #[test]
+    fn no_driven_queue_without_multi_conn_and_copies_use_one_per_thread_with_it() {
+        let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i / 4096 % 7) as u8).collect();
+        let (_dir, address) = shuffling_server(data.clone(), 9);
+        let disk = NbdDisk::connect(&NbdOptions::new(address)).unwrap();
+        assert!(disk.driven_queue().unwrap().is_none());
+
+        let (_dir, address, accepted) = multi_conn_server(data.clone(), Default::default());
+        let disk = NbdDisk::connect(&NbdOptions::new(address)).unwrap();
+        let dst = crate::memory::MemoryDisk::new(data.len() as u64);
+        let options = crate::copy::CopyOptions::default()
+            .threads(2)
+            .request_size(65536);
+        crate::copy::copy(&disk, &dst, &options, &mut |_| {}).unwrap();
+        assert_eq!(dst.to_vec().unwrap(), data);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            3,
+            "the disk's connection and a queue per thread"
+        );
     }
 
     /// Serves `data` with the test server as `config` says; returns the request log too.

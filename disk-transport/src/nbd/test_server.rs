@@ -48,6 +48,8 @@ pub(crate) struct Config {
     /// Split every block status descriptor at an unaligned point (as nbdkit does at an
     /// unaligned end of image).
     pub unaligned_extents: bool,
+    /// Answer only this many requests, then read the rest and answer nothing.
+    pub mute_after: Option<usize>,
 }
 
 fn send_option_reply(s: &mut UnixStream, option: u32, reply: u32, payload: &[u8]) {
@@ -155,6 +157,7 @@ pub(crate) fn serve_with(mut s: UnixStream, mut disk: Vec<u8>, seed: u64, config
     // Transmission: gather what the client sent within a millisecond, answer it shuffled.
     s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
     let mut queue: Vec<Request> = Vec::new();
+    let mut answered_left = config.mute_after;
     loop {
         let mut h = [0u8; 32];
         let got = read_full(&mut s, &mut h[..header_len]);
@@ -209,6 +212,13 @@ pub(crate) fn serve_with(mut s: UnixStream, mut disk: Vec<u8>, seed: u64, config
             None => return,
         }
         while !queue.is_empty() {
+            if let Some(left) = &mut answered_left {
+                if *left == 0 {
+                    queue.clear();
+                    break;
+                }
+                *left -= 1;
+            }
             let i = rng.below(queue.len() as u64) as usize;
             let r = queue.swap_remove(i);
             if answer(&mut s, &mut disk, &mut rng, &replies, &config, r).is_err() {
