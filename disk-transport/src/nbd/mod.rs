@@ -11,17 +11,22 @@
 //!   [`copy`](crate::copy) engine keeps 64 requests in flight from a single thread.
 //! - Optional multi-conn ([`NbdOptions::connections`]) when the server advertises
 //!   `CAN_MULTI_CONN`; requests are spread round-robin.
+//! - Driven queues ([`Disk::driven_queue`]): on a multi-conn plaintext export, one more
+//!   connection without a reader thread, whose replies are read, and completions run, by the
+//!   one thread that drives it. The copy engine takes one per copying thread when its
+//!   destination is synchronous; a server at its limit of clients leaves the connection
+//!   unanswered, and after half a second the copy goes on through the disk's own connections.
 //! - Every wait has a deadline ([`NbdOptions::timeout`], 30 s by default): a request without a
 //!   reply in time fails with [`Error::Timeout`] naming its offset, the connection is closed, and
 //!   every other waiting request fails too — never a hang, never a silent short read. TCP
 //!   connects wait at most [`NbdOptions::connect_timeout`]; the handshake, every send and every
 //!   reply at most [`NbdOptions::timeout`]. (Host names are resolved by the system resolver,
 //!   under its own timeouts.)
-//! - Not implemented yet: TLS (`nbds://`), extended headers (64-bit lengths), FUA and
-//!   FAST_ZERO flags.
+//! - TLS (`nbds://`, feature `tls`), extended headers (64-bit lengths), FUA and FAST_ZERO.
 //!
 //! URIs as libnbd writes them are accepted by [`open_uri`](crate::open_uri):
-//! `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`.
+//! `nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`, and `nbds://…`,
+//! `nbds+unix://…` with TLS.
 //!
 //! ```no_run
 //! use disk_transport::nbd::{NbdDisk, NbdOptions};
