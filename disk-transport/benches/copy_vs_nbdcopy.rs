@@ -29,7 +29,10 @@
 //! next to it — inside the root for its programs (a copy of the machine's `/usr/bin/time` in
 //! the scratch directory) — so the namespace set-up is not counted against nbdcopy 1.22.
 //! Runs of the tools are interleaved (A, B, C, A, B, C, ...) so that load from other jobs
-//! spreads over all of them; the load average before and after each case is printed.
+//! spreads over all of them; the load average before and after each case is printed. Beside
+//! each tool's own CPU seconds, `server s` is what the NBD server (all its threads, from
+//! `/proc/PID/stat`) spent during that tool's runs: on two CPUs the server's share bounds how
+//! much faster any client can be.
 //! Needs qemu-nbd, nbdkit, nbdcopy and GNU time (`apt-get install qemu-utils nbdkit libnbd-bin
 //! time`); missing tools or a missing root skip their cases with a message. Run as root (the
 //! peer root needs mounts).
@@ -171,6 +174,35 @@ impl Server {
     fn uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.socket.display())
     }
+
+    /// CPU seconds the server has used so far, all its threads (its I/O workers too).
+    fn cpu_seconds(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // The fields after the command name, which is in parentheses and may hold spaces:
+        // utime and stime are the 14th and 15th of the whole line.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<f64> = after
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        fields.iter().sum::<f64>() / clock_ticks()
+    }
+}
+
+/// Clock ticks per second, the unit of /proc's CPU times.
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 impl Drop for Server {
@@ -245,6 +277,8 @@ struct Sample {
     peak_rss_kib: u64,
     /// User plus system CPU seconds of the tool's process.
     cpu_seconds: f64,
+    /// CPU seconds the NBD server spent meanwhile.
+    server_cpu_seconds: f64,
     /// The tool's standard output (the checksum, for checksum runs).
     stdout: String,
 }
@@ -331,15 +365,17 @@ impl Bench {
     }
 
     /// Runs `argv` of `generation` to completion under GNU time.
-    fn measure(&self, generation: Generation, argv: &[String]) -> Sample {
+    fn measure(&self, generation: Generation, argv: &[String], server: &Server) -> Sample {
         let time_file = self.scratch.join("time.out");
         let _ = std::fs::remove_file(&time_file);
+        let server_before = server.cpu_seconds();
         let output = self
             .env
             .command(generation, argv, Some(&time_file))
             .stdin(Stdio::null())
             .output()
             .expect("run the tool");
+        let server_cpu_seconds = server.cpu_seconds() - server_before;
         assert!(
             output.status.success(),
             "{} failed: {}",
@@ -362,6 +398,7 @@ impl Bench {
             seconds,
             peak_rss_kib: rss as u64,
             cpu_seconds: user + system,
+            server_cpu_seconds,
             stdout: String::from_utf8_lossy(&output.stdout).trim().to_owned(),
         }
     }
@@ -374,10 +411,11 @@ impl Bench {
         title: &str,
         size: u64,
         tools: &[Tool],
-        source: &str,
+        (server, export): (&Server, &str),
         destination: &str,
         goal: f64,
     ) {
+        let source = &server.uri(export);
         if !self.wanted(title) {
             return;
         }
@@ -388,7 +426,7 @@ impl Bench {
                 if destination != "null:" {
                     let _ = std::fs::remove_file(destination);
                 }
-                out.push(self.measure(tool.generation, &tool.argv(source, destination)));
+                out.push(self.measure(tool.generation, &tool.argv(source, destination), server));
             }
         }
         if destination != "null:" {
@@ -411,7 +449,10 @@ impl Bench {
         for (_, r) in &references {
             print!(" {:>13}", format!("×{}", r.name));
         }
-        println!(" {:>9} {:>6}  all runs (s)", "RSS MiB", "CPU s");
+        println!(
+            " {:>9} {:>6} {:>9}  all runs (s)",
+            "RSS MiB", "CPU s", "server s"
+        );
         for ((tool, runs), secs) in tools.iter().zip(&samples).zip(&medians) {
             print!(
                 "  {:<22} {:>8.2} {:>7.0}",
@@ -424,11 +465,13 @@ impl Bench {
             }
             let rss = runs.iter().map(|x| x.peak_rss_kib).max().unwrap_or(0);
             let cpu = median(runs.iter().map(|x| x.cpu_seconds).collect());
+            let server_cpu = median(runs.iter().map(|x| x.server_cpu_seconds).collect());
             let all: Vec<String> = runs.iter().map(|x| format!("{:.2}", x.seconds)).collect();
             println!(
-                " {:>9.1} {:>6.2}  {}",
+                " {:>9.1} {:>6.2} {:>9.2}  {}",
                 rss as f64 / 1024.0,
                 cpu,
+                server_cpu,
                 all.join(" ")
             );
         }
@@ -610,7 +653,7 @@ fn main() {
                     &format!("{server_version}, {name} image → {sink}"),
                     size,
                     &tools,
-                    &server.uri("disk"),
+                    (&server, "disk"),
                     destination,
                     GOAL_COPY,
                 );
@@ -638,7 +681,7 @@ fn main() {
             "delay",
             &["-r", "--filter=delay", "file", &image, "delay-read=1ms"],
         );
-        bench.run_case(&title, size, &tools, &server.uri(""), "null:", GOAL_DELAY);
+        bench.run_case(&title, size, &tools, (&server, ""), "null:", GOAL_DELAY);
     }
 
     // Checksums: 1 GiB images through qemu-nbd 10.0, against nbdcopy 1.24's --blkhash.
@@ -684,7 +727,7 @@ fn main() {
             &title,
             checksum_size,
             &checksum_tools,
-            &server.uri("disk"),
+            (&server, "disk"),
             "null:",
             GOAL_CHECKSUM,
         );

@@ -69,7 +69,9 @@ enum DiskCommand {
         #[arg(long, default_value_t = copy::DEFAULT_REQUESTS_IN_FLIGHT)]
         requests: usize,
         /// NBD connections per disk when the server allows multi-conn (default: one per CPU,
-        /// at most 4, as nbdcopy); a `connections=N` in the URI wins.
+        /// at most 4, as nbdcopy); a `connections=N` in the URI wins. Copying from a plaintext
+        /// multi-conn export into a file, `null:` or `-`, each copying thread also opens a
+        /// connection of its own for its reads (see `Disk::driven_queue`).
         #[arg(long)]
         connections: Option<usize>,
         /// Copying threads (default: one per CPU, at most 4).
