@@ -31,8 +31,7 @@ pub use disk_transport::factory::NULL_SINK;
 pub use disk_transport::memory::MemoryDisk;
 pub use disk_transport::{blkhash, compare, copy, stream};
 pub use disk_transport::{
-    DirtyExtent, Disk, DiskInfo, DiskUri, DrivenQueue, Extent, ExtentKind, OpenFlags,
-    ProtocolInfo,
+    DirtyExtent, Disk, DiskInfo, DiskUri, DrivenQueue, Extent, ExtentKind, OpenFlags, ProtocolInfo,
 };
 
 use crate::Result;
