@@ -1249,6 +1249,64 @@ mod tests {
         v
     }
 
+    /// A driven connection over one end of a socket pair that has sent two reads of 4096 bytes
+    /// at 1 MiB (cookies 1 and 2), with `bytes` coming from the other end (closed after them
+    /// when `close`). Drives it until both reads complete and returns their results; panics if
+    /// that takes more than five seconds (a hang).
+    fn drive_stream(bytes: &[u8], style: ReplyStyle, close: bool) -> Vec<Result<Vec<u8>>> {
+        let (ours, mut peer) = UnixStream::pair().unwrap();
+        let stream = Stream::Plain(Socket::Unix(ours));
+        let (conn, mut driver) =
+            Conn::start_driven(stream, style, Duration::from_millis(300)).unwrap();
+        let done: Arc<Mutex<Vec<Result<Vec<u8>>>>> = Arc::default();
+        for _ in 0..2 {
+            let done = done.clone();
+            conn.submit(
+                Command::Read,
+                0,
+                1 << 20,
+                4096,
+                None,
+                Some(vec![0xEE; 4096]),
+                Box::new(move |r| {
+                    done.lock()
+                        .unwrap()
+                        .push(r.map(|o| o.buf.unwrap_or_default()))
+                }),
+            );
+        }
+        peer.write_all(bytes).unwrap();
+        // A peer kept open says nothing more: the reads still waiting must time out.
+        let _silent_peer = (!close).then_some(peer);
+        let until = Instant::now() + Duration::from_secs(5);
+        while done.lock().unwrap().len() < 2 {
+            assert!(Instant::now() < until, "driven reads left waiting");
+            driver.drive(Duration::from_millis(20));
+        }
+        drop(conn);
+        let results = std::mem::take(&mut *done.lock().unwrap());
+        results
+    }
+
+    #[test]
+    fn driven_connections_complete_replies_and_fail_on_silence() {
+        let mut replies = Vec::new();
+        for (cookie, fill) in [(2u64, 2u8), (1, 1)] {
+            replies.extend(simple(0, cookie));
+            replies.extend([fill; 4096]);
+        }
+        let results = drive_stream(&replies, ReplyStyle::Simple, false);
+        let mut fills: Vec<u8> = results.into_iter().map(|r| r.unwrap()[4095]).collect();
+        fills.sort_unstable();
+        assert_eq!(fills, [1, 2]);
+        // One reply, then nothing: the other read times out; nothing hangs.
+        let results = drive_stream(&replies[..16 + 4096], ReplyStyle::Simple, false);
+        assert!(results.iter().any(|r| r.is_ok()));
+        assert!(results
+            .iter()
+            .any(|r| matches!(r, Err(Error::Timeout { .. }))));
+    }
+
     fn valid_stream() -> Vec<u8> {
         let mut s = Vec::new();
         // Read: data for the first half, a hole for the second, in reverse order.
@@ -1310,6 +1368,18 @@ mod tests {
             let _ = replay_reply_stream(&bytes, ReplyStyle::Structured);
             let _ = replay_reply_stream(&bytes, ReplyStyle::Simple);
             let _ = replay_reply_stream(&bytes, ReplyStyle::Extended);
+        }
+
+        #[test]
+        fn driven_connections_end_any_bytes_without_panic_or_hang(
+            bytes in proptest::collection::vec(any::<u8>(), 0..512),
+            style in prop_oneof![
+                Just(ReplyStyle::Simple),
+                Just(ReplyStyle::Structured),
+                Just(ReplyStyle::Extended)
+            ],
+        ) {
+            prop_assert_eq!(drive_stream(&bytes, style, true).len(), 2);
         }
 
         #[test]
