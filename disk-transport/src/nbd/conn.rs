@@ -312,6 +312,18 @@ impl std::fmt::Debug for Conn {
     }
 }
 
+/// The reading half of a connection's stream: a read waits at most a tick, so the reader checks
+/// deadlines every tick; a write (of a TLS record the read caused) waits up to the timeout.
+fn reader_half(stream: &Stream, timeout: Duration) -> Result<Stream> {
+    let mut reader = stream
+        .try_clone()
+        .map_err(|e| Error::io("clone NBD socket", None, e))?;
+    reader
+        .set_timeouts(Some(tick(timeout)), Some(timeout))
+        .map_err(|e| Error::io("set NBD socket timeouts", None, e))?;
+    Ok(reader)
+}
+
 /// How often an idle reader wakes to check deadlines.
 fn tick(timeout: Duration) -> Duration {
     timeout.clamp(Duration::from_millis(10), Duration::from_millis(500))
@@ -320,13 +332,7 @@ fn tick(timeout: Duration) -> Duration {
 impl Conn {
     /// Starts the transmission phase on a negotiated stream.
     pub fn start(stream: Stream, style: ReplyStyle, timeout: Duration) -> Result<Conn> {
-        // The reader wakes every tick to check deadlines; writers wait up to the timeout.
-        let mut reader_stream = stream
-            .try_clone()
-            .map_err(|e| Error::io("clone NBD socket", None, e))?;
-        reader_stream
-            .set_timeouts(Some(tick(timeout)), Some(timeout))
-            .map_err(|e| Error::io("set NBD socket timeouts", None, e))?;
+        let reader_stream = reader_half(&stream, timeout)?;
         let (conn, shared) = Conn::writer_side(stream, style, timeout)?;
         let handle = std::thread::Builder::new()
             .name("nbd-reader".into())
@@ -345,7 +351,7 @@ impl Conn {
         style: ReplyStyle,
         timeout: Duration,
     ) -> Result<(Conn, Driver)> {
-        let wake_fd = match &stream {
+        let poll_fd = match &stream {
             Stream::Plain(socket) => socket
                 .clone_fd()
                 .map_err(|e| Error::io("clone NBD socket", None, e))?,
@@ -356,18 +362,13 @@ impl Conn {
                 ))
             }
         };
-        let mut reader_stream = stream
-            .try_clone()
-            .map_err(|e| Error::io("clone NBD socket", None, e))?;
-        // A reply the socket said had begun is read whole; these bound a server that stops in
-        // the middle of one, as on a threaded connection.
-        reader_stream
-            .set_timeouts(Some(tick(timeout)), Some(timeout))
-            .map_err(|e| Error::io("set NBD socket timeouts", None, e))?;
+        // A reply the socket said had begun is read whole, within the same bounds as on a
+        // threaded connection.
+        let reader_stream = reader_half(&stream, timeout)?;
         let (conn, shared) = Conn::writer_side(stream, style, timeout)?;
         let driver = Driver {
             inner: Some(BufReader::with_capacity(READ_BUFFER, reader_stream)),
-            fd: wake_fd,
+            fd: poll_fd,
             shared,
             last_check: Instant::now(),
         };

@@ -411,15 +411,7 @@ impl DrivenQueue for NbdQueue {
         if length == 0 {
             return done(Ok(buf));
         }
-        self.conn.submit(
-            Command::Read,
-            0,
-            offset,
-            length,
-            None,
-            Some(buf),
-            Box::new(move |r| done(r.map(|o| o.buf.unwrap_or_default()))),
-        );
+        submit_read_on(&self.conn, offset, buf, done);
     }
 
     fn drive(&mut self, wait: Duration) -> usize {
@@ -654,6 +646,20 @@ fn check_same_export(first: &Negotiated, other: &Negotiated) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Sends a read of `buf.len()` bytes at `offset` on `conn`; `done` gets the filled buffer.
+fn submit_read_on(conn: &Conn, offset: u64, buf: Vec<u8>, done: ReadCompletion) {
+    let length = buf.len() as u64;
+    conn.submit(
+        Command::Read,
+        0,
+        offset,
+        length,
+        None,
+        Some(buf),
+        Box::new(move |r| done(r.map(|o| o.buf.unwrap_or_default()))),
+    );
 }
 
 /// Checks a request's range against the export's size and minimum block size.
@@ -1095,15 +1101,7 @@ impl Disk for NbdDisk {
             let r = self.read_at(&mut buf, offset).map(|()| buf);
             return done(r);
         }
-        self.conn().submit(
-            Command::Read,
-            0,
-            offset,
-            length,
-            None,
-            Some(buf),
-            Box::new(move |r| done(r.map(|o| o.buf.unwrap_or_default()))),
-        );
+        submit_read_on(self.conn(), offset, buf, done);
     }
 
     fn submit_write(&self, offset: u64, buf: Vec<u8>, done: WriteCompletion) {
