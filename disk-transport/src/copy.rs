@@ -899,6 +899,8 @@ struct Worker<'a, 's, 'p> {
     tx: mpsc::Sender<Event>,
     /// The source's reads on a queue this thread drives itself, when it has one.
     queue: Option<Box<dyn DrivenQueue>>,
+    /// Whether to ask the source for a queue at the first read (then no more).
+    wants_queue: bool,
     pool: Vec<Vec<u8>>,
     outstanding: usize,
 }
@@ -917,6 +919,12 @@ impl Worker<'_, '_, '_> {
                 result,
             });
         });
+        if std::mem::take(&mut self.wants_queue) {
+            // Asked at the first read, so a copy with nothing to read opens no connection. A
+            // server that refuses one more connection still serves the disk's own: the reads
+            // go there, as they would without queues; nothing but speed depends on it.
+            self.queue = self.src.driven_queue().ok().flatten();
+        }
         // A retry goes through the disk itself: the queue's connection may be what failed.
         match &mut self.queue {
             Some(queue) if attempt == 0 => queue.submit_read(offset, buf, done),
@@ -1048,20 +1056,15 @@ fn worker(
     // A read completed by a reader thread costs a wake-up of this one; on a queue this thread
     // drives, the read completes here. Only when the destination completes writes at once
     // (files, `null:`): this thread waits in the source's socket, not for the destination.
-    let queue = if src.max_in_flight() > 1 && dst.max_in_flight() <= 1 {
-        // A server that refuses one more connection still serves the disk's own: the reads go
-        // there, as they would without queues; nothing but speed depends on it.
-        src.driven_queue().ok().flatten()
-    } else {
-        None
-    };
+    let wants_queue = src.max_in_flight() > 1 && dst.max_in_flight() <= 1;
     let mut w = Worker {
         src,
         dst,
         shared,
         options,
         tx,
-        queue,
+        queue: None,
+        wants_queue,
         pool: Vec::new(),
         outstanding: 0,
     };

@@ -1563,6 +1563,19 @@ mod tests {
             .request_size(65536);
         crate::copy::copy(&disk, &dst, &options, &mut |_| {}).unwrap();
         assert_eq!(dst.to_vec().unwrap(), data);
+        // A copy that reads nothing (the source is one hole) opens no queue.
+        let (_dir, address, holes_accepted) =
+            multi_conn_server(vec![0; 1 << 20], Default::default());
+        let holes = NbdDisk::connect(&NbdOptions::new(address)).unwrap();
+        let report = crate::copy::copy(
+            &holes,
+            &crate::memory::MemoryDisk::new(1 << 20),
+            &options,
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(report.progress.read, 0);
+        assert_eq!(holes_accepted.load(Ordering::SeqCst), 1);
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             3,
