@@ -196,12 +196,14 @@ impl Server {
 fn clock_ticks() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(|| {
-        Command::new("getconf")
+        let out = Command::new("getconf")
             .arg("CLK_TCK")
             .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
+            .expect("run getconf CLK_TCK");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("getconf CLK_TCK prints a number")
     })
 }
 

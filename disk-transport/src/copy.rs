@@ -890,6 +890,16 @@ enum Event {
     },
 }
 
+/// Where a copying thread sends the source's reads.
+enum SourceQueue {
+    /// Ask the source for a driven queue at the first read.
+    NotAsked,
+    /// Through the source itself (no queue, or none wanted).
+    Shared,
+    /// On a queue this thread drives itself.
+    Driven(Box<dyn DrivenQueue>),
+}
+
 /// One copying thread's state.
 struct Worker<'a, 's, 'p> {
     src: &'a dyn Disk,
@@ -897,10 +907,8 @@ struct Worker<'a, 's, 'p> {
     shared: &'s WorkerShared<'p>,
     options: &'s CopyOptions,
     tx: mpsc::Sender<Event>,
-    /// The source's reads on a queue this thread drives itself, when it has one.
-    queue: Option<Box<dyn DrivenQueue>>,
-    /// Whether to ask the source for a queue at the first read (then no more).
-    wants_queue: bool,
+    /// Where the source's reads go.
+    queue: SourceQueue,
     pool: Vec<Vec<u8>>,
     outstanding: usize,
 }
@@ -919,15 +927,18 @@ impl Worker<'_, '_, '_> {
                 result,
             });
         });
-        if std::mem::take(&mut self.wants_queue) {
+        if matches!(self.queue, SourceQueue::NotAsked) {
             // Asked at the first read, so a copy with nothing to read opens no connection. A
             // server that refuses one more connection still serves the disk's own: the reads
             // go there, as they would without queues; nothing but speed depends on it.
-            self.queue = self.src.driven_queue().ok().flatten();
+            self.queue = match self.src.driven_queue() {
+                Ok(Some(queue)) => SourceQueue::Driven(queue),
+                _ => SourceQueue::Shared,
+            };
         }
         // A retry goes through the disk itself: the queue's connection may be what failed.
         match &mut self.queue {
-            Some(queue) if attempt == 0 => queue.submit_read(offset, buf, done),
+            SourceQueue::Driven(queue) if attempt == 0 => queue.submit_read(offset, buf, done),
             _ => self.src.submit_read(offset, buf, done),
         }
     }
@@ -1056,15 +1067,18 @@ fn worker(
     // A read completed by a reader thread costs a wake-up of this one; on a queue this thread
     // drives, the read completes here. Only when the destination completes writes at once
     // (files, `null:`): this thread waits in the source's socket, not for the destination.
-    let wants_queue = src.max_in_flight() > 1 && dst.max_in_flight() <= 1;
+    let queue = if src.max_in_flight() > 1 && dst.max_in_flight() <= 1 {
+        SourceQueue::NotAsked
+    } else {
+        SourceQueue::Shared
+    };
     let mut w = Worker {
         src,
         dst,
         shared,
         options,
         tx,
-        queue: None,
-        wants_queue,
+        queue,
         pool: Vec::new(),
         outstanding: 0,
     };
@@ -1132,18 +1146,18 @@ fn worker(
         }
         let wait = (options.stall_timeout - waited).min(POLL);
         let event = match &mut w.queue {
-            None => match rx.recv_timeout(wait) {
-                Ok(event) => event,
-                Err(_) => continue,
-            },
             // Completions of the queue's reads arrive while it is driven; retries and writes
             // send theirs from elsewhere, and are seen within a `wait`.
-            Some(queue) => match rx.try_recv() {
+            SourceQueue::Driven(queue) => match rx.try_recv() {
                 Ok(event) => event,
                 Err(_) => {
                     queue.drive(wait);
                     continue;
                 }
+            },
+            SourceQueue::NotAsked | SourceQueue::Shared => match rx.recv_timeout(wait) {
+                Ok(event) => event,
+                Err(_) => continue,
             },
         };
         last_event = Instant::now();

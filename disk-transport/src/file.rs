@@ -309,13 +309,13 @@ impl Disk for FileDisk {
         // while the holder copies: with two copying threads writing 512 KiB pieces into tmpfs,
         // a quarter of the copy's CPU time went to that spinning. Waiting here sleeps instead,
         // leaving the CPU to the NBD server. Direct I/O may run in parallel and is not held.
-        let _one_at_a_time = self
+        let one_at_a_time = self
             .write_back
             .then(|| self.writing.lock().unwrap_or_else(|e| e.into_inner()));
         self.file
             .write_all_at(buf, offset)
             .map_err(|e| self.io_error("write", offset, e))?;
-        drop(_one_at_a_time);
+        drop(one_at_a_time);
         self.write_back_early(buf.len() as u64);
         Ok(())
     }

@@ -971,10 +971,6 @@ fn fail_waiting(shared: &Shared, stop: &Stop) {
     }
 }
 
-/// Most replies one [`Driver::drive`] reads before it returns, so its owner gets back to
-/// submitting new requests while the server still has work queued.
-const DRIVE_BATCH: usize = 1;
-
 /// The reading half of a driven connection ([`Conn::start_driven`]), owned by one thread. Every
 /// completion of the connection's requests runs inside [`drive`](Self::drive), on that thread;
 /// requests still waiting when the driver is dropped fail as disconnected.
@@ -997,12 +993,13 @@ impl std::fmt::Debug for Driver {
 }
 
 impl Driver {
-    /// Waits at most `wait` for replies, reads those that came (up to [`DRIVE_BATCH`]) and runs
-    /// their completions here; returns how many replies it read (a read answered in several
-    /// structured chunks counts each). A reply the socket says
-    /// has begun is read whole (bounded by the connection's timeout). A request older than the
-    /// timeout, a broken stream or a protocol error end the connection: every waiting request
-    /// then completes with the error, and later calls return 0 at once.
+    /// Waits at most `wait` for a reply, reads it and runs the completion it finishes here;
+    /// returns how many replies it read, 0 or 1 (a read answered in several structured chunks
+    /// takes one call per chunk). One at a time, so the owner gets back to submitting requests
+    /// while the server still has work queued: reading up to 16 per call left the server idle.
+    /// A reply the socket says has begun is read whole (bounded by the connection's timeout). A
+    /// request older than the timeout, a broken stream or a protocol error end the connection:
+    /// every waiting request then completes with the error, and later calls return 0 at once.
     pub fn drive(&mut self, wait: Duration) -> usize {
         let Some(inner) = self.inner.take() else {
             return 0;
@@ -1012,20 +1009,18 @@ impl Driver {
             shared: &self.shared,
             in_hand: None,
         };
-        let mut replies = 0;
-        let result = drive_batch(
-            &mut reader,
-            &self.fd,
-            wait,
-            &mut self.last_check,
-            &mut replies,
-        );
+        let result = drive_one(&mut reader, &self.fd, wait, &mut self.last_check);
         let inner = reader.inner;
         match result {
-            Ok(()) => self.inner = Some(inner),
-            Err(stop) => fail_waiting(&self.shared, &stop),
+            Ok(read) => {
+                self.inner = Some(inner);
+                usize::from(read)
+            }
+            Err(stop) => {
+                fail_waiting(&self.shared, &stop);
+                0
+            }
         }
-        replies
     }
 }
 
@@ -1037,27 +1032,23 @@ impl Drop for Driver {
     }
 }
 
-fn drive_batch(
+/// Reads one reply if one comes within `wait` (whether it did), then checks the deadlines once
+/// a tick.
+fn drive_one(
     reader: &mut ReplyReader<'_, Stream>,
     fd: &std::os::fd::OwnedFd,
     wait: Duration,
     last_check: &mut Instant,
-    replies: &mut usize,
-) -> std::result::Result<(), Stop> {
-    let mut wait = wait;
-    while *replies < DRIVE_BATCH {
-        if reader.inner.buffer().is_empty() && !readable(fd, wait).map_err(Stop::Io)? {
-            break;
-        }
+) -> std::result::Result<bool, Stop> {
+    let read = !reader.inner.buffer().is_empty() || readable(fd, wait).map_err(Stop::Io)?;
+    if read {
         reader.one_reply()?;
-        *replies += 1;
-        wait = Duration::ZERO;
     }
     if last_check.elapsed() >= tick(reader.shared.timeout) {
         *last_check = Instant::now();
         reader.check_deadline()?;
     }
-    Ok(())
+    Ok(read)
 }
 
 /// Whether `fd` has bytes (or an end) to read within `wait`.

@@ -375,7 +375,8 @@ pub struct NbdDisk {
     fua: bool,
     /// The TLS session of the first connection, described.
     tls: Option<String>,
-    /// How to open one more connection for a [`DrivenQueue`]: `None` over TLS.
+    /// How to open one more connection for a [`DrivenQueue`]: `None` over TLS or without
+    /// multi-conn.
     queue_options: Option<NbdOptions>,
 }
 
@@ -690,6 +691,10 @@ impl NbdDisk {
                 conns.push(conn);
             }
         }
+        // Driven queues open plaintext connections of their own, where the server takes
+        // several; TLS ones stay threaded.
+        let queue_options = (tls.is_none() && negotiated.flags & tflag::CAN_MULTI_CONN != 0)
+            .then(|| options.clone());
         Ok(NbdDisk {
             conns,
             next: AtomicUsize::new(0),
@@ -699,8 +704,7 @@ impl NbdDisk {
             export: options.export.clone(),
             dirty_bitmap: options.dirty_bitmap.clone(),
             fua: options.fua,
-            // Driven queues open plaintext connections of their own; TLS ones stay threaded.
-            queue_options: tls.is_none().then(|| options.clone()),
+            queue_options,
             tls: session,
         })
     }
@@ -1138,9 +1142,6 @@ impl Disk for NbdDisk {
         let Some(options) = &self.queue_options else {
             return Ok(None);
         };
-        if !self.has(tflag::CAN_MULTI_CONN) {
-            return Ok(None);
-        }
         // A server may cap its clients below what it serves over multi-conn (qemu-nbd -e N):
         // the extra connection then waits unanswered in its backlog. A short handshake gives
         // up soon and the copy reads through the disk's own connections.
