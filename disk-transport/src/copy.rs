@@ -38,6 +38,7 @@
 //! ```
 
 use std::collections::VecDeque;
+use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -341,21 +342,42 @@ impl CopyReport {
 
 /// A copy that did not finish: why ([`Error::Cancelled`] when it was cancelled), and what it
 /// had done until then. The destination was not flushed. `?` turns it into the crate's
-/// [`Error`] where the report is not needed.
+/// [`Error`] where the report is not needed (and into `vmsdk::Error` through the facade).
 ///
-/// Its message says how far the copy got; the reason is its [`source`](std::error::Error::source)
-/// (and [`error`](Self::error)), so print the chain: `copy stopped after 1048576 of 4194304
-/// bytes: injected read failure at offset 1048576`.
-#[derive(Debug, thiserror::Error)]
-#[error("copy stopped after {} of {} bytes", report.progress.done, report.progress.total)]
+/// Its message says how far the copy got and why it stopped, so printing it alone is enough:
+/// `copy stopped after 1048576 of 4194304 bytes: injected read failure at offset 1048576`, or
+/// `copy did not start: ...` when it failed before its first byte (a destination too small,
+/// a source that cannot say its size). Its [`source`](std::error::Error::source) is the
+/// reason's own cause, so a printer that walks the chain repeats nothing.
+#[derive(Debug)]
 pub struct CopyError {
     /// Why the copy stopped.
-    #[source]
     pub error: Error,
     /// What the copy finished before it stopped. Bytes are counted as done once written,
     /// zeroed or skipped; with requests in flight they need not be one contiguous range.
     /// (Boxed, to keep `Result`s small.)
     pub report: Box<CopyReport>,
+}
+
+impl fmt::Display for CopyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let progress = &self.report.progress;
+        if progress.total == 0 && progress.done == 0 {
+            write!(f, "copy did not start: {}", self.error)
+        } else {
+            write!(
+                f,
+                "copy stopped after {} of {} bytes: {}",
+                progress.done, progress.total, self.error
+            )
+        }
+    }
+}
+
+impl std::error::Error for CopyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
 }
 
 impl From<CopyError> for Error {
@@ -687,17 +709,22 @@ impl Setup {
             return Err(Error::ReadOnly("the copy destination".into()));
         }
         if incremental && dinfo.capacity != sinfo.capacity {
-            return Err(Error::InvalidParams(format!(
-                "an incremental copy needs a destination of the source's size (the previous \
-                 backup): the destination has {} bytes, the source {}",
-                dinfo.capacity, sinfo.capacity
-            )));
+            return Err(Error::SizeMismatch {
+                what: "an incremental copy needs a destination of the source's size".into(),
+                source_size: sinfo.capacity,
+                destination_size: dinfo.capacity,
+                hint: "write it onto the previous backup of this disk, or an overlay of it; a \
+                       disk resized since the last backup needs a full one"
+                    .into(),
+            });
         }
         if dinfo.capacity < sinfo.capacity {
-            return Err(Error::InvalidParams(format!(
-                "the destination ({} bytes) is smaller than the source ({} bytes)",
-                dinfo.capacity, sinfo.capacity
-            )));
+            return Err(Error::SizeMismatch {
+                what: "the copy destination is smaller than the source".into(),
+                source_size: sinfo.capacity,
+                destination_size: dinfo.capacity,
+                hint: "give a destination at least as large as the source".into(),
+            });
         }
         let align = u64::from(sinfo.min_block_size.max(dinfo.min_block_size).max(1));
         let max_request = u64::from(sinfo.max_request_size.min(dinfo.max_request_size)).max(align);
@@ -1253,6 +1280,47 @@ mod tests {
             .collect()
     }
 
+    /// Printed alone (`{}`), a copy's error says how far it got and why it stopped; walking
+    /// the chain repeats nothing.
+    #[test]
+    fn copy_error_messages_name_the_cause() {
+        let src = MemoryDisk::with_data(&pattern(1 << 20, 3));
+        let failed = copy(
+            &src,
+            &MemoryDisk::new(4096),
+            &CopyOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        assert!(
+            matches!(failed.error, Error::SizeMismatch { .. }),
+            "{failed}"
+        );
+        assert_eq!(
+            failed.to_string(),
+            "copy did not start: the copy destination is smaller than the source: the source \
+             has 1048576 bytes, the destination 4096 bytes (give a destination at least as \
+             large as the source)"
+        );
+        assert!(std::error::Error::source(&failed).is_none());
+
+        src.inject(Fault::read_at(512 << 10));
+        let failed = copy(
+            &src,
+            &MemoryDisk::new(1 << 20),
+            &CopyOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap_err();
+        let text = failed.to_string();
+        assert!(
+            text.starts_with("copy stopped after ")
+                && text.contains(" of 1048576 bytes: injected read failure at offset 524288"),
+            "{text}"
+        );
+        assert!(!text.contains("0 of 0"), "{text}");
+    }
+
     #[test]
     fn copies_sparse_disks_exactly() {
         let src = MemoryDisk::new(10 * CHUNK_SIZE + 123);
@@ -1410,13 +1478,37 @@ mod tests {
         // No bitmap on the handle.
         let dst = MemoryDisk::new(1 << 20);
         let failed = copy_changed(&vm, &dst, &options, &mut |_| {}).unwrap_err();
-        assert!(matches!(failed.error, Error::Unsupported(_)), "{failed}");
-        // A destination of another size, even a larger one.
+        assert!(
+            matches!(failed.error, Error::NoDirtyBitmap { .. }),
+            "{failed}"
+        );
+        // The message names the cause and the way out, not "not supported by this backend".
+        let text = failed.to_string();
+        assert!(
+            text.contains("was opened without a dirty bitmap")
+                && text.contains("dirty_bitmap_handle"),
+            "{text}"
+        );
+        // A destination of another size, even a larger one: both sizes, not "invalid
+        // connection parameters".
         let bigger = MemoryDisk::new(2 << 20);
         let failed = copy_changed(&since, &bigger, &options, &mut |_| {}).unwrap_err();
         assert!(
-            failed.error.to_string().contains("source's size"),
+            matches!(
+                failed.error,
+                Error::SizeMismatch { source_size, destination_size, .. }
+                    if source_size == 1 << 20 && destination_size == 2 << 20
+            ),
             "{failed}"
+        );
+        let text = failed.to_string();
+        assert!(
+            text.starts_with("copy did not start: ")
+                && text.contains("source's size")
+                && text.contains("1048576")
+                && text.contains("2097152")
+                && !text.contains("invalid connection parameters"),
+            "{text}"
         );
         // The bitmap cannot be read (a broken checkpoint).
         vm.inject(Fault::dirty_extents());
@@ -1477,7 +1569,9 @@ mod tests {
         let failed = copy(&src, &dst, &options, &mut |p| last = *p).unwrap_err();
         assert!(matches!(failed.error, Error::Cancelled), "{failed}");
         assert!(
-            failed.to_string().ends_with(" of 16777216 bytes"),
+            failed
+                .to_string()
+                .ends_with(" of 16777216 bytes: cancelled"),
             "{failed}"
         );
         let done = failed.report.progress.done;

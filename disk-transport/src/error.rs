@@ -165,6 +165,49 @@ pub enum Error {
         /// The stream ("standard output").
         stream: String,
     },
+    /// A server accepted the connection but sent no NBD greeting before the handshake's
+    /// deadline: almost always a server that serves one client at a time and is busy with
+    /// another (the new connection waits in its listen backlog).
+    #[error(
+        "NBD server {server} accepted the connection but sent no greeting within {after:?}: \
+        it is most likely serving its client limit already (qemu-nbd serves one client at a \
+        time unless started with -e N / --shared=N; QEMU's nbd-server-start and nbdkit may set \
+        max-connections): close the other client or allow more connections"
+    )]
+    NoGreeting {
+        /// The server's address (`unix:/path` or `host:port`).
+        server: String,
+        /// How long the client waited: the real bound that expired.
+        after: Duration,
+    },
+    /// Reading what changed since a checkpoint from a handle that was opened without a dirty
+    /// bitmap.
+    #[error(
+        "{what} was opened without a dirty bitmap, so it cannot say what changed: open it \
+        with one ({how})"
+    )]
+    NoDirtyBitmap {
+        /// The handle ("this NBD export", "this memory disk handle").
+        what: String,
+        /// How to open one with a bitmap for this backend.
+        how: String,
+    },
+    /// Two disks that must have the same size (or the destination at least the source's) do
+    /// not.
+    #[error(
+        "{what}: the source has {source_size} bytes, the destination {destination_size} \
+        bytes ({hint})"
+    )]
+    SizeMismatch {
+        /// Which operation needs which sizes.
+        what: String,
+        /// The source's size in bytes.
+        source_size: u64,
+        /// The destination's size in bytes.
+        destination_size: u64,
+        /// What to do about it.
+        hint: String,
+    },
     /// A failure injected by the [`memory`](crate::memory) fake.
     #[error("injected {op} failure at offset {offset}")]
     Injected {
@@ -198,7 +241,10 @@ impl Error {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            Error::Timeout { .. } | Error::Disconnected { .. } | Error::Protocol(_)
+            Error::Timeout { .. }
+                | Error::NoGreeting { .. }
+                | Error::Disconnected { .. }
+                | Error::Protocol(_)
         )
     }
 

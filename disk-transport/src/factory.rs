@@ -30,13 +30,15 @@ pub const NULL_SINK: &str = "null:";
 ///
 /// `-` is no disk but a stream (standard input or output, as nbdcopy takes it): it fails with
 /// [`Error::InvalidUri`] pointing to [`stream`](crate::stream), whose copies take it.
-pub fn open(uri: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
-    refuse_stream(uri)?;
-    uri.parse::<DiskUri>()?.open(flags)
+///
+/// A [`Path`](std::path::Path) or `PathBuf` is always a file, however it is spelled, and a
+/// [`DiskUri`] is taken as built (see [`IntoDiskUri`](crate::uri::IntoDiskUri)).
+pub fn open(uri: impl crate::uri::IntoDiskUri, flags: OpenFlags) -> Result<Box<dyn Disk>> {
+    uri.into_disk_uri()?.open(flags)
 }
 
 /// `-` names standard input or output, which cannot seek: never a file named `-`.
-fn refuse_stream(uri: &str) -> Result<()> {
+pub(crate) fn refuse_stream(uri: &str) -> Result<()> {
     if crate::stream::is_stdio(uri) {
         return Err(Error::InvalidUri {
             uri: uri.to_owned(),

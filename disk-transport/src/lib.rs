@@ -154,7 +154,8 @@ pub use types::{
     ExtentKind, Geometry, ProtocolInfo,
 };
 pub use uri::{
-    parse_size, percent_decode, DiskUri, NbdAddress, NbdTls, VddkTarget, VddkUri, VDDK_PASSWORD_ENV,
+    parse_size, percent_decode, DiskUri, IntoDiskUri, NbdAddress, NbdTls, VddkTarget, VddkUri,
+    VDDK_PASSWORD_ENV,
 };
 
 /// Called when a submitted read completes: the filled buffer, or the error.
@@ -247,9 +248,12 @@ pub trait Disk: Send + Sync + fmt::Debug {
     /// [`copy::copy_extents`], or let [`copy::copy_changed`] ask for it.
     fn dirty_extents(&self, offset: u64, length: u64) -> Result<Vec<DirtyExtent>> {
         let _ = (offset, length);
-        Err(Error::Unsupported(
-            "dirty extents (this disk was not opened with a dirty bitmap)".into(),
-        ))
+        Err(Error::NoDirtyBitmap {
+            what: "this disk handle".into(),
+            how: "a backend with changed-block tracking: NBD's ?dirty-bitmap=NAME \
+                  (DiskUri::with_dirty_bitmap), MemoryDisk::dirty_bitmap_handle"
+                .into(),
+        })
     }
 
     /// Makes `[offset, offset + length)` read as zeros, deallocating where the backend can.

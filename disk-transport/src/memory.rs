@@ -496,12 +496,13 @@ impl Disk for MemoryDisk {
     }
 
     fn dirty_extents(&self, offset: u64, length: u64) -> Result<Vec<DirtyExtent>> {
-        let name = self.dirty_bitmap.as_deref().ok_or_else(|| {
-            Error::Unsupported(
-                "dirty extents of a memory disk handle without a bitmap (MemoryDisk::dirty_bitmap_handle)"
-                    .into(),
-            )
-        })?;
+        let name = self
+            .dirty_bitmap
+            .as_deref()
+            .ok_or_else(|| Error::NoDirtyBitmap {
+                what: "this memory disk handle".into(),
+                how: "MemoryDisk::dirty_bitmap_handle(NAME)".into(),
+            })?;
         check_range(offset, length, self.capacity())?;
         self.check_fault(FaultOp::DirtyExtents, offset, length)?;
         let bitmaps = self.shared.bitmaps.lock().map_err(poisoned)?;
@@ -941,7 +942,7 @@ mod tests {
         disk.write_at(b"before", 0).unwrap();
         assert!(matches!(
             disk.dirty_extents(0, 10),
-            Err(Error::Unsupported(_))
+            Err(Error::NoDirtyBitmap { .. })
         ));
         assert!(disk.dirty_bitmap_handle("b0").is_err());
         disk.add_dirty_bitmap("b0").unwrap();

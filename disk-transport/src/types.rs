@@ -84,7 +84,7 @@ pub struct DiskInfo {
     /// The dirty bitmap (changed-block tracking) this handle was opened with, whose ranges
     /// [`Disk::dirty_extents`](crate::Disk::dirty_extents) reports: the `NAME` of an NBD
     /// `qemu:dirty-bitmap:NAME` context, a [`MemoryDisk`](crate::memory::MemoryDisk) bitmap.
-    /// `None`: `dirty_extents` fails with [`Error::Unsupported`](crate::Error::Unsupported).
+    /// `None`: `dirty_extents` fails with [`Error::NoDirtyBitmap`](crate::Error::NoDirtyBitmap).
     #[serde(default)]
     pub dirty_bitmap: Option<String>,
 }

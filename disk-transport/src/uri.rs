@@ -25,6 +25,7 @@
 //! a TLS parameter on a plaintext `nbd` URI: a URI never means less than it says.
 //! `nbd+vsock://` is recognised and refused with a clear error.
 
+use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -597,6 +598,517 @@ fn split_host_port_opt(uri: &str, authority: &str) -> Result<(String, Option<u16
         })
         .transpose()?;
     Ok((host.to_owned(), port))
+}
+
+/// Percent-encodes `text` for a URI part: everything but RFC 3986's unreserved characters
+/// (and those in `keep`) becomes `%XX`, so [`percent_decode`] gives `text` back.
+fn percent_encode(text: &str, keep: &[u8]) -> String {
+    let mut out = String::with_capacity(text.len());
+    for &b in text.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep.contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A query value: `&`, `%`, `#`, `?` and the like escaped; `/`, `:`, `,`, `@` and `=` (a value
+/// ends at the next `&`) kept readable.
+fn query_value(text: &str) -> String {
+    percent_encode(text, b"/:,@=")
+}
+
+/// Seconds as a URI's `timeout=` takes them: whole seconds plainly, else the shortest decimal
+/// that reads back as the same [`Duration`].
+fn format_seconds(duration: Duration) -> String {
+    if duration.subsec_nanos() == 0 {
+        return duration.as_secs().to_string();
+    }
+    let mut text = format!("{}.{:09}", duration.as_secs(), duration.subsec_nanos());
+    while text.ends_with('0') {
+        text.pop();
+    }
+    text
+}
+
+/// Builds a URI's `?key=value&...` tail (nothing when there are no pairs).
+fn write_query(f: &mut fmt::Formatter<'_>, pairs: &[(&str, String)]) -> fmt::Result {
+    for (i, (key, value)) in pairs.iter().enumerate() {
+        let separator = if i == 0 { '?' } else { '&' };
+        write!(f, "{separator}{key}={}", query_value(value))?;
+    }
+    Ok(())
+}
+
+/// Prints the URI in the syntax of the [module docs](self), so that parsing the text gives the
+/// same `DiskUri` back (names are percent-encoded where they need it). Two cases print
+/// differently from what was parsed: a relative file path prints as the path (`./` before it
+/// when it has a colon), without `?direct=1`, which only `file:///` URIs carry; and a path that
+/// is not UTF-8 prints lossily. Nothing secret is in a `DiskUri` (VDDK passwords come from the
+/// environment, TLS keys from files), so the text is safe to log.
+///
+/// ```
+/// use disk_transport::DiskUri;
+///
+/// let uri: DiskUri = "nbd+unix:///vda?socket=/run/backup.sock".parse()?;
+/// let uri = uri.with_dirty_bitmap("vmsdk-export-vda")?;
+/// assert_eq!(
+///     uri.to_string(),
+///     "nbd+unix:///vda?socket=/run/backup.sock&dirty-bitmap=vmsdk-export-vda"
+/// );
+/// assert_eq!(uri.to_string().parse::<DiskUri>()?, uri);
+/// # Ok::<(), disk_transport::Error>(())
+/// ```
+impl fmt::Display for DiskUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DiskUri::Memory { name, size } => {
+                write!(f, "mem://{}", percent_encode(name, b""))?;
+                let size = size.map(|s| ("size", s.to_string()));
+                write_query(f, size.as_slice())
+            }
+            DiskUri::Null { size } => {
+                f.write_str("null:")?;
+                let size = size.map(|s| ("size", s.to_string()));
+                write_query(f, size.as_slice())
+            }
+            DiskUri::File { path, direct } => {
+                let text = path.to_string_lossy();
+                if path.is_absolute() {
+                    write!(f, "file://{}", percent_encode(&text, b"/"))?;
+                    if *direct {
+                        f.write_str("?direct=1")?;
+                    }
+                    Ok(())
+                } else if text.parse::<DiskUri>().ok().as_ref() == Some(self) {
+                    f.write_str(&text)
+                } else {
+                    write!(f, "./{text}")
+                }
+            }
+            DiskUri::Nbd {
+                address,
+                export,
+                tls,
+                timeout,
+                dirty_bitmap,
+                connections,
+            } => {
+                let secure = if tls.is_some() { "s" } else { "" };
+                let user = tls
+                    .as_ref()
+                    .and_then(|t| t.username.as_deref())
+                    .map(|u| format!("{}@", percent_encode(u, b"")))
+                    .unwrap_or_default();
+                let mut pairs = Vec::new();
+                match address {
+                    NbdAddress::Unix(socket) => {
+                        write!(f, "nbd{secure}+unix://{user}/")?;
+                        pairs.push(("socket", socket.to_string_lossy().into_owned()));
+                    }
+                    NbdAddress::Tcp { host, port } => {
+                        let host = if host.contains(':') {
+                            format!("[{host}]")
+                        } else {
+                            host.clone()
+                        };
+                        write!(f, "nbd{secure}://{user}{host}:{port}/")?;
+                    }
+                }
+                f.write_str(&percent_encode(export, b"/"))?;
+                if let Some(tls) = tls {
+                    if let Some(dir) = &tls.certificates {
+                        pairs.push(("tls-certificates", dir.to_string_lossy().into_owned()));
+                    }
+                    if let Some(file) = &tls.psk_file {
+                        pairs.push(("tls-psk-file", file.to_string_lossy().into_owned()));
+                    }
+                    if let Some(name) = &tls.hostname {
+                        pairs.push(("tls-hostname", name.clone()));
+                    }
+                    if let Some(verify) = tls.verify_peer {
+                        pairs.push(("tls-verify-peer", verify.to_string()));
+                    }
+                }
+                if let Some(timeout) = timeout {
+                    pairs.push(("timeout", format_seconds(*timeout)));
+                }
+                if let Some(bitmap) = dirty_bitmap {
+                    pairs.push(("dirty-bitmap", bitmap.clone()));
+                }
+                if let Some(n) = connections {
+                    pairs.push(("connections", n.to_string()));
+                }
+                write_query(f, &pairs)
+            }
+            DiskUri::Vddk(vddk) => {
+                f.write_str("vddk://")?;
+                match &vddk.server {
+                    Some(server) => {
+                        if let Some(user) = &vddk.user {
+                            write!(f, "{}@", percent_encode(user, b""))?;
+                        }
+                        if server.contains(':') {
+                            write!(f, "[{server}]")?;
+                        } else {
+                            f.write_str(server)?;
+                        }
+                        if let Some(port) = vddk.port {
+                            write!(f, ":{port}")?;
+                        }
+                        write!(f, "/{}", percent_encode(&vddk.path, b""))?;
+                    }
+                    None => f.write_str(&percent_encode(&vddk.path, b"/"))?,
+                }
+                let mut pairs = Vec::new();
+                let texts = [
+                    ("vm", &vddk.vm),
+                    ("snapshot", &vddk.snapshot),
+                    ("thumbprint", &vddk.thumbprint),
+                    ("transports", &vddk.transports),
+                    ("libdir", &vddk.libdir),
+                    ("config", &vddk.config),
+                ];
+                for (key, value) in texts {
+                    if let Some(value) = value {
+                        pairs.push((key, value.clone()));
+                    }
+                }
+                if let Some(port) = vddk.nfc_port {
+                    pairs.push(("nfc-port", port.to_string()));
+                }
+                write_query(f, &pairs)
+            }
+        }
+    }
+}
+
+/// Building URIs without string surgery: start from a parsed URI or a constructor, add what
+/// the backend should use, print it with `Display` or open it.
+///
+/// ```
+/// use disk_transport::DiskUri;
+/// use std::time::Duration;
+///
+/// let uri = DiskUri::nbd_unix("/run/vmsdk/backup.sock", "vda")
+///     .with_dirty_bitmap("vmsdk-export-vda")?
+///     .with_timeout(Duration::from_secs(20))?;
+/// assert_eq!(
+///     uri.to_string(),
+///     "nbd+unix:///vda?socket=/run/vmsdk/backup.sock&timeout=20&dirty-bitmap=vmsdk-export-vda"
+/// );
+/// assert_eq!(uri.dirty_bitmap(), Some("vmsdk-export-vda"));
+/// assert_eq!(DiskUri::file("/var/lib/images/vm.img").to_string(), "file:///var/lib/images/vm.img");
+/// # Ok::<(), disk_transport::Error>(())
+/// ```
+impl DiskUri {
+    /// A raw image file or block device (`file:///PATH`, or the path as given when relative).
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        DiskUri::File {
+            path: path.into(),
+            direct: false,
+        }
+    }
+
+    /// An NBD export on a Unix socket (`nbd+unix:///EXPORT?socket=PATH`).
+    pub fn nbd_unix(socket: impl Into<PathBuf>, export: impl Into<String>) -> Self {
+        DiskUri::Nbd {
+            address: NbdAddress::Unix(socket.into()),
+            export: export.into(),
+            tls: None,
+            timeout: None,
+            dirty_bitmap: None,
+            connections: None,
+        }
+    }
+
+    /// An NBD export over TCP (`nbd://HOST:PORT/EXPORT`).
+    pub fn nbd_tcp(host: impl Into<String>, port: u16, export: impl Into<String>) -> Self {
+        DiskUri::Nbd {
+            address: NbdAddress::Tcp {
+                host: host.into(),
+                port,
+            },
+            export: export.into(),
+            tls: None,
+            timeout: None,
+            dirty_bitmap: None,
+            connections: None,
+        }
+    }
+
+    /// The process-wide in-memory disk `name` (`mem://NAME?size=SIZE`).
+    pub fn memory(name: impl Into<String>, size: Option<u64>) -> Self {
+        DiskUri::Memory {
+            name: name.into(),
+            size,
+        }
+    }
+
+    /// The NBD settings of this URI, or an error saying that `what` needs NBD.
+    fn nbd_settings(&mut self, what: &str) -> Result<NbdSettings<'_>> {
+        let text = self.to_string();
+        match self {
+            DiskUri::Nbd {
+                tls,
+                timeout,
+                dirty_bitmap,
+                connections,
+                ..
+            } => Ok(NbdSettings {
+                tls,
+                timeout,
+                dirty_bitmap,
+                connections,
+            }),
+            DiskUri::Memory { name, .. } if what == "a dirty bitmap" => Err(invalid(
+                &text,
+                format!(
+                    "memory disks take their dirty bitmaps through MemoryDisk::dirty_bitmap_handle \
+                     (disk {name:?}), not through the URI"
+                ),
+            )),
+            _ => Err(invalid(
+                &text,
+                format!("{what} is an NBD setting; this URI names no NBD export"),
+            )),
+        }
+    }
+
+    /// Reads the changes recorded by dirty bitmap `name` (`qemu:dirty-bitmap:NAME`) through
+    /// [`Disk::dirty_extents`](crate::Disk::dirty_extents). NBD URIs only.
+    pub fn with_dirty_bitmap(mut self, name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        if name.is_empty() {
+            return Err(invalid(&self.to_string(), "the dirty bitmap name is empty"));
+        }
+        *self.nbd_settings("a dirty bitmap")?.dirty_bitmap = Some(name);
+        Ok(self)
+    }
+
+    /// Waits at most `timeout` for each reply and for the handshake. NBD URIs only.
+    pub fn with_timeout(mut self, timeout: Duration) -> Result<Self> {
+        if timeout.is_zero() {
+            return Err(invalid(&self.to_string(), "timeout must be more than 0 s"));
+        }
+        *self.nbd_settings("a timeout")?.timeout = Some(timeout);
+        Ok(self)
+    }
+
+    /// Opens up to `n` connections (1 to 16) when the server allows multi-conn. NBD URIs only.
+    pub fn with_connections(mut self, n: usize) -> Result<Self> {
+        if !(1..=16).contains(&n) {
+            return Err(invalid(&self.to_string(), "connections must be 1 to 16"));
+        }
+        *self.nbd_settings("connections")?.connections = Some(n);
+        Ok(self)
+    }
+
+    /// Requires TLS with these settings (`nbds://`, `nbds+unix://`). NBD URIs only.
+    pub fn with_tls(mut self, tls: NbdTls) -> Result<Self> {
+        if tls.certificates.is_some() && tls.psk_file.is_some() {
+            return Err(invalid(
+                &self.to_string(),
+                "give either TLS certificates or a PSK file, not both",
+            ));
+        }
+        *self.nbd_settings("TLS")?.tls = Some(tls);
+        Ok(self)
+    }
+
+    /// The dirty bitmap this URI asks for, if any.
+    pub fn dirty_bitmap(&self) -> Option<&str> {
+        match self {
+            DiskUri::Nbd { dirty_bitmap, .. } => dirty_bitmap.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// The NBD-only fields of a [`DiskUri`], borrowed for the `with_*` builders.
+struct NbdSettings<'a> {
+    tls: &'a mut Option<NbdTls>,
+    timeout: &'a mut Option<Duration>,
+    dirty_bitmap: &'a mut Option<String>,
+    connections: &'a mut Option<usize>,
+}
+
+/// What names a disk: a URI string (parsed as [`DiskUri`] parses it), a filesystem path
+/// (always a file, however it is spelled: a `Path` is never read as a URI), or a `DiskUri`.
+/// [`factory::open`](crate::factory::open) and `vmsdk::disk::open` take any of them.
+pub trait IntoDiskUri {
+    /// The parsed URI.
+    fn into_disk_uri(self) -> Result<DiskUri>;
+}
+
+impl IntoDiskUri for DiskUri {
+    fn into_disk_uri(self) -> Result<DiskUri> {
+        Ok(self)
+    }
+}
+
+impl IntoDiskUri for &DiskUri {
+    fn into_disk_uri(self) -> Result<DiskUri> {
+        Ok(self.clone())
+    }
+}
+
+impl IntoDiskUri for &str {
+    fn into_disk_uri(self) -> Result<DiskUri> {
+        crate::factory::refuse_stream(self)?;
+        self.parse()
+    }
+}
+
+impl IntoDiskUri for String {
+    fn into_disk_uri(self) -> Result<DiskUri> {
+        self.as_str().into_disk_uri()
+    }
+}
+
+impl IntoDiskUri for &String {
+    fn into_disk_uri(self) -> Result<DiskUri> {
+        self.as_str().into_disk_uri()
+    }
+}
+
+impl IntoDiskUri for &std::path::Path {
+    fn into_disk_uri(self) -> Result<DiskUri> {
+        Ok(DiskUri::file(self))
+    }
+}
+
+impl IntoDiskUri for PathBuf {
+    fn into_disk_uri(self) -> Result<DiskUri> {
+        Ok(DiskUri::file(self))
+    }
+}
+
+impl IntoDiskUri for &PathBuf {
+    fn into_disk_uri(self) -> Result<DiskUri> {
+        Ok(DiskUri::file(self.as_path()))
+    }
+}
+
+#[cfg(test)]
+mod display_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn prints_what_it_parses() {
+        for text in [
+            "mem://scratch?size=1048576",
+            "mem://scratch",
+            "null:",
+            "null:?size=4096",
+            "file:///var/lib/images/vm.img",
+            "file:///var/lib/images/with%20space%3F.img?direct=1",
+            "disk.img",
+            "./a:b.img",
+            "nbd://example.com:10809/disk",
+            "nbd://[::1]:1234/",
+            "nbd+unix:///my%20disk?socket=/tmp/s.sock&timeout=2.5&dirty-bitmap=b0&connections=2",
+            "nbds://alice@host:10809/vda?tls-psk-file=/etc/keys.psk&tls-verify-peer=false",
+            "nbds+unix:///vda?socket=/run/s.sock&tls-certificates=/etc/pki&tls-hostname=vm1",
+            "vddk:///path/to/local.vmdk?libdir=/opt/vddk",
+            "vddk://root@esx1:443/%5Bdatastore1%5D%20vm%2Fvm.vmdk?vm=moref=vm-16&snapshot=snapshot-47&transports=nbdssl:nbd&nfc-port=902",
+        ] {
+            let uri: DiskUri = text.parse().unwrap();
+            assert_eq!(uri.to_string(), text, "{uri:?}");
+            assert_eq!(uri.to_string().parse::<DiskUri>().unwrap(), uri);
+        }
+    }
+
+    #[test]
+    fn builders_refuse_what_the_backend_cannot_take() {
+        let e = DiskUri::memory("m", Some(4096))
+            .with_dirty_bitmap("b0")
+            .unwrap_err();
+        assert!(e.to_string().contains("dirty_bitmap_handle"), "{e}");
+        let e = DiskUri::file("/x.img")
+            .with_timeout(Duration::from_secs(1))
+            .unwrap_err();
+        assert!(e.to_string().contains("NBD setting"), "{e}");
+        assert!(DiskUri::nbd_unix("/s", "x").with_dirty_bitmap("").is_err());
+        assert!(DiskUri::nbd_unix("/s", "x").with_connections(17).is_err());
+        assert!(DiskUri::nbd_unix("/s", "x")
+            .with_timeout(Duration::ZERO)
+            .is_err());
+        // A path is a file, however it looks; a string may be a URI.
+        let path = std::path::Path::new("nbd://host/x");
+        assert_eq!(
+            path.into_disk_uri().unwrap(),
+            DiskUri::File {
+                path: path.to_owned(),
+                direct: false
+            }
+        );
+        assert!(matches!(
+            "nbd://host/x".into_disk_uri().unwrap(),
+            DiskUri::Nbd { .. }
+        ));
+        assert!("-".into_disk_uri().is_err());
+        assert_eq!(
+            PathBuf::from("-").into_disk_uri().unwrap(),
+            DiskUri::file("-")
+        );
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        proptest::string::string_regex("[ -~é/?&=%#]{1,12}").unwrap()
+    }
+
+    fn nbd_uri() -> impl Strategy<Value = DiskUri> {
+        (
+            prop_oneof![
+                "[a-z][a-z0-9.-]{0,10}".prop_map(|host| (Some(host), 10809u16)),
+                Just((None, 0u16)),
+            ],
+            name(),
+            proptest::option::of(1u64..100_000),
+            proptest::option::of(name().prop_filter("non-empty", |n| !n.is_empty())),
+            proptest::option::of(1usize..=16),
+            proptest::option::of((proptest::option::of(name()), any::<bool>())),
+        )
+            .prop_map(|((host, port), export, millis, bitmap, connections, tls)| {
+                let address = match host {
+                    Some(host) => NbdAddress::Tcp { host, port },
+                    None => NbdAddress::Unix(PathBuf::from("/run/x y&z.sock")),
+                };
+                DiskUri::Nbd {
+                    address,
+                    export,
+                    tls: tls.map(|(hostname, verify)| NbdTls {
+                        hostname: hostname.filter(|h| !h.is_empty()),
+                        verify_peer: Some(verify),
+                        psk_file: Some(PathBuf::from("/etc/k&=.psk")),
+                        ..NbdTls::default()
+                    }),
+                    timeout: millis.map(Duration::from_millis),
+                    dirty_bitmap: bitmap,
+                    connections,
+                }
+            })
+    }
+
+    proptest! {
+        /// Whatever a `DiskUri` holds, its text parses back to it.
+        #[test]
+        fn display_round_trips(uri in prop_oneof![
+            nbd_uri(),
+            (name(), proptest::option::of(any::<u64>()))
+                .prop_map(|(name, size)| DiskUri::Memory { name, size }),
+            ("/[ -~é]{1,20}", any::<bool>())
+                .prop_map(|(path, direct)| DiskUri::File { path: PathBuf::from(path), direct }),
+            proptest::option::of(any::<u64>()).prop_map(|size| DiskUri::Null { size }),
+        ]) {
+            let text = uri.to_string();
+            prop_assert_eq!(text.parse::<DiskUri>().unwrap(), uri, "{}", text);
+        }
+    }
 }
 
 #[cfg(test)]

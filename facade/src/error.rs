@@ -23,7 +23,33 @@ use std::path::PathBuf;
 ///     Ok(format!("{} ms stolen, {} bytes", stats.cpu_stolen_ms()?, disk.info()?.capacity))
 /// }
 ///
+/// /// A copy's error converts too, keeping how far the copy got.
+/// fn backup(src: &str, dst: &str) -> vmsdk::Result<u64> {
+///     let src = vmsdk::disk::open(src, OpenFlags::read_only())?;
+///     let dst = vmsdk::disk::open(std::path::Path::new(dst), OpenFlags::read_write())?;
+///     let options = vmsdk::disk::copy::CopyOptions::default();
+///     let report = vmsdk::disk::copy::copy(src.as_ref(), dst.as_ref(), &options, &mut |_| {})?;
+///     Ok(report.progress.done)
+/// }
+///
 /// let line = report()?;
+/// match backup("mem://error-doc-src?size=2M", "/nonexistent-dir/backup.img") {
+///     Err(vmsdk::Error::Disk(cause)) => println!("cannot open the destination: {cause}"),
+///     other => panic!("expected a disk error, got {other:?}"),
+/// }
+/// let small = tempfile_path();
+/// std::fs::write(&small, [0u8; 4096]).unwrap();
+/// match backup("mem://error-doc-src?size=2M", &small) {
+///     Err(vmsdk::Error::Copy(failed)) => assert!(
+///         failed.to_string().starts_with("copy did not start: the copy destination is smaller"),
+///         "{failed}"
+///     ),
+///     other => panic!("expected a copy error, got {other:?}"),
+/// }
+/// # std::fs::remove_file(&small).unwrap();
+/// # fn tempfile_path() -> String {
+/// #     std::env::temp_dir().join(format!("vmsdk-error-doc-{}.img", std::process::id())).display().to_string()
+/// # }
 /// assert!(line.ends_with("1048576 bytes"));
 /// match vmsdk::disk::open("nbd://", OpenFlags::read_only()) {
 ///     Err(vmsdk::Error::Disk(cause)) => println!("the disk layer said: {cause}"),
@@ -52,6 +78,14 @@ pub enum Error {
     #[cfg_attr(docsrs, doc(cfg(feature = "disk")))]
     #[error(transparent)]
     Disk(#[from] disk_transport::Error),
+    /// A copy, checksum or comparison of disks stopped: why, and how far it got
+    /// ([`CopyError::report`](disk_transport::copy::CopyError::report)). Its message says
+    /// both, e.g. `copy stopped after 1048576 of 4194304 bytes: injected read failure at
+    /// offset 1048576`.
+    #[cfg(feature = "disk")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "disk")))]
+    #[error(transparent)]
+    Copy(#[from] disk_transport::copy::CopyError),
     /// This machine has no guest statistics backend.
     #[error(
         "no guest statistics backend for {what}: {}/proc/stat is not readable, and only Linux \

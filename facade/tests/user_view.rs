@@ -142,7 +142,7 @@ async fn errors_of_every_capability_keep_their_sources_apart() {
 
     // A disk: a file that does not exist.
     let missing = dir.path().join("missing.img");
-    let Err(error) = vmsdk::disk::open(&missing.display().to_string(), OpenFlags::read_only())
+    let Err(error) = vmsdk::disk::open(missing.display().to_string(), OpenFlags::read_only())
     else {
         panic!("a missing disk opened");
     };

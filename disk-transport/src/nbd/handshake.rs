@@ -206,6 +206,12 @@ impl Handshake {
         self.received_at_tls == Some(self.received)
     }
 
+    /// Whether the server has sent nothing at all, not even its greeting: a connection
+    /// accepted into a listen backlog by a server already at its client limit.
+    pub fn nothing_received(&self) -> bool {
+        self.received == 0
+    }
+
     /// Bytes to send now.
     pub fn take_output(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.out)

@@ -542,6 +542,15 @@ fn error_chain(e: &Error) -> String {
     text
 }
 
+/// The server's address as people write it: `unix:/run/nbd.sock`, `host:port`.
+fn describe_address(address: &NbdAddress) -> String {
+    match address {
+        NbdAddress::Unix(path) => format!("unix:{}", path.display()),
+        NbdAddress::Tcp { host, port } if host.contains(':') => format!("[{host}]:{port}"),
+        NbdAddress::Tcp { host, port } => format!("{host}:{port}"),
+    }
+}
+
 /// Connects and runs the whole handshake (TLS included) under one deadline.
 fn negotiate(
     options: &NbdOptions,
@@ -575,6 +584,11 @@ fn negotiate(
                          it may require a client certificate it trusts (client-cert.pem and \
                          client-key.pem in the tls-certificates directory)"
                     ))
+                } else if matches!(e, Error::Timeout { .. }) && hs.nothing_received() {
+                    Error::NoGreeting {
+                        server: describe_address(&options.address),
+                        after: total,
+                    }
                 } else {
                     e
                 };
@@ -930,12 +944,16 @@ impl NbdDisk {
     /// Dirty and clean ranges from the negotiated `qemu:dirty-bitmap:NAME`
     /// ([`NbdOptions::dirty_bitmap`]); see [`Disk::dirty_extents`].
     fn dirty_block_status(&self, offset: u64, length: u64) -> Result<Vec<DirtyExtent>> {
-        let context = self.negotiated.dirty_bitmap.ok_or_else(|| {
-            Error::Unsupported(
-                "dirty extents without a dirty bitmap (NbdOptions::dirty_bitmap, ?dirty-bitmap=NAME)"
+        let context = self
+            .negotiated
+            .dirty_bitmap
+            .ok_or_else(|| Error::NoDirtyBitmap {
+                what: format!("NBD export {:?}", self.export),
+                how: "?dirty-bitmap=NAME in the URI (DiskUri::with_dirty_bitmap), \
+                      NbdOptions::dirty_bitmap; the server must export the bitmap (qemu-nbd -B \
+                      NAME, block-export-add's bitmaps)"
                     .into(),
-            )
-        })?;
+            })?;
         let mut out: Vec<DirtyExtent> = Vec::new();
         for (offset, length, flags) in self.block_status(context, offset, length)? {
             crate::types::push_dirty_extent(

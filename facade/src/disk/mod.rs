@@ -31,7 +31,8 @@ pub use disk_transport::factory::NULL_SINK;
 pub use disk_transport::memory::MemoryDisk;
 pub use disk_transport::{blkhash, compare, copy, stream};
 pub use disk_transport::{
-    DirtyExtent, Disk, DiskInfo, DiskUri, DrivenQueue, Extent, ExtentKind, OpenFlags, ProtocolInfo,
+    DirtyExtent, Disk, DiskInfo, DiskUri, DrivenQueue, Extent, ExtentKind, IntoDiskUri, OpenFlags,
+    ProtocolInfo,
 };
 
 use crate::Result;
@@ -49,7 +50,25 @@ use crate::Result;
 /// assert_eq!(disk.info()?.capacity, 1 << 20);
 /// # Ok::<(), vmsdk::Error>(())
 /// ```
-pub fn open(uri: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
+///
+/// A [`Path`](std::path::Path) or `PathBuf` is a file, however it is spelled (a path is never
+/// read as a URI), and a [`DiskUri`] is taken as built:
+///
+/// ```
+/// use std::path::PathBuf;
+/// use vmsdk::disk::{DiskUri, OpenFlags};
+///
+/// let image: PathBuf = std::env::temp_dir().join(format!("vmsdk-open-doc-{}.img", std::process::id()));
+/// std::fs::write(&image, vec![0u8; 65536]).unwrap();
+/// let disk = vmsdk::disk::open(&image, OpenFlags::read_only())?;
+/// assert_eq!(disk.info()?.capacity, 65536);
+/// let uri = DiskUri::file(&image);
+/// println!("opened {uri}"); // file:///tmp/vmsdk-open-doc-….img
+/// assert_eq!(vmsdk::disk::open(uri, OpenFlags::read_only())?.info()?.capacity, 65536);
+/// # std::fs::remove_file(&image).unwrap();
+/// # Ok::<(), vmsdk::Error>(())
+/// ```
+pub fn open(uri: impl IntoDiskUri, flags: OpenFlags) -> Result<Box<dyn Disk>> {
     Ok(disk_transport::factory::open(uri, flags)?)
 }
 
