@@ -1,0 +1,68 @@
+//! Blocking byte channels whose reads and writes are bounded in time.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+/// A blocking channel whose reads and writes can be bounded in time.
+///
+/// [`crate::Client`] needs this on top of `Read + Write` so that no call can block forever.
+/// Implemented for Unix and TCP sockets and boxes of either.
+pub trait Transport: Read + Write + Send {
+    /// Bounds every following read; `None` blocks without limit.
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Bounds every following write; `None` blocks without limit.
+    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+impl Transport for UnixStream {
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout.map(non_zero))
+    }
+    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, timeout.map(non_zero))
+    }
+}
+
+impl Transport for TcpStream {
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout.map(non_zero))
+    }
+    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, timeout.map(non_zero))
+    }
+}
+
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        (**self).set_read_timeout(timeout)
+    }
+    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        (**self).set_write_timeout(timeout)
+    }
+}
+
+/// Sockets reject a zero timeout; the smallest real one has the same effect.
+fn non_zero(d: Duration) -> Duration {
+    d.max(Duration::from_millis(1))
+}
+
+/// Connects to `host:port`, trying each resolved address until `deadline`.
+pub(crate) fn tcp_connect(addr: &str, limit: Duration) -> io::Result<TcpStream> {
+    use std::net::ToSocketAddrs;
+    let mut last = io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{addr} resolves to no address"),
+    );
+    for candidate in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&candidate, non_zero(limit)) {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
