@@ -6,6 +6,12 @@
 //! its documented default; keys this crate does not know (there are many undocumented ones, such
 //! as `vixDiskLib.nfcAio.Session.BufSizeIn64KB`) are kept in order and written back unchanged.
 //!
+//! [`Config::check`] (and [`Config::check_path`], which the VDDK backend runs on the file before
+//! `VixDiskLib_InitEx`) also reports the keys nobody knows — neither the VDDK guide nor the
+//! tuning keys of [`keys::UNINTERPRETED`] — as [`ConfigWarning`]s naming the nearest known key:
+//! a misspelt `vixDiskLib.nfc.ReadTimoutMs` would otherwise silently leave the read timeout
+//! unset. A key newer than this crate still reaches VDDK; [`ConfigCheck::Strict`] refuses it.
+//!
 //! ```
 //! use disk_transport::Config;
 //!
@@ -62,6 +68,19 @@ pub mod keys {
     pub const DISKLIB_ENABLE_CACHE: &str = "vixDiskLib.disklib.EnableCache";
     /// Check the SSL thumbprint of Linux VMs, 0 or 1, default 0.
     pub const LINUX_SSL_VERIFY_CERTIFICATES: &str = "vixDiskLib.linuxSSL.verifyCertificates";
+
+    /// Keys VDDK reads that the guide does not document and this crate passes through without
+    /// interpreting (NFC AIO buffer tuning, HotAdd without an NFC session). They are not warned
+    /// about.
+    pub const UNINTERPRETED: [&str; 3] = [
+        "vixDiskLib.nfcAio.Session.BufSizeIn64KB",
+        "vixDiskLib.nfcAio.Session.BufCount",
+        "vixDiskLib.transport.hotadd.NoNfcSession",
+    ];
+
+    /// The prefix of the stand-in `libvixDiskLib.so`'s own keys (`standin.fileDisks`, ...; see
+    /// the `vddk-standin` package). Real VDDK ignores them; they are not warned about.
+    pub const STANDIN_PREFIX: &str = "standin.";
 
     /// Every documented key.
     pub const ALL: [&str; 11] = [
@@ -146,24 +165,146 @@ impl Default for Config {
     }
 }
 
+/// How [`Config::check`] treats keys it does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConfigCheck {
+    /// Unknown keys are [`ConfigWarning`]s and still reach VDDK (a key newer than this crate
+    /// keeps working).
+    #[default]
+    Lenient,
+    /// Unknown keys are errors ([`Error::Config`]), for deployments that want a typo to stop
+    /// the program rather than a timeout to silently not apply.
+    Strict,
+}
+
+/// A key of an InitEx configuration file that neither the VDDK guide nor this crate knows.
+/// VDDK still receives it; its `Display` names the file, line and key and, when one is close,
+/// the known key it probably meant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ConfigWarning {
+    /// The file, if the text came from one.
+    pub path: Option<PathBuf>,
+    /// 1-based line number.
+    pub line: usize,
+    /// The key as written.
+    pub key: String,
+    /// The nearest known key, when it is close enough to be a likely misspelling.
+    pub suggestion: Option<&'static str>,
+}
+
+impl ConfigWarning {
+    fn describe(&self) -> String {
+        match self.suggestion {
+            Some(known) => format!("unknown key {}; did you mean {known}?", self.key),
+            None => format!(
+                "unknown key {} (not in the VDDK guide; passed to VDDK as written)",
+                self.key
+            ),
+        }
+    }
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.path {
+            Some(path) => write!(f, "{}:{}: {}", path.display(), self.line, self.describe()),
+            None => write!(f, "line {}: {}", self.line, self.describe()),
+        }
+    }
+}
+
+/// Whether `key` is one this crate knows (documented, uninterpreted tuning or the stand-in's).
+fn is_known_key(key: &str) -> bool {
+    keys::ALL
+        .iter()
+        .chain(keys::UNINTERPRETED.iter())
+        .any(|k| k.eq_ignore_ascii_case(key))
+        || key
+            .get(..keys::STANDIN_PREFIX.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(keys::STANDIN_PREFIX))
+}
+
+/// The known key nearest to `key` (case-insensitive edit distance), when it is close enough to
+/// be a misspelling: at most 3 edits, and fewer than a quarter of the key's length.
+pub fn nearest_known_key(key: &str) -> Option<&'static str> {
+    let folded = key.to_ascii_lowercase();
+    keys::ALL
+        .iter()
+        .chain(keys::UNINTERPRETED.iter())
+        .map(|k| (edit_distance(&folded, &k.to_ascii_lowercase()), *k))
+        .filter(|(d, k)| *d <= 3 && *d * 4 < k.len().max(folded.len()))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance over bytes, with one row of memory. Keys are short ASCII names; long
+/// inputs (fuzzing) are cut off early, as they cannot be near any key anyway.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len().abs_diff(b.len()) > 3 {
+        return a.len().abs_diff(b.len());
+    }
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, &ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, &cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
 fn timeout(ms: u32) -> Option<Duration> {
     (ms != 0).then(|| Duration::from_millis(u64::from(ms)))
 }
 
 impl Config {
-    /// Reads and parses a file; errors name the file and line.
+    /// Reads and parses a file; errors name the file and line. Unknown keys are kept in
+    /// [`extra`](Config::extra) without a word; [`check_path`](Config::check_path) reports them.
     pub fn from_path(path: impl AsRef<Path>) -> Result<Self> {
+        Config::check_path(path, ConfigCheck::Lenient).map(|(config, _)| config)
+    }
+
+    /// Parses `text` and reports the keys nobody knows: as warnings, or with
+    /// [`ConfigCheck::Strict`] as an error naming the line, the key and the nearest known key.
+    ///
+    /// ```
+    /// use disk_transport::config::{Config, ConfigCheck};
+    ///
+    /// let text = "vixDiskLib.nfc.ReadTimoutMs = 60000\nvixDiskLib.nfc.LogLevel = 2\n";
+    /// let (config, warnings) = Config::check(text, ConfigCheck::Lenient)?;
+    /// assert_eq!(config.nfc_read_timeout(), None); // the misspelt key set nothing
+    /// assert_eq!(
+    ///     warnings[0].to_string(),
+    ///     "line 1: unknown key vixDiskLib.nfc.ReadTimoutMs; did you mean vixDiskLib.nfc.ReadTimeoutMs?"
+    /// );
+    /// assert!(Config::check(text, ConfigCheck::Strict).is_err());
+    /// # Ok::<(), disk_transport::Error>(())
+    /// ```
+    pub fn check(text: &str, mode: ConfigCheck) -> Result<(Self, Vec<ConfigWarning>)> {
+        Config::parse(text, None, mode)
+    }
+
+    /// [`check`](Config::check) of a file; errors and warnings name the file and line. The VDDK
+    /// backend runs this on [`VddkOptions::config_path`](crate::vddk::VddkOptions::config_path)
+    /// before `VixDiskLib_InitEx`.
+    pub fn check_path(
+        path: impl AsRef<Path>,
+        mode: ConfigCheck,
+    ) -> Result<(Self, Vec<ConfigWarning>)> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("read config {}", path.display()), None, e))?;
-        Config::parse(&text).map_err(|e| match e {
-            Error::Config { line, message, .. } => Error::Config {
-                path: Some(path.to_owned()),
-                line,
-                message,
-            },
-            other => other,
-        })
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::io(
+                format!("read the VDDK configuration file {}", path.display()),
+                None,
+                e,
+            )
+        })?;
+        Config::parse(&text, Some(path), mode)
     }
 
     /// The NFC accept timeout, `None` when unlimited.
@@ -209,13 +350,18 @@ impl Config {
             .map(|(_, v)| v.as_str())
     }
 
-    fn parse(text: &str) -> Result<Self> {
+    fn parse(
+        text: &str,
+        path: Option<&Path>,
+        mode: ConfigCheck,
+    ) -> Result<(Self, Vec<ConfigWarning>)> {
         let mut config = Config::default();
+        let mut warnings = Vec::new();
         let mut seen: Vec<(String, usize)> = Vec::new();
         for (index, raw_line) in text.lines().enumerate() {
             let line_no = index + 1;
             let err = |message: String| Error::Config {
-                path: None,
+                path: path.map(Path::to_path_buf),
                 line: line_no,
                 message,
             };
@@ -242,8 +388,23 @@ impl Config {
             }
             seen.push((folded, line_no));
             config.apply(name, value).map_err(err)?;
+            if !is_known_key(name) {
+                let warning = ConfigWarning {
+                    path: path.map(Path::to_path_buf),
+                    line: line_no,
+                    key: name.to_owned(),
+                    suggestion: nearest_known_key(name),
+                };
+                if mode == ConfigCheck::Strict {
+                    return Err(err(format!(
+                        "{} (strict configuration checking)",
+                        warning.describe()
+                    )));
+                }
+                warnings.push(warning);
+            }
         }
-        Ok(config)
+        Ok((config, warnings))
     }
 
     fn apply(&mut self, name: &str, value: String) -> std::result::Result<(), String> {
@@ -326,7 +487,7 @@ impl FromStr for Config {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        Config::parse(s)
+        Config::check(s, ConfigCheck::Lenient).map(|(config, _)| config)
     }
 }
 
@@ -486,6 +647,77 @@ tmpDirectory = "/var/tmp/vddk logs"
         assert!(Config::from_path(dir.path().join("missing")).is_err());
     }
 
+    #[test]
+    fn unknown_keys_warn_with_the_nearest_known_key_or_fail_when_strict() {
+        let text = "vixDiskLib.nfc.LogLevel = 2\n\
+                    vixDiskLib.nfc.ReadTimoutMs = 60000\n\
+                    vixdisklib.NFCAIO.session.bufcount = 16\n\
+                    standin.fileDisks = 1\n\
+                    vendor.newFeature.Enabled = 1\n";
+        let (config, warnings) = Config::check(text, ConfigCheck::Lenient).unwrap();
+        assert_eq!(config.nfc_log_level, 2);
+        // Unknown keys still reach VDDK: they stay in `extra`, in order.
+        assert_eq!(config.extra("vixDiskLib.nfc.ReadTimoutMs"), Some("60000"));
+        assert_eq!(config.extra("vendor.newFeature.Enabled"), Some("1"));
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert_eq!(
+            (warnings[0].line, warnings[0].key.as_str()),
+            (2, "vixDiskLib.nfc.ReadTimoutMs")
+        );
+        assert_eq!(warnings[0].suggestion, Some(keys::NFC_READ_TIMEOUT_MS));
+        assert_eq!(
+            warnings[0].to_string(),
+            "line 2: unknown key vixDiskLib.nfc.ReadTimoutMs; did you mean \
+             vixDiskLib.nfc.ReadTimeoutMs?"
+        );
+        assert_eq!((warnings[1].line, warnings[1].suggestion), (5, None));
+        assert!(warnings[1].to_string().contains("passed to VDDK as written"));
+
+        match Config::check(text, ConfigCheck::Strict) {
+            Err(Error::Config { line: 2, message, .. }) => {
+                assert!(message.contains("did you mean vixDiskLib.nfc.ReadTimeoutMs?"), "{message}");
+                assert!(message.contains("strict"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Known, documented, uninterpreted and stand-in keys pass strict checking.
+        let known = "vixDiskLib.nfc.ReadTimeoutMs = 1\nvixDiskLib.nfcAio.Session.BufSizeIn64KB = 32\n\
+                     STANDIN.password = x\n";
+        assert!(Config::check(known, ConfigCheck::Strict).unwrap().1.is_empty());
+    }
+
+    #[test]
+    fn check_path_names_file_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vddk.conf");
+        std::fs::write(&path, "# tuned\nvixDiskLib.transport.LogLevel = 9\n").unwrap();
+        let err = Config::check_path(&path, ConfigCheck::Lenient)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vddk.conf:2"), "{err}");
+        assert!(err.contains("vixDiskLib.transport.LogLevel"), "{err}");
+        std::fs::write(&path, "vixDiskLib.nfc.AcceptTimoutMs = 5\n").unwrap();
+        let (_, warnings) = Config::check_path(&path, ConfigCheck::Lenient).unwrap();
+        assert!(
+            warnings[0].to_string().starts_with(&format!("{}:1: ", path.display())),
+            "{}",
+            warnings[0]
+        );
+    }
+
+    #[test]
+    fn nearest_keys_are_only_suggested_when_close() {
+        assert_eq!(
+            nearest_known_key("vixDiskLib.transport.LogLvl"),
+            Some(keys::TRANSPORT_LOG_LEVEL)
+        );
+        assert_eq!(nearest_known_key("TMPDIRECTRY"), Some(keys::TMP_DIRECTORY));
+        assert_eq!(nearest_known_key("colour"), None);
+        assert_eq!(nearest_known_key(""), None);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+
     fn arb_config() -> impl Strategy<Value = Config> {
         let extra_key = "[a-zA-Z][a-zA-Z0-9._]{0,30}".prop_filter("not a known key", |k| {
             !keys::ALL.iter().any(|known| known.eq_ignore_ascii_case(k))
@@ -536,6 +768,29 @@ tmpDirectory = "/var/tmp/vddk logs"
             let text = lines.join("\n");
             if let Err(Error::Config { line, .. }) = text.parse::<Config>() {
                 prop_assert!(line >= 1 && line <= lines.len().max(1));
+            }
+        }
+
+        #[test]
+        fn check_agrees_with_parse_and_strict_fails_exactly_on_warnings(
+            lines in proptest::collection::vec(
+                "([a-zA-Z.]{1,40}|vixDiskLib\\.nfc\\.[A-Za-z]{4,16}) = [0-9]{1,3}", 0..8)
+        ) {
+            let text = lines.join("\n");
+            let parsed = text.parse::<Config>();
+            match Config::check(&text, ConfigCheck::Lenient) {
+                Ok((config, warnings)) => {
+                    prop_assert_eq!(parsed.ok(), Some(config));
+                    for w in &warnings {
+                        prop_assert!(w.line >= 1 && w.line <= lines.len());
+                        prop_assert!(!is_known_key(&w.key));
+                    }
+                    prop_assert_eq!(
+                        Config::check(&text, ConfigCheck::Strict).is_ok(),
+                        warnings.is_empty()
+                    );
+                }
+                Err(_) => prop_assert!(parsed.is_err()),
             }
         }
 

@@ -138,7 +138,7 @@ mod tls;
 pub mod vddk;
 
 pub use access::AccessGuard;
-pub use config::Config;
+pub use config::{Config, ConfigCheck, ConfigWarning};
 pub use error::{nbd_errno_name, Error, Result};
 pub use factory::open_uri;
 pub use mode::{
