@@ -671,19 +671,30 @@ tmpDirectory = "/var/tmp/vddk logs"
              vixDiskLib.nfc.ReadTimeoutMs?"
         );
         assert_eq!((warnings[1].line, warnings[1].suggestion), (5, None));
-        assert!(warnings[1].to_string().contains("passed to VDDK as written"));
+        assert!(warnings[1]
+            .to_string()
+            .contains("passed to VDDK as written"));
 
         match Config::check(text, ConfigCheck::Strict) {
-            Err(Error::Config { line: 2, message, .. }) => {
-                assert!(message.contains("did you mean vixDiskLib.nfc.ReadTimeoutMs?"), "{message}");
+            Err(Error::Config {
+                line: 2, message, ..
+            }) => {
+                assert!(
+                    message.contains("did you mean vixDiskLib.nfc.ReadTimeoutMs?"),
+                    "{message}"
+                );
                 assert!(message.contains("strict"), "{message}");
             }
             other => panic!("unexpected {other:?}"),
         }
         // Known, documented, uninterpreted and stand-in keys pass strict checking.
-        let known = "vixDiskLib.nfc.ReadTimeoutMs = 1\nvixDiskLib.nfcAio.Session.BufSizeIn64KB = 32\n\
+        let known =
+            "vixDiskLib.nfc.ReadTimeoutMs = 1\nvixDiskLib.nfcAio.Session.BufSizeIn64KB = 32\n\
                      STANDIN.password = x\n";
-        assert!(Config::check(known, ConfigCheck::Strict).unwrap().1.is_empty());
+        assert!(Config::check(known, ConfigCheck::Strict)
+            .unwrap()
+            .1
+            .is_empty());
     }
 
     #[test]
@@ -699,7 +710,9 @@ tmpDirectory = "/var/tmp/vddk logs"
         std::fs::write(&path, "vixDiskLib.nfc.AcceptTimoutMs = 5\n").unwrap();
         let (_, warnings) = Config::check_path(&path, ConfigCheck::Lenient).unwrap();
         assert!(
-            warnings[0].to_string().starts_with(&format!("{}:1: ", path.display())),
+            warnings[0]
+                .to_string()
+                .starts_with(&format!("{}:1: ", path.display())),
             "{}",
             warnings[0]
         );

@@ -24,14 +24,16 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// A VDDK call failed. `code` is the full `VixError`; [`Error::vix_code`] masks it.
-    #[error("VDDK {function} failed with VixError {code} ({message})")]
+    /// A VDDK call failed. `code` is the full `VixError`; [`Error::vix_code`] masks it. The
+    /// text gives the code once and, where one exists, a hint ([`vix_hint`]): `VDDK
+    /// VixDiskLib_ConnectEx failed: Authentication failed (VixError 35); check the user name …`.
+    #[error("VDDK {function} failed: {message} (VixError {}){}", fmt_vix_code(*code), fmt_hint(*code))]
     Vix {
         /// The VDDK function that failed, e.g. `VixDiskLib_Open`.
         function: String,
         /// The raw 64-bit `VixError` (upper bits may carry extra data).
         code: u64,
-        /// The text of `VixDiskLib_GetErrorText`.
+        /// The text of `VixDiskLib_GetErrorText`, without the code some libraries append.
         message: String,
     },
     /// An NBD server answered a request with an error.
@@ -213,7 +215,10 @@ pub enum Error {
     Injected {
         /// The operation that failed.
         op: &'static str,
-        /// The offset of the failing request.
+        /// The first faulty byte the request touched: the larger of the request's offset and
+        /// the start of the [`Fault`](crate::memory::Fault)'s range (the bad sector itself, as
+        /// a disk reports it), so a request starting before the fault names the fault's
+        /// offset. 0 for a flush.
         offset: u64,
     },
 }
@@ -279,6 +284,105 @@ impl Error {
     }
 }
 
+/// VDDK error codes (the low 16 bits of a `VixError`) with their symbolic names, as
+/// `vix.h` defines them, and the text `VixDiskLib_GetErrorText` gives for them. The in-memory
+/// transport fails with these ([`memory::Refusal`](crate::memory::Refusal)).
+pub mod vix {
+    /// `VIX_E_FAIL`: unknown error (also a wrong thumbprint on a remote open).
+    pub const E_FAIL: u64 = 1;
+    /// `VIX_E_OUT_OF_MEMORY`.
+    pub const E_OUT_OF_MEMORY: u64 = 2;
+    /// `VIX_E_INVALID_ARG`.
+    pub const E_INVALID_ARG: u64 = 3;
+    /// `VIX_E_FILE_NOT_FOUND`.
+    pub const E_FILE_NOT_FOUND: u64 = 4;
+    /// `VIX_E_NOT_SUPPORTED`.
+    pub const E_NOT_SUPPORTED: u64 = 6;
+    /// `VIX_E_FILE_ERROR`.
+    pub const E_FILE_ERROR: u64 = 7;
+    /// `VIX_E_FILE_READ_ONLY`.
+    pub const E_FILE_READ_ONLY: u64 = 11;
+    /// `VIX_E_FILE_ACCESS_ERROR`.
+    pub const E_FILE_ACCESS_ERROR: u64 = 13;
+    /// `VIX_E_AUTHENTICATION_FAIL`: wrong user name or password.
+    pub const E_AUTHENTICATION_FAIL: u64 = 35;
+    /// `VIX_E_INVALID_HANDLE`.
+    pub const E_INVALID_HANDLE: u64 = 1000;
+    /// `VIX_E_DISK_OUTOFRANGE`.
+    pub const E_DISK_OUTOFRANGE: u64 = 16007;
+
+    /// The text VDDK gives for `code` (its low 16 bits), or `None` for a code not listed here.
+    pub fn text(code: u64) -> Option<&'static str> {
+        Some(match code & 0xFFFF {
+            E_FAIL => "Unknown error",
+            E_OUT_OF_MEMORY => "Memory allocation failed",
+            E_INVALID_ARG => "One of the parameters was invalid",
+            E_FILE_NOT_FOUND => "A file was not found",
+            E_NOT_SUPPORTED => "The operation is not supported",
+            E_FILE_ERROR => "A file access error occurred on the host or guest operating system",
+            E_FILE_READ_ONLY => "The file is write-protected",
+            E_FILE_ACCESS_ERROR => "Insufficient permissions to access the file",
+            E_AUTHENTICATION_FAIL => "Authentication failed",
+            E_INVALID_HANDLE => "The handle is not a valid VIX object",
+            E_DISK_OUTOFRANGE => "The sector is beyond the end of the disk",
+            _ => return None,
+        })
+    }
+}
+
+/// What to check when VDDK fails with `code`, where the code alone leaves a user guessing.
+///
+/// ```
+/// use disk_transport::{vix, vix_hint};
+///
+/// assert!(vix_hint(vix::E_AUTHENTICATION_FAIL).unwrap().contains("SSO domain"));
+/// assert_eq!(vix_hint(vix::E_DISK_OUTOFRANGE), None);
+/// ```
+pub fn vix_hint(code: u64) -> Option<&'static str> {
+    match code & 0xFFFF {
+        vix::E_AUTHENTICATION_FAIL => Some(
+            "check the user name with its SSO domain (administrator@vsphere.local, not \
+             administrator; root for a standalone ESXi host) and the password",
+        ),
+        vix::E_FILE_NOT_FOUND => Some(
+            "check the disk path: remote disks are named \"[datastore] folder/disk.vmdk\", \
+             local ones by absolute path",
+        ),
+        vix::E_FILE_ACCESS_ERROR => {
+            Some("the user needs the privileges of a backup role on the VM and its datastore")
+        }
+        _ => None,
+    }
+}
+
+/// Drops the ` (VixError N)` or `(N)` some libraries append to their text of `code`, so an
+/// error gives the code once.
+pub(crate) fn strip_vix_code(message: &str, code: u64) -> String {
+    let message = message.trim();
+    for masked in [code & 0xFFFF, code] {
+        for suffix in [format!("(VixError {masked})"), format!("({masked})")] {
+            if let Some(rest) = message.strip_suffix(suffix.as_str()) {
+                return rest.trim_end().to_owned();
+            }
+        }
+    }
+    message.to_owned()
+}
+
+fn fmt_vix_code(code: u64) -> String {
+    if code > 0xFFFF {
+        format!("{}, raw {code:#x}", code & 0xFFFF)
+    } else {
+        code.to_string()
+    }
+}
+
+fn fmt_hint(code: u64) -> String {
+    vix_hint(code)
+        .map(|hint| format!("; {hint}"))
+        .unwrap_or_default()
+}
+
 /// The symbolic name of an NBD error value as the protocol defines it.
 pub fn nbd_errno_name(errno: u32) -> &'static str {
     match errno {
@@ -338,7 +442,34 @@ mod tests {
             message: "out of range".into(),
         };
         assert_eq!(e.vix_code(), Some(16007));
-        assert!(e.to_string().contains("VixDiskLib_Open"));
+        assert_eq!(
+            e.to_string(),
+            "VDDK VixDiskLib_Open failed: out of range (VixError 16007, raw 0x700003e87)"
+        );
+    }
+
+    #[test]
+    fn vix_errors_give_the_code_once_and_a_hint() {
+        let message = strip_vix_code("stand-in: Authentication failed (VixError 35)", 35);
+        assert_eq!(message, "stand-in: Authentication failed");
+        assert_eq!(
+            strip_vix_code("Cannot connect to host", 1),
+            "Cannot connect to host"
+        );
+        assert_eq!(strip_vix_code("Unknown error (1)", 1), "Unknown error");
+        let e = Error::Vix {
+            function: "VixDiskLib_ConnectEx".into(),
+            code: vix::E_AUTHENTICATION_FAIL,
+            message,
+        };
+        let text = e.to_string();
+        assert_eq!(text.matches("35").count(), 1, "{text}");
+        assert!(text.starts_with("VDDK VixDiskLib_ConnectEx failed: stand-in: Authentication failed (VixError 35); check the user name with its SSO domain"), "{text}");
+        assert_eq!(
+            vix::text(vix::E_AUTHENTICATION_FAIL),
+            Some("Authentication failed")
+        );
+        assert_eq!(vix::text(12345), None);
     }
 
     #[test]

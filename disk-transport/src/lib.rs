@@ -139,7 +139,7 @@ pub mod vddk;
 
 pub use access::AccessGuard;
 pub use config::{Config, ConfigCheck, ConfigWarning};
-pub use error::{nbd_errno_name, Error, Result};
+pub use error::{nbd_errno_name, vix, vix_hint, Error, Result};
 pub use factory::open_uri;
 pub use mode::{
     default_transport_priority, format_transport_modes, parse_transport_modes, select_transport,
@@ -147,7 +147,8 @@ pub use mode::{
     DEFAULT_NETWORK_PRIORITY, DIRECT_IO_ALIGNMENT,
 };
 pub use params::{
-    Compression, ConnectParams, ConnectParamsBuilder, Credentials, OpenFlags, Secret, Thumbprint,
+    check_snapshot_moref, check_vm_spec, Compression, ConnectParams, ConnectParamsBuilder,
+    Credentials, OpenFlags, Secret, Thumbprint,
 };
 pub use types::{
     clip_extents, push_dirty_extent, push_extent, AdapterType, DirtyExtent, DiskInfo, Extent,

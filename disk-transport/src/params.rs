@@ -200,6 +200,81 @@ impl ConnectParams {
     }
 }
 
+/// Whether `id` looks like a managed-object reference id: `vm-16`, `snapshot-47`, `2`,
+/// `2-snapshot-5` (letters, digits, `-`, `_`, `.`, starting with a letter or digit).
+fn is_moref_id(id: &str) -> bool {
+    id.len() <= 80
+        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Checks a VM given as VDDK's `vmxSpec`: `moref=vm-16` (vCenter), `moref=2` (ESXi), or the
+/// older `[datastore] dir/vm.vmx?dcPath=…&dsName=…` form. A bare MoRef (`vm-16`) is refused
+/// early with the expected form: VDDK would only fail at ConnectEx, on a real vCenter.
+///
+/// ```
+/// use disk_transport::check_vm_spec;
+///
+/// assert!(check_vm_spec("moref=vm-16").is_ok());
+/// let err = check_vm_spec("vm-16").unwrap_err().to_string();
+/// assert!(err.contains("moref=vm-16"), "{err}");
+/// ```
+pub fn check_vm_spec(spec: &str) -> Result<()> {
+    if let Some(id) = spec.strip_prefix("moref=") {
+        if is_moref_id(id) {
+            return Ok(());
+        }
+        return Err(Error::InvalidParams(format!(
+            "VM {spec:?}: {id:?} is not a managed-object reference; expected moref=vm-16 \
+             (vCenter) or moref=2 (ESXi)"
+        )));
+    }
+    if spec.contains("?dcPath=") || spec.contains("?dsName=") {
+        return Ok(());
+    }
+    let hint = if is_moref_id(spec) {
+        format!("write moref={spec}")
+    } else {
+        "expected moref=vm-16 (vCenter) or moref=2 (ESXi)".to_owned()
+    };
+    Err(Error::InvalidParams(format!(
+        "VM {spec:?} is not a vmxSpec: {hint} (the `vm=` value of a vddk:// URI, \
+         ConnectParamsBuilder::vm)"
+    )))
+}
+
+/// Checks a snapshot's managed-object reference: the bare id, `snapshot-47` (vCenter) or
+/// `2-snapshot-5` (ESXi), as `VixDiskLib_ConnectEx` takes it.
+///
+/// ```
+/// use disk_transport::check_snapshot_moref;
+///
+/// assert!(check_snapshot_moref("snapshot-47").is_ok());
+/// assert!(check_snapshot_moref("moref=snapshot-47").is_err());
+/// ```
+pub fn check_snapshot_moref(moref: &str) -> Result<()> {
+    if let Some(id) = moref.strip_prefix("moref=") {
+        return Err(Error::InvalidParams(format!(
+            "snapshot {moref:?}: a snapshot is given as its bare MoRef, without moref=: {id}"
+        )));
+    }
+    if moref.starts_with("vm-") {
+        return Err(Error::InvalidParams(format!(
+            "snapshot {moref:?} is a VM's MoRef; the snapshot's looks like snapshot-47 \
+             (vCenter) or 2-snapshot-5 (ESXi)"
+        )));
+    }
+    if !is_moref_id(moref) {
+        return Err(Error::InvalidParams(format!(
+            "snapshot {moref:?} is not a managed-object reference; expected snapshot-47 \
+             (vCenter) or 2-snapshot-5 (ESXi)"
+        )));
+    }
+    Ok(())
+}
+
 /// Builder of [`ConnectParams`]; [`build`](ConnectParamsBuilder::build) checks the combination.
 #[derive(Debug, Clone)]
 pub struct ConnectParamsBuilder {
@@ -278,10 +353,18 @@ impl ConnectParamsBuilder {
 
     /// Checks the parameters as VDDK would need them and returns them.
     ///
+    /// The VM and snapshot must be managed-object references in the forms VDDK takes
+    /// ([`check_vm_spec`], [`check_snapshot_moref`]).
     /// A remote connection needs a VM and credentials (VDDK crashes on missing ones); a snapshot
     /// only means something with a VM; an empty transport list is rejected.
     pub fn build(self) -> Result<ConnectParams> {
         let p = self.params;
+        if let Some(vm) = &p.vm {
+            check_vm_spec(vm)?;
+        }
+        if let Some(snapshot) = &p.snapshot {
+            check_snapshot_moref(snapshot)?;
+        }
         if p.server.is_some() {
             if p.vm.is_none() {
                 return Err(Error::InvalidParams(
@@ -428,6 +511,61 @@ mod tests {
             .is_err());
         assert!(ConnectParams::builder().vm("moref=2").build().is_err());
         assert!(ConnectParams::builder().build().unwrap().server().is_none());
+    }
+
+    #[test]
+    fn morefs_are_checked_where_given() {
+        for good in [
+            "moref=vm-16",
+            "moref=2",
+            "[ds1] vm/vm.vmx?dcPath=dc&dsName=ds1",
+        ] {
+            assert!(check_vm_spec(good).is_ok(), "{good}");
+        }
+        let bare = ConnectParams::builder()
+            .server("vc")
+            .user_password("u", "p")
+            .vm("vm-16")
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(bare.contains("write moref=vm-16"), "{bare}");
+        for bad in ["", "moref=", "moref=vm 16", "vm 16", "moref=vm-16&x"] {
+            let err = check_vm_spec(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("moref=vm-16 (vCenter) or moref=2 (ESXi)"),
+                "{bad}: {err}"
+            );
+        }
+        for good in ["snapshot-47", "2-snapshot-5"] {
+            assert!(check_snapshot_moref(good).is_ok(), "{good}");
+        }
+        let snap = |s: &str| {
+            ConnectParams::builder()
+                .server("vc")
+                .user_password("u", "p")
+                .vm("moref=vm-16")
+                .snapshot(s)
+                .build()
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(snap("moref=snapshot-47").contains("without moref=: snapshot-47"));
+        assert!(snap("vm-16").contains("a VM's MoRef"));
+        assert!(snap("").contains("snapshot-47 (vCenter)"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn vm_specs_are_accepted_exactly_in_moref_form(id in "[a-z0-9][a-z0-9-]{0,20}", junk in "[ =&/]") {
+            let moref = format!("moref={id}");
+            proptest::prop_assert!(check_vm_spec(&moref).is_ok());
+            let bare = check_vm_spec(&id).unwrap_err().to_string();
+            let expected = format!("write moref={id}");
+            proptest::prop_assert!(bare.contains(&expected), "{}", bare);
+            let broken = format!("moref={id}{junk}x");
+            proptest::prop_assert!(check_vm_spec(&broken).is_err());
+        }
     }
 
     #[test]

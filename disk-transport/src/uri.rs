@@ -199,8 +199,14 @@ fn parse_vddk(uri: &str, authority: &str, path: &str, query: &str) -> Result<Vdd
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         let value = percent_decode(uri, value)?;
         match key {
-            "vm" => v.vm = Some(value),
-            "snapshot" => v.snapshot = Some(value),
+            "vm" => {
+                crate::check_vm_spec(&value)?;
+                v.vm = Some(value)
+            }
+            "snapshot" => {
+                crate::check_snapshot_moref(&value)?;
+                v.snapshot = Some(value)
+            }
             "thumbprint" => {
                 crate::Thumbprint::new(&value)?;
                 v.thumbprint = Some(value)

@@ -982,20 +982,33 @@ impl RawConnection {
     }
 }
 
-impl Drop for RawConnection {
-    fn drop(&mut self) {
-        {
+impl RawConnection {
+    /// `VixDiskLib_Disconnect`, once: later calls (and the drop) do nothing. The caller owns
+    /// the connection, so every disk opened on it (each holds an `Arc`) is closed by now.
+    pub(crate) fn disconnect(&mut self) -> Result<(), Vix> {
+        if self.raw.is_null() {
+            return Ok(());
+        }
+        let code = {
             let _serial = self.lib.open_close_lock();
             let _timer = CallTimer::start("VixDiskLib_Disconnect", 0);
             // SAFETY: `raw` came from a successful ConnectEx and every disk opened on it holds an
-            // `Arc<RawConnection>`, so all of them are closed by now; Disconnect runs once.
-            let code = unsafe { (self.lib.required.disconnect)(self.raw) };
-            if code != VIX_OK {
-                super::log_library_error("VixDiskLib_Disconnect", code, &self.lib);
-            }
-        }
+            // `Arc<RawConnection>`, so all of them are closed by now; `raw` is nulled below, so
+            // Disconnect runs once.
+            unsafe { (self.lib.required.disconnect)(self.raw) }
+        };
+        self.raw = std::ptr::null_mut();
         if let Some(params) = self.params.take() {
             self.lib.free_params(params);
+        }
+        check("VixDiskLib_Disconnect", code)
+    }
+}
+
+impl Drop for RawConnection {
+    fn drop(&mut self) {
+        if let Err(e) = self.disconnect() {
+            super::log_library_error(e.function, e.code, &self.lib);
         }
     }
 }
@@ -1402,18 +1415,32 @@ impl RawDisk {
     }
 }
 
+impl RawDisk {
+    /// Waits for asynchronous requests, then `VixDiskLib_Close`, once: later calls (and the
+    /// drop) do nothing. The handle is closed even when Wait failed; the first error is
+    /// returned.
+    pub(crate) fn close(&mut self) -> Result<(), Vix> {
+        if self.raw.is_null() {
+            return Ok(());
+        }
+        let waited = self.wait();
+        let code = {
+            let _serial = self.lib().open_close_lock();
+            let _timer = CallTimer::start("VixDiskLib_Close", 0);
+            // SAFETY: `raw` came from a successful Open, no request is outstanding (Wait above),
+            // and `raw` is nulled below so Close runs once; the connection is still alive (we
+            // hold an Arc to it).
+            unsafe { (self.lib().required.close)(self.raw) }
+        };
+        self.raw = std::ptr::null_mut();
+        waited.and(check("VixDiskLib_Close", code))
+    }
+}
+
 impl Drop for RawDisk {
     fn drop(&mut self) {
-        if let Err(e) = self.wait() {
+        if let Err(e) = self.close() {
             super::log_library_error(e.function, e.code, self.lib());
-        }
-        let _serial = self.lib().open_close_lock();
-        let _timer = CallTimer::start("VixDiskLib_Close", 0);
-        // SAFETY: `raw` came from a successful Open, no request is outstanding (Wait above), and
-        // Close runs once; the connection is still alive (we hold an Arc to it).
-        let code = unsafe { (self.lib().required.close)(self.raw) };
-        if code != VIX_OK {
-            super::log_library_error("VixDiskLib_Close", code, self.lib());
         }
     }
 }

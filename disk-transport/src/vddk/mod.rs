@@ -165,10 +165,20 @@ pub type LogHook = Arc<dyn Fn(LogLevel, &str) + Send + Sync>;
 
 /// How to find and initialise the library. Only the first successful load in a process uses
 /// them (InitEx runs once per process).
+///
+/// # `VddkOptions` or `ConnectParams`?
+///
+/// The library and its configuration are chosen once per process, by the options of the first
+/// [`VddkTransport`]: these options are the one place for them. [`ConnectParams::libdir`] and
+/// [`ConnectParams::config_path`] exist for the `vddk://` URI (`libdir=`, `config=`), where
+/// [`VddkTransport::from_params`] turns them into options; on any other connection they are
+/// only compared with what the process initialised, and a different one is an error, never
+/// silently ignored. Leave them unset when you build a transport from options.
 #[derive(Clone, Default)]
 pub struct VddkOptions {
     libdir: Option<PathBuf>,
     config_path: Option<PathBuf>,
+    config_check: crate::ConfigCheck,
     log_hook: Option<LogHook>,
 }
 
@@ -187,8 +197,24 @@ impl VddkOptions {
 
     /// The InitEx configuration file. Build one with [`Config`](crate::Config) and write its
     /// `Display` form (`std::fs::write(path, config.to_string())`); the NFC timeouts belong there.
+    ///
+    /// The file is checked with [`Config::check_path`](crate::Config::check_path) before
+    /// InitEx: a malformed line or an out-of-range value is an [`Error::Config`] naming the
+    /// file, line and key, and VDDK is not initialised; a key nobody knows is a warning (to the
+    /// [`log_hook`](Self::log_hook), else `tracing`) naming the nearest known key, and still
+    /// reaches VDDK unless [`strict_config`](Self::strict_config) is set.
     pub fn config_path(mut self, path: impl Into<PathBuf>) -> Self {
         self.config_path = Some(path.into());
+        self
+    }
+
+    /// Makes an unknown key in the configuration file an error rather than a warning.
+    pub fn strict_config(mut self, strict: bool) -> Self {
+        self.config_check = if strict {
+            crate::ConfigCheck::Strict
+        } else {
+            crate::ConfigCheck::Lenient
+        };
         self
     }
 
@@ -203,7 +229,7 @@ impl VddkOptions {
         VddkOptions {
             libdir: params.libdir().map(Path::to_path_buf),
             config_path: params.config_path().map(Path::to_path_buf),
-            log_hook: None,
+            ..VddkOptions::default()
         }
     }
 }
@@ -213,6 +239,7 @@ impl fmt::Debug for VddkOptions {
         f.debug_struct("VddkOptions")
             .field("libdir", &self.libdir)
             .field("config_path", &self.config_path)
+            .field("config_check", &self.config_check)
             .field("log_hook", &self.log_hook.as_ref().map(|_| "<fn>"))
             .finish()
     }
@@ -371,6 +398,19 @@ fn load(options: &VddkOptions) -> Result<(Arc<Library>, LibraryInfo)> {
         State::Unloaded => {}
     }
 
+    // The configuration is checked before anything is loaded: VDDK would read a bad line or
+    // value without a word, and a misspelt timeout would silently not apply.
+    if let Some(config) = &options.config_path {
+        let (_, warnings) = crate::Config::check_path(config, options.config_check)?;
+        for warning in warnings {
+            let message = format!("InitEx configuration: {warning}");
+            match &options.log_hook {
+                Some(hook) => hook(LogLevel::Warning, &message),
+                None => tracing::warn!(target: "disk_transport::vddk", "{message}"),
+            }
+        }
+    }
+
     let dirs: Vec<PathBuf> = match &options.libdir {
         Some(dir) => vec![dir.clone()],
         None => DEFAULT_LIBDIRS.iter().map(PathBuf::from).collect(),
@@ -411,19 +451,11 @@ fn load(options: &VddkOptions) -> Result<(Arc<Library>, LibraryInfo)> {
 
     let libdir = canonical(&dir);
     let libdir_c = path_c_string("libdir", &libdir)?;
-    let config_c = match &options.config_path {
-        Some(config) => {
-            if let Err(e) = std::fs::metadata(config) {
-                return Err(Error::io(
-                    format!("read the VDDK configuration file {}", config.display()),
-                    None,
-                    e,
-                ));
-            }
-            Some(path_c_string("config_path", config)?)
-        }
-        None => None,
-    };
+    let config_c = options
+        .config_path
+        .as_deref()
+        .map(|config| path_c_string("config_path", config))
+        .transpose()?;
     *LOG_HOOK.write().unwrap_or_else(PoisonError::into_inner) = options.log_hook.clone();
     if let Err(e) = lib.init_ex(&libdir_c, config_c.as_deref(), deliver_log) {
         return Err(vix_error(&lib, e.function.to_owned(), e.code));
@@ -471,7 +503,7 @@ fn vix_error(lib: &Library, function: String, code: u64) -> Error {
     Error::Vix {
         function,
         code,
-        message: lib.error_text(code),
+        message: crate::error::strip_vix_code(&lib.error_text(code), code),
     }
 }
 
@@ -776,16 +808,33 @@ impl VddkTransport {
         })
     }
 
+    /// A `libdir` or configuration file in `params` that differs from what the process
+    /// initialised is an error: it could not take effect (see [`VddkOptions`]).
     fn check_libdir(&self, params: &ConnectParams) -> Result<()> {
-        match params.libdir() {
-            Some(dir) if canonical(dir) != self.info.libdir => Err(Error::InvalidParams(format!(
-                "libdir {} differs from the VDDK this process initialised ({}); InitEx runs once \
-                 per process",
-                dir.display(),
-                self.info.libdir.display()
-            ))),
-            _ => Ok(()),
+        if let Some(dir) = params.libdir() {
+            if canonical(dir) != self.info.libdir {
+                return Err(Error::InvalidParams(format!(
+                    "libdir {} differs from the VDDK this process initialised ({}); InitEx runs \
+                     once per process",
+                    dir.display(),
+                    self.info.libdir.display()
+                )));
+            }
         }
+        if let Some(config) = params.config_path() {
+            if self.info.config_path.as_deref() != Some(canonical(config).as_path()) {
+                return Err(Error::InvalidParams(format!(
+                    "configuration file {} differs from the one VDDK was initialised with ({}); \
+                     InitEx runs once per process",
+                    config.display(),
+                    self.info
+                        .config_path
+                        .as_deref()
+                        .map_or("none".into(), |p| p.display().to_string())
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -908,6 +957,29 @@ impl VddkConnection {
     /// The transport modes this connection was planned with (see [`VddkTransport::plan`]).
     pub fn planned_transports(&self) -> &[TransportMode] {
         &self.planned
+    }
+
+    /// Disconnects now (`VixDiskLib_Disconnect`) and returns its error, which a drop can only
+    /// log. Every disk opened on the connection must be closed first (VDDK's rule: Close
+    /// before Disconnect): while one is open this is an error, and the connection is
+    /// disconnected as before, when the last disk is dropped.
+    pub fn disconnect(self) -> Result<()> {
+        let lib = Arc::clone(&self.lib);
+        let shared = Arc::try_unwrap(self.shared).map_err(|shared| {
+            Error::InvalidParams(format!(
+                "{} disks opened on this connection are still open; close them first (VDDK \
+                 closes disks before it disconnects; the connection ends when the last is dropped)",
+                Arc::strong_count(&shared) - 1
+            ))
+        })?;
+        let ConnectionShared { raw, _secrets } = shared;
+        let mut raw = Arc::try_unwrap(raw).map_err(|_| {
+            Error::InvalidParams("a disk opened on this connection is still open".into())
+        })?;
+        // The secrets stay registered for redaction until Disconnect has returned.
+        let result = raw.disconnect();
+        drop(_secrets);
+        result.map_err(|e| vix_error(&lib, e.function.to_owned(), e.code))
     }
 
     /// Opens a disk, with the concrete type (see [`Connection::open`]).
@@ -1070,6 +1142,20 @@ impl VddkDisk {
     /// `VixDiskLib_GetTransportMode` exactly as the library reported it.
     pub fn transport_mode_text(&self) -> Option<&str> {
         self.transport_text.as_deref()
+    }
+
+    /// Closes the disk now (`VixDiskLib_Wait` for outstanding asynchronous requests, then
+    /// `VixDiskLib_Close`) and returns the first error, which a drop can only log. The handle
+    /// is closed even when Wait fails. Dropping the disk without calling this still closes it.
+    pub fn close(self) -> Result<()> {
+        let result = self.lock().close();
+        result.map_err(|e| {
+            vix_error(
+                &self.lib,
+                format!("{}({:?})", e.function, self.path),
+                e.code,
+            )
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, RawDisk> {
