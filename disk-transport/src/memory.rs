@@ -10,6 +10,28 @@
 //!   calls so tests can check that every access was ended.
 //! - [`Fault`]s make reads, writes, flushes or extent queries fail at chosen offsets, always or
 //!   a number of times.
+//! - [`Refusal`]s make the transport refuse a login (ConnectEx), a PrepareForAccess, an Open or
+//!   a Cleanup with a VDDK error code ([`Error::Vix`], codes in [`vix`](crate::vix)), as
+//!   vCenter does, so the error paths of a backup program are tested without mocks:
+//!
+//! ```
+//! use disk_transport::memory::{MemoryDisk, MemoryTransport, Refusal};
+//! use disk_transport::{vix, ConnectParams, DiskTransport};
+//!
+//! let vcenter = MemoryTransport::new()
+//!     .with_disk("[ds1] vm/vm.vmdk", MemoryDisk::new(1 << 20))
+//!     .with_refusal(Refusal::login(vix::E_AUTHENTICATION_FAIL).times(1));
+//! let params = ConnectParams::builder()
+//!     .server("vcenter.example")
+//!     .user_password("backup@vsphere.local", "wrong")
+//!     .vm("moref=vm-16")
+//!     .build()?;
+//! let err = vcenter.connect(&params).unwrap_err();
+//! assert_eq!(err.vix_code(), Some(35));
+//! assert!(err.to_string().contains("SSO domain"));
+//! assert!(vcenter.connect(&params).is_ok()); // refused once only
+//! # Ok::<(), disk_transport::Error>(())
+//! ```
 //! - Dirty bitmaps, as QEMU keeps them for incremental backups: after
 //!   [`MemoryDisk::add_dirty_bitmap`], every write marks its [`CHUNK_SIZE`] chunks dirty, and a
 //!   handle from [`MemoryDisk::dirty_bitmap_handle`] reports them through
@@ -595,11 +617,113 @@ pub enum AccessEvent {
     },
 }
 
+/// A step of VDDK's access lifecycle that a [`MemoryTransport`] can refuse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Step {
+    /// [`DiskTransport::connect`] (`VixDiskLib_ConnectEx`, where VDDK logs in).
+    Login,
+    /// [`DiskTransport::prepare_for_access`] (`VixDiskLib_PrepareForAccess`).
+    PrepareForAccess,
+    /// [`Connection::open`] (`VixDiskLib_Open`).
+    Open,
+    /// [`DiskTransport::cleanup`] (`VixDiskLib_Cleanup`).
+    Cleanup,
+}
+
+impl Step {
+    fn function(self) -> &'static str {
+        match self {
+            Step::Login => "VixDiskLib_ConnectEx",
+            Step::PrepareForAccess => "VixDiskLib_PrepareForAccess",
+            Step::Open => "VixDiskLib_Open",
+            Step::Cleanup => "VixDiskLib_Cleanup",
+        }
+    }
+}
+
+/// A lifecycle step a [`MemoryTransport`] refuses with a VDDK error code: the call fails with
+/// [`Error::Vix`] (the function's name, the code, VDDK's text for it), always or the next `n`
+/// times. A refused PrepareForAccess is not recorded in the access log (nothing to end).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    step: Step,
+    code: u64,
+    disk: Option<String>,
+    remaining: Option<u32>,
+}
+
+impl Refusal {
+    /// Refuses `step` with the `VixError` `code` (see [`vix`](crate::vix)).
+    pub fn new(step: Step, code: u64) -> Self {
+        Refusal {
+            step,
+            code,
+            disk: None,
+            remaining: None,
+        }
+    }
+    /// Refuses logins: a wrong password is [`vix::E_AUTHENTICATION_FAIL`](crate::vix::E_AUTHENTICATION_FAIL).
+    pub fn login(code: u64) -> Self {
+        Refusal::new(Step::Login, code)
+    }
+    /// Refuses PrepareForAccess (a VM that does not exist, missing privileges).
+    pub fn prepare_for_access(code: u64) -> Self {
+        Refusal::new(Step::PrepareForAccess, code)
+    }
+    /// Refuses every Open (narrow it with [`disk`](Self::disk)).
+    pub fn open(code: u64) -> Self {
+        Refusal::new(Step::Open, code)
+    }
+    /// Refuses Cleanup.
+    pub fn cleanup(code: u64) -> Self {
+        Refusal::new(Step::Cleanup, code)
+    }
+    /// Refuses only Opens of the disk `name`.
+    pub fn disk(mut self, name: impl Into<String>) -> Self {
+        self.disk = Some(name.into());
+        self
+    }
+    /// Refuses only the next `n` matching calls, then lets them through.
+    pub fn times(mut self, n: u32) -> Self {
+        self.remaining = Some(n);
+        self
+    }
+}
+
 #[derive(Debug, Default)]
 struct TransportState {
     disks: BTreeMap<String, MemoryDisk>,
     access_log: Vec<AccessEvent>,
     leftover_connections: u32,
+    refusals: Vec<Refusal>,
+}
+
+impl TransportState {
+    /// The error of the first refusal matching `step` (and `disk`), counting it down.
+    fn refused(&mut self, step: Step, disk: Option<&str>) -> Result<()> {
+        let hit = self.refusals.iter().position(|r| {
+            r.step == step
+                && r.remaining != Some(0)
+                && (r.disk.is_none() || r.disk.as_deref() == disk)
+        });
+        let Some(index) = hit else { return Ok(()) };
+        let refusal = &mut self.refusals[index];
+        if let Some(n) = refusal.remaining.as_mut() {
+            *n -= 1;
+        }
+        let code = refusal.code;
+        self.refusals.retain(|r| r.remaining != Some(0));
+        let function = match disk {
+            Some(name) => format!("{}({name:?})", step.function()),
+            None => step.function().to_owned(),
+        };
+        Err(Error::Vix {
+            function,
+            code,
+            message: crate::vix::text(code).unwrap_or("Error").to_owned(),
+        })
+    }
 }
 
 /// Serves [`MemoryDisk`]s by name as a [`DiskTransport`]; see the [module docs](self).
@@ -650,6 +774,22 @@ impl MemoryTransport {
     pub fn with_storage(mut self, storage: StorageKind) -> Self {
         self.storage = storage;
         self
+    }
+
+    /// Adds a [`Refusal`]: a lifecycle step fails with a VDDK error code.
+    pub fn with_refusal(self, refusal: Refusal) -> Self {
+        self.refuse(refusal);
+        self
+    }
+
+    /// Adds a [`Refusal`] to a transport in use (clones share them).
+    pub fn refuse(&self, refusal: Refusal) {
+        self.lock().refusals.push(refusal);
+    }
+
+    /// Removes every refusal.
+    pub fn clear_refusals(&self) {
+        self.lock().refusals.clear();
     }
 
     /// Pretends `n` connections were left behind by a crash, for [`DiskTransport::cleanup`].
@@ -711,6 +851,7 @@ impl DiskTransport for MemoryTransport {
     }
 
     fn connect(&self, params: &ConnectParams) -> Result<Box<dyn Connection>> {
+        self.lock().refused(Step::Login, None)?;
         let plan = select_transport(
             params.transport_modes(),
             &TransportContext {
@@ -738,10 +879,13 @@ impl DiskTransport for MemoryTransport {
                 )
             })?
             .to_owned();
-        self.lock().access_log.push(AccessEvent::Prepare {
+        let mut state = self.lock();
+        state.refused(Step::PrepareForAccess, None)?;
+        state.access_log.push(AccessEvent::Prepare {
             vm: vm.clone(),
             identity: identity.to_owned(),
         });
+        drop(state);
         let state = self.state.clone();
         Ok(AccessGuard::new(identity, move |identity| {
             state
@@ -758,6 +902,7 @@ impl DiskTransport for MemoryTransport {
 
     fn cleanup(&self, _params: &ConnectParams) -> Result<CleanupStats> {
         let mut state = self.lock();
+        state.refused(Step::Cleanup, None)?;
         let cleaned_up = std::mem::take(&mut state.leftover_connections);
         Ok(CleanupStats {
             cleaned_up,
@@ -775,6 +920,7 @@ struct MemoryConnection {
 
 impl Connection for MemoryConnection {
     fn open(&self, path: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
+        self.transport.lock().refused(Step::Open, Some(path))?;
         let disk = self.transport.disk(path).ok_or_else(|| {
             Error::NotFound(format!(
                 "memory disk {path:?} (have: {})",
@@ -926,6 +1072,71 @@ mod tests {
         assert!(t.prepare_for_access(&ConnectParams::local(), "x").is_err());
         assert_eq!(t.cleanup(&params).unwrap().cleaned_up, 2);
         assert_eq!(t.cleanup(&params).unwrap().cleaned_up, 0);
+    }
+
+    #[test]
+    fn refusals_fail_each_step_with_vddk_codes() {
+        use crate::{vix, vix_hint};
+        let t = MemoryTransport::new()
+            .with_disk("a.vmdk", MemoryDisk::new(CHUNK_SIZE))
+            .with_disk("b.vmdk", MemoryDisk::new(CHUNK_SIZE))
+            .with_leftover_state(1)
+            .with_refusal(Refusal::login(vix::E_AUTHENTICATION_FAIL).times(2))
+            .with_refusal(Refusal::prepare_for_access(vix::E_FILE_ACCESS_ERROR).times(1))
+            .with_refusal(Refusal::open(vix::E_FILE_NOT_FOUND).disk("b.vmdk"))
+            .with_refusal(Refusal::cleanup(vix::E_FAIL).times(1));
+        let params = ConnectParams::builder()
+            .server("vc")
+            .vm("moref=vm-16")
+            .snapshot("snapshot-1")
+            .user_password("u", "p")
+            .build()
+            .unwrap();
+        for _ in 0..2 {
+            let err = t.connect(&params).unwrap_err();
+            assert_eq!(err.vix_code(), Some(35));
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "VDDK VixDiskLib_ConnectEx failed: Authentication failed (VixError 35); {}",
+                    vix_hint(35).unwrap()
+                )
+            );
+        }
+        let connection = t.connect(&params).unwrap();
+
+        let err = t.prepare_for_access(&params, "app").unwrap_err();
+        assert_eq!(err.vix_code(), Some(13));
+        assert!(
+            t.access_log().is_empty(),
+            "a refused PrepareForAccess has nothing to end"
+        );
+        drop(t.prepare_for_access(&params, "app").unwrap());
+        assert_eq!(t.accesses_outstanding(), 0);
+
+        assert!(connection.open("a.vmdk", OpenFlags::read_only()).is_ok());
+        let err = connection
+            .open("b.vmdk", OpenFlags::read_only())
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "VDDK VixDiskLib_Open(\"b.vmdk\") failed: A file was not found (VixError 4)"
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            connection
+                .open("b.vmdk", OpenFlags::read_only())
+                .unwrap_err()
+                .vix_code(),
+            Some(4),
+            "refused until cleared"
+        );
+
+        assert_eq!(t.cleanup(&params).unwrap_err().vix_code(), Some(1));
+        assert_eq!(t.cleanup(&params).unwrap().cleaned_up, 1);
+        t.clear_refusals();
+        assert!(connection.open("b.vmdk", OpenFlags::read_only()).is_ok());
     }
 
     #[test]
