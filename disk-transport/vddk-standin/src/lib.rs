@@ -1,42 +1,82 @@
-//! A stand-in `libvixDiskLib.so` for testing the VDDK backend of `disk-transport` through its
-//! real `dlopen` path, the way nbdkit tests its VDDK plugin with `tests/dummy-vddk.c`.
+//! A stand-in `libvixDiskLib.so` for integration tests of programs that use VDDK — through
+//! `disk-transport`'s VDDK backend, nbdkit's vddk plugin or any other loader — without VMware's
+//! library or a vCenter, the way nbdkit tests its VDDK plugin with `tests/dummy-vddk.c`.
 //!
-//! It exports the VDDK functions the backend uses, through the very function-pointer types the
-//! backend calls them with (`disk_transport::vddk::ffi`), so signatures cannot drift, plus
-//! `VixDiskLib_Create`, which nbdkit's vddk plugin also requires — nbdkit loads this library
-//! as its VDDK too (`nbdkit vddk libdir=DIR config=CONF file=/abs/disk.img`, with the library
-//! at `DIR/lib64/libvixDiskLib.so.8`). It keeps disks in memory or in files, checks how it is
-//! called and reports what it saw.
+//! It exports the VDDK functions those loaders use, through the very function-pointer types
+//! `disk_transport::vddk::ffi` calls them with (so signatures cannot drift), plus
+//! `VixDiskLib_Create`, which nbdkit's vddk plugin also requires. It keeps disks in memory or in
+//! files, checks how it is called (VDDK's threading and ordering rules) and reports what it saw.
+//!
+//! # Building it and pointing `libdir` at it
+//!
+//! The stand-in is not published on crates.io (`publish = false`): it is a `cdylib` that only
+//! makes sense next to a checkout of this repository's `disk-transport`, whose ABI declarations
+//! it compiles against, and `cargo install` cannot install a library. Build it from the
+//! repository and lay it out like an unpacked VDDK:
+//!
+//! ```text
+//! cargo build --release -p vddk-standin        # target/release/libvixDiskLib.so
+//! mkdir -p /tmp/vddk/lib64
+//! cp target/release/libvixDiskLib.so /tmp/vddk/lib64/libvixDiskLib.so.8
+//! ```
+//!
+//! Then `VddkOptions::new().libdir("/tmp/vddk")` (or `vddk:///disk?libdir=/tmp/vddk`, or
+//! nbdkit's `libdir=/tmp/vddk`) loads it as VDDK 8. No `LD_LIBRARY_PATH` is needed: the
+//! stand-in depends on nothing beyond libc.
 //!
 //! # Disks
 //!
-//! The path given to `VixDiskLib_Open` names a disk and may carry options:
-//! `name?size=1048576&phys=4096&fail_open=4&fail_read=8:16007&fail_write=8:11&fail_flush=1&fail_query=6&async_delay_us=2000`.
-//! A disk is created on first open (`size` bytes, default 1 MiB) and keeps its contents, 64 KiB
-//! allocation map and metadata for the life of the process. `fail_read`/`fail_write` take
-//! `SECTOR:VIXERROR` and fail any request covering the sector; asynchronous requests report it
-//! through the completion callback. `async_delay_us` completes asynchronous requests on a thread
-//! after that delay (otherwise they complete inside the call, as VDDK does for local files).
+//! The path given to `VixDiskLib_Open` names a disk and may carry options after a `?`:
+//! `name?size=1048576&phys=4096&seed=/srv/golden.img&fail_open=4&fail_read=8:16007&fail_write=8:11&fail_flush=1&fail_query=6&async_delay_us=2000`.
 //!
-//! With `standin.fileDisks = 1` in the configuration, a disk opened on a local connection (no
-//! server) is instead the file its path names, as a local VMDK is for VDDK: the path must be
-//! absolute (else `VIX_E_INVALID_ARG`) and the file exist (else `VIX_E_FILE_NOT_FOUND`) and
-//! hold whole sectors; `size=` is refused, the other options apply. Reads and writes go to the
-//! file, Flush `fdatasync`s it, and QueryAllocatedBlocks reports the 64 KiB chunks in which
-//! the file system has data (`SEEK_DATA`/`SEEK_HOLE`). Nothing is cached in the process, so
-//! several processes loading the stand-in see the same bytes and extents. Remote connections
-//! keep in-memory disks. `VixDiskLib_Create` makes a sparse file (or in-memory disk) of the
-//! requested capacity; an existing one is `VIX_E_FILE_ALREADY_EXISTS`.
+//! - **In memory** (the default): a disk is created on first open, `size` bytes (default
+//!   1 MiB), or a copy of the file `seed=PATH` (its size unless `size=` is larger), and keeps
+//!   its contents, 64 KiB allocation map and metadata for the life of the process.
+//! - **Local files** (`standin.fileDisks = 1`): a disk opened on a local connection (no server)
+//!   is the file its path names, as a local VMDK is for VDDK: the path must be absolute (else
+//!   `VIX_E_INVALID_ARG`), the file exist (else `VIX_E_FILE_NOT_FOUND`) and hold whole sectors.
+//! - **Remote disks in a datastore directory** (`standin.datastoreDir = DIR`): a disk opened on
+//!   a remote connection, `[datastore1] vm/vm.vmdk`, is the file `DIR/datastore1/vm/vm.vmdk`
+//!   (a raw image; `..` and other names are refused). Seed it by copying an image there.
+//!
+//! File-backed disks persist across processes: reads and writes go to the file, Flush
+//! `fdatasync`s it, and QueryAllocatedBlocks reports the 64 KiB chunks in which the file system
+//! has data (`SEEK_DATA`/`SEEK_HOLE`). Nothing is cached in the process, so several processes
+//! loading the stand-in (your program and nbdkit, say) see the same bytes and extents.
+//! `size=` and `seed=` are refused for them. `VixDiskLib_Create` makes a sparse file (or an
+//! in-memory disk) of the requested capacity; an existing one is `VIX_E_FILE_ALREADY_EXISTS`.
+//!
+//! # Failure switches
+//!
+//! Each makes one step fail with the VDDK error code you choose, so your error paths run
+//! against the same library calls as in production:
+//!
+//! | step | switch | error |
+//! |---|---|---|
+//! | login | `standin.password = PW` in the configuration | a remote ConnectEx with another password: `VIX_E_AUTHENTICATION_FAIL` (35) |
+//! | login | `standin.failConnectEx = CODE` | every ConnectEx: `CODE` |
+//! | prepare | `standin.failPrepareForAccess = CODE`, or an identity starting with `fail:` | PrepareForAccess: `CODE` (`VIX_E_FAIL` for `fail:`) |
+//! | cleanup | `standin.failCleanup = CODE` | Cleanup: `CODE` |
+//! | open | disk option `fail_open=CODE` | Open of that disk: `CODE` |
+//! | read | disk option `fail_read=SECTOR:CODE` | any read covering the sector, sync or async: `CODE` |
+//! | write | disk option `fail_write=SECTOR:CODE` | any write covering the sector: `CODE` |
+//! | flush, extents | `fail_flush=CODE`, `fail_query=CODE` | Flush, QueryAllocatedBlocks: `CODE` |
+//! | InitEx | `standin.failInitEx = CODE` | InitEx: `CODE` |
+//!
+//! `async_delay_us=N` completes asynchronous requests on a thread after that delay (otherwise
+//! they complete inside the call, as VDDK does for local files).
 //!
 //! # Configuration (the InitEx configuration file)
 //!
-//! `standin.statsFile = PATH` — after every call, write a JSON snapshot of the counters there;
-//! `standin.password = PW` — remote logins with another password fail with
-//! `VIX_E_AUTHENTICATION_FAIL`; `standin.logPassword = 1` — ConnectEx logs the password (so tests
-//! can check that the caller redacts it); `standin.transportModes = LIST`;
-//! `standin.failInitEx = CODE`; `standin.delayUs = N` — sleep inside Open/Close and I/O calls to
-//! widen the window in which overlapping calls (which VDDK forbids) are detected;
-//! `standin.fileDisks = 1` — local disks are files (above).
+//! Besides the switches above: `standin.statsFile = PATH` — after every call, write a JSON
+//! snapshot of the counters there (calls, rule violations, disks, PrepareForAccess/EndAccess
+//! per identity, ConnectEx parameters without the password); `standin.logPassword = 1` —
+//! ConnectEx logs the password (so tests can check that the caller redacts it);
+//! `standin.transportModes = LIST`; `standin.delayUs = N` — sleep inside Open/Close and I/O
+//! calls to widen the window in which overlapping calls (which VDDK forbids) are detected;
+//! `standin.logLongMessage = 1` — InitEx logs a 10 000-character message (to test a loader's
+//! message truncation; off by default, so the log stays quiet). Keys starting with `standin.`
+//! are known to `disk_transport::Config::check`, so they draw no unknown-key warning.
 //!
 //! # The minimal variant
 //!
@@ -86,6 +126,8 @@ extern "C" {
 
 #[derive(Debug, Clone, Default)]
 struct Faults {
+    /// `seed=PATH`: the file an in-memory disk's first contents are copied from.
+    seed: Option<String>,
     open: Option<u64>,
     read: Option<(u64, u64)>,
     write: Option<(u64, u64)>,
@@ -182,6 +224,19 @@ impl Global {
         self.config
             .get("standin.filedisks")
             .is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true"))
+    }
+
+    /// Where remote disks live as files (`standin.datastoreDir = DIR`), if anywhere.
+    fn datastore_dir(&self) -> Option<std::path::PathBuf> {
+        self.config
+            .get("standin.datastoredir")
+            .filter(|d| !d.is_empty())
+            .map(std::path::PathBuf::from)
+    }
+
+    /// The VixError a config switch `standin.<key> = CODE` asks a call to fail with.
+    fn fail_code(&self, key: &str) -> Option<VixError> {
+        self.config.get(key).and_then(|c| c.parse().ok())
     }
 
     fn call(&mut self, name: &'static str) {
@@ -347,6 +402,27 @@ fn parse_config(path: &str) -> std::io::Result<BTreeMap<String, String>> {
         .collect())
 }
 
+/// The file under `dir` that the remote disk `[datastore] folder/disk.vmdk` is:
+/// `dir/datastore/folder/disk.vmdk`. Anything else, and any `..`, is refused.
+fn datastore_file(dir: &std::path::Path, name: &str) -> Result<std::path::PathBuf, String> {
+    let (datastore, rest) = name
+        .strip_prefix('[')
+        .and_then(|n| n.split_once("] "))
+        .ok_or_else(|| {
+            format!("remote disk {name:?} is not named \"[datastore] folder/disk.vmdk\"")
+        })?;
+    let relative = std::path::Path::new(datastore).join(rest.trim_start_matches('/'));
+    let escapes = relative
+        .components()
+        .any(|c| !matches!(c, std::path::Component::Normal(_)));
+    if datastore.is_empty() || rest.is_empty() || escapes {
+        return Err(format!(
+            "remote disk {name:?} does not name a file inside the datastore directory"
+        ));
+    }
+    Ok(dir.join(relative))
+}
+
 /// The size of an in-memory disk opened without `size=`.
 const DEFAULT_SIZE: u64 = 1 << 20;
 
@@ -366,6 +442,7 @@ fn parse_disk_spec(path: &str) -> (String, Option<u64>, u32, Faults) {
         match k {
             "size" => size = v.parse().ok().or(size),
             "phys" => phys = v.parse().unwrap_or(phys),
+            "seed" => faults.seed = Some(v.to_owned()),
             "fail_open" => faults.open = v.parse().ok(),
             "fail_read" => faults.read = at(v),
             "fail_write" => faults.write = at(v),
@@ -503,6 +580,10 @@ pub unsafe extern "C" fn VixDiskLib_InitEx(
         g.initialised = true;
         VIX_OK
     });
+    let long_message = state()
+        .config
+        .get("standin.loglongmessage")
+        .is_some_and(|v| v == "1");
     if result == VIX_OK {
         let dir = CString::new(libdir.unwrap_or_default()).unwrap_or_default();
         let long = CString::new("x".repeat(10_000)).unwrap_or_default();
@@ -517,7 +598,9 @@ pub unsafe extern "C" fn VixDiskLib_InitEx(
                 dir.as_ptr(),
                 std::mem::size_of::<VixDiskLibConnectParams>() as c_ulong,
             );
-            standin_log(log, c"long message: %s".as_ptr(), long.as_ptr());
+            if long_message {
+                standin_log(log, c"long message: %s".as_ptr(), long.as_ptr());
+            }
         }
     }
     result
@@ -709,6 +792,9 @@ pub unsafe extern "C" fn VixDiskLib_ConnectEx(
                 }
             }
         }
+        if let Some(code) = g.fail_code("standin.failconnectex") {
+            return Err(code);
+        }
         g.connects.insert(
             p.vmx_spec.clone().unwrap_or_else(|| "local".to_owned()),
             json!({
@@ -828,14 +914,28 @@ pub unsafe extern "C" fn VixDiskLib_Open(
             return Err((code, g.warn, None));
         }
         let warn = g.warn;
-        if !remote && g.file_disks() {
-            // Like VDDK opening a local VMDK: the path names the file, and must be absolute.
+        // Like VDDK opening a local VMDK: the path names the file, and must be absolute. A
+        // remote disk is a file under the datastore directory, when there is one.
+        let file = if !remote && g.file_disks() {
             if !name.starts_with('/') {
                 let why = format!("local disk {name:?} is not an absolute path");
                 return Err((VIX_E_INVALID_ARG, warn, Some(why)));
             }
-            if size.is_some() {
-                let why = format!("size= given for the file-backed disk {name:?}");
+            Some(std::path::PathBuf::from(&name))
+        } else if remote {
+            match g.datastore_dir() {
+                Some(dir) => Some(
+                    datastore_file(&dir, &name)
+                        .map_err(|why| (VIX_E_FILE_NOT_FOUND, warn, Some(why)))?,
+                ),
+                None => None,
+            }
+        } else {
+            None
+        };
+        if let Some(file) = file {
+            if size.is_some() || faults.seed.is_some() {
+                let why = format!("size= or seed= given for the file-backed disk {name:?}");
                 return Err((VIX_E_INVALID_ARG, warn, Some(why)));
             }
             let reopen = match g.disks.get(&name) {
@@ -843,7 +943,7 @@ pub unsafe extern "C" fn VixDiskLib_Open(
                 Some(d) => !read_only && !d.store.writable(),
             };
             if reopen {
-                let store = Store::open_file(std::path::Path::new(&name), !read_only)
+                let store = Store::open_file(&file, !read_only)
                     .map_err(|(code, why)| (code, warn, Some(why)))?;
                 match g.disks.get_mut(&name) {
                     Some(d) => d.store = store,
@@ -853,10 +953,15 @@ pub unsafe extern "C" fn VixDiskLib_Open(
                 }
             }
         }
-        let disk = g
-            .disks
-            .entry(name.clone())
-            .or_insert_with(|| DiskData::new(Store::memory(size.unwrap_or(DEFAULT_SIZE)), phys));
+        if !g.disks.contains_key(&name) {
+            let store = match &faults.seed {
+                Some(seed) => Store::memory_seeded(std::path::Path::new(seed), size)
+                    .map_err(|(code, why)| (code, warn, Some(why)))?,
+                None => Store::memory(size.unwrap_or(DEFAULT_SIZE)),
+            };
+            g.disks.insert(name.clone(), DiskData::new(store, phys));
+        }
+        let disk = g.disks.get_mut(&name).expect("the disk was inserted above");
         *disk.counters.entry("opens").or_default() += 1;
         if read_only {
             *disk.counters.entry("read_only_opens").or_default() += 1;
@@ -1483,6 +1588,9 @@ pub unsafe extern "C" fn VixDiskLib_PrepareForAccess(
         if identity.starts_with("fail:") {
             return VIX_E_FAIL;
         }
+        if let Some(code) = g.fail_code("standin.failprepareforaccess") {
+            return code;
+        }
         g.access.entry(identity).or_default().0 += 1;
         VIX_OK
     })
@@ -1533,7 +1641,7 @@ pub unsafe extern "C" fn VixDiskLib_Cleanup(
     let code = with_state(|g| {
         g.call("VixDiskLib_Cleanup");
         match p {
-            Some(p) if p.vmx_spec.is_none() => VIX_OK,
+            Some(p) if p.vmx_spec.is_none() => g.fail_code("standin.failcleanup").unwrap_or(VIX_OK),
             _ => VIX_E_INVALID_ARG,
         }
     });

@@ -56,6 +56,46 @@ impl Store {
         }
     }
 
+    /// An in-memory disk holding a copy of the file at `path` (the seed), `size` bytes (the
+    /// file's size when `None`, rounded up to whole sectors); chunks of zeros stay unallocated.
+    /// The file is read once; the disk then lives in this process like any in-memory one.
+    pub(crate) fn memory_seeded(
+        path: &Path,
+        size: Option<u64>,
+    ) -> Result<Store, (VixError, String)> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                disk_transport::vddk::ffi::VIX_E_FILE_NOT_FOUND
+            } else {
+                VIX_E_FILE_ACCESS_ERROR
+            };
+            (
+                code,
+                format!("cannot read the seed {}: {e}", path.display()),
+            )
+        })?;
+        let size = size.unwrap_or((bytes.len() as u64).div_ceil(512) * 512);
+        if (bytes.len() as u64) > size {
+            return Err((
+                VIX_E_INVALID_ARG,
+                format!(
+                    "the seed {} holds {} bytes, more than size={size}",
+                    path.display(),
+                    bytes.len()
+                ),
+            ));
+        }
+        let mut store = Store::memory(size);
+        for (index, piece) in bytes.chunks(CHUNK as usize).enumerate() {
+            if piece.iter().any(|&b| b != 0) {
+                store
+                    .write(index as u64 * CHUNK, piece)
+                    .map_err(|code| (code, "cannot copy the seed".to_owned()))?;
+            }
+        }
+        Ok(store)
+    }
+
     /// Opens the file at `path` as a disk. VDDK's answers to what can go wrong: a missing file
     /// is `VIX_E_FILE_NOT_FOUND`, one that cannot be opened `VIX_E_FILE_ACCESS_ERROR`, one
     /// that is not a whole number of sectors `VIX_E_INVALID_ARG` (the text says which).
