@@ -328,7 +328,11 @@ fn errors_keep_the_vix_code_and_the_librarys_text() {
                 function.starts_with("VixDiskLib_Open(\"missing?fail_open=4\")"),
                 "{function}"
             );
-            assert_eq!(message, "stand-in: A file was not found (VixError 4)");
+            assert_eq!(message, "stand-in: A file was not found");
+            // The code appears once, with the hint for a missing file.
+            let text = err.to_string();
+            assert_eq!(text.matches("VixError").count(), 1, "{text}");
+            assert!(text.contains("[datastore] folder/disk.vmdk"), "{text}");
         }
         other => panic!("unexpected {other:?}"),
     }
@@ -783,6 +787,107 @@ fn cleanup_and_libdir_conflicts() {
         .unwrap();
     let t = VddkTransport::from_params(&same).unwrap();
     t.connect(&same).unwrap();
+    // A configuration file in the parameters that is not the one in force is an error at
+    // connect time too, not silently ignored; the one in force is fine.
+    let other_config = ConnectParams::builder()
+        .config_path(&other)
+        .build()
+        .unwrap();
+    let err = vddk.connect(&other_config).unwrap_err().to_string();
+    assert!(
+        err.contains("differs from the one VDDK was initialised with"),
+        "{err}"
+    );
+    let same_config = ConnectParams::builder()
+        .config_path(&fixture.config)
+        .build()
+        .unwrap();
+    vddk.connect(&same_config).unwrap();
+}
+
+#[test]
+fn close_and_disconnect_are_explicit_and_return_errors() {
+    let (fixture, vddk) = shared();
+    let connection = vddk.connect_vddk(&local_rw()).unwrap();
+    let disk = connection
+        .open_disk("explicit-close?size=65536", OpenFlags::read_write())
+        .unwrap();
+    disk.write_at(&[7; 512], 0).unwrap();
+    // Disconnecting with a disk open is refused (VDDK closes disks first); the connection lives
+    // on in the disk and ends when it closes.
+    let err = connection.disconnect().unwrap_err().to_string();
+    assert!(
+        err.contains("1 disks opened on this connection are still open"),
+        "{err}"
+    );
+    disk.close().unwrap();
+    let stats = fixture.stats();
+    assert_eq!(
+        count(&stats["disks"]["explicit-close"]["closes"]),
+        1,
+        "{stats}"
+    );
+
+    let connection = vddk.connect_vddk(&local_rw()).unwrap();
+    let disk = connection
+        .open_disk("explicit-close", OpenFlags::read_only())
+        .unwrap();
+    let mut sector = [0; 512];
+    disk.read_at(&mut sector, 0).unwrap();
+    assert_eq!(sector, [7; 512]);
+    disk.close().unwrap();
+    connection.disconnect().unwrap();
+    let stats = fixture.eventually(|s| count(&s["disks"]["explicit-close"]["closes"]) == 2);
+    assert_eq!(
+        count(&stats["disks"]["explicit-close"]["closes"]),
+        2,
+        "{stats}"
+    );
+    assert_eq!(
+        count(&stats["violations"]["disconnect_with_open_handles"]),
+        0
+    );
+    assert_eq!(
+        count(&stats["violations"]["bad_handle"]),
+        0,
+        "closed once, not again on drop"
+    );
+}
+
+#[test]
+fn seeded_memory_disks_hold_the_seed_files_bytes() {
+    let (fixture, vddk) = shared();
+    // A memory disk seeded from a file holds its bytes; zero chunks stay unallocated.
+    let seed = fixture.libdir.join("seed.img");
+    let mut seeded = vec![0u8; 256 * 1024];
+    seeded[128 * 1024..128 * 1024 + 1000].copy_from_slice(&pattern(1000, 9));
+    std::fs::write(&seed, &seeded).unwrap();
+    let connection = vddk.connect_vddk(&local_rw()).unwrap();
+    let disk = connection
+        .open_disk(
+            &format!("seeded?seed={}", seed.display()),
+            OpenFlags::read_only(),
+        )
+        .unwrap();
+    assert_eq!(disk.info().unwrap().capacity, 256 * 1024);
+    let mut back = vec![1u8; 256 * 1024];
+    disk.read_at(&mut back, 0).unwrap();
+    assert!(back == seeded);
+    let data: Vec<_> = disk
+        .allocated_extents(0, 256 * 1024)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == ExtentKind::Data)
+        .map(|e| (e.offset, e.length))
+        .collect();
+    assert_eq!(data, [(128 * 1024, 64 * 1024)]);
+    let err = connection
+        .open_disk(
+            "seed-missing?seed=/nonexistent/seed.img",
+            OpenFlags::read_only(),
+        )
+        .unwrap_err();
+    assert_eq!(err.vix_code(), Some(4), "{err}");
 }
 
 #[test]

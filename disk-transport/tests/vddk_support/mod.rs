@@ -94,6 +94,9 @@ pub struct Fixture {
     pub libdir: PathBuf,
     pub config: PathBuf,
     pub stats: PathBuf,
+    /// With [`with_datastores`](Self::with_datastores), `standin.datastoreDir`: remote disks
+    /// `[ds] dir/disk.vmdk` are the files `ds/dir/disk.vmdk` here.
+    pub datastores: PathBuf,
 }
 
 pub const PASSWORD: &str = "correct horse battery staple";
@@ -103,8 +106,18 @@ impl Fixture {
         Fixture::with_library(&standin_library(), "libvixDiskLib.so.8", extra_config)
     }
 
+    /// [`new`](Self::new) with `standin.datastoreDir` set to [`datastores`](Self::datastores):
+    /// remote disks are files there (none exists until a test puts it there).
+    pub fn with_datastores(extra_config: &str) -> Fixture {
+        Fixture::build(&standin_library(), "libvixDiskLib.so.8", extra_config, true)
+    }
+
     /// `library` laid out as `lib64/<soname>`.
     pub fn with_library(library: &Path, soname: &str, extra_config: &str) -> Fixture {
+        Fixture::build(library, soname, extra_config, false)
+    }
+
+    fn build(library: &Path, soname: &str, extra_config: &str, with_datastores: bool) -> Fixture {
         let dir = tempfile::Builder::new()
             .prefix("vddk-standin-")
             .tempdir()
@@ -115,6 +128,8 @@ impl Fixture {
         std::os::unix::fs::symlink(library, lib64.join(soname)).unwrap();
         let stats = dir.join("stats.json");
         let config = dir.join("vddk.conf");
+        let datastores = dir.join("datastores");
+        std::fs::create_dir_all(&datastores).unwrap();
         std::fs::write(
             &config,
             format!(
@@ -123,8 +138,13 @@ impl Fixture {
                  standin.statsFile = \"{}\"\n\
                  standin.password = \"{PASSWORD}\"\n\
                  standin.logPassword = 1\n\
-                 standin.delayUs = 200\n{extra_config}",
-                stats.display()
+                 standin.delayUs = 200\n{extra_config}{}",
+                stats.display(),
+                if with_datastores {
+                    format!("standin.datastoreDir = \"{}\"\n", datastores.display())
+                } else {
+                    String::new()
+                }
             ),
         )
         .unwrap();
@@ -132,6 +152,7 @@ impl Fixture {
             libdir: dir,
             config,
             stats,
+            datastores,
         }
     }
 
@@ -182,7 +203,8 @@ pub fn logs() -> &'static Mutex<Vec<(LogLevel, String)>> {
 pub fn shared() -> &'static (Fixture, Arc<VddkTransport>) {
     static SHARED: OnceLock<(Fixture, Arc<VddkTransport>)> = OnceLock::new();
     SHARED.get_or_init(|| {
-        let fixture = Fixture::new("");
+        // The 10 000-character InitEx message tests the loader's truncation (opt-in).
+        let fixture = Fixture::new("standin.logLongMessage = 1\n");
         let vddk = VddkTransport::new(&fixture.options()).expect("load the stand-in VDDK");
         (fixture, Arc::new(vddk))
     })
