@@ -357,6 +357,7 @@ pub fn vix_hint(code: u64) -> Option<&'static str> {
 
 /// Drops the ` (VixError N)` or `(N)` some libraries append to their text of `code`, so an
 /// error gives the code once.
+#[cfg_attr(not(all(feature = "vddk", unix)), allow(dead_code))]
 pub(crate) fn strip_vix_code(message: &str, code: u64) -> String {
     let message = message.trim();
     for masked in [code & 0xFFFF, code] {
