@@ -236,7 +236,7 @@ pub struct BlockdevCreateArgs {
 
 command! {
     /// `blockdev-create`: starts a job that creates an image. The job never dismisses
-    /// itself; [`crate::Jobs::run_job`] waits for it, returns its error and dismisses it.
+    /// itself; [`crate::MonitorExt::run_job`] waits for it, returns its error and dismisses it.
     BlockdevCreate = "blockdev-create" (BlockdevCreateArgs) -> Empty, since (3, 0)
 }
 

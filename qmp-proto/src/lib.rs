@@ -18,6 +18,8 @@ pub mod address;
 mod client;
 pub mod cmd;
 mod error;
+pub mod events;
+mod job;
 mod monitor;
 pub mod session;
 pub mod transport;
@@ -27,6 +29,7 @@ pub mod wire;
 pub use address::Address;
 pub use client::Client;
 pub use error::{Error, ErrorClass, Result};
+pub use job::JobOptions;
 #[cfg(feature = "mock")]
 #[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
 pub use monitor::MockMonitor;

@@ -6,7 +6,9 @@ use serde_json::Value;
 
 use crate::cmd::Command;
 use crate::error::{Error, Result};
+use crate::job::JobOptions;
 use crate::session::{EventFilter, SubscriptionId};
+use crate::types::JobInfo;
 use crate::wire::{Event, Greeting};
 
 /// A connection to a QEMU monitor in command mode: raw commands and event subscriptions.
@@ -133,6 +135,27 @@ pub trait MonitorExt: Monitor {
         check_command::<C>(self.greeting(), args)?;
         let reply = self.execute_with_timeout(C::NAME, encode_arguments::<C>(args)?, timeout)?;
         decode(C::NAME, reply)
+    }
+
+    /// Starts job `job` with `start` (a `blockdev-backup`, `blockdev-create`, a
+    /// `transaction` ...) and follows it to its end from the events (`JOB_STATUS_CHANGE`,
+    /// `BLOCK_JOB_*`), finalizing and dismissing it as `options` say. The events are
+    /// subscribed to before `start` runs, so none is missed however fast the job is.
+    ///
+    /// Returns the job's last `query-jobs` entry (`None` when it dismissed itself), or the
+    /// job's own error ([`Error::JobFailed`], with `query-jobs`' `error` text),
+    /// [`Error::JobCancelled`], or [`Error::JobTimeout`] when it outlives `options.timeout`.
+    fn run_job<F>(&mut self, job: &str, options: &JobOptions, start: F) -> Result<Option<JobInfo>>
+    where
+        F: FnOnce(&mut Self) -> Result<()>,
+    {
+        crate::job::run_job(self, job, options, start)
+    }
+
+    /// Cancels block job `job` (`block-job-cancel` with `force`), waits until it has
+    /// concluded and dismisses it.
+    fn cancel_block_job(&mut self, job: &str, options: &JobOptions) -> Result<()> {
+        crate::job::cancel_block_job(self, job, options)
     }
 }
 

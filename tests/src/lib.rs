@@ -14,6 +14,7 @@ use std::path::PathBuf;
 
 pub mod disk;
 pub mod peers;
+pub mod qemu;
 pub mod qga;
 pub mod tls;
 
