@@ -210,6 +210,16 @@ pub enum Error {
         /// What to do about it.
         hint: String,
     },
+    /// A disk image is not of the format its name or URI says, is damaged, or uses a feature
+    /// this crate does not implement (qcow2: an external data file, extended L2 entries, zstd,
+    /// encryption, a dirty or corrupt bit). Nothing was read from or written to it.
+    #[error("{path}: {reason}")]
+    Format {
+        /// The image file.
+        path: String,
+        /// What is wrong, and what to do where something can be done.
+        reason: String,
+    },
     /// A failure injected by the [`memory`](crate::memory) fake.
     #[error("injected {op} failure at offset {offset}")]
     Injected {

@@ -24,7 +24,8 @@ use crate::{Disk, Error, OpenFlags, Result};
 /// source can be read.
 pub const NULL_SINK: &str = "null:";
 
-/// Opens the disk `uri` names: `file:///path` or a path, `nbd://`, `nbd+unix://`, `nbds://`,
+/// Opens the disk `uri` names: `file:///path` or a path, a qcow2 image (`NAME.qcow2`,
+/// `qcow2:NAME`), `nbd://`, `nbd+unix://`, `nbds://`,
 /// `nbds+unix://`, `mem://NAME?size=SIZE`, `null:?size=SIZE`, `vddk://…` (the password of a
 /// user comes from [`VDDK_PASSWORD_ENV`]). `flags.read_only` opens read-only.
 ///
@@ -57,7 +58,7 @@ pub fn open_uri(uri: &str, flags: OpenFlags) -> Result<Box<dyn Disk>> {
 }
 
 /// Opens `uri` for writing, creating it as a sparse file of `size` bytes when it names a file
-/// that does not exist; `null:` is a [`NullDisk`](crate::null::NullDisk) of `size` bytes.
+/// that does not exist (a qcow2 image with 64 KiB clusters when it names one); `null:` is a [`NullDisk`](crate::null::NullDisk) of `size` bytes.
 /// Returns the disk and whether it reads as zeros (created, or the null sink), so a copy may
 /// skip writing zeros.
 pub fn open_or_create(uri: &str, size: u64) -> Result<(Box<dyn Disk>, bool)> {
@@ -72,8 +73,65 @@ pub fn open_or_create(uri: &str, size: u64) -> Result<(Box<dyn Disk>, bool)> {
             let disk = crate::file::FileDisk::create(&path, size)?;
             Ok((Box::new(disk), true))
         }
+        #[cfg(feature = "qcow2")]
+        DiskUri::Qcow2 { path } if !path.exists() => {
+            let disk =
+                crate::qcow2::Qcow2Disk::create(&path, &crate::qcow2::CreateOptions::new(size))?;
+            Ok((Box::new(disk), true))
+        }
         parsed => Ok((parsed.open(OpenFlags::read_write())?, false)),
     }
+}
+
+/// Creates the qcow2 image `uri` (a `.qcow2` name or a `qcow2:` URI; it must not exist) of
+/// `size` bytes on top of the backing image `backing` (a `.qcow2` or `qcow2:` name is a qcow2
+/// image, anything else raw): an incremental backup holding only what gets written to it.
+///
+/// The backing name goes into the header relative to the new image's directory when the
+/// backing file lies in it or below (the chain can move as one directory), absolute otherwise.
+#[cfg(feature = "qcow2")]
+pub fn create_overlay(uri: &str, size: u64, backing: &str) -> Result<crate::qcow2::Qcow2Disk> {
+    use crate::qcow2::{BackingFormat, CreateOptions, Qcow2Disk};
+    let DiskUri::Qcow2 { path } = uri.parse::<DiskUri>()? else {
+        return Err(Error::InvalidUri {
+            uri: uri.to_owned(),
+            reason: "an image with a backing file is a qcow2 image: name it NAME.qcow2 or \
+                qcow2:NAME"
+                .into(),
+        });
+    };
+    let (backing_path, format) = match backing.parse::<DiskUri>()? {
+        DiskUri::Qcow2 { path } => (path, BackingFormat::Qcow2),
+        DiskUri::File { path, .. } => (path, BackingFormat::Raw),
+        _ => {
+            return Err(Error::InvalidUri {
+                uri: backing.to_owned(),
+                reason: "a backing file is a local qcow2 or raw image".into(),
+            })
+        }
+    };
+    let absolute = std::fs::canonicalize(&backing_path).map_err(|e| {
+        Error::io(
+            format!("open backing file {}", backing_path.display()),
+            None,
+            e,
+        )
+    })?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let dir = std::fs::canonicalize(dir)
+        .map_err(|e| Error::io(format!("open directory {}", dir.display()), None, e))?;
+    let name = match absolute.strip_prefix(&dir) {
+        Ok(relative) => relative.to_path_buf(),
+        Err(_) => absolute.clone(),
+    };
+    let name = name.to_str().ok_or_else(|| Error::InvalidUri {
+        uri: backing.to_owned(),
+        reason: "the backing file's path is not UTF-8".into(),
+    })?;
+    Qcow2Disk::create(&path, &CreateOptions::new(size).backing(name, format))
 }
 
 /// Returns `uri` asking for up to `connections` NBD connections when it is an NBD URI that
@@ -176,6 +234,23 @@ impl DiskUri {
                     let _ = (path, direct);
                     Err(Error::Unsupported(
                         "file:// (disk-transport was built without the `file` feature)".into(),
+                    ))
+                }
+            }
+            DiskUri::Qcow2 { path } => {
+                #[cfg(feature = "qcow2")]
+                {
+                    Ok(Box::new(crate::qcow2::Qcow2Disk::open(
+                        path,
+                        flags.read_only,
+                    )?))
+                }
+                #[cfg(not(feature = "qcow2"))]
+                {
+                    let _ = path;
+                    Err(Error::Unsupported(
+                        "qcow2 images (disk-transport was built without the `qcow2` feature)"
+                            .into(),
                     ))
                 }
             }

@@ -77,6 +77,7 @@
 //! | sink | [`null`] | nothing (like nbdcopy's `null:`) | all holes |
 //! | raw files, block devices | `file` | local paths, optionally `O_DIRECT` | `SEEK_DATA`/`SEEK_HOLE` |
 //! | NBD client | `nbd` | qemu-nbd, nbdkit, qemu's NBD server, ... | `base:allocation`, `qemu:dirty-bitmap:*` |
+//! | qcow2 images | `qcow2` | local `.qcow2` files and their backing chains | L1/L2 tables (data, zero, backing) |
 //! | VDDK | `vddk` | vSphere (SAN, HotAdd, NBD/NBDSSL) and local VMDKs | `QueryAllocatedBlocks` |
 //!
 //! Copies between any two of them go through [`copy::copy`] (whole disks),
@@ -97,6 +98,8 @@
 //!
 //! - `nbd` (default): `disk_transport::nbd`, a pure-Rust NBD client.
 //! - `file` (default): `disk_transport::file`, raw image files with `O_DIRECT` and `SEEK_DATA`/`SEEK_HOLE`.
+//! - `qcow2` (default): `disk_transport::qcow2`, qcow2 images (create, read, write, backing
+//!   chains, compressed reads), on the spec; pulls in `miniz_oxide` for compressed clusters.
 //! - `vddk` (default): `disk_transport::vddk`, VMware VDDK (`libvixDiskLib.so`) loaded at run time;
 //!   nothing is linked, so it builds everywhere.
 //! - `mock`: mockall mocks of the traits (`MockDiskTransport`, `MockConnection`, `MockDisk`).
@@ -131,6 +134,9 @@ pub mod file;
 #[cfg(feature = "nbd")]
 #[cfg_attr(docsrs, doc(cfg(feature = "nbd")))]
 pub mod nbd;
+#[cfg(feature = "qcow2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "qcow2")))]
+pub mod qcow2;
 #[cfg(feature = "tls")]
 mod tls;
 #[cfg(all(feature = "vddk", unix))]

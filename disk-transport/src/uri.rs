@@ -4,6 +4,8 @@
 //! |---|---|
 //! | `mem://NAME?size=1G` | [`memory`](crate::memory): the process-wide disk `NAME`, created with `size` on first use |
 //! | `file:///path/disk.img`, `/path/disk.img`, `disk.img` | `file`; `?direct=1` opens with `O_DIRECT` |
+//! | `disk.qcow2`, `file:///path/disk.qcow2`, `qcow2:NAME`, `qcow2:file:///NAME` | `qcow2`: a qcow2 image; a name ending in `.qcow2` is one, `qcow2:` says so for any name |
+//! | `raw:NAME`, `raw:file:///NAME` | `file`: a raw image whatever its name (`raw:backup.qcow2`) |
 //! | `null:` | [`null`](crate::null): discards writes, reads zeros (as nbdcopy's `null:`) |
 //! | `vddk://USER@SERVER[:PORT]/DISK?vm=moref=vm-16&...`, `vddk:///path/local.vmdk` | `vddk` (see [`VddkUri`]) |
 //! | `nbd://HOST[:PORT]/[EXPORT]` | `nbd` over TCP (port 10809 by default), as libnbd writes it |
@@ -24,6 +26,10 @@
 //! only when the server advertises it). Any other parameter is an error that names it, and so is
 //! a TLS parameter on a plaintext `nbd` URI: a URI never means less than it says.
 //! `nbd+vsock://` is recognised and refused with a clear error.
+//!
+//! The format of a local image comes from its name or URI, never from its contents: a raw
+//! image whose guest wrote a qcow2 header into its first sector stays raw (the classic
+//! format-probing hole), and a `.qcow2` name on a file that is not qcow2 is an error.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -256,6 +262,11 @@ pub enum DiskUri {
         /// Open with `O_DIRECT`.
         direct: bool,
     },
+    /// A qcow2 image: a path or `file://` URI ending in `.qcow2`, or `qcow2:NAME`.
+    Qcow2 {
+        /// Path of the image.
+        path: PathBuf,
+    },
     /// `nbd://`, `nbd+unix://`, `nbds://` or `nbds+unix://`.
     Nbd {
         /// The server.
@@ -369,6 +380,49 @@ impl std::str::FromStr for DiskUri {
             let size = size_parameter(uri, query_pairs(uri, query)?)?;
             return Ok(DiskUri::Null { size });
         }
+        if let Some(rest) = uri.strip_prefix("qcow2:") {
+            return match rest.parse::<DiskUri>() {
+                Ok(DiskUri::File {
+                    path,
+                    direct: false,
+                })
+                | Ok(DiskUri::Qcow2 { path }) => Ok(DiskUri::Qcow2 { path }),
+                Ok(DiskUri::File { direct: true, .. }) => Err(invalid(
+                    uri,
+                    "qcow2 images are opened through the page cache (no direct=1)",
+                )),
+                _ => Err(invalid(uri, "qcow2: takes a path or a file:/// URI")),
+            };
+        }
+        if let Some(rest) = uri.strip_prefix("raw:") {
+            return match rest.parse::<DiskUri>() {
+                Ok(DiskUri::Qcow2 { path }) => Ok(DiskUri::File {
+                    path,
+                    direct: false,
+                }),
+                Ok(file @ DiskUri::File { .. }) => Ok(file),
+                _ => Err(invalid(uri, "raw: takes a path or a file:/// URI")),
+            };
+        }
+        let parsed = Self::parse_any(uri)?;
+        match parsed {
+            DiskUri::File { path, direct } if is_qcow2_name(&path) => {
+                if direct {
+                    return Err(invalid(
+                        uri,
+                        "qcow2 images are opened through the page cache (no direct=1)",
+                    ));
+                }
+                Ok(DiskUri::Qcow2 { path })
+            }
+            other => Ok(other),
+        }
+    }
+}
+
+impl DiskUri {
+    /// Parses every form but the format prefixes and the `.qcow2` rule.
+    fn parse_any(uri: &str) -> Result<Self> {
         // A path: absolute, or relative as people type it on a command line (`disk.img`).
         // Anything with a colon before its first slash is meant as a URI.
         let looks_like_uri = uri
@@ -639,6 +693,31 @@ fn format_seconds(duration: Duration) -> String {
     text
 }
 
+/// Whether a local image is qcow2 by its name.
+fn is_qcow2_name(path: &std::path::Path) -> bool {
+    path.extension().is_some_and(|e| e == "qcow2")
+}
+
+/// A local path as a `file://` URI (absolute) or as itself (relative; `./` before it when it
+/// would read as something else), without the format rule of names.
+fn write_file_form(f: &mut fmt::Formatter<'_>, path: &std::path::Path, direct: bool) -> fmt::Result {
+    let text = path.to_string_lossy();
+    if path.is_absolute() {
+        write!(f, "file://{}", percent_encode(&text, b"/"))?;
+        if direct {
+            f.write_str("?direct=1")?;
+        }
+        Ok(())
+    } else if matches!(DiskUri::parse_any(&text), Ok(DiskUri::File { path: p, direct: false }) if p == path)
+        && !text.starts_with("qcow2:")
+        && !text.starts_with("raw:")
+    {
+        f.write_str(&text)
+    } else {
+        write!(f, "./{text}")
+    }
+}
+
 /// Builds a URI's `?key=value&...` tail (nothing when there are no pairs).
 fn write_query(f: &mut fmt::Formatter<'_>, pairs: &[(&str, String)]) -> fmt::Result {
     for (i, (key, value)) in pairs.iter().enumerate() {
@@ -681,18 +760,16 @@ impl fmt::Display for DiskUri {
                 write_query(f, size.as_slice())
             }
             DiskUri::File { path, direct } => {
-                let text = path.to_string_lossy();
-                if path.is_absolute() {
-                    write!(f, "file://{}", percent_encode(&text, b"/"))?;
-                    if *direct {
-                        f.write_str("?direct=1")?;
-                    }
-                    Ok(())
-                } else if text.parse::<DiskUri>().ok().as_ref() == Some(self) {
-                    f.write_str(&text)
-                } else {
-                    write!(f, "./{text}")
+                if is_qcow2_name(path) {
+                    f.write_str("raw:")?;
                 }
+                write_file_form(f, path, *direct)
+            }
+            DiskUri::Qcow2 { path } => {
+                if !is_qcow2_name(path) {
+                    f.write_str("qcow2:")?;
+                }
+                write_file_form(f, path, false)
             }
             DiskUri::Nbd {
                 address,
@@ -815,6 +892,25 @@ impl DiskUri {
         DiskUri::File {
             path: path.into(),
             direct: false,
+        }
+    }
+
+    /// A qcow2 image (`qcow2:PATH`, or the path as it is when it ends in `.qcow2`).
+    pub fn qcow2(path: impl Into<PathBuf>) -> Self {
+        DiskUri::Qcow2 { path: path.into() }
+    }
+
+    /// A local image by its name: qcow2 when it ends in `.qcow2`, else raw ([`DiskUri::file`]).
+    /// Its contents are never looked at.
+    pub fn local(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        if is_qcow2_name(&path) {
+            DiskUri::Qcow2 { path }
+        } else {
+            DiskUri::File {
+                path,
+                direct: false,
+            }
         }
     }
 
@@ -942,7 +1038,8 @@ struct NbdSettings<'a> {
 }
 
 /// What names a disk: a URI string (parsed as [`DiskUri`] parses it), a filesystem path
-/// (always a file, however it is spelled: a `Path` is never read as a URI), or a `DiskUri`.
+/// (always a local image, however it is spelled: a `Path` is never read as a URI; qcow2 when
+/// its name ends in `.qcow2`, see [`DiskUri::local`]), or a `DiskUri`.
 /// [`factory::open`](crate::factory::open) and `vmsdk::disk::open` take any of them.
 pub trait IntoDiskUri {
     /// The parsed URI.
@@ -982,19 +1079,19 @@ impl IntoDiskUri for &String {
 
 impl IntoDiskUri for &std::path::Path {
     fn into_disk_uri(self) -> Result<DiskUri> {
-        Ok(DiskUri::file(self))
+        Ok(DiskUri::local(self))
     }
 }
 
 impl IntoDiskUri for PathBuf {
     fn into_disk_uri(self) -> Result<DiskUri> {
-        Ok(DiskUri::file(self))
+        Ok(DiskUri::local(self))
     }
 }
 
 impl IntoDiskUri for &PathBuf {
     fn into_disk_uri(self) -> Result<DiskUri> {
-        Ok(DiskUri::file(self.as_path()))
+        Ok(DiskUri::local(self.as_path()))
     }
 }
 
@@ -1110,6 +1207,11 @@ mod display_tests {
             ("/[ -~é]{1,20}", any::<bool>())
                 .prop_map(|(path, direct)| DiskUri::File { path: PathBuf::from(path), direct }),
             proptest::option::of(any::<u64>()).prop_map(|size| DiskUri::Null { size }),
+            ("/[ -~é]{1,12}(\\.qcow2)?", any::<bool>()).prop_map(|(path, qcow2)| if qcow2 {
+                DiskUri::qcow2(path)
+            } else {
+                DiskUri::file(path)
+            }),
         ]) {
             let text = uri.to_string();
             prop_assert_eq!(text.parse::<DiskUri>().unwrap(), uri, "{}", text);
