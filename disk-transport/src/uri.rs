@@ -700,7 +700,11 @@ fn is_qcow2_name(path: &std::path::Path) -> bool {
 
 /// A local path as a `file://` URI (absolute) or as itself (relative; `./` before it when it
 /// would read as something else), without the format rule of names.
-fn write_file_form(f: &mut fmt::Formatter<'_>, path: &std::path::Path, direct: bool) -> fmt::Result {
+fn write_file_form(
+    f: &mut fmt::Formatter<'_>,
+    path: &std::path::Path,
+    direct: bool,
+) -> fmt::Result {
     let text = path.to_string_lossy();
     if path.is_absolute() {
         write!(f, "file://{}", percent_encode(&text, b"/"))?;
@@ -1424,6 +1428,39 @@ mod tests {
             let err = uri.parse::<DiskUri>().unwrap_err().to_string();
             assert!(err.contains(needle), "{uri}: {err}");
         }
+    }
+
+    #[test]
+    fn formats_come_from_names_and_prefixes() {
+        let qcow2 = |p: &str| DiskUri::Qcow2 { path: p.into() };
+        let raw = |p: &str| DiskUri::File {
+            path: p.into(),
+            direct: false,
+        };
+        for (text, want) in [
+            ("backup.qcow2", qcow2("backup.qcow2")),
+            ("/b/full.qcow2", qcow2("/b/full.qcow2")),
+            ("file:///b/full.qcow2", qcow2("/b/full.qcow2")),
+            ("qcow2:disk.img", qcow2("disk.img")),
+            ("qcow2:file:///b/disk.img", qcow2("/b/disk.img")),
+            ("qcow2:x.qcow2", qcow2("x.qcow2")),
+            ("raw:backup.qcow2", raw("backup.qcow2")),
+            ("raw:file:///b/x.qcow2", raw("/b/x.qcow2")),
+            ("backup.qcow2.img", raw("backup.qcow2.img")),
+        ] {
+            assert_eq!(text.parse::<DiskUri>().unwrap(), want, "{text}");
+            assert_eq!(want.to_string().parse::<DiskUri>().unwrap(), want, "{text}");
+        }
+        for bad in [
+            "qcow2:",
+            "qcow2:nbd://h/x",
+            "file:///b/x.qcow2?direct=1",
+            "qcow2:mem://x",
+        ] {
+            assert!(bad.parse::<DiskUri>().is_err(), "{bad}");
+        }
+        assert_eq!(DiskUri::local("a/b.qcow2"), qcow2("a/b.qcow2"));
+        assert_eq!(DiskUri::local("a/b.img"), raw("a/b.img"));
     }
 
     #[test]
