@@ -47,7 +47,12 @@ const TEST_PEERS: &[(&str, &str)] = &[
 ];
 
 /// Crates with a cargo-fuzz package of their own, outside the workspace.
-const FUZZ_DIRS: &[&str] = &["guest-stats/fuzz", "qga-proto/fuzz", "disk-transport/fuzz"];
+const FUZZ_DIRS: &[&str] = &[
+    "guest-stats/fuzz",
+    "qga-proto/fuzz",
+    "disk-transport/fuzz",
+    "qmp-proto/fuzz",
+];
 
 /// Seconds each fuzz target runs in `cargo xtask ci`...
 const CI_FUZZ_SECONDS: u32 = 20;
