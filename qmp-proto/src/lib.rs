@@ -15,6 +15,8 @@
 mod macros;
 
 pub mod address;
+#[cfg(feature = "tokio")]
+mod async_client;
 mod client;
 pub mod cmd;
 mod error;
@@ -27,6 +29,9 @@ pub mod types;
 pub mod wire;
 
 pub use address::Address;
+#[cfg(feature = "tokio")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
+pub use async_client::{AsyncClient, AsyncStream, EventStream};
 pub use client::Client;
 pub use error::{Error, ErrorClass, Result};
 pub use job::JobOptions;

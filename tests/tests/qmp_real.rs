@@ -500,3 +500,87 @@ fn backup_job_sync_none_cancel_and_dismiss() {
         );
     });
 }
+
+#[test]
+fn async_client_runs_calls_together_and_streams_events() {
+    for_each_generation(&["qemu-system-x86_64"], |generation| {
+        let Some(qemu) = Qemu::start_in(generation) else {
+            return;
+        };
+        eprintln!("running against {}", qemu.version());
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let client = qmp_proto::AsyncClient::connect(&qemu.address(), config())
+                    .await
+                    .unwrap();
+                let mut run_state = client
+                    .subscribe(EventFilter::names(["STOP", "RESUME"]))
+                    .await
+                    .unwrap();
+                let flat = QueryNamedBlockNodesArgs::flat();
+                let (status, version, nodes, jobs) = tokio::join!(
+                    client.call::<QueryStatus>(&()),
+                    client.call::<QueryVersion>(&()),
+                    client.call::<QueryNamedBlockNodes>(&flat),
+                    client.call::<QueryJobs>(&()),
+                );
+                assert_eq!(status.unwrap().status, RunState::Prelaunch);
+                assert_eq!(version.unwrap(), client.greeting().version);
+                assert!(nodes.unwrap().is_empty());
+                assert!(jobs.unwrap().is_empty());
+                client.call::<Cont>(&()).await.unwrap();
+                client.call::<Stop>(&()).await.unwrap();
+                let mut seen = Vec::new();
+                for _ in 0..2 {
+                    let event = run_state
+                        .next(Duration::from_secs(5))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    seen.push(event.event);
+                }
+                assert_eq!(seen, ["RESUME", "STOP"]);
+                let err = client
+                    .execute("no-such-command", None, None)
+                    .await
+                    .unwrap_err();
+                assert_eq!(err.class(), Some(&ErrorClass::CommandNotFound));
+            });
+    });
+}
+
+#[test]
+fn run_job_finalizes_a_pending_backup_and_returns_its_info() {
+    with_each_qemu(|_qemu, client| {
+        client
+            .call::<BlockdevAdd>(&BlockdevOptions::null_co("source", 8 << 20))
+            .unwrap();
+        client
+            .call::<BlockdevAdd>(&BlockdevOptions::null_co("target", 8 << 20))
+            .unwrap();
+        // auto-finalize off: the job waits in `pending` until the helper finalizes it.
+        let info = client
+            .run_job(
+                "full",
+                &JobOptions::default().timeout(Duration::from_secs(60)),
+                |m| {
+                    m.call::<BlockdevBackup>(
+                        &BlockdevBackupArgs::new("full", "source", "target", SyncMode::Full)
+                            .auto_finalize(false)
+                            .auto_dismiss(false),
+                    )
+                    .map(drop)
+                },
+            )
+            .unwrap()
+            .expect("a job without auto-dismiss stays listed until dismissed");
+        assert_eq!(info.kind, JobType::Backup);
+        assert_eq!(info.status, JobStatus::Concluded);
+        assert_eq!(info.current_progress, info.total_progress);
+        assert_eq!(info.error, None);
+        assert!(client.call::<QueryJobs>(&()).unwrap().is_empty());
+    });
+}
