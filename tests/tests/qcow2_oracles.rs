@@ -587,3 +587,241 @@ proptest! {
         prop_assert_eq!(our_map(&image), qemu_map(g, &image));
     }
 }
+
+#[test]
+fn writes_into_images_qemu_img_made_keep_them_consistent() {
+    for_each_generation(&["qemu-img", "qemu-io"], |g| {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let size = 8 * MIB;
+        let raw = d.join("source.raw");
+        let mut content = random_bytes(size as usize, 11);
+        for (i, b) in content[..4 * MIB as usize].iter_mut().enumerate() {
+            *b = b"compressible "[i % 13];
+        }
+        std::fs::write(&raw, &content).unwrap();
+        let cases: [(&str, &[&str]); 4] = [
+            // Compressed clusters rewritten (copy-on-write into new clusters).
+            ("compressed", &["convert", "-c", "-f", "raw", "-O", "qcow2"]),
+            // 512-byte clusters: the refcount table must grow while we write.
+            (
+                "tiny",
+                &[
+                    "convert",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    "cluster_size=512",
+                ],
+            ),
+            // Version 2: no zero flag.
+            (
+                "v2",
+                &["convert", "-f", "raw", "-O", "qcow2", "-o", "compat=0.10"],
+            ),
+            // 1-bit refcounts.
+            (
+                "refbits1",
+                &[
+                    "convert",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    "refcount_bits=1",
+                ],
+            ),
+        ];
+        for (name, convert) in cases {
+            let image = d.join(format!("{name}.qcow2"));
+            let mut args = convert.to_vec();
+            args.extend([raw.to_str().unwrap(), image.to_str().unwrap()]);
+            qemu_img_ok(g, &args);
+            let model = d.join(format!("{name}.model"));
+            std::fs::copy(&raw, &model).unwrap();
+            let disk = Qcow2Disk::open_read_write(&image).unwrap();
+            let bytes = random_bytes(3 * MIB as usize + 16, 99);
+            for (at, from, len) in [
+                (777u64, 0usize, 100_000usize),
+                (2 * MIB, 5, 3 * MIB as usize),
+                (6 * MIB + 3, 1, 65_536),
+            ] {
+                disk.write_at(&bytes[from..from + len], at).unwrap();
+                write_raw(&model, &bytes[from..from + len], at);
+            }
+            disk.write_zeroes(MIB + 4096, 2 * MIB).unwrap();
+            write_raw(&model, &vec![0u8; 2 * MIB as usize], MIB + 4096);
+            disk.flush().unwrap();
+            assert_eq!(read_all(&disk), std::fs::read(&model).unwrap(), "{name}");
+            drop(disk);
+            check(g, &image);
+            compare_with_raw(g, &image, &model);
+            assert_same_map(g, &image);
+        }
+
+        // An empty image with 512-byte clusters, whose one-cluster refcount table covers
+        // 8 MiB of file: writing 20 MiB moves the table twice.
+        let grow = d.join("grow.qcow2");
+        qemu_img_ok(
+            g,
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=512",
+                grow.to_str().unwrap(),
+                "32M",
+            ],
+        );
+        let table_before = refcount_table_offset(&grow);
+        let disk = Qcow2Disk::open_read_write(&grow).unwrap();
+        let bytes = random_bytes(20 * MIB as usize, 5);
+        for (i, chunk) in bytes.chunks(MIB as usize).enumerate() {
+            disk.write_at(chunk, 4096 + i as u64 * MIB).unwrap();
+        }
+        disk.flush().unwrap();
+        drop(disk);
+        assert_ne!(
+            refcount_table_offset(&grow),
+            table_before,
+            "the refcount table moved"
+        );
+        check(g, &grow);
+        let mut model = vec![0u8; 32 * MIB as usize];
+        model[4096..4096 + bytes.len()].copy_from_slice(&bytes);
+        assert_eq!(qemu_raw(g, &grow, d), model);
+
+        // A v2 overlay over a backing file: zeroing writes zeros (there is no zero flag).
+        let base = d.join("base.qcow2");
+        qemu_img_ok(
+            g,
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                raw.to_str().unwrap(),
+                base.to_str().unwrap(),
+            ],
+        );
+        let overlay = d.join("over-v2.qcow2");
+        qemu_img_ok(
+            g,
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "compat=0.10",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                overlay.to_str().unwrap(),
+            ],
+        );
+        let disk = Qcow2Disk::open_read_write(&overlay).unwrap();
+        disk.write_zeroes(0, 3 * MIB).unwrap();
+        disk.trim(4 * MIB, MIB).unwrap(); // a hint a v2 overlay cannot take: nothing changes
+        let mut model = content.clone();
+        model[..3 * MIB as usize].fill(0);
+        disk.flush().unwrap();
+        assert_eq!(read_all(&disk), model);
+        drop(disk);
+        check(g, &overlay);
+        assert_same_map(g, &overlay);
+        assert_eq!(qemu_raw(g, &overlay, d), model);
+    });
+}
+
+fn refcount_table_offset(image: &Path) -> u64 {
+    let mut field = [0u8; 8];
+    std::fs::File::open(image)
+        .unwrap()
+        .read_exact_at(&mut field, 48)
+        .unwrap();
+    u64::from_be_bytes(field)
+}
+
+#[test]
+fn a_writable_open_drops_persistent_bitmaps_and_refuses_what_it_cannot_write() {
+    for_each_generation(&["qemu-img"], |g| {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let image = d.join("bitmaps.qcow2");
+        qemu_img_ok(g, &["create", "-f", "qcow2", image.to_str().unwrap(), "4M"]);
+        qemu_img_ok(
+            g,
+            &[
+                "bitmap",
+                "--add",
+                "-f",
+                "qcow2",
+                image.to_str().unwrap(),
+                "b0",
+            ],
+        );
+        let disk = Qcow2Disk::open_read_write(&image).unwrap();
+        disk.write_at(&[1u8; 4096], 0).unwrap();
+        disk.flush().unwrap();
+        drop(disk);
+        check(g, &image);
+        let info = qemu_img_ok(
+            g,
+            &[
+                "info",
+                "--output=json",
+                "-f",
+                "qcow2",
+                image.to_str().unwrap(),
+            ],
+        );
+        let info: Value = serde_json::from_str(&info).unwrap();
+        let bitmaps = &info["format-specific"]["data"]["bitmaps"];
+        assert!(
+            bitmaps.as_array().is_none_or(|b| b.is_empty()),
+            "bitmaps are dropped, not left half-maintained: {info}"
+        );
+
+        // Internal snapshots: read-only only.
+        let snap = d.join("snap.qcow2");
+        qemu_img_ok(g, &["create", "-f", "qcow2", snap.to_str().unwrap(), "4M"]);
+        qemu_img_ok(g, &["snapshot", "-c", "s1", snap.to_str().unwrap()]);
+        assert!(Qcow2Disk::open_read_only(&snap).is_ok());
+        let err = Qcow2Disk::open_read_write(&snap).unwrap_err().to_string();
+        assert!(err.contains("snapshots"), "{err}");
+
+        // Features we do not implement are refused by name, never half-read.
+        for (option, word) in [
+            ("compression_type=zstd", "zstd"),
+            ("extended_l2=on", "extended L2"),
+            ("data_file=ext.raw", "external data file"),
+        ] {
+            let path = d.join(format!("{}.qcow2", option.split('=').next().unwrap()));
+            let (out, err, code) = run(
+                g,
+                "qemu-img",
+                &[
+                    "create",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    option,
+                    path.to_str().unwrap(),
+                    "4M",
+                ],
+            );
+            if code != 0 {
+                eprintln!("qemu-img ({g}) cannot make {option}: {out}{err}");
+                continue;
+            }
+            let got = Qcow2Disk::open_read_only(&path).unwrap_err().to_string();
+            assert!(got.contains(word), "{option}: {got}");
+        }
+    });
+}

@@ -38,7 +38,7 @@ const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 /// Header extension: feature name table.
 const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
 /// Header extension: persistent bitmaps.
-const EXT_BITMAPS: u32 = 0x2385_2875;
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
 /// Header extension: external data file name.
 const EXT_DATA_FILE: u32 = 0x4441_5441;
 
@@ -81,8 +81,72 @@ pub struct Header {
     pub backing_file: Option<String>,
     /// The backing file's format from the backing format extension.
     pub backing_format: Option<String>,
-    /// Whether a bitmaps extension is present.
-    pub has_bitmaps: bool,
+    /// The bitmaps extension, if present.
+    pub bitmaps: Option<BitmapsExtension>,
+    /// Every header extension in order (type and data), to rewrite the area without one.
+    pub extensions: Vec<(u32, Vec<u8>)>,
+}
+
+/// The bitmaps header extension: where the bitmap directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BitmapsExtension {
+    /// How many bitmaps.
+    pub count: u32,
+    /// Bytes of the directory.
+    pub directory_size: u64,
+    /// Where it starts.
+    pub directory_offset: u64,
+}
+
+/// One bitmap of the directory: where its table is and how many entries it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BitmapTable {
+    /// Host offset of the bitmap table.
+    pub offset: u64,
+    /// Entries (8 bytes each).
+    pub entries: u32,
+}
+
+/// The bitmap tables a bitmap directory lists.
+pub fn parse_bitmap_directory(directory: &[u8], count: u32) -> Result<Vec<BitmapTable>, String> {
+    let mut tables = Vec::new();
+    let mut at = 0usize;
+    for _ in 0..count {
+        if at + 24 > directory.len() {
+            return Err("the bitmap directory is shorter than its entries".into());
+        }
+        let offset = be_u64(directory, at);
+        let entries = be_u32(directory, at + 8);
+        let name_size = u16::from_be_bytes([directory[at + 18], directory[at + 19]]) as usize;
+        let extra = be_u32(directory, at + 20) as usize;
+        tables.push(BitmapTable { offset, entries });
+        at = (at + 24)
+            .checked_add(extra)
+            .and_then(|a| a.checked_add(name_size))
+            .map(|a| a.next_multiple_of(8))
+            .ok_or_else(|| "a bitmap directory entry is too long".to_owned())?;
+    }
+    Ok(tables)
+}
+
+/// The header-extension area of the first cluster after dropping extension `kind`: every
+/// other extension, the end marker, then the backing file name. Returns the bytes from
+/// `header_length` on and where the backing name now starts.
+pub fn extension_area_without(header: &Header, kind: u32) -> (Vec<u8>, Option<u64>) {
+    let mut area = Vec::new();
+    for (k, data) in header.extensions.iter().filter(|(k, _)| *k != kind) {
+        area.extend_from_slice(&k.to_be_bytes());
+        area.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        area.extend_from_slice(data);
+        area.resize(area.len().next_multiple_of(8), 0);
+    }
+    area.extend_from_slice(&[0u8; 8]);
+    let backing_offset = header.backing_file.as_ref().map(|name| {
+        let at = u64::from(header.header_length) + area.len() as u64;
+        area.extend_from_slice(name.as_bytes());
+        at
+    });
+    (area, backing_offset)
 }
 
 impl Header {
@@ -201,7 +265,8 @@ pub fn parse(first: &[u8], file_size: u64) -> Result<Header, String> {
     // Extensions, needed before the feature checks for the feature names.
     let mut backing_format = None;
     let mut names = Vec::new();
-    let mut has_bitmaps = false;
+    let mut bitmaps = None;
+    let mut extensions = Vec::new();
     let mut at = header_length as usize;
     let area_end = first.len().min(cluster_size as usize);
     loop {
@@ -220,6 +285,7 @@ pub fn parse(first: &[u8], file_size: u64) -> Result<Header, String> {
             ));
         }
         let data = &first[at..at + length];
+        extensions.push((kind, data.to_vec()));
         match kind {
             EXT_BACKING_FORMAT => {
                 backing_format = Some(
@@ -229,7 +295,16 @@ pub fn parse(first: &[u8], file_size: u64) -> Result<Header, String> {
                 )
             }
             EXT_FEATURE_NAMES => names = feature_names(data),
-            EXT_BITMAPS => has_bitmaps = true,
+            EXT_BITMAPS => {
+                if data.len() < 24 {
+                    return Err("the bitmaps extension is shorter than 24 bytes".into());
+                }
+                bitmaps = Some(BitmapsExtension {
+                    count: be_u32(data, 0),
+                    directory_size: be_u64(data, 8),
+                    directory_offset: be_u64(data, 16),
+                });
+            }
             EXT_DATA_FILE => {}
             _ => {} // unknown extensions can be ignored, says the specification
         }
@@ -364,7 +439,8 @@ pub fn parse(first: &[u8], file_size: u64) -> Result<Header, String> {
         header_length,
         backing_file,
         backing_format,
-        has_bitmaps,
+        bitmaps,
+        extensions,
     })
 }
 

@@ -51,8 +51,9 @@
 //!   bit (lazy refcounts left inconsistent) or corrupt bit, unknown incompatible features.
 //!   Images with internal snapshots open read-only only.
 //! - A writable open clears the autoclear feature bits, as QEMU does for the bits it does not
-//!   maintain: **persistent dirty bitmaps stored in the image are then invalid** (QEMU treats
-//!   them as inconsistent). Keep bitmaps on the VM's disk, not in backup images.
+//!   maintain, and **drops the persistent dirty bitmaps stored in the image** (their clusters
+//!   are freed, so `qemu-img check` finds no leak): this crate does not track writes in them.
+//!   Keep bitmaps on the VM's disk, not in backup images; read-only opens leave them alone.
 //!
 //! # Concurrency and crashes
 //! A [`Qcow2Disk`] may be shared by threads: writes to allocated clusters run in parallel,
@@ -564,15 +565,7 @@ impl Qcow2Disk {
             )?),
         };
 
-        if !read_only && header.version >= 3 && header.autoclear_features != 0 {
-            io.write_all_at(
-                &[0u8; 8],
-                header::AUTOCLEAR_OFFSET,
-                "header (autoclear bits)",
-            )?;
-        }
-
-        let meta = Metadata {
+        let mut meta = Metadata {
             cluster_bits: header.cluster_bits,
             l1,
             l1_offset: header.l1_table_offset,
@@ -585,6 +578,18 @@ impl Qcow2Disk {
             freed: Vec::new(),
             moving_table: false,
         };
+        let mut header = header;
+        if !read_only {
+            drop_bitmaps(&io, &mut header, &mut meta)?;
+            if header.version >= 3 && header.autoclear_features != 0 {
+                io.write_all_at(
+                    &[0u8; 8],
+                    header::AUTOCLEAR_OFFSET,
+                    "header (autoclear bits)",
+                )?;
+                header.autoclear_features = 0;
+            }
+        }
         Ok(Qcow2Disk {
             io,
             header,
@@ -1068,6 +1073,78 @@ fn be_u64s(bytes: &[u8]) -> Vec<u64> {
         .chunks_exact(8)
         .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
         .collect()
+}
+
+/// Removes the persistent bitmaps of an image opened for writing, which this crate does not
+/// maintain (QEMU clears the autoclear bit of what it does not maintain, leaving the bitmaps'
+/// clusters for `qemu-img check` to call leaked): the extension goes from the header first,
+/// then the directory, tables and bitmap data are freed. Bitmaps already marked inconsistent
+/// (autoclear bit clear) are only unlinked: their directory is not trusted to free clusters.
+fn drop_bitmaps(io: &ImageFile, header: &mut header::Header, meta: &mut Metadata) -> Result<()> {
+    let Some(bitmaps) = header.bitmaps else {
+        return Ok(());
+    };
+    let cs = header.cluster_size();
+    let mut free = Vec::new();
+    if header.autoclear_features & 1 != 0 {
+        if bitmaps.directory_size > 64 << 20 {
+            return Err(io.corrupt(format!(
+                "the bitmap directory is {} bytes (more than 64 MiB)",
+                bitmaps.directory_size
+            )));
+        }
+        let mut directory = vec![0u8; bitmaps.directory_size as usize];
+        io.read_exact_at(&mut directory, bitmaps.directory_offset, "bitmap directory")?;
+        let tables =
+            header::parse_bitmap_directory(&directory, bitmaps.count).map_err(|r| io.corrupt(r))?;
+        for table in tables {
+            let bytes = u64::from(table.entries) * 8;
+            if bytes > 64 << 20 || table.offset % cs != 0 {
+                return Err(io.corrupt(format!(
+                    "a bitmap table at {:#x} with {} entries is invalid",
+                    table.offset, table.entries
+                )));
+            }
+            let mut entries = vec![0u8; bytes as usize];
+            io.read_exact_at(&mut entries, table.offset, "bitmap table")?;
+            free.extend(
+                be_u64s(&entries)
+                    .into_iter()
+                    .map(|e| e & cluster::OFFSET_MASK)
+                    .filter(|&h| h != 0),
+            );
+            free.extend((0..bytes.div_ceil(cs)).map(|i| table.offset + i * cs));
+        }
+        free.extend(
+            (0..bitmaps.directory_size.div_ceil(cs)).map(|i| bitmaps.directory_offset + i * cs),
+        );
+    }
+    let old_length: usize = header
+        .extensions
+        .iter()
+        .map(|(_, d)| 8 + d.len().next_multiple_of(8))
+        .sum::<usize>()
+        + 8
+        + header.backing_file.as_ref().map_or(0, String::len);
+    let (mut area, backing_offset) = header::extension_area_without(header, header::EXT_BITMAPS);
+    area.resize(area.len().max(old_length), 0);
+    io.write_all_at(&area, u64::from(header.header_length), "header extensions")?;
+    if let Some(at) = backing_offset {
+        io.write_all_at(&at.to_be_bytes(), 8, "header (backing file offset)")?;
+    }
+    io.write_all_at(
+        &[0u8; 8],
+        header::AUTOCLEAR_OFFSET,
+        "header (autoclear bits)",
+    )?;
+    io.sync("header without bitmaps")?;
+    header.autoclear_features = 0;
+    header.bitmaps = None;
+    header.extensions.retain(|(k, _)| *k != header::EXT_BITMAPS);
+    for host in free {
+        meta.adjust_refcount(io, host, -1)?;
+    }
+    Ok(())
 }
 
 /// Opens the backing file `name` of the image at `image` (canonical), with `format`.

@@ -107,7 +107,17 @@ impl Metadata {
         let offset = match self.block(io, index)? {
             Some(offset) => offset,
             None if value == 0 => return Ok(()),
-            None => self.new_block(io, index)?,
+            None => {
+                if index as usize >= self.refcount_table.len() {
+                    self.grow_table(io, index)?;
+                }
+                // Growing the table may have placed the block this cluster needs already (for
+                // the new table's own clusters).
+                match self.block(io, index)? {
+                    Some(offset) => offset,
+                    None => self.new_block(io, index)?,
+                }
+            }
         };
         let order = self.refcount_order;
         let block = self.blocks.get_mut(offset).expect("loaded");
@@ -134,9 +144,6 @@ impl Metadata {
     /// Places a new, empty refcount block for table index `index` at the end of the file and
     /// counts it in whichever block covers it (itself, usually).
     fn new_block(&mut self, io: &ImageFile, index: u64) -> Result<u64> {
-        if index as usize >= self.refcount_table.len() {
-            self.grow_table(io, index)?;
-        }
         let offset = self.end;
         self.end += self.cluster_size();
         let block = vec![0u8; self.cluster_size() as usize];
