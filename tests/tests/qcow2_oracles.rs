@@ -800,8 +800,11 @@ fn a_writable_open_drops_persistent_bitmaps_and_refuses_what_it_cannot_write() {
         for (option, word) in [
             ("compression_type=zstd", "zstd"),
             ("extended_l2=on", "extended L2"),
-            ("data_file=ext.raw", "external data file"),
+            ("data_file=DIR/ext.raw", "external data file"),
         ] {
+            // Inside the test's directory, never the working directory.
+            let option = option.replace("DIR", d.to_str().unwrap());
+            let option = option.as_str();
             let path = d.join(format!("{}.qcow2", option.split('=').next().unwrap()));
             let (out, err, code) = run(
                 g,
