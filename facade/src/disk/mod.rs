@@ -24,7 +24,12 @@
 //!
 //! Unit-test code that takes a `&dyn Disk` against [`MemoryDisk`], or against
 //! `vmsdk::mock::MockDisk` (feature `mock`).
+//!
+//! VMware VDDK's lifecycle (PrepareForAccess/EndAccess, the transport plan, connections,
+//! Cleanup, shutdown) is in [`vddk`], with an in-memory vCenter for unit tests.
 
+#[cfg(unix)]
+pub mod vddk;
 pub mod vddk_uri;
 
 pub use disk_transport::factory::NULL_SINK;

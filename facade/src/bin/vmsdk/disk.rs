@@ -144,7 +144,13 @@ fn open(
     flags: OpenFlags,
 ) -> vmsdk::Result<Box<dyn Disk>> {
     match (uri, backend) {
-        (Some(uri), _) => vmsdk::disk::open(uri, flags),
+        (Some(uri), _) => {
+            // The URI path has no log hook: say here what the InitEx configuration check found.
+            for warning in vmsdk::disk::vddk::uri_config_warnings(uri) {
+                eprintln!("vmsdk: warning: VDDK configuration {warning}");
+            }
+            vmsdk::disk::open(uri, flags)
+        }
         (None, BackendChoice::Fake) => {
             let disk = vmsdk::disk::open(FAKE_DISK_URI, OpenFlags::read_write())?;
             // A boot sector and a little file system metadata, so info and map show a mix.
