@@ -3,8 +3,7 @@
 //!
 //! The agent is reached asynchronously (tokio): call these inside a runtime. The handle is an
 //! `Arc<dyn GuestAgent>`, so clone it into as many tasks as you like; a mock
-//! ([`MockGuestAgent`](crate::mock), feature `mock`) or the [`fake`] fits the same type in your
-//! tests.
+//! ([`MockGuestAgent`], feature `mock`) or the [`fake`] fits the same type in your tests.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -22,6 +21,12 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+#![cfg_attr(
+    feature = "mock",
+    doc = "[`MockGuestAgent`]: crate::mock::MockGuestAgent"
+)]
+#![cfg_attr(not(feature = "mock"), doc = "[`MockGuestAgent`]: crate#features")]
 
 use std::sync::Arc;
 use std::time::Duration;

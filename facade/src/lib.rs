@@ -59,7 +59,19 @@
 //! (microseconds), which is fine on an async task at a scrape or sampling interval; disk reads,
 //! writes and copies can block for as long as the storage takes, so run them in
 //! `tokio::task::spawn_blocking` (see [`disk`]).
+//!
 
+// Links to what an optional feature adds go to the item when the feature is on and to the
+// features table when it is off, so the documentation of every feature set builds cleanly.
+#![cfg_attr(not(feature = "mock"), doc = "[`mock`]: crate#features")]
+#![cfg_attr(
+    not(feature = "prometheus-client"),
+    doc = "[`prometheus`]: crate#features"
+)]
+#![cfg_attr(
+    not(feature = "exporter"),
+    doc = "[`prometheus::Exporter`]: crate#features"
+)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
