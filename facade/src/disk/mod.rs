@@ -34,7 +34,7 @@ pub mod vddk_uri;
 
 pub use disk_transport::factory::NULL_SINK;
 pub use disk_transport::memory::MemoryDisk;
-pub use disk_transport::{blkhash, compare, copy, stream};
+pub use disk_transport::{blkhash, compare, copy, qcow2, stream};
 pub use disk_transport::{
     DirtyExtent, Disk, DiskInfo, DiskUri, DrivenQueue, Extent, ExtentKind, IntoDiskUri, OpenFlags,
     ProtocolInfo,

@@ -27,8 +27,9 @@ pub struct DiskArgs {
 enum DiskCommand {
     /// Size, sector sizes, geometry and capabilities of a disk.
     Info {
-        /// The disk: file:///path, nbd://host/export, nbd+unix:///export?socket=PATH, mem://NAME
-        /// (default with --backend fake: the fake demo disk).
+        /// The disk: file:///path, NAME.qcow2 or qcow2:NAME, nbd://host/export,
+        /// nbd+unix:///export?socket=PATH, mem://NAME (default with --backend fake: the fake
+        /// demo disk).
         uri: Option<String>,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -53,15 +54,22 @@ enum DiskCommand {
         /// Source disk URI, or `-` for standard input (an image stream, e.g. from zstdcat or
         /// ssh: it fills the destination from its start until it ends).
         source: String,
-        /// Destination: a disk URI, a path (a missing file is created at the source's size),
+        /// Destination: a disk URI, a path (a missing file is created at the source's size; a
+        /// missing NAME.qcow2 as a qcow2 image whose holes stay unallocated),
         /// `null:` to discard the data (measures how fast the source reads), or `-` for
         /// standard output (every byte in order, holes as zeros: pipe it into a compressor or
         /// ssh; the summary then goes to standard error).
         destination: String,
         /// Incremental: write only what the source's dirty bitmap NAME marks changed into the
-        /// destination, which must exist with the source's size (the previous full copy).
+        /// destination, which must exist with the source's size (the previous full copy), or,
+        /// with --backing, is created as a qcow2 overlay of the previous copy.
         #[arg(long, value_name = "NAME")]
         dirty_bitmap: Option<String>,
+        /// Create the destination (a new NAME.qcow2, or qcow2:NAME) as a qcow2 overlay whose
+        /// backing file is PREV (PREV.qcow2 is qcow2, other names raw): with --dirty-bitmap it
+        /// holds only what changed, and the chain reads as the source.
+        #[arg(long, value_name = "PREV")]
+        backing: Option<String>,
         /// Bytes per request.
         #[arg(long, default_value_t = copy::DEFAULT_REQUEST_SIZE)]
         request_size: usize,
@@ -183,13 +191,35 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
             let info = disk.info()?;
             // What the network protocol negotiated (NBD), as nbdinfo shows it.
             let protocol = disk.protocol();
+            // A local image's format and backing chain, as `qemu-img info --backing-chain`.
+            let image = uri.as_deref().map(image_format).transpose()?.flatten();
             if *json {
                 let mut value = serde_json::to_value(&info)?;
                 if let (Some(object), Some(p)) = (value.as_object_mut(), &protocol) {
                     object.insert("protocol".into(), serde_json::to_value(p)?);
                 }
+                if let (Some(object), Some(image)) = (value.as_object_mut(), &image) {
+                    object.insert("format".into(), image.format.into());
+                    object.insert("chain".into(), serde_json::to_value(&image.chain)?);
+                }
                 println!("{}", serde_json::to_string_pretty(&value)?);
             } else {
+                if let Some(image) = &image {
+                    println!("{:<24} {}", "format", image.format);
+                    for (depth, link) in image.chain.iter().enumerate() {
+                        let cluster = link
+                            .cluster_size
+                            .map(|c| format!(", {c}-byte clusters"))
+                            .unwrap_or_default();
+                        println!(
+                            "{:<24} {depth}: {} ({}, {} bytes{cluster})",
+                            "chain",
+                            link.path.display(),
+                            link.format,
+                            link.virtual_size
+                        );
+                    }
+                }
                 let mut fields = vec![serde_json::to_value(&info)?];
                 if let Some(p) = &protocol {
                     println!(
@@ -246,6 +276,13 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
                         (e.offset, e.length, e.nbd_flags(), what)
                     })
                     .collect()
+            } else if let Some(path) = uri.as_deref().and_then(qcow2_path) {
+                // qcow2: which image of the chain each range comes from, as qemu-img map.
+                let image = vmsdk::disk::qcow2::Qcow2Disk::open_read_only(&path)?;
+                let chain = image.chain();
+                let map = image.map(0, info.capacity)?;
+                print!("{}", format_depth_map(&map, &chain, *json)?);
+                return Ok(ExitCode::SUCCESS);
             } else {
                 disk.allocated_extents(0, info.capacity)?
                     .iter()
@@ -258,6 +295,7 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
             source,
             destination,
             dirty_bitmap,
+            backing,
             request_size,
             requests,
             connections,
@@ -272,6 +310,9 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
             let connections = connections.unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
             });
+            if backing.is_some() && (is_stdio(source) || is_stdio(destination)) {
+                return Err("--backing creates a qcow2 overlay: name a file, not `-`".into());
+            }
             if is_stdio(source) || is_stdio(destination) {
                 let stream = StreamCopy {
                     source,
@@ -302,7 +343,7 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
             let destination = vmsdk::disk::with_default_connections(destination, connections);
             let src = vmsdk::disk::open(&source, OpenFlags::read_only())?;
             let capacity = src.info()?.capacity;
-            if dirty_bitmap.is_some() {
+            if dirty_bitmap.is_some() && backing.is_none() {
                 if let Some(path) = missing_file(&destination) {
                     return Err(format!(
                         "{} does not exist: an incremental copy writes into the previous full copy",
@@ -311,7 +352,20 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
                     .into());
                 }
             }
-            let (dst, fresh) = vmsdk::disk::open_or_create(&destination, capacity)?;
+            let (dst, fresh): (Box<dyn Disk>, bool) = match backing {
+                Some(previous) => {
+                    if missing_file(&destination).is_none() {
+                        return Err(format!(
+                            "{destination} exists: --backing creates a new overlay"
+                        )
+                        .into());
+                    }
+                    let overlay =
+                        disk_transport::factory::create_overlay(&destination, capacity, previous)?;
+                    (Box::new(overlay), false)
+                }
+                None => vmsdk::disk::open_or_create(&destination, capacity)?,
+            };
             let mut options = CopyOptions::default();
             if let Some(n) = threads {
                 options = options.threads(*n);
@@ -635,6 +689,111 @@ fn compare(first: &str, second: &str, strict: bool, json: bool) -> CliResult {
     })
 }
 
+/// A local image's format and chain, for `disk info`.
+struct ImageFormat {
+    format: &'static str,
+    chain: Vec<vmsdk::disk::qcow2::ChainLink>,
+}
+
+/// The format of the local image `uri` names (by its name, never its contents), with the
+/// backing chain of a qcow2 image; `None` for other disks.
+fn image_format(uri: &str) -> vmsdk::Result<Option<ImageFormat>> {
+    Ok(match uri.parse::<DiskUri>() {
+        Ok(DiskUri::Qcow2 { path }) => Some(ImageFormat {
+            format: "qcow2",
+            chain: vmsdk::disk::qcow2::Qcow2Disk::open_read_only(&path)?.chain(),
+        }),
+        Ok(DiskUri::File { .. }) => Some(ImageFormat {
+            format: "raw",
+            chain: Vec::new(),
+        }),
+        _ => None,
+    })
+}
+
+/// The path of a qcow2 URI.
+fn qcow2_path(uri: &str) -> Option<std::path::PathBuf> {
+    match uri.parse::<DiskUri>() {
+        Ok(DiskUri::Qcow2 { path }) => Some(path),
+        _ => None,
+    }
+}
+
+/// A qcow2 map: nbdinfo's columns plus the depth in the chain and its file (as
+/// `qemu-img map` tells them); JSON adds `depth`, `present` and `file` to nbdinfo's fields.
+fn format_depth_map(
+    map: &[vmsdk::disk::qcow2::MapEntry],
+    chain: &[vmsdk::disk::qcow2::ChainLink],
+    json: bool,
+) -> Result<String, serde_json::Error> {
+    let file = |depth: u32| {
+        chain
+            .get(depth as usize)
+            .map(|l| l.path.display().to_string())
+            .unwrap_or_default()
+    };
+    let kind = |e: &vmsdk::disk::qcow2::MapEntry| {
+        if e.data {
+            ExtentKind::Data
+        } else if e.present {
+            ExtentKind::Zero
+        } else {
+            ExtentKind::Hole
+        }
+    };
+    // Runs that differ only in where their data lies in the file are one row here.
+    let mut merged: Vec<vmsdk::disk::qcow2::MapEntry> = Vec::new();
+    for e in map {
+        match merged.last_mut() {
+            Some(last)
+                if last.start + last.length == e.start
+                    && (last.depth, last.present, kind(last)) == (e.depth, e.present, kind(e)) =>
+            {
+                last.length += e.length;
+            }
+            _ => merged.push(e.clone()),
+        }
+    }
+    let map = &merged;
+    if !json {
+        return Ok(map
+            .iter()
+            .map(|e| {
+                let k = kind(e);
+                format!(
+                    "{:>10}  {:>10}  {:>3}  {:<9}  depth {} {}\n",
+                    e.start,
+                    e.length,
+                    k.nbd_flags(),
+                    describe(k),
+                    e.depth,
+                    if e.present {
+                        file(e.depth)
+                    } else {
+                        "(unallocated)".into()
+                    }
+                )
+            })
+            .collect());
+    }
+    let objects = map
+        .iter()
+        .map(|e| {
+            let k = kind(e);
+            serde_json::to_string(&serde_json::json!({
+                "offset": e.start,
+                "length": e.length,
+                "type": k.nbd_flags(),
+                "description": describe(k),
+                "depth": e.depth,
+                "present": e.present,
+                "file": if e.present { Some(file(e.depth)) } else { None },
+            }))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(format!("[\n{}\n]\n", objects.join(",\n")))
+}
+
 /// The description column of `nbdinfo --map`.
 fn describe(kind: ExtentKind) -> &'static str {
     match kind {
@@ -713,7 +872,7 @@ fn query_escape(text: &str) -> String {
 fn missing_file(uri: &str) -> Option<std::path::PathBuf> {
     let path = if uri.contains(':') {
         match uri.parse::<DiskUri>() {
-            Ok(DiskUri::File { path, .. }) => path,
+            Ok(DiskUri::File { path, .. }) | Ok(DiskUri::Qcow2 { path }) => path,
             _ => return None,
         }
     } else {
