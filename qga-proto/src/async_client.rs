@@ -588,7 +588,7 @@ impl<S: AsyncStream + 'static> Driver<S> {
             }
             return;
         };
-        let limit = self.session.config.sync_timeout;
+        let limit = self.session.config.connect_timeout;
         match tokio::time::timeout(limit, connect()).await {
             Ok(Ok(stream)) => self.attach(stream),
             Ok(Err(e)) => {
@@ -1188,6 +1188,42 @@ async fn bounded_connect<T>(
     }
 }
 
+/// How often a connect to a Unix socket whose listen queue is full is retried.
+const BUSY_RETRY: Duration = Duration::from_millis(50);
+
+/// Connects to the Unix socket at `path` within `limit`. A full listen queue (EAGAIN: QEMU's
+/// chardev serves one client and queues one more) is retried every [`BUSY_RETRY`] and, when
+/// it lasts, reported as [`Error::ChannelBusy`] rather than as "Resource temporarily
+/// unavailable".
+pub(crate) async fn connect_unix_within(path: &Path, limit: Duration) -> Result<UnixStream> {
+    let started = Instant::now();
+    let deadline = started + limit;
+    loop {
+        match timeout_at(deadline, UnixStream::connect(path)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() + BUSY_RETRY >= deadline {
+                    return Err(Error::ChannelBusy {
+                        address: Address::Unix(path.to_owned()).to_string(),
+                        waited: started.elapsed(),
+                    });
+                }
+                tokio::time::sleep(BUSY_RETRY).await;
+            }
+            Ok(Err(e)) => return Err(Error::Io(e)),
+            Err(_) => return Err(connect_timed_out(limit)),
+        }
+    }
+}
+
+/// An error of a reconnect, as the `io::Error` the driver's connector returns.
+fn into_io(error: Error) -> io::Error {
+    match error {
+        Error::Io(e) => e,
+        other => io::Error::new(io::ErrorKind::WouldBlock, other.to_string()),
+    }
+}
+
 fn io_error(e: io::Error, command: &str) -> Error {
     match e.kind() {
         io::ErrorKind::BrokenPipe
@@ -1204,11 +1240,14 @@ impl AsyncClient<UnixStream> {
     /// reconnects to the same path if the connection drops.
     pub async fn connect_unix(path: impl AsRef<Path>, config: ClientConfig) -> Result<Self> {
         let path = path.as_ref().to_owned();
-        let stream = bounded_connect(config.sync_timeout, UnixStream::connect(&path))
+        let limit = config.connect_timeout;
+        let stream = connect_unix_within(&path, limit)
             .await
             .map_err(connect_failed(Address::Unix(path.clone())))?;
-        Ok(Self::with_config(stream, config)
-            .with_reconnect(move || UnixStream::connect(path.clone())))
+        Ok(Self::with_config(stream, config).with_reconnect(move || {
+            let path = path.clone();
+            async move { connect_unix_within(&path, limit).await.map_err(into_io) }
+        }))
     }
 }
 
@@ -1216,7 +1255,7 @@ impl AsyncClient<TcpStream> {
     /// Connects to `host:port`; reconnects if the connection drops.
     pub async fn connect_tcp(addr: &str, config: ClientConfig) -> Result<Self> {
         let addr = addr.to_owned();
-        let stream = bounded_connect(config.sync_timeout, TcpStream::connect(&addr))
+        let stream = bounded_connect(config.connect_timeout, TcpStream::connect(&addr))
             .await
             .map_err(connect_failed(Address::Tcp(addr.clone())))?;
         Ok(Self::with_config(stream, config)
@@ -1243,17 +1282,21 @@ impl AsyncClient<BoxedStream> {
 
     /// Connects to a parsed [`Address`].
     pub async fn connect_address(address: &Address, config: ClientConfig) -> Result<Self> {
-        async fn open(address: Address) -> io::Result<BoxedStream> {
+        async fn open(address: Address, limit: Duration) -> Result<BoxedStream> {
             Ok(match address {
-                Address::Unix(p) => Box::new(UnixStream::connect(p).await?),
-                Address::Tcp(hp) => Box::new(TcpStream::connect(hp).await?),
+                Address::Unix(p) => Box::new(connect_unix_within(&p, limit).await?),
+                Address::Tcp(hp) => Box::new(bounded_connect(limit, TcpStream::connect(hp)).await?),
                 Address::Serial(p) => Box::new(AsyncCharDevice::open(p)?),
             })
         }
-        let stream = bounded_connect(config.sync_timeout, open(address.clone()))
+        let limit = config.connect_timeout;
+        let stream = open(address.clone(), limit)
             .await
             .map_err(connect_failed(address))?;
         let address = address.clone();
-        Ok(Self::with_config(stream, config).with_reconnect(move || open(address.clone())))
+        Ok(Self::with_config(stream, config).with_reconnect(move || {
+            let address = address.clone();
+            async move { open(address, limit).await.map_err(into_io) }
+        }))
     }
 }

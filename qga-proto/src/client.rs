@@ -441,6 +441,31 @@ fn io_error(e: io::Error, command: &str) -> Error {
     }
 }
 
+/// Connects to the Unix socket at `path` within `limit`.
+///
+/// A blocking connect to a Unix socket whose listen queue is full waits until the server
+/// accepts, without any bound: QEMU's chardev socket serves one client and queues one more, so
+/// while another client holds it a third connect would hang. The connect runs on a helper
+/// thread; when it has not completed within `limit` the channel is reported busy and the
+/// thread, still waiting in the kernel, drops the stream as soon as it gets one.
+pub(crate) fn unix_connect_within(path: &Path, limit: Duration) -> Result<UnixStream> {
+    let (done, outcome) = std::sync::mpsc::sync_channel(1);
+    let target = path.to_owned();
+    std::thread::Builder::new()
+        .name("qga-connect".into())
+        .spawn(move || {
+            let _ = done.send(UnixStream::connect(target));
+        })
+        .map_err(Error::Io)?;
+    match outcome.recv_timeout(limit) {
+        Ok(result) => result.map_err(Error::Io),
+        Err(_) => Err(Error::ChannelBusy {
+            address: Address::Unix(path.to_owned()).to_string(),
+            waited: limit,
+        }),
+    }
+}
+
 impl<S: Transport> Drop for Client<S> {
     fn drop(&mut self) {
         self.drain();
@@ -451,10 +476,15 @@ impl Client<UnixStream> {
     /// Connects to a Unix socket; reconnects to the same path if the connection drops.
     pub fn connect_unix(path: impl AsRef<Path>, config: ClientConfig) -> Result<Self> {
         let path = path.as_ref().to_owned();
-        let stream = UnixStream::connect(&path)
-            .map_err(Error::Io)
+        let limit = config.connect_timeout;
+        let stream = unix_connect_within(&path, limit)
             .map_err(connect_failed(Address::Unix(path.clone())))?;
-        Ok(Self::with_config(stream, config).with_reconnect(move || UnixStream::connect(&path)))
+        Ok(Self::with_config(stream, config).with_reconnect(move || {
+            unix_connect_within(&path, limit).map_err(|e| match e {
+                Error::Io(e) => e,
+                other => io::Error::new(io::ErrorKind::WouldBlock, other.to_string()),
+            })
+        }))
     }
 }
 
@@ -462,7 +492,7 @@ impl Client<TcpStream> {
     /// Connects to `host:port`; reconnects if the connection drops.
     pub fn connect_tcp(addr: &str, config: ClientConfig) -> Result<Self> {
         let addr = addr.to_owned();
-        let limit = config.sync_timeout;
+        let limit = config.connect_timeout;
         let stream = tcp_connect(&addr, limit)
             .map_err(Error::Io)
             .map_err(connect_failed(Address::Tcp(addr.clone())))?;
@@ -489,10 +519,15 @@ impl Client<Box<dyn Transport>> {
 
     /// Connects to a parsed [`Address`].
     pub fn connect_address(address: &Address, config: ClientConfig) -> Result<Self> {
-        let limit = config.sync_timeout;
+        let limit = config.connect_timeout;
         let open = move |address: &Address| -> io::Result<Box<dyn Transport>> {
             Ok(match address {
-                Address::Unix(p) => Box::new(UnixStream::connect(p)?),
+                Address::Unix(p) => {
+                    Box::new(unix_connect_within(p, limit).map_err(|e| match e {
+                        Error::Io(e) => e,
+                        other => io::Error::new(io::ErrorKind::WouldBlock, other.to_string()),
+                    })?)
+                }
                 Address::Tcp(hp) => Box::new(tcp_connect(hp, limit)?),
                 Address::Serial(p) => Box::new(CharDevice::open(p)?),
             })

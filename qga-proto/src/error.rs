@@ -80,7 +80,7 @@ pub enum Error {
         agent_version: String,
     },
     /// The agent did not answer the synchronisation handshake in time.
-    #[error("guest agent did not answer guest-sync within {} ({}is qemu-ga running in the guest?)", fmt_duration(.timeout.saturating_mul(*.attempts)), attempts_note(*.attempts, *.timeout))]
+    #[error("guest agent did not answer guest-sync within {} ({}is qemu-ga running in the guest? is another client connected to the channel? QEMU's chardev socket serves one at a time)", fmt_duration(.timeout.saturating_mul(*.attempts)), attempts_note(*.attempts, *.timeout))]
     SyncTimeout {
         /// How long the client waited for each attempt.
         timeout: Duration,
@@ -123,6 +123,19 @@ pub enum Error {
         /// What the operating system said.
         #[source]
         source: std::io::Error,
+    },
+    /// The Unix socket's listen queue stayed full for the whole connect timeout: another
+    /// client holds the channel. QEMU's chardev socket serves one client at a time and queues
+    /// one more (the operating system says "Resource temporarily unavailable", EAGAIN). On a
+    /// libvirt host libvirt holds the agent socket for the domain's lifetime: go through
+    /// libvirt (`virDomainGetGuestInfo`, `virsh qemu-agent-command`) or give the guest a
+    /// second agent channel.
+    #[error("the guest agent channel at {address} is busy: another client is connected and QEMU's chardev socket serves one client at a time (waited {}; on a libvirt host libvirt holds the agent socket: use libvirt's API or a second channel)", fmt_duration(*.waited))]
+    ChannelBusy {
+        /// The address, as `qga+unix:///path`.
+        address: String,
+        /// How long the connect was retried.
+        waited: Duration,
     },
     /// The reply was valid JSON but did not have the shape the command returns.
     #[error("unexpected reply to {command}")]
@@ -272,7 +285,7 @@ mod tests {
         };
         assert_eq!(
             e.to_string(),
-            "guest agent did not answer guest-sync within 10 s (2 attempts of 5 s; is qemu-ga running in the guest?)"
+            "guest agent did not answer guest-sync within 10 s (2 attempts of 5 s; is qemu-ga running in the guest? is another client connected to the channel? QEMU's chardev socket serves one at a time)"
         );
         let once = Error::SyncTimeout {
             timeout: Duration::from_millis(1500),
@@ -280,7 +293,7 @@ mod tests {
         };
         assert_eq!(
             once.to_string(),
-            "guest agent did not answer guest-sync within 1.5 s (is qemu-ga running in the guest?)"
+            "guest agent did not answer guest-sync within 1.5 s (is qemu-ga running in the guest? is another client connected to the channel? QEMU's chardev socket serves one at a time)"
         );
     }
 

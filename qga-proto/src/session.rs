@@ -29,6 +29,12 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// Longest wait for one synchronisation attempt (default 5 s, as libvirt).
     pub sync_timeout: Duration,
+    /// Longest wait for the channel to open (default 5 s): a TCP handshake, or a Unix socket
+    /// whose listen queue is full. QEMU's chardev socket serves one client at a time and
+    /// queues one more; while another client (libvirt, a second monitor) holds it, a connect
+    /// is retried every 50 ms until this bound and then fails with
+    /// [`Error::ChannelBusy`](crate::Error::ChannelBusy).
+    pub connect_timeout: Duration,
     /// Synchronisation attempts before giving up (default 2: a first attempt may
     /// be eaten by garbage, as libvirt observed).
     pub sync_attempts: u32,
@@ -55,6 +61,7 @@ impl Default for ClientConfig {
         ClientConfig {
             timeout: Duration::from_secs(30),
             sync_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
             sync_attempts: 2,
             no_reply_grace: Duration::from_secs(1),
             max_reply_size: wire::DEFAULT_MAX_REPLY_SIZE,
@@ -66,6 +73,54 @@ impl Default for ClientConfig {
 }
 
 impl ClientConfig {
+    /// The preset for a monitoring program that polls an agent within `deadline`: a quarter
+    /// of it to open the channel, a quarter for one synchronisation attempt (a hung agent is
+    /// not worth a second), half for the replies, so that connecting, synchronising and one
+    /// round of pipelined calls together end within `deadline`
+    /// ([`worst_case`](Self::worst_case)). Replies are limited to 4 MiB (a guest with
+    /// thousands of mounts stays far below).
+    ///
+    /// Connect per poll and close at once (the default of vmsdk's guest monitor) when the
+    /// agent sits behind QEMU's chardev socket: it serves one client at a time, so a kept
+    /// connection locks out every other tool (`virsh`, `qm agent`, a backup's freeze). Keep
+    /// one client only on a channel nobody else uses (a dedicated second channel, `qemu-ga
+    /// -m unix-listen` in tests) and poll often: it saves the connect and the handshake.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use qga_proto::ClientConfig;
+    ///
+    /// let config = ClientConfig::monitoring(Duration::from_secs(2));
+    /// assert_eq!(config.sync_attempts, 1);
+    /// assert_eq!(config.timeout, Duration::from_secs(1));
+    /// assert_eq!(config.worst_case(), Duration::from_secs(2));
+    /// ```
+    pub fn monitoring(deadline: Duration) -> Self {
+        let quarter = deadline / 4;
+        ClientConfig {
+            timeout: deadline - 2 * quarter,
+            sync_timeout: quarter,
+            connect_timeout: quarter,
+            sync_attempts: 1,
+            max_reply_size: 4 << 20,
+            ..ClientConfig::default()
+        }
+    }
+
+    /// How long connecting, synchronising (every attempt) and one round of calls take at
+    /// most: `connect_timeout + sync_timeout × sync_attempts + timeout`.
+    pub fn worst_case(&self) -> Duration {
+        self.connect_timeout
+            .saturating_add(self.sync_timeout.saturating_mul(self.sync_attempts.max(1)))
+            .saturating_add(self.timeout)
+    }
+
+    /// Sets [`connect_timeout`](Self::connect_timeout).
+    pub fn connect_timeout(mut self, t: Duration) -> Self {
+        self.connect_timeout = t;
+        self
+    }
+
     /// Sets [`timeout`](Self::timeout).
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;

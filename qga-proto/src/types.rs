@@ -140,7 +140,7 @@ fn default_true() -> bool {
 }
 
 /// Information about one guest agent command (`GuestAgentCommandInfo`, since 1.1.0).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestAgentCommandInfo {
     /// Name of the command.
     pub name: String,
@@ -153,7 +153,7 @@ pub struct GuestAgentCommandInfo {
 }
 
 /// Information about the guest agent (`GuestAgentInfo`, since 0.15.0).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestAgentInfo {
     /// Guest agent version, e.g. `7.2.22` (Windows builds use their own numbering).
     pub version: String,
@@ -202,7 +202,7 @@ open_enum! {
 // ---------------------------------------------------------------------------
 
 /// Result of `guest-file-read` (`GuestFileRead`, since 0.15.0).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestFileRead {
     /// Number of bytes read (before base64 encoding).
     pub count: i64,
@@ -214,7 +214,7 @@ pub struct GuestFileRead {
 }
 
 /// Result of `guest-file-write` (`GuestFileWrite`, since 0.15.0).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestFileWrite {
     /// Number of bytes written.
     pub count: i64,
@@ -223,7 +223,7 @@ pub struct GuestFileWrite {
 }
 
 /// Result of `guest-file-seek` (`GuestFileSeek`, since 0.15.0).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestFileSeek {
     /// Current file position.
     pub position: i64,
@@ -286,7 +286,7 @@ open_enum! {
 }
 
 /// Trim result for one path (`GuestFilesystemTrimResult`, since 2.4).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestFilesystemTrimResult {
     /// Path that was trimmed.
     pub path: String,
@@ -302,7 +302,7 @@ pub struct GuestFilesystemTrimResult {
 }
 
 /// Result of `guest-fstrim` (`GuestFilesystemTrimResponse`, since 2.4).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestFilesystemTrimResponse {
     /// One entry per trimmed path.
     pub paths: Vec<GuestFilesystemTrimResult>,
@@ -322,8 +322,15 @@ open_enum! {
     }
 }
 
+/// IPv4, so that test fixtures built with `..Default::default()` need not name the family.
+impl Default for GuestIpAddressType {
+    fn default() -> Self {
+        GuestIpAddressType::Ipv4
+    }
+}
+
 /// One address of an interface (`GuestIpAddress`, since 1.1).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestIpAddress {
     /// The address.
     #[serde(rename = "ip-address")]
@@ -336,7 +343,7 @@ pub struct GuestIpAddress {
 }
 
 /// Interface counters (`GuestNetworkInterfaceStat`, since 2.11).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GuestNetworkInterfaceStat {
     /// Total bytes received.
@@ -358,7 +365,7 @@ pub struct GuestNetworkInterfaceStat {
 }
 
 /// A guest network interface (`GuestNetworkInterface`, since 1.1).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GuestNetworkInterface {
     /// Interface name.
@@ -375,7 +382,7 @@ pub struct GuestNetworkInterface {
 }
 
 /// A routing table entry (`GuestNetworkRoute`, since 9.1).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GuestNetworkRoute {
     /// Egress interface.
@@ -429,7 +436,7 @@ pub struct GuestNetworkRoute {
 // ---------------------------------------------------------------------------
 
 /// A logical processor (`GuestLogicalProcessor`, since 1.5).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GuestLogicalProcessor {
     /// Guest-specific identifier of the vCPU.
@@ -442,7 +449,7 @@ pub struct GuestLogicalProcessor {
 }
 
 /// A memory block (`GuestMemoryBlock`, since 2.3).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GuestMemoryBlock {
     /// Guest-specific identifier of the block.
@@ -468,8 +475,15 @@ open_enum! {
     }
 }
 
+/// `success`, the common outcome, for test fixtures built with `..Default::default()`.
+impl Default for GuestMemoryBlockResponseType {
+    fn default() -> Self {
+        GuestMemoryBlockResponseType::Success
+    }
+}
+
 /// Result for one block of `guest-set-memory-blocks` (`GuestMemoryBlockResponse`, since 2.3).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GuestMemoryBlockResponse {
     /// The block this result is about.
@@ -482,7 +496,7 @@ pub struct GuestMemoryBlockResponse {
 }
 
 /// Memory block geometry (`GuestMemoryBlockInfo`, since 2.3).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestMemoryBlockInfo {
     /// Size in bytes of one memory block.
     pub size: u64,
@@ -538,8 +552,15 @@ open_enum! {
     }
 }
 
+/// `unknown`, what the agent reports when it cannot tell the bus.
+impl Default for GuestDiskBusType {
+    fn default() -> Self {
+        GuestDiskBusType::Unknown
+    }
+}
+
 /// PCI address (`GuestPCIAddress`, since 2.2); fields are -1 when invalid.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestPCIAddress {
     /// Domain.
     pub domain: i64,
@@ -552,7 +573,7 @@ pub struct GuestPCIAddress {
 }
 
 /// s390x channel address (`GuestCCWAddress`, since 6.0).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestCCWAddress {
     /// Channel subsystem image id.
     pub cssid: i64,
@@ -565,7 +586,7 @@ pub struct GuestCCWAddress {
 }
 
 /// Where a disk sits (`GuestDiskAddress`, since 2.2).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GuestDiskAddress {
     /// PCI address of the controller.
@@ -590,7 +611,7 @@ pub struct GuestDiskAddress {
 }
 
 /// NVMe SMART / health log (`GuestNVMeSmart`, since 7.1).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 #[allow(missing_docs)] // The schema documents none of these; names follow the NVMe spec.
 pub struct GuestNVMeSmart {
@@ -699,7 +720,7 @@ impl<'de> Deserialize<'de> for GuestDiskSmart {
 }
 
 /// A disk (`GuestDiskInfo`, since 5.2).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GuestDiskInfo {
     /// Device node (Linux) or UNC (Windows).
@@ -721,7 +742,7 @@ pub struct GuestDiskInfo {
 }
 
 /// A mounted filesystem (`GuestFilesystemInfo`, since 2.2).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GuestFilesystemInfo {
     /// Disk name.
@@ -801,7 +822,7 @@ pub struct GuestDiskStats {
 }
 
 /// Disk statistics entry (`GuestDiskStatsInfo`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestDiskStatsInfo {
     /// Disk name.
     pub name: String,
@@ -826,7 +847,7 @@ open_enum! {
 }
 
 /// Linux CPU times in milliseconds (`GuestLinuxCpuStats`, since 7.1).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestLinuxCpuStats {
     /// CPU index.
     pub cpu: i64,
@@ -872,6 +893,13 @@ pub enum GuestCpuStats {
     },
 }
 
+/// A Linux CPU with every counter zero.
+impl Default for GuestCpuStats {
+    fn default() -> Self {
+        GuestCpuStats::Linux(GuestLinuxCpuStats::default())
+    }
+}
+
 impl Serialize for GuestCpuStats {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
@@ -894,7 +922,7 @@ impl<'de> Deserialize<'de> for GuestCpuStats {
 }
 
 /// Load averages (`GuestLoadAverage`, since 10.0).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GuestLoadAverage {
     /// 1-minute load average.
     pub load1m: f64,
@@ -909,14 +937,14 @@ pub struct GuestLoadAverage {
 // ---------------------------------------------------------------------------
 
 /// Result of `guest-exec` (`GuestExec`, since 2.5).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestExec {
     /// PID of the child process in the guest.
     pub pid: i64,
 }
 
 /// Result of `guest-exec-status` (`GuestExecStatus`, since 2.5).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GuestExecStatus {
     /// Whether the process has terminated.
@@ -974,7 +1002,7 @@ pub enum GuestExecCaptureOutput {
 // ---------------------------------------------------------------------------
 
 /// Result of `guest-get-host-name` (`GuestHostName`, since 2.10).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GuestHostName {
     /// The machine's name.
@@ -982,7 +1010,7 @@ pub struct GuestHostName {
 }
 
 /// A logged-in user (`GuestUser`, since 2.10).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GuestUser {
     /// User name.
@@ -995,7 +1023,7 @@ pub struct GuestUser {
 }
 
 /// Time zone (`GuestTimezone`, since 2.10).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestTimezone {
     /// Zone name (informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1053,7 +1081,7 @@ open_enum! {
 }
 
 /// PCI ids (`GuestDeviceIdPCI`, since 5.2).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GuestDeviceIdPCI {
     /// Vendor id.
@@ -1101,7 +1129,7 @@ impl<'de> Deserialize<'de> for GuestDeviceId {
 }
 
 /// A device and its driver (`GuestDeviceInfo`, since 5.2).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct GuestDeviceInfo {
     /// Driver name.
@@ -1122,7 +1150,7 @@ pub struct GuestDeviceInfo {
 // ---------------------------------------------------------------------------
 
 /// Result of `guest-ssh-get-authorized-keys` (`GuestAuthorizedKeys`, since 5.2).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct GuestAuthorizedKeys {
     /// Public keys in `authorized_keys` format.
     pub keys: Vec<String>,

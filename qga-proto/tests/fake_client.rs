@@ -422,7 +422,7 @@ async fn desync_faults_leave_the_client_usable() -> qga_proto::Result<()> {
     let err = agent2.ping().await.unwrap_err();
     assert_eq!(
         err.to_string(),
-        "guest agent did not answer guest-sync within 500 ms (is qemu-ga running in the guest?)"
+        "guest agent did not answer guest-sync within 500 ms (is qemu-ga running in the guest? is another client connected to the channel? QEMU's chardev socket serves one at a time)"
     );
     Ok(())
 }
