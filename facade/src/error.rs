@@ -123,6 +123,16 @@ pub enum Error {
         /// Why not.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A guest monitor was given guests it cannot tell apart or settings it cannot honour.
+    #[cfg(feature = "agent")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "agent")))]
+    #[error("invalid guest monitor setting: {0}")]
+    InvalidGuests(String),
+    /// The guest monitor's polling thread could not be started.
+    #[cfg(feature = "agent")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "agent")))]
+    #[error("cannot start the guest monitor's polling thread")]
+    MonitorThread(#[source] std::io::Error),
     /// A fixture tree's CPUID recording could not be read.
     #[error("cannot read the CPUID recording under {}", root.display())]
     CpuidRecording {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use guest_stats::GuestStats;
 use prometheus_client::registry::Registry;
 
-use super::{check_name, Format, StatsCollector, PREFIX};
+use super::{check_name, Format, Scrape, StatsCollector, PLAIN_TEXT, PREFIX};
 
 /// Labels vmsdk puts on its own metrics, which a constant label may not shadow.
 const OWN_LABELS: &[&str] = &["backend", "session_id", "value"];
@@ -42,23 +42,6 @@ pub struct EndpointBuilder {
     prefix: String,
     labels: Vec<(String, String)>,
 }
-
-/// One answer of an [`Endpoint`]: send it back as it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Scrape {
-    /// The HTTP status: 200, or 503 when the statistics could not be updated.
-    pub status: u16,
-    /// The exact `Content-Type` header value.
-    pub content_type: &'static str,
-    /// The exposition, or the error for a 503.
-    pub body: String,
-    /// The format of the exposition (what the `Accept` header negotiated).
-    pub format: Format,
-}
-
-/// The content type of plain-text answers (errors, the index page).
-pub(super) const PLAIN_TEXT: &str = "text/plain; charset=utf-8";
 
 impl Endpoint {
     /// Options, starting from the `vmsdk` prefix and no labels.

@@ -5,23 +5,44 @@ use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use super::endpoint::PLAIN_TEXT;
+use prometheus_client::registry::Registry;
+
+#[cfg(feature = "stats")]
 use super::Endpoint;
+use super::{Scrape, PLAIN_TEXT};
 
 /// The methods `/metrics` and `/` answer.
 const ALLOWED: &str = "GET, HEAD";
 
-/// A Prometheus exporter of the guest statistics: serves an [`Endpoint`] at `/metrics`.
+/// What Prometheus' scrape timeout header is shortened by, so the answer arrives in time
+/// (the blackbox exporter's default offset).
+const TIMEOUT_OFFSET: Duration = Duration::from_millis(500);
+
+/// What a request asks of a handler.
+struct Ask<'a> {
+    accept: Option<&'a str>,
+    /// The scraper's timeout minus [`TIMEOUT_OFFSET`], from `X-Prometheus-Scrape-Timeout-Seconds`.
+    #[cfg_attr(not(feature = "agent"), allow(dead_code))]
+    timeout: Option<Duration>,
+}
+
+type MetricsHandler = Box<dyn Fn(&Ask<'_>) -> Scrape + Send + Sync>;
+type ProbeHandler = Box<dyn Fn(&str, &Ask<'_>) -> Scrape + Send + Sync>;
+
+/// A Prometheus exporter: serves the guest statistics ([`Exporter::bind`]), any
+/// `prometheus-client` [`Registry`] ([`Exporter::bind_registry`]) or the guest agent metrics
+/// of many guests ([`Exporter::bind_guests`], with `/probe?target=NAME` beside `/metrics`).
 ///
 /// `GET` and `HEAD` of `/metrics` answer in the format the `Accept` header negotiates
 /// (OpenMetrics 1.0 for Prometheus, text 0.0.4 for everyone else) with its exact
 /// `Content-Type`, or `503` with the reason when the statistics cannot be updated; `/` says
 /// where the metrics are; other methods get `405` with an `Allow` header, other paths `404`.
-/// Requests are answered one at a time, each with a fresh update (microseconds on every
-/// backend).
+/// Requests are answered one at a time.
 ///
 /// ```no_run
+/// # #[cfg(feature = "stats")] {
 /// use vmsdk::prometheus::{Endpoint, Exporter};
 ///
 /// let stats = vmsdk::Platform::detect()?.guest_stats()?;
@@ -29,11 +50,14 @@ const ALLOWED: &str = "GET, HEAD";
 /// let exporter = Exporter::bind("0.0.0.0:9101", endpoint)?;
 /// println!("serving http://{}/metrics", exporter.local_addr());
 /// exporter.serve(); // or exporter.spawn()? to serve from a thread of its own
+/// # }
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Exporter {
     server: Arc<tiny_http::Server>,
-    endpoint: Endpoint,
+    metrics: MetricsHandler,
+    probe: Option<ProbeHandler>,
+    what: &'static str,
     local_addr: SocketAddr,
 }
 
@@ -45,7 +69,8 @@ impl fmt::Debug for Exporter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Exporter")
             .field("local_addr", &self.local_addr)
-            .field("endpoint", &self.endpoint)
+            .field("serves", &self.what)
+            .field("probe", &self.probe.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -85,8 +110,92 @@ impl Reply {
 }
 
 impl Exporter {
-    /// Listens on `addr` (`127.0.0.1:9101`, `[::]:9101`; port 0 picks a free one).
+    /// Serves the guest statistics of `endpoint` at `/metrics`, listening on `addr`
+    /// (`127.0.0.1:9101`, `[::]:9101`; port 0 picks a free one).
+    #[cfg(feature = "stats")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "stats")))]
     pub fn bind(addr: impl ToSocketAddrs, endpoint: Endpoint) -> crate::Result<Exporter> {
+        Self::listen(
+            addr,
+            "guest statistics",
+            Box::new(move |ask: &Ask<'_>| endpoint.scrape(ask.accept)),
+            None,
+        )
+    }
+
+    /// Serves every metric of `registry` at `/metrics`: your own metrics, vmsdk's collectors,
+    /// or both.
+    ///
+    /// ```
+    /// use vmsdk::prometheus::prometheus_client::metrics::counter::Counter;
+    /// use vmsdk::prometheus::prometheus_client::registry::Registry;
+    /// use vmsdk::prometheus::Exporter;
+    ///
+    /// let mut registry = Registry::default();
+    /// registry.register("myapp_requests", "Requests served", Counter::<u64>::default());
+    /// let running = Exporter::bind_registry("127.0.0.1:0", registry)?.spawn()?;
+    /// println!("serving http://{}/metrics", running.local_addr());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn bind_registry(addr: impl ToSocketAddrs, registry: Registry) -> crate::Result<Exporter> {
+        Self::listen(
+            addr,
+            "metrics",
+            Box::new(move |ask: &Ask<'_>| Scrape::of_registry(&registry, ask.accept)),
+            None,
+        )
+    }
+
+    /// Serves the guest agent metrics of `monitor`'s guests: every guest at `/metrics`, one
+    /// at `/probe?target=NAME` (Prometheus' multi-target pattern: one scrape job per guest,
+    /// each with its own timeout and `up`). A scrape's `X-Prometheus-Scrape-Timeout-Seconds`
+    /// header, less 0.5 s, shortens the monitor's scrape deadline so that the answer arrives
+    /// in time. An unknown target is a 404.
+    #[cfg(feature = "agent")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "agent")))]
+    pub fn bind_guests(
+        addr: impl ToSocketAddrs,
+        monitor: crate::agent::monitor::GuestMonitor,
+    ) -> crate::Result<Exporter> {
+        use super::{Format, GuestCollector};
+        let collector =
+            |monitor: &crate::agent::monitor::GuestMonitor, target: Option<&str>, ask: &Ask<'_>| {
+                let collector = match target {
+                    Some(name) => GuestCollector::target(monitor.clone(), name),
+                    None => GuestCollector::new(monitor.clone()),
+                };
+                let collector = match ask.timeout {
+                    Some(timeout) => collector.within(timeout),
+                    None => collector,
+                };
+                let mut registry = Registry::default();
+                collector.register(&mut registry);
+                Scrape::of_registry(&registry, ask.accept)
+            };
+        let for_probe = monitor.clone();
+        Self::listen(
+            addr,
+            "guest agent metrics",
+            Box::new(move |ask: &Ask<'_>| collector(&monitor, None, ask)),
+            Some(Box::new(move |target: &str, ask: &Ask<'_>| {
+                if !for_probe.guests().any(|g| g.name() == target) {
+                    return Scrape::plain(
+                        404,
+                        format!("unknown target `{target}`: not one of this exporter's guests\n"),
+                        Format::negotiate(ask.accept),
+                    );
+                }
+                collector(&for_probe, Some(target), ask)
+            })),
+        )
+    }
+
+    fn listen(
+        addr: impl ToSocketAddrs,
+        what: &'static str,
+        metrics: MetricsHandler,
+        probe: Option<ProbeHandler>,
+    ) -> crate::Result<Exporter> {
         let addrs: Vec<SocketAddr> = addr
             .to_socket_addrs()
             .map_err(|source| crate::Error::Listen {
@@ -113,7 +222,9 @@ impl Exporter {
             })?;
         Ok(Exporter {
             server: Arc::new(server),
-            endpoint,
+            metrics,
+            probe,
+            what,
             local_addr,
         })
     }
@@ -131,12 +242,24 @@ impl Exporter {
     /// Answers requests until [`Stopper::stop`] is called.
     pub fn serve(&self) {
         for request in self.server.incoming_requests() {
-            let accept = request
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("Accept"))
-                .map(|h| h.value.as_str().to_owned());
-            let reply = self.route(request.method(), request.url(), accept.as_deref());
+            let request_header = |name: &'static str| {
+                request
+                    .headers()
+                    .iter()
+                    .find(|h| h.field.equiv(name))
+                    .map(|h| h.value.as_str().to_owned())
+            };
+            let accept = request_header("Accept");
+            let timeout = request_header("X-Prometheus-Scrape-Timeout-Seconds")
+                .and_then(|t| t.trim().parse::<f64>().ok())
+                .filter(|t| t.is_finite() && *t > 0.0)
+                .map(|t| Duration::from_secs_f64(t).saturating_sub(TIMEOUT_OFFSET))
+                .filter(|t| !t.is_zero());
+            let ask = Ask {
+                accept: accept.as_deref(),
+                timeout,
+            };
+            let reply = self.route(request.method(), request.url(), &ask);
             let mut response = tiny_http::Response::from_string(reply.body)
                 .with_status_code(reply.status)
                 .with_header(header("Content-Type", reply.content_type));
@@ -162,27 +285,84 @@ impl Exporter {
         })
     }
 
-    fn route(&self, method: &tiny_http::Method, url: &str, accept: Option<&str>) -> Reply {
-        let path = url.split('?').next().unwrap_or("");
+    fn route(&self, method: &tiny_http::Method, url: &str, ask: &Ask<'_>) -> Reply {
+        let (path, query) = url.split_once('?').unwrap_or((url, ""));
         let readable = matches!(method, tiny_http::Method::Get | tiny_http::Method::Head);
+        let probe = self.probe.as_ref().filter(|_| path == "/probe");
         match path {
             "/metrics" | "/" if !readable => Reply {
                 allow: true,
                 ..Reply::text(405, "method not allowed: use GET or HEAD\n")
             },
-            "/metrics" => {
-                let scrape = self.endpoint.scrape(accept);
-                Reply {
-                    status: scrape.status,
-                    content_type: scrape.content_type,
-                    body: scrape.body,
-                    allow: false,
+            "/probe" if probe.is_some() && !readable => Reply {
+                allow: true,
+                ..Reply::text(405, "method not allowed: use GET or HEAD\n")
+            },
+            "/metrics" => Reply::from((self.metrics)(ask)),
+            "/probe" if probe.is_some() => {
+                let target = query
+                    .split('&')
+                    .filter_map(|pair| pair.split_once('='))
+                    .find(|(key, _)| *key == "target")
+                    .map(|(_, value)| percent_decode(value));
+                match (probe, target) {
+                    (Some(probe), Some(Some(target))) if !target.is_empty() => {
+                        Reply::from(probe(&target, ask))
+                    }
+                    _ => Reply::text(
+                        400,
+                        "missing or undecodable target: ask /probe?target=NAME\n",
+                    ),
                 }
             }
-            "/" => Reply::text(200, "vmsdk guest statistics exporter: see /metrics\n"),
+            "/" if self.probe.is_some() => Reply::text(
+                200,
+                "vmsdk guest agent exporter: every guest at /metrics, one at /probe?target=NAME\n",
+            ),
+            "/" => Reply {
+                body: format!("vmsdk exporter of {}: see /metrics\n", self.what),
+                ..Reply::text(200, "")
+            },
             _ => Reply::text(404, "not found: the metrics are at /metrics\n"),
         }
     }
+}
+
+impl From<Scrape> for Reply {
+    fn from(scrape: Scrape) -> Reply {
+        Reply {
+            status: scrape.status,
+            content_type: scrape.content_type,
+            body: scrape.body,
+            allow: false,
+        }
+    }
+}
+
+/// Decodes `%XX` escapes and `+` of a query value; `None` when the result is not UTF-8 or an
+/// escape is broken.
+fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = value.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            other => {
+                out.push(other);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 fn header(name: &str, value: &str) -> tiny_http::Header {
@@ -224,16 +404,21 @@ impl Drop for RunningExporter {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "stats"))]
 mod tests {
+    use guest_stats::fake::FakeGuestStats;
     use std::io::{Read, Write};
     use std::net::TcpStream;
-    use std::time::Duration;
-
-    use guest_stats::fake::FakeGuestStats;
 
     use super::*;
     use crate::prometheus::Format;
+
+    fn ask(accept: Option<&str>) -> Ask<'_> {
+        Ask {
+            accept,
+            timeout: None,
+        }
+    }
 
     fn exporter() -> Exporter {
         let endpoint = Endpoint::builder()
@@ -259,17 +444,19 @@ mod tests {
         let exporter = exporter();
         let get = tiny_http::Method::Get;
         let post = tiny_http::Method::Post;
-        assert_eq!(exporter.route(&get, "/metrics", None).status, 200);
-        assert_eq!(exporter.route(&get, "/metrics?x=1", None).status, 200);
-        assert_eq!(exporter.route(&get, "/", None).status, 200);
-        assert_eq!(exporter.route(&get, "/other", None).status, 404);
-        let refused = exporter.route(&post, "/metrics", None);
+        assert_eq!(exporter.route(&get, "/metrics", &ask(None)).status, 200);
+        assert_eq!(exporter.route(&get, "/metrics?x=1", &ask(None)).status, 200);
+        assert_eq!(exporter.route(&get, "/", &ask(None)).status, 200);
+        assert_eq!(exporter.route(&get, "/other", &ask(None)).status, 404);
+        let refused = exporter.route(&post, "/metrics", &ask(None));
         assert_eq!((refused.status, refused.allow), (405, true));
         assert_eq!(
-            exporter.route(&tiny_http::Method::Put, "/", None).status,
+            exporter
+                .route(&tiny_http::Method::Put, "/", &ask(None))
+                .status,
             405
         );
-        let om = exporter.route(&get, "/metrics", Some("application/openmetrics-text"));
+        let om = exporter.route(&get, "/metrics", &ask(Some("application/openmetrics-text")));
         assert_eq!(om.content_type, Format::OpenMetrics.content_type());
     }
 

@@ -69,21 +69,33 @@
 //! # Ok::<(), vmsdk::Error>(())
 //! ```
 
+#[cfg(feature = "stats")]
 mod collector;
+#[cfg(feature = "stats")]
 mod endpoint;
 #[cfg(feature = "exporter")]
 mod exporter;
+#[cfg(feature = "agent")]
+mod guests;
 
 use std::fmt;
 
+#[cfg(feature = "stats")]
 use guest_stats::{Snapshot, Stat, Unit};
 use prometheus_client::registry::Registry;
 
+#[cfg(feature = "stats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stats")))]
 pub use self::collector::StatsCollector;
-pub use self::endpoint::{Endpoint, EndpointBuilder, Scrape};
+#[cfg(feature = "stats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stats")))]
+pub use self::endpoint::{Endpoint, EndpointBuilder};
 #[cfg(feature = "exporter")]
 #[cfg_attr(docsrs, doc(cfg(feature = "exporter")))]
 pub use self::exporter::{Exporter, RunningExporter, Stopper};
+#[cfg(feature = "agent")]
+#[cfg_attr(docsrs, doc(cfg(feature = "agent")))]
+pub use self::guests::GuestCollector;
 
 /// The `prometheus-client` crate this module encodes with, re-exported so that your
 /// [`Registry`] is of the same version as [`StatsCollector`]'s.
@@ -171,7 +183,53 @@ impl Format {
     }
 }
 
+/// One answer to a scrape: send it back as it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Scrape {
+    /// The HTTP status: 200, or 503 when the statistics could not be updated.
+    pub status: u16,
+    /// The exact `Content-Type` header value.
+    pub content_type: &'static str,
+    /// The exposition, or the error for a 503.
+    pub body: String,
+    /// The format of the exposition (what the `Accept` header negotiated).
+    pub format: Format,
+}
+
+impl Scrape {
+    /// Encodes `registry` in the format `accept` (a request's `Accept` header) negotiates:
+    /// 200 with the exposition, or 500 when one of the registry's metrics fails to encode.
+    pub fn of_registry(registry: &Registry, accept: Option<&str>) -> Scrape {
+        let format = Format::negotiate(accept);
+        match format.encode(registry) {
+            Ok(body) => Scrape {
+                status: 200,
+                content_type: format.content_type(),
+                body,
+                format,
+            },
+            Err(_) => Scrape::plain(500, "cannot encode the metrics\n".to_owned(), format),
+        }
+    }
+
+    /// A plain-text answer (an error, an index page).
+    pub(crate) fn plain(status: u16, body: String, format: Format) -> Scrape {
+        Scrape {
+            status,
+            content_type: PLAIN_TEXT,
+            body,
+            format,
+        }
+    }
+}
+
+/// The content type of plain-text answers (errors, the index page).
+pub(crate) const PLAIN_TEXT: &str = "text/plain; charset=utf-8";
+
 /// How one statistic appears as a metric.
+#[cfg(feature = "stats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stats")))]
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Metric {
@@ -188,6 +246,8 @@ pub struct Metric {
 }
 
 /// The metric a numeric statistic is exported as.
+#[cfg(feature = "stats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stats")))]
 pub fn metric_for(stat: Stat) -> Metric {
     let name = stat.name();
     let (stem, unit, scale) = match stat.unit() {
@@ -224,6 +284,8 @@ pub fn metric_for(stat: Stat) -> Metric {
 /// assert!(text.contains("# TYPE vmsdk_cpu_stolen_seconds_total counter"));
 /// # Ok::<(), vmsdk::Error>(())
 /// ```
+#[cfg(feature = "stats")]
+#[cfg_attr(docsrs, doc(cfg(feature = "stats")))]
 pub fn render(snapshot: &Snapshot) -> String {
     let mut registry = Registry::with_prefix(PREFIX);
     registry.register_collector(Box::new(collector::SnapshotMetrics(snapshot.clone())));
@@ -233,6 +295,7 @@ pub fn render(snapshot: &Snapshot) -> String {
 
 /// Checks that `name` is a metric or label name in every Prometheus version: ASCII letters,
 /// digits and `_`, not starting with a digit, and (for labels) not with the reserved `__`.
+#[cfg_attr(not(feature = "stats"), allow(dead_code))]
 pub(crate) fn check_name(kind: &'static str, name: &str) -> crate::Result<()> {
     let mut chars = name.chars();
     let valid = chars
@@ -256,6 +319,7 @@ pub(crate) fn check_name(kind: &'static str, name: &str) -> crate::Result<()> {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "stats")]
     #[test]
     fn names_use_base_units_and_counter_suffixes() {
         let stolen = metric_for(Stat::CpuStolenMs);
@@ -272,6 +336,7 @@ mod tests {
         assert_eq!(metric_for(Stat::CpuShares).unit, None);
     }
 
+    #[cfg(feature = "stats")]
     #[test]
     fn every_metric_name_is_unique_and_valid() {
         let mut names: Vec<String> = Stat::ALL.iter().map(|s| metric_for(*s).name).collect();

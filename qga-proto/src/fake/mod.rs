@@ -275,6 +275,70 @@ impl FakeAgent {
     }
 }
 
+/// A fake agent served on a real Unix socket, one client at a time as QEMU's chardev socket
+/// serves it ([`FakeAgent::listen_unix`]). Dropping it stops accepting and removes the
+/// socket file; a client still connected is served until it leaves.
+#[derive(Debug)]
+pub struct FakeSocket {
+    path: std::path::PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeSocket {
+    /// The socket's path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for FakeSocket {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept so that the thread sees the flag; a full queue only delays that.
+        let _ = UnixStream::connect(&self.path);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl FakeAgent {
+    /// Serves this fake on a Unix socket at `path`, as QEMU serves an agent's chardev socket
+    /// (`-chardev socket,server=on,…`): one client at a time, the next one accepted when it
+    /// leaves, so a second client waits in the listen queue exactly as with a real VM. For
+    /// tests of host-side tools that take socket paths (a monitor of many guests, a CLI).
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use qga_proto::{cmd, Client, ClientConfig};
+    /// use qga_proto::fake::FakeAgent;
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let socket = FakeAgent::linux().listen_unix(dir.path().join("101.qga"))?;
+    /// let mut client = Client::connect_unix(socket.path(), ClientConfig::default())?;
+    /// assert!(!client.call::<cmd::GuestGetHostName>(&())?.host_name.is_empty());
+    /// # Ok(()) }
+    /// ```
+    pub fn listen_unix(&self, path: impl AsRef<std::path::Path>) -> std::io::Result<FakeSocket> {
+        let path = path.as_ref().to_owned();
+        let listener = std::os::unix::net::UnixListener::bind(&path)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let agent = self.clone();
+        let stopped = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("qga-fake-socket".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Ok(stream) = stream {
+                        agent.serve_blocking(stream);
+                    }
+                }
+            })?;
+        Ok(FakeSocket { path, stop })
+    }
+}
+
 #[cfg(feature = "tokio")]
 mod async_side {
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};

@@ -28,8 +28,19 @@
 )]
 #![cfg_attr(not(feature = "mock"), doc = "[`MockGuestAgent`]: crate#features")]
 
+pub mod monitor;
+
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The agent's reply types (`GuestFilesystemInfo`, `GuestOSInfo`, ...), each with `Default`
+/// so that a test fixture names only the fields it cares about.
+pub use qga_proto::types;
+
+/// Fake agents for your tests: [`FakeAgent`](fake::FakeAgent) speaks the real wire protocol,
+/// as qemu-ga 2.11, 7.2 or 10.0 ([`AgentRelease`](fake::AgentRelease)) on Linux or Windows,
+/// with scripted faults (hangs, garbage, disconnects).
+pub use qga_proto::fake;
 
 pub use qga_proto::fake::FakeAgent;
 pub use qga_proto::{Address, ClientConfig, GuestAgent, GuestAgentExt};
