@@ -452,24 +452,13 @@ impl GuestMonitor {
         };
         let started = Instant::now();
         let deadline = started + shared.guest_deadline;
-        let outcome = timeout_at(deadline, self.poll(slot, deadline)).await;
+        let outcome = self.poll(slot, deadline).await;
         drop(permit);
         let duration_seconds = started.elapsed().as_secs_f64();
         let age_seconds = shared.cache.map(|_| 0.0);
         let (status, error, data) = match outcome {
-            Ok(Ok(data)) => (PollStatus::Up, None, Some(data)),
-            Ok(Err(error)) => (PollStatus::Down, Some(error_chain(&error)), None),
-            Err(_) => {
-                slot.lock().client = None;
-                (
-                    PollStatus::Down,
-                    Some(format!(
-                        "the guest agent did not answer within the guest deadline of {}",
-                        seconds_text(shared.guest_deadline)
-                    )),
-                    None,
-                )
-            }
+            Ok(data) => (PollStatus::Up, None, Some(data)),
+            Err(error) => (PollStatus::Down, Some(error), None),
         };
         GuestReport {
             name: slot.guest.name.clone(),
@@ -483,7 +472,7 @@ impl GuestMonitor {
     }
 
     /// One poll: connect (or reuse), `guest-info`, then the metrics' commands pipelined.
-    async fn poll(&self, slot: &Slot, deadline: Instant) -> Result<GuestData> {
+    async fn poll(&self, slot: &Slot, deadline: Instant) -> std::result::Result<GuestData, String> {
         let shared = &self.shared;
         let kept = match shared.connection {
             Connection::Keep => slot.lock().client.clone(),
@@ -493,23 +482,49 @@ impl GuestMonitor {
             Some(client) => client,
             None => {
                 let config = ClientConfig::monitoring(shared.guest_deadline);
-                Arc::new(AsyncClient::connect_address(&slot.guest.address, config).await?)
+                let connect = AsyncClient::connect_address(&slot.guest.address, config);
+                match timeout_at(deadline, connect).await {
+                    Ok(Ok(client)) => Arc::new(client),
+                    Ok(Err(error)) => return Err(error_chain(&error)),
+                    Err(_) => return Err(self.late()),
+                }
             }
         };
+        // Every step of `collect` is bounded by the deadline.
         let result = collect(&client, deadline).await;
         match (shared.connection, &result) {
             (Connection::Keep, Ok(_)) => slot.lock().client = Some(client),
             (Connection::Keep, Err(_)) => slot.lock().client = None,
             (Connection::PerPoll, _) => {
-                // Close at once so that the channel is free for other clients.
+                // Close at once so that the channel is free for other clients (after reading
+                // for at most DRAIN_TIME what an unfinished call may still send).
                 if let Ok(client) = Arc::try_unwrap(client) {
                     client.close().await;
                 }
             }
         }
-        Ok(result?)
+        result.map_err(|error| match error {
+            Late => self.late(),
+            Failed(error) => error_chain(&error),
+        })
+    }
+
+    fn late(&self) -> String {
+        format!(
+            "the guest agent did not answer within the guest deadline of {}",
+            seconds_text(self.shared.guest_deadline)
+        )
     }
 }
+
+/// Why a poll found no agent.
+enum Missing {
+    /// The deadline passed.
+    Late,
+    /// The agent or its channel failed.
+    Failed(qga_proto::Error),
+}
+use Missing::{Failed, Late};
 
 enum Started {
     Ready(Box<GuestReport>),
@@ -520,10 +535,17 @@ enum Started {
 async fn collect(
     client: &AsyncClient<BoxedStream>,
     deadline: Instant,
-) -> qga_proto::Result<GuestData> {
-    let info = match client.capabilities().await? {
-        Some(info) => info,
-        None => client.info().await?,
+) -> std::result::Result<GuestData, Missing> {
+    let info = async {
+        match client.capabilities().await? {
+            Some(info) => Ok(info),
+            None => client.info().await,
+        }
+    };
+    let info = match timeout_at(deadline, info).await {
+        Ok(Ok(info)) => info,
+        Ok(Err(error)) => return Err(Failed(error)),
+        Err(_) => return Err(Late),
     };
     let has = |name: &str| info.is_enabled(name);
     let mut failures = Vec::new();
