@@ -6,6 +6,7 @@
 mod agent;
 mod detect;
 mod disk;
+mod guests;
 mod stats;
 
 use std::process::ExitCode;
@@ -33,6 +34,9 @@ enum Command {
     Disk(disk::DiskArgs),
     /// Talk to a QEMU guest agent: read-only commands, typed, and raw JSON.
     Agent(agent::AgentArgs),
+    /// The guest agents of many VMs on this host in one bounded scrape: a table, JSON, or
+    /// Prometheus metrics (--listen).
+    Guests(guests::GuestsArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
         // Disks and agents are named by URI: they need the backend choice, not detection.
         Command::Disk(args) => backend(&cli).and_then(|b| disk::run(b, args)),
         Command::Agent(args) => backend(&cli).and_then(|b| agent::run(b, args)),
+        Command::Guests(args) => guests::run(args),
     };
     match outcome {
         Ok(code) => code,
