@@ -17,6 +17,11 @@ const FEATURE_SETS: &[&str] = &[
     "stats,agent,disk,mock",
     "stats,prometheus-client",
     "stats,prometheus-client,exporter",
+    // A host-side exporter of guest agent metrics: no in-guest statistics crate.
+    "agent,prometheus-client",
+    "agent,exporter",
+    "prometheus-client",
+    "exporter",
 ];
 
 /// Each capability crate's features, linted one at a time with the crate's defaults off, so a
@@ -43,8 +48,8 @@ const CAPABILITY_CRATES: &[(&str, &[&str])] = &[
     ("exporter", &["tiny_http"]),
 ];
 
-/// Lints every feature set, runs the facade's doc tests with statistics only, and checks the
-/// dependency trees.
+/// Lints every feature set and builds its docs with warnings denied, runs the facade's doc
+/// tests with statistics only, and checks the dependency trees.
 pub fn check(root: &Path, cargo: &str) -> Result<(), String> {
     for features in FEATURE_SETS {
         let mut args = vec!["clippy", "--quiet", "-p", "vmsdk", "--no-default-features"];
@@ -54,6 +59,27 @@ pub fn check(root: &Path, cargo: &str) -> Result<(), String> {
         args.extend(["--lib", "--", "-D", "warnings"]);
         let name = format!("clippy vmsdk [{}]", display(features));
         step(root, &name, cargo, &args, &[])?;
+        // The docs of each feature set render without a broken link (a link to what the set
+        // leaves out goes to docs.rs).
+        let mut args = vec![
+            "doc",
+            "--quiet",
+            "-p",
+            "vmsdk",
+            "--no-deps",
+            "--no-default-features",
+        ];
+        if !features.is_empty() {
+            args.extend(["--features", features]);
+        }
+        let name = format!("docs vmsdk [{}]", display(features));
+        step(
+            root,
+            &name,
+            cargo,
+            &args,
+            &[("RUSTDOCFLAGS", "-D warnings")],
+        )?;
     }
     for (package, features) in CRATE_FEATURES {
         for features in *features {

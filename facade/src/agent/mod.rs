@@ -3,7 +3,9 @@
 //!
 //! The agent is reached asynchronously (tokio): call these inside a runtime. The handle is an
 //! `Arc<dyn GuestAgent>`, so clone it into as many tasks as you like; a mock
-//! ([`MockGuestAgent`], feature `mock`) or the [`fake`] fits the same type in your tests.
+//! ([`MockGuestAgent`][link-mock], feature `mock`) or the [`fake()`] fits the same type in your
+//! tests; the reply types are in [`types`], each with `Default`, and the fake agents of every
+//! release in [`fake`](mod@fake).
 //!
 //! ```
 //! use std::sync::Arc;
@@ -22,11 +24,27 @@
 //! # }
 //! ```
 //!
+//! # Monitoring programs: a client per poll, or one kept
+//!
+//! QEMU's chardev socket (`-chardev socket,server=on`, Proxmox's `/var/run/qemu-server/VMID.qga`,
+//! libvirt's channel socket) serves **one client at a time** and queues one more; a further
+//! connect fails with EAGAIN, which the clients retry for
+//! [`ClientConfig::connect_timeout`] (default 5 s) and then report as
+//! [`qga_proto::Error::ChannelBusy`]. So a program that polls agents should connect per poll
+//! and close at once, as Proxmox does, with [`ClientConfig::monitoring`] (one deadline split
+//! into connect, one sync attempt and the replies) — what [`monitor::GuestMonitor`] does for
+//! many guests in one bounded scrape. Keep one client only on a channel nobody else uses (a
+//! second agent channel dedicated to monitoring, a test agent): it saves the connect and the
+//! `guest-sync` handshake. On a libvirt host libvirt holds the agent socket for the domain's
+//! whole life, and a direct connection is never served: go through libvirt
+//! (`virDomainGetGuestInfo`, `virsh guestinfo`) or give the guest a second channel.
+
+#![cfg_attr(feature = "mock", doc = "", doc = "[link-mock]: crate::mock")]
 #![cfg_attr(
-    feature = "mock",
-    doc = "[`MockGuestAgent`]: crate::mock::MockGuestAgent"
+    not(feature = "mock"),
+    doc = "",
+    doc = "[link-mock]: https://docs.rs/vmsdk/latest/vmsdk/mock/index.html"
 )]
-#![cfg_attr(not(feature = "mock"), doc = "[`MockGuestAgent`]: crate#features")]
 
 pub mod monitor;
 
@@ -37,9 +55,10 @@ use std::time::Duration;
 /// so that a test fixture names only the fields it cares about.
 pub use qga_proto::types;
 
-/// Fake agents for your tests: [`FakeAgent`](fake::FakeAgent) speaks the real wire protocol,
-/// as qemu-ga 2.11, 7.2 or 10.0 ([`AgentRelease`](fake::AgentRelease)) on Linux or Windows,
-/// with scripted faults (hangs, garbage, disconnects).
+/// Fake agents for your tests: [`FakeAgent`] speaks the real wire protocol, as qemu-ga 2.11,
+/// 7.2 or 10.0 ([`fake::AgentRelease`]) on Linux or Windows, with scripted faults (hangs,
+/// garbage, disconnects), in memory or on a Unix socket served like QEMU's chardev
+/// ([`FakeAgent::listen_unix`]).
 pub use qga_proto::fake;
 
 pub use qga_proto::fake::FakeAgent;

@@ -31,9 +31,10 @@ struct Ask<'a> {
 type MetricsHandler = Box<dyn Fn(&Ask<'_>) -> Scrape + Send + Sync>;
 type ProbeHandler = Box<dyn Fn(&str, &Ask<'_>) -> Scrape + Send + Sync>;
 
-/// A Prometheus exporter: serves the guest statistics ([`Exporter::bind`]), any
+/// A Prometheus exporter: serves the guest statistics ([`Exporter::bind`][link-bind]), any
 /// `prometheus-client` [`Registry`] ([`Exporter::bind_registry`]) or the guest agent metrics
-/// of many guests ([`Exporter::bind_guests`], with `/probe?target=NAME` beside `/metrics`).
+/// of many guests ([`Exporter::bind_guests`][link-bind-guests], with `/probe?target=NAME`
+/// beside `/metrics`).
 ///
 /// `GET` and `HEAD` of `/metrics` answer in the format the `Accept` header negotiates
 /// (OpenMetrics 1.0 for Prometheus, text 0.0.4 for everyone else) with its exact
@@ -53,6 +54,22 @@ type ProbeHandler = Box<dyn Fn(&str, &Ask<'_>) -> Scrape + Send + Sync>;
 /// # }
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+#[cfg_attr(feature = "stats", doc = "", doc = "[link-bind]: Exporter::bind")]
+#[cfg_attr(
+    not(feature = "stats"),
+    doc = "",
+    doc = "[link-bind]: https://docs.rs/vmsdk/latest/vmsdk/prometheus/struct.Exporter.html#method.bind"
+)]
+#[cfg_attr(
+    feature = "agent",
+    doc = "",
+    doc = "[link-bind-guests]: Exporter::bind_guests"
+)]
+#[cfg_attr(
+    not(feature = "agent"),
+    doc = "",
+    doc = "[link-bind-guests]: https://docs.rs/vmsdk/latest/vmsdk/prometheus/struct.Exporter.html#method.bind_guests"
+)]
 pub struct Exporter {
     server: Arc<tiny_http::Server>,
     metrics: MetricsHandler,

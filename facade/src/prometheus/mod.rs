@@ -1,19 +1,26 @@
-//! Guest statistics as Prometheus metrics, encoded by the official `prometheus-client` crate.
+//! Prometheus metrics encoded by the official `prometheus-client` crate: the guest statistics
+//! of this VM (feature `stats`) and the guest agent metrics of many guests on a host (feature
+//! `agent`).
 //!
-//! Three ways in, from the most to the least integrated:
+//! For the statistics of this VM, three ways in, from the most to the least integrated:
 //!
-//! - [`StatsCollector`]: a `prometheus-client` [`Collector`](prometheus_client::collector::Collector)
-//!   for the [`Registry`] your program already serves. Each encode of the registry takes a
-//!   fresh sample, so a scrape always sees current values and the rates since the previous
-//!   scrape.
-//! - [`Endpoint`]: the answer to a `/metrics` request, for the HTTP server you already run
-//!   (axum, hyper, actix, ...): give it the request's `Accept` header, send back the status,
-//!   `Content-Type` and body it returns.
-//! - [`Exporter`] (feature `exporter`): a ready `/metrics` server on tiny_http, the one
-//!   `vmsdk stats --listen` runs.
+//! - [`StatsCollector`][link-stats-collector]: a `prometheus-client`
+//!   [`Collector`](prometheus_client::collector::Collector) for the [`Registry`] your program
+//!   already serves. Each encode of the registry takes a fresh sample, so a scrape always sees
+//!   current values and the rates since the previous scrape.
+//! - [`Endpoint`][link-endpoint]: the answer to a `/metrics` request, for the HTTP server you
+//!   already run (axum, hyper, actix, ...): give it the request's `Accept` header, send back
+//!   the status, `Content-Type` and body it returns.
+//! - [`Exporter`][link-exporter] (feature `exporter`): a ready `/metrics` server on tiny_http,
+//!   the one `vmsdk stats --listen` runs.
 //!
-//! [`render`] gives one exposition of a [`Snapshot`] as a string (what `vmsdk stats --format
-//! prometheus` prints; node_exporter's textfile collector reads it too).
+//! [`render`][link-render] gives one exposition of a statistics snapshot as a string (what
+//! `vmsdk stats --format prometheus` prints; node_exporter's textfile collector reads it too).
+//!
+//! For the guests of a host, [`GuestCollector`][link-guest-collector] turns the answers of a
+//! [`GuestMonitor`][link-guest-monitor]'s scrape into `vmsdk_guest_*` metrics (named after
+//! node_exporter's), and the exporter serves them with Prometheus' multi-target `/probe`
+//! (`vmsdk guests --listen`).
 //!
 //! # Names
 //!
@@ -37,7 +44,7 @@
 //! | `vmsdk_session_changes_total` | counter | session changes seen (vMotion, suspend/resume, snapshot revert) |
 //! | `vmsdk_stats_up` | gauge | 1 when the last update of the statistics succeeded, else 0 |
 //!
-//! The interval metrics are those of [`Sampler`](guest_stats::Sampler): they cover the time
+//! The interval metrics are those of [`Sampler`][link-sampler]: they cover the time
 //! since the previous scrape and are left out when there is none, or when the session changed
 //! in between (counters of two sessions cannot be subtracted). Prometheus can also compute
 //! rates itself from the counters: `rate(vmsdk_cpu_stolen_seconds_total[5m])`.
@@ -51,6 +58,7 @@
 //! refuses a scrape without a valid one.
 //!
 //! ```
+//! # #[cfg(feature = "stats")] {
 //! use vmsdk::guest_stats::fake::FakeGuestStats;
 //! use vmsdk::prometheus::{Endpoint, Format};
 //!
@@ -66,8 +74,44 @@
 //! assert!(scrape.body.contains("# UNIT vmsdk_cpu_stolen_seconds seconds"));
 //! assert!(scrape.body.contains("vmsdk_cpu_stolen_seconds_total{vm=\"db-1\",backend=\"fake\"}"));
 //! assert!(scrape.body.ends_with("# EOF\n"));
+//! # }
 //! # Ok::<(), vmsdk::Error>(())
 //! ```
+
+#![cfg_attr(
+    feature = "stats",
+    doc = "",
+    doc = "[link-stats-collector]: StatsCollector",
+    doc = "[link-endpoint]: Endpoint",
+    doc = "[link-render]: render",
+    doc = "[link-sampler]: guest_stats::Sampler"
+)]
+#![cfg_attr(
+    not(feature = "stats"),
+    doc = "",
+    doc = "[link-stats-collector]: https://docs.rs/vmsdk/latest/vmsdk/prometheus/struct.StatsCollector.html",
+    doc = "[link-endpoint]: https://docs.rs/vmsdk/latest/vmsdk/prometheus/struct.Endpoint.html",
+    doc = "[link-render]: https://docs.rs/vmsdk/latest/vmsdk/prometheus/fn.render.html",
+    doc = "[link-sampler]: https://docs.rs/guest-stats/latest/guest_stats/struct.Sampler.html"
+)]
+#![cfg_attr(feature = "exporter", doc = "", doc = "[link-exporter]: Exporter")]
+#![cfg_attr(
+    not(feature = "exporter"),
+    doc = "",
+    doc = "[link-exporter]: https://docs.rs/vmsdk/latest/vmsdk/prometheus/struct.Exporter.html"
+)]
+#![cfg_attr(
+    feature = "agent",
+    doc = "",
+    doc = "[link-guest-collector]: GuestCollector",
+    doc = "[link-guest-monitor]: crate::agent::monitor::GuestMonitor"
+)]
+#![cfg_attr(
+    not(feature = "agent"),
+    doc = "",
+    doc = "[link-guest-collector]: https://docs.rs/vmsdk/latest/vmsdk/prometheus/struct.GuestCollector.html",
+    doc = "[link-guest-monitor]: https://docs.rs/vmsdk/latest/vmsdk/agent/monitor/struct.GuestMonitor.html"
+)]
 
 #[cfg(feature = "stats")]
 mod collector;
@@ -98,7 +142,7 @@ pub use self::exporter::{Exporter, RunningExporter, Stopper};
 pub use self::guests::GuestCollector;
 
 /// The `prometheus-client` crate this module encodes with, re-exported so that your
-/// [`Registry`] is of the same version as [`StatsCollector`]'s.
+/// [`Registry`] is of the same version as vmsdk's collectors'.
 pub use prometheus_client;
 
 /// The prefix of every metric name.
