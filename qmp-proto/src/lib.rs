@@ -21,6 +21,9 @@ mod client;
 pub mod cmd;
 mod error;
 pub mod events;
+#[cfg(feature = "fake")]
+#[cfg_attr(docsrs, doc(cfg(feature = "fake")))]
+pub mod fake;
 mod job;
 mod monitor;
 pub mod session;

@@ -30,6 +30,7 @@ const FEATURE_SETS: &[&str] = &[
 const CRATE_FEATURES: &[(&str, &[&str])] = &[
     ("guest-stats", &["", "vmware", "linux", "mock"]),
     ("qga-proto", &["", "tokio", "mock"]),
+    ("qmp-proto", &["", "tokio", "mock", "fake"]),
     (
         "disk-transport",
         &["", "file", "nbd", "tls", "vddk", "mock"],
