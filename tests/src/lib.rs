@@ -16,6 +16,7 @@ pub mod disk;
 pub mod peers;
 pub mod qemu;
 pub mod qga;
+pub mod qmp;
 pub mod tls;
 
 /// Whether this process runs as root (uid 0), from `/proc/self/status`.
