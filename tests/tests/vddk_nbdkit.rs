@@ -26,6 +26,12 @@ const PLUGIN: &str = "usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-vddk-plugin
 /// The stand-in's allocation unit.
 const CHUNK: u64 = 64 * 1024;
 
+/// The password the stand-in accepts for remote logins (`standin.password`).
+const PASSWORD: &str = "stand-in secret";
+
+/// A thumbprint for remote connections (the stand-in records it and checks nothing more).
+const THUMBPRINT: &str = "AA:BB:CC:DD:EE:FF:00:11:22:33:44:55:66:77:88:99:AA:BB:CC:DD";
+
 /// The disk: 8 MiB (whole chunks: nbdkit queries whole chunks up to the rounded-up end).
 const SIZE: u64 = 8 << 20;
 
@@ -70,8 +76,10 @@ impl Fixture {
             std::fs::write(
                 dir.path().join(format!("{who}.conf")),
                 format!(
-                    "# The stand-in VDDK, as {who} loads it\nstandin.fileDisks = 1\nstandin.statsFile = {}\n",
-                    dir.path().join(format!("{who}-stats.json")).display()
+                    "# The stand-in VDDK, as {who} loads it\nstandin.fileDisks = 1\nstandin.statsFile = {}\n\
+                     standin.datastoreDir = {}\nstandin.password = {PASSWORD}\n",
+                    dir.path().join(format!("{who}-stats.json")).display(),
+                    dir.path().join("datastores").display()
                 ),
             )
             .unwrap();
@@ -204,6 +212,110 @@ fn nbdkit_vddk_plugin_and_vmsdk_share_standin_disks() {
     read_the_same_disk(&fixture, &vddk);
     write_a_created_disk(&fixture, &vddk);
     map_the_tail_of_an_odd_sized_disk(&fixture, &vddk);
+    share_a_remote_disk_in_the_datastore_directory(&fixture, &vddk);
+}
+
+/// nbdkit's remote-connection arguments for the stand-in's vCenter, with `password`.
+fn remote_args(fixture: &Fixture, password: &str) -> Vec<String> {
+    vec![
+        "-r".to_owned(),
+        "vddk".to_owned(),
+        format!("libdir={}", fixture.dir.path().display()),
+        fixture.arg("config", "nbdkit.conf"),
+        "server=vc.example".to_owned(),
+        "user=backup@vsphere.local".to_owned(),
+        format!("password={password}"),
+        format!("thumbprint={THUMBPRINT}"),
+        "vm=moref=vm-7".to_owned(),
+        "snapshot=snapshot-3".to_owned(),
+        "transports=nbdssl".to_owned(),
+        "file=[ds1] vm-7/vm-7.vmdk".to_owned(),
+    ]
+}
+
+/// A remote disk as a user's integration test sets it up: an image copied into the stand-in's
+/// datastore directory is `[ds1] vm-7/vm-7.vmdk` on "vCenter". vmsdk's VDDK backend writes to
+/// it over a remote connection in this process; nbdkit's vddk plugin, another process, then
+/// serves what was written (the disk persists in its file). With a wrong password the stand-in
+/// refuses nbdkit's login with VDDK's code and no client gets the disk.
+fn share_a_remote_disk_in_the_datastore_directory(fixture: &Fixture, vddk: &VddkTransport) {
+    let generation = Generation::Trixie;
+    let image = fixture.path("datastores/ds1/vm-7/vm-7.vmdk");
+    std::fs::create_dir_all(image.parent().unwrap()).unwrap();
+    std::fs::copy(fixture.path("disk.img"), &image).unwrap();
+
+    let params = ConnectParams::builder()
+        .server("vc.example")
+        .user_password("backup@vsphere.local", PASSWORD)
+        .thumbprint(disk_transport::Thumbprint::new(THUMBPRINT).unwrap())
+        .vm("moref=vm-7")
+        .read_write()
+        .build()
+        .unwrap();
+    let connection = vddk.connect_vddk(&params).unwrap();
+    let disk = connection
+        .open_disk("[ds1] vm-7/vm-7.vmdk", OpenFlags::read_write())
+        .unwrap();
+    let island = random_bytes(CHUNK as usize, 9);
+    disk.write_at(&island, 6 * CHUNK).unwrap();
+    disk.flush().unwrap();
+    disk.close().unwrap();
+    connection.disconnect().unwrap();
+    let written_sha = sha256_file(&image);
+
+    let args = remote_args(fixture, PASSWORD);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = NbdServer::nbdkit_in(generation, &args).expect("nbdkit was found before");
+    let copy = fixture.path("remote-copy.img");
+    let out = nbd_tool(generation, "nbdcopy")
+        .expect("nbdcopy")
+        .arg(server.uri())
+        .arg(&copy)
+        .output();
+    vmsdk_tests::assert_success(&out, "nbdcopy from nbdkit-vddk's remote disk");
+    assert_eq!(
+        sha256_file(&copy),
+        written_sha,
+        "nbdkit serves what vmsdk wrote to the remote disk in another process"
+    );
+    let nbd_map = merge_map(&nbdinfo_map_in(generation, &server.uri(), None).expect("nbdinfo"));
+    assert!(
+        nbd_map
+            .iter()
+            .any(|&(o, l, f)| f == DATA && o <= 6 * CHUNK && 7 * CHUNK <= o + l),
+        "the written chunk is data: {nbd_map:?}"
+    );
+    drop(server);
+    let theirs = assert_no_violations(fixture, "nbdkit");
+    let connect = &theirs["connects"]["moref=vm-7"];
+    assert_eq!(connect["server"], "vc.example", "{theirs}");
+    assert_eq!(connect["snapshot"], "snapshot-3", "{theirs}");
+    assert_eq!(connect["transports"], "nbdssl", "{theirs}");
+    assert_eq!(connect["thumbprint"], THUMBPRINT, "{theirs}");
+    assert_no_violations(fixture, "vmsdk");
+
+    // The login failure switch: the stand-in refuses nbdkit's ConnectEx with
+    // VIX_E_AUTHENTICATION_FAIL, so nbdkit refuses the client and opens nothing.
+    let args = remote_args(fixture, "wrong password");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let server = NbdServer::nbdkit_in(generation, &args).expect("nbdkit was found before");
+    let out = nbd_tool(generation, "nbdcopy")
+        .expect("nbdcopy")
+        .arg(server.uri())
+        .arg(fixture.path("refused.img"))
+        .output();
+    assert!(
+        !out.status.success(),
+        "nbdcopy got a disk past a refused login"
+    );
+    assert!(open_uri(&server.uri(), OpenFlags::read_only()).is_err());
+    drop(server);
+    let theirs = assert_no_violations(fixture, "nbdkit");
+    assert!(
+        count(&theirs["calls"]["VixDiskLib_ConnectEx"]) >= 1,
+        "{theirs}"
+    );
+    assert_eq!(count(&theirs["calls"]["VixDiskLib_Open"]), 0, "{theirs}");
 }
 
 /// A file-backed disk read by nbdinfo, nbdcopy and vmsdk's NBD client through nbdkit-vddk, and
