@@ -186,11 +186,15 @@ impl ConnectParams {
     pub fn transport_modes_string(&self) -> Option<String> {
         self.transport_modes.as_deref().map(format_transport_modes)
     }
-    /// Directory holding `libvixDiskLib.so` (InitEx `libDir`).
+    /// Directory holding `libvixDiskLib.so` (InitEx `libDir`), as a `vddk://` URI gives it.
+    /// The VDDK backend is configured once per process by its `VddkOptions`; this is read by
+    /// `VddkTransport::from_params` and otherwise only compared with the library in use (a
+    /// different one is an error).
     pub fn libdir(&self) -> Option<&std::path::Path> {
         self.libdir.as_deref()
     }
-    /// InitEx configuration file (see [`Config`](crate::Config)).
+    /// InitEx configuration file (see [`Config`](crate::Config)), as a `vddk://` URI gives it;
+    /// like [`libdir`](Self::libdir), it must agree with the one the process initialised.
     pub fn config_path(&self) -> Option<&std::path::Path> {
         self.config_path.as_deref()
     }

@@ -22,7 +22,20 @@
 //!   with `ReadAsync`/`WriteAsync` and completed on a per-disk thread, and every synchronous call
 //!   first `Wait`s for them (VDDK rejects mixing the two).
 //! - **Close before Disconnect.** A disk keeps its connection alive; the connection is
-//!   disconnected when the last of them is dropped.
+//!   disconnected when the last of them is dropped. [`VddkDisk::close`] and
+//!   [`VddkConnection::disconnect`] do it now and return VDDK's error, which a drop can only
+//!   log; the drop stays as the safety net.
+//!
+//! # Configuration, checked before InitEx
+//!
+//! [`VddkOptions`] is the one place for the library directory, the InitEx configuration file
+//! and the log hook (the `libdir`/`config_path` of [`ConnectParams`] serve `vddk://` URIs and
+//! must agree with them). The configuration file is parsed by [`Config::check_path`](crate::Config::check_path)
+//! before anything is loaded: a malformed line or an out-of-range value is an
+//! [`Error::Config`] naming the file, line and key, and InitEx does not run; a key neither the
+//! VDDK guide nor this crate knows is a warning naming the nearest known key ("did you mean
+//! vixDiskLib.nfc.ReadTimeoutMs?") and still reaches VDDK, or an error with
+//! [`VddkOptions::strict_config`].
 //!
 //! # Logging and secrets
 //!
@@ -717,7 +730,8 @@ impl VddkTransport {
         })
     }
 
-    /// [`new`](Self::new) with the `libdir` and `config_path` of connection parameters.
+    /// [`new`](Self::new) with the `libdir` and `config_path` of connection parameters (the
+    /// `vddk://` URI path). Build options yourself to set a log hook or strict checking.
     pub fn from_params(params: &ConnectParams) -> Result<Self> {
         Self::new(&VddkOptions::from_params(params))
     }
