@@ -15,7 +15,9 @@
 //! Start it with `LD_LIBRARY_PATH=<libdir>/lib64` if VDDK cannot find its own libraries.
 
 use disk_transport::vddk::{VddkOptions, VddkTransport};
-use disk_transport::{parse_transport_modes, ConnectParams, DiskTransport, OpenFlags, Thumbprint};
+use disk_transport::{
+    parse_transport_modes, ConnectParams, Disk, DiskTransport, OpenFlags, Thumbprint,
+};
 
 fn main() {
     if let Err(e) = run() {
@@ -36,16 +38,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     while let Some(arg) = args.next() {
         let mut value = || args.next().ok_or(format!("{arg} needs a value; {USAGE}"));
         match arg.as_str() {
-            "--libdir" => {
-                let dir = value()?;
-                options = options.libdir(&dir);
-                params = params.libdir(dir);
-            }
-            "--config" => {
-                let file = value()?;
-                options = options.config_path(&file);
-                params = params.config_path(file);
-            }
+            // The library and its configuration belong to the options (once per process),
+            // not to the connection parameters.
+            "--libdir" => options = options.libdir(value()?),
+            // Checked before InitEx; a misspelt key stops the program here.
+            "--config" => options = options.config_path(value()?).strict_config(true),
             "--server" => params = params.server(value()?),
             "--user" => {
                 let password = std::env::var("VC_PASSWORD").map_err(|_| "set VC_PASSWORD")?;
@@ -71,13 +68,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     println!("library transports: {}", vddk.transport_modes_text());
     println!("planned transports: {:?}", vddk.plan(&params)?);
 
-    // Keep Storage vMotion off the VM while its disk is open (EndAccess when `_access` drops).
-    let _access = match params.vm() {
+    // Keep Storage vMotion off the VM while its disk is open (EndAccess also when `access`
+    // drops on an error path).
+    let access = match params.vm() {
         Some(_) => Some(vddk.prepare_for_access(&params, "vddk_map example")?),
         None => None,
     };
-    let connection = vddk.connect(&params)?;
-    let disk = connection.open(&disk_path, OpenFlags::read_only())?;
+    let connection = vddk.connect_vddk(&params)?;
+    let disk = connection.open_disk(&disk_path, OpenFlags::read_only())?;
     let info = disk.info()?;
     println!("{}", serde_json::to_string_pretty(&info)?);
     let mut allocated = 0;
@@ -91,5 +89,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         );
     }
     println!("{allocated} of {} bytes to copy", info.capacity);
+    // Close, Disconnect and EndAccess now, in VDDK's order, to see their errors (a drop can
+    // only log them).
+    disk.close()?;
+    connection.disconnect()?;
+    if let Some(access) = access {
+        access.end()?;
+    }
     Ok(())
 }
