@@ -73,6 +73,11 @@ pub enum Error {
     #[cfg_attr(docsrs, doc(cfg(feature = "agent")))]
     #[error(transparent)]
     Agent(#[from] qga_proto::Error),
+    /// The QEMU monitor (QMP) client failed.
+    #[cfg(feature = "qmp")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "qmp")))]
+    #[error(transparent)]
+    Qmp(#[from] qmp_proto::Error),
     /// A disk backend failed.
     #[cfg(feature = "disk")]
     #[cfg_attr(docsrs, doc(cfg(feature = "disk")))]

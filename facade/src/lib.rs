@@ -28,6 +28,7 @@
 //! | `stats` | yes | [`Platform::guest_stats`][link-Platform-guest-stats], [`guest_stats`][link-guest-stats] (VMware backdoor, Linux procfs, the fake) |
 //! | `agent` | yes | [`agent`][link-agent]: QEMU guest agent clients on tokio, [`qga_proto`][link-qga-proto], the fake agent |
 //! | `disk` | yes | [`disk`][link-disk]: disks by URI (file, NBD, VDDK, memory), [`disk_transport`][link-disk-transport], the copy engine |
+//! | `qmp` | no | [`qmp`][link-qmp]: QEMU's monitor protocol, a blocking client with typed commands, events and jobs, [`qmp_proto`][link-qmp-proto] |
 //! | `mock` | no | mockall mocks of every trait, gathered in [`mock`][link-mock] |
 //! | `prometheus-client` | no | [`prometheus`][link-prometheus]: metrics through the official `prometheus-client` crate, OpenMetrics and text 0.0.4 with content negotiation: with `stats` the statistics of this VM, with `agent` the guest agent metrics of many guests on a host (`GuestCollector`) |
 //! | `exporter` | no | [`prometheus::Exporter`][link-prometheus-Exporter], a `/metrics` server (tiny_http) for any registry, with `/probe?target=` for guests |
@@ -113,6 +114,18 @@
     doc = "[link-disk-transport]: https://docs.rs/disk-transport",
     doc = "[link-disk]: https://docs.rs/vmsdk/latest/vmsdk/disk/index.html"
 )]
+#![cfg_attr(
+    feature = "qmp",
+    doc = "",
+    doc = "[link-qmp-proto]: qmp_proto",
+    doc = "[link-qmp]: qmp"
+)]
+#![cfg_attr(
+    not(feature = "qmp"),
+    doc = "",
+    doc = "[link-qmp-proto]: https://docs.rs/qmp-proto",
+    doc = "[link-qmp]: https://docs.rs/vmsdk/latest/vmsdk/qmp/index.html"
+)]
 #![cfg_attr(feature = "mock", doc = "", doc = "[link-mock]: mock")]
 #![cfg_attr(
     not(feature = "mock"),
@@ -157,6 +170,9 @@ mod platform;
 #[cfg(feature = "prometheus-client")]
 #[cfg_attr(docsrs, doc(cfg(feature = "prometheus-client")))]
 pub mod prometheus;
+#[cfg(feature = "qmp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "qmp")))]
+pub mod qmp;
 
 pub use detect::{detect, ConfidentialVm, Container, Detection, Detector, Evidence, Hypervisor};
 pub use error::{Error, Result};
@@ -176,3 +192,8 @@ pub use qga_proto;
 #[cfg(feature = "disk")]
 #[cfg_attr(docsrs, doc(cfg(feature = "disk")))]
 pub use disk_transport;
+
+/// The QEMU monitor crate, re-exported so one dependency is enough.
+#[cfg(feature = "qmp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "qmp")))]
+pub use qmp_proto;

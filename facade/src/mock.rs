@@ -34,3 +34,7 @@ pub use qga_proto::MockGuestAgent;
 #[cfg(feature = "disk")]
 #[cfg_attr(docsrs, doc(cfg(feature = "disk")))]
 pub use disk_transport::{MockConnection, MockDisk, MockDiskTransport};
+
+#[cfg(feature = "qmp")]
+#[cfg_attr(docsrs, doc(cfg(feature = "qmp")))]
+pub use qmp_proto::MockMonitor;

@@ -1,7 +1,8 @@
 //! A real QEMU for QMP tests: `qemu-system-x86_64` of a [`Generation`] started paused (`-S`)
 //! with no machine, no devices and no display, its QMP socket in a temporary directory the
-//! test owns. Nothing runs in it; it serves block nodes, jobs, bitmaps and NBD exports over
-//! QMP. It is killed by PID when the handle drops.
+//! test owns, and a second QMP socket for a second client (QEMU serves one client per monitor).
+//! Nothing runs in it; it serves block nodes, jobs, bitmaps and NBD exports over QMP. It is
+//! killed by PID when the handle drops.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
@@ -46,6 +47,11 @@ impl Qemu {
             .args(machine_args)
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                dir.path().join("qmp2.sock").display()
+            ))
             .arg("-D")
             .arg(&log)
             .bind(dir.path());
@@ -96,6 +102,11 @@ impl Qemu {
     /// The socket as a `qmp+unix://` address.
     pub fn address(&self) -> String {
         format!("qmp+unix://{}", self.socket.display())
+    }
+
+    /// The second monitor's socket as a `qmp+unix://` address.
+    pub fn second_address(&self) -> String {
+        format!("qmp+unix://{}", self.dir.path().join("qmp2.sock").display())
     }
 
     /// The test's directory (visible to QEMU at the same path): images and NBD sockets go here.

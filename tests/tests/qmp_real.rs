@@ -584,3 +584,121 @@ fn run_job_finalizes_a_pending_backup_and_returns_its_info() {
         assert!(client.call::<QueryJobs>(&()).unwrap().is_empty());
     });
 }
+
+/// Runs `vmsdk ARGS`, returning its exit code, standard output and standard error.
+fn vmsdk(args: &[&str]) -> Option<(i32, String, String)> {
+    let binary = vmsdk_tests::vmsdk_binary()?;
+    let out = std::process::Command::new(binary)
+        .args(args)
+        .output()
+        .expect("run vmsdk");
+    Some((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    ))
+}
+
+#[test]
+fn vmsdk_qmp_command_line() {
+    for_each_generation(&["qemu-system-x86_64"], |generation| {
+        let Some(qemu) = Qemu::start_in(generation) else {
+            return;
+        };
+        eprintln!("running against {}", qemu.version());
+        let uri = qemu.address();
+        let Some((code, out, _)) = vmsdk(&["qmp", &uri, "status"]) else {
+            return;
+        };
+        assert_eq!(code, 0);
+        assert!(out.starts_with("prelaunch\nQEMU "), "{out}");
+
+        // Nodes and bitmaps made through `raw`, then listed as tables and as JSON.
+        let (code, out, err) = vmsdk(&[
+            "qmp",
+            &uri,
+            "raw",
+            "blockdev-add",
+            r#"{"driver": "null-co", "node-name": "disk0", "size": 1048576}"#,
+        ])
+        .unwrap();
+        assert_eq!((code, out.trim()), (0, "{}"), "{err}");
+        let (code, _, err) = vmsdk(&[
+            "qmp",
+            &uri,
+            "raw",
+            "block-dirty-bitmap-add",
+            r#"{"node": "disk0", "name": "b0"}"#,
+        ])
+        .unwrap();
+        assert_eq!(code, 0, "{err}");
+        let (_, disks, _) = vmsdk(&["qmp", &uri, "disks"]).unwrap();
+        let lines: Vec<&str> = disks.lines().collect();
+        assert!(lines[0].starts_with("NODE"), "{disks}");
+        let row: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(&row[..4], ["disk0", "null-co", "1048576", "rw"], "{disks}");
+        assert_eq!(row.last(), Some(&"b0"), "{disks}");
+        let (_, bitmaps, _) = vmsdk(&["qmp", &uri, "bitmaps", "--json"]).unwrap();
+        let bitmaps: serde_json::Value = serde_json::from_str(&bitmaps).unwrap();
+        assert_eq!(bitmaps[0]["node"], "disk0");
+        assert_eq!(bitmaps[0]["name"], "b0");
+        assert_eq!(bitmaps[0]["recording"], true);
+        let (_, jobs, _) = vmsdk(&["qmp", &uri, "jobs", "--json"]).unwrap();
+        assert_eq!(jobs.trim(), "[]");
+        let (_, exports, _) = vmsdk(&["qmp", &uri, "exports"]).unwrap();
+        assert_eq!(exports.trim(), "ID  TYPE  NODE  STATE");
+
+        // QEMU's refusal is the message, exit code 1, as `vmsdk agent` does.
+        let (code, _, err) = vmsdk(&["qmp", &uri, "raw", "no-such-command"]).unwrap();
+        assert_eq!(code, 1);
+        assert_eq!(
+            err.trim(),
+            "vmsdk: QEMU refused no-such-command (CommandNotFound): The command \
+             no-such-command has not been found"
+        );
+        let (code, _, err) = vmsdk(&["qmp", &uri, "raw", "stop", "[1]"]).unwrap();
+        assert_eq!(code, 1);
+        assert!(err.contains("must be a JSON object"), "{err}");
+
+        // Events of a run-state change made through the second monitor, as JSON lines.
+        let events = {
+            let uri = uri.clone();
+            std::thread::spawn(move || {
+                vmsdk(&["qmp", &uri, "events", "--count", "2", "--timeout", "20s"]).unwrap()
+            })
+        };
+        let mut second = Client::connect(&qemu.second_address(), config()).unwrap();
+        // The events client subscribes once connected; cont/stop until it has seen both.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !events.is_finished() && std::time::Instant::now() < deadline {
+            second.call::<Cont>(&()).unwrap();
+            second.call::<Stop>(&()).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (code, out, err) = events.join().unwrap();
+        assert_eq!(code, 0, "{err}");
+        let names: Vec<String> = out
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["event"].to_string())
+            .collect();
+        assert_eq!(names.len(), 2, "{out}");
+        assert!(
+            names.iter().all(|n| n == "\"RESUME\"" || n == "\"STOP\""),
+            "{out}"
+        );
+        let (code, out, _) = vmsdk(&["qmp", &uri, "events", "--timeout", "200ms"]).unwrap();
+        assert_eq!(
+            (code, out.as_str()),
+            (0, ""),
+            "a paused VM with no devices is quiet"
+        );
+        let (code, _, err) = vmsdk(&["qmp", "qmp+unix:///nonexistent/vm.qmp", "status"]).unwrap();
+        assert_eq!(code, 1);
+        assert!(
+            err.starts_with(
+                "vmsdk: cannot connect to the QEMU monitor at qmp+unix:///nonexistent/vm.qmp: "
+            ),
+            "{err}"
+        );
+    });
+}

@@ -15,6 +15,8 @@ const FEATURE_SETS: &[&str] = &[
     "agent",
     "disk",
     "stats,agent,disk,mock",
+    "qmp",
+    "qmp,mock",
     "stats,prometheus-client",
     "stats,prometheus-client,exporter",
     // A host-side exporter of guest agent metrics: no in-guest statistics crate.
@@ -45,6 +47,7 @@ const CAPABILITY_CRATES: &[(&str, &[&str])] = &[
     ("stats", &["guest-stats"]),
     ("agent", &["qga-proto", "tokio", "async-trait"]),
     ("disk", &["disk-transport", "rustix", "libloading"]),
+    ("qmp", &["qmp-proto"]),
     ("prometheus-client", &["prometheus-client"]),
     ("exporter", &["tiny_http"]),
 ];

@@ -7,6 +7,7 @@ mod agent;
 mod detect;
 mod disk;
 mod guests;
+mod qmp;
 mod stats;
 
 use std::process::ExitCode;
@@ -37,6 +38,9 @@ enum Command {
     /// The guest agents of many VMs on this host in one bounded scrape: a table, JSON, or
     /// Prometheus metrics (--listen).
     Guests(guests::GuestsArgs),
+    /// Drive a running QEMU through its monitor (QMP): state, disks, jobs, exports, bitmaps,
+    /// raw commands and events.
+    Qmp(qmp::QmpArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::Disk(args) => backend(&cli).and_then(|b| disk::run(b, args)),
         Command::Agent(args) => backend(&cli).and_then(|b| agent::run(b, args)),
         Command::Guests(args) => guests::run(args),
+        Command::Qmp(args) => qmp::run(args),
     };
     match outcome {
         Ok(code) => code,
