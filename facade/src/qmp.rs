@@ -2,7 +2,7 @@
 //! helper ([`qmp_proto`]).
 //!
 //! The handle is a `Box<dyn Monitor>`, so the code under test takes the real client, a fake
-//! monitor or a mock ([`MockMonitor`](crate::mock), feature `mock`) alike; the typed commands
+//! monitor or a mock (`vmsdk::mock::MockMonitor`, feature `mock`) alike; the typed commands
 //! and [`MonitorExt::run_job`] work on all of them.
 //!
 //! ```no_run

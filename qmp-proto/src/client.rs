@@ -317,13 +317,3 @@ impl Client<Box<dyn Transport>> {
         Self::handshake(stream, config)
     }
 }
-
-/// Makes a `&mut T` a transport, so [`Io`] can borrow the client's stream.
-impl<T: Transport + ?Sized> Transport for &mut T {
-    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        (**self).set_read_timeout(timeout)
-    }
-    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        (**self).set_write_timeout(timeout)
-    }
-}

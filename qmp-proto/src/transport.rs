@@ -43,6 +43,16 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
 }
 
+/// A borrowed transport is one too (the client borrows its own stream while it reads).
+impl<T: Transport + ?Sized> Transport for &mut T {
+    fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        (**self).set_read_timeout(timeout)
+    }
+    fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        (**self).set_write_timeout(timeout)
+    }
+}
+
 /// Sockets reject a zero timeout; the smallest real one has the same effect.
 fn non_zero(d: Duration) -> Duration {
     d.max(Duration::from_millis(1))
