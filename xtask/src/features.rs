@@ -35,7 +35,7 @@ const CRATE_FEATURES: &[(&str, &[&str])] = &[
     ("qmp-proto", &["", "tokio", "mock", "fake"]),
     (
         "disk-transport",
-        &["", "file", "nbd", "tls", "vddk", "mock"],
+        &["", "file", "nbd", "tls", "vddk", "qcow2", "mock"],
     ),
 ];
 

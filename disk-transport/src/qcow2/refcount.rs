@@ -9,6 +9,10 @@
 use super::{ImageFile, Metadata};
 use crate::Result;
 
+/// How many in-use clusters past the end of the file an allocation steps over before calling
+/// the image damaged (so a refcount table claiming everything cannot keep it busy).
+const MAX_COUNTED_PAST_END: u32 = 1 << 16;
+
 /// The refcount of entry `index` of a refcount block with entries `1 << order` bits wide.
 pub fn get(block: &[u8], index: u64, order: u32) -> u64 {
     let bits = 1u64 << order;
@@ -216,7 +220,7 @@ impl Metadata {
                 return Ok(host);
             }
         }
-        loop {
+        for _ in 0..MAX_COUNTED_PAST_END {
             let host = self.end;
             self.end += self.cluster_size();
             // A cluster past the end of the file may still be counted (a file truncated by
@@ -226,6 +230,10 @@ impl Metadata {
                 return Ok(host);
             }
         }
+        Err(io.corrupt(format!(
+            "the refcounts claim more than {MAX_COUNTED_PAST_END} clusters past the end of the \
+             file are in use: repair the image with `qemu-img check -r all`"
+        )))
     }
 
     /// `count` clusters, contiguous where the end of the file allows (for one write of the
