@@ -34,7 +34,7 @@ const SECTOR: f64 = 512.0;
 /// | `vmsdk_guest_skipped` | gauge | 1 when the guest was not polled: its previous poll still runs, or no slot of the fan-out was free before the scrape deadline |
 /// | `vmsdk_guest_result_age_seconds` | gauge | with a cache only: the age of the result served |
 /// | `vmsdk_guest_agent_info{version}` | info | `guest-info` |
-/// | `vmsdk_guest_os_info{id, name, pretty_name, version, version_id, variant, variant_id, kernel_release, kernel_version, machine, host_name}` | info | `guest-get-osinfo`, `guest-get-host-name` (labels the agent does not give are left out) |
+/// | `vmsdk_guest_os_info{id, name, pretty_name, version, version_id, variant, variant_id, kernel_release, kernel_version, machine, host_name}` | info | `guest-get-osinfo`, `guest-get-host-name` (a label the agent does not give is empty) |
 /// | `vmsdk_guest_filesystem_size_bytes{device, mountpoint, fstype}` | gauge | `guest-get-fsinfo`, see below |
 /// | `vmsdk_guest_filesystem_avail_bytes{…}` | gauge | `total-bytes` − `used-bytes` |
 /// | `vmsdk_guest_filesystem_used_bytes{…}` | gauge | `used-bytes` |
@@ -319,7 +319,10 @@ fn encode_reports(
                 ("host_name", data.host_name.clone()),
             ]
             .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v)))
+            // Every label on every guest, empty when unknown (as node_exporter's
+            // node_os_info): Prometheus reads an empty label as absent, and one label set
+            // per family keeps strict parsers content.
+            .map(|(k, v)| (k.to_owned(), v.unwrap_or_default()))
             .collect();
             os_infos.push((base.clone(), labels));
         }
