@@ -744,6 +744,9 @@ fn hmp(state: &mut FakeState, line: &str) -> String {
     }
 }
 
+/// The largest `qemu-io write` the fake performs (it allocates the pattern in memory).
+const MAX_QEMU_IO_WRITE: u64 = 64 << 20;
+
 fn qemu_io(state: &mut FakeState, rest: &str) -> QResult<String> {
     let rest = rest.trim();
     let (device, command) = rest.split_once(' ').unwrap_or((rest, ""));
@@ -787,15 +790,17 @@ fn qemu_io(state: &mut FakeState, rest: &str) -> QResult<String> {
                     node.name
                 ));
             }
-            let Ok(len) = usize::try_from(*len) else {
-                return Ok(String::new());
-            };
+            if *len > MAX_QEMU_IO_WRITE {
+                return Err(QmpError::generic(format!(
+                    "fake monitor: qemu-io writes are limited to {MAX_QEMU_IO_WRITE} bytes"
+                )));
+            }
+            let len = *len as usize;
             if offset
                 .checked_add(len as u64)
                 .is_none_or(|end| end > node.size)
-                || len > 1 << 30
             {
-                // qemu-io reports this on QEMU's stdout.
+                // qemu-io reports this on QEMU's stdout, not in the reply.
                 return Ok(String::new());
             }
             state.guest_write(&node.name, &vec![pattern; len], *offset)?;

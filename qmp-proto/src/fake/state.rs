@@ -80,6 +80,46 @@ pub struct ImageFile {
     pub disk: MemoryDisk,
 }
 
+/// Dirty granules as disjoint, non-touching half-open ranges `[start, end)` of granule
+/// indices: a bitmap's memory grows with the number of dirty areas, not their size (a 512-byte
+/// granularity bitmap merged from a 2 GiB one stays one range).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct GranuleRanges(BTreeMap<u64, u64>);
+
+impl GranuleRanges {
+    fn insert(&mut self, start: u64, end: u64) {
+        if end <= start {
+            return;
+        }
+        let (mut start, mut end) = (start, end);
+        if let Some((&s, &e)) = self.0.range(..=start).next_back() {
+            if e >= start {
+                start = s;
+                end = end.max(e);
+            }
+        }
+        let touching: Vec<u64> = self.0.range(start..=end).map(|(&k, _)| k).collect();
+        for k in touching {
+            if let Some(e) = self.0.remove(&k) {
+                end = end.max(e);
+            }
+        }
+        self.0.insert(start, end);
+    }
+
+    fn granules(&self) -> u64 {
+        self.0.iter().map(|(s, e)| e - s).sum()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.0.iter().map(|(&s, &e)| (s, e))
+    }
+
+    fn last_end(&self) -> Option<u64> {
+        self.0.values().next_back().copied()
+    }
+}
+
 /// A dirty bitmap of a block node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirtyBitmap {
@@ -95,27 +135,32 @@ pub struct DirtyBitmap {
     pub busy: bool,
     /// Whether it was not saved properly (a crash with a persistent bitmap in use).
     pub inconsistent: bool,
-    /// The indices of the dirty granules.
-    pub dirty: BTreeSet<u64>,
+    pub(crate) dirty: GranuleRanges,
 }
 
 impl DirtyBitmap {
     /// The dirty byte count `query-named-block-nodes` reports: granules × granularity.
     pub fn count(&self) -> u64 {
-        self.dirty.len() as u64 * self.granularity
+        self.dirty.granules().saturating_mul(self.granularity)
     }
 
-    /// The dirty ranges as `(offset, length)` pairs, adjacent granules merged.
+    /// The dirty ranges as `(offset, length)` in bytes, whole granules, adjacent ones merged.
     pub fn dirty_ranges(&self) -> Vec<(u64, u64)> {
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for &g in &self.dirty {
-            let start = g * self.granularity;
-            match ranges.last_mut() {
-                Some((off, len)) if *off + *len == start => *len += self.granularity,
-                _ => ranges.push((start, self.granularity)),
-            }
-        }
-        ranges
+        self.dirty
+            .iter()
+            .map(|(s, e)| {
+                (
+                    s.saturating_mul(self.granularity),
+                    (e - s).saturating_mul(self.granularity),
+                )
+            })
+            .collect()
+    }
+
+    /// Whether the granule holding byte `offset` is dirty.
+    pub fn is_dirty(&self, offset: u64) -> bool {
+        let g = offset / self.granularity;
+        self.dirty.iter().any(|(s, e)| s <= g && g < e)
     }
 
     pub(crate) fn mark(&mut self, offset: u64, length: u64) {
@@ -123,8 +168,12 @@ impl DirtyBitmap {
             return;
         }
         let first = offset / self.granularity;
-        let last = (offset + length - 1) / self.granularity;
-        self.dirty.extend(first..=last);
+        let last = offset.saturating_add(length - 1) / self.granularity;
+        self.dirty.insert(first, last.saturating_add(1));
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.dirty = GranuleRanges::default();
     }
 
     fn to_json(&self) -> Value {
@@ -1075,7 +1124,7 @@ impl FakeState {
             persistent,
             busy: false,
             inconsistent: false,
-            dirty: BTreeSet::new(),
+            dirty: GranuleRanges::default(),
         });
         Ok(())
     }
@@ -1120,7 +1169,7 @@ impl FakeState {
     }
 
     pub(crate) fn bitmap_clear(&mut self, node: &str, name: &str) -> QResult<()> {
-        self.bitmap_for_change(node, name)?.dirty.clear();
+        self.bitmap_for_change(node, name)?.clear();
         Ok(())
     }
 
@@ -1284,7 +1333,33 @@ impl FakeState {
         Ok(())
     }
 
-    /// Copies what a full or incremental backup copies.
+    /// The clusters of node `name` (through its children and backing chain) that hold data;
+    /// everything else reads as zeros. Bounded by the memory the data takes.
+    fn allocated_clusters(&self, name: &str, out: &mut BTreeSet<u64>) -> QResult<()> {
+        let node = self.lookup(name)?;
+        if let Some(disk) = &node.data {
+            for e in disk
+                .allocated_extents(0, disk.capacity())
+                .map_err(io_error)?
+                .iter()
+                .filter(|e| e.kind == disk_transport::ExtentKind::Data)
+            {
+                out.extend(e.offset / DEFAULT_CLUSTER..e.end().div_ceil(DEFAULT_CLUSTER));
+            }
+        } else if matches!(node.driver.as_str(), "raw" | "copy-before-write") {
+            if let Some(child) = node.file.clone() {
+                self.allocated_clusters(&child, out)?;
+            }
+        }
+        if let Some(b) = node.backing.clone() {
+            self.allocated_clusters(&b, out)?;
+        }
+        Ok(())
+    }
+
+    /// Copies what a full or incremental backup copies: for `full`, every cluster that holds
+    /// data in the source or the target (the rest reads as zeros on both sides); for
+    /// `incremental`/`bitmap`, what the bitmap marks.
     fn run_backup_copy(&mut self, id: &str) -> QResult<()> {
         let Some(Job {
             kind:
@@ -1301,35 +1376,45 @@ impl FakeState {
         else {
             return Ok(());
         };
-        let ranges: Vec<(u64, u64)> = match (&*sync, &bitmap) {
+        let clusters: Vec<(u64, u64)> = match (&*sync, &bitmap) {
             ("incremental" | "bitmap", Some(b)) => self
                 .node(&source)
                 .and_then(|n| n.bitmap(b))
                 .map(|b| b.dirty_ranges())
-                .unwrap_or_default(),
-            _ => vec![(0, len)],
-        };
-        let mut copied = 0;
-        for (off, l) in ranges {
-            let l = l.min(len.saturating_sub(off));
-            let mut pos = 0;
-            while pos < l {
-                let n = (l - pos).min(1 << 20);
-                let mut buf = vec![0u8; n as usize];
-                self.read(&source, &mut buf, off + pos)?;
-                self.write_layer(&target, &buf, off + pos)?;
-                pos += n;
+                .unwrap_or_default()
+                .into_iter()
+                .flat_map(|(off, l)| {
+                    let end = off.saturating_add(l).min(len);
+                    (off / DEFAULT_CLUSTER..end.div_ceil(DEFAULT_CLUSTER))
+                        .map(|c| (c, 0))
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
+            _ => {
+                let mut set = BTreeSet::new();
+                self.allocated_clusters(&source, &mut set)?;
+                self.allocated_clusters(&target, &mut set)?;
+                set.into_iter().map(|c| (c, 0)).collect()
             }
-            copied += l;
+        };
+        let mut copied = 0u64;
+        for (cluster, _) in clusters {
+            let start = cluster * DEFAULT_CLUSTER;
+            if start >= len {
+                continue;
+            }
+            let n = DEFAULT_CLUSTER.min(len - start);
+            let mut buf = vec![0u8; n as usize];
+            self.read(&source, &mut buf, start)?;
+            self.write_layer(&target, &buf, start)?;
+            copied += n;
         }
         if let Some(j) = self.job_mut(id) {
-            j.offset = if sync == "none" || sync == "full" {
-                j.len
+            if sync == "full" {
+                j.offset = j.len;
             } else {
-                copied
-            };
-            if sync != "full" {
-                j.len = j.offset;
+                j.offset = copied;
+                j.len = copied;
             }
         }
         Ok(())
@@ -1363,7 +1448,7 @@ impl FakeState {
             if let Some(bm) = self.node_mut(source).and_then(|n| n.bitmap_mut(b)) {
                 bm.busy = false;
                 if sync == "incremental" {
-                    bm.dirty.clear();
+                    bm.clear();
                 }
             }
         }
@@ -1643,7 +1728,7 @@ impl FakeState {
                     return Err(format!("bad granularity {}", b.granularity));
                 }
                 let granules = n.size.div_ceil(b.granularity);
-                if b.dirty.iter().any(|&g| g >= granules) {
+                if b.dirty.last_end().is_some_and(|end| end > granules) {
                     return Err(format!("bitmap {} has bits past the end", b.name));
                 }
                 let used = self

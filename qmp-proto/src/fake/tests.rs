@@ -255,3 +255,26 @@ async fn async_server_speaks_the_wire_and_pushes_events() {
     assert_eq!(event["event"], "RESUME");
     assert!(event["timestamp"]["seconds"].as_u64().unwrap() > 0);
 }
+
+/// The README's example, kept compiling and true.
+#[test]
+fn readme_example() -> Result<(), Box<dyn std::error::Error>> {
+    use super::FakeMonitor;
+    use crate::{cmd, types::BlockdevOptions, MonitorExt};
+
+    let fake = FakeMonitor::builder().release(QemuRelease::V7_2).build();
+    let mut qemu = fake.connect()?;
+    qemu.call::<cmd::BlockdevAdd>(&BlockdevOptions::null_co("scratch", 1 << 20))?;
+    qemu.call::<cmd::BlockDirtyBitmapAdd>(&cmd::BlockDirtyBitmapAddArgs::new("scratch", "b0"))?;
+    fake.guest_write("scratch", &[1; 512], 0)?;
+    assert_eq!(
+        fake.state()
+            .node("scratch")
+            .unwrap()
+            .bitmap("b0")
+            .unwrap()
+            .count(),
+        65536
+    );
+    Ok(())
+}
