@@ -91,6 +91,11 @@ pub enum Error {
     #[cfg_attr(docsrs, doc(cfg(feature = "disk")))]
     #[error(transparent)]
     Copy(#[from] disk_transport::copy::CopyError),
+    /// A live backup, verification or restore failed.
+    #[cfg(feature = "backup")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "backup")))]
+    #[error(transparent)]
+    Backup(#[from] live_backup::Error),
     /// This machine has no guest statistics backend.
     #[error(
         "no guest statistics backend for {what}: {}/proc/stat is not readable, and only Linux \

@@ -29,6 +29,7 @@
 //! | `agent` | yes | [`agent`][link-agent]: QEMU guest agent clients on tokio, [`qga_proto`][link-qga-proto], the fake agent |
 //! | `disk` | yes | [`disk`][link-disk]: disks by URI (file, NBD, VDDK, memory), [`disk_transport`][link-disk-transport], the copy engine |
 //! | `qmp` | no | [`qmp`][link-qmp]: QEMU's monitor protocol, a blocking client with typed commands, events and jobs, [`qmp_proto`][link-qmp-proto] |
+//! | `backup` | no | [`backup`][link-backup]: live backups of running QEMU VMs into qcow2 chains (the `live-backup` crate): checkpoints, verify, restore, the fake VM |
 //! | `mock` | no | mockall mocks of every trait, gathered in [`mock`][link-mock] |
 //! | `prometheus-client` | no | [`prometheus`][link-prometheus]: metrics through the official `prometheus-client` crate, OpenMetrics and text 0.0.4 with content negotiation: with `stats` the statistics of this VM, with `agent` the guest agent metrics of many guests on a host (`GuestCollector`) |
 //! | `exporter` | no | [`prometheus::Exporter`][link-prometheus-Exporter], a `/metrics` server (tiny_http) for any registry, with `/probe?target=` for guests |
@@ -126,6 +127,12 @@
     doc = "[link-qmp-proto]: https://docs.rs/qmp-proto",
     doc = "[link-qmp]: https://docs.rs/vmsdk/latest/vmsdk/qmp/index.html"
 )]
+#![cfg_attr(feature = "backup", doc = "", doc = "[link-backup]: backup")]
+#![cfg_attr(
+    not(feature = "backup"),
+    doc = "",
+    doc = "[link-backup]: https://docs.rs/live-backup"
+)]
 #![cfg_attr(feature = "mock", doc = "", doc = "[link-mock]: mock")]
 #![cfg_attr(
     not(feature = "mock"),
@@ -187,6 +194,13 @@ pub use guest_stats;
 #[cfg(feature = "agent")]
 #[cfg_attr(docsrs, doc(cfg(feature = "agent")))]
 pub use qga_proto;
+
+/// Live backups of running VMs (the `live-backup` crate): [`backup::BackupSource`] (QEMU
+/// over QMP and NBD, the fake VM), [`backup::BackupDir`] (qcow2 chains, manifest, verify,
+/// restore).
+#[cfg(feature = "backup")]
+#[cfg_attr(docsrs, doc(cfg(feature = "backup")))]
+pub use live_backup as backup;
 
 /// The disk crate, re-exported so one dependency is enough.
 #[cfg(feature = "disk")]

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 pub mod disk;
 pub mod peers;
 pub mod qemu;
+pub mod qemu_vm;
 pub mod qga;
 pub mod qmp;
 pub mod tls;

@@ -24,6 +24,7 @@ const FEATURE_SETS: &[&str] = &[
     "agent,exporter",
     "prometheus-client",
     "exporter",
+    "disk,qmp,backup",
 ];
 
 /// Each capability crate's features, linted one at a time with the crate's defaults off, so a
@@ -37,6 +38,7 @@ const CRATE_FEATURES: &[(&str, &[&str])] = &[
         "disk-transport",
         &["", "file", "nbd", "tls", "vddk", "qcow2", "mock"],
     ),
+    ("live-backup", &["", "agent", "qemu"]),
 ];
 
 /// Crates only the `cli` feature may bring in.
@@ -50,6 +52,7 @@ const CAPABILITY_CRATES: &[(&str, &[&str])] = &[
     ("qmp", &["qmp-proto"]),
     ("prometheus-client", &["prometheus-client"]),
     ("exporter", &["tiny_http"]),
+    ("backup", &["live-backup"]),
 ];
 
 /// Lints every feature set and builds its docs with warnings denied, runs the facade's doc

@@ -52,6 +52,7 @@ const FUZZ_DIRS: &[&str] = &[
     "qga-proto/fuzz",
     "disk-transport/fuzz",
     "qmp-proto/fuzz",
+    "live-backup/fuzz",
 ];
 
 /// Seconds each fuzz target runs in `cargo xtask ci`...

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod backup;
 mod detect;
 mod disk;
 mod guests;
@@ -41,6 +42,9 @@ enum Command {
     /// Drive a running QEMU through its monitor (QMP): state, disks, jobs, exports, bitmaps,
     /// raw commands and events.
     Qmp(qmp::QmpArgs),
+    /// Live backups of running QEMU VMs into qcow2 chains: create, list, verify, restore,
+    /// cleanup.
+    Backup(backup::BackupArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +57,7 @@ fn main() -> ExitCode {
         Command::Agent(args) => backend(&cli).and_then(|b| agent::run(b, args)),
         Command::Guests(args) => guests::run(args),
         Command::Qmp(args) => qmp::run(args),
+        Command::Backup(args) => backup::run(args),
     };
     match outcome {
         Ok(code) => code,

@@ -1,0 +1,764 @@
+//! A backup directory: per disk a qcow2 chain (a full image, then overlays holding what
+//! changed), and the manifest that ties the points together. Create a point from any
+//! [`BackupSource`], list, verify, restore.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use disk_transport::blkhash::{checksum, BlkhashSpec};
+use disk_transport::copy::{copy, copy_changed, CopyOptions, CopyProgress};
+use disk_transport::qcow2::{BackingFormat, CreateOptions, Qcow2Disk};
+use disk_transport::Disk;
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{
+    ensure_private_dir, format_blkhash, parse_blkhash, set_private, sync_dir, Manifest, Point,
+    PointDisk, PointKind,
+};
+use crate::quiesce::Quiesce;
+use crate::source::{BackupSession, BackupSource, BeginRequest, Checkpoint, CleanupReport};
+use crate::{Error, Result};
+
+/// The lock file that keeps two backups of one directory apart.
+pub const LOCK_FILE: &str = ".lock";
+
+/// How to take a backup.
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    full: bool,
+    full_if_needed: bool,
+    disks: Vec<String>,
+    tls: bool,
+    copy: CopyOptions,
+    blkhash: BlkhashSpec,
+}
+
+impl BackupOptions {
+    /// Incremental when the directory has a chain, full when it has none; every disk.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Take a full backup even when an incremental one is possible.
+    pub fn full(mut self, on: bool) -> Self {
+        self.full = on;
+        self
+    }
+
+    /// When an incremental backup is impossible (the last checkpoint is missing or broken on
+    /// a disk, the disks changed), take a full one and record why, instead of failing.
+    pub fn full_if_needed(mut self, on: bool) -> Self {
+        self.full_if_needed = on;
+        self
+    }
+
+    /// Back up only these disks (node names); all of them when never called.
+    pub fn disk(mut self, node: impl Into<String>) -> Self {
+        self.disks.push(node.into());
+        self
+    }
+
+    /// Serve the views over TLS where the source serves them over a network.
+    pub fn tls(mut self, on: bool) -> Self {
+        self.tls = on;
+        self
+    }
+
+    /// The copy engine's options (threads, request size, retries, a cancel token).
+    pub fn copy_options(mut self, options: CopyOptions) -> Self {
+        self.copy = options;
+        self
+    }
+
+    /// The block hash recorded for every point (default nbdcopy's `sha256/64k`).
+    pub fn blkhash(mut self, spec: BlkhashSpec) -> Self {
+        self.blkhash = spec;
+        self
+    }
+}
+
+/// What a long operation is doing, for progress bars.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The disk.
+    pub disk: String,
+    /// `copy` (reading the VM), `hash` (reading the chain back), `restore`.
+    pub phase: &'static str,
+    /// Bytes finished.
+    pub done: u64,
+    /// Bytes in all.
+    pub total: u64,
+}
+
+/// What [`BackupDir::create`] did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupReport {
+    /// The point recorded.
+    pub point: Point,
+    /// Leftovers of earlier interrupted backups that were removed first.
+    pub cleanup: CleanupReport,
+    /// Checkpoints removed: this chain's stale ones, and the one the new point replaces.
+    pub removed_checkpoints: Vec<String>,
+    /// Problems after the point was safely stored (a teardown that failed: run `cleanup`).
+    pub warnings: Vec<String>,
+}
+
+/// One point's check by [`BackupDir::verify`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifiedPoint {
+    /// The point.
+    pub number: u32,
+    /// The disk.
+    pub disk: String,
+    /// The image checked.
+    pub file: String,
+    /// The block hash the chain reads as now.
+    pub blkhash: String,
+    /// Whether it matches the manifest.
+    pub ok: bool,
+}
+
+/// What [`BackupDir::restore`] did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RestoreReport {
+    /// The point restored.
+    pub point: u32,
+    /// The disk restored.
+    pub disk: String,
+    /// Where to.
+    pub destination: String,
+    /// What the copy did.
+    pub progress: CopyProgress,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis().try_into().unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// A random chain name: 8 hex digits from the clock and the process (collisions only matter
+/// between two chains of one VM, and then only if both are made in the same nanosecond).
+fn new_chain_name() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
+    hasher.write_u32(std::process::id());
+    format!("{:08x}", hasher.finish() as u32)
+}
+
+/// A disk's node name as a file name: letters, digits, `.`, `_`, `-` kept, anything else
+/// (`#block123`, `/`) written as `_`.
+fn file_stem(node: &str) -> String {
+    let stem: String = node
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if stem.is_empty() {
+        "disk".into()
+    } else {
+        stem
+    }
+}
+
+/// The exclusive lock of a directory, released on drop.
+#[derive(Debug)]
+struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    fn take(dir: &Path) -> Result<Self> {
+        let path = dir.join(LOCK_FILE);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io("open", &path, e))?;
+        set_private(&path, 0o600)?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(DirLock { _file: file }),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Busy {
+                dir: dir.to_owned(),
+            }),
+            Err(e) => Err(Error::io("lock", &path, e.into())),
+        }
+    }
+}
+
+/// Files of a point being written, removed unless [`keep`](Self::keep) is called: a failed
+/// backup leaves no half-written image.
+struct PartialFiles {
+    paths: Vec<PathBuf>,
+}
+
+impl PartialFiles {
+    fn keep(&mut self) {
+        self.paths.clear();
+    }
+}
+
+impl Drop for PartialFiles {
+    fn drop(&mut self) {
+        for path in &self.paths {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The choice of full or incremental, and why.
+struct Plan {
+    kind: PointKind,
+    since: Option<String>,
+    full_reason: Option<String>,
+}
+
+/// Why an incremental backup of `disks` on top of `manifest` is impossible, if it is.
+fn incremental_obstacle(
+    manifest: &Manifest,
+    disks: &[(String, u64)],
+    checkpoints: &[Checkpoint],
+) -> Option<String> {
+    let last = manifest.last()?;
+    for (node, size) in disks {
+        match last.disk(node) {
+            None => return Some(format!("disk {node} is not in the chain's last point")),
+            Some(d) if d.size != *size => {
+                return Some(format!(
+                    "disk {node} changed size ({} bytes in the chain, {size} now)",
+                    d.size
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(gone) = last
+        .disks
+        .iter()
+        .find(|d| !disks.iter().any(|(n, _)| *n == d.node))
+    {
+        return Some(format!(
+            "disk {} of the chain is not backed up this time",
+            gone.node
+        ));
+    }
+    let Some(checkpoint) = checkpoints.iter().find(|c| c.name == last.checkpoint) else {
+        return Some(format!(
+            "the chain's last checkpoint {} is not on the VM (QEMU stopped without storing \
+             it, killed or crashed; the VM was started from another image; or someone removed \
+             it)",
+            last.checkpoint
+        ));
+    };
+    let nodes: Vec<String> = disks.iter().map(|(n, _)| n.clone()).collect();
+    checkpoint.check_usable_for(&nodes).err()
+}
+
+/// A backup directory: per disk a qcow2 chain (`NODE.1.qcow2` full, then overlays
+/// `NODE.2.qcow2`, ... each backed by the one before), and `manifest.json` tying the points
+/// together. [`create`](Self::create) a point from any [`BackupSource`], read the
+/// [`manifest`](Self::manifest), [`verify`](Self::verify), [`restore`](Self::restore).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupDir {
+    dir: PathBuf,
+}
+
+impl BackupDir {
+    /// The backup directory `dir` (created 0700 by the first backup).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        BackupDir { dir: dir.into() }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The manifest; `Ok(None)` when the directory holds no backup yet.
+    pub fn manifest(&self) -> Result<Option<Manifest>> {
+        Manifest::read(&self.dir)
+    }
+
+    fn existing_manifest(&self) -> Result<Manifest> {
+        self.manifest()?.ok_or_else(|| Error::NoBackup {
+            dir: self.dir.clone(),
+            problem: "holds no backup (no manifest.json)".into(),
+        })
+    }
+
+    /// Takes a backup of `source` into this directory: full when it holds no chain (or when
+    /// asked), else incremental on top of the chain's last point. `quiesce` freezes the
+    /// guest around the checkpoint moment.
+    ///
+    /// In order: leftovers of interrupted backups are removed (`cleanup`), this chain's stale
+    /// checkpoints too; one `begin` for every disk; each disk copied into a new qcow2 image
+    /// (`.NAME.part` until complete) and its block hash read back; the images renamed into
+    /// place; the manifest replaced atomically; the session finished; the previous
+    /// checkpoint removed. A failure before the manifest is replaced aborts the session
+    /// (its checkpoint goes), removes the partial images and leaves the chain as it was.
+    pub fn create(
+        &self,
+        source: &mut dyn BackupSource,
+        quiesce: Option<&mut dyn Quiesce>,
+        options: &BackupOptions,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<BackupReport> {
+        ensure_private_dir(&self.dir)?;
+        let _lock = DirLock::take(&self.dir)?;
+        let previous = self.manifest()?;
+        // First, so that the disks are seen without the filters a killed backup left on them.
+        let cleanup = source.cleanup()?;
+        let vm = source.vm()?;
+        let all_disks = source.disks()?;
+        let disks: Vec<(String, u64)> = if options.disks.is_empty() {
+            all_disks.iter().map(|d| (d.node.clone(), d.size)).collect()
+        } else {
+            let mut chosen = Vec::new();
+            for node in &options.disks {
+                let disk = all_disks.iter().find(|d| &d.node == node).ok_or_else(|| {
+                    Error::NoSuchDisk {
+                        disk: node.clone(),
+                        known: all_disks.iter().map(|d| d.node.clone()).collect(),
+                    }
+                })?;
+                if !chosen.iter().any(|(n, _)| n == node) {
+                    chosen.push((node.clone(), disk.size));
+                }
+            }
+            chosen
+        };
+        if disks.is_empty() {
+            return Err(Error::Source("the VM has no disks to back up".into()));
+        }
+        let mut stems: Vec<String> = disks.iter().map(|(n, _)| file_stem(n)).collect();
+        stems.sort();
+        if stems.windows(2).any(|w| w[0] == w[1]) {
+            return Err(Error::Source(format!(
+                "two disks map to one file name ({}); back them up one at a time with --disk",
+                stems.join(", ")
+            )));
+        }
+
+        let checkpoints = source.checkpoints()?;
+        let mut manifest = previous
+            .clone()
+            .unwrap_or_else(|| Manifest::new(new_chain_name(), vm.clone()));
+        manifest.vm = vm;
+        let plan = match previous.as_ref().and_then(|m| m.last()) {
+            None => Plan {
+                kind: PointKind::Full,
+                since: None,
+                full_reason: None,
+            },
+            Some(_) if options.full => Plan {
+                kind: PointKind::Full,
+                since: None,
+                full_reason: Some("a full backup was asked for".into()),
+            },
+            Some(last) => match incremental_obstacle(&manifest, &disks, &checkpoints) {
+                None => Plan {
+                    kind: PointKind::Incremental,
+                    since: Some(last.checkpoint.clone()),
+                    full_reason: None,
+                },
+                Some(reason) if options.full_if_needed => Plan {
+                    kind: PointKind::Full,
+                    since: None,
+                    full_reason: Some(reason),
+                },
+                Some(reason) => return Err(Error::IncrementalImpossible { reason }),
+            },
+        };
+
+        // This chain's checkpoints other than the last point's: half-made ones of interrupted
+        // backups, and replaced ones whose removal was interrupted.
+        let prefix = manifest.checkpoint_prefix();
+        let keep = manifest.last().map(|p| p.checkpoint.clone());
+        let mut removed_checkpoints = Vec::new();
+        for checkpoint in &checkpoints {
+            if checkpoint.name.starts_with(&prefix) && Some(&checkpoint.name) != keep.as_ref() {
+                source.remove_checkpoint(&checkpoint.name)?;
+                removed_checkpoints.push(checkpoint.name.clone());
+            }
+        }
+
+        let number = manifest.last().map_or(1, |p| p.number + 1);
+        let checkpoint = format!("{prefix}{number}");
+        let mut request = BeginRequest::full(
+            checkpoint.clone(),
+            disks.iter().map(|(n, _)| n.clone()).collect(),
+        )
+        .tls(options.tls);
+        if let Some(since) = &plan.since {
+            request = request.since(since.clone());
+        }
+        let started_ms = now_ms();
+        let session = source.begin(&request, quiesce)?;
+        let point = match self.write_point(
+            session.as_ref(),
+            &manifest,
+            &plan,
+            number,
+            options,
+            progress,
+        ) {
+            Ok((point_disks, mut partial)) => {
+                let point = Point {
+                    number,
+                    kind: plan.kind,
+                    checkpoint: checkpoint.clone(),
+                    since: plan.since.clone(),
+                    started_ms,
+                    finished_ms: now_ms(),
+                    consistency: session.consistency(),
+                    full_reason: plan.full_reason.clone(),
+                    warnings: session.warnings().to_vec(),
+                    disks: point_disks,
+                };
+                manifest.points.push(point.clone());
+                let stored = self.commit(&point, &manifest);
+                match stored {
+                    Ok(()) => partial.keep(),
+                    Err(e) => {
+                        let _ = session.abort();
+                        return Err(e);
+                    }
+                }
+                point
+            }
+            Err(e) => {
+                if let Err(abort) = session.abort() {
+                    tracing::warn!("aborting the backup session failed: {abort}");
+                }
+                return Err(e);
+            }
+        };
+
+        // The point is safely stored: the views go, the new checkpoint stays, the one it
+        // replaces goes.
+        let mut warnings = Vec::new();
+        if let Err(e) = session.finish() {
+            warnings.push(format!(
+                "the backup is stored, but ending its session failed ({e}): run cleanup"
+            ));
+        }
+        if let Some(old) = keep {
+            match source.remove_checkpoint(&old) {
+                Ok(()) => removed_checkpoints.push(old),
+                Err(e) => warnings.push(format!(
+                    "the backup is stored, but removing the replaced checkpoint {old} failed \
+                     ({e}); the next backup removes it"
+                )),
+            }
+        }
+        Ok(BackupReport {
+            point,
+            cleanup,
+            removed_checkpoints,
+            warnings,
+        })
+    }
+
+    /// Copies every disk of `session` into `.FILE.part` images and hashes them back.
+    fn write_point(
+        &self,
+        session: &dyn BackupSession,
+        manifest: &Manifest,
+        plan: &Plan,
+        number: u32,
+        options: &BackupOptions,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(Vec<PointDisk>, PartialFiles)> {
+        let mut partial = PartialFiles { paths: Vec::new() };
+        let mut out = Vec::new();
+        for disk in session.disks() {
+            let node = &disk.node;
+            let file = format!("{}.{number}.qcow2", file_stem(node));
+            let part = self.dir.join(format!(".{file}.part"));
+            let backing = match plan.kind {
+                PointKind::Incremental => manifest
+                    .last()
+                    .and_then(|p| p.disk(node))
+                    .map(|d| d.file.clone()),
+                _ => None,
+            };
+            let mut create = CreateOptions::new(disk.size);
+            if let Some(b) = &backing {
+                create = create.backing(b.clone(), BackingFormat::Qcow2);
+            }
+            // A leftover of a backup killed before its manifest was replaced.
+            let _ = std::fs::remove_file(&part);
+            partial.paths.push(part.clone());
+            let image = Qcow2Disk::create(&part, &create)
+                .map_err(|e| Error::disk(format!("create {}", part.display()), e))?;
+            // The image holds the VM's data (the directory, 0700, already keeps others out).
+            set_private(&part, 0o600)?;
+            let view = session.open(node)?;
+            let what = format!("copy disk {node} into {file}");
+            let mut report = |p: &CopyProgress| {
+                progress(&Progress {
+                    disk: node.clone(),
+                    phase: "copy",
+                    done: p.done,
+                    total: p.total,
+                })
+            };
+            let copied = match plan.kind {
+                PointKind::Full => copy(
+                    view.as_ref(),
+                    &image,
+                    &options.copy.clone().destination_is_zero(true),
+                    &mut report,
+                ),
+                _ => copy_changed(view.as_ref(), &image, &options.copy, &mut report),
+            }
+            .map_err(|e| Error::copy(what.clone(), e))?;
+            image
+                .flush()
+                .map_err(|e| Error::disk(format!("flush {file}"), e))?;
+            drop(image);
+            drop(view);
+
+            // Read back through the chain: the hash is of what a restore gives.
+            let chain = Qcow2Disk::open_read_only(&part)
+                .map_err(|e| Error::disk(format!("open {file} back"), e))?;
+            let hash = checksum(
+                &chain,
+                options.blkhash,
+                &options.copy.clone().destination_is_zero(true),
+                &mut |p| {
+                    progress(&Progress {
+                        disk: node.clone(),
+                        phase: "hash",
+                        done: p.done,
+                        total: p.total,
+                    })
+                },
+            )
+            .map_err(|e| Error::copy(format!("hash {file}"), e))?;
+            let file_size = std::fs::metadata(&part)
+                .map_err(|e| Error::io("stat", &part, e))?
+                .len();
+            out.push(PointDisk {
+                node: node.clone(),
+                size: disk.size,
+                file,
+                backing,
+                bytes_copied: copied.progress.read,
+                file_size,
+                blkhash: format_blkhash(&hash),
+            });
+        }
+        Ok((out, partial))
+    }
+
+    /// Renames the point's images into place and replaces the manifest.
+    fn commit(&self, point: &Point, manifest: &Manifest) -> Result<()> {
+        for disk in &point.disks {
+            let part = self.dir.join(format!(".{}.part", disk.file));
+            let path = self.dir.join(&disk.file);
+            std::fs::rename(&part, &path).map_err(|e| Error::io("rename into place", &path, e))?;
+        }
+        sync_dir(&self.dir)?;
+        manifest.write(&self.dir)
+    }
+
+    /// The image of `node` at point `number` (the chain's last when `None`), opened
+    /// read-only through its backing chain.
+    pub fn open_point(
+        &self,
+        node: Option<&str>,
+        number: Option<u32>,
+    ) -> Result<(Point, Qcow2Disk)> {
+        let manifest = self.existing_manifest()?;
+        let point = match number {
+            Some(n) => manifest.point(n).ok_or_else(|| Error::NoBackup {
+                dir: self.dir.clone(),
+                problem: format!("has no point {n} (points 1 to {})", manifest.points.len()),
+            })?,
+            None => manifest.last().ok_or_else(|| Error::NoBackup {
+                dir: self.dir.clone(),
+                problem: "has no points".into(),
+            })?,
+        };
+        let disk = match node {
+            Some(node) => point.disk(node).ok_or_else(|| Error::NoSuchDisk {
+                disk: node.to_owned(),
+                known: point.disks.iter().map(|d| d.node.clone()).collect(),
+            })?,
+            None if point.disks.len() == 1 => &point.disks[0],
+            None => {
+                return Err(Error::NoSuchDisk {
+                    disk: String::new(),
+                    known: point.disks.iter().map(|d| d.node.clone()).collect(),
+                })
+            }
+        };
+        let path = self.dir.join(&disk.file);
+        let image = Qcow2Disk::open_read_only(&path)
+            .map_err(|e| Error::disk(format!("open {}", path.display()), e))?;
+        Ok((point.clone(), image))
+    }
+
+    /// Checks every point of every disk: the image and its chain open and read (every
+    /// table entry inside its file, no unsupported feature, no half-written point), and the
+    /// chain reads as the block hash recorded when the point was taken. Returns each check;
+    /// fails with [`Error::Verify`] listing the problems when any check fails.
+    pub fn verify(&self, progress: &mut dyn FnMut(&Progress)) -> Result<Vec<VerifiedPoint>> {
+        let manifest = self.existing_manifest()?;
+        let mut checked = Vec::new();
+        let mut problems = Vec::new();
+        for point in &manifest.points {
+            for disk in &point.disks {
+                let Some((spec, want)) = parse_blkhash(&disk.blkhash) else {
+                    problems.push(format!(
+                        "point {} {}: bad recorded hash",
+                        point.number, disk.node
+                    ));
+                    continue;
+                };
+                let path = self.dir.join(&disk.file);
+                let result = Qcow2Disk::open_read_only(&path)
+                    .map_err(|e| Error::disk(format!("open {}", path.display()), e))
+                    .and_then(|image| {
+                        if image.info().map(|i| i.capacity).ok() != Some(disk.size) {
+                            return Err(Error::Source(format!(
+                                "{} is not {} bytes",
+                                disk.file, disk.size
+                            )));
+                        }
+                        checksum(
+                            &image,
+                            spec,
+                            &CopyOptions::default().destination_is_zero(true),
+                            &mut |p| {
+                                progress(&Progress {
+                                    disk: disk.node.clone(),
+                                    phase: "verify",
+                                    done: p.done,
+                                    total: p.total,
+                                })
+                            },
+                        )
+                        .map_err(|e| Error::copy(format!("read {}", disk.file), e))
+                    });
+                match result {
+                    Ok(hash) => {
+                        let ok = hash.hex() == want;
+                        if !ok {
+                            problems.push(format!(
+                                "point {} disk {} ({}) reads as {} where {} was recorded",
+                                point.number,
+                                disk.node,
+                                disk.file,
+                                hash.hex(),
+                                want
+                            ));
+                        }
+                        checked.push(VerifiedPoint {
+                            number: point.number,
+                            disk: disk.node.clone(),
+                            file: disk.file.clone(),
+                            blkhash: format_blkhash(&hash),
+                            ok,
+                        });
+                    }
+                    Err(e) => problems.push(format!(
+                        "point {} disk {} ({}): {}",
+                        point.number,
+                        disk.node,
+                        disk.file,
+                        error_chain(&e)
+                    )),
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(checked)
+        } else {
+            Err(Error::Verify { problems })
+        }
+    }
+
+    /// Restores `node` (the only disk when `None`) at point `number` (the last when `None`)
+    /// into `destination`: a disk URI or path (a missing file is created; NBD exports are
+    /// written in place), which must be at least the disk's size.
+    pub fn restore(
+        &self,
+        node: Option<&str>,
+        number: Option<u32>,
+        destination: &str,
+        options: &CopyOptions,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<RestoreReport> {
+        let (point, image) = self.open_point(node, number)?;
+        let size = image
+            .info()
+            .map_err(|e| Error::disk("read the image's size", e))?
+            .capacity;
+        let disk = node
+            .map(str::to_owned)
+            .unwrap_or_else(|| point.disks[0].node.clone());
+        let (dst, reads_as_zero) = disk_transport::factory::open_or_create(destination, size)
+            .map_err(|e| Error::disk(format!("open {destination}"), e))?;
+        set_private_if_file(destination);
+        let report = copy(
+            &image,
+            dst.as_ref(),
+            &options.clone().destination_is_zero(reads_as_zero),
+            &mut |p| {
+                progress(&Progress {
+                    disk: disk.clone(),
+                    phase: "restore",
+                    done: p.done,
+                    total: p.total,
+                })
+            },
+        )
+        .map_err(|e| Error::copy(format!("restore {disk} into {destination}"), e))?;
+        Ok(RestoreReport {
+            point: point.number,
+            disk,
+            destination: destination.to_owned(),
+            progress: report.progress,
+        })
+    }
+}
+
+/// A restored image holds VM data: private when it is a local file we may have created.
+fn set_private_if_file(destination: &str) {
+    if let Ok(disk_transport::DiskUri::File { path, .. }) = destination.parse() {
+        if path.is_file() {
+            let _ = set_private(&path, 0o600);
+        }
+    }
+}
+
+/// An error and its sources, as one line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}

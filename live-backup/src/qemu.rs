@@ -1,0 +1,798 @@
+//! The QEMU backup source: QMP to take the point in time, NBD to read it.
+//!
+//! # The point in time: fleecing with `blockdev-backup sync=none`
+//!
+//! [`begin`](BackupSource::begin) runs ONE QMP `transaction` holding, for every disk:
+//!
+//! 1. `block-dirty-bitmap-add` of the new checkpoint on the disk's node (persistent: stored
+//!    in the qcow2 image when the VM stops, so incremental backups survive a restart);
+//! 2. for an incremental backup, `block-dirty-bitmap-add` of a non-persistent, disabled
+//!    export bitmap on the scratch node, and `block-dirty-bitmap-merge` of the previous
+//!    checkpoint into it (the changes between the previous checkpoint and this moment, frozen);
+//! 3. `blockdev-backup sync=none` from the disk into a scratch qcow2 overlay whose backing is
+//!    the disk: from this moment, before the guest overwrites a cluster, QEMU copies the old
+//!    contents into the scratch image, so the scratch node reads as the disk at the moment.
+//!
+//! Every action of a transaction takes effect at one instant for all disks, so the views and
+//! the checkpoints of every disk are of the same moment. This is libvirt's pull-mode backup.
+//! The newer `copy-before-write` + `snapshot-access` fleecing (QEMU ≥ 7.0, as qmpbackup and
+//! Proxmox use it) needs the filter inserted with `blockdev-add` and `qom-set` (or
+//! `blockdev-reopen`), which are not transaction actions: the checkpoint would then not be
+//! atomic with the view unless the guest were paused. `blockdev-backup` is a transaction
+//! action on every QEMU since 2.12 and QEMU inserts the same copy-before-write filter itself.
+//!
+//! The scratch node is exported read-only over NBD on a Unix socket in the scratch
+//! directory, with the export bitmap for incremental backups (QEMU 7.2 and 10.0 refuse an
+//! *enabled* bitmap on a read-only export, hence the disabled copy), and read with
+//! disk-transport's NBD client and copy engine.
+//!
+//! # The end, and crashes
+//!
+//! [`finish`](BackupSession::finish) and [`abort`](BackupSession::abort) (and drop) remove the
+//! exports and stop the NBD server, cancel and dismiss the jobs, delete the scratch nodes and
+//! their files; abort also removes the new checkpoint. Everything this source makes in QEMU
+//! is named `vmsdk-…`: exports `vmsdk-exp-N`, jobs `vmsdk-job-N` and `vmsdk-create-N`,
+//! nodes `vmsdk-sc-N` (scratch) and `vmsdk-sf-N` (its file), so
+//! [`cleanup`](BackupSource::cleanup) finds what a killed backup left and removes it; it runs
+//! at the start of every backup too. A failed backup never touches the guest's own nodes
+//! except for adding and removing its checkpoint bitmap: the VM keeps running with writable
+//! disks.
+//!
+//! One scratch directory per VM: it holds the scratch images and the NBD socket, and must be
+//! writable by the QEMU process (the scratch images are created by QEMU itself with
+//! `blockdev-create`, on files this process created 0600).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use disk_transport::{Disk, DiskUri, OpenFlags};
+use qmp_proto::Monitor;
+use serde_json::{json, Value};
+
+use crate::manifest::{ensure_private_dir, set_private};
+use crate::quiesce::{FreezeWindow, Quiesce};
+use crate::source::{
+    BackupSession, BackupSource, BeginRequest, Checkpoint, CheckpointDisk, CleanupReport,
+    Consistency, SessionDisk, SourceDisk, VmIdentity, CHECKPOINT_PREFIX,
+};
+use crate::{Error, Result};
+
+/// The export bitmap's name on a scratch node.
+const EXPORT_BITMAP: &str = "vmsdk-export";
+/// The NBD socket's file name in the scratch directory.
+const SOCKET: &str = "nbd.sock";
+
+fn scratch_node(i: usize) -> String {
+    format!("vmsdk-sc-{i}")
+}
+fn scratch_file_node(i: usize) -> String {
+    format!("vmsdk-sf-{i}")
+}
+fn backup_job(i: usize) -> String {
+    format!("vmsdk-job-{i}")
+}
+fn create_job(i: usize) -> String {
+    format!("vmsdk-create-{i}")
+}
+fn export_id(i: usize) -> String {
+    format!("vmsdk-exp-{i}")
+}
+fn scratch_file_name(i: usize) -> String {
+    format!("vmsdk-scratch-{i}.qcow2")
+}
+
+/// A running QEMU, backed up through its monitor (any [`qmp_proto::Monitor`]: a
+/// [`qmp_proto::Client`] on its QMP socket, or a test double). See the [module docs](self).
+pub struct QemuSource<M: Monitor> {
+    monitor: M,
+    scratch_dir: PathBuf,
+    job_timeout: Duration,
+    nbd_timeout: Duration,
+}
+
+impl<M: Monitor> fmt::Debug for QemuSource<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QemuSource")
+            .field("qemu", &self.monitor.greeting().version.qemu.to_string())
+            .field("scratch_dir", &self.scratch_dir)
+            .finish()
+    }
+}
+
+impl QemuSource<qmp_proto::Client> {
+    /// Connects to the QMP socket at `address` (`qmp+unix:///run/vm1.qmp`,
+    /// `qmp+tcp://127.0.0.1:4444`); scratch images and the NBD socket go to `scratch_dir`.
+    pub fn connect(address: &str, scratch_dir: impl Into<PathBuf>) -> Result<Self> {
+        let client = qmp_proto::Client::connect(address, qmp_proto::ClientConfig::default())
+            .map_err(|e| Error::Monitor {
+                command: format!("connect to {address}"),
+                message: e.to_string(),
+            })?;
+        Ok(QemuSource::new(client, scratch_dir))
+    }
+}
+
+impl<M: Monitor> QemuSource<M> {
+    /// A source driving `monitor`; scratch images and the NBD socket go to `scratch_dir`
+    /// (created 0700; one directory per VM).
+    pub fn new(monitor: M, scratch_dir: impl Into<PathBuf>) -> Self {
+        QemuSource {
+            monitor,
+            scratch_dir: scratch_dir.into(),
+            job_timeout: Duration::from_secs(60),
+            nbd_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// The longest wait for a block job to start or end (default 60 s).
+    pub fn job_timeout(mut self, timeout: Duration) -> Self {
+        self.job_timeout = timeout;
+        self
+    }
+
+    /// The NBD client's per-request timeout for reading the views (default 30 s).
+    pub fn nbd_timeout(mut self, timeout: Duration) -> Self {
+        self.nbd_timeout = timeout;
+        self
+    }
+
+    /// The monitor, for anything else.
+    pub fn monitor(&mut self) -> &mut M {
+        &mut self.monitor
+    }
+
+    /// The scratch directory.
+    pub fn scratch_dir(&self) -> &Path {
+        &self.scratch_dir
+    }
+
+    fn exec(&mut self, command: &str, arguments: Value) -> Result<Value> {
+        let arguments = match arguments {
+            Value::Null => None,
+            other => Some(other),
+        };
+        self.monitor
+            .execute_raw(command, arguments)
+            .map_err(|e| Error::Monitor {
+                command: command.to_owned(),
+                message: e.to_string(),
+            })
+    }
+
+    /// `query-named-block-nodes` (flat): every node with its bitmaps.
+    fn nodes(&mut self) -> Result<Vec<Value>> {
+        match self.exec("query-named-block-nodes", json!({"flat": true}))? {
+            Value::Array(nodes) => Ok(nodes),
+            other => Err(Error::Source(format!(
+                "query-named-block-nodes returned {other}"
+            ))),
+        }
+    }
+
+    fn node<'a>(nodes: &'a [Value], name: &str) -> Option<&'a Value> {
+        nodes.iter().find(|n| n["node-name"] == name)
+    }
+
+    fn bitmap<'a>(node: &'a Value, name: &str) -> Option<&'a Value> {
+        node["dirty-bitmaps"]
+            .as_array()?
+            .iter()
+            .find(|b| b["name"] == name)
+    }
+
+    /// Waits until job `id` is concluded (or gone); returns its error, if it had one.
+    fn wait_job(&mut self, id: &str) -> Result<Option<String>> {
+        let deadline = Instant::now() + self.job_timeout;
+        loop {
+            let jobs = self.exec("query-jobs", Value::Null)?;
+            let job = jobs
+                .as_array()
+                .and_then(|jobs| jobs.iter().find(|j| j["id"] == id))
+                .cloned();
+            match job {
+                None => return Ok(None),
+                Some(job) if job["status"] == "concluded" || job["status"] == "null" => {
+                    return Ok(job["error"].as_str().map(str::to_owned))
+                }
+                Some(job) => {
+                    if Instant::now() >= deadline {
+                        return Err(Error::Monitor {
+                            command: format!("job {id}"),
+                            message: format!(
+                                "still {} after {:?}",
+                                job["status"], self.job_timeout
+                            ),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    /// Cancels (if running), waits for and dismisses job `id`; a job that is gone is fine.
+    fn end_job(&mut self, id: &str) -> Result<()> {
+        let jobs = self.exec("query-jobs", Value::Null)?;
+        let Some(job) = jobs
+            .as_array()
+            .and_then(|jobs| jobs.iter().find(|j| j["id"] == id))
+            .cloned()
+        else {
+            return Ok(());
+        };
+        if job["status"] != "concluded" && job["status"] != "null" {
+            let cancel = if job["type"] == "create" {
+                self.exec("job-cancel", json!({"id": id}))
+            } else {
+                self.exec("block-job-cancel", json!({"device": id, "force": true}))
+            };
+            if let Err(e) = cancel {
+                tracing::debug!("cancelling job {id}: {e}");
+            }
+            self.wait_job(id)?;
+        }
+        self.exec("job-dismiss", json!({"id": id}))?;
+        Ok(())
+    }
+
+    /// Deletes node `name`, retrying while an export or job lets go of it.
+    fn delete_node(&mut self, name: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.exec("blockdev-del", json!({"node-name": name})) {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    let nodes = self.nodes()?;
+                    if Self::node(&nodes, name).is_none() {
+                        return Ok(());
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    /// Removes what a session with `count` disks made: exports, the NBD server, jobs,
+    /// scratch nodes and files. Every step is tried; the first error is returned.
+    fn teardown(&mut self, count: usize) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let mut first_error = None;
+        let mut note = |r: Result<()>, what: String, removed: &mut Vec<String>| match r {
+            Ok(()) => removed.push(what),
+            Err(e) => {
+                tracing::warn!("teardown: {what}: {e}");
+                first_error.get_or_insert(e);
+            }
+        };
+        let exports = self
+            .exec("query-block-exports", Value::Null)
+            .unwrap_or(Value::Null);
+        for i in 0..count {
+            let id = export_id(i);
+            let exists = exports
+                .as_array()
+                .is_some_and(|e| e.iter().any(|x| x["id"] == id.as_str()));
+            if exists {
+                let r = self
+                    .exec("block-export-del", json!({"id": id, "mode": "hard"}))
+                    .map(drop);
+                note(r, format!("export {id}"), &mut removed);
+            }
+        }
+        if let Err(e) = self.exec("nbd-server-stop", Value::Null) {
+            tracing::debug!("nbd-server-stop: {e}");
+        }
+        let _ = std::fs::remove_file(self.scratch_dir.join(SOCKET));
+        for i in 0..count {
+            for job in [backup_job(i), create_job(i)] {
+                let r = self.end_job(&job);
+                note(r, format!("job {job}"), &mut removed);
+            }
+        }
+        let nodes = self.nodes().unwrap_or_default();
+        for i in 0..count {
+            for node in [scratch_node(i), scratch_file_node(i)] {
+                if Self::node(&nodes, &node).is_some() {
+                    let r = self.delete_node(&node);
+                    note(r, format!("scratch node {node}"), &mut removed);
+                }
+            }
+            let file = self.scratch_dir.join(scratch_file_name(i));
+            if file.exists() {
+                let r = std::fs::remove_file(&file).map_err(|e| Error::io("remove", &file, e));
+                note(r, format!("file {}", file.display()), &mut removed);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(removed),
+        }
+    }
+
+    /// Creates scratch image `i` of `size` bytes on top of `disk`: a 0600 file, QEMU's file
+    /// node on it, a qcow2 made by `blockdev-create`, the qcow2 node with the disk as backing.
+    fn add_scratch(&mut self, i: usize, disk: &str, size: u64) -> Result<()> {
+        let path = self.scratch_dir.join(scratch_file_name(i));
+        let _ = std::fs::remove_file(&path);
+        drop(crate::manifest::create_private(&path)?);
+        let filename = path.to_string_lossy().into_owned();
+        self.exec(
+            "blockdev-add",
+            json!({"driver": "file", "node-name": scratch_file_node(i), "filename": filename}),
+        )?;
+        let job = create_job(i);
+        self.exec(
+            "blockdev-create",
+            json!({"job-id": job, "options": {
+                "driver": "qcow2", "file": scratch_file_node(i), "size": size}}),
+        )?;
+        let error = self.wait_job(&job)?;
+        self.exec("job-dismiss", json!({"id": job}))?;
+        if let Some(error) = error {
+            return Err(Error::Monitor {
+                command: "blockdev-create".into(),
+                message: format!("creating the scratch image {filename}: {error}"),
+            });
+        }
+        set_private(&path, 0o600)?;
+        self.exec(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": scratch_node(i),
+                   "file": scratch_file_node(i), "backing": disk}),
+        )?;
+        Ok(())
+    }
+
+    /// The part of `begin` after the checks; on error the caller tears down.
+    fn begin_inner(
+        &mut self,
+        request: &BeginRequest,
+        disks: &[SessionDisk],
+        granularities: &[Option<u64>],
+        quiesce: Option<&mut dyn Quiesce>,
+    ) -> Result<(Consistency, Vec<String>)> {
+        ensure_private_dir(&self.scratch_dir)?;
+        for (i, disk) in disks.iter().enumerate() {
+            self.add_scratch(i, &disk.node, disk.size)?;
+        }
+        let mut actions = Vec::new();
+        for (i, disk) in disks.iter().enumerate() {
+            actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
+                "node": disk.node, "name": request.checkpoint, "persistent": true}}));
+            if let Some(since) = &request.since {
+                let mut add = json!({"node": scratch_node(i), "name": EXPORT_BITMAP,
+                    "persistent": false, "disabled": true});
+                if let Some(g) = granularities[i] {
+                    add["granularity"] = json!(g);
+                }
+                actions.push(json!({"type": "block-dirty-bitmap-add", "data": add}));
+                actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
+                    "node": scratch_node(i), "target": EXPORT_BITMAP,
+                    "bitmaps": [{"node": disk.node, "name": since}]}}));
+            }
+            actions.push(json!({"type": "blockdev-backup", "data": {
+                "device": disk.node, "target": scratch_node(i), "sync": "none",
+                "job-id": backup_job(i), "auto-finalize": true, "auto-dismiss": false}}));
+        }
+        // The moment: the guest frozen around the transaction only.
+        let window = FreezeWindow::enter(quiesce);
+        let result = self.exec("transaction", json!({"actions": actions}));
+        let (frozen, warnings) = window.leave();
+        result?;
+
+        let socket = self.scratch_dir.join(SOCKET);
+        let _ = std::fs::remove_file(&socket);
+        // nbd-server-start takes the legacy address form (`data` wrapped), on 7.2 and 10.0.
+        let start = json!({"addr": {"type": "unix", "data": {"path": socket.to_string_lossy()}}});
+        if let Err(e) = self.exec("nbd-server-start", start.clone()) {
+            if !e.to_string().contains("already running") {
+                return Err(e);
+            }
+            // A server left by a killed backup serves nobody: stop it and start ours. One
+            // with exports of someone else's is not ours to stop.
+            let exports = self.exec("query-block-exports", Value::Null)?;
+            let foreign: Vec<String> = exports
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x["id"].as_str())
+                .filter(|id| !id.starts_with(CHECKPOINT_PREFIX))
+                .map(str::to_owned)
+                .collect();
+            if !foreign.is_empty() {
+                return Err(Error::Monitor {
+                    command: "nbd-server-start".into(),
+                    message: format!(
+                        "{e}; QEMU's NBD server is running with exports that are not \
+                         vmsdk's ({}): QEMU has one NBD server, stop them first",
+                        foreign.join(", ")
+                    ),
+                });
+            }
+            self.exec("nbd-server-stop", Value::Null)?;
+            self.exec("nbd-server-start", start)?;
+        }
+        for (i, disk) in disks.iter().enumerate() {
+            let mut export = json!({"type": "nbd", "id": export_id(i),
+                "node-name": scratch_node(i), "name": disk.node, "writable": false});
+            if request.since.is_some() {
+                export["bitmaps"] = json!([EXPORT_BITMAP]);
+            }
+            self.exec("block-export-add", export)?;
+        }
+        Ok((Consistency::from_frozen(frozen), warnings))
+    }
+}
+
+impl<M: Monitor> BackupSource for QemuSource<M> {
+    fn vm(&mut self) -> Result<VmIdentity> {
+        let name = self
+            .exec("query-name", Value::Null)
+            .ok()
+            .and_then(|v| v["name"].as_str().map(str::to_owned));
+        let uuid = self
+            .exec("query-uuid", Value::Null)
+            .ok()
+            .and_then(|v| v["UUID"].as_str().map(str::to_owned))
+            .filter(|u| u != "00000000-0000-0000-0000-000000000000");
+        Ok(VmIdentity {
+            name,
+            uuid,
+            hypervisor: format!("qemu {}", self.monitor.greeting().version.qemu),
+        })
+    }
+
+    fn disks(&mut self) -> Result<Vec<SourceDisk>> {
+        let devices = self.exec("query-block", Value::Null)?;
+        let mut disks = Vec::new();
+        for device in devices.as_array().into_iter().flatten() {
+            let inserted = &device["inserted"];
+            let Some(node) = inserted["node-name"].as_str() else {
+                continue; // an empty drive (a CD-ROM without a medium)
+            };
+            if inserted["ro"] == true {
+                continue; // read-only media hold nothing a backup must keep
+            }
+            if inserted["drv"] == "copy-before-write" {
+                let device = device["qdev"].as_str().or(device["device"].as_str());
+                return Err(Error::Source(format!(
+                    "a backup job runs on {} (its copy-before-write filter {node} sits on the \
+                     disk): another backup is running, or one was killed and `cleanup` has not \
+                     run yet",
+                    device.unwrap_or(node)
+                )));
+            }
+            let image = &inserted["image"];
+            disks.push(SourceDisk {
+                node: node.to_owned(),
+                size: image["virtual-size"].as_u64().unwrap_or(0),
+                format: image["format"].as_str().unwrap_or("").to_owned(),
+                file: image["filename"].as_str().map(str::to_owned),
+            });
+        }
+        Ok(disks)
+    }
+
+    fn checkpoints(&mut self) -> Result<Vec<Checkpoint>> {
+        let mut found: Vec<Checkpoint> = Vec::new();
+        for node in self.nodes()? {
+            let Some(node_name) = node["node-name"].as_str() else {
+                continue;
+            };
+            if node_name.starts_with(CHECKPOINT_PREFIX) {
+                continue; // our scratch nodes carry export bitmaps, not checkpoints
+            }
+            for bitmap in node["dirty-bitmaps"].as_array().into_iter().flatten() {
+                let Some(name) = bitmap["name"].as_str() else {
+                    continue;
+                };
+                if !name.starts_with(CHECKPOINT_PREFIX) {
+                    continue;
+                }
+                let disk = CheckpointDisk {
+                    node: node_name.to_owned(),
+                    recording: bitmap["recording"].as_bool().unwrap_or(false),
+                    persistent: bitmap["persistent"].as_bool().unwrap_or(false),
+                    inconsistent: bitmap["inconsistent"].as_bool().unwrap_or(false),
+                    busy: bitmap["busy"].as_bool().unwrap_or(false),
+                    granularity: bitmap["granularity"].as_u64().unwrap_or(0),
+                };
+                match found.iter_mut().find(|c| c.name == name) {
+                    Some(c) => {
+                        if !c.disks.iter().any(|d| d.node == disk.node) {
+                            c.disks.push(disk)
+                        }
+                    }
+                    None => found.push(Checkpoint {
+                        name: name.to_owned(),
+                        disks: vec![disk],
+                    }),
+                }
+            }
+        }
+        found.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(found)
+    }
+
+    fn begin(
+        &mut self,
+        request: &BeginRequest,
+        quiesce: Option<&mut dyn Quiesce>,
+    ) -> Result<Box<dyn BackupSession + '_>> {
+        if !request.checkpoint.starts_with(CHECKPOINT_PREFIX) {
+            return Err(Error::Checkpoint {
+                name: request.checkpoint.clone(),
+                problem: format!("checkpoint names start with {CHECKPOINT_PREFIX}"),
+            });
+        }
+        if request.tls {
+            return Err(Error::Source(
+                "TLS for the QEMU source's NBD exports is not implemented yet; the exports \
+                 are served on a Unix socket in the 0700 scratch directory"
+                    .into(),
+            ));
+        }
+        let known = self.disks()?;
+        let nodes = self.nodes()?;
+        let mut disks = Vec::new();
+        let mut granularities = Vec::new();
+        for name in &request.disks {
+            let disk = known
+                .iter()
+                .find(|d| &d.node == name)
+                .ok_or_else(|| Error::NoSuchDisk {
+                    disk: name.clone(),
+                    known: known.iter().map(|d| d.node.clone()).collect(),
+                })?;
+            let node = Self::node(&nodes, name).ok_or_else(|| Error::NoSuchDisk {
+                disk: name.clone(),
+                known: known.iter().map(|d| d.node.clone()).collect(),
+            })?;
+            if Self::bitmap(node, &request.checkpoint).is_some() {
+                return Err(Error::Checkpoint {
+                    name: request.checkpoint.clone(),
+                    problem: format!("exists already on disk {name}"),
+                });
+            }
+            let mut granularity = None;
+            if let Some(since) = &request.since {
+                let bitmap = Self::bitmap(node, since).ok_or_else(|| Error::Checkpoint {
+                    name: since.clone(),
+                    problem: format!("missing on disk {name}"),
+                })?;
+                if bitmap["inconsistent"] == true {
+                    return Err(Error::Checkpoint {
+                        name: since.clone(),
+                        problem: format!("inconsistent on disk {name}"),
+                    });
+                }
+                granularity = bitmap["granularity"].as_u64();
+            }
+            disks.push(SessionDisk {
+                node: name.clone(),
+                size: disk.size,
+            });
+            granularities.push(granularity);
+        }
+        match self.begin_inner(request, &disks, &granularities, quiesce) {
+            Ok((consistency, warnings)) => Ok(Box::new(QemuSession {
+                socket: self.scratch_dir.join(SOCKET),
+                source: self,
+                checkpoint: request.checkpoint.clone(),
+                since: request.since.clone(),
+                disks,
+                consistency,
+                warnings,
+                ended: false,
+            })),
+            Err(e) => {
+                if let Err(t) = self.teardown(disks.len()) {
+                    tracing::warn!("tearing down a failed begin: {t}");
+                }
+                // The transaction is atomic: its bitmaps exist only if it succeeded, and then
+                // a later step failed.
+                for disk in &disks {
+                    let _ = self.exec(
+                        "block-dirty-bitmap-remove",
+                        json!({"node": disk.node, "name": request.checkpoint}),
+                    );
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn remove_checkpoint(&mut self, name: &str) -> Result<()> {
+        for node in self.nodes()? {
+            if Self::bitmap(&node, name).is_some() {
+                let node_name = node["node-name"].as_str().unwrap_or_default().to_owned();
+                self.exec(
+                    "block-dirty-bitmap-remove",
+                    json!({"node": node_name, "name": name}),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn cleanup(&mut self) -> Result<CleanupReport> {
+        let mut report = CleanupReport::default();
+        let exports = self.exec("query-block-exports", Value::Null)?;
+        let mut foreign_exports = false;
+        for export in exports.as_array().into_iter().flatten() {
+            let Some(id) = export["id"].as_str() else {
+                continue;
+            };
+            if !id.starts_with(CHECKPOINT_PREFIX) {
+                foreign_exports = true;
+                continue;
+            }
+            match self.exec("block-export-del", json!({"id": id, "mode": "hard"})) {
+                Ok(_) => report.removed.push(format!("export {id}")),
+                Err(e) => report.failed.push(format!("export {id}: {e}")),
+            }
+        }
+        if !foreign_exports && !report.removed.is_empty() {
+            let _ = self.exec("nbd-server-stop", Value::Null);
+        }
+        let jobs = self.exec("query-jobs", Value::Null)?;
+        for job in jobs.as_array().into_iter().flatten() {
+            let Some(id) = job["id"].as_str().map(str::to_owned) else {
+                continue;
+            };
+            if id.starts_with(CHECKPOINT_PREFIX) {
+                match self.end_job(&id) {
+                    Ok(()) => report.removed.push(format!("job {id}")),
+                    Err(e) => report.failed.push(format!("job {id}: {e}")),
+                }
+            }
+        }
+        let nodes = self.nodes()?;
+        // Scratch qcow2 nodes before the file nodes under them.
+        let mut ours: Vec<(String, Option<String>)> = nodes
+            .iter()
+            .filter_map(|n| {
+                let name = n["node-name"].as_str()?;
+                name.starts_with(CHECKPOINT_PREFIX)
+                    .then(|| (name.to_owned(), n["file"].as_str().map(str::to_owned)))
+            })
+            .collect();
+        ours.sort_by_key(|(name, _)| !name.starts_with("vmsdk-sc-"));
+        for (name, file) in ours {
+            match self.delete_node(&name) {
+                Ok(()) => report.removed.push(format!("scratch node {name}")),
+                Err(e) => report.failed.push(format!("scratch node {name}: {e}")),
+            }
+            if let Some(file) = file {
+                let path = PathBuf::from(&file);
+                let ours = path.parent() == Some(self.scratch_dir.as_path())
+                    && path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("vmsdk-scratch-"));
+                if ours && path.exists() && std::fs::remove_file(&path).is_ok() {
+                    report.removed.push(format!("file {file}"));
+                }
+            }
+        }
+        // Scratch files whose nodes died with an earlier QEMU.
+        if let Ok(entries) = std::fs::read_dir(&self.scratch_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with("vmsdk-scratch-") && name.ends_with(".qcow2") {
+                    let path = entry.path();
+                    if std::fs::remove_file(&path).is_ok() {
+                        report.removed.push(format!("file {}", path.display()));
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// A backup session of [`QemuSource`].
+struct QemuSession<'a, M: Monitor> {
+    source: &'a mut QemuSource<M>,
+    socket: PathBuf,
+    checkpoint: String,
+    since: Option<String>,
+    disks: Vec<SessionDisk>,
+    consistency: Consistency,
+    warnings: Vec<String>,
+    ended: bool,
+}
+
+impl<M: Monitor> fmt::Debug for QemuSession<'_, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QemuSession")
+            .field("checkpoint", &self.checkpoint)
+            .field("since", &self.since)
+            .field("disks", &self.disks)
+            .field("socket", &self.socket)
+            .finish()
+    }
+}
+
+impl<M: Monitor> QemuSession<'_, M> {
+    fn end(&mut self, keep_checkpoint: bool) -> Result<()> {
+        self.ended = true;
+        let torn = self.source.teardown(self.disks.len());
+        let mut removal = Ok(());
+        if !keep_checkpoint {
+            for disk in &self.disks {
+                let r = self.source.exec(
+                    "block-dirty-bitmap-remove",
+                    json!({"node": disk.node, "name": self.checkpoint}),
+                );
+                if let Err(e) = r {
+                    removal = Err(e);
+                }
+            }
+        }
+        torn.map(drop).and(removal)
+    }
+}
+
+impl<M: Monitor> BackupSession for QemuSession<'_, M> {
+    fn checkpoint(&self) -> &str {
+        &self.checkpoint
+    }
+
+    fn since(&self) -> Option<&str> {
+        self.since.as_deref()
+    }
+
+    fn disks(&self) -> &[SessionDisk] {
+        &self.disks
+    }
+
+    fn consistency(&self) -> Consistency {
+        self.consistency
+    }
+
+    fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    fn open(&self, node: &str) -> Result<Box<dyn Disk>> {
+        if !self.disks.iter().any(|d| d.node == node) {
+            return Err(Error::NoSuchDisk {
+                disk: node.to_owned(),
+                known: self.disks.iter().map(|d| d.node.clone()).collect(),
+            });
+        }
+        let mut uri = DiskUri::nbd_unix(&self.socket, node)
+            .with_timeout(self.source.nbd_timeout)
+            .map_err(|e| Error::disk("build the view's URI", e))?;
+        if self.since.is_some() {
+            uri = uri
+                .with_dirty_bitmap(EXPORT_BITMAP)
+                .map_err(|e| Error::disk("build the view's URI", e))?;
+        }
+        disk_transport::factory::open(&uri, OpenFlags::read_only())
+            .map_err(|e| Error::disk(format!("open the view of {node} ({uri})"), e))
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        self.end(true)
+    }
+
+    fn abort(mut self: Box<Self>) -> Result<()> {
+        self.end(false)
+    }
+}
+
+impl<M: Monitor> Drop for QemuSession<'_, M> {
+    fn drop(&mut self) {
+        if !self.ended {
+            if let Err(e) = self.end(false) {
+                tracing::warn!("ending the backup session on drop: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Backups of the fake VM into a backup directory: the scenarios the real-QEMU tests run
+//! (full, incremental after incremental, two disks, writes during the backup, a crash matrix,
+//! lost and inconsistent checkpoints), checked byte for byte against the disks' contents at
+//! each checkpoint.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex};
+
+use live_backup::fake::{FakeFault, FakeVm};
+use live_backup::{
+    BackupDir, BackupOptions, BackupSource, BeginRequest, Consistency, Error, PointKind,
+};
+
+const MIB: u64 = 1 << 20;
+
+/// The disks' contents at the moment of the next backup, captured inside it.
+type Captured = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// Captures every disk at the next backup's moment, then lets the guest write `after`
+/// (node, offset, byte) while the backup reads.
+fn capture_next(vm: &FakeVm, after: Vec<(&'static str, u64, u8)>) -> Captured {
+    let captured: Captured = Arc::default();
+    let out = captured.clone();
+    vm.during_next_backup(move |vm| {
+        let mut out = out.lock().unwrap();
+        for node in ["vda", "vdb"] {
+            if let Some(disk) = vm.disk(node) {
+                out.push((node.to_owned(), disk.to_vec().unwrap()));
+            }
+        }
+        for (node, offset, byte) in &after {
+            vm.guest_write(node, *offset, &[*byte; 4096]).unwrap();
+        }
+    });
+    captured
+}
+
+fn restored(dir: &BackupDir, node: &str, point: u32) -> Vec<u8> {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("restored.img");
+    dir.restore(
+        Some(node),
+        Some(point),
+        path.to_str().unwrap(),
+        &Default::default(),
+        &mut |_| {},
+    )
+    .unwrap();
+    std::fs::read(path).unwrap()
+}
+
+fn two_disk_vm() -> FakeVm {
+    let vm = FakeVm::new("vm1")
+        .with_disk("vda", 8 * MIB)
+        .with_disk("vdb", 4 * MIB);
+    vm.guest_write("vda", 0, &[1; 65536]).unwrap();
+    vm.guest_write("vdb", 3 * MIB, &[2; 4096]).unwrap();
+    vm
+}
+
+fn backup(
+    vm: &FakeVm,
+    dir: &BackupDir,
+    options: &BackupOptions,
+) -> live_backup::Result<live_backup::BackupReport> {
+    dir.create(&mut vm.clone(), None, options, &mut |_| {})
+}
+
+#[test]
+fn every_point_restores_to_the_disks_at_its_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = BackupDir::new(tmp.path().join("backups"));
+    let vm = two_disk_vm();
+    let mut at = Vec::new();
+    let writes_during = [
+        vec![("vda", 0, 9u8), ("vdb", 0, 9)],
+        vec![("vda", 5 * MIB, 8)],
+        vec![("vdb", MIB, 7)],
+    ];
+    for (round, during) in writes_during.into_iter().enumerate() {
+        let captured = capture_next(&vm, during);
+        let report = backup(&vm, &dir, &BackupOptions::new()).unwrap();
+        assert_eq!(report.point.number as usize, round + 1);
+        let kind = if round == 0 {
+            PointKind::Full
+        } else {
+            PointKind::Incremental
+        };
+        assert_eq!(report.point.kind, kind);
+        at.push(captured.lock().unwrap().clone());
+        // The guest writes between backups: a changed range, a zeroed one.
+        vm.guest_write("vda", (round as u64 + 1) * MIB, &[0x40 + round as u8; 8192])
+            .unwrap();
+        vm.guest_write("vda", 0, &[0; 4096]).unwrap();
+    }
+    for (i, disks) in at.iter().enumerate() {
+        for (node, contents) in disks {
+            assert_eq!(
+                &restored(&dir, node, i as u32 + 1),
+                contents,
+                "point {} of {node}",
+                i + 1
+            );
+        }
+    }
+    let checked = dir.verify(&mut |_| {}).unwrap();
+    assert_eq!(checked.len(), 6);
+    // Incremental points hold only what changed.
+    let manifest = dir.manifest().unwrap().unwrap();
+    assert!(manifest.points[1].disks[0].bytes_copied < MIB);
+    // Only the last checkpoint stays on the VM.
+    let names: Vec<_> = vm
+        .clone()
+        .checkpoints()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, [manifest.points[2].checkpoint.clone()]);
+    // Files 0600, the directory 0700.
+    assert_eq!(
+        std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let entry = entry.unwrap();
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{:?}", entry.file_name());
+    }
+}
+
+#[test]
+fn a_failed_backup_leaves_the_chain_and_the_next_one_is_correct() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = BackupDir::new(tmp.path().join("backups"));
+    let vm = two_disk_vm();
+    backup(&vm, &dir, &BackupOptions::new()).unwrap();
+    let manifest = std::fs::read(dir.path().join("manifest.json")).unwrap();
+    let files = |dir: &BackupDir| {
+        let mut v: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = files(&dir);
+
+    // An NBD error on the view; a refused transaction; a session left by a killed process.
+    vm.guest_write("vdb", 0, &[5; 4096]).unwrap();
+    vm.inject(FakeFault::ViewRead {
+        node: "vdb".into(),
+        offset: 0,
+    });
+    let e = backup(&vm, &dir, &BackupOptions::new()).unwrap_err();
+    assert!(matches!(e, Error::Copy { .. }), "{e}");
+    assert_eq!(
+        std::fs::read(dir.path().join("manifest.json")).unwrap(),
+        manifest
+    );
+    assert_eq!(files(&dir), before, "no partial image left");
+    vm.inject(FakeFault::Begin);
+    backup(&vm, &dir, &BackupOptions::new()).unwrap_err();
+    let chain = dir.manifest().unwrap().unwrap();
+    let mut killed_process = vm.clone();
+    let killed = killed_process
+        .begin(
+            &BeginRequest::full(chain.checkpoint_prefix() + "2", vec!["vda".into()])
+                .since(chain.points[0].checkpoint.clone()),
+            None,
+        )
+        .unwrap();
+    std::mem::forget(killed);
+    assert!(!vm.leftovers().is_empty());
+
+    // Leftovers are removed at the start of the next backup, even one that then refuses:
+    // vdb is in the chain but would not be backed up, which needs a full backup.
+    let report = backup(&vm, &dir, &BackupOptions::new().disk("vda"));
+    assert!(
+        matches!(report, Err(Error::IncrementalImpossible { .. })),
+        "{report:?}"
+    );
+    assert!(vm.leftovers().is_empty(), "cleanup ran first");
+    // The same disks behind a VM without the injected NBD error: the next backup removes the
+    // half-made checkpoint and is a correct incremental one.
+    let vm2 = FakeVm::new("vm1")
+        .with_memory_disk("vda", vm.disk("vda").unwrap())
+        .with_memory_disk("vdb", vm.disk("vdb").unwrap());
+    let captured = capture_next(&vm2, vec![]);
+    let report = backup(&vm2, &dir, &BackupOptions::new()).unwrap();
+    assert_eq!(report.point.kind, PointKind::Incremental);
+    assert!(
+        report.removed_checkpoints.iter().any(|c| c.ends_with("-2")),
+        "{report:?}"
+    );
+    for (node, contents) in captured.lock().unwrap().iter() {
+        assert_eq!(&restored(&dir, node, 2), contents, "{node}");
+    }
+    dir.verify(&mut |_| {}).unwrap();
+}
+
+#[test]
+fn lost_and_inconsistent_checkpoints_need_a_full_backup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = BackupDir::new(tmp.path().join("backups"));
+    let vm = two_disk_vm();
+    let first = backup(&vm, &dir, &BackupOptions::new()).unwrap();
+    let checkpoint = first.point.checkpoint.clone();
+
+    vm.make_inconsistent("vdb", &checkpoint);
+    let e = backup(&vm, &dir, &BackupOptions::new()).unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("inconsistent") && text.contains("vdb") && text.contains("--full"),
+        "{text}"
+    );
+    let report = backup(&vm, &dir, &BackupOptions::new().full_if_needed(true)).unwrap();
+    assert_eq!(report.point.kind, PointKind::Full);
+    assert!(report
+        .point
+        .full_reason
+        .as_deref()
+        .unwrap()
+        .contains("inconsistent"));
+
+    vm.lose_checkpoint("vda", &report.point.checkpoint).unwrap();
+    let e = backup(&vm, &dir, &BackupOptions::new()).unwrap_err();
+    assert!(e.to_string().contains("missing on disk vda"), "{e}");
+    let report = backup(&vm, &dir, &BackupOptions::new().full(true)).unwrap();
+    assert_eq!(report.point.kind, PointKind::Full);
+    assert_eq!(report.point.number, 3);
+    for node in ["vda", "vdb"] {
+        assert_eq!(
+            restored(&dir, node, 3),
+            vm.disk(node).unwrap().to_vec().unwrap()
+        );
+    }
+}
+
+#[test]
+fn checkpoints_of_other_chains_and_tools_are_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vm = two_disk_vm();
+    vm.disk("vda")
+        .unwrap()
+        .add_dirty_bitmap("libvirt-1")
+        .unwrap();
+    let a = BackupDir::new(tmp.path().join("a"));
+    let b = BackupDir::new(tmp.path().join("b"));
+    backup(&vm, &a, &BackupOptions::new()).unwrap();
+    backup(&vm, &b, &BackupOptions::new()).unwrap();
+    vm.guest_write("vda", MIB, &[3; 4096]).unwrap();
+    // Both chains go on incrementally: neither removed the other's checkpoint.
+    assert_eq!(
+        backup(&vm, &a, &BackupOptions::new()).unwrap().point.kind,
+        PointKind::Incremental
+    );
+    assert_eq!(
+        backup(&vm, &b, &BackupOptions::new()).unwrap().point.kind,
+        PointKind::Incremental
+    );
+    assert!(vm
+        .disk("vda")
+        .unwrap()
+        .dirty_bitmaps()
+        .contains(&"libvirt-1".to_owned()));
+    assert_eq!(vm.clone().checkpoints().unwrap().len(), 2);
+}
+
+#[test]
+fn one_backup_of_a_directory_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = BackupDir::new(tmp.path().join("backups"));
+    let vm = two_disk_vm();
+    let dir2 = dir.clone();
+    let vm2 = vm.clone();
+    let inner = Arc::new(Mutex::new(None));
+    let seen = inner.clone();
+    vm.during_next_backup(move |_| {
+        *seen.lock().unwrap() = Some(backup(&vm2, &dir2, &BackupOptions::new()).map(|_| ()));
+    });
+    backup(&vm, &dir, &BackupOptions::new()).unwrap();
+    let inner = inner.lock().unwrap().take().unwrap();
+    assert!(matches!(inner, Err(Error::Busy { .. })), "{inner:?}");
+}
+
+#[cfg(feature = "agent")]
+#[test]
+fn frozen_around_the_checkpoint_or_crash_consistent_with_a_warning() {
+    use live_backup::quiesce::AgentQuiesce;
+    use std::time::Duration;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = BackupDir::new(tmp.path().join("backups"));
+    let vm = two_disk_vm();
+    let agent = qga_proto::fake::FakeAgent::linux();
+    let mut quiesce = AgentQuiesce::new(
+        agent.clone().connect_blocking().unwrap(),
+        Duration::from_secs(2),
+    );
+    let report = dir
+        .create(
+            &mut vm.clone(),
+            Some(&mut quiesce),
+            &BackupOptions::new(),
+            &mut |_| {},
+        )
+        .unwrap();
+    assert!(matches!(
+        report.point.consistency,
+        Consistency::Application { .. }
+    ));
+    assert!(!agent.state().frozen, "thawed");
+    let requests = agent.state().requests.clone();
+    let freeze = requests
+        .iter()
+        .position(|r| r == "guest-fsfreeze-freeze")
+        .unwrap();
+    let thaw = requests
+        .iter()
+        .position(|r| r == "guest-fsfreeze-thaw")
+        .unwrap();
+    assert!(freeze < thaw);
+
+    // An agent that froze but did not answer in time: a warning, a crash-consistent backup,
+    // and the guest thawed all the same.
+    agent.fault_on("guest-fsfreeze-freeze", qga_proto::fake::Fault::DropReply);
+    let report = dir
+        .create(
+            &mut vm.clone(),
+            Some(&mut quiesce),
+            &BackupOptions::new(),
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_eq!(report.point.consistency, Consistency::Crash);
+    assert!(
+        report.point.warnings[0].contains("crash-consistent"),
+        "{report:?}"
+    );
+    assert!(
+        !agent.state().frozen,
+        "a freeze without an answer is thawed"
+    );
+}

@@ -1,0 +1,224 @@
+//! A QEMU VM for the live-backup tests: `qemu-system-x86_64 -S` (no guest code runs; the
+//! block layer, QMP and the NBD server do) with qcow2 disks, two QMP monitors (one for the
+//! code under test, one for the test's guest writes) and guest writes made at known moments
+//! through HMP's `qemu-io`, so every byte of every disk is known at every moment.
+//!
+//! The VM of a [`Generation`] is that generation's QEMU (Debian 12's 7.2 on the machine,
+//! Debian 13's 10.0 in the peer root); it is killed by its PID when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::disk::is_listening;
+use crate::peers::Generation;
+
+/// A running QEMU with qcow2 disks; see the [module docs](self).
+#[derive(Debug)]
+pub struct QemuVm {
+    child: Option<Child>,
+    generation: Generation,
+    dir: PathBuf,
+    disks: Vec<(String, u64)>,
+    /// The contents every disk has now, by the writes the test made.
+    model: Vec<Vec<u8>>,
+}
+
+impl QemuVm {
+    /// Starts the QEMU of `generation` in `dir` (bound into the peer root) with a qcow2 disk
+    /// `NAME.qcow2` of each `(NAME, SIZE)` (node name NAME, device NAME-dev), created by the
+    /// generation's qemu-img when missing. `None` (after a skip notice) when the generation or
+    /// QEMU is missing outside CI.
+    pub fn start(generation: Generation, dir: &Path, disks: &[(&str, u64)]) -> Option<QemuVm> {
+        let qemu = generation.command("qemu-system-x86_64", "qemu-system-x86")?;
+        let mut model = Vec::new();
+        for (name, size) in disks {
+            let image = dir.join(format!("{name}.qcow2"));
+            if !image.exists() {
+                let out = generation
+                    .command("qemu-img", "qemu-utils")?
+                    .args(["create", "-q", "-f", "qcow2"])
+                    .arg(&image)
+                    .arg(size.to_string())
+                    .output();
+                crate::assert_success(&out, "qemu-img create");
+            }
+            model.push(vec![0u8; *size as usize]);
+        }
+        let mut command = qemu
+            .bind(dir)
+            .args(["-S", "-nodefaults", "-display", "none", "-m", "64"])
+            .args(["-machine", "pc,accel=tcg"]);
+        for (i, socket) in ["qmp.sock", "qmp-test.sock"].iter().enumerate() {
+            command = command
+                .arg("-chardev")
+                .arg(format!(
+                    "socket,id=mon{i},path={},server=on,wait=off",
+                    dir.join(socket).display()
+                ))
+                .arg("-mon")
+                .arg(format!("chardev=mon{i},mode=control"));
+        }
+        for (name, _) in disks {
+            command = command
+                .arg("-blockdev")
+                .arg(format!(
+                    "driver=file,filename={},node-name={name}-file",
+                    dir.join(format!("{name}.qcow2")).display()
+                ))
+                .arg("-blockdev")
+                .arg(format!("driver=qcow2,file={name}-file,node-name={name}"))
+                .arg("-device")
+                .arg(format!("virtio-blk-pci,drive={name},id={name}-dev"));
+        }
+        // qemu-io's reports (one per write) would drown the test's output.
+        let child = command.spawn(Stdio::null(), Stdio::inherit());
+        let mut vm = QemuVm {
+            child: Some(child),
+            generation,
+            dir: dir.to_owned(),
+            disks: disks.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
+            model,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(is_listening(&vm.qmp()) && is_listening(&vm.dir.join("qmp-test.sock"))) {
+            if let Some(status) = vm.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("QEMU ({generation}) exited at start with {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "QEMU did not open its QMP sockets in 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(vm)
+    }
+
+    /// The QMP socket for the code under test.
+    pub fn qmp(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
+    /// `qmp+unix://` URI of [`qmp`](Self::qmp).
+    pub fn qmp_uri(&self) -> String {
+        format!("qmp+unix://{}", self.qmp().display())
+    }
+
+    /// A scratch directory for the backup source, inside the VM's directory (so QEMU in the
+    /// peer root sees it).
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.dir.join("scratch")
+    }
+
+    /// The generation.
+    pub fn generation(&self) -> Generation {
+        self.generation
+    }
+
+    /// The QEMU version line.
+    pub fn version(&self) -> String {
+        self.generation.versions(&["qemu-system-x86_64"])
+    }
+
+    fn test_monitor(&self) -> qmp_proto::Client<std::os::unix::net::UnixStream> {
+        let path = self.dir.join("qmp-test.sock");
+        qmp_proto::Client::connect_unix(&path, qmp_proto::ClientConfig::default())
+            .expect("connect to the test's QMP monitor")
+    }
+
+    /// Runs an HMP command on the test's monitor and returns its output.
+    pub fn hmp(&self, command_line: &str) -> String {
+        use qmp_proto::Monitor;
+        let mut monitor = self.test_monitor();
+        let out = monitor
+            .execute_raw(
+                "human-monitor-command",
+                Some(json!({ "command-line": command_line })),
+            )
+            .unwrap_or_else(|e| panic!("HMP {command_line}: {e}"));
+        out.as_str().unwrap_or_default().to_owned()
+    }
+
+    /// The guest writes `pattern` bytes at `offset..offset+length` of disk `name` (through
+    /// the device, as the guest would: `qemu-io -d NAME-dev "write -P PATTERN OFF LEN"`).
+    pub fn write(&mut self, name: &str, offset: u64, length: u64, pattern: u8) {
+        let out = self.hmp(&format!(
+            "qemu-io -d /machine/peripheral/{name}-dev/virtio-backend \"write -P {pattern} {offset} {length}\""
+        ));
+        // qemu-io prints its report on QEMU's standard output; the monitor's answer is empty
+        // unless the command failed.
+        assert!(
+            !out.to_lowercase().contains("error") && !out.contains("failed"),
+            "qemu-io write on {name}: {out}"
+        );
+        let i = self.index(name);
+        self.model[i][offset as usize..(offset + length) as usize].fill(pattern);
+    }
+
+    /// The guest writes zeros (`write -z`).
+    pub fn write_zeroes(&mut self, name: &str, offset: u64, length: u64) {
+        let out = self.hmp(&format!(
+            "qemu-io -d /machine/peripheral/{name}-dev/virtio-backend \"write -z {offset} {length}\""
+        ));
+        assert!(
+            !out.to_lowercase().contains("error") && !out.contains("failed"),
+            "qemu-io write -z on {name}: {out}"
+        );
+        let i = self.index(name);
+        self.model[i][offset as usize..(offset + length) as usize].fill(0);
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.disks
+            .iter()
+            .position(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no disk {name}"))
+    }
+
+    /// What disk `name` holds now, by the writes made.
+    pub fn contents(&self, name: &str) -> Vec<u8> {
+        self.model[self.index(name)].clone()
+    }
+
+    /// A QMP command on the test's monitor.
+    pub fn qmp_command(&self, command: &str, arguments: Value) -> Value {
+        use qmp_proto::Monitor;
+        let mut monitor = self.test_monitor();
+        let arguments = (!arguments.is_null()).then_some(arguments);
+        monitor
+            .execute_raw(command, arguments)
+            .unwrap_or_else(|e| panic!("{command}: {e}"))
+    }
+
+    /// Quits QEMU cleanly (persistent bitmaps are stored) and waits for it.
+    pub fn quit(mut self) {
+        let _ = self.qmp_command("quit", Value::Null);
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills QEMU (SIGKILL, by PID): persistent bitmaps are not stored.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
