@@ -92,7 +92,7 @@ fn qemu_and_fake_agree() {
             let replies = real["replies"].as_array().map_or(0, Vec::len);
             let events = real["events"].as_array().map_or(0, Vec::len);
             match first_difference(
-                &format!("QEMU {release} ({generation})"),
+                &format!("{release} ({generation})"),
                 &real,
                 &format!("fake {release}"),
                 &fake,
@@ -105,4 +105,167 @@ fn qemu_and_fake_agree() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// libvirt's pull backup on real QEMU and on the fake, driven through `qmp_proto::Client`:
+/// the guest writes through the backup's copy-before-write filter after the job started; the
+/// NBD export of the fleecing overlay must still show the data of the moment, and its
+/// `qemu:dirty-bitmap` the areas written since the checkpoint. QEMU's export is read over NBD
+/// (disk-transport's client); the fake's through `FakeMonitor::export_disk`; they must agree.
+#[test]
+fn fleecing_export_shows_the_point_in_time_like_qemu() {
+    use disk_transport::{DirtyExtent, Disk, OpenFlags};
+    use qmp_proto::{ClientConfig, Monitor};
+    use serde_json::json;
+
+    const SIZE: u64 = 64 << 20;
+    const READ: usize = 2 << 20;
+
+    /// The pull backup; returns the name QEMU gave the copy-before-write filter.
+    fn pull_backup(qemu: &mut dyn Monitor, dir: &str) -> String {
+        let mut run = |command: &str, arguments: serde_json::Value| {
+            qemu.execute_raw(command, Some(arguments))
+                .unwrap_or_else(|e| panic!("{command}: {e}"))
+        };
+        run(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "vda",
+            "file": {"driver": "file", "filename": format!("{dir}/vda.qcow2")}}),
+        );
+        run(
+            "human-monitor-command",
+            json!({"command-line": "qemu-io vda \"write -P 0xab 0 131072\""}),
+        );
+        run(
+            "block-dirty-bitmap-add",
+            json!({"node": "vda", "name": "cp0"}),
+        );
+        run(
+            "human-monitor-command",
+            json!({"command-line": "qemu-io vda \"write -P 0x11 3145728 4096\""}),
+        );
+        run(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "fleece", "backing": "vda",
+            "file": {"driver": "file", "filename": format!("{dir}/fleece.qcow2")}}),
+        );
+        run(
+            "transaction",
+            json!({"actions": [
+            {"type": "block-dirty-bitmap-add", "data": {"node": "vda", "name": "cp1"}},
+            {"type": "block-dirty-bitmap-add", "data": {"node": "fleece", "name": "backup-vda", "disabled": true}},
+            {"type": "block-dirty-bitmap-merge", "data": {"node": "fleece", "target": "backup-vda",
+                "bitmaps": [{"node": "vda", "name": "cp0"}]}},
+            {"type": "blockdev-backup", "data": {"device": "vda", "target": "fleece", "sync": "none",
+                "job-id": "backup-vda", "auto-dismiss": false}}]}),
+        );
+        let nodes = run("query-named-block-nodes", json!({"flat": true}));
+        let filter = nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["drv"] == "copy-before-write")
+            .and_then(|n| n["node-name"].as_str())
+            .expect("the backup's copy-before-write filter")
+            .to_owned();
+        // The guest writes (through the filter, as its device does) while the backup reads.
+        for write in ["write -P 0xcd 0 65536", "write -P 0xee 1048576 4096"] {
+            run(
+                "human-monitor-command",
+                json!({"command-line": format!("qemu-io {filter} \"{write}\"")}),
+            );
+        }
+        run(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix",
+            "data": {"path": format!("{dir}/nbd.sock")}}}),
+        );
+        run(
+            "block-export-add",
+            json!({"type": "nbd", "id": "e0", "node-name": "fleece",
+            "name": "vda", "writable": false, "bitmaps": ["backup-vda"]}),
+        );
+        filter
+    }
+
+    fn contents(disk: &dyn Disk) -> (Vec<u8>, Vec<DirtyExtent>) {
+        let mut data = vec![0u8; READ];
+        disk.read_at(&mut data, 0).unwrap();
+        (data, disk.dirty_extents(0, SIZE).unwrap())
+    }
+
+    for generation in Generation::selected() {
+        if !generation.available() {
+            continue;
+        }
+        let release = release_of(generation);
+        announce(generation, &["qemu-system-x86_64", "qemu-img"]);
+        let script = vmsdk_tests::qmp::Script {
+            description: "pull backup".into(),
+            images: vec![
+                vmsdk_tests::qmp::ScriptImage {
+                    name: "vda.qcow2".into(),
+                    format: "qcow2".into(),
+                    size: SIZE,
+                },
+                vmsdk_tests::qmp::ScriptImage {
+                    name: "fleece.qcow2".into(),
+                    format: "qcow2".into(),
+                    size: SIZE,
+                },
+            ],
+            balloon: None,
+            steps: Vec::new(),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let Some(qemu) = QemuPeer::start(generation, &script, dir.path()) else {
+            continue;
+        };
+        let mut client =
+            qmp_proto::Client::handshake(qemu.connect(), ClientConfig::default()).unwrap();
+        let dir_text = dir.path().to_string_lossy().into_owned();
+        pull_backup(&mut client, &dir_text);
+        let uri = format!(
+            "nbd+unix:///vda?socket={}/nbd.sock&dirty-bitmap=backup-vda",
+            dir_text
+        );
+        let export = disk_transport::open_uri(&uri, OpenFlags::read_only()).unwrap();
+        let real = contents(&*export);
+        drop(export);
+        drop(client);
+        drop(qemu);
+
+        let fake_dir = tempfile::tempdir().unwrap();
+        let fake = fake_for(&script, release, fake_dir.path());
+        let mut client = fake.connect().unwrap();
+        pull_backup(&mut client, &fake_dir.path().to_string_lossy());
+        let fake_view = contents(&fake.export_disk("vda", Some("backup-vda")).unwrap());
+
+        // The data of the moment the transaction ran: 0xab in the first 128 KiB, 0x11 at 3 MiB
+        // (outside the window read), zeros elsewhere; not the guest's later writes. The
+        // exported bitmap is the checkpoint cp0: only the write after it (at 3 MiB).
+        assert!(
+            real.0[..131072].iter().all(|&b| b == 0xab),
+            "{release}: not point-in-time"
+        );
+        assert!(real.0[131072..].iter().all(|&b| b == 0));
+        let dirty: Vec<(u64, u64)> = real
+            .1
+            .iter()
+            .filter(|e| e.dirty)
+            .map(|e| (e.offset, e.length))
+            .collect();
+        assert_eq!(dirty, [(3 << 20, 65536)], "{release}: {:?}", real.1);
+        assert!(
+            fake_view.0 == real.0,
+            "fake {release}: the export's data differ from QEMU's"
+        );
+        assert_eq!(
+            fake_view.1, real.1,
+            "fake {release}: the dirty map differs from QEMU's"
+        );
+        eprintln!(
+            "pull backup: {release} and its fake export the same point in time and dirty map"
+        );
+    }
 }

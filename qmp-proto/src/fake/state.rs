@@ -1040,6 +1040,11 @@ impl FakeState {
     /// data, then the recording bitmaps.
     pub(crate) fn guest_write(&mut self, name: &str, data: &[u8], offset: u64) -> QResult<()> {
         let node = self.lookup(name)?;
+        // Writes through a backup's copy-before-write filter are writes to its source.
+        if node.driver == "copy-before-write" {
+            let source = node.file.clone().unwrap_or_default();
+            return self.guest_write(&source, data, offset);
+        }
         check_range(node, offset, data.len() as u64)?;
         if node.read_only {
             return Err(QmpError::generic(format!("Node '{name}' is read only")));
