@@ -307,6 +307,24 @@ fn chains_of_a_running_vm_restore_byte_for_byte_and_survive_crashes() {
             .collect();
         assert_eq!(names, [manifest.points[2].checkpoint.clone()]);
 
+        // The NBD server goes away under the reads (an NBD error): the backup fails and
+        // removes what it made; the chain stays.
+        let mut stopped = false;
+        let e = dir
+            .create(&mut source, None, &BackupOptions::new(), &mut |_| {
+                if !stopped {
+                    stopped = true;
+                    vm.qmp_command("nbd-server-stop", serde_json::Value::Null);
+                }
+            })
+            .unwrap_err();
+        eprintln!("backup with its NBD server stopped: {e}");
+        assert_eq!(
+            std::fs::read(dir.path().join("manifest.json")).unwrap(),
+            before
+        );
+        assert!(source.cleanup().unwrap().is_empty(), "nothing left in QEMU");
+
         // vmsdk killed after its transaction: the next backup removes what it left and is a
         // correct incremental one.
         let killed = source
