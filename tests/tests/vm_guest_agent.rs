@@ -24,6 +24,12 @@ use std::time::{Duration, Instant};
 use qga_proto::cmd::{self, GuestExecArgs, GuestShutdownArgs};
 use qga_proto::types::{GuestDiskBusType, GuestShutdownMode};
 use qga_proto::{AsyncClient, Client, ClientConfig, GuestAgent, GuestAgentExt};
+use qmp_proto::cmd::{
+    self as qmp_cmd, BlockDirtyBitmap, BlockDirtyBitmapAddArgs, BlockExportAddArgs,
+    BlockExportDelArgs, NbdServerStartArgs, TransactionAction, TransactionArgs,
+};
+use qmp_proto::types::RunState;
+use qmp_proto::{EventFilter, Monitor, MonitorExt};
 use serde_json::{json, Value};
 
 type Step = Result<String, String>;
@@ -137,6 +143,15 @@ impl Env {
             .no_reply_grace(Duration::from_secs(3))
     }
 
+    /// A QMP client on QEMU's monitor socket (one client at a time: QEMU serves one).
+    fn monitor(&self) -> Result<qmp_proto::Client<UnixStream>, String> {
+        qmp_proto::Client::connect_unix(
+            &self.qmp_socket,
+            qmp_proto::ClientConfig::default().timeout(Duration::from_secs(30)),
+        )
+        .map_err(|e| format!("QMP: {e}"))
+    }
+
     fn client(&self) -> Result<Client<UnixStream>, String> {
         Client::connect_unix(&self.qga_socket, Env::config())
             .map_err(|e| format!("connect {}: {e}", self.qga_socket.display()))
@@ -144,11 +159,17 @@ impl Env {
 }
 
 fn qmp_running(env: &Env) -> Step {
-    let mut qmp = Qmp::connect(&env.qmp_socket)?;
-    let status = qmp.execute("query-status", json!({}))?;
-    match status["status"].as_str() {
-        Some("running") => Ok(format!("query-status: {status}")),
-        _ => Err(format!("the VM is not running: {status}")),
+    let mut qmp = env.monitor()?;
+    let status = qmp
+        .call::<qmp_cmd::QueryStatus>(&())
+        .map_err(|e| format!("query-status: {e}"))?;
+    match status.status {
+        RunState::Running if status.running => Ok(format!(
+            "query-status: {} (QEMU {})",
+            status.status,
+            qmp.greeting().version.qemu
+        )),
+        _ => Err(format!("the VM is not running: {status:?}")),
     }
 }
 
@@ -476,8 +497,11 @@ fn killed_client(socket: &Path) -> ExitCode {
 }
 
 fn shutdown(env: &Env) -> Step {
-    // Listen for QEMU's events first, so the SHUTDOWN event cannot be missed.
-    let mut qmp = Qmp::connect(&env.qmp_socket)?;
+    // Subscribe to QEMU's events first, so the SHUTDOWN event cannot be missed.
+    let mut qmp = env.monitor()?;
+    let shutdowns = qmp
+        .subscribe(EventFilter::names(["SHUTDOWN"]))
+        .map_err(|e| format!("QMP: {e}"))?;
     let mut client = env.client()?;
     let started = Instant::now();
     let reply = client.call::<cmd::GuestShutdown>(&GuestShutdownArgs {
@@ -485,13 +509,20 @@ fn shutdown(env: &Env) -> Step {
     });
     let returned = started.elapsed().as_secs_f64();
     // Whatever the client said, find out what the VM did.
-    let event = qmp.wait_event("SHUTDOWN", Duration::from_secs(60));
+    let event = match qmp.next_event(shutdowns, Duration::from_secs(60)) {
+        Ok(Some(event)) => Ok(event),
+        Ok(None) => Err("no SHUTDOWN event within 60 s".to_owned()),
+        Err(e) => Err(format!("waiting for SHUTDOWN: {e}")),
+    };
     match (reply, event) {
-        (Ok(_), Ok(event)) if event["data"]["guest"] == json!(true) => Ok(format!(
+        (Ok(_), Ok(event)) if event.data["guest"] == json!(true) => Ok(format!(
             "client returned Ok after {returned:.1} s without a reply; QEMU reported SHUTDOWN {}",
-            event["data"]
+            event.data
         )),
-        (Ok(_), Ok(event)) => Err(format!("SHUTDOWN was not initiated by the guest: {event}")),
+        (Ok(_), Ok(event)) => Err(format!(
+            "SHUTDOWN was not initiated by the guest: {}",
+            event.data
+        )),
         (Ok(_), Err(e)) => Err(format!(
             "the client returned Ok after {returned:.1} s but the VM did not shut down: {e}"
         )),
@@ -499,7 +530,7 @@ fn shutdown(env: &Env) -> Step {
             "the guest did power off (QEMU: SHUTDOWN {}), but the client returned an error after \
              {returned:.1} s: {e}. guest-shutdown has no reply on success, so the channel closing \
              within the grace period means it took effect",
-            event["data"]
+            event.data
         )),
         (Err(e), Err(qmp_error)) => Err(format!("guest-shutdown: {e}; QMP: {qmp_error}")),
     }
@@ -515,11 +546,12 @@ const GRANULARITY: u64 = 64 * 1024;
 /// export the disk with QEMU's NBD server, and read only the changed blocks with
 /// disk-transport's NBD client through `qemu:dirty-bitmap:NAME`.
 fn incremental_backup(env: &Env) -> Step {
-    let mut qmp = Qmp::connect(&env.qmp_socket)?;
-    qmp.execute(
-        "block-dirty-bitmap-add",
-        json!({ "node": DISK_NODE, "name": BITMAP, "granularity": GRANULARITY }),
-    )?;
+    let mut qmp = env.monitor()?;
+    let qmp_error = |what: &'static str| move |e: qmp_proto::Error| format!("{what}: {e}");
+    qmp.call::<qmp_cmd::BlockDirtyBitmapAdd>(
+        &BlockDirtyBitmapAddArgs::new(DISK_NODE, BITMAP).granularity(GRANULARITY as u32),
+    )
+    .map_err(qmp_error("block-dirty-bitmap-add"))?;
 
     // One write inside a cluster, one straddling two clusters, one cluster-sized and aligned.
     let writes: [(u64, usize); 3] = [
@@ -555,31 +587,29 @@ fn incremental_backup(env: &Env) -> Step {
 
     // The checkpoint, as libvirt takes it: freeze this bitmap (an export needs a disabled one)
     // and, atomically, start the next so no later write goes untracked.
-    qmp.execute(
-        "transaction",
-        json!({ "actions": [
-            { "type": "block-dirty-bitmap-disable", "data": { "node": DISK_NODE, "name": BITMAP } },
-            { "type": "block-dirty-bitmap-add",
-              "data": { "node": DISK_NODE, "name": format!("{BITMAP}-next"), "granularity": GRANULARITY } }
-        ] }),
-    )?;
+    qmp.call::<qmp_cmd::Transaction>(&TransactionArgs::new(vec![
+        TransactionAction::BlockDirtyBitmapDisable(BlockDirtyBitmap::new(DISK_NODE, BITMAP)),
+        TransactionAction::BlockDirtyBitmapAdd(
+            BlockDirtyBitmapAddArgs::new(DISK_NODE, format!("{BITMAP}-next"))
+                .granularity(GRANULARITY as u32),
+        ),
+    ]))
+    .map_err(qmp_error("transaction"))?;
 
     let nbd_socket = env.socket_dir.join("nbd.sock");
-    qmp.execute(
-        "nbd-server-start",
-        json!({ "addr": { "type": "unix", "data": { "path": nbd_socket } } }),
-    )?;
-    qmp.execute(
-        "block-export-add",
-        json!({
-            "type": "nbd", "id": "vmsdk-export", "node-name": DISK_NODE,
-            "name": "vmsdk", "writable": false, "bitmaps": [BITMAP]
-        }),
-    )?;
+    qmp.call::<qmp_cmd::NbdServerStart>(&NbdServerStartArgs::unix(nbd_socket.to_string_lossy()))
+        .map_err(qmp_error("nbd-server-start"))?;
+    qmp.call::<qmp_cmd::BlockExportAdd>(
+        &BlockExportAddArgs::nbd("vmsdk-export", DISK_NODE)
+            .name("vmsdk")
+            .writable(false)
+            .bitmap(BITMAP),
+    )
+    .map_err(qmp_error("block-export-add"))?;
     let verified = read_changed_blocks(&nbd_socket, &image, &writes);
     // Tear the export down whatever happened, so the shutdown step finds a quiet QEMU.
-    let _ = qmp.execute("block-export-del", json!({ "id": "vmsdk-export" }));
-    let _ = qmp.execute("nbd-server-stop", json!({}));
+    let _ = qmp.call::<qmp_cmd::BlockExportDel>(&BlockExportDelArgs::new("vmsdk-export"));
+    let _ = qmp.call::<qmp_cmd::NbdServerStop>(&());
     verified
 }
 
@@ -718,70 +748,4 @@ fn pattern(seed: u64, length: usize) -> Vec<u8> {
             (state >> 24) as u8
         })
         .collect()
-}
-
-/// A minimal QMP client (QEMU's monitor protocol): greeting, capabilities, commands, events.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Result<Qmp, String> {
-        let stream = UnixStream::connect(path)
-            .map_err(|e| format!("connect QMP {}: {e}", path.display()))?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| e.to_string())?;
-        let writer = stream.try_clone().map_err(|e| e.to_string())?;
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-        };
-        let greeting = qmp.read()?;
-        if greeting.get("QMP").is_none() {
-            return Err(format!("not a QMP greeting: {greeting}"));
-        }
-        qmp.execute("qmp_capabilities", json!({}))?;
-        Ok(qmp)
-    }
-
-    fn read(&mut self) -> Result<Value, String> {
-        let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .map_err(|e| format!("read QMP: {e}"))?;
-        if n == 0 {
-            return Err("QMP closed".to_owned());
-        }
-        serde_json::from_str(&line).map_err(|e| format!("QMP sent invalid JSON {line:?}: {e}"))
-    }
-
-    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
-        let request = json!({ "execute": command, "arguments": arguments });
-        writeln!(self.writer, "{request}").map_err(|e| format!("write QMP: {e}"))?;
-        loop {
-            let reply = self.read()?;
-            if let Some(value) = reply.get("return") {
-                return Ok(value.clone());
-            }
-            if let Some(error) = reply.get("error") {
-                return Err(format!("QMP {command}: {error}"));
-            }
-            // Anything else is an event; not the answer.
-        }
-    }
-
-    fn wait_event(&mut self, name: &str, limit: Duration) -> Result<Value, String> {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            match self.read() {
-                Ok(message) if message["event"] == name => return Ok(message),
-                Ok(_) => {}
-                Err(e) => return Err(format!("waiting for {name}: {e}")),
-            }
-        }
-        Err(format!("no {name} event within {} s", limit.as_secs()))
-    }
 }
