@@ -702,3 +702,17 @@ fn vmsdk_qmp_command_line() {
         );
     });
 }
+
+#[test]
+fn vmsdk_qmp_on_the_fake_monitor() {
+    let Some((code, out, err)) = vmsdk(&["--backend", "fake", "qmp", "status", "--json"]) else {
+        return;
+    };
+    assert_eq!(code, 0, "{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["status"], "prelaunch");
+    assert!(status["version"]["qemu"]["major"].as_u64().is_some(), "{out}");
+    let (code, _, err) = vmsdk(&["qmp", "status"]).unwrap();
+    assert_eq!(code, 1);
+    assert!(err.contains("name the monitor"), "{err}");
+}

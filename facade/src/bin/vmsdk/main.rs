@@ -56,7 +56,7 @@ fn main() -> ExitCode {
         Command::Disk(args) => backend(&cli).and_then(|b| disk::run(b, args)),
         Command::Agent(args) => backend(&cli).and_then(|b| agent::run(b, args)),
         Command::Guests(args) => guests::run(args),
-        Command::Qmp(args) => qmp::run(args),
+        Command::Qmp(args) => backend(&cli).and_then(|b| qmp::run(b, args)),
         Command::Backup(args) => backup::run(args),
     };
     match outcome {

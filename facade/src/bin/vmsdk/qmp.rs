@@ -9,13 +9,14 @@ use clap::{Args, Parser, Subcommand};
 use qmp_proto::cmd::{self, QueryNamedBlockNodesArgs};
 use qmp_proto::{ClientConfig, EventFilter, Monitor, MonitorExt};
 use serde::Serialize;
+use vmsdk::BackendChoice;
 
 use crate::CliResult;
 
 #[derive(Debug, Args)]
 pub struct QmpArgs {
-    /// URI COMMAND [ARGS]: the monitor's address (qmp+unix:///path or qmp+tcp://host:port)
-    /// and the command.
+    /// [URI] COMMAND [ARGS]: the monitor's address (qmp+unix:///path or qmp+tcp://host:port;
+    /// omitted with --backend fake) and the command.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     words: Vec<String>,
 }
@@ -82,26 +83,48 @@ enum QmpCommand {
     },
 }
 
-pub fn run(args: &QmpArgs) -> CliResult {
-    let Some((uri, rest)) = args.words.split_first() else {
-        return Err("name the monitor: vmsdk qmp qmp+unix:///path/to/vm.qmp COMMAND".into());
-    };
-    if !uri.contains(':') && !uri.starts_with('/') {
-        return Err(format!(
-            "`{uri}` is not a monitor address: vmsdk qmp qmp+unix:///path/to/vm.qmp {uri}"
-        )
-        .into());
+impl QmpCommand {
+    /// Whether `word` is a command name (or an option), so that it is not taken for a URI.
+    fn is_command(word: &str) -> bool {
+        use clap::CommandFactory;
+        word.starts_with('-')
+            || word == "help"
+            || Invocation::command()
+                .get_subcommands()
+                .any(|c| c.get_name() == word)
     }
+}
+
+pub fn run(backend: BackendChoice, args: &QmpArgs) -> CliResult {
+    let (uri, rest) = match args.words.split_first() {
+        Some((first, rest)) if !QmpCommand::is_command(first) => (Some(first.as_str()), rest),
+        _ => (None, &args.words[..]),
+    };
     let invocation = Invocation::try_parse_from(rest).map_err(|e| e.to_string())?;
     let config = ClientConfig::default().timeout(invocation.reply_timeout);
-    let mut monitor = vmsdk::qmp::connect_with(uri, config)?;
+    // The fake is kept alive for as long as its client talks to it.
+    let fake;
+    let mut monitor: Box<dyn Monitor> = match (uri, backend) {
+        (Some(uri), _) => vmsdk::qmp::connect_with(uri, config)?,
+        (None, BackendChoice::Fake) => {
+            fake = qmp_proto::fake::FakeMonitor::new();
+            Box::new(fake.connect_with(config)?)
+        }
+        (None, _) => {
+            return Err(
+                "name the monitor: vmsdk qmp qmp+unix:///path/to/vm.qmp COMMAND \
+                        (or --backend fake for the fake monitor)"
+                    .into(),
+            )
+        }
+    };
     match &invocation.command {
         QmpCommand::Status { json } => {
             let status = monitor.call::<cmd::QueryStatus>(&())?;
             let version = &monitor.greeting().version;
             if *json {
                 let mut value = serde_json::to_value(&status)?;
-                value["qemu"] = serde_json::to_value(version)?;
+                value["version"] = serde_json::to_value(version)?;
                 print_json(&value)?;
             } else {
                 println!("{}", status.status);
