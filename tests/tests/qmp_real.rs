@@ -711,7 +711,10 @@ fn vmsdk_qmp_on_the_fake_monitor() {
     assert_eq!(code, 0, "{err}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(status["status"], "prelaunch");
-    assert!(status["version"]["qemu"]["major"].as_u64().is_some(), "{out}");
+    assert!(
+        status["version"]["qemu"]["major"].as_u64().is_some(),
+        "{out}"
+    );
     let (code, _, err) = vmsdk(&["qmp", "status"]).unwrap();
     assert_eq!(code, 1);
     assert!(err.contains("name the monitor"), "{err}");
