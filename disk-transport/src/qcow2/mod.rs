@@ -71,6 +71,7 @@ use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
@@ -472,7 +473,12 @@ pub struct Qcow2Disk {
     read_only: bool,
     backing: Option<Backing>,
     meta: Mutex<Metadata>,
+    /// Data bytes written through the page cache so far; see [`Qcow2Disk::write_back_early`].
+    written: AtomicU64,
 }
+
+/// How many bytes of data written start their write-back (as the `file` backend does).
+const WRITE_BACK_WINDOW: u64 = 32 << 20;
 
 impl Qcow2Disk {
     /// Opens an image read-only, and its backing chain.
@@ -596,6 +602,7 @@ impl Qcow2Disk {
             read_only,
             backing,
             meta: Mutex::new(meta),
+            written: AtomicU64::new(0),
         })
     }
 
@@ -717,6 +724,19 @@ impl Qcow2Disk {
             }),
         }
         links
+    }
+
+    /// Called after `length` bytes of data went into the page cache: every
+    /// [`WRITE_BACK_WINDOW`] bytes, starts write-back of the file's dirty pages and drops those
+    /// written back before (`POSIX_FADV_DONTNEED`: clean pages only, so no data is at risk), so
+    /// that a big copy does not end in one long `fsync` of gigabytes, nor fill the page cache
+    /// with a backup nobody reads. Does nothing on tmpfs.
+    fn write_back_early(&self, length: u64) {
+        let before = self.written.fetch_add(length, Ordering::Relaxed);
+        if (before + length) / WRITE_BACK_WINDOW != before / WRITE_BACK_WINDOW {
+            // Only advice: a refusal costs speed, never data.
+            let _ = rustix::fs::fadvise(&self.io.file, 0, None, rustix::fs::Advice::DontNeed);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Metadata> {
@@ -1022,35 +1042,59 @@ impl Qcow2Disk {
                 i += 1;
                 continue;
             }
-            // A run of clusters to allocate: assembled in one buffer, written where the new
-            // clusters are contiguous in one call.
+            // A run of clusters to allocate. Whole clusters go straight from `buf`, several
+            // at once where the new clusters are contiguous; a partial one is assembled with
+            // what the cluster held (the backing file's data, zeros, the old or compressed
+            // cluster).
             let mut j = i;
             while j < mappings.len() && !matches!(mappings[j], Mapping::Data { copied: true, .. }) {
                 j += 1;
             }
-            let run = (j - i) as u64;
-            let mut data = vec![0u8; (run * cs) as usize];
-            for k in 0..run {
-                let c = cluster + k;
-                let (from, to) = piece(offset, buf.len() as u64, c, cs);
-                let whole = from == c * cs && (to == (c + 1) * cs || to == self.header.size);
-                let slot = &mut data[(k * cs) as usize..((k + 1) * cs) as usize];
-                if !whole {
-                    self.cluster_contents(c, mappings[i + k as usize], slot)?;
+            let hosts = meta.allocate_many(&self.io, j - i)?;
+            let length = buf.len() as u64;
+            let whole = |c: u64| {
+                let (from, to) = piece(offset, length, c, cs);
+                from == c * cs && to == (c + 1) * cs
+            };
+            let written = (|| {
+                let mut k = 0usize;
+                while k < hosts.len() {
+                    let c = cluster + k as u64;
+                    let (from, to) = piece(offset, length, c, cs);
+                    if whole(c) {
+                        let mut m = k + 1;
+                        while m < hosts.len()
+                            && hosts[m] == hosts[m - 1] + cs
+                            && whole(cluster + m as u64)
+                        {
+                            m += 1;
+                        }
+                        let to = piece(offset, length, cluster + m as u64 - 1, cs).1;
+                        self.io.write_all_at(
+                            &buf[(from - offset) as usize..(to - offset) as usize],
+                            hosts[k],
+                            "data",
+                        )?;
+                        k = m;
+                    } else {
+                        let mut slot = vec![0u8; cs as usize];
+                        self.cluster_contents(c, mappings[i + k], &mut slot)?;
+                        slot[(from % cs) as usize..(from % cs + (to - from)) as usize]
+                            .copy_from_slice(
+                                &buf[(from - offset) as usize..(to - offset) as usize],
+                            );
+                        self.io.write_all_at(&slot, hosts[k], "data")?;
+                        k += 1;
+                    }
                 }
-                slot[(from % cs) as usize..(from % cs + (to - from)) as usize]
-                    .copy_from_slice(&buf[(from - offset) as usize..(to - offset) as usize]);
-            }
-            let hosts = meta.allocate_many(&self.io, run as usize)?;
-            let mut k = 0usize;
-            while k < hosts.len() {
-                let mut m = k + 1;
-                while m < hosts.len() && hosts[m] == hosts[m - 1] + cs {
-                    m += 1;
+                Ok(())
+            })();
+            if let Err(e) = written {
+                // Nothing points to the new clusters yet: give them back rather than leak them.
+                for &host in &hosts {
+                    let _ = meta.adjust_refcount(&self.io, host, -1);
                 }
-                self.io
-                    .write_all_at(&data[k * cs as usize..m * cs as usize], hosts[k], "data")?;
-                k = m;
+                return Err(e);
             }
             let new: Vec<u64> = hosts.iter().map(|h| h | COPIED).collect();
             meta.set_entries(&self.io, cluster, &new)?;
@@ -1059,6 +1103,8 @@ impl Qcow2Disk {
             }
             i = j;
         }
+        drop(meta);
+        self.write_back_early(buf.len() as u64);
         Ok(())
     }
 
@@ -1322,6 +1368,7 @@ impl Disk for Qcow2Disk {
             )?;
             i = j;
         }
+        self.write_back_early(length);
         Ok(())
     }
 
