@@ -29,7 +29,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use disk_transport::memory::MemoryDisk;
-use qmp_proto::fake::{FakeMonitor, ImageFormat, QemuRelease};
+use qmp_proto::fake::{FakeMonitor, FakeMonitorBuilder, ImageFormat, QemuRelease};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -432,6 +432,11 @@ impl Drop for QemuPeer {
 /// A fake monitor of `release` set up like the QEMU [`QemuPeer::start`] starts for `script`:
 /// the same images (empty, at the same paths) and balloon.
 pub fn fake_for(script: &Script, release: QemuRelease, dir: &Path) -> FakeMonitor {
+    fake_builder_for(script, release, dir).build()
+}
+
+/// [`fake_for`] before `build`, for more settings.
+pub fn fake_builder_for(script: &Script, release: QemuRelease, dir: &Path) -> FakeMonitorBuilder {
     let mut builder = FakeMonitor::builder().release(release);
     for image in &script.images {
         let format = match image.format.as_str() {
@@ -447,7 +452,7 @@ pub fn fake_for(script: &Script, release: QemuRelease, dir: &Path) -> FakeMonito
     if let Some(b) = &script.balloon {
         builder = builder.balloon(&b.id, b.memory_mib << 20);
     }
-    builder.build()
+    builder
 }
 
 /// The first difference between two normalised transcripts, as a readable report, or `None`.

@@ -11,8 +11,8 @@
 use serde_json::Value;
 use vmsdk_tests::peers::{announce, peer_version, Generation};
 use vmsdk_tests::qmp::{
-    fake_for, first_difference, normalize, release_of, run_script, scripts, transcript_path,
-    QemuPeer,
+    fake_builder_for, fake_for, first_difference, normalize, release_of, run_script, scripts,
+    transcript_path, QemuPeer,
 };
 
 use qmp_proto::fake::QemuRelease;
@@ -110,8 +110,9 @@ fn qemu_and_fake_agree() {
 /// libvirt's pull backup on real QEMU and on the fake, driven through `qmp_proto::Client`:
 /// the guest writes through the backup's copy-before-write filter after the job started; the
 /// NBD export of the fleecing overlay must still show the data of the moment, and its
-/// `qemu:dirty-bitmap` the areas written since the checkpoint. QEMU's export is read over NBD
-/// (disk-transport's client); the fake's through `FakeMonitor::export_disk`; they must agree.
+/// `qemu:dirty-bitmap` the areas written since the checkpoint. Both exports are read over NBD
+/// by disk-transport's client and by libnbd's `nbdinfo --map`; the fake's also through
+/// `FakeMonitor::export_disk`; all must agree.
 #[test]
 fn fleecing_export_shows_the_point_in_time_like_qemu() {
     use disk_transport::{DirtyExtent, Disk, OpenFlags};
@@ -232,14 +233,66 @@ fn fleecing_export_shows_the_point_in_time_like_qemu() {
         let export = disk_transport::open_uri(&uri, OpenFlags::read_only()).unwrap();
         let real = contents(&*export);
         drop(export);
+        let real_map = match generation.command("nbdinfo", "libnbd-bin") {
+            Some(nbdinfo) => {
+                let out = nbdinfo
+                    .arg("--map=qemu:dirty-bitmap:backup-vda")
+                    .arg(uri.split_once("&dirty-bitmap").map_or(&*uri, |(u, _)| u))
+                    .output();
+                assert!(
+                    out.status.success(),
+                    "nbdinfo: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8(out.stdout).unwrap()
+            }
+            None => String::new(),
+        };
         drop(client);
         drop(qemu);
 
         let fake_dir = tempfile::tempdir().unwrap();
-        let fake = fake_for(&script, release, fake_dir.path());
+        let fake = fake_builder_for(&script, release, fake_dir.path())
+            .serve_nbd(true)
+            .build();
         let mut client = fake.connect().unwrap();
-        pull_backup(&mut client, &fake_dir.path().to_string_lossy());
-        let fake_view = contents(&fake.export_disk("vda", Some("backup-vda")).unwrap());
+        let fake_dir_text = fake_dir.path().to_string_lossy().into_owned();
+        pull_backup(&mut client, &fake_dir_text);
+        // The fake's export over its own NBD server, read by the same client...
+        let fake_uri =
+            format!("nbd+unix:///vda?socket={fake_dir_text}/nbd.sock&dirty-bitmap=backup-vda");
+        let fake_export = disk_transport::open_uri(&fake_uri, OpenFlags::read_only()).unwrap();
+        let fake_view = contents(&*fake_export);
+        drop(fake_export);
+        // ...and without NBD.
+        let direct = contents(&fake.export_disk("vda", Some("backup-vda")).unwrap());
+        assert!(
+            direct == fake_view,
+            "the fake's NBD server and export view disagree"
+        );
+        // libnbd's view of both exports, as a third client.
+        if let Some(nbdinfo) = generation.command("nbdinfo", "libnbd-bin") {
+            let map = |uri: &str| {
+                let out = nbdinfo
+                    .clone()
+                    .arg("--map=qemu:dirty-bitmap:backup-vda")
+                    .arg(uri.split_once("&dirty-bitmap").map_or(uri, |(u, _)| u))
+                    .output();
+                assert!(
+                    out.status.success(),
+                    "nbdinfo: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                String::from_utf8(out.stdout).unwrap()
+            };
+            assert_eq!(
+                map(&fake_uri),
+                real_map,
+                "nbdinfo --map of the fake's export ({release})"
+            );
+        }
+        drop(client);
+        drop(fake);
 
         // The data of the moment the transaction ran: 0xab in the first 128 KiB, 0x11 at 3 MiB
         // (outside the window read), zeros elsewhere; not the guest's later writes. The
@@ -265,7 +318,9 @@ fn fleecing_export_shows_the_point_in_time_like_qemu() {
             "fake {release}: the dirty map differs from QEMU's"
         );
         eprintln!(
-            "pull backup: {release} and its fake export the same point in time and dirty map"
+            "pull backup: {release} and its fake export the same point in time and dirty map \
+             (nbdinfo --map: {:?})",
+            real_map.trim()
         );
     }
 }

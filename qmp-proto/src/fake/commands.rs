@@ -395,6 +395,30 @@ fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) -> QResult<
                 return Err(QmpError::generic("NBD server already running"));
             }
             let addr = args.get("addr").cloned().unwrap_or_default();
+            if state.serve_nbd {
+                let path = match (addr["type"].as_str(), addr["data"]["path"].as_str()) {
+                    (Some("unix"), Some(path)) => std::path::PathBuf::from(path),
+                    _ => {
+                        return Err(QmpError::generic(
+                            "fake monitor: its NBD server listens on Unix sockets only",
+                        ))
+                    }
+                };
+                let shared = state
+                    .me
+                    .as_ref()
+                    .and_then(std::sync::Weak::upgrade)
+                    .map(super::FakeShared)
+                    .ok_or_else(|| QmpError::generic("fake monitor: its state is gone"))?;
+                let listener =
+                    super::nbd::NbdListener::start(path.clone(), shared).map_err(|e| {
+                        QmpError::generic(format!(
+                            "Failed to bind socket to {}: {e}",
+                            path.display()
+                        ))
+                    })?;
+                state.nbd_listener = Some(listener);
+            }
             state.nbd_server = Some(addr);
             Ok(empty)
         }
@@ -408,6 +432,7 @@ fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) -> QResult<
                 state.export_del(&id)?;
             }
             state.nbd_server = None;
+            state.nbd_listener = None;
             Ok(empty)
         }
         "block-export-add" => {

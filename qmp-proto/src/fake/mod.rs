@@ -18,8 +18,10 @@
 //!   view: a guest write ([`FakeMonitor::guest_write`]) to the source first copies the old
 //!   clusters to the target (copy-before-write). `full` and `incremental` copy at once.
 //! - the NBD server and its exports (`block-export-add` checks names, bitmaps, the
-//!   read-only-export rule), as state: **no NBD socket is served**; read an export's contents
-//!   in tests with [`FakeMonitor::guest_read`] or [`FakeMonitor::export_disk`];
+//!   read-only-export rule): state only by default; with [`FakeMonitorBuilder::serve_nbd`]
+//!   `nbd-server-start` listens on its Unix socket and serves the exports over NBD (structured
+//!   replies, `base:allocation`, `qemu:dirty-bitmap:NAME`), so a backup tool reads them with
+//!   its real NBD client. [`FakeMonitor::export_disk`] reads them without NBD;
 //! - the balloon (`query-balloon`, `balloon`, `qom-get` of `guest-stats`), per-node
 //!   `query-blockstats`, and `human-monitor-command` (`info status`, `qemu-io NODE "write -P
 //!   pattern offset length"`).
@@ -78,6 +80,7 @@
 mod commands;
 mod conn;
 mod export;
+mod nbd;
 mod release;
 mod state;
 #[cfg(test)]
@@ -226,10 +229,20 @@ impl FakeMonitorBuilder {
         self
     }
 
+    /// Makes `nbd-server-start` really listen on the Unix socket it names and serve the
+    /// exports over NBD (default: the server and its exports are state only, and nothing is
+    /// created on the file system). Read [`FakeMonitor::export_disk`] either way.
+    pub fn serve_nbd(mut self, on: bool) -> Self {
+        self.state.serve_nbd = on;
+        self
+    }
+
     /// The fake.
     pub fn build(self) -> FakeMonitor {
+        let shared = Arc::new(Mutex::new(self.state));
+        shared.lock().unwrap_or_else(|e| e.into_inner()).me = Some(Arc::downgrade(&shared));
         FakeMonitor {
-            shared: FakeShared(Arc::new(Mutex::new(self.state))),
+            shared: FakeShared(shared),
         }
     }
 }
@@ -323,6 +336,15 @@ impl FakeMonitor {
     /// [`Disk`]: disk_transport::Disk
     pub fn export_disk(&self, name: &str, bitmap: Option<&str>) -> Result<ExportDisk, FakeError> {
         ExportDisk::open(self.shared(), name, bitmap)
+    }
+
+    /// Serves one NBD client on `stream` (negotiation and transmission, as the server of
+    /// [`FakeMonitorBuilder::serve_nbd`] does for each connection) until it disconnects; the
+    /// exports are those of `block-export-add`. For socket pairs and in-memory streams; the
+    /// caller bounds the stream's reads.
+    pub fn serve_nbd_connection<S: Read + Write>(&self, stream: S) {
+        let mut stream = nbd::Untimed(stream);
+        let _ = nbd::serve(&mut stream, &self.shared());
     }
 
     /// Serves one connection on a blocking stream until it closes. Events raised outside a

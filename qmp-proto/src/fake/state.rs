@@ -393,6 +393,12 @@ pub struct FakeState {
     pub(crate) images: BTreeMap<String, ImageFile>,
     pub(crate) jobs: Vec<Job>,
     pub(crate) nbd_server: Option<Value>,
+    /// Whether `nbd-server-start` really listens ([`super::FakeMonitorBuilder::serve_nbd`]).
+    pub(crate) serve_nbd: bool,
+    /// The listening server, when it does.
+    pub(crate) nbd_listener: Option<std::sync::Arc<super::nbd::NbdListener>>,
+    /// This state's own handle, for the NBD server's connections.
+    pub(crate) me: Option<std::sync::Weak<std::sync::Mutex<FakeState>>>,
     pub(crate) exports: Vec<BlockExport>,
     pub(crate) events: VecDeque<PendingEvent>,
     pub(crate) next_event: u64,
@@ -484,6 +490,9 @@ impl FakeState {
             images: BTreeMap::new(),
             jobs: Vec::new(),
             nbd_server: None,
+            serve_nbd: false,
+            nbd_listener: None,
+            me: None,
             exports: Vec::new(),
             events: VecDeque::new(),
             next_event: 0,
