@@ -129,3 +129,22 @@ fn listen_serves_metrics_and_probes() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn with_qmp_reads_the_monitor_beside_each_socket() {
+    use qmp_proto::fake::FakeMonitor;
+
+    let (dir, _sockets) = host();
+    let qemu = FakeMonitor::builder().balloon("balloon0", 1 << 30).build();
+    let _qmp = qemu.listen_unix(dir.path().join("101.qmp")).unwrap();
+    let pattern = format!("{}/*.qga", dir.path().display());
+    let out = vmsdk(&["guests", "--guests", &pattern, "--with-qmp", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let guests = json["guests"].as_array().unwrap();
+    let vm = guests.iter().find(|g| g["name"] == "101").unwrap();
+    assert_eq!(vm["host"]["balloon_bytes"], 1u64 << 30, "{vm}");
+    let other = guests.iter().find(|g| g["name"] == "102").unwrap();
+    assert!(other.get("host").is_none(), "{other}");
+    let out = vmsdk(&["guests", "--guest", "a=/x.qga", "--qmp", "b=/x.qmp"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no guest is named b"));
+}

@@ -542,3 +542,94 @@ impl OtherTool {
             .host_name)
     }
 }
+
+/// A guest's QEMU monitor beside its agent: the balloon and its driver's statistics join the
+/// guest's labels, also when the agent is down.
+#[cfg(feature = "qmp")]
+#[test]
+fn the_monitor_adds_what_qemu_sees() {
+    use qmp_proto::fake::FakeMonitor;
+
+    let dir = tempfile::tempdir().unwrap();
+    let agent = FakeAgent::linux()
+        .listen_unix(dir.path().join("101.qga"))
+        .unwrap();
+    let qemu = FakeMonitor::builder().balloon("balloon0", 2 << 30).build();
+    {
+        let mut state = qemu.state();
+        let balloon = state.balloon.as_mut().unwrap();
+        balloon.stats.insert("stat-free-memory".into(), 1 << 30);
+        balloon
+            .stats
+            .insert("stat-total-memory".into(), 2_000_000_000);
+        balloon.stats.insert("stat-major-faults".into(), 42);
+        balloon.last_update = 1_700_000_000;
+    }
+    let qmp = qemu.listen_unix(dir.path().join("101.qmp")).unwrap();
+    // A second guest with no balloon reporting yet, and an agent that is down.
+    let quiet = FakeMonitor::builder().balloon("balloon0", 1 << 30).build();
+    let quiet_qmp = quiet.listen_unix(dir.path().join("102.qmp")).unwrap();
+    dead_guest(&dir.path().join("102.qga"));
+
+    let monitor = GuestMonitor::builder()
+        .guest(
+            Guest::new("101", &uri(agent.path()))
+                .unwrap()
+                .qmp(&qmp.path().display().to_string())
+                .unwrap(),
+        )
+        .guest(
+            Guest::new("102", &uri(&dir.path().join("102.qga")))
+                .unwrap()
+                .qmp(&format!("qmp+unix://{}", quiet_qmp.path().display()))
+                .unwrap(),
+        )
+        .guest_deadline(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let reports = monitor.scrape_blocking();
+    let host = reports[0].host.as_ref().unwrap();
+    assert!(host.up, "{host:?}");
+    assert_eq!(host.balloon_bytes, Some(2 << 30));
+    let stats = host.balloon_stats.as_ref().unwrap();
+    assert_eq!(stats.get("stat-free-memory"), Some(&(1 << 30)));
+    // Not reported by the guest: left out rather than u64::MAX.
+    assert!(!stats.contains_key("stat-swap-in"), "{stats:?}");
+    assert!(host.failures.is_empty(), "{:?}", host.failures);
+
+    assert_eq!(reports[1].status, PollStatus::Down);
+    let quiet_host = reports[1].host.as_ref().unwrap();
+    assert_eq!(quiet_host.balloon_bytes, Some(1 << 30));
+    assert_eq!(quiet_host.balloon_stats, None);
+
+    let text = encode(&monitor);
+    assert_eq!(
+        sample(&text, "vmsdk_guest_qmp_up{guest=\"101\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "vmsdk_guest_balloon_actual_bytes{guest=\"101\"}"),
+        Some((2u64 << 30) as f64)
+    );
+    assert_eq!(
+        sample(&text, "vmsdk_guest_memory_free_bytes{guest=\"101\"}"),
+        Some((1u64 << 30) as f64)
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "vmsdk_guest_memory_major_faults_total{guest=\"101\"}"
+        ),
+        Some(42.0)
+    );
+    assert_eq!(sample(&text, "vmsdk_guest_up{guest=\"102\"}"), Some(0.0));
+    assert_eq!(
+        sample(&text, "vmsdk_guest_qmp_up{guest=\"102\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&text, "vmsdk_guest_balloon_actual_bytes{guest=\"102\"}"),
+        Some((1u64 << 30) as f64)
+    );
+    assert!(!families(&text, "102").contains(&"vmsdk_guest_memory_free_bytes".to_owned()));
+}

@@ -501,3 +501,77 @@ fn the_guest_exposition_parses_strictly() {
         .collect();
     assert_eq!(up.len(), AgentRelease::ALL.len() + 2);
 }
+
+/// A real QEMU (7.2 and 10.0) beside a guest's agent: the balloon's size and the drive's
+/// counters from its monitor join the guest's labels. QEMU runs paused with no guest, so the
+/// balloon driver never reports statistics: they are left out, not zero.
+#[test]
+fn a_real_qemu_monitor_adds_balloon_and_block_statistics() {
+    for_each_generation(&["qemu-system-x86_64"], |generation: Generation| {
+        let images = tempfile::tempdir().unwrap();
+        let image = images.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let drive = format!("if=none,id=drive0,format=raw,file={}", image.display());
+        let Some(qemu) = vmsdk_tests::qemu::Qemu::start_with(
+            generation,
+            &[
+                "-machine",
+                "q35",
+                "-m",
+                "128",
+                "-device",
+                "virtio-balloon-pci,id=balloon0",
+                "-drive",
+                &drive,
+                "-device",
+                "virtio-blk-pci,drive=drive0",
+            ],
+        ) else {
+            return;
+        };
+        let agent = FakeAgent::linux()
+            .listen_unix(images.path().join("agent.qga"))
+            .unwrap();
+        let monitor = GuestMonitor::builder()
+            .guest(
+                Guest::new("vm", &agent.path().display().to_string())
+                    .unwrap()
+                    .qmp(&qemu.address())
+                    .unwrap(),
+            )
+            .guest_deadline(Duration::from_secs(3))
+            .build()
+            .unwrap();
+        let report = &monitor.scrape_blocking()[0];
+        let host = report.host.as_ref().unwrap();
+        eprintln!("{host:?}");
+        assert!(host.up, "{host:?}");
+        assert_eq!(host.balloon_bytes, Some(128 << 20));
+        assert_eq!(host.balloon_stats, None);
+        assert!(host.failures.is_empty(), "{:?}", host.failures);
+        let block = host.block.as_ref().unwrap();
+        assert!(
+            block.iter().any(|(drive, _)| drive == "drive0"),
+            "{block:?}"
+        );
+
+        let mut registry = Registry::default();
+        GuestCollector::new(monitor.clone()).register(&mut registry);
+        let text = Format::Text.encode(&registry).unwrap();
+        assert!(text.contains("vmsdk_guest_qmp_up{guest=\"vm\"} 1"));
+        assert!(text.contains(&format!(
+            "vmsdk_guest_balloon_actual_bytes{{guest=\"vm\"}} {}",
+            128u64 << 20
+        )));
+        assert!(
+            text.contains("vmsdk_guest_block_read_bytes_total{guest=\"vm\",drive=\"drive0\"} 0")
+        );
+        assert!(!text.contains("vmsdk_guest_memory_free_bytes"));
+        // The monitor is free again for QEMU's other clients after the poll.
+        let again = &monitor.scrape_blocking()[0];
+        assert!(again.host.as_ref().unwrap().up);
+    });
+}

@@ -33,6 +33,8 @@ pub struct Guest {
     name: String,
     address: Address,
     labels: Vec<(String, String)>,
+    #[cfg(feature = "qmp")]
+    qmp: Option<(qmp_proto::Address, String)>,
 }
 
 impl Guest {
@@ -49,7 +51,43 @@ impl Guest {
             name,
             address: Address::parse(uri)?,
             labels: Vec::new(),
+            #[cfg(feature = "qmp")]
+            qmp: None,
         })
+    }
+
+    /// Also reads the guest's memory and disks as the host sees them, from its QEMU monitor
+    /// at `uri` (`qmp+unix:///var/run/qemu-server/101.qmp`, or a socket path): the balloon's
+    /// size (`query-balloon`), the statistics its driver reports (`qom-get` of the balloon
+    /// device `balloon0`'s `guest-stats`; see [`balloon_device`](Self::balloon_device)) and
+    /// the block devices' counters (`query-blockstats`). These come even when the agent is
+    /// down. Each poll connects and closes at once: a QMP socket, too, serves one client at a
+    /// time.
+    #[cfg(feature = "qmp")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "qmp")))]
+    pub fn qmp(mut self, uri: &str) -> Result<Guest> {
+        let uri = if uri.starts_with('/') {
+            format!("qmp+unix://{uri}")
+        } else {
+            uri.to_owned()
+        };
+        let device = self
+            .qmp
+            .take()
+            .map_or_else(|| "balloon0".to_owned(), |(_, device)| device);
+        self.qmp = Some((qmp_proto::Address::parse(&uri)?, device));
+        Ok(self)
+    }
+
+    /// The QOM id of the guest's balloon device (`-device virtio-balloon-pci,id=…`; default
+    /// `balloon0`, the id libvirt and Proxmox give it), whose `guest-stats` are read.
+    #[cfg(feature = "qmp")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "qmp")))]
+    pub fn balloon_device(mut self, id: impl Into<String>) -> Guest {
+        if let Some((_, device)) = &mut self.qmp {
+            *device = id.into();
+        }
+        self
     }
 
     /// Adds a label to this guest's metrics and reports (a tenant, a cluster, ...).
@@ -236,6 +274,9 @@ pub struct GuestReport {
     pub age_seconds: Option<f64>,
     /// What the agent answered, when it is up.
     pub data: Option<GuestData>,
+    /// What QEMU's monitor answered, for a guest given one (feature `qmp`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostData>,
 }
 
 impl GuestReport {
@@ -269,6 +310,30 @@ pub struct GuestData {
     /// `guest-network-get-interfaces`.
     pub interfaces: Option<Vec<GuestNetworkInterface>>,
     /// Commands the agent has but that failed in this poll, with the error.
+    pub failures: Vec<(String, String)>,
+}
+
+/// A guest as its QEMU sees it (feature `qmp`): what the monitor answered in one poll.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct HostData {
+    /// Whether the monitor answered at all.
+    pub up: bool,
+    /// Why not, when it did not.
+    pub error: Option<String>,
+    /// `query-balloon`: the guest's memory in bytes as the balloon leaves it (left out
+    /// without a balloon).
+    pub balloon_bytes: Option<u64>,
+    /// The balloon driver's statistics (`guest-stats`), by QEMU's names (`stat-free-memory`,
+    /// ...), those the guest reported; left out when it never did (statistics are polled
+    /// only with `guest-stats-polling-interval` set, as libvirt and Proxmox do).
+    pub balloon_stats: Option<std::collections::BTreeMap<String, u64>>,
+    /// `query-blockstats`: each block device's name (drive id, else qdev, else node name)
+    /// and counters.
+    #[cfg(feature = "qmp")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "qmp")))]
+    pub block: Option<Vec<(String, qmp_proto::types::BlockDeviceStats)>>,
+    /// Commands that failed, with the error.
     pub failures: Vec<(String, String)>,
 }
 
@@ -452,7 +517,10 @@ impl GuestMonitor {
         };
         let started = Instant::now();
         let deadline = started + shared.guest_deadline;
-        let outcome = self.poll(slot, deadline).await;
+        let (outcome, host) = tokio::join!(
+            self.poll(slot, deadline),
+            poll_host(&slot.guest, shared.guest_deadline, deadline)
+        );
         drop(permit);
         let duration_seconds = started.elapsed().as_secs_f64();
         let age_seconds = shared.cache.map(|_| 0.0);
@@ -468,6 +536,7 @@ impl GuestMonitor {
             duration_seconds,
             age_seconds,
             data,
+            host,
         }
     }
 
@@ -515,6 +584,136 @@ impl GuestMonitor {
             seconds_text(self.shared.guest_deadline)
         )
     }
+}
+
+/// The guest's QEMU monitor, when it has one: connect, ask, close, within `deadline`.
+#[cfg(feature = "qmp")]
+async fn poll_host(guest: &Guest, budget: Duration, deadline: Instant) -> Option<HostData> {
+    use qmp_proto::cmd::{Command as _, QomGet, QomGetArgs, QueryBalloon, QueryBlockstats};
+    let (address, balloon_device) = guest.qmp.as_ref()?;
+    let config = qmp_proto::ClientConfig::default()
+        .handshake_timeout(budget / 2)
+        .timeout(budget / 2);
+    let qemu = match timeout_at(
+        deadline,
+        qmp_proto::AsyncClient::connect_address(address, config),
+    )
+    .await
+    {
+        Ok(Ok(qemu)) => qemu,
+        Ok(Err(error)) => {
+            return Some(HostData {
+                error: Some(error_chain(&error)),
+                ..HostData::default()
+            })
+        }
+        Err(_) => {
+            return Some(HostData {
+                error: Some("QEMU's monitor did not answer within the guest deadline".to_owned()),
+                ..HostData::default()
+            })
+        }
+    };
+    let stats_args = QomGetArgs::balloon_guest_stats(balloon_device);
+    let devices = qmp_proto::cmd::QueryBlockstatsArgs::default();
+    let (balloon, stats, block) = tokio::join!(
+        timeout_at(deadline, qemu.call::<QueryBalloon>(&())),
+        timeout_at(deadline, qemu.call::<QomGet>(&stats_args)),
+        timeout_at(deadline, qemu.call::<QueryBlockstats>(&devices)),
+    );
+    drop(qemu);
+    let mut host = HostData {
+        up: true,
+        ..HostData::default()
+    };
+    let mut failed = |command: &str, error: String| host.failures.push((command.to_owned(), error));
+    let late = || "no answer within the guest deadline".to_owned();
+    let balloon_bytes = match balloon {
+        Ok(Ok(info)) => u64::try_from(info.actual).ok(),
+        // No balloon device, or no driver in the guest: nothing to report, not a failure.
+        Ok(Err(qmp_proto::Error::Qmp {
+            class: qmp_proto::ErrorClass::DeviceNotActive,
+            ..
+        })) => None,
+        Ok(Err(error)) => {
+            failed(QueryBalloon::NAME, error_chain(&error));
+            None
+        }
+        Err(_) => {
+            failed(QueryBalloon::NAME, late());
+            None
+        }
+    };
+    let balloon_stats = match stats {
+        // `{"stats": {"stat-free-memory": N, ...}, "last-update": T}`; QEMU shows a statistic
+        // the guest did not report as -1 in a uint64, 18446744073709551615.
+        Ok(Ok(value)) => {
+            let stats = value.get("stats").and_then(|s| s.as_object());
+            match (stats, value.get("last-update").and_then(|t| t.as_u64())) {
+                // Never reported (no polling interval set, or no driver in the guest).
+                (Some(_), Some(0)) => None,
+                (Some(stats), Some(_)) => Some(
+                    stats
+                        .iter()
+                        .filter_map(|(name, value)| {
+                            let value = value.as_u64().filter(|v| *v != u64::MAX)?;
+                            Some((name.clone(), value))
+                        })
+                        .collect(),
+                ),
+                _ => {
+                    failed(QomGet::NAME, format!("unexpected guest-stats: {value}"));
+                    None
+                }
+            }
+        }
+        // A guest without a balloon device of that id.
+        Ok(Err(qmp_proto::Error::Qmp {
+            class: qmp_proto::ErrorClass::DeviceNotFound,
+            ..
+        })) => None,
+        Ok(Err(error)) => {
+            failed(QomGet::NAME, error_chain(&error));
+            None
+        }
+        Err(_) => {
+            failed(QomGet::NAME, late());
+            None
+        }
+    };
+    let block = match block {
+        Ok(Ok(devices)) => Some(
+            devices
+                .into_iter()
+                .map(|d| {
+                    let name = [d.device, d.qdev, d.node_name]
+                        .into_iter()
+                        .flatten()
+                        .find(|n| !n.is_empty())
+                        .unwrap_or_default();
+                    (name, d.stats)
+                })
+                .collect(),
+        ),
+        Ok(Err(error)) => {
+            failed(QueryBlockstats::NAME, error_chain(&error));
+            None
+        }
+        Err(_) => {
+            failed(QueryBlockstats::NAME, late());
+            None
+        }
+    };
+    host.balloon_bytes = balloon_bytes;
+    host.balloon_stats = balloon_stats;
+    host.block = block;
+    Some(host)
+}
+
+/// Without the `qmp` feature a guest has no monitor to ask.
+#[cfg(not(feature = "qmp"))]
+async fn poll_host(_guest: &Guest, _budget: Duration, _deadline: Instant) -> Option<HostData> {
+    None
 }
 
 /// Why a poll found no agent.
@@ -653,6 +852,7 @@ fn not_up(guest: &Guest, status: PollStatus, why: &str) -> GuestReport {
         duration_seconds: 0.0,
         age_seconds: None,
         data: None,
+        host: None,
     }
 }
 

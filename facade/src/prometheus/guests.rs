@@ -48,6 +48,12 @@ const SECTOR: f64 = 512.0;
 /// | `vmsdk_guest_disk_io_now{device}` | gauge | the same, I/Os in progress |
 /// | `vmsdk_guest_network_receive_bytes_total{device}`, `_packets_total`, `_errs_total`, `_drop_total`, and the same for `transmit` | counter | `guest-network-get-interfaces` statistics (2.11; Linux reads `/proc/net/dev`; only interfaces with an address have them) |
 ///
+/// | `vmsdk_guest_qmp_up` | gauge | with a QMP socket ([`Guest::qmp`](crate::agent::monitor::Guest), feature `qmp`): 1 when QEMU's monitor answered |
+/// | `vmsdk_guest_balloon_actual_bytes` | gauge | `query-balloon` (the guest's memory as the balloon leaves it) |
+/// | `vmsdk_guest_memory_total_bytes`, `_free_bytes`, `_available_bytes`, `_disk_caches_bytes` | gauge | the balloon driver's `guest-stats` (`qom-get`), when the guest reports them |
+/// | `vmsdk_guest_memory_swapped_in_bytes_total`, `_swapped_out_bytes_total`, `_major_faults_total`, `_minor_faults_total`, `_hugetlb_allocations_total`, `_hugetlb_allocation_failures_total` | counter | the same |
+/// | `vmsdk_guest_block_read_bytes_total{drive}`, `_written_bytes_total`, `_discarded_bytes_total`, `_reads_completed_total`, `_writes_completed_total`, `_discards_completed_total`, `_flush_requests_total`, `_read_time_seconds_total`, `_write_time_seconds_total`, `_flush_requests_time_seconds_total`, `_failed_reads_total`, `_failed_writes_total` | counter | `query-blockstats`, per drive (drive id, else qdev, else node name) |
+///
 /// **Filesystem sizes.** qemu-ga computes from `statvfs`: `used-bytes` = (blocks − free
 /// blocks) × fragment size; `total-bytes` = used + blocks available to unprivileged users,
 /// that is the capacity a non-root user sees; `total-bytes-privileged` (9.1, Linux) = all
@@ -280,6 +286,7 @@ fn encode_reports(
     );
     let mut disk = DiskFamilies::new();
     let mut net = NetFamilies::new();
+    let mut host = HostFamilies::new();
 
     for report in reports {
         let base: Labels = std::iter::once(("guest".to_owned(), report.name.clone()))
@@ -295,6 +302,9 @@ fn encode_reports(
             if let Some(seconds) = report.age_seconds {
                 age.push(base.clone(), seconds);
             }
+        }
+        if let Some(data) = &report.host {
+            host.push(&base, data);
         }
         let Some(data) = &report.data else {
             continue;
@@ -433,7 +443,182 @@ fn encode_reports(
     for family in net.0 {
         family.encode(encoder)?;
     }
+    for family in host.0 {
+        family.encode(encoder)?;
+    }
     Ok(())
+}
+
+/// The memory and block families from QEMU's monitor, in the order they are encoded.
+struct HostFamilies(Vec<Family>);
+
+/// The balloon driver's statistics by QEMU's name: metric name, help, unit, counter?
+const BALLOON_STATS: [(&str, &str, &str, Option<Unit>, bool); 10] = [
+    ("stat-total-memory", "guest_memory_total", "Memory the guest's kernel manages (balloon stat-total-memory)", Some(Unit::Bytes), false),
+    ("stat-free-memory", "guest_memory_free", "Memory the guest leaves unused (balloon stat-free-memory)", Some(Unit::Bytes), false),
+    ("stat-available-memory", "guest_memory_available", "Memory available to new programs without swapping, as the guest estimates it (balloon stat-available-memory)", Some(Unit::Bytes), false),
+    ("stat-disk-caches", "guest_memory_disk_caches", "Memory the guest's page cache holds (balloon stat-disk-caches)", Some(Unit::Bytes), false),
+    ("stat-swap-in", "guest_memory_swapped_in", "Memory swapped in (balloon stat-swap-in)", Some(Unit::Bytes), true),
+    ("stat-swap-out", "guest_memory_swapped_out", "Memory swapped out (balloon stat-swap-out)", Some(Unit::Bytes), true),
+    ("stat-major-faults", "guest_memory_major_faults", "Major page faults (balloon stat-major-faults)", None, true),
+    ("stat-minor-faults", "guest_memory_minor_faults", "Minor page faults (balloon stat-minor-faults)", None, true),
+    ("stat-htlb-pgalloc", "guest_memory_hugetlb_allocations", "Huge page allocations (balloon stat-htlb-pgalloc)", None, true),
+    ("stat-htlb-pgfail", "guest_memory_hugetlb_allocation_failures", "Failed huge page allocations (balloon stat-htlb-pgfail)", None, true),
+];
+
+/// Block counters of `query-blockstats`: metric name, help, unit, counter?
+const BLOCK_STATS: [(&str, &str, Option<Unit>, bool); 12] = [
+    (
+        "guest_block_read",
+        "Bytes read by the guest from the block device, as QEMU counts (rd_bytes)",
+        Some(Unit::Bytes),
+        true,
+    ),
+    (
+        "guest_block_written",
+        "Bytes written (wr_bytes)",
+        Some(Unit::Bytes),
+        true,
+    ),
+    (
+        "guest_block_discarded",
+        "Bytes discarded (unmap_bytes)",
+        Some(Unit::Bytes),
+        true,
+    ),
+    (
+        "guest_block_reads_completed",
+        "Read operations (rd_operations)",
+        None,
+        true,
+    ),
+    (
+        "guest_block_writes_completed",
+        "Write operations (wr_operations)",
+        None,
+        true,
+    ),
+    (
+        "guest_block_flush_requests",
+        "Flush operations (flush_operations)",
+        None,
+        true,
+    ),
+    (
+        "guest_block_discards_completed",
+        "Discard operations (unmap_operations)",
+        None,
+        true,
+    ),
+    (
+        "guest_block_read_time",
+        "Time spent reading (rd_total_time_ns)",
+        Some(Unit::Seconds),
+        true,
+    ),
+    (
+        "guest_block_write_time",
+        "Time spent writing (wr_total_time_ns)",
+        Some(Unit::Seconds),
+        true,
+    ),
+    (
+        "guest_block_flush_requests_time",
+        "Time spent flushing (flush_total_time_ns)",
+        Some(Unit::Seconds),
+        true,
+    ),
+    (
+        "guest_block_failed_reads",
+        "Failed read operations (failed_rd_operations)",
+        None,
+        true,
+    ),
+    (
+        "guest_block_failed_writes",
+        "Failed write operations (failed_wr_operations)",
+        None,
+        true,
+    ),
+];
+
+impl HostFamilies {
+    fn new() -> Self {
+        let kind = |counter: bool| {
+            if counter {
+                MetricType::Counter
+            } else {
+                MetricType::Gauge
+            }
+        };
+        let mut families = vec![
+            Family::new(
+                "guest_qmp_up",
+                "1 when the guest's QEMU monitor answered in this scrape, 0 when not (guests given a QMP socket only)",
+                None,
+                MetricType::Gauge,
+            ),
+            Family::new(
+                "guest_balloon_actual",
+                "The guest's memory as the balloon leaves it (query-balloon actual)",
+                Some(Unit::Bytes),
+                MetricType::Gauge,
+            ),
+        ];
+        for (_, name, help, unit, counter) in BALLOON_STATS {
+            families.push(Family::new(name, help, unit, kind(counter)));
+        }
+        for (name, help, unit, counter) in BLOCK_STATS {
+            families.push(Family::new(name, help, unit, kind(counter)));
+        }
+        HostFamilies(families)
+    }
+
+    fn push(&mut self, base: &Labels, host: &crate::agent::monitor::HostData) {
+        let (head, rest) = self.0.split_at_mut(2);
+        let (memory, block) = rest.split_at_mut(BALLOON_STATS.len());
+        head[0].push(base.clone(), if host.up { 1.0 } else { 0.0 });
+        if let Some(bytes) = host.balloon_bytes {
+            head[1].push(base.clone(), bytes as f64);
+        }
+        if let Some(stats) = &host.balloon_stats {
+            for (family, (stat, ..)) in memory.iter_mut().zip(BALLOON_STATS) {
+                if let Some(value) = stats.get(stat) {
+                    family.push(base.clone(), *value as f64);
+                }
+            }
+        }
+        #[cfg(feature = "qmp")]
+        if let Some(devices) = &host.block {
+            let mut seen = HashSet::new();
+            for (drive, s) in devices {
+                if !seen.insert(drive) {
+                    continue;
+                }
+                let labels = with(base, &[("drive", drive)]);
+                let ns = |v: u64| v as f64 / 1e9;
+                let values = [
+                    s.rd_bytes as f64,
+                    s.wr_bytes as f64,
+                    s.unmap_bytes as f64,
+                    s.rd_operations as f64,
+                    s.wr_operations as f64,
+                    s.flush_operations as f64,
+                    s.unmap_operations as f64,
+                    ns(s.rd_total_time_ns),
+                    ns(s.wr_total_time_ns),
+                    ns(s.flush_total_time_ns),
+                    s.failed_rd_operations as f64,
+                    s.failed_wr_operations as f64,
+                ];
+                for (family, value) in block.iter_mut().zip(values) {
+                    family.push(labels.clone(), value);
+                }
+            }
+        }
+        #[cfg(not(feature = "qmp"))]
+        let _ = block;
+    }
 }
 
 fn encode_infos(

@@ -32,6 +32,15 @@ pub struct GuestsArgs {
     /// named after what the wildcards matched (101 for 101.qga).
     #[arg(long, value_name = "GLOB")]
     guests: Vec<String>,
+    /// The QEMU monitor (QMP socket) of a guest named with --guest or --guests, e.g. --qmp
+    /// web-1=/var/run/qemu-server/101.qmp: its balloon and block statistics join the guest's
+    /// (repeatable).
+    #[arg(long, value_name = "NAME=URI", value_parser = parse_label)]
+    qmp: Vec<(String, String)>,
+    /// With --guests: each socket's QEMU monitor is the file beside it with the extension
+    /// .qmp (Proxmox's /var/run/qemu-server/VMID.qmp), where there is one.
+    #[arg(long, requires = "guests")]
+    with_qmp: bool,
     /// Longest poll of one guest, connect included (default 3s).
     #[arg(long, value_name = "DUR", value_parser = parse_duration, default_value = "3s")]
     deadline: Duration,
@@ -68,8 +77,20 @@ pub fn run(args: &GuestsArgs) -> CliResult {
             eprintln!("vmsdk: no agent socket matches {pattern}");
         }
         for (name, path) in matches {
-            guests.push(Guest::new(name, &format!("qga+unix://{}", path.display()))?);
+            let mut guest = Guest::new(name, &format!("qga+unix://{}", path.display()))?;
+            let monitor = path.with_extension("qmp");
+            if args.with_qmp && monitor != path && monitor.exists() {
+                guest = guest.qmp(&monitor.display().to_string())?;
+            }
+            guests.push(guest);
         }
+    }
+    for (name, uri) in &args.qmp {
+        let Some(at) = guests.iter().position(|g| g.name() == name) else {
+            return Err(format!("--qmp {name}=…: no guest is named {name}").into());
+        };
+        let guest = guests.remove(at).qmp(uri)?;
+        guests.insert(at, guest);
     }
     if guests.is_empty() {
         return Err("no guests: give --guest NAME=URI or --guests GLOB".into());
