@@ -41,6 +41,32 @@ const CRATE_FEATURES: &[(&str, &[&str])] = &[
     ("live-backup", &["", "agent", "qemu"]),
 ];
 
+/// The facade's features that turn on others (its `Cargo.toml`), so that a set naming only
+/// `exporter` may bring in what `prometheus-client` brings.
+const IMPLIED_FEATURES: &[(&str, &[&str])] = &[
+    ("exporter", &["prometheus-client"]),
+    ("tls", &["disk"]),
+    ("backup", &["disk", "qmp"]),
+];
+
+/// The features a `--features` value turns on: those it names and those they imply.
+fn enabled_features(features: &str) -> Vec<&str> {
+    let mut enabled: Vec<&str> = features.split(',').filter(|f| !f.is_empty()).collect();
+    let mut next = 0;
+    while next < enabled.len() {
+        let feature = enabled[next];
+        for (_, implied) in IMPLIED_FEATURES.iter().filter(|(f, _)| *f == feature) {
+            for implied in *implied {
+                if !enabled.contains(implied) {
+                    enabled.push(implied);
+                }
+            }
+        }
+        next += 1;
+    }
+    enabled
+}
+
 /// Crates only the `cli` feature may bring in.
 const CLI_ONLY: &[&str] = &["clap", "indicatif"];
 
@@ -123,8 +149,9 @@ pub fn check(root: &Path, cargo: &str) -> Result<(), String> {
     for features in FEATURE_SETS {
         let tree = dependency_tree(root, cargo, features)?;
         let mut forbidden: Vec<&str> = CLI_ONLY.to_vec();
+        let enabled = enabled_features(features);
         for (capability, crates) in CAPABILITY_CRATES {
-            if !features.split(',').any(|f| f == *capability) {
+            if !enabled.contains(capability) {
                 forbidden.extend(crates.iter().copied());
             }
         }
