@@ -1,4 +1,5 @@
-//! An export of the fake monitor seen as a [`Disk`]: what an NBD client of the export would
+//! Block exports: `block-export-add`/`-del` and `query-block-exports` on the state, and an
+//! export seen as a [`Disk`]: what an NBD client of the export would
 //! read (`base:allocation` as data or hole per cluster, `qemu:dirty-bitmap:NAME` as dirty
 //! extents), read straight from the fake's block graph.
 
@@ -6,7 +7,9 @@ use disk_transport::{
     DirtyExtent, Disk, DiskInfo, Error as DiskError, Extent, ExtentKind, Result as DiskResult,
 };
 
-use super::state::DEFAULT_CLUSTER;
+use serde_json::{json, Value};
+
+use super::state::{bitmap_busy, FakeState, QResult, QmpError, DEFAULT_CLUSTER};
 use super::{FakeError, FakeShared};
 
 /// A read-only view of a fake monitor's export; see [`super::FakeMonitor::export_disk`].
@@ -182,5 +185,130 @@ impl Disk for ExportDisk {
         }
         push(pos, end, false);
         Ok(out)
+    }
+}
+
+/// A block export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockExport {
+    /// Export id.
+    pub id: String,
+    /// Exported node.
+    pub node: String,
+    /// NBD export name.
+    pub name: String,
+    /// Writable export.
+    pub writable: bool,
+    /// Exported dirty bitmaps as `(node, bitmap)`.
+    pub bitmaps: Vec<(String, String)>,
+}
+
+impl FakeState {
+    // ---------------------------------------------------------------- exports
+
+    /// `block-export-add` of type `nbd` (arguments checked).
+    pub(crate) fn export_add(
+        &mut self,
+        id: &str,
+        node: &str,
+        name: Option<&str>,
+        writable: bool,
+        bitmaps: &[String],
+    ) -> QResult<()> {
+        if self.exports.iter().any(|e| e.id == id) {
+            return Err(QmpError::generic(format!(
+                "Block export id '{id}' is already in use"
+            )));
+        }
+        if self.node(node).is_none() {
+            return Err(QmpError::generic(format!(
+                "Cannot find device='' nor node-name='{node}'"
+            )));
+        }
+        if self.nbd_server.is_none() {
+            return Err(QmpError::generic("NBD server not running"));
+        }
+        let name = name.unwrap_or(node);
+        if name.len() > 4096 {
+            return Err(QmpError::generic(format!("export name '{name}' too long")));
+        }
+        if self.exports.iter().any(|e| e.name == name) {
+            return Err(QmpError::generic(format!(
+                "NBD server already has export named '{name}'"
+            )));
+        }
+        let mut found = Vec::new();
+        for b in bitmaps {
+            // The bitmap may live on the node or anywhere down its backing chain.
+            let mut cur = Some(node.to_owned());
+            let mut hit = None;
+            while let Some(n) = cur {
+                let Some(nd) = self.node(&n) else { break };
+                if nd.bitmap(b).is_some() {
+                    hit = Some(n.clone());
+                    break;
+                }
+                cur = nd.backing.clone().or_else(|| {
+                    (nd.driver == "raw" || nd.driver == "copy-before-write")
+                        .then(|| nd.file.clone())
+                        .flatten()
+                });
+            }
+            let Some(owner) = hit else {
+                return Err(QmpError::generic(format!("Bitmap '{b}' is not found")));
+            };
+            let bm = self
+                .node(&owner)
+                .and_then(|n| n.bitmap(b))
+                .expect("found above");
+            if bm.busy || bm.inconsistent {
+                return Err(bitmap_busy(b));
+            }
+            if !writable && bm.recording {
+                return Err(QmpError::generic(format!(
+                    "Enabled bitmap '{b}' incompatible with readonly export"
+                )));
+            }
+            found.push((owner, b.clone()));
+        }
+        for (owner, b) in &found {
+            if let Some(bm) = self.node_mut(owner).and_then(|n| n.bitmap_mut(b)) {
+                bm.busy = true;
+            }
+        }
+        self.exports.push(BlockExport {
+            id: id.to_owned(),
+            node: node.to_owned(),
+            name: name.to_owned(),
+            writable,
+            bitmaps: found,
+        });
+        Ok(())
+    }
+
+    pub(crate) fn export_del(&mut self, id: &str) -> QResult<()> {
+        let Some(pos) = self.exports.iter().position(|e| e.id == id) else {
+            return Err(QmpError::generic(format!("Export '{id}' is not found")));
+        };
+        let export = self.exports.remove(pos);
+        for (owner, b) in &export.bitmaps {
+            if let Some(bm) = self.node_mut(owner).and_then(|n| n.bitmap_mut(b)) {
+                bm.busy = false;
+            }
+        }
+        self.emit("BLOCK_EXPORT_DELETED", Some(json!({"id": id})));
+        Ok(())
+    }
+
+    pub(crate) fn exports_json(&self) -> Value {
+        Value::Array(
+            self.exports
+                .iter()
+                .rev()
+                .map(|e| {
+                    json!({"node-name": e.node, "shutting-down": false, "type": "nbd", "id": e.id})
+                })
+                .collect(),
+        )
     }
 }

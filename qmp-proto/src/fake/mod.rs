@@ -77,9 +77,12 @@
 //! # Ok(()) }
 //! ```
 
+mod bitmap;
 mod commands;
 mod conn;
 mod export;
+mod graph;
+mod jobs;
 mod nbd;
 mod release;
 mod state;
