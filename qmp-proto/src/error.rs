@@ -258,12 +258,13 @@ impl Error {
         )
     }
 
-    /// Whether the connection can no longer be used (the client closes it).
+    /// Whether the connection can no longer be used: every later call fails with the same
+    /// error, so connect again. A [`Timeout`](Error::Timeout) is not one: the connection
+    /// stays usable and the late reply is dropped.
     pub fn is_connection_error(&self) -> bool {
         matches!(
             self,
             Error::GreetingTimeout { .. }
-                | Error::Timeout { .. }
                 | Error::Disconnected { .. }
                 | Error::MessageTooLarge { .. }
                 | Error::Protocol { .. }

@@ -368,16 +368,24 @@ pub struct BalloonInfo {
 }
 
 /// The balloon's `guest-stats` property (read with `qom-get`): the statistics the guest's
-/// balloon driver last reported. Values the guest did not report are -1.
+/// balloon driver last reported.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BalloonGuestStats {
     /// `stat-free-memory`, `stat-total-memory`, `stat-available-memory`, ... in bytes or
-    /// counts, as the virtio-balloon spec names them.
-    pub stats: BTreeMap<String, i64>,
+    /// counts, as the virtio-balloon spec names them. QEMU sends its `-1` for "not reported"
+    /// as an unsigned number, [`u64::MAX`]; [`reported`](Self::reported) leaves those out.
+    pub stats: BTreeMap<String, u64>,
     /// When the guest last reported, in seconds since the epoch (0: never; statistics are
     /// only polled when `guest-stats-polling-interval` is set).
     #[serde(rename = "last-update")]
     pub last_update: i64,
+}
+
+impl BalloonGuestStats {
+    /// The value of statistic `name`, if the guest reported it.
+    pub fn reported(&self, name: &str) -> Option<u64> {
+        self.stats.get(name).copied().filter(|&v| v != u64::MAX)
+    }
 }
 
 /// A command QEMU has (`query-commands`).

@@ -282,3 +282,37 @@ fn oob_is_requested_only_when_offered_and_asked_for() {
         );
     }
 }
+
+#[test]
+fn a_late_reply_after_a_timeout_is_dropped_and_the_connection_goes_on() {
+    let server = Server::start(|stream| {
+        let (mut reader, mut writer, mut seen) = negotiate(stream, GREETING_7_2);
+        let slow = read_request(&mut reader).unwrap();
+        // Answer only once the next request has come, i.e. after the caller gave up.
+        let next = read_request(&mut reader).unwrap();
+        for request in [&slow, &next] {
+            let reply = format!(
+                "{{\"return\": {}, \"id\": {}}}\r\n",
+                request["execute"], request["id"]
+            );
+            let _ = writer.write_all(reply.as_bytes());
+        }
+        seen.push(slow);
+        seen.push(next);
+        seen
+    });
+    let mut client = Client::connect(&server.address(), config()).unwrap();
+    let err = client
+        .execute_with_timeout("query-block", None, Duration::from_millis(100))
+        .unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err}");
+    assert!(!err.is_connection_error());
+    // The late reply to query-block comes first and is recognised by its id.
+    assert_eq!(
+        client.execute_raw("query-status", None).unwrap(),
+        Value::from("query-status")
+    );
+    assert!(client.fatal().is_none());
+    drop(client);
+    server.requests();
+}

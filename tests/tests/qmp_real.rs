@@ -719,3 +719,40 @@ fn vmsdk_qmp_on_the_fake_monitor() {
     assert_eq!(code, 1);
     assert!(err.contains("name the monitor"), "{err}");
 }
+
+#[test]
+fn balloon_size_and_guest_stats_through_qom_get() {
+    for_each_generation(&["qemu-system-x86_64"], |generation| {
+        // A machine with a balloon device; paused (-S), so no guest driver ever reports.
+        let Some(qemu) = Qemu::start_with(
+            generation,
+            &[
+                "-machine",
+                "q35",
+                "-accel",
+                "tcg",
+                "-m",
+                "128",
+                "-device",
+                "virtio-balloon-pci,id=balloon0",
+            ],
+        ) else {
+            return;
+        };
+        eprintln!("running against {}", qemu.version());
+        let mut client = Client::connect(&qemu.address(), config()).unwrap();
+        let balloon = client.call::<QueryBalloon>(&()).unwrap();
+        assert_eq!(balloon.actual, 128 << 20);
+        let stats = client
+            .call::<QomGet>(&QomGetArgs::balloon_guest_stats("balloon0"))
+            .unwrap();
+        let stats: BalloonGuestStats = serde_json::from_value(stats).unwrap();
+        // No guest driver has reported: never updated, every statistic QEMU's -1 (u64::MAX).
+        assert_eq!(stats.last_update, 0, "{stats:?}");
+        assert!(stats.stats.contains_key("stat-free-memory"), "{stats:?}");
+        assert!(stats.stats.values().all(|v| *v == u64::MAX), "{stats:?}");
+        assert_eq!(stats.reported("stat-free-memory"), None);
+        let devices = client.call::<QueryBlock>(&()).unwrap();
+        assert!(devices.is_empty(), "-nodefaults: no drives: {devices:?}");
+    });
+}
