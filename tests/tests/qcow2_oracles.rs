@@ -828,3 +828,42 @@ fn a_writable_open_drops_persistent_bitmaps_and_refuses_what_it_cannot_write() {
         }
     });
 }
+
+#[test]
+fn parallel_copy_writers_leave_a_consistent_image() {
+    use disk_transport::copy::{copy, CopyOptions};
+    for_each_generation(&["qemu-img"], |g| {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 40 * MIB + 4096;
+        let source = MemoryDisk::new(size);
+        // Islands of data of odd sizes and places, so requests split clusters every way.
+        for i in 0..60u64 {
+            let at = (i * 677_777) % (size - 300_000);
+            let len = 1000 + (i as usize * 4099) % 250_000;
+            source.write_at(&random_bytes(len, i), at).unwrap();
+        }
+        source.write_zeroes(3 * MIB, 2 * MIB).unwrap();
+        for cluster_size in [4 * KIB, 64 * KIB] {
+            let image = dir.path().join(format!("par-{cluster_size}.qcow2"));
+            let dst = Qcow2Disk::create(
+                &image,
+                &CreateOptions::new(size).cluster_size(cluster_size as u32),
+            )
+            .unwrap();
+            let options = CopyOptions::default()
+                .threads(4)
+                .request_size(96 * 1024 + 512)
+                .destination_is_zero(true);
+            copy(&source, &dst, &options, &mut |_| {})
+                .map_err(|e| e.error)
+                .unwrap();
+            assert_eq!(read_all(&dst), source.to_vec().unwrap());
+            drop(dst);
+            check(g, &image);
+            let raw = dir.path().join("source.raw");
+            std::fs::write(&raw, source.to_vec().unwrap()).unwrap();
+            compare_with_raw(g, &image, &raw);
+            assert_same_map(g, &image);
+        }
+    });
+}

@@ -443,10 +443,18 @@ impl Metadata {
 }
 
 /// The image below another in a chain.
-#[derive(Debug)]
 enum Backing {
     Qcow2(Box<Qcow2Disk>),
     Raw(FileDisk, PathBuf),
+}
+
+impl std::fmt::Debug for Backing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backing::Qcow2(d) => d.fmt(f),
+            Backing::Raw(_, path) => f.debug_tuple("Raw").field(path).finish(),
+        }
+    }
 }
 
 impl Backing {
@@ -466,7 +474,6 @@ impl Backing {
 }
 
 /// An open qcow2 image and its backing chain; see the [module docs](self).
-#[derive(Debug)]
 pub struct Qcow2Disk {
     io: ImageFile,
     header: header::Header,
@@ -475,6 +482,20 @@ pub struct Qcow2Disk {
     meta: Mutex<Metadata>,
     /// Data bytes written through the page cache so far; see [`Qcow2Disk::write_back_early`].
     written: AtomicU64,
+}
+
+impl std::fmt::Debug for Qcow2Disk {
+    /// The image and its chain, not the cached tables.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Disk")
+            .field("path", &self.io.path)
+            .field("version", &self.header.version)
+            .field("cluster_size", &self.cluster_size())
+            .field("size", &self.header.size)
+            .field("read_only", &self.read_only)
+            .field("backing", &self.backing)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How many bytes of data written start their write-back (as the `file` backend does).
@@ -1527,6 +1548,8 @@ mod tests {
         drop(disk);
         let ro = Qcow2Disk::open_read_only(&path).unwrap();
         assert!(matches!(ro.write_at(b"x", 0), Err(Error::ReadOnly(_))));
+        let shown = format!("{ro:?}");
+        assert!(shown.contains("a.qcow2") && shown.len() < 300, "{shown}");
         for bad in [1000u32, 2048, 4 << 20] {
             let err = Qcow2Disk::create(
                 dir.path().join(format!("{bad}.qcow2")),
