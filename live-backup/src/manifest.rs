@@ -48,10 +48,13 @@ pub struct PointDisk {
     pub bytes_copied: u64,
     /// The image file's size on disk.
     pub file_size: u64,
-    /// The block hash of the disk at this point, as read back through the chain: `SPEC:HEX`
-    /// with nbdcopy's `--blkhash` spec (`sha256/64k:3f5a…`), so `nbdcopy --blkhash=SPEC`
-    /// of a restored disk prints the same HEX.
-    pub blkhash: String,
+    /// The block hash of the disk at this point: `SPEC:HEX` with nbdcopy's `--blkhash` spec
+    /// (`sha256/64k:3f5a…`), so `nbdcopy --blkhash=SPEC` of a restored disk prints the same
+    /// HEX. A full point hashes what it read from the VM; an incremental one reads its chain
+    /// back, unless the backup was told not to (`BackupOptions::hash_incrementals(false)`):
+    /// then `None`.
+    #[serde(default)]
+    pub blkhash: Option<String>,
 }
 
 /// One point of the chain: the disks at one checkpoint.
@@ -259,7 +262,17 @@ impl Manifest {
                         point.number, disk.node, disk.backing, want_backing
                     ));
                 }
-                if parse_blkhash(&disk.blkhash).is_none() {
+                if point.kind == PointKind::Full && disk.blkhash.is_none() {
+                    return Err(format!(
+                        "point {}: disk {}: a full point without its block hash",
+                        point.number, disk.node
+                    ));
+                }
+                if disk
+                    .blkhash
+                    .as_deref()
+                    .is_some_and(|h| parse_blkhash(h).is_none())
+                {
                     return Err(format!(
                         "point {}: disk {}: block hash {:?} is not SPEC:HEX (sha256/64k:...)",
                         point.number, disk.node, disk.blkhash
@@ -367,7 +380,7 @@ mod tests {
             backing: backing.map(Into::into),
             bytes_copied: 65536,
             file_size: 327680,
-            blkhash: format!("sha256/64k:{}", "0f".repeat(32)),
+            blkhash: Some(format!("sha256/64k:{}", "0f".repeat(32))),
         };
         let point = |n: u32, kind, since: Option<&str>, d| Point {
             number: n,

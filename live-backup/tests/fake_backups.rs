@@ -342,3 +342,25 @@ fn frozen_around_the_checkpoint_or_crash_consistent_with_a_warning() {
         "a freeze without an answer is thawed"
     );
 }
+
+#[test]
+fn incrementals_without_a_hash_still_verify_by_reading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = BackupDir::new(tmp.path().join("backups"));
+    let vm = two_disk_vm();
+    let options = BackupOptions::new().hash_incrementals(false);
+    backup(&vm, &dir, &options).unwrap();
+    vm.guest_write("vda", 2 * MIB, &[6; 4096]).unwrap();
+    let report = backup(&vm, &dir, &options).unwrap();
+    assert!(report.point.disks.iter().all(|d| d.blkhash.is_none()));
+    let manifest = dir.manifest().unwrap().unwrap();
+    assert!(
+        manifest.points[0].disks.iter().all(|d| d.blkhash.is_some()),
+        "full points keep theirs"
+    );
+    assert_eq!(dir.verify(&mut |_| {}).unwrap().len(), 4);
+    assert_eq!(
+        restored(&dir, "vda", 2),
+        vm.disk("vda").unwrap().to_vec().unwrap()
+    );
+}
