@@ -18,6 +18,8 @@ enum Kind {
     Any,
     /// Any JSON value (`qom-set`'s `value`).
     Anything,
+    /// A `BlockdevRef` or `null` (a `backing`).
+    RefOrNull,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +109,7 @@ fn kind_ok(kind: Kind, v: &Value) -> bool {
         Arr => v.is_array(),
         Any => v.is_string() || v.is_object(),
         Anything => true,
+        RefOrNull => v.is_string() || v.is_object() || v.is_null(),
     }
 }
 
@@ -117,20 +120,30 @@ fn kind_name(kind: Kind) -> &'static str {
         Bool => "boolean",
         Obj => "object",
         Arr => "array",
-        Any | Anything => "string",
+        Any => "BlockdevRef",
+        RefOrNull => "BlockdevRefOrNull",
+        Anything => "any",
     }
 }
 
 /// Checks `args` against `params` in schema order: missing, then wrong type, then extra.
 fn check(args: &Map<String, Value>, params: &[Param]) -> QResult<()> {
+    check_at(args, params, "")
+}
+
+/// [`check`] for a nested object: QEMU names members by their path (`actions[0].data.node`).
+fn check_at(args: &Map<String, Value>, params: &[Param], prefix: &str) -> QResult<()> {
     for p in params {
         match args.get(p.0) {
             None if !p.2 => {
-                return Err(QmpError::generic(format!("Parameter '{}' is missing", p.0)))
+                return Err(QmpError::generic(format!(
+                    "Parameter '{prefix}{}' is missing",
+                    p.0
+                )))
             }
             Some(v) if !kind_ok(p.1, v) => {
                 return Err(QmpError::generic(format!(
-                    "Invalid parameter type for '{}', expected: {}",
+                    "Invalid parameter type for '{prefix}{}', expected: {}",
                     p.0,
                     kind_name(p.1)
                 )))
@@ -142,6 +155,7 @@ fn check(args: &Map<String, Value>, params: &[Param]) -> QResult<()> {
         .keys()
         .find(|k| !params.iter().any(|p| p.0 == k.as_str()))
     {
+        let extra = format!("{prefix}{extra}");
         return Err(QmpError::generic(format!(
             "Parameter '{extra}' is unexpected"
         )));
@@ -278,6 +292,7 @@ fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) -> QResult<
         | "block-dirty-bitmap-disable"
         | "block-dirty-bitmap-merge"
         | "blockdev-backup" => {
+            check_action(name, args, "")?;
             action(state, name, args)?;
             Ok(empty)
         }
@@ -288,24 +303,20 @@ fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) -> QResult<
                 .and_then(Value::as_array)
                 .cloned()
                 .unwrap_or_default();
-            let mut trial = state.clone();
-            for a in &actions {
+            // QEMU parses every action before it runs any: argument errors come first.
+            let mut parsed = Vec::new();
+            for (i, a) in actions.iter().enumerate() {
                 let Some(a) = a.as_object() else {
-                    return Err(QmpError::generic(
-                        "Invalid parameter type for 'actions[0]', expected: object",
-                    ));
+                    return Err(QmpError::generic(format!(
+                        "Invalid parameter type for 'actions[{i}]', expected: object"
+                    )));
                 };
-                check(a, &[req("type", Str), req("data", Obj)])?;
+                check_at(
+                    a,
+                    &[req("type", Str), req("data", Obj)],
+                    &format!("actions[{i}]."),
+                )?;
                 let ty = s(a, "type");
-                const ACTIONS: &[&str] = &[
-                    "block-dirty-bitmap-add",
-                    "block-dirty-bitmap-remove",
-                    "block-dirty-bitmap-clear",
-                    "block-dirty-bitmap-enable",
-                    "block-dirty-bitmap-disable",
-                    "block-dirty-bitmap-merge",
-                    "blockdev-backup",
-                ];
                 const OTHER_QEMU_ACTIONS: &[&str] = &[
                     "abort",
                     "blockdev-snapshot",
@@ -323,8 +334,17 @@ fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) -> QResult<
                         "Parameter 'type' does not accept value '{ty}'"
                     )));
                 }
-                let data = a.get("data").and_then(Value::as_object).cloned();
-                action(&mut trial, ty, &data.unwrap_or_default())?;
+                let data = a
+                    .get("data")
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default();
+                check_action(ty, &data, &format!("actions[{i}].data."))?;
+                parsed.push((ty.to_owned(), data));
+            }
+            let mut trial = state.clone();
+            for (ty, data) in &parsed {
+                action(&mut trial, ty, data)?;
             }
             // All-or-nothing: the trial state (with its events) becomes the state.
             let requests = std::mem::take(&mut state.requests);
@@ -475,7 +495,7 @@ fn run(state: &mut FakeState, name: &str, args: &Map<String, Value>) -> QResult<
                     Value::Object(o) => bitmaps.push(s(o, "name").to_owned()),
                     _ => {
                         return Err(QmpError::generic(
-                            "Invalid parameter type for 'bitmaps[0]', expected: string",
+                            "Invalid parameter type for 'null', expected: BlockDirtyBitmapOrStr",
                         ))
                     }
                 }
@@ -560,38 +580,22 @@ fn no_balloon() -> QmpError {
 }
 
 /// The commands that are also transaction actions.
-fn action(state: &mut FakeState, name: &str, args: &Map<String, Value>) -> QResult<()> {
+const ACTIONS: &[&str] = &[
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
+    "blockdev-backup",
+];
+
+/// The argument checks of an action, with QEMU's member paths under `prefix`.
+fn check_action(name: &str, args: &Map<String, Value>, prefix: &str) -> QResult<()> {
     match name {
-        "block-dirty-bitmap-add" => {
-            check(args, BITMAP_ADD)?;
-            state.bitmap_add(
-                s(args, "node"),
-                s(args, "name"),
-                args.get("granularity").and_then(Value::as_u64),
-                b(args, "persistent", false),
-                b(args, "disabled", false),
-            )
-        }
-        "block-dirty-bitmap-remove" => {
-            check(args, NODE_NAME)?;
-            state.bitmap_remove(s(args, "node"), s(args, "name"))
-        }
-        "block-dirty-bitmap-clear" => {
-            check(args, NODE_NAME)?;
-            state.bitmap_clear(s(args, "node"), s(args, "name"))
-        }
-        "block-dirty-bitmap-enable" | "block-dirty-bitmap-disable" => {
-            check(args, NODE_NAME)?;
-            state.bitmap_enable(
-                s(args, "node"),
-                s(args, "name"),
-                name == "block-dirty-bitmap-enable",
-            )
-        }
+        "block-dirty-bitmap-add" => check_at(args, BITMAP_ADD, prefix),
         "block-dirty-bitmap-merge" => {
-            check(args, BITMAP_MERGE)?;
-            let node = s(args, "node");
-            let mut sources = Vec::new();
+            check_at(args, BITMAP_MERGE, prefix)?;
             for v in args
                 .get("bitmaps")
                 .and_then(Value::as_array)
@@ -599,25 +603,69 @@ fn action(state: &mut FakeState, name: &str, args: &Map<String, Value>) -> QResu
                 .flatten()
             {
                 match v {
-                    Value::String(n) => sources.push((node.to_owned(), n.clone())),
-                    Value::Object(o) => {
-                        check(o, &[req("node", Str), req("name", Str)])?;
-                        sources.push((s(o, "node").to_owned(), s(o, "name").to_owned()));
+                    Value::String(_) => {}
+                    // QEMU 7.2 and 10.0 name list elements 'null'.
+                    Value::Object(o) => check_at(o, &[req("node", Str), req("name", Str)], "")?,
+                    _ => {
+                        return Err(QmpError::generic(
+                            "Invalid parameter type for 'null', expected: BlockDirtyBitmapOrStr",
+                        ))
                     }
-                    _ => return Err(QmpError::generic(
-                        "Invalid parameter type for 'bitmaps[0]', expected: BlockDirtyBitmapOrStr",
-                    )),
                 }
             }
+            Ok(())
+        }
+        "blockdev-backup" => {
+            check_at(args, BACKUP, prefix)?;
+            match args.get("sync").and_then(Value::as_str) {
+                Some(v) if !["top", "full", "none", "incremental", "bitmap"].contains(&v) => {
+                    // Enum values are refused by their member name alone, even nested.
+                    Err(QmpError::generic(format!(
+                        "Parameter 'sync' does not accept value '{v}'"
+                    )))
+                }
+                _ => Ok(()),
+            }
+        }
+        _ => check_at(args, NODE_NAME, prefix),
+    }
+}
+
+/// Runs an action whose arguments [`check_action`] accepted.
+fn action(state: &mut FakeState, name: &str, args: &Map<String, Value>) -> QResult<()> {
+    match name {
+        "block-dirty-bitmap-add" => state.bitmap_add(
+            s(args, "node"),
+            s(args, "name"),
+            args.get("granularity").and_then(Value::as_u64),
+            b(args, "persistent", false),
+            b(args, "disabled", false),
+        ),
+        "block-dirty-bitmap-remove" => state.bitmap_remove(s(args, "node"), s(args, "name")),
+        "block-dirty-bitmap-clear" => state.bitmap_clear(s(args, "node"), s(args, "name")),
+        "block-dirty-bitmap-enable" | "block-dirty-bitmap-disable" => state.bitmap_enable(
+            s(args, "node"),
+            s(args, "name"),
+            name == "block-dirty-bitmap-enable",
+        ),
+        "block-dirty-bitmap-merge" => {
+            let node = s(args, "node");
+            let sources: Vec<(String, String)> = args
+                .get("bitmaps")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|v| match v {
+                    Value::Object(o) => (s(o, "node").to_owned(), s(o, "name").to_owned()),
+                    other => (
+                        node.to_owned(),
+                        other.as_str().unwrap_or_default().to_owned(),
+                    ),
+                })
+                .collect();
             state.bitmap_merge(node, s(args, "target"), &sources)
         }
         "blockdev-backup" => {
-            check(args, BACKUP)?;
-            enum_value(
-                args,
-                "sync",
-                &["top", "full", "none", "incremental", "bitmap"],
-            )?;
             let sync = s(args, "sync");
             if sync == "top" {
                 return Err(QmpError::generic(
@@ -680,7 +728,7 @@ fn blockdev_add_check(args: &Map<String, Value>) -> QResult<()> {
         "raw" => &[req("file", Any), opt("offset", Int), opt("size", Int)],
         "qcow2" => &[
             req("file", Any),
-            opt("backing", Any),
+            opt("backing", RefOrNull),
             opt("lazy-refcounts", Bool),
             opt("pass-discard-request", Bool),
             opt("pass-discard-snapshot", Bool),
@@ -701,11 +749,6 @@ fn blockdev_add_check(args: &Map<String, Value>) -> QResult<()> {
         .iter()
         .filter(|(k, _)| !common.iter().any(|p| p.0 == k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    // `backing: null` means "no backing file".
-    let rest: Map<String, Value> = rest
-        .into_iter()
-        .filter(|(k, v)| !(k == "backing" && v.is_null()))
         .collect();
     if !specific.is_empty() {
         check(&rest, specific)?;

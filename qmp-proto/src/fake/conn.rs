@@ -268,16 +268,14 @@ impl Connection {
                                     return error(
                                         "GenericError",
                                         &format!(
-                                            "Parameter 'enable[0]' does not accept value '{other}'"
+                                            "Parameter 'null' does not accept value '{other}'"
                                         ),
                                     )
                                 }
-                                None => {
-                                    return error(
-                                        "GenericError",
-                                        "Invalid parameter type for 'enable[0]', expected: string",
-                                    )
-                                }
+                                None => return error(
+                                    "GenericError",
+                                    "Invalid parameter type for 'null', expected: QMPCapability",
+                                ),
                             }
                         }
                     }

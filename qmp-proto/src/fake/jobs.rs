@@ -178,8 +178,10 @@ impl FakeState {
     ) -> QResult<()> {
         let src = self.lookup(source)?.clone();
         let tgt = self.lookup(target)?.clone();
-        if let Some(j) = self.job(id) {
-            let _ = j;
+        if source == target {
+            return Err(QmpError::generic("Source and target cannot be the same"));
+        }
+        if self.job(id).is_some() {
             return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
         }
         if src.size != tgt.size {
@@ -442,11 +444,14 @@ impl FakeState {
                 };
                 self.add_image(path, ImageFormat::Qcow2, MemoryDisk::new(size));
             }
-            other => {
+            // Formats QEMU can create that the fake does not lay out.
+            other @ ("luks" | "parallels" | "qed" | "rbd" | "ssh" | "vdi" | "vhdx" | "vmdk"
+            | "vpc" | "nfs" | "gluster") => {
                 return Err(QmpError::generic(format!(
                     "fake monitor: blockdev-create for driver '{other}' is not modelled"
                 )))
             }
+            _ => return Err(QmpError::generic("Driver does not support blockdev-create")),
         }
         self.jobs.push(Job {
             id: id.to_owned(),
