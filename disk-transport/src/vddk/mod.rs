@@ -520,12 +520,9 @@ fn vix_error(lib: &Library, function: String, code: u64) -> Error {
     }
 }
 
+/// Logs an error a drop cannot return, worded as [`Error::Vix`] is (the code once, a hint).
 pub(crate) fn log_library_error(function: &str, code: u64, lib: &Library) {
-    tracing::warn!(
-        target: "disk_transport::vddk",
-        "{function} failed with VixError {code} ({})",
-        lib.error_text(code)
-    );
+    tracing::warn!(target: "disk_transport::vddk", "{}", vix_error(lib, function.to_owned(), code));
 }
 
 /// Time spent in one VDDK function by this process (like nbdkit's `-D vddk.stats=1`).
