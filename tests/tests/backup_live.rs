@@ -307,6 +307,37 @@ fn chains_of_a_running_vm_restore_byte_for_byte_and_survive_crashes() {
             .collect();
         assert_eq!(names, [manifest.points[2].checkpoint.clone()]);
 
+        // Application-consistent: frozen (the fake agent; never a qemu-ga of this machine)
+        // around the real transaction only. The frozen time is reported, not asserted.
+        let agent = qga_proto::fake::FakeAgent::linux();
+        let mut quiesce = live_backup::quiesce::AgentQuiesce::new(
+            agent.clone().connect_blocking().unwrap(),
+            Duration::from_secs(5),
+        );
+        vm.write("vdb", 2 * MIB, 4096, 0x55);
+        at.push(snapshot(&vm));
+        let report = dir
+            .create(
+                &mut source,
+                Some(&mut quiesce),
+                &BackupOptions::new(),
+                &mut |_| {},
+            )
+            .unwrap();
+        eprintln!(
+            "point {} {} ({})",
+            report.point.number,
+            report.point.consistency,
+            vm.version()
+        );
+        assert!(matches!(
+            report.point.consistency,
+            live_backup::Consistency::Application { .. }
+        ));
+        assert!(!agent.state().frozen);
+        let manifest = dir.manifest().unwrap().unwrap();
+        let before = std::fs::read(dir.path().join("manifest.json")).unwrap();
+
         // The NBD server goes away under the reads (an NBD error): the backup fails and
         // removes what it made; the chain stays.
         let mut stopped = false;
@@ -330,10 +361,10 @@ fn chains_of_a_running_vm_restore_byte_for_byte_and_survive_crashes() {
         let killed = source
             .begin(
                 &BeginRequest::full(
-                    format!("{}4", manifest.checkpoint_prefix()),
+                    format!("{}5", manifest.checkpoint_prefix()),
                     vec!["vda".into(), "vdb".into()],
                 )
-                .since(manifest.points[2].checkpoint.clone()),
+                .since(manifest.points[3].checkpoint.clone()),
                 None,
             )
             .unwrap();
@@ -348,7 +379,7 @@ fn chains_of_a_running_vm_restore_byte_for_byte_and_survive_crashes() {
         assert_eq!(report.point.kind, PointKind::Incremental);
         assert!(!report.cleanup.removed.is_empty(), "{report:?}");
         assert!(
-            report.removed_checkpoints.iter().any(|c| c.ends_with("-4")),
+            report.removed_checkpoints.iter().any(|c| c.ends_with("-5")),
             "{report:?}"
         );
         drop(source);
@@ -362,7 +393,7 @@ fn chains_of_a_running_vm_restore_byte_for_byte_and_survive_crashes() {
         eprintln!("backup with QEMU killed: {e}");
         drop(source);
         let before = dir.manifest().unwrap().unwrap();
-        assert_eq!(before.points.len(), 4);
+        assert_eq!(before.points.len(), 5);
         drop(vm);
         // What the killed QEMU left in its images (writes whose qcow2 metadata it had not
         // flushed are gone): read by qemu-img once a restarted QEMU has opened and closed them.
@@ -410,7 +441,7 @@ fn chains_of_a_running_vm_restore_byte_for_byte_and_survive_crashes() {
             .create(&mut source, None, &BackupOptions::new(), &mut |_| {})
             .unwrap();
         assert_eq!(report.point.kind, PointKind::Incremental);
-        assert_eq!(report.point.number, 6);
+        assert_eq!(report.point.number, 7);
         assert!(report.point.disks[0].bytes_copied <= 64 << 10, "{report:?}");
         drop(source);
         vm.quit();
