@@ -150,7 +150,8 @@ fn loading_errors_then_a_successful_retry() {
     let good = Fixture::new(
         "vixDiskLib.nfc.ReadTimoutMs = 60000\n\
          standin.failPrepareForAccess = 13\n\
-         standin.failCleanup = 1\n",
+         standin.failCleanup = 1\n\
+         standin.failConnectEx = 18000\n",
     );
     let vddk = VddkTransport::new(&good.options()).unwrap();
     assert_eq!(vddk.library().version, Some(8));
@@ -207,8 +208,18 @@ fn loading_errors_then_a_successful_retry() {
         vddk.cleanup(&params(PASSWORD)).unwrap_err().vix_code(),
         Some(1)
     );
+    // The right password gets past the login check to the ConnectEx switch and its code.
+    let err = vddk.connect(&params(PASSWORD)).unwrap_err();
+    assert_eq!(err.vix_code(), Some(18000), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("VDDK VixDiskLib_ConnectEx failed: "),
+        "{err}"
+    );
     let stats = good.stats();
     assert_eq!(count(&stats["calls"]["VixDiskLib_PrepareForAccess"]), 1);
+    assert_eq!(count(&stats["calls"]["VixDiskLib_ConnectEx"]), 2);
+    assert_eq!(stats["open_connections"], 0, "{stats}");
     assert!(stats["access"].as_object().unwrap().is_empty(), "{stats}");
     assert_eq!(
         count(&good.stats()["calls"]["VixDiskLib_ListTransportModes"]),
