@@ -19,10 +19,12 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::{sleep_until, timeout_at, Instant};
 
 use crate::address::Address;
-use crate::cmd::Command;
+use crate::cmd::{Command, JobDismiss, JobFinalize, JobId, QueryJobs};
 use crate::error::{connect_failed, Error, Result};
+use crate::job::{JobOptions, JobTracker};
 use crate::monitor::{check_command, decode, encode_arguments};
 use crate::session::{ClientConfig, EventFilter, Handshake, RequestId, Session, SubscriptionId};
+use crate::types::JobInfo;
 use crate::wire::{Event, Greeting};
 
 /// A byte stream the async client can run on.
@@ -346,6 +348,15 @@ impl AsyncClient {
         })
     }
 
+    /// Starts following job `job` from its events. Call it before the command that starts
+    /// the job, then [`JobFollower::wait`]: no event is missed however fast the job is.
+    pub async fn follow_job(&self, job: &str) -> Result<JobFollower> {
+        Ok(JobFollower {
+            tracker: JobTracker::new(job),
+            events: self.subscribe(JobTracker::filter()).await?,
+        })
+    }
+
     async fn exchange(
         &self,
         command: &str,
@@ -523,5 +534,66 @@ fn io_error(e: io::Error) -> Error {
         | io::ErrorKind::ConnectionAborted
         | io::ErrorKind::UnexpectedEof => Error::Disconnected { command: None },
         _ => Error::Io(e),
+    }
+}
+
+/// A job followed from its events, from [`AsyncClient::follow_job`]: the tokio side of
+/// [`MonitorExt::run_job`](crate::MonitorExt::run_job).
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), qmp_proto::Error> {
+/// use qmp_proto::cmd::{BlockdevCreate, BlockdevCreateArgs};
+/// use qmp_proto::types::BlockdevCreateOptions;
+/// use qmp_proto::{AsyncClient, ClientConfig, JobOptions};
+///
+/// let qemu = AsyncClient::connect("qmp+unix:///run/qemu/vm.qmp", ClientConfig::default()).await?;
+/// let job = qemu.follow_job("create").await?;
+/// qemu.call::<BlockdevCreate>(&BlockdevCreateArgs {
+///     job_id: "create".into(),
+///     options: BlockdevCreateOptions::qcow2("scratch-file", 1 << 30),
+/// }).await?;
+/// job.wait(&qemu, &JobOptions::default()).await?; // the job's own error, if it failed
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct JobFollower {
+    tracker: JobTracker,
+    events: EventStream,
+}
+
+impl JobFollower {
+    /// Follows the job to its end, finalizing and dismissing it as `options` say; returns its
+    /// last `query-jobs` entry (`None` when it dismissed itself) or its own error
+    /// ([`Error::JobFailed`], [`Error::JobCancelled`], [`Error::JobTimeout`]).
+    pub async fn wait(
+        mut self,
+        client: &AsyncClient,
+        options: &JobOptions,
+    ) -> Result<Option<JobInfo>> {
+        let deadline = Instant::now() + options.timeout;
+        while !self.tracker.is_over() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let Some(event) = self.events.next(remaining).await? else {
+                return Err(self.tracker.timed_out(options.timeout));
+            };
+            if self.tracker.observe(&event)? && options.finalize {
+                let jobs = client.call::<QueryJobs>(&()).await?;
+                if self.tracker.waits_for_finalize(&jobs) {
+                    client
+                        .call::<JobFinalize>(&JobId::new(self.tracker.job()))
+                        .await?;
+                }
+            }
+        }
+        let (info, dismiss) = self
+            .tracker
+            .entry(client.call::<QueryJobs>(&()).await?, options);
+        if dismiss {
+            client
+                .call::<JobDismiss>(&JobId::new(self.tracker.job()))
+                .await?;
+        }
+        self.tracker.outcome(info)
     }
 }

@@ -6,8 +6,9 @@ use crate::cmd::{BlockJobCancel, BlockJobCancelArgs, JobDismiss, JobFinalize, Jo
 use crate::error::{Error, Result};
 use crate::events::{self, BlockJobEnded, JobStatusChange};
 use crate::monitor::{Monitor, MonitorExt};
-use crate::session::EventFilter;
+use crate::session::{EventFilter, SubscriptionId};
 use crate::types::{JobInfo, JobStatus};
+use crate::wire::Event;
 
 /// How [`MonitorExt::run_job`] treats a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,12 +53,120 @@ impl JobOptions {
     }
 }
 
-/// How a job ended, as far as the events tell.
-#[derive(Debug, Default)]
-struct Seen {
+/// What the events have told about one job so far. Shared by the blocking helper and the
+/// tokio client's, so both read the same meaning into the same events.
+#[derive(Debug)]
+pub(crate) struct JobTracker {
+    job: String,
     status: Option<JobStatus>,
     cancelled: bool,
     completion_error: Option<String>,
+}
+
+impl JobTracker {
+    pub(crate) fn new(job: &str) -> Self {
+        JobTracker {
+            job: job.to_owned(),
+            status: None,
+            cancelled: false,
+            completion_error: None,
+        }
+    }
+
+    /// The job's id.
+    pub(crate) fn job(&self) -> &str {
+        &self.job
+    }
+
+    /// The events a tracker needs.
+    pub(crate) fn filter() -> EventFilter {
+        EventFilter::names(events::JOB_EVENTS.iter().copied())
+    }
+
+    /// Takes one event in; returns whether the job has just entered `pending`.
+    pub(crate) fn observe(&mut self, event: &Event) -> Result<bool> {
+        match event.event.as_str() {
+            events::JOB_STATUS_CHANGE => {
+                let change: JobStatusChange = event.data_as()?;
+                if change.id != self.job {
+                    return Ok(false);
+                }
+                let pending = change.status == JobStatus::Pending;
+                self.status = Some(change.status);
+                Ok(pending)
+            }
+            events::BLOCK_JOB_COMPLETED | events::BLOCK_JOB_CANCELLED => {
+                let ended: BlockJobEnded = event.data_as()?;
+                if ended.device == self.job {
+                    if event.event == events::BLOCK_JOB_CANCELLED {
+                        self.cancelled = true;
+                    } else {
+                        self.completion_error = ended.error;
+                    }
+                }
+                Ok(false)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Whether the job will not change any more.
+    pub(crate) fn is_over(&self) -> bool {
+        self.status.as_ref().is_some_and(JobStatus::is_final)
+    }
+
+    pub(crate) fn timed_out(&self, timeout: Duration) -> Error {
+        Error::JobTimeout {
+            job: self.job.clone(),
+            status: self
+                .status
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| "no status change seen".to_owned()),
+            timeout,
+        }
+    }
+
+    /// Whether a job that entered `pending` still waits for `job-finalize`, from `query-jobs`.
+    /// A job with auto-finalize passes `pending` and finalizes itself in the same main-loop
+    /// turn, so it is never still pending when QEMU reads the next command.
+    pub(crate) fn waits_for_finalize(&self, jobs: &[JobInfo]) -> bool {
+        jobs.iter()
+            .any(|j| j.id == self.job && j.status == JobStatus::Pending)
+    }
+
+    /// This job's entry of `query-jobs`, and whether to dismiss it.
+    pub(crate) fn entry(
+        &self,
+        jobs: Vec<JobInfo>,
+        options: &JobOptions,
+    ) -> (Option<JobInfo>, bool) {
+        let info = jobs.into_iter().find(|j| j.id == self.job);
+        let dismiss = options.dismiss
+            && info
+                .as_ref()
+                .is_some_and(|j| j.status == JobStatus::Concluded);
+        (info, dismiss)
+    }
+
+    /// The outcome: the job's own error from `query-jobs` (it has it until the job is
+    /// dismissed; a job that dismissed itself only told it in `BLOCK_JOB_COMPLETED`).
+    pub(crate) fn outcome(self, info: Option<JobInfo>) -> Result<Option<JobInfo>> {
+        if self.cancelled {
+            return Err(Error::JobCancelled { job: self.job });
+        }
+        let error = info
+            .as_ref()
+            .and_then(|j| j.error.clone())
+            .or(self.completion_error);
+        match error {
+            Some(error) => Err(Error::JobFailed {
+                job: self.job,
+                error,
+            }),
+            None => Ok(info),
+        }
+    }
 }
 
 pub(crate) fn run_job<M, F>(
@@ -70,7 +179,7 @@ where
     M: Monitor + ?Sized,
     F: FnOnce(&mut M) -> Result<()>,
 {
-    let subscription = monitor.subscribe(EventFilter::names(events::JOB_EVENTS.iter().copied()))?;
+    let subscription = monitor.subscribe(JobTracker::filter())?;
     let outcome = start(monitor).and_then(|()| follow(monitor, subscription, job, options));
     // The subscription's end cannot fail in a way that matters more than the job's outcome.
     let _ = monitor.unsubscribe(subscription);
@@ -79,90 +188,29 @@ where
 
 fn follow<M: Monitor + ?Sized>(
     monitor: &mut M,
-    subscription: crate::session::SubscriptionId,
+    subscription: SubscriptionId,
     job: &str,
     options: &JobOptions,
 ) -> Result<Option<JobInfo>> {
     let deadline = Instant::now() + options.timeout;
-    let mut seen = Seen::default();
-    loop {
-        if seen.status.as_ref().is_some_and(JobStatus::is_final) {
-            break;
-        }
+    let mut tracker = JobTracker::new(job);
+    while !tracker.is_over() {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let Some(event) = monitor.next_event(subscription, remaining)? else {
-            return Err(Error::JobTimeout {
-                job: job.to_owned(),
-                status: seen
-                    .status
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| "no status change seen".to_owned()),
-                timeout: options.timeout,
-            });
+            return Err(tracker.timed_out(options.timeout));
         };
-        match event.event.as_str() {
-            events::JOB_STATUS_CHANGE => {
-                let change: JobStatusChange = event.data_as()?;
-                if change.id != job {
-                    continue;
-                }
-                if change.status == JobStatus::Pending && options.finalize {
-                    // A job with auto-finalize passes `pending` and finalizes itself in the
-                    // same main-loop turn, so it is never still pending when QEMU reads the
-                    // next command; one that is waits for us.
-                    let waiting = monitor
-                        .call::<QueryJobs>(&())?
-                        .iter()
-                        .any(|j| j.id == job && j.status == JobStatus::Pending);
-                    if waiting {
-                        monitor.call::<JobFinalize>(&JobId::new(job))?;
-                    }
-                }
-                seen.status = Some(change.status);
-            }
-            events::BLOCK_JOB_COMPLETED | events::BLOCK_JOB_CANCELLED => {
-                let ended: BlockJobEnded = event.data_as()?;
-                if ended.device != job {
-                    continue;
-                }
-                if event.event == events::BLOCK_JOB_CANCELLED {
-                    seen.cancelled = true;
-                } else {
-                    seen.completion_error = ended.error;
-                }
-            }
-            _ => {}
+        if tracker.observe(&event)?
+            && options.finalize
+            && tracker.waits_for_finalize(&monitor.call::<QueryJobs>(&())?)
+        {
+            monitor.call::<JobFinalize>(&JobId::new(tracker.job()))?;
         }
     }
-    // The job's own error: query-jobs has it until the job is dismissed; a job that
-    // dismissed itself only told it in BLOCK_JOB_COMPLETED.
-    let info = monitor
-        .call::<QueryJobs>(&())?
-        .into_iter()
-        .find(|j| j.id == job);
-    if options.dismiss
-        && info
-            .as_ref()
-            .is_some_and(|j| j.status == JobStatus::Concluded)
-    {
-        monitor.call::<JobDismiss>(&JobId::new(job))?;
+    let (info, dismiss) = tracker.entry(monitor.call::<QueryJobs>(&())?, options);
+    if dismiss {
+        monitor.call::<JobDismiss>(&JobId::new(tracker.job()))?;
     }
-    if seen.cancelled {
-        return Err(Error::JobCancelled {
-            job: job.to_owned(),
-        });
-    }
-    let error = info
-        .as_ref()
-        .and_then(|j| j.error.clone())
-        .or(seen.completion_error);
-    match error {
-        Some(error) => Err(Error::JobFailed {
-            job: job.to_owned(),
-            error,
-        }),
-        None => Ok(info),
-    }
+    tracker.outcome(info)
 }
 
 pub(crate) fn cancel_block_job<M: Monitor + ?Sized>(

@@ -83,7 +83,7 @@ pub mod wire;
 pub use address::Address;
 #[cfg(feature = "tokio")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tokio")))]
-pub use async_client::{AsyncClient, AsyncStream, EventStream};
+pub use async_client::{AsyncClient, AsyncStream, EventStream, JobFollower};
 pub use client::Client;
 pub use error::{Error, ErrorClass, Result};
 pub use job::JobOptions;

@@ -548,6 +548,42 @@ fn async_client_runs_calls_together_and_streams_events() {
                     .await
                     .unwrap_err();
                 assert_eq!(err.class(), Some(&ErrorClass::CommandNotFound));
+
+                // blockdev-create jobs followed from their events: a good one, then a failing
+                // one whose own error comes back.
+                let path = qemu.dir().join("async.qcow2");
+                let path = path.to_str().unwrap();
+                let options = JobOptions::default().timeout(Duration::from_secs(60));
+                let job = client.follow_job("create-file").await.unwrap();
+                client
+                    .call::<BlockdevCreate>(&BlockdevCreateArgs {
+                        job_id: "create-file".into(),
+                        options: BlockdevCreateOptions::file(path, 0),
+                    })
+                    .await
+                    .unwrap();
+                let info = job.wait(&client, &options).await.unwrap().unwrap();
+                assert_eq!(info.kind, JobType::Create);
+                client
+                    .call::<BlockdevAdd>(&BlockdevOptions::file("async-file", path))
+                    .await
+                    .unwrap();
+                let job = client.follow_job("bad-create").await.unwrap();
+                client
+                    .call::<BlockdevCreate>(&BlockdevCreateArgs {
+                        job_id: "bad-create".into(),
+                        options: BlockdevCreateOptions::qcow2("async-file", 1 << 20)
+                            .option("cluster-size", 1000),
+                    })
+                    .await
+                    .unwrap();
+                match job.wait(&client, &options).await {
+                    Err(Error::JobFailed { error, .. }) => {
+                        assert!(error.contains("luster size"), "{error}")
+                    }
+                    other => panic!("expected the job's error, got {other:?}"),
+                }
+                assert!(client.call::<QueryJobs>(&()).await.unwrap().is_empty());
             });
     });
 }
