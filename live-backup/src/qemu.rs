@@ -58,6 +58,8 @@ use crate::source::{
 };
 use crate::{Error, Result};
 
+/// The id of the TLS credentials object of the NBD server.
+const TLS_OBJECT: &str = "vmsdk-tls";
 /// The export bitmap's name on a scratch node.
 const EXPORT_BITMAP: &str = "vmsdk-export";
 /// The NBD socket's file name in the scratch directory.
@@ -87,8 +89,20 @@ fn scratch_file_name(i: usize) -> String {
 pub struct QemuSource<M: Monitor> {
     monitor: M,
     scratch_dir: PathBuf,
+    tls: Option<TlsDirs>,
     job_timeout: Duration,
     nbd_timeout: Duration,
+}
+
+/// Where the certificates of NBD over TLS are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TlsDirs {
+    /// QEMU's: `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.
+    server: PathBuf,
+    /// Ours, as libnbd lays it out: `ca-cert.pem` (and a client certificate if QEMU asks).
+    client: PathBuf,
+    /// The name the server certificate must carry.
+    hostname: String,
 }
 
 impl<M: Monitor> fmt::Debug for QemuSource<M> {
@@ -120,9 +134,29 @@ impl<M: Monitor> QemuSource<M> {
         QemuSource {
             monitor,
             scratch_dir: scratch_dir.into(),
+            tls: None,
             job_timeout: Duration::from_secs(60),
             nbd_timeout: Duration::from_secs(30),
         }
+    }
+
+    /// Serves the views over TLS when a backup asks for it (`BackupOptions::tls`):
+    /// QEMU's NBD server takes X.509 credentials from `server_dir` (`ca-cert.pem`,
+    /// `server-cert.pem`, `server-key.pem`, as QEMU's `tls-creds-x509` reads them, on QEMU's
+    /// side of the machine), and the reads verify its certificate for `hostname` with the CA
+    /// in `client_dir` (`ca-cert.pem`, as libnbd lays it out).
+    pub fn tls_certificates(
+        mut self,
+        server_dir: impl Into<PathBuf>,
+        client_dir: impl Into<PathBuf>,
+        hostname: impl Into<String>,
+    ) -> Self {
+        self.tls = Some(TlsDirs {
+            server: server_dir.into(),
+            client: client_dir.into(),
+            hostname: hostname.into(),
+        });
+        self
     }
 
     /// The longest wait for a block job to start or end (default 60 s).
@@ -286,6 +320,8 @@ impl<M: Monitor> QemuSource<M> {
         if let Err(e) = self.exec("nbd-server-stop", Value::Null) {
             tracing::debug!("nbd-server-stop: {e}");
         }
+        // Absent unless this session served TLS; its removal failing then is no error.
+        let _ = self.exec("object-del", json!({ "id": TLS_OBJECT }));
         let _ = std::fs::remove_file(self.scratch_dir.join(SOCKET));
         for i in 0..count {
             for job in [backup_job(i), create_job(i)] {
@@ -387,7 +423,25 @@ impl<M: Monitor> QemuSource<M> {
         let socket = self.scratch_dir.join(SOCKET);
         let _ = std::fs::remove_file(&socket);
         // nbd-server-start takes the legacy address form (`data` wrapped), on 7.2 and 10.0.
-        let start = json!({"addr": {"type": "unix", "data": {"path": socket.to_string_lossy()}}});
+        let mut start =
+            json!({"addr": {"type": "unix", "data": {"path": socket.to_string_lossy()}}});
+        if request.tls {
+            let tls = self.tls.clone().ok_or_else(|| {
+                Error::Source(
+                    "TLS was asked for, but the QEMU source has no certificates \
+                     (QemuSource::tls_certificates)"
+                        .into(),
+                )
+            })?;
+            let _ = self.exec("object-del", json!({ "id": TLS_OBJECT }));
+            self.exec(
+                "object-add",
+                json!({"qom-type": "tls-creds-x509", "id": TLS_OBJECT,
+                       "dir": tls.server.to_string_lossy(), "endpoint": "server",
+                       "verify-peer": false}),
+            )?;
+            start["tls-creds"] = json!(TLS_OBJECT);
+        }
         if let Err(e) = self.exec("nbd-server-start", start.clone()) {
             if !e.to_string().contains("already running") {
                 return Err(e);
@@ -529,10 +583,10 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
                 problem: format!("checkpoint names start with {CHECKPOINT_PREFIX}"),
             });
         }
-        if request.tls {
+        if request.tls && self.tls.is_none() {
             return Err(Error::Source(
-                "TLS for the QEMU source's NBD exports is not implemented yet; the exports \
-                 are served on a Unix socket in the 0700 scratch directory"
+                "TLS was asked for, but the QEMU source has no certificates \
+                 (QemuSource::tls_certificates)"
                     .into(),
             ));
         }
@@ -581,6 +635,7 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
         match self.begin_inner(request, &disks, &granularities, quiesce) {
             Ok((consistency, warnings)) => Ok(Box::new(QemuSession {
                 socket: self.scratch_dir.join(SOCKET),
+                tls: request.tls.then(|| self.tls.clone()).flatten(),
                 source: self,
                 checkpoint: request.checkpoint.clone(),
                 since: request.since.clone(),
@@ -638,6 +693,21 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
         }
         if !foreign_exports && !report.removed.is_empty() {
             let _ = self.exec("nbd-server-stop", Value::Null);
+        }
+        let objects = self.exec("qom-list", json!({"path": "/objects"}))?;
+        let tls_left = objects
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|o| o["name"] == TLS_OBJECT);
+        if tls_left && !foreign_exports {
+            let _ = self.exec("nbd-server-stop", Value::Null);
+            match self.exec("object-del", json!({ "id": TLS_OBJECT })) {
+                Ok(_) => report.removed.push(format!("TLS credentials {TLS_OBJECT}")),
+                Err(e) => report
+                    .failed
+                    .push(format!("TLS credentials {TLS_OBJECT}: {e}")),
+            }
         }
         let jobs = self.exec("query-jobs", Value::Null)?;
         for job in jobs.as_array().into_iter().flatten() {
@@ -699,6 +769,7 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
 struct QemuSession<'a, M: Monitor> {
     source: &'a mut QemuSource<M>,
     socket: PathBuf,
+    tls: Option<TlsDirs>,
     checkpoint: String,
     since: Option<String>,
     disks: Vec<SessionDisk>,
@@ -772,6 +843,16 @@ impl<M: Monitor> BackupSession for QemuSession<'_, M> {
         if self.since.is_some() {
             uri = uri
                 .with_dirty_bitmap(EXPORT_BITMAP)
+                .map_err(|e| Error::disk("build the view's URI", e))?;
+        }
+        if let Some(tls) = &self.tls {
+            uri = uri
+                .with_tls(disk_transport::NbdTls {
+                    certificates: Some(tls.client.clone()),
+                    hostname: Some(tls.hostname.clone()),
+                    verify_peer: Some(true),
+                    ..Default::default()
+                })
                 .map_err(|e| Error::disk("build the view's URI", e))?;
         }
         disk_transport::factory::open(&uri, OpenFlags::read_only())

@@ -448,3 +448,49 @@ fn chains_of_a_running_vm_restore_byte_for_byte_and_survive_crashes() {
     });
     assert!(!ran.is_empty() || !vmsdk_tests::running_in_ci());
 }
+
+#[test]
+fn views_served_over_tls() {
+    let ran = for_each_generation(&["qemu-system-x86_64"], |g| {
+        let tmp = tempfile::tempdir().unwrap();
+        let Some(mut vm) = QemuVm::start(g, tmp.path(), &[("vda", 8 * MIB), ("vdb", 4 * MIB)])
+        else {
+            return;
+        };
+        let tls = vmsdk_tests::tls::TlsFiles::new();
+        // QEMU (in the peer root, too) reads its credentials from inside the VM's directory.
+        let server = tmp.path().join("tls-server");
+        std::fs::create_dir(&server).unwrap();
+        for file in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
+            std::fs::copy(tls.server_dir().join(file), server.join(file)).unwrap();
+        }
+        let dir = BackupDir::new(tmp.path().join("backups"));
+        let options = BackupOptions::new().tls(true);
+        let mut at = Vec::new();
+        for round in 0..2u8 {
+            vm.write("vda", u64::from(round) * MIB, 65536, 0x70 + round);
+            vm.write("vdb", 0, 4096, 0x80 + round);
+            at.push(snapshot(&vm));
+            let mut source = QemuSource::connect(&vm.qmp_uri(), vm.scratch_dir())
+                .unwrap()
+                .tls_certificates(&server, tls.client_dir(), "localhost");
+            let report = dir
+                .create(&mut source, None, &options, &mut |_| {})
+                .unwrap();
+            eprintln!("point {} over TLS ({})", report.point.number, vm.version());
+            assert!(
+                source.cleanup().unwrap().is_empty(),
+                "the TLS object went with the session"
+            );
+        }
+        check_restores(&vm, &dir, &at);
+        // Asked for TLS without certificates: a clear error before anything is made.
+        let mut plain = QemuSource::connect(&vm.qmp_uri(), vm.scratch_dir()).unwrap();
+        let e = dir
+            .create(&mut plain, None, &options, &mut |_| {})
+            .unwrap_err();
+        assert!(e.to_string().contains("tls_certificates"), "{e}");
+        vm.quit();
+    });
+    assert!(!ran.is_empty() || !vmsdk_tests::running_in_ci());
+}

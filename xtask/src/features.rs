@@ -38,7 +38,7 @@ const CRATE_FEATURES: &[(&str, &[&str])] = &[
         "disk-transport",
         &["", "file", "nbd", "tls", "vddk", "qcow2", "mock"],
     ),
-    ("live-backup", &["", "agent", "qemu"]),
+    ("live-backup", &["", "agent", "qemu", "tls"]),
 ];
 
 /// The facade's features that turn on others (its `Cargo.toml`), so that a set naming only

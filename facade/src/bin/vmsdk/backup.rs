@@ -52,6 +52,16 @@ enum BackupCommand {
         /// (default /var/tmp/vmsdk-scratch-<the QMP address>).
         #[arg(long, value_name = "DIR")]
         scratch_dir: Option<PathBuf>,
+        /// Serve the views over TLS: QEMU's X.509 credentials (ca-cert.pem, server-cert.pem,
+        /// server-key.pem) in this directory.
+        #[arg(long, value_name = "DIR", requires = "tls_client_dir")]
+        tls_server_dir: Option<PathBuf>,
+        /// The CA (ca-cert.pem) that verifies QEMU's certificate, with --tls-server-dir.
+        #[arg(long, value_name = "DIR", requires = "tls_server_dir")]
+        tls_client_dir: Option<PathBuf>,
+        /// The name QEMU's certificate must carry (default localhost).
+        #[arg(long, value_name = "NAME", default_value = "localhost")]
+        tls_hostname: String,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -126,12 +136,22 @@ pub fn run(args: &BackupArgs) -> CliResult {
             full,
             full_if_needed,
             scratch_dir,
+            tls_server_dir,
+            tls_client_dir,
+            tls_hostname,
             json,
             no_progress,
             dir,
         } => {
             let scratch = scratch_dir.clone().unwrap_or_else(|| default_scratch(qmp));
             let mut source = QemuSource::connect(qmp, scratch)?;
+            let tls = match (tls_server_dir, tls_client_dir) {
+                (Some(server), Some(client)) => {
+                    source = source.tls_certificates(server, client, tls_hostname.clone());
+                    true
+                }
+                _ => false,
+            };
             let mut quiesce = agent.as_deref().and_then(|uri| {
                 match AgentQuiesce::connect(uri, Duration::from_secs(10)) {
                     Ok(q) => Some(q),
@@ -148,6 +168,7 @@ pub fn run(args: &BackupArgs) -> CliResult {
             let mut options = BackupOptions::new()
                 .full(*full)
                 .full_if_needed(*full_if_needed)
+                .tls(tls)
                 .copy_options(CopyOptions::default().cancel(cancel));
             for disk in disks {
                 options = options.disk(disk.clone());
