@@ -410,14 +410,26 @@ impl QemuPeer {
         Some(peer)
     }
 
-    /// A connection to its monitor.
+    /// A connection to its monitor. QEMU creates the socket file when it binds, a moment
+    /// before it listens: a refused connection is tried again for a while.
     ///
     /// # Panics
     ///
-    /// When QEMU does not accept it.
+    /// When QEMU does not accept it within 10 s.
     pub fn connect(&self) -> UnixStream {
-        UnixStream::connect(&self.socket)
-            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.socket.display()))
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match UnixStream::connect(&self.socket) {
+                Ok(stream) => return stream,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("connect to {}: {e}", self.socket.display()),
+            }
+        }
     }
 }
 
