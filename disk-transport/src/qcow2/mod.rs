@@ -1001,6 +1001,10 @@ impl Qcow2Disk {
         let mut cluster = first;
         while cluster < first + count {
             let n = (per_table - cluster % per_table).min(first + count - cluster);
+            if new == 0 && meta.l2_table(&self.io, cluster / per_table)?.is_none() {
+                cluster += n; // unallocated already, the whole table's span
+                continue;
+            }
             let old = meta.entries(&self.io, cluster, n)?;
             if old.iter().any(|&e| e != new) {
                 meta.set_entries(&self.io, cluster, &vec![new; n as usize])?;
