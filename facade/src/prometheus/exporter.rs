@@ -421,6 +421,47 @@ impl Drop for RunningExporter {
     }
 }
 
+/// The query decoder on any input: never a panic, and what an encoder makes comes back.
+#[cfg(test)]
+mod query_tests {
+    use proptest::prelude::*;
+
+    use super::percent_decode;
+
+    fn encode(value: &str) -> String {
+        value
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                other => format!("%{other:02X}"),
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn any_query_value_decodes_or_is_refused(value in ".*") {
+            let _ = percent_decode(&value);
+        }
+
+        #[test]
+        fn encoded_names_come_back(name in "\\PC*") {
+            prop_assert_eq!(percent_decode(&encode(&name)), Some(name));
+        }
+    }
+
+    #[test]
+    fn broken_escapes_are_refused() {
+        assert_eq!(percent_decode("%"), None);
+        assert_eq!(percent_decode("%4"), None);
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%ff"), None, "not UTF-8");
+        assert_eq!(percent_decode("%C3%A9t%C3%A9+1").as_deref(), Some("été 1"));
+    }
+}
+
 #[cfg(all(test, feature = "stats"))]
 mod tests {
     use guest_stats::fake::FakeGuestStats;
