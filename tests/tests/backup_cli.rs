@@ -1,9 +1,11 @@
 //! `vmsdk backup` end to end against a running QEMU (7.2 on the machine, 10.0 in the Debian 13
-//! root): create (full, then incremental), list, verify, restore, cleanup; an agent that is
+//! root): create (full, then incremental), list, verify, restore (into a file and into a
+//! qemu-nbd export), cleanup; an agent that is
 //! not there makes a crash-consistent backup with a warning.
 
 use std::process::Output;
 
+use vmsdk_tests::disk::NbdServer;
 use vmsdk_tests::peers::for_each_generation;
 use vmsdk_tests::qemu_vm::QemuVm;
 
@@ -120,6 +122,29 @@ fn create_list_verify_restore_cleanup() {
             assert!(
                 std::fs::read(&dest).unwrap() == *want,
                 "point {point} restores the disk at its checkpoint"
+            );
+        }
+
+        // Into an NBD export: a writable qemu-nbd of a raw image of the disk's size.
+        let target = tmp.path().join("nbd-target.img");
+        std::fs::write(&target, vec![0xffu8; (16 * MIB) as usize]).unwrap();
+        if let Some(mut server) =
+            NbdServer::qemu_nbd_in(g, &["-f", "raw", target.to_str().unwrap()])
+        {
+            ok(&[
+                "backup",
+                "restore",
+                "--point",
+                "2",
+                "--no-progress",
+                dir_s,
+                &server.uri(),
+            ])
+            .unwrap();
+            server.kill();
+            assert!(
+                std::fs::read(&target).unwrap() == at_2,
+                "point 2 restored into an NBD export"
             );
         }
 
