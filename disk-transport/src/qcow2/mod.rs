@@ -2,8 +2,8 @@
 //! zero, discard, with extents that tell data, zeros and the backing chain apart.
 //!
 //! Written on QEMU's specification (`docs/interop/qcow2.txt`) and split as QEMU splits its
-//! driver: [`header`] (`qcow2.c`: header, extensions, feature checks), [`cluster`]
-//! (`qcow2-cluster.c`: L1/L2 entries, compressed clusters), [`refcount`]
+//! driver: `header` (`qcow2.c`: header, extensions, feature checks), `cluster`
+//! (`qcow2-cluster.c`: L1/L2 entries, compressed clusters), `refcount`
 //! (`qcow2-refcount.c`: reference counts, allocation). The I/O is synchronous `pread`/`pwrite`
 //! on the image file.
 //!
