@@ -33,7 +33,7 @@ pub struct ClientConfig {
     /// whose listen queue is full. QEMU's chardev socket serves one client at a time and
     /// queues one more; while another client (libvirt, a second monitor) holds it, a connect
     /// is retried every 50 ms until this bound and then fails with
-    /// [`Error::ChannelBusy`](crate::Error::ChannelBusy).
+    /// [`Error::ChannelBusy`].
     pub connect_timeout: Duration,
     /// Synchronisation attempts before giving up (default 2: a first attempt may
     /// be eaten by garbage, as libvirt observed).

@@ -66,9 +66,12 @@ pub use qga_proto::{Address, ClientConfig, GuestAgent, GuestAgentExt};
 
 use crate::Result;
 
-/// Connects to the guest agent at `uri` with [`ClientConfig::default()`]: each call waits up
-/// to 30 s for its reply, and the `guest-sync` handshake that (re)synchronises the channel up
-/// to 5 s per attempt, two attempts.
+/// Connects to the guest agent at `uri` with [`ClientConfig::default()`]: opening the channel
+/// waits up to 5 s ([`ClientConfig::connect_timeout`]; a socket another client holds is
+/// retried until then and reported as [`ChannelBusy`](qga_proto::Error::ChannelBusy)), each
+/// call up to 30 s for its reply, and the `guest-sync` handshake that (re)synchronises the
+/// channel up to 5 s per attempt, two attempts. A monitoring program polling many agents
+/// wants [`ClientConfig::monitoring`] (see [`connect_with`]) or the [`monitor`].
 ///
 /// * `qga+unix:///run/libvirt/qemu/…/org.qemu.guest_agent.0` — QEMU's host-side socket
 ///   (libvirt, Proxmox `/var/run/qemu-server/VMID.qga`, or `qemu-ga -m unix-listen`);
