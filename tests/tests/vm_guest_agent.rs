@@ -14,6 +14,8 @@
 //! * `VMSDK_VM_DISK_SIZE`: the size of the guest's zero-filled virtio disk (node `disk0`);
 //! * `VMSDK_VM_CPUS`: the number of vCPUs QEMU gave the guest;
 //! * `VMSDK_VM_VMSDK_BIN`: the `vmsdk` CLI, whose `agent` command is run against the guest.
+//! * `VMSDK_VM_DATA_NODE`: the node of the guest's qcow2 data disk (ext4 mounted at `/data`,
+//!   written to all the time by the guest), which the live-backup step backs up.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -86,6 +88,11 @@ fn main() -> ExitCode {
         "resync after a client killed mid-command",
         &resync_after_kill,
     );
+    // Before the raw-bitmap step below, whose `vmsdk-backup` bitmaps on disk0 stay behind.
+    run(
+        "live backup: full then incremental, frozen through the guest's qemu-ga, restored, fsck",
+        &live_backup_frozen,
+    );
     run(
         "incremental backup: dirty bitmap + QEMU NBD export + disk-transport",
         &incremental_backup,
@@ -117,6 +124,8 @@ struct Env {
     vmsdk: PathBuf,
     /// Size of the guest's virtio disk (`/dev/vda`), exported over NBD.
     disk_size: u64,
+    /// The node of the guest's qcow2 data disk, ext4 at `/data`, written to by the guest.
+    data_node: String,
 }
 
 impl Env {
@@ -131,6 +140,7 @@ impl Env {
             disk_size: var("VMSDK_VM_DISK_SIZE")?.parse().ok()?,
             cpus: var("VMSDK_VM_CPUS")?.parse().ok()?,
             vmsdk: var("VMSDK_VM_VMSDK_BIN")?.into(),
+            data_node: var("VMSDK_VM_DATA_NODE")?,
         })
     }
 
@@ -537,6 +547,193 @@ fn shutdown(env: &Env) -> Step {
 }
 
 /// The guest disk's node in QEMU and the bitmap that tracks its changes.
+/// The `vmsdk` CLI's output, or its failure with what it printed.
+fn run_vmsdk(env: &Env, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(&env.vmsdk)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("run {}: {e}", env.vmsdk.display()))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        return Err(format!(
+            "vmsdk {}: {}: {}{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            stderr.trim()
+        ));
+    }
+    // A warning (e.g. a freeze that failed) is part of what the step reports.
+    for line in stderr.lines() {
+        println!("vm_guest_agent:   vmsdk {}: {line}", args[..2].join(" "));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// How many lines the guest's writer has appended to `/data/log` (one per synced tick).
+fn guest_writes(client: &mut Client<UnixStream>) -> Result<u64, String> {
+    let status = exec_and_wait(
+        client,
+        GuestExecArgs::new("/bin/sh")
+            .arg("-c")
+            .arg("grep -q ' /data ext4 rw' /proc/mounts && wc -l < /data/log")
+            .capture(),
+    )?;
+    let out = status.out_data.map(|d| d.into_bytes()).unwrap_or_default();
+    let text = String::from_utf8_lossy(&out);
+    match (status.exitcode, text.trim().parse()) {
+        (Some(0), Ok(lines)) => Ok(lines),
+        _ => Err(format!(
+            "/data is not a writable ext4 with the writer's log in the guest (exit {:?}): {text}",
+            status.exitcode
+        )),
+    }
+}
+
+/// An application-consistent live backup as a user runs it, while the guest writes: `vmsdk
+/// backup create` (full, then incremental) of the qcow2 data disk, the guest's ext4 frozen
+/// through its real qemu-ga around each checkpoint and the frozen time printed; then `verify`,
+/// `qemu-img check` of every image of the chain, both points restored to raw files and
+/// `e2fsck -fn` clean on each (a filesystem caught mid-write would need its journal
+/// replayed). The guest must be thawed, running and still writing afterwards.
+fn live_backup_frozen(env: &Env) -> Step {
+    let work = env.socket_dir.join("lb");
+    let dir = work.join("chain");
+    // QEMU writes its scratch overlays there: a directory the peer root's QEMU sees too.
+    let scratch = work.join("scratch");
+    std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
+    let qmp = format!("qmp+unix://{}", env.qmp_socket.display());
+    let agent = format!("qga+unix://{}", env.qga_socket.display());
+
+    let mut client = env.client()?;
+    let before = guest_writes(&mut client)?;
+    drop(client);
+
+    let mut frozen = Vec::new();
+    for expected_kind in ["full", "incremental"] {
+        let out = run_vmsdk(
+            env,
+            &[
+                "backup",
+                "create",
+                "--qmp",
+                &qmp,
+                "--agent",
+                &agent,
+                "--disk",
+                &env.data_node,
+                "--scratch-dir",
+                &scratch.to_string_lossy(),
+                "--json",
+                "--no-progress",
+                &dir.to_string_lossy(),
+            ],
+        )?;
+        let report: Value = serde_json::from_str(&out)
+            .map_err(|e| format!("vmsdk backup create --json printed invalid JSON: {e}: {out}"))?;
+        let point = &report["point"];
+        if point["kind"] != json!(expected_kind) {
+            return Err(format!("expected a {expected_kind} point: {point}"));
+        }
+        let consistency = &point["consistency"];
+        let Some(ms) = consistency["frozen_ms"].as_u64() else {
+            return Err(format!(
+                "the {expected_kind} backup is not application-consistent: {consistency}; \
+                 warnings {}",
+                point["warnings"]
+            ));
+        };
+        println!("vm_guest_agent:   {expected_kind} backup: guest frozen {ms} ms");
+        frozen.push(format!("{expected_kind} {ms} ms"));
+    }
+
+    let mut client = env.client()?;
+    let freeze = client
+        .call::<cmd::GuestFsfreezeStatus>(&())
+        .map_err(|e| format!("guest-fsfreeze-status: {e}"))?;
+    if freeze != qga_proto::types::GuestFsfreezeStatus::Thawed {
+        return Err(format!("the guest is left {freeze:?} after the backups"));
+    }
+    let after = guest_writes(&mut client)?;
+    if after <= before {
+        return Err(format!(
+            "the guest's writer did not go on during the backups ({before} → {after} writes)"
+        ));
+    }
+    drop(client);
+
+    let verified = run_vmsdk(
+        env,
+        &["backup", "verify", "--no-progress", &dir.to_string_lossy()],
+    )?;
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(dir.join("manifest.json")).map_err(|e| format!("read manifest: {e}"))?,
+    )
+    .map_err(|e| format!("manifest.json: {e}"))?;
+    let files: Vec<String> = manifest["points"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| p["disks"].as_array().into_iter().flatten())
+        .filter_map(|d| d["file"].as_str().map(str::to_owned))
+        .collect();
+    if files.len() != 2 {
+        return Err(format!("expected two images in the chain: {manifest}"));
+    }
+    for file in &files {
+        let out = Command::new("qemu-img")
+            .args(["check", "-f", "qcow2"])
+            .arg(dir.join(file))
+            .output()
+            .map_err(|e| format!("run qemu-img: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "qemu-img check {file}: {}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout)
+            ));
+        }
+    }
+    for point in ["1", "2"] {
+        let raw = work.join(format!("restored-{point}.raw"));
+        run_vmsdk(
+            env,
+            &[
+                "backup",
+                "restore",
+                "--point",
+                point,
+                "--no-progress",
+                &dir.to_string_lossy(),
+                &raw.to_string_lossy(),
+            ],
+        )?;
+        let out = Command::new("/sbin/e2fsck")
+            .args(["-f", "-n"])
+            .arg(&raw)
+            .output()
+            .map_err(|e| format!("run e2fsck: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "e2fsck -fn of point {point} restored: {}: {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let _ = std::fs::remove_file(&raw);
+    }
+    Ok(format!(
+        "frozen {} (QEMU's qemu-ga {}); guest wrote {} ticks across; verify: {}; \
+         qemu-img check and e2fsck -fn of both points clean",
+        frozen.join(", "),
+        env.qga_version,
+        after - before,
+        verified.lines().count()
+    ))
+}
+
 const DISK_NODE: &str = "disk0";
 const BITMAP: &str = "vmsdk-backup";
 /// The bitmap's granularity: QEMU marks whole 64 KiB clusters dirty.

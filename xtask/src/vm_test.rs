@@ -50,11 +50,21 @@ pub(crate) const VM_PACKAGES: &[(&str, &str)] = &[
     // strip keeps the initramfs small; ldd finds the libraries to ship.
     ("binutils", "/usr/bin/strip"),
     ("libc-bin", "/usr/bin/ldd"),
+    // The data disk: ext4 made on the host, converted to qcow2.
+    ("e2fsprogs", "/sbin/mkfs.ext4"),
+    ("qemu-utils", "/usr/bin/qemu-img"),
 ];
 
 /// Kernel modules the guest loads: virtio over PCI, the console/serial ports qemu-ga uses, and
-/// the block device of the disk checks.
-const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_console", "virtio_blk"];
+/// the block device of the disk checks, and ext4 for the data disk the live backup freezes
+/// (with the generic crc32c its metadata checksums need; TCG's CPU has no SSE 4.2).
+const GUEST_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_console",
+    "virtio_blk",
+    "crc32c_generic",
+    "ext4",
+];
 
 /// Which QEMU boots the guest, and whose qemu-ga and systemd-detect-virt go into it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -148,6 +158,15 @@ const QEMU_EXIT: Duration = Duration::from_secs(60);
 /// The guest's virtio disk (`/dev/vda`, QEMU node `disk0`), zero-filled at every boot; the host
 /// checks export it over NBD with a dirty bitmap.
 const DISK_SIZE: u64 = 64 * 1024 * 1024;
+
+/// The guest's second virtio disk (QEMU node `data0`, serial `vmsdk-data`): a qcow2 image
+/// (persistent checkpoint bitmaps need qcow2) holding an ext4 filesystem made on the host at
+/// every boot, mounted at `/data` in the guest, which writes to it while the host backs it up
+/// live, frozen through the guest's qemu-ga.
+const DATA_DISK_SIZE: u64 = 64 * 1024 * 1024;
+/// The data disk's node name and virtio serial.
+const DATA_NODE: &str = "data0";
+const DATA_SERIAL: &str = "vmsdk-data";
 
 /// vCPUs of the guest: one is enough, and TCG on a two-core host runs it fastest.
 const GUEST_CPUS: u32 = 1;
@@ -530,11 +549,37 @@ if [ -n "$port" ]; then
   ln -sf "$port" /dev/virtio-ports/org.qemu.guest_agent.0
 fi
 echo "VMSDK-STAGE agent-port ${{port:-missing}}"
+# The data disk, found by its serial: ext4 at /data, written to while the host backs it up.
+data=""
+for dir in /sys/block/vd*; do
+  [ "$(cat "$dir/serial" 2>/dev/null)" = {DATA_SERIAL} ] && data="/dev/${{dir##*/}}"
+done
+mkdir -p /data
+if [ -n "$data" ] && mount -t ext4 "$data" /data; then
+  echo "VMSDK-STAGE data-mounted $data"
+else
+  echo "VMSDK-STAGE data-missing ${{data:-no-disk}}"
+fi
 /usr/bin/guest_checks --vmsdk /usr/bin/vmsdk
 echo "VMSDK-GUEST-CHECKS-DONE"
 if ! grep -q "vmsdk.agent=1" /proc/cmdline; then
   sync
   poweroff -f
+fi
+# A writer that keeps the data disk busy (one line a tick, synced) through the live backups;
+# the host reads /data/log to see it went on during and after them.
+if grep -q " /data " /proc/mounts; then
+  (
+    i=0
+    while true; do
+      i=$((i + 1))
+      echo "write $i" > "/data/file.$((i % 16))"
+      echo "$i" >> /data/log
+      sync
+      sleep 0.1
+    done
+  ) </dev/null >/dev/null 2>&1 &
+  echo "VMSDK-STAGE data-writer $!"
 fi
 mkdir -p /run/qemu-ga
 # This agent acts on the throwaway guest, so nothing is blocked: exec and shutdown are tested.
@@ -573,6 +618,8 @@ impl Vm {
         fs::File::create(&disk)
             .and_then(|file| file.set_len(DISK_SIZE))
             .map_err(|e| format!("create {}: {e}", disk.display()))?;
+        let data_disk = layout.cache.join("data.qcow2");
+        make_data_disk(&layout.cache, &data_disk)?;
         let append = format!(
             "console=ttyS0 panic=-1 quiet vmsdk.profile={} vmsdk.agent={} \
              vmsdk.vmx_type={VMX_TYPE} vmsdk.vmx_version={VMX_VERSION}",
@@ -618,6 +665,20 @@ impl Vm {
             ))
             .args(["-blockdev", "driver=raw,node-name=disk0,file=disk0-file"])
             .args(["-device", "virtio-blk-pci,drive=disk0"])
+            // After disk0, so that disk0 stays the guest's vda.
+            .arg("-blockdev")
+            .arg(format!(
+                "driver=file,node-name={DATA_NODE}-file,filename={}",
+                data_disk.display()
+            ))
+            .arg("-blockdev")
+            .arg(format!(
+                "driver=qcow2,node-name={DATA_NODE},file={DATA_NODE}-file"
+            ))
+            .arg("-device")
+            .arg(format!(
+                "virtio-blk-pci,drive={DATA_NODE},serial={DATA_SERIAL}"
+            ))
             .args(["-device", "virtio-serial-pci,id=virtio-serial0"])
             .args([
                 "-device",
@@ -666,6 +727,42 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Writes the data disk afresh: ext4 made by `mkfs.ext4` on a raw file, converted to qcow2
+/// (the form QEMU keeps persistent bitmaps in), 0600.
+fn make_data_disk(cache: &Path, out: &Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let raw = cache.join("data.raw");
+    let _ = fs::remove_file(&raw);
+    let _ = fs::remove_file(out);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&raw)
+        .and_then(|file| file.set_len(DATA_DISK_SIZE))
+        .map_err(|e| format!("create {}: {e}", raw.display()))?;
+    let result = run_checked(
+        Command::new("/sbin/mkfs.ext4")
+            .args(["-q", "-F", "-L", "vmsdk-data"])
+            .arg(&raw),
+        "mkfs.ext4 of the data disk",
+    )
+    .and_then(|()| {
+        run_checked(
+            Command::new("qemu-img")
+                .args(["convert", "-f", "raw", "-O", "qcow2"])
+                .arg(&raw)
+                .arg(out),
+            "qemu-img convert of the data disk",
+        )
+    });
+    let _ = fs::remove_file(&raw);
+    result?;
+    fs::set_permissions(out, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| format!("chmod {}: {e}", out.display()))
 }
 
 /// Follows the console log as QEMU writes it, echoing the `VMSDK-` lines.
@@ -818,8 +915,10 @@ fn guest_checks(
             failures.push(format!("{}: guest check {line}", profile.name));
         }
     }
-    if let Some(line) = watch.find("VMSDK-STAGE insmod-failed") {
-        failures.push(format!("{}: {line}", profile.name));
+    for marker in ["VMSDK-STAGE insmod-failed", "VMSDK-STAGE data-missing"] {
+        if let Some(line) = watch.find(marker) {
+            failures.push(format!("{}: {line}", profile.name));
+        }
     }
     phase.done(&format!(
         "{passed}/{} guest checks passed",
@@ -863,6 +962,7 @@ fn host_checks(
         .env("VMSDK_VM_DISK_SIZE", DISK_SIZE.to_string())
         .env("VMSDK_VM_CPUS", GUEST_CPUS.to_string())
         .env("VMSDK_VM_VMSDK_BIN", &binaries.vmsdk)
+        .env("VMSDK_VM_DATA_NODE", DATA_NODE)
         .current_dir(&layout.root)
         .spawn()
         .map_err(|e| format!("could not run {}: {e}", binaries.host_test.display()))?;
