@@ -596,18 +596,33 @@ fn guest_writes(client: &mut Client<UnixStream>) -> Result<u64, String> {
 /// through its real qemu-ga around each checkpoint and the frozen time printed; then `verify`,
 /// `qemu-img check` of every image of the chain, both points restored to raw files and
 /// `e2fsck -fn` clean on each (a filesystem caught mid-write would need its journal
-/// replayed). The guest must be thawed, running and still writing afterwards.
+/// replayed) and holding the writer's log as far as it was flushed. The guest must be thawed, running and still writing afterwards.
 fn live_backup_frozen(env: &Env) -> Step {
     let work = env.socket_dir.join("lb");
     let dir = work.join("chain");
     // QEMU writes its scratch overlays there: a directory the peer root's QEMU sees too.
     let scratch = work.join("scratch");
+    // The socket directory outlives one boot: start from no chain (a full backup) each time.
+    if work.exists() {
+        std::fs::remove_dir_all(&work).map_err(|e| format!("remove {}: {e}", work.display()))?;
+    }
     std::fs::create_dir_all(&work).map_err(|e| format!("create {}: {e}", work.display()))?;
     let qmp = format!("qmp+unix://{}", env.qmp_socket.display());
     let agent = format!("qga+unix://{}", env.qga_socket.display());
 
     let mut client = env.client()?;
     let before = guest_writes(&mut client)?;
+    // What the backups' freeze covers: qemu-ga counts the filesystems it froze, and /data
+    // (the only one on a block device here) must be among them. Thawed at once.
+    let count = client.call::<cmd::GuestFsfreezeFreeze>(&());
+    let thawed = client.call::<cmd::GuestFsfreezeThaw>(&());
+    let count = count.map_err(|e| format!("guest-fsfreeze-freeze: {e}"))?;
+    thawed.map_err(|e| format!("guest-fsfreeze-thaw: {e}"))?;
+    if count < 1 {
+        return Err(format!(
+            "qemu-ga froze {count} filesystems: /data is not one it freezes"
+        ));
+    }
     drop(client);
 
     let mut frozen = Vec::new();
@@ -695,6 +710,7 @@ fn live_backup_frozen(env: &Env) -> Step {
             ));
         }
     }
+    let mut logged = Vec::new();
     for point in ["1", "2"] {
         let raw = work.join(format!("restored-{point}.raw"));
         run_vmsdk(
@@ -722,14 +738,30 @@ fn live_backup_frozen(env: &Env) -> Step {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        // The freeze flushed the guest's page cache: the point holds at least every line the
+        // writer had appended before the backups began.
+        let out = Command::new("/sbin/debugfs")
+            .args(["-R", "cat /log"])
+            .arg(&raw)
+            .output()
+            .map_err(|e| format!("run debugfs: {e}"))?;
         let _ = std::fs::remove_file(&raw);
+        let lines = String::from_utf8_lossy(&out.stdout).lines().count() as u64;
+        if !out.status.success() || lines < before || lines > after {
+            return Err(format!(
+                "point {point} holds {lines} lines of the writer's log, expected {before} to \
+                 {after}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        logged.push(lines.to_string());
     }
     Ok(format!(
-        "frozen {} (QEMU's qemu-ga {}); guest wrote {} ticks across; verify: {}; \
-         qemu-img check and e2fsck -fn of both points clean",
+        "{count} filesystem(s) frozen for {} (qemu-ga {}); the writer's log at {before} lines before, {} at the points, \
+         {after} after; {} points verified; qemu-img check and e2fsck -fn clean",
         frozen.join(", "),
         env.qga_version,
-        after - before,
+        logged.join(" and "),
         verified.lines().count()
     ))
 }

@@ -12,8 +12,11 @@
 //!     Linux backend, the backdoor refused under QEMU's CPUID signature. Then the guest starts
 //!     qemu-ga and the host runs the `vm_guest_agent` test of `vmsdk-tests` through the
 //!     virtio-serial chardev and QMP: qga-proto's clients, the `vmsdk agent` CLI, a killed
-//!     client and resync, an incremental backup (dirty bitmap, QEMU's NBD server,
-//!     disk-transport's NBD client), and `guest-shutdown` last, after which QEMU must exit 0.
+//!     client and resync, an application-consistent live backup with `vmsdk backup` of a
+//!     qcow2 data disk (ext4 at `/data`, written to by the guest all along) frozen through the
+//!     guest's qemu-ga, full then incremental, verified, restored and `e2fsck`ed, an
+//!     incremental backup by hand (dirty bitmap, QEMU's NBD server, disk-transport's NBD
+//!     client), and `guest-shutdown` last, after which QEMU must exit 0.
 //!   - `vmware-dmi`: no CPUID hypervisor bit and a VMware DMI vendor, so guest-stats' own
 //!     detection accepts the backdoor and QEMU's vmport answers it: the fault guard without
 //!     I/O privilege, then GETVERSION through the real `asm!` port I/O after `iopl(3)`.
