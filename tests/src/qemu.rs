@@ -69,7 +69,10 @@ impl Qemu {
 
     fn wait_for_socket(&mut self) {
         let deadline = Instant::now() + START_TIMEOUT;
-        while !self.socket.exists() {
+        // QEMU creates each socket file when it binds, a moment before it listens: a connect
+        // in between is refused. Wait until both monitors accept.
+        let second = self.socket.with_file_name("qmp2.sock");
+        while !(crate::disk::is_listening(&self.socket) && crate::disk::is_listening(&second)) {
             if let Some(status) = self
                 .child
                 .as_mut()
@@ -87,7 +90,7 @@ impl Qemu {
             }
             assert!(
                 Instant::now() < deadline,
-                "{} created no QMP socket within {START_TIMEOUT:?}",
+                "{} did not listen on its QMP sockets within {START_TIMEOUT:?}",
                 self.version
             );
             std::thread::sleep(Duration::from_millis(10));
