@@ -38,6 +38,12 @@
 //! except for adding and removing its checkpoint bitmap: the VM keeps running with writable
 //! disks.
 //!
+//! Every command goes through qmp-proto's typed commands ([`qmp_proto::MonitorExt::call`]),
+//! checked against the QEMU version of the greeting before it is sent, and the scratch
+//! images' `blockdev-create` jobs are followed with its job helper. Only `query-name`,
+//! `query-uuid`, `qom-list`, `object-add` and `object-del`, which qmp-proto has no typed
+//! form of, are sent with `execute_raw`.
+//!
 //! One scratch directory per VM: it holds the scratch images and the NBD socket, and must be
 //! writable by the QEMU process (the scratch images are created by QEMU itself with
 //! `blockdev-create`, on files this process created 0600).
@@ -47,7 +53,19 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use disk_transport::{Disk, DiskUri, OpenFlags};
-use qmp_proto::Monitor;
+use qmp_proto::cmd::{
+    BlockDirtyBitmap, BlockDirtyBitmapAddArgs, BlockDirtyBitmapMergeArgs, BlockDirtyBitmapRemove,
+    BlockExportAdd, BlockExportAddArgs, BlockExportDel, BlockExportDelArgs, BlockdevAdd,
+    BlockdevBackupArgs, BlockdevCreate, BlockdevCreateArgs, BlockdevDel, BlockdevDelArgs, Command,
+    ExportRemoveMode, JobCancel, JobDismiss, JobId, NbdServerStart, NbdServerStartArgs,
+    NbdServerStop, QueryBlock, QueryBlockExports, QueryJobs, QueryNamedBlockNodes,
+    QueryNamedBlockNodesArgs, Transaction, TransactionAction, TransactionArgs,
+};
+use qmp_proto::types::{
+    BitmapRef, BlockDeviceInfo, BlockDirtyInfo, BlockExportInfo, BlockdevCreateOptions,
+    BlockdevOptions, JobInfo, JobType, SyncMode,
+};
+use qmp_proto::{JobOptions, Monitor, MonitorExt};
 use serde_json::{json, Value};
 
 use crate::manifest::{ensure_private_dir, set_private};
@@ -181,62 +199,72 @@ impl<M: Monitor> QemuSource<M> {
         &self.scratch_dir
     }
 
-    fn exec(&mut self, command: &str, arguments: Value) -> Result<Value> {
-        let arguments = match arguments {
-            Value::Null => None,
-            other => Some(other),
-        };
+    /// Sends typed command `C`; qmp-proto checks it against the QEMU of the greeting first
+    /// (the command's first release and its arguments'), so a too-old QEMU gets a clear
+    /// error before anything is sent.
+    fn call<C: Command>(&mut self, args: &C::Args) -> Result<C::Returns> {
+        self.monitor
+            .call::<C>(args)
+            .map_err(|e| monitor_error(C::NAME, e))
+    }
+
+    /// A command qmp-proto has no typed form of (`query-name`, `query-uuid`, `qom-list`,
+    /// `object-add`, `object-del`): sent as JSON, its reply read as JSON.
+    fn raw(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
         self.monitor
             .execute_raw(command, arguments)
-            .map_err(|e| Error::Monitor {
-                command: command.to_owned(),
-                message: e.to_string(),
-            })
+            .map_err(|e| monitor_error(command, e))
     }
 
-    /// `query-named-block-nodes` (flat): every node with its bitmaps.
-    fn nodes(&mut self) -> Result<Vec<Value>> {
-        match self.exec("query-named-block-nodes", json!({"flat": true}))? {
-            Value::Array(nodes) => Ok(nodes),
-            other => Err(Error::Source(format!(
-                "query-named-block-nodes returned {other}"
-            ))),
-        }
+    /// `query-named-block-nodes`: every node with its bitmaps; flat (without the backing
+    /// chains nested in each entry) where the QEMU of the greeting has `flat` (5.0).
+    fn nodes(&mut self) -> Result<Vec<BlockDeviceInfo>> {
+        let args = if self.monitor.greeting().version.qemu.at_least((5, 0)) {
+            QueryNamedBlockNodesArgs::flat()
+        } else {
+            QueryNamedBlockNodesArgs::default()
+        };
+        self.call::<QueryNamedBlockNodes>(&args)
     }
 
-    fn node<'a>(nodes: &'a [Value], name: &str) -> Option<&'a Value> {
-        nodes.iter().find(|n| n["node-name"] == name)
+    fn node<'a>(nodes: &'a [BlockDeviceInfo], name: &str) -> Option<&'a BlockDeviceInfo> {
+        nodes.iter().find(|n| n.node_name.as_deref() == Some(name))
     }
 
-    fn bitmap<'a>(node: &'a Value, name: &str) -> Option<&'a Value> {
-        node["dirty-bitmaps"]
-            .as_array()?
+    fn bitmap<'a>(node: &'a BlockDeviceInfo, name: &str) -> Option<&'a BlockDirtyInfo> {
+        node.dirty_bitmaps
+            .as_ref()?
             .iter()
-            .find(|b| b["name"] == name)
+            .find(|b| b.name.as_deref() == Some(name))
     }
 
-    /// Waits until job `id` is concluded (or gone); returns its error, if it had one.
+    fn jobs(&mut self) -> Result<Vec<JobInfo>> {
+        self.call::<QueryJobs>(&())
+    }
+
+    fn exports(&mut self) -> Result<Vec<BlockExportInfo>> {
+        self.call::<QueryBlockExports>(&())
+    }
+
+    fn job_options(&self) -> JobOptions {
+        JobOptions::default().timeout(self.job_timeout)
+    }
+
+    /// Waits until job `id` is concluded (or gone), polling `query-jobs`; returns its error,
+    /// if it had one. For jobs this session did not start and follow from their events (a
+    /// killed backup's), whose events are long gone.
     fn wait_job(&mut self, id: &str) -> Result<Option<String>> {
         let deadline = Instant::now() + self.job_timeout;
         loop {
-            let jobs = self.exec("query-jobs", Value::Null)?;
-            let job = jobs
-                .as_array()
-                .and_then(|jobs| jobs.iter().find(|j| j["id"] == id))
-                .cloned();
+            let job = self.jobs()?.into_iter().find(|j| j.id == id);
             match job {
                 None => return Ok(None),
-                Some(job) if job["status"] == "concluded" || job["status"] == "null" => {
-                    return Ok(job["error"].as_str().map(str::to_owned))
-                }
+                Some(job) if job.status.is_final() => return Ok(job.error),
                 Some(job) => {
                     if Instant::now() >= deadline {
                         return Err(Error::Monitor {
                             command: format!("job {id}"),
-                            message: format!(
-                                "still {} after {:?}",
-                                job["status"], self.job_timeout
-                            ),
+                            message: format!("still {} after {:?}", job.status, self.job_timeout),
                         });
                     }
                     std::thread::sleep(Duration::from_millis(10));
@@ -247,26 +275,37 @@ impl<M: Monitor> QemuSource<M> {
 
     /// Cancels (if running), waits for and dismisses job `id`; a job that is gone is fine.
     fn end_job(&mut self, id: &str) -> Result<()> {
-        let jobs = self.exec("query-jobs", Value::Null)?;
-        let Some(job) = jobs
-            .as_array()
-            .and_then(|jobs| jobs.iter().find(|j| j["id"] == id))
-            .cloned()
-        else {
+        let Some(job) = self.jobs()?.into_iter().find(|j| j.id == id) else {
             return Ok(());
         };
-        if job["status"] != "concluded" && job["status"] != "null" {
-            let cancel = if job["type"] == "create" {
-                self.exec("job-cancel", json!({"id": id}))
+        if !job.status.is_final() {
+            let options = self.job_options();
+            // qmp-proto's job helper cancels and follows the job to its end from the events,
+            // and dismisses it.
+            let cancel = if job.kind == JobType::Create {
+                self.monitor
+                    .run_job(id, &options, |m| {
+                        m.call::<JobCancel>(&JobId::new(id)).map(drop)
+                    })
+                    .map(drop)
             } else {
-                self.exec("block-job-cancel", json!({"device": id, "force": true}))
+                self.monitor.cancel_block_job(id, &options)
             };
-            if let Err(e) = cancel {
-                tracing::debug!("cancelling job {id}: {e}");
+            match cancel {
+                Ok(()) | Err(qmp_proto::Error::JobCancelled { .. }) => {}
+                // It may have concluded on its own meanwhile, or failed while cancelled: what
+                // is left of it is dismissed below.
+                Err(e) => tracing::debug!("cancelling job {id}: {e}"),
             }
-            self.wait_job(id)?;
         }
-        self.exec("job-dismiss", json!({"id": id}))?;
+        if let Some(job) = self.jobs()?.into_iter().find(|j| j.id == id) {
+            if !job.status.is_final() {
+                self.wait_job(id)?;
+            }
+            if job.status != qmp_proto::types::JobStatus::Null {
+                self.call::<JobDismiss>(&JobId::new(id))?;
+            }
+        }
         Ok(())
     }
 
@@ -274,7 +313,10 @@ impl<M: Monitor> QemuSource<M> {
     fn delete_node(&mut self, name: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            match self.exec("blockdev-del", json!({"node-name": name})) {
+            let del = BlockdevDelArgs {
+                node_name: name.to_owned(),
+            };
+            match self.call::<BlockdevDel>(&del) {
                 Ok(_) => return Ok(()),
                 Err(e) => {
                     let nodes = self.nodes()?;
@@ -302,26 +344,20 @@ impl<M: Monitor> QemuSource<M> {
                 first_error.get_or_insert(e);
             }
         };
-        let exports = self
-            .exec("query-block-exports", Value::Null)
-            .unwrap_or(Value::Null);
+        let exports = self.exports().unwrap_or_default();
         for i in 0..count {
             let id = export_id(i);
-            let exists = exports
-                .as_array()
-                .is_some_and(|e| e.iter().any(|x| x["id"] == id.as_str()));
-            if exists {
-                let r = self
-                    .exec("block-export-del", json!({"id": id, "mode": "hard"}))
-                    .map(drop);
+            if exports.iter().any(|x| x.id == id) {
+                let r = self.delete_export(&id);
                 note(r, format!("export {id}"), &mut removed);
             }
         }
-        if let Err(e) = self.exec("nbd-server-stop", Value::Null) {
+        if let Err(e) = self.call::<NbdServerStop>(&()) {
             tracing::debug!("nbd-server-stop: {e}");
         }
         // Absent unless this session served TLS; its removal failing then is no error.
-        let _ = self.exec("object-del", json!({ "id": TLS_OBJECT }));
+        // (`object-del` has no typed form in qmp-proto.)
+        let _ = self.raw("object-del", Some(json!({ "id": TLS_OBJECT })));
         let _ = std::fs::remove_file(self.scratch_dir.join(SOCKET));
         for i in 0..count {
             for job in [backup_job(i), create_job(i)] {
@@ -349,6 +385,13 @@ impl<M: Monitor> QemuSource<M> {
         }
     }
 
+    /// Removes export `id`, disconnecting its clients.
+    fn delete_export(&mut self, id: &str) -> Result<()> {
+        let mut del = BlockExportDelArgs::new(id);
+        del.mode = Some(ExportRemoveMode::Hard);
+        self.call::<BlockExportDel>(&del).map(drop)
+    }
+
     /// Creates scratch image `i` of `size` bytes on top of `disk`: a 0600 file, QEMU's file
     /// node on it, a qcow2 made by `blockdev-create`, the qcow2 node with the disk as backing.
     fn add_scratch(&mut self, i: usize, disk: &str, size: u64) -> Result<()> {
@@ -356,29 +399,25 @@ impl<M: Monitor> QemuSource<M> {
         let _ = std::fs::remove_file(&path);
         drop(crate::manifest::create_private(&path)?);
         let filename = path.to_string_lossy().into_owned();
-        self.exec(
-            "blockdev-add",
-            json!({"driver": "file", "node-name": scratch_file_node(i), "filename": filename}),
-        )?;
+        self.call::<BlockdevAdd>(&BlockdevOptions::file(scratch_file_node(i), &*filename))?;
         let job = create_job(i);
-        self.exec(
-            "blockdev-create",
-            json!({"job-id": job, "options": {
-                "driver": "qcow2", "file": scratch_file_node(i), "size": size}}),
-        )?;
-        let error = self.wait_job(&job)?;
-        self.exec("job-dismiss", json!({"id": job}))?;
-        if let Some(error) = error {
-            return Err(Error::Monitor {
-                command: "blockdev-create".into(),
-                message: format!("creating the scratch image {filename}: {error}"),
-            });
-        }
+        let create = BlockdevCreateArgs {
+            job_id: job.clone(),
+            options: BlockdevCreateOptions::qcow2(scratch_file_node(i), size),
+        };
+        let options = self.job_options();
+        // The job helper follows the job from its events, returns its error and dismisses it.
+        self.monitor
+            .run_job(&job, &options, |m| {
+                m.call::<BlockdevCreate>(&create).map(drop)
+            })
+            .map_err(|e| Error::Monitor {
+                command: BlockdevCreate::NAME.into(),
+                message: format!("creating the scratch image {filename}: {e}"),
+            })?;
         set_private(&path, 0o600)?;
-        self.exec(
-            "blockdev-add",
-            json!({"driver": "qcow2", "node-name": scratch_node(i),
-                   "file": scratch_file_node(i), "backing": disk}),
+        self.call::<BlockdevAdd>(
+            &BlockdevOptions::qcow2(scratch_node(i), scratch_file_node(i)).backing(Some(disk)),
         )?;
         Ok(())
     }
@@ -388,7 +427,7 @@ impl<M: Monitor> QemuSource<M> {
         &mut self,
         request: &BeginRequest,
         disks: &[SessionDisk],
-        granularities: &[Option<u64>],
+        granularities: &[Option<u32>],
         quiesce: Option<&mut dyn Quiesce>,
     ) -> Result<(Consistency, Vec<String>)> {
         ensure_private_dir(&self.scratch_dir)?;
@@ -397,34 +436,49 @@ impl<M: Monitor> QemuSource<M> {
         }
         let mut actions = Vec::new();
         for (i, disk) in disks.iter().enumerate() {
-            actions.push(json!({"type": "block-dirty-bitmap-add", "data": {
-                "node": disk.node, "name": request.checkpoint, "persistent": true}}));
+            actions.push(TransactionAction::BlockDirtyBitmapAdd(
+                BlockDirtyBitmapAddArgs::new(&disk.node, &request.checkpoint).persistent(true),
+            ));
             if let Some(since) = &request.since {
-                let mut add = json!({"node": scratch_node(i), "name": EXPORT_BITMAP,
-                    "persistent": false, "disabled": true});
+                let mut add = BlockDirtyBitmapAddArgs::new(scratch_node(i), EXPORT_BITMAP)
+                    .persistent(false)
+                    .disabled(true);
                 if let Some(g) = granularities[i] {
-                    add["granularity"] = json!(g);
+                    add = add.granularity(g);
                 }
-                actions.push(json!({"type": "block-dirty-bitmap-add", "data": add}));
-                actions.push(json!({"type": "block-dirty-bitmap-merge", "data": {
-                    "node": scratch_node(i), "target": EXPORT_BITMAP,
-                    "bitmaps": [{"node": disk.node, "name": since}]}}));
+                actions.push(TransactionAction::BlockDirtyBitmapAdd(add));
+                actions.push(TransactionAction::BlockDirtyBitmapMerge(
+                    BlockDirtyBitmapMergeArgs {
+                        node: scratch_node(i),
+                        target: EXPORT_BITMAP.to_owned(),
+                        bitmaps: vec![BitmapRef::Node {
+                            node: disk.node.clone(),
+                            name: since.clone(),
+                        }],
+                    },
+                ));
             }
-            actions.push(json!({"type": "blockdev-backup", "data": {
-                "device": disk.node, "target": scratch_node(i), "sync": "none",
-                "job-id": backup_job(i), "auto-finalize": true, "auto-dismiss": false}}));
+            actions.push(TransactionAction::BlockdevBackup(
+                BlockdevBackupArgs::new(backup_job(i), &disk.node, scratch_node(i), SyncMode::None)
+                    .auto_finalize(true)
+                    .auto_dismiss(false),
+            ));
         }
+        // Checked against the greeting's version before the guest is frozen: a QEMU without
+        // one of the actions (or node/name pairs in the merge, 5.0) is refused up front.
+        let transaction = TransactionArgs::new(actions);
+        qmp_proto::check_command::<Transaction>(self.monitor.greeting(), &transaction)
+            .map_err(|e| monitor_error(Transaction::NAME, e))?;
         // The moment: the guest frozen around the transaction only.
         let window = FreezeWindow::enter(quiesce);
-        let result = self.exec("transaction", json!({"actions": actions}));
+        let result = self.call::<Transaction>(&transaction);
         let (frozen, warnings) = window.leave();
         result?;
 
         let socket = self.scratch_dir.join(SOCKET);
         let _ = std::fs::remove_file(&socket);
         // nbd-server-start takes the legacy address form (`data` wrapped), on 7.2 and 10.0.
-        let mut start =
-            json!({"addr": {"type": "unix", "data": {"path": socket.to_string_lossy()}}});
+        let mut start = NbdServerStartArgs::unix(socket.to_string_lossy());
         if request.tls {
             let tls = self.tls.clone().ok_or_else(|| {
                 Error::Source(
@@ -433,29 +487,28 @@ impl<M: Monitor> QemuSource<M> {
                         .into(),
                 )
             })?;
-            let _ = self.exec("object-del", json!({ "id": TLS_OBJECT }));
-            self.exec(
+            // `object-add`/`object-del` have no typed form in qmp-proto (their arguments are
+            // every QOM type's properties).
+            let _ = self.raw("object-del", Some(json!({ "id": TLS_OBJECT })));
+            self.raw(
                 "object-add",
-                json!({"qom-type": "tls-creds-x509", "id": TLS_OBJECT,
+                Some(json!({"qom-type": "tls-creds-x509", "id": TLS_OBJECT,
                        "dir": tls.server.to_string_lossy(), "endpoint": "server",
-                       "verify-peer": false}),
+                       "verify-peer": false})),
             )?;
-            start["tls-creds"] = json!(TLS_OBJECT);
+            start.tls_creds = Some(TLS_OBJECT.to_owned());
         }
-        if let Err(e) = self.exec("nbd-server-start", start.clone()) {
+        if let Err(e) = self.call::<NbdServerStart>(&start) {
             if !e.to_string().contains("already running") {
                 return Err(e);
             }
             // A server left by a killed backup serves nobody: stop it and start ours. One
             // with exports of someone else's is not ours to stop.
-            let exports = self.exec("query-block-exports", Value::Null)?;
-            let foreign: Vec<String> = exports
-                .as_array()
+            let foreign: Vec<String> = self
+                .exports()?
                 .into_iter()
-                .flatten()
-                .filter_map(|x| x["id"].as_str())
+                .map(|x| x.id)
                 .filter(|id| !id.starts_with(CHECKPOINT_PREFIX))
-                .map(str::to_owned)
                 .collect();
             if !foreign.is_empty() {
                 return Err(Error::Monitor {
@@ -467,16 +520,17 @@ impl<M: Monitor> QemuSource<M> {
                     ),
                 });
             }
-            self.exec("nbd-server-stop", Value::Null)?;
-            self.exec("nbd-server-start", start)?;
+            self.call::<NbdServerStop>(&())?;
+            self.call::<NbdServerStart>(&start)?;
         }
         for (i, disk) in disks.iter().enumerate() {
-            let mut export = json!({"type": "nbd", "id": export_id(i),
-                "node-name": scratch_node(i), "name": disk.node, "writable": false});
+            let mut export = BlockExportAddArgs::nbd(export_id(i), scratch_node(i))
+                .name(&disk.node)
+                .writable(false);
             if request.since.is_some() {
-                export["bitmaps"] = json!([EXPORT_BITMAP]);
+                export = export.bitmap(EXPORT_BITMAP);
             }
-            self.exec("block-export-add", export)?;
+            self.call::<BlockExportAdd>(&export)?;
         }
         Ok((Consistency::from_frozen(frozen), warnings))
     }
@@ -484,12 +538,13 @@ impl<M: Monitor> QemuSource<M> {
 
 impl<M: Monitor> BackupSource for QemuSource<M> {
     fn vm(&mut self) -> Result<VmIdentity> {
+        // `query-name` and `query-uuid` have no typed form in qmp-proto.
         let name = self
-            .exec("query-name", Value::Null)
+            .raw("query-name", None)
             .ok()
             .and_then(|v| v["name"].as_str().map(str::to_owned));
         let uuid = self
-            .exec("query-uuid", Value::Null)
+            .raw("query-uuid", None)
             .ok()
             .and_then(|v| v["UUID"].as_str().map(str::to_owned))
             .filter(|u| u != "00000000-0000-0000-0000-000000000000");
@@ -501,18 +556,23 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
     }
 
     fn disks(&mut self) -> Result<Vec<SourceDisk>> {
-        let devices = self.exec("query-block", Value::Null)?;
+        let devices = self.call::<QueryBlock>(&())?;
         let mut disks = Vec::new();
-        for device in devices.as_array().into_iter().flatten() {
-            let inserted = &device["inserted"];
-            let Some(node) = inserted["node-name"].as_str() else {
+        for device in &devices {
+            let Some(inserted) = &device.inserted else {
                 continue; // an empty drive (a CD-ROM without a medium)
             };
-            if inserted["ro"] == true {
+            let Some(node) = inserted.node_name.as_deref() else {
+                continue;
+            };
+            if inserted.ro {
                 continue; // read-only media hold nothing a backup must keep
             }
-            if inserted["drv"] == "copy-before-write" {
-                let device = device["qdev"].as_str().or(device["device"].as_str());
+            if inserted.drv == "copy-before-write" {
+                let device = device
+                    .qdev
+                    .as_deref()
+                    .or((!device.device.is_empty()).then_some(device.device.as_str()));
                 return Err(Error::Source(format!(
                     "a backup job runs on {} (its copy-before-write filter {node} sits on the \
                      disk): another backup is running, or one was killed and `cleanup` has not \
@@ -520,12 +580,12 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
                     device.unwrap_or(node)
                 )));
             }
-            let image = &inserted["image"];
+            let image = &inserted.image;
             disks.push(SourceDisk {
                 node: node.to_owned(),
-                size: image["virtual-size"].as_u64().unwrap_or(0),
-                format: image["format"].as_str().unwrap_or("").to_owned(),
-                file: image["filename"].as_str().map(str::to_owned),
+                size: image.virtual_size,
+                format: image.format.clone(),
+                file: Some(image.filename.clone()),
             });
         }
         Ok(disks)
@@ -534,14 +594,14 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
     fn checkpoints(&mut self) -> Result<Vec<Checkpoint>> {
         let mut found: Vec<Checkpoint> = Vec::new();
         for node in self.nodes()? {
-            let Some(node_name) = node["node-name"].as_str() else {
+            let Some(node_name) = node.node_name.as_deref() else {
                 continue;
             };
             if node_name.starts_with(CHECKPOINT_PREFIX) {
                 continue; // our scratch nodes carry export bitmaps, not checkpoints
             }
-            for bitmap in node["dirty-bitmaps"].as_array().into_iter().flatten() {
-                let Some(name) = bitmap["name"].as_str() else {
+            for bitmap in node.dirty_bitmaps.iter().flatten() {
+                let Some(name) = bitmap.name.as_deref() else {
                     continue;
                 };
                 if !name.starts_with(CHECKPOINT_PREFIX) {
@@ -549,11 +609,11 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
                 }
                 let disk = CheckpointDisk {
                     node: node_name.to_owned(),
-                    recording: bitmap["recording"].as_bool().unwrap_or(false),
-                    persistent: bitmap["persistent"].as_bool().unwrap_or(false),
-                    inconsistent: bitmap["inconsistent"].as_bool().unwrap_or(false),
-                    busy: bitmap["busy"].as_bool().unwrap_or(false),
-                    granularity: bitmap["granularity"].as_u64().unwrap_or(0),
+                    recording: bitmap.recording,
+                    persistent: bitmap.persistent,
+                    inconsistent: bitmap.inconsistent.unwrap_or(false),
+                    busy: bitmap.busy,
+                    granularity: bitmap.granularity,
                 };
                 match found.iter_mut().find(|c| c.name == name) {
                     Some(c) => {
@@ -618,13 +678,22 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
                     name: since.clone(),
                     problem: format!("missing on disk {name}"),
                 })?;
-                if bitmap["inconsistent"] == true {
+                if bitmap.inconsistent == Some(true) {
                     return Err(Error::Checkpoint {
                         name: since.clone(),
                         problem: format!("inconsistent on disk {name}"),
                     });
                 }
-                granularity = bitmap["granularity"].as_u64();
+                granularity =
+                    Some(
+                        u32::try_from(bitmap.granularity).map_err(|_| Error::Checkpoint {
+                            name: since.clone(),
+                            problem: format!(
+                                "granularity {} on disk {name} is beyond what a bitmap can have",
+                                bitmap.granularity
+                            ),
+                        })?,
+                    );
             }
             disks.push(SessionDisk {
                 node: name.clone(),
@@ -651,10 +720,10 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
                 // The transaction is atomic: its bitmaps exist only if it succeeded, and then
                 // a later step failed.
                 for disk in &disks {
-                    let _ = self.exec(
-                        "block-dirty-bitmap-remove",
-                        json!({"node": disk.node, "name": request.checkpoint}),
-                    );
+                    let _ = self.call::<BlockDirtyBitmapRemove>(&BlockDirtyBitmap::new(
+                        &disk.node,
+                        &request.checkpoint,
+                    ));
                 }
                 Err(e)
             }
@@ -664,11 +733,8 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
     fn remove_checkpoint(&mut self, name: &str) -> Result<()> {
         for node in self.nodes()? {
             if Self::bitmap(&node, name).is_some() {
-                let node_name = node["node-name"].as_str().unwrap_or_default().to_owned();
-                self.exec(
-                    "block-dirty-bitmap-remove",
-                    json!({"node": node_name, "name": name}),
-                )?;
+                let node_name = node.node_name.unwrap_or_default();
+                self.call::<BlockDirtyBitmapRemove>(&BlockDirtyBitmap::new(node_name, name))?;
             }
         }
         Ok(())
@@ -676,44 +742,39 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
 
     fn cleanup(&mut self) -> Result<CleanupReport> {
         let mut report = CleanupReport::default();
-        let exports = self.exec("query-block-exports", Value::Null)?;
         let mut foreign_exports = false;
-        for export in exports.as_array().into_iter().flatten() {
-            let Some(id) = export["id"].as_str() else {
-                continue;
-            };
+        for export in self.exports()? {
+            let id = export.id;
             if !id.starts_with(CHECKPOINT_PREFIX) {
                 foreign_exports = true;
                 continue;
             }
-            match self.exec("block-export-del", json!({"id": id, "mode": "hard"})) {
-                Ok(_) => report.removed.push(format!("export {id}")),
+            match self.delete_export(&id) {
+                Ok(()) => report.removed.push(format!("export {id}")),
                 Err(e) => report.failed.push(format!("export {id}: {e}")),
             }
         }
         if !foreign_exports && !report.removed.is_empty() {
-            let _ = self.exec("nbd-server-stop", Value::Null);
+            let _ = self.call::<NbdServerStop>(&());
         }
-        let objects = self.exec("qom-list", json!({"path": "/objects"}))?;
+        // `qom-list` and `object-del` have no typed form in qmp-proto.
+        let objects = self.raw("qom-list", Some(json!({"path": "/objects"})))?;
         let tls_left = objects
             .as_array()
             .into_iter()
             .flatten()
             .any(|o| o["name"] == TLS_OBJECT);
         if tls_left && !foreign_exports {
-            let _ = self.exec("nbd-server-stop", Value::Null);
-            match self.exec("object-del", json!({ "id": TLS_OBJECT })) {
+            let _ = self.call::<NbdServerStop>(&());
+            match self.raw("object-del", Some(json!({ "id": TLS_OBJECT }))) {
                 Ok(_) => report.removed.push(format!("TLS credentials {TLS_OBJECT}")),
                 Err(e) => report
                     .failed
                     .push(format!("TLS credentials {TLS_OBJECT}: {e}")),
             }
         }
-        let jobs = self.exec("query-jobs", Value::Null)?;
-        for job in jobs.as_array().into_iter().flatten() {
-            let Some(id) = job["id"].as_str().map(str::to_owned) else {
-                continue;
-            };
+        for job in self.jobs()? {
+            let id = job.id;
             if id.starts_with(CHECKPOINT_PREFIX) {
                 match self.end_job(&id) {
                     Ok(()) => report.removed.push(format!("job {id}")),
@@ -726,9 +787,9 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
         let mut ours: Vec<(String, Option<String>)> = nodes
             .iter()
             .filter_map(|n| {
-                let name = n["node-name"].as_str()?;
+                let name = n.node_name.as_deref()?;
                 name.starts_with(CHECKPOINT_PREFIX)
-                    .then(|| (name.to_owned(), n["file"].as_str().map(str::to_owned)))
+                    .then(|| (name.to_owned(), Some(n.file.clone())))
             })
             .collect();
         ours.sort_by_key(|(name, _)| !name.starts_with("vmsdk-sc-"));
@@ -765,6 +826,13 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
     }
 }
 
+fn monitor_error(command: &str, e: qmp_proto::Error) -> Error {
+    Error::Monitor {
+        command: command.to_owned(),
+        message: e.to_string(),
+    }
+}
+
 /// A backup session of [`QemuSource`].
 struct QemuSession<'a, M: Monitor> {
     source: &'a mut QemuSource<M>,
@@ -796,10 +864,12 @@ impl<M: Monitor> QemuSession<'_, M> {
         let mut removal = Ok(());
         if !keep_checkpoint {
             for disk in &self.disks {
-                let r = self.source.exec(
-                    "block-dirty-bitmap-remove",
-                    json!({"node": disk.node, "name": self.checkpoint}),
-                );
+                let r = self
+                    .source
+                    .call::<BlockDirtyBitmapRemove>(&BlockDirtyBitmap::new(
+                        &disk.node,
+                        &self.checkpoint,
+                    ));
                 if let Err(e) = r {
                     removal = Err(e);
                 }
