@@ -156,10 +156,21 @@ impl AgentQuiesce<Box<dyn qga_proto::Transport>> {
 #[cfg(feature = "agent")]
 impl<S: qga_proto::Transport> Quiesce for AgentQuiesce<S> {
     fn freeze(&mut self) -> std::result::Result<(), String> {
-        self.client
+        let frozen = self
+            .client
             .execute_with_timeout("guest-fsfreeze-freeze", None, self.timeout)
-            .map(drop)
-            .map_err(|e| format!("guest agent: {e}"))
+            .map_err(|e| format!("guest agent: {e}"))?;
+        // The agent answers with the number of filesystems it froze. None frozen (no
+        // filesystem it can freeze is mounted) must not pass for an application-consistent
+        // point.
+        match frozen.as_u64() {
+            Some(0) => Err("guest agent: guest-fsfreeze-freeze froze no filesystem".to_owned()),
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "guest agent: guest-fsfreeze-freeze answered {frozen}, not a count of \
+                 filesystems"
+            )),
+        }
     }
 
     fn thaw(&mut self) -> std::result::Result<(), String> {

@@ -341,6 +341,23 @@ fn frozen_around_the_checkpoint_or_crash_consistent_with_a_warning() {
         !agent.state().frozen,
         "a freeze without an answer is thawed"
     );
+
+    // An agent that froze nothing (no filesystem it can freeze is mounted): not an
+    // application-consistent point.
+    agent.state().filesystems.clear();
+    let report = dir
+        .create(
+            &mut vm.clone(),
+            Some(&mut quiesce),
+            &BackupOptions::new(),
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_eq!(report.point.consistency, Consistency::Crash);
+    assert!(
+        report.point.warnings[0].contains("froze no filesystem"),
+        "{report:?}"
+    );
 }
 
 #[test]
