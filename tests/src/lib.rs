@@ -13,6 +13,7 @@
 use std::path::PathBuf;
 
 pub mod disk;
+pub mod http;
 pub mod peers;
 pub mod qemu;
 pub mod qemu_vm;

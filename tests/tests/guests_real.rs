@@ -3,17 +3,18 @@
 //! beside a hung guest (a socket that accepts and never answers) and a dead one (no
 //! listener); and a real Prometheus scraping `vmsdk guests --listen` through `/probe`.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vmsdk::agent::fake::{AgentRelease, FakeAgent};
 use vmsdk::agent::monitor::{Guest, GuestMonitor, PollStatus};
 use vmsdk::prometheus::prometheus_client::registry::Registry;
 use vmsdk::prometheus::{Format, GuestCollector};
+use vmsdk_tests::http::{api, encode, free_port, wait_for, Reaped};
 use vmsdk_tests::peers::{for_each_generation, Generation};
 use vmsdk_tests::qga::QemuGa;
 use vmsdk_tests::{require_program, vmsdk_binary};
@@ -230,71 +231,6 @@ fn a_poll_leaves_the_real_agent_free_for_the_next_client() {
             .call::<vmsdk::qga_proto::cmd::GuestPing>(&())
             .expect("and is served");
     });
-}
-
-/// Kills and reaps a child process when dropped, also when a test fails.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free loopback port")
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let timeout = Duration::from_secs(10);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    Ok((status, body.to_owned()))
-}
-
-fn encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
-}
-
-fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn api(prometheus: SocketAddr, path: &str) -> Option<serde_json::Value> {
-    let (status, body) = http_get(prometheus, path).ok()?;
-    let json: serde_json::Value = serde_json::from_str(&body).ok()?;
-    (status == 200 && json["status"] == "success").then(|| json["data"].clone())
 }
 
 #[test]
