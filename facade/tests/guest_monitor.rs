@@ -500,7 +500,11 @@ fn the_exporter_serves_every_guest_and_probes_one() {
 
     assert_eq!(get(addr, "/probe?target=three", "").0, 404);
     assert_eq!(get(addr, "/probe", "").0, 400);
-    assert_eq!(get(addr, "/probe?target=%zz", "").0, 400);
+    assert_eq!(
+        get(addr, "/probe?target=%zz", "").0,
+        404,
+        "a broken escape is kept as it is and names no guest"
+    );
     let (status, index) = get(addr, "/", "");
     assert_eq!(status, 200);
     assert!(index.contains("/probe?target=NAME"));

@@ -77,7 +77,7 @@ const CAPABILITY_CRATES: &[(&str, &[&str])] = &[
     ("disk", &["disk-transport", "rustix", "libloading"]),
     ("qmp", &["qmp-proto"]),
     ("prometheus-client", &["prometheus-client"]),
-    ("exporter", &["tiny_http"]),
+    ("exporter", &["tiny_http", "form_urlencoded"]),
     ("backup", &["live-backup"]),
 ];
 

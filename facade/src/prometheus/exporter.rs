@@ -316,22 +316,10 @@ impl Exporter {
                 ..Reply::text(405, "method not allowed: use GET or HEAD\n")
             },
             "/metrics" => Reply::from((self.metrics)(ask)),
-            "/probe" if probe.is_some() => {
-                let target = query
-                    .split('&')
-                    .filter_map(|pair| pair.split_once('='))
-                    .find(|(key, _)| *key == "target")
-                    .map(|(_, value)| percent_decode(value));
-                match (probe, target) {
-                    (Some(probe), Some(Some(target))) if !target.is_empty() => {
-                        Reply::from(probe(&target, ask))
-                    }
-                    _ => Reply::text(
-                        400,
-                        "missing or undecodable target: ask /probe?target=NAME\n",
-                    ),
-                }
-            }
+            "/probe" if probe.is_some() => match (probe, probe_target(query)) {
+                (Some(probe), Some(target)) => Reply::from(probe(&target, ask)),
+                _ => Reply::text(400, "missing target: ask /probe?target=NAME\n"),
+            },
             "/" if self.probe.is_some() => Reply::text(
                 200,
                 "vmsdk guest agent exporter: every guest at /metrics, one at /probe?target=NAME\n",
@@ -356,30 +344,14 @@ impl From<Scrape> for Reply {
     }
 }
 
-/// Decodes `%XX` escapes and `+` of a query value; `None` when the result is not UTF-8 or an
-/// escape is broken.
-fn percent_decode(value: &str) -> Option<String> {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = value.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            other => {
-                out.push(other);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
+/// The non-empty `target` of a `/probe` query string, decoded as a browser encodes a form
+/// (`%XX` escapes, `+` for a space) by `form_urlencoded`, the `url` crate's decoder. A byte
+/// sequence that is not UTF-8 becomes U+FFFD, so it names no guest rather than another one.
+fn probe_target(query: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == "target")
+        .map(|(_, value)| value.into_owned())
+        .filter(|target| !target.is_empty())
 }
 
 fn header(name: &str, value: &str) -> tiny_http::Header {
@@ -421,44 +393,53 @@ impl Drop for RunningExporter {
     }
 }
 
-/// The query decoder on any input: never a panic, and what an encoder makes comes back.
+/// The `/probe` query on any input: never a panic, and what an encoder makes comes back.
 #[cfg(test)]
 mod query_tests {
     use proptest::prelude::*;
 
-    use super::percent_decode;
+    use super::probe_target;
 
     fn encode(value: &str) -> String {
-        value
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                other => format!("%{other:02X}"),
-            })
-            .collect()
+        form_urlencoded::byte_serialize(value.as_bytes()).collect()
     }
 
     proptest! {
         #[test]
-        fn any_query_value_decodes_or_is_refused(value in ".*") {
-            let _ = percent_decode(&value);
+        fn any_query_gives_a_target_or_none(query in ".*") {
+            let _ = probe_target(&query);
         }
 
         #[test]
-        fn encoded_names_come_back(name in "\\PC*") {
-            prop_assert_eq!(percent_decode(&encode(&name)), Some(name));
+        fn encoded_names_come_back(name in "\\PC+", other in "[a-z]{0,8}") {
+            let query = format!("{other}=1&target={}&x=2", encode(&name));
+            prop_assert_eq!(probe_target(&query), Some(name));
         }
     }
 
     #[test]
-    fn broken_escapes_are_refused() {
-        assert_eq!(percent_decode("%"), None);
-        assert_eq!(percent_decode("%4"), None);
-        assert_eq!(percent_decode("%zz"), None);
-        assert_eq!(percent_decode("%ff"), None, "not UTF-8");
-        assert_eq!(percent_decode("%C3%A9t%C3%A9+1").as_deref(), Some("été 1"));
+    fn targets_are_decoded_and_an_empty_one_is_none() {
+        assert_eq!(
+            probe_target("target=%C3%A9t%C3%A9+1").as_deref(),
+            Some("été 1")
+        );
+        assert_eq!(
+            probe_target("target=vm%2F1&target=vm2").as_deref(),
+            Some("vm/1")
+        );
+        assert_eq!(
+            probe_target("target=%ff").as_deref(),
+            Some("\u{fffd}"),
+            "not UTF-8"
+        );
+        assert_eq!(
+            probe_target("target=%").as_deref(),
+            Some("%"),
+            "a broken escape stays"
+        );
+        assert_eq!(probe_target("target="), None);
+        assert_eq!(probe_target("module=x"), None);
+        assert_eq!(probe_target(""), None);
     }
 }
 
