@@ -91,7 +91,10 @@ impl BackupOptions {
 pub struct Progress {
     /// The disk.
     pub disk: String,
-    /// `copy` (reading the VM), `hash` (reading the chain back), `restore`.
+    /// `checkpoint` (the point in time is taken and its views exported; `done` is 0),
+    /// `copy` (reading the VM), `hash` (reading the chain back), `stored` (the point is
+    /// in the manifest; the views are not torn down and the replaced checkpoint not yet
+    /// removed; `done` is `total`), `verify`, `restore`.
     pub phase: &'static str,
     /// Bytes finished.
     pub done: u64,
@@ -227,6 +230,25 @@ impl Drop for PartialFiles {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Removes `manifest`'s chain's checkpoints other than its last point's: half-made ones of
+/// interrupted backups, and replaced ones whose removal was interrupted. Returns their names.
+fn remove_stale_checkpoints(
+    source: &mut dyn BackupSource,
+    manifest: &Manifest,
+    checkpoints: &[crate::source::Checkpoint],
+) -> Result<Vec<String>> {
+    let prefix = manifest.checkpoint_prefix();
+    let keep = manifest.last().map(|p| p.checkpoint.as_str());
+    let mut removed = Vec::new();
+    for checkpoint in checkpoints {
+        if checkpoint.name.starts_with(&prefix) && Some(checkpoint.name.as_str()) != keep {
+            source.remove_checkpoint(&checkpoint.name)?;
+            removed.push(checkpoint.name.clone());
+        }
+    }
+    Ok(removed)
 }
 
 /// The choice of full or incremental, and why.
@@ -393,17 +415,9 @@ impl BackupDir {
             },
         };
 
-        // This chain's checkpoints other than the last point's: half-made ones of interrupted
-        // backups, and replaced ones whose removal was interrupted.
         let prefix = manifest.checkpoint_prefix();
         let keep = manifest.last().map(|p| p.checkpoint.clone());
-        let mut removed_checkpoints = Vec::new();
-        for checkpoint in &checkpoints {
-            if checkpoint.name.starts_with(&prefix) && Some(&checkpoint.name) != keep.as_ref() {
-                source.remove_checkpoint(&checkpoint.name)?;
-                removed_checkpoints.push(checkpoint.name.clone());
-            }
-        }
+        let mut removed_checkpoints = remove_stale_checkpoints(source, &manifest, &checkpoints)?;
 
         let number = manifest.last().map_or(1, |p| p.number + 1);
         let checkpoint = format!("{prefix}{number}");
@@ -417,6 +431,14 @@ impl BackupDir {
         }
         let started_ms = now_ms();
         let session = source.begin(&request, quiesce)?;
+        for disk in session.disks() {
+            progress(&Progress {
+                disk: disk.node.clone(),
+                phase: "checkpoint",
+                done: 0,
+                total: disk.size,
+            });
+        }
         let point = match self.write_point(
             session.as_ref(),
             &manifest,
@@ -446,6 +468,14 @@ impl BackupDir {
                         let _ = session.abort();
                         return Err(e);
                     }
+                }
+                for disk in session.disks() {
+                    progress(&Progress {
+                        disk: disk.node.clone(),
+                        phase: "stored",
+                        done: disk.size,
+                        total: disk.size,
+                    });
                 }
                 point
             }
@@ -480,6 +510,35 @@ impl BackupDir {
             removed_checkpoints,
             warnings,
         })
+    }
+
+    /// Removes what interrupted backups into this directory left: in QEMU, what
+    /// [`BackupSource::cleanup`] removes (exports, jobs, scratch nodes and files), and this
+    /// chain's checkpoints that no point records (half-made by a backup killed before its
+    /// manifest was written, or replaced ones whose removal was interrupted); here, the
+    /// partial images (`.FILE.part`). Takes the directory's lock, so never while a backup
+    /// into it runs.
+    pub fn cleanup(&self, source: &mut dyn BackupSource) -> Result<CleanupReport> {
+        let _lock = DirLock::take(&self.dir)?;
+        let mut report = source.cleanup()?;
+        if let Some(manifest) = self.manifest()? {
+            let checkpoints = source.checkpoints()?;
+            for name in remove_stale_checkpoints(source, &manifest, &checkpoints)? {
+                report.removed.push(format!("checkpoint {name}"));
+            }
+        }
+        let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io("read", &self.dir, e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.ends_with(".qcow2.part") {
+                let path = entry.path();
+                match std::fs::remove_file(&path) {
+                    Ok(()) => report.removed.push(format!("file {}", path.display())),
+                    Err(e) => report.failed.push(format!("file {}: {e}", path.display())),
+                }
+            }
+        }
+        Ok(report)
     }
 
     /// Copies every disk of `session` into `.FILE.part` images and hashes them back.

@@ -113,7 +113,9 @@ enum BackupCommand {
         /// Where to: a path or a disk URI (nbd://, nbd+unix://, ...).
         dest: String,
     },
-    /// Remove what interrupted backups left in QEMU: exports, jobs, scratch nodes and files.
+    /// Remove what interrupted backups left in QEMU: exports, jobs, scratch nodes and files;
+    /// with DIR, also the checkpoints of DIR's chain that no point records (half-made by a
+    /// killed backup) and DIR's partial images.
     Cleanup {
         /// The VM's QMP socket.
         #[arg(long, value_name = "URI")]
@@ -124,6 +126,8 @@ enum BackupCommand {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// The backup directory whose chain's leftovers to remove too.
+        dir: Option<PathBuf>,
     },
 }
 
@@ -169,17 +173,21 @@ pub fn run(args: &BackupArgs) -> CliResult {
                 .full(*full)
                 .full_if_needed(*full_if_needed)
                 .tls(tls)
-                .copy_options(CopyOptions::default().cancel(cancel));
+                .copy_options(CopyOptions::default().cancel(cancel.clone()));
             for disk in disks {
                 options = options.disk(disk.clone());
             }
             let bar = progress_bar(*no_progress)?;
             let started = Instant::now();
+            let mut pause = TestPause::from_env(cancel.clone());
             let result = BackupDir::new(dir).create(
                 &mut source,
                 quiesce.as_mut().map(|q| q as &mut dyn Quiesce),
                 &options,
-                &mut |p| show(&bar, p),
+                &mut |p| {
+                    show(&bar, p);
+                    pause.at(p);
+                },
             );
             bar.finish_and_clear();
             let report = match result {
@@ -321,9 +329,14 @@ pub fn run(args: &BackupArgs) -> CliResult {
             qmp,
             scratch_dir,
             json,
+            dir,
         } => {
             let scratch = scratch_dir.clone().unwrap_or_else(|| default_scratch(qmp));
-            let report = QemuSource::connect(qmp, scratch)?.cleanup()?;
+            let mut source = QemuSource::connect(qmp, scratch)?;
+            let report = match dir {
+                Some(dir) => BackupDir::new(dir).cleanup(&mut source)?,
+                None => source.cleanup()?,
+            };
             if *json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else if report.is_empty() {
@@ -427,6 +440,41 @@ fn show(bar: &ProgressBar, p: &Progress) {
     bar.set_message(format!("{} {}", p.disk, p.phase));
     bar.set_length(p.total);
     bar.set_position(p.done);
+}
+
+/// A test hook, for the crash tests: with `VMSDK_TEST_PAUSE_AT=PHASE` in the environment
+/// (`checkpoint`: the point in time taken and exported; `copy`: the first disk's copy under
+/// way; `stored`: the point in the manifest, before the session ends and the replaced
+/// checkpoint goes), `backup create` prints `vmsdk: test hook: paused at PHASE` on standard
+/// error when it gets there and waits, until it is killed or Ctrl-C sets the cancel token.
+/// The copy's worker threads may keep reading while the copy is paused; the backup itself
+/// goes no further. Not for production use: nothing but a test sets the variable.
+struct TestPause {
+    phase: Option<String>,
+    cancel: CancelToken,
+}
+
+impl TestPause {
+    fn from_env(cancel: CancelToken) -> Self {
+        TestPause {
+            phase: std::env::var("VMSDK_TEST_PAUSE_AT").ok(),
+            cancel,
+        }
+    }
+
+    fn at(&mut self, p: &Progress) {
+        let Some(phase) = &self.phase else { return };
+        let there = phase == p.phase && (p.phase != "copy" || (p.done > 0 && p.done < p.total));
+        if !there {
+            return;
+        }
+        eprintln!("vmsdk: test hook: paused at {phase}");
+        // Once: after Ctrl-C the backup goes on (and stops at the cancel token's next check).
+        self.phase = None;
+        while !self.cancel.is_cancelled() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// A cancel token set by Ctrl-C: the copy stops, the session is torn down, the command exits
