@@ -381,3 +381,78 @@ fn incrementals_without_a_hash_still_verify_by_reading() {
         vm.disk("vda").unwrap().to_vec().unwrap()
     );
 }
+
+#[test]
+fn cleanup_with_the_directory_removes_half_made_checkpoints_and_partial_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = BackupDir::new(tmp.path().join("backups"));
+    let vm = two_disk_vm();
+    backup(&vm, &dir, &BackupOptions::new()).unwrap();
+    let chain = dir.manifest().unwrap().unwrap();
+    let kept = chain.points[0].checkpoint.clone();
+    // A process killed mid-copy: its session never ended, its checkpoint half-made, its
+    // partial image written.
+    let mut killed_process = vm.clone();
+    let half_made = chain.checkpoint_prefix() + "2";
+    let killed = killed_process
+        .begin(
+            &BeginRequest::full(half_made.clone(), vec!["vda".into(), "vdb".into()])
+                .since(kept.clone()),
+            None,
+        )
+        .unwrap();
+    std::mem::forget(killed);
+    let part = dir.path().join(".vda.2.qcow2.part");
+    std::fs::write(&part, b"half a qcow2").unwrap();
+    // Another chain's checkpoint is not this directory's to remove.
+    let foreign = "vmsdk-0000beef-1";
+    vm.clone()
+        .begin(
+            &BeginRequest::full(foreign.to_owned(), vec!["vda".into()]),
+            None,
+        )
+        .unwrap()
+        .finish()
+        .unwrap();
+    let names = |vm: &FakeVm| -> Vec<String> {
+        vm.clone()
+            .checkpoints()
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect()
+    };
+    assert!(names(&vm).contains(&half_made));
+
+    let report = dir.cleanup(&mut vm.clone()).unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert!(
+        report.removed.contains(&format!("checkpoint {half_made}")),
+        "{report:?}"
+    );
+    assert!(
+        report.removed.contains(&format!("file {}", part.display())),
+        "{report:?}"
+    );
+    assert!(vm.leftovers().is_empty());
+    assert!(!part.exists());
+    let mut left = names(&vm);
+    left.sort();
+    let mut want = vec![foreign.to_owned(), kept];
+    want.sort();
+    assert_eq!(left, want);
+    // Nothing left twice.
+    let again = dir.cleanup(&mut vm.clone()).unwrap();
+    assert!(
+        again.removed.is_empty() && again.failed.is_empty(),
+        "{again:?}"
+    );
+    // And the next backup is a correct incremental one.
+    vm.guest_write("vdb", MIB, &[3; 4096]).unwrap();
+    let captured = capture_next(&vm, vec![]);
+    let report = backup(&vm, &dir, &BackupOptions::new()).unwrap();
+    assert_eq!(report.point.kind, PointKind::Incremental);
+    for (node, contents) in captured.lock().unwrap().iter() {
+        assert_eq!(&restored(&dir, node, 2), contents, "{node}");
+    }
+}
