@@ -16,8 +16,13 @@ use std::time::{Duration, Instant};
 
 use live_backup::qemu::QemuSource;
 use live_backup::{BackupDir, BackupOptions};
-use qmp_proto::Monitor;
-use serde_json::{json, Value};
+use qmp_proto::cmd::{
+    BlockDirtyBitmapAddArgs, BlockdevAdd, BlockdevBackupArgs, BlockdevCreate, BlockdevCreateArgs,
+    BlockdevDel, BlockdevDelArgs, Command as QmpCommand, HumanMonitorCommand,
+    HumanMonitorCommandArgs, Transaction, TransactionAction, TransactionArgs,
+};
+use qmp_proto::types::{BlockdevCreateOptions, BlockdevOptions, SyncMode};
+use qmp_proto::{JobOptions, Monitor, MonitorExt};
 
 /// User + system CPU seconds of process `pid` ("self" for this one), from /proc.
 fn cpu_seconds(pid: &str) -> f64 {
@@ -65,71 +70,58 @@ fn run(cmd: &mut Command) {
     assert!(status.success(), "{cmd:?} failed");
 }
 
-fn exec(monitor: &mut impl Monitor, command: &str, args: Value) -> Value {
-    let args = (!args.is_null()).then_some(args);
+fn call<C: QmpCommand>(monitor: &mut impl Monitor, args: &C::Args) -> C::Returns {
     monitor
-        .execute_raw(command, args)
-        .unwrap_or_else(|e| panic!("{command}: {e}"))
+        .call::<C>(args)
+        .unwrap_or_else(|e| panic!("{}: {e}", C::NAME))
 }
 
-fn wait_job(monitor: &mut impl Monitor, id: &str) {
-    loop {
-        let jobs = exec(monitor, "query-jobs", Value::Null);
-        let job = jobs
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|j| j["id"] == id)
-            .cloned();
-        match job {
-            Some(j) if j["status"] == "concluded" => {
-                assert!(j["error"].is_null(), "job {id}: {}", j["error"]);
-                exec(monitor, "job-dismiss", json!({ "id": id }));
-                return;
-            }
-            Some(_) => std::thread::sleep(Duration::from_millis(5)),
-            None => return,
-        }
-    }
+/// Starts a job with `start` and follows it to its end (qmp-proto's job helper: from the
+/// events, its own error, dismissed).
+fn job<C: QmpCommand>(monitor: &mut impl Monitor, id: &str, args: &C::Args) {
+    monitor
+        .run_job(id, &JobOptions::default(), |m| m.call::<C>(args).map(drop))
+        .unwrap_or_else(|e| panic!("job {id}: {e}"));
+}
+
+/// The guest writes `pattern` at `offset` (64 KiB) through its device.
+fn guest_write(monitor: &mut impl Monitor, offset: u64, pattern: u8) {
+    let hmp = format!(
+        "qemu-io -d /machine/peripheral/vda-dev/virtio-backend \"write -P {pattern} {offset} 64k\""
+    );
+    call::<HumanMonitorCommand>(monitor, &HumanMonitorCommandArgs::new(hmp));
 }
 
 /// QEMU's push backup of `vda` into a new qcow2 at `path` (`sync` full or incremental).
-fn push(monitor: &mut impl Monitor, path: &Path, size: u64, sync: &str, tag: &str) {
+fn push(monitor: &mut impl Monitor, path: &Path, size: u64, sync: SyncMode, tag: &str) {
     std::fs::File::create(path).unwrap();
     let file = format!("push-file-{tag}");
     let node = format!("push-{tag}");
-    exec(
+    call::<BlockdevAdd>(
         monitor,
-        "blockdev-add",
-        json!({"driver": "file", "node-name": file, "filename": path}),
+        &BlockdevOptions::file(&file, path.to_string_lossy()),
     );
-    let create = format!("push-create-{tag}");
-    exec(
-        monitor,
-        "blockdev-create",
-        json!({"job-id": create, "options": {"driver": "qcow2", "file": file, "size": size}}),
-    );
-    wait_job(monitor, &create);
-    exec(
-        monitor,
-        "blockdev-add",
-        json!({"driver": "qcow2", "node-name": node, "file": file}),
-    );
-    let job = format!("push-job-{tag}");
+    let create = BlockdevCreateArgs {
+        job_id: format!("push-create-{tag}"),
+        options: BlockdevCreateOptions::qcow2(&file, size),
+    };
+    job::<BlockdevCreate>(monitor, &create.job_id.clone(), &create);
+    call::<BlockdevAdd>(monitor, &BlockdevOptions::qcow2(&node, &file));
+    let id = format!("push-job-{tag}");
+    let mut backup = BlockdevBackupArgs::new(&id, "vda", &node, sync.clone());
     let mut actions = Vec::new();
-    let mut backup = json!({"device": "vda", "target": node, "sync": sync, "job-id": job,
-        "auto-dismiss": false});
-    if sync == "full" {
-        actions.push(json!({"type": "block-dirty-bitmap-add",
-            "data": {"node": "vda", "name": "push-bitmap", "persistent": false}}));
+    if sync == SyncMode::Full {
+        actions.push(TransactionAction::BlockDirtyBitmapAdd(
+            BlockDirtyBitmapAddArgs::new("vda", "push-bitmap").persistent(false),
+        ));
     } else {
-        backup["bitmap"] = json!("push-bitmap");
+        backup = backup.bitmap("push-bitmap");
     }
-    actions.push(json!({"type": "blockdev-backup", "data": backup}));
-    exec(monitor, "transaction", json!({ "actions": actions }));
-    wait_job(monitor, &job);
-    exec(monitor, "blockdev-del", json!({ "node-name": node }));
-    exec(monitor, "blockdev-del", json!({ "node-name": file }));
+    actions.push(TransactionAction::BlockdevBackup(backup));
+    job::<Transaction>(monitor, &id, &TransactionArgs::new(actions));
+    for node in [node, file] {
+        call::<BlockdevDel>(monitor, &BlockdevDelArgs { node_name: node });
+    }
 }
 
 fn main() {
@@ -215,7 +207,7 @@ fn main() {
             &mut monitor,
             &dir.join("push-full.qcow2"),
             size,
-            "full",
+            SyncMode::Full,
             "f",
         )
     });
@@ -229,14 +221,7 @@ fn main() {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let offset = (x >> 11) % clusters * 65536;
-        let hmp = format!(
-            "qemu-io -d /machine/peripheral/vda-dev/virtio-backend \"write -P 7 {offset} 64k\""
-        );
-        exec(
-            &mut monitor,
-            "human-monitor-command",
-            json!({ "command-line": hmp }),
-        );
+        guest_write(&mut monitor, offset, 7);
     }
     let ours_inc = measure(&pid, || {
         backups
@@ -248,7 +233,7 @@ fn main() {
             &mut monitor,
             &dir.join("push-inc.qcow2"),
             size,
-            "incremental",
+            SyncMode::Incremental,
             "i",
         )
     });
@@ -258,14 +243,7 @@ fn main() {
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let offset = (x >> 11) % clusters * 65536;
-        let hmp = format!(
-            "qemu-io -d /machine/peripheral/vda-dev/virtio-backend \"write -P 9 {offset} 64k\""
-        );
-        exec(
-            &mut monitor,
-            "human-monitor-command",
-            json!({ "command-line": hmp }),
-        );
+        guest_write(&mut monitor, offset, 9);
     }
     let ours_inc_nohash = measure(&pid, || {
         backups
