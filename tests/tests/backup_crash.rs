@@ -196,7 +196,7 @@ fn sigkill_in_every_phase_and_ctrl_c_leave_the_vm_usable_and_the_next_backup_cor
             let n = n as u64;
             vm.write("vda", (8 + n) * MIB, 64 << 10, 0x50 + n as u8);
             vm.write("vdb", (2 + n) * MIB, 64 << 10, 0x60 + n as u8);
-            // Mid-copy needs a copy long enough to report progress before its end.
+            // Mid-copy: a full copy, long enough that its first progress report is partial.
             let args = create(phase == "copy");
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let mut child = paused_at(&args, phase);

@@ -443,8 +443,8 @@ fn show(bar: &ProgressBar, p: &Progress) {
 }
 
 /// A test hook, for the crash tests: with `VMSDK_TEST_PAUSE_AT=PHASE` in the environment
-/// (`checkpoint`: the point in time taken and exported; `copy`: the first disk's copy under
-/// way; `stored`: the point in the manifest, before the session ends and the replaced
+/// (`checkpoint`: the point in time taken and exported; `copy`: the first progress report of
+/// the first disk's copy, inside the copy, before its image is flushed; `stored`: the point in the manifest, before the session ends and the replaced
 /// checkpoint goes), `backup create` prints `vmsdk: test hook: paused at PHASE` on standard
 /// error when it gets there and waits, until it is killed or Ctrl-C sets the cancel token.
 /// The copy's worker threads may keep reading while the copy is paused; the backup itself
@@ -464,8 +464,7 @@ impl TestPause {
 
     fn at(&mut self, p: &Progress) {
         let Some(phase) = &self.phase else { return };
-        let there = phase == p.phase && (p.phase != "copy" || (p.done > 0 && p.done < p.total));
-        if !there {
+        if phase != p.phase {
             return;
         }
         eprintln!("vmsdk: test hook: paused at {phase}");
