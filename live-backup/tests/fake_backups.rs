@@ -7,9 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
 
 use live_backup::fake::{FakeFault, FakeVm};
-use live_backup::{
-    BackupDir, BackupOptions, BackupSource, BeginRequest, Consistency, Error, PointKind,
-};
+use live_backup::{BackupDir, BackupOptions, BackupSource, BeginRequest, Error, PointKind};
 
 const MIB: u64 = 1 << 20;
 
@@ -288,6 +286,7 @@ fn one_backup_of_a_directory_at_a_time() {
 #[test]
 fn frozen_around_the_checkpoint_or_crash_consistent_with_a_warning() {
     use live_backup::quiesce::AgentQuiesce;
+    use live_backup::Consistency;
     use std::time::Duration;
     let tmp = tempfile::tempdir().unwrap();
     let dir = BackupDir::new(tmp.path().join("backups"));
