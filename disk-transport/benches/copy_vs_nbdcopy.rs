@@ -41,6 +41,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{load_average, median};
+
 /// Where GNU time lives on Debian.
 const GNU_TIME: &str = "/usr/bin/time";
 
@@ -177,34 +180,8 @@ impl Server {
 
     /// CPU seconds the server has used so far, all its threads (its I/O workers too).
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // The fields after the command name, which is in parentheses and may hold spaces:
-        // utime and stime are the 14th and 15th of the whole line.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<f64> = after
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        fields.iter().sum::<f64>() / clock_ticks()
+        common::process_cpu_seconds(self.child.id())
     }
-}
-
-/// Clock ticks per second, the unit of /proc's CPU times.
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        let out = Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .expect("run getconf CLK_TCK");
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .expect("getconf CLK_TCK prints a number")
-    })
 }
 
 impl Drop for Server {
@@ -259,18 +236,6 @@ fn write_image(path: &Path, size: u64, random_bytes: u64) {
         written += n as u64;
     }
     w.flush().unwrap();
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
 }
 
 /// One finished run of a tool.

@@ -27,6 +27,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{load_average, median};
+
 const GNU_TIME: &str = "/usr/bin/time";
 const MIB: u64 = 1 << 20;
 const GOAL_WRITE: f64 = 1.25;
@@ -62,16 +65,7 @@ impl Server {
 
     /// CPU seconds the server spent so far (utime + stime of /proc/PID/stat).
     fn cpu_seconds(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let ticks: f64 = after
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .filter_map(|f| f.parse::<f64>().ok())
-            .sum();
-        ticks / clock_ticks()
+        common::process_cpu_seconds(self.child.id())
     }
 }
 
@@ -80,17 +74,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn clock_ticks() -> f64 {
-    let out = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .expect("run getconf CLK_TCK");
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("getconf CLK_TCK prints a number")
 }
 
 /// One timed run.
@@ -146,18 +129,6 @@ fn measure(argv: &[String], scratch: &Path, server: Option<&Server>) -> Sample {
         cpu: user + system,
         server_cpu,
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "?".into())
 }
 
 /// A tool: a name and its command line, with `{SRC}` and `{DST}` filled in per case.
