@@ -439,14 +439,24 @@ impl BackupDir {
                 total: disk.size,
             });
         }
-        let point = match self.write_point(
-            session.as_ref(),
-            &manifest,
-            &plan,
-            number,
-            options,
-            progress,
-        ) {
+        // The source watches its views on every progress report (a scratch filesystem
+        // running full makes it give them up), and once more before the point is stored.
+        let mut watched = |p: &Progress| {
+            let _ = session.watch();
+            progress(p)
+        };
+        let written = self
+            .write_point(
+                session.as_ref(),
+                &manifest,
+                &plan,
+                number,
+                options,
+                &mut watched,
+            )
+            .and_then(|written| session.watch().map(|()| written))
+            .map_err(|e| session.watch().err().unwrap_or(e));
+        let point = match written {
             Ok((point_disks, mut partial)) => {
                 let point = Point {
                     number,

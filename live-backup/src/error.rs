@@ -105,6 +105,17 @@ pub enum Error {
         /// Every problem found.
         problems: Vec<String>,
     },
+    /// The scratch filesystem of a live backup is (nearly) full: the point-in-time view
+    /// needs room there for the old contents of every cluster the guest overwrites while the
+    /// backup reads, and without it the guest's writes would fail (a VM whose disks stop on
+    /// `ENOSPC` would pause). The backup gave its view up and failed; the chain is as it was.
+    #[error("the scratch filesystem of {} {problem}; free space there or choose a larger scratch directory (--scratch-dir), then back up again", dir.display())]
+    ScratchFull {
+        /// The scratch directory.
+        dir: PathBuf,
+        /// What was found ("has 1048576 bytes free, below ...").
+        problem: String,
+    },
     /// The operation was cancelled (Ctrl-C); everything it made was torn down.
     #[error("cancelled")]
     Cancelled,

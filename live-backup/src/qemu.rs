@@ -26,6 +26,45 @@
 //! *enabled* bitmap on a read-only export, hence the disabled copy), and read with
 //! disk-transport's NBD client and copy engine.
 //!
+//! # A scratch filesystem that runs full
+//!
+//! The scratch image grows by the old contents of every cluster the guest overwrites while the
+//! backup reads. The copy-before-write filter `blockdev-backup` inserts fails the *guest's*
+//! write when it cannot save the old data (its `on-cbw-error` is `break-guest-write`, and
+//! `blockdev-backup` has no way to set it): a guest write then fails with `ENOSPC`, and a
+//! device with the default `werror=enospc` stops the VM. The view itself stays right (the
+//! write never reached the disk). Verified on QEMU 7.2 and 10.0 with a tmpfs as the scratch
+//! directory (`tests/tests/backup_scratch_full.rs`: the broken write is missing from the
+//! disk afterwards).
+//!
+//! vmsdk keeps `blockdev-backup` (its checkpoint and view atomic in one transaction) and
+//! guards the VM around it:
+//! - before anything is made, a scratch filesystem with less free space than
+//!   [`min_scratch_free`](QemuSource::min_scratch_free) is refused with
+//!   [`Error::ScratchFull`];
+//! - while the backup reads, [`BackupSession::watch`] (called on every progress report, about
+//!   every 50 ms, and once more before the point is stored) looks at the scratch
+//!   filesystem's free space and at the events of the session (`BLOCK_IO_ERROR` with
+//!   `nospace` on one of its disks, its backup jobs failing or ending); when the free space
+//!   falls below [`scratch_reserve`](QemuSource::scratch_reserve) or such an event came, it
+//!   gives the views up at once: the exports removed (hard: no read follows), the backup jobs
+//!   cancelled (their filters leave the disks, so the guest's next and retried writes
+//!   succeed), and a VM that ran when the backup began and stopped on an I/O error since is
+//!   continued (`cont`). The backup then fails with [`Error::ScratchFull`], removes what it
+//!   made, and the chain stays as it was.
+//!
+//! The reserve lets vmsdk act before the guest sees an error in the common case (a scratch
+//! filesystem filling gradually); a burst of guest writes larger than the reserve between two
+//! looks still fails those writes, and they are then retried by the guest (or, with
+//! `werror=enospc`, the VM is continued once the filter is gone).
+//!
+//! The alternative, `copy-before-write` with `on-cbw-error=break-snapshot` and
+//! `snapshot-access` (QEMU ≥ 7.1), never fails a guest write, but its insertion (`blockdev-add`
+//! and a `qom-set` of each device's drive) is not a transaction action: the checkpoint and the
+//! views of several disks would no longer be one moment unless the VM were paused around the
+//! insertion. A backup that pauses the VM, or whose checkpoint may miss writes, is worse than
+//! one that gives up cleanly when its scratch space runs out.
+//!
 //! # The end, and crashes
 //!
 //! [`finish`](BackupSession::finish) and [`abort`](BackupSession::abort) (and drop) remove the
@@ -57,16 +96,17 @@ use qmp_proto::cmd::{
     BlockDirtyBitmap, BlockDirtyBitmapAddArgs, BlockDirtyBitmapMergeArgs, BlockDirtyBitmapRemove,
     BlockExportAdd, BlockExportAddArgs, BlockExportDel, BlockExportDelArgs, BlockdevAdd,
     BlockdevBackupArgs, BlockdevCreate, BlockdevCreateArgs, BlockdevDel, BlockdevDelArgs, Command,
-    ExportRemoveMode, JobCancel, JobDismiss, JobId, NbdServerStart, NbdServerStartArgs,
+    Cont, ExportRemoveMode, JobCancel, JobDismiss, JobId, NbdServerStart, NbdServerStartArgs,
     NbdServerStop, QueryBlock, QueryBlockExports, QueryJobs, QueryNamedBlockNodes,
-    QueryNamedBlockNodesArgs, Transaction, TransactionAction, TransactionArgs,
+    QueryNamedBlockNodesArgs, QueryStatus, Transaction, TransactionAction, TransactionArgs,
 };
 use qmp_proto::types::{
     BitmapRef, BlockDeviceInfo, BlockDirtyInfo, BlockExportInfo, BlockdevCreateOptions,
-    BlockdevOptions, JobInfo, JobType, SyncMode,
+    BlockdevOptions, JobInfo, JobType, RunState, SyncMode,
 };
-use qmp_proto::{JobOptions, Monitor, MonitorExt};
+use qmp_proto::{EventFilter, JobOptions, Monitor, MonitorExt, SubscriptionId};
 use serde_json::{json, Value};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::manifest::{ensure_private_dir, set_private};
 use crate::quiesce::{FreezeWindow, Quiesce};
@@ -82,6 +122,25 @@ const TLS_OBJECT: &str = "vmsdk-tls";
 const EXPORT_BITMAP: &str = "vmsdk-export";
 /// The NBD socket's file name in the scratch directory.
 const SOCKET: &str = "nbd.sock";
+/// [`QemuSource::min_scratch_free`]'s default.
+const DEFAULT_MIN_SCRATCH_FREE: u64 = 16 << 20;
+/// [`QemuSource::scratch_reserve`]'s default.
+const DEFAULT_SCRATCH_RESERVE: u64 = 1 << 20;
+/// The events a session watches: a guest write that failed (and the VM stopped on it), a
+/// backup job that failed or ended on its own.
+const WATCHED_EVENTS: [&str; 5] = [
+    "BLOCK_IO_ERROR",
+    "BLOCK_JOB_ERROR",
+    "BLOCK_JOB_COMPLETED",
+    "BLOCK_JOB_CANCELLED",
+    "STOP",
+];
+
+/// The free bytes of the filesystem holding `dir` (for an unprivileged writer).
+fn free_space(dir: &Path) -> Result<u64> {
+    let stat = rustix::fs::statvfs(dir).map_err(|e| Error::io("statvfs", dir, e.into()))?;
+    Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+}
 
 fn scratch_node(i: usize) -> String {
     format!("vmsdk-sc-{i}")
@@ -110,6 +169,8 @@ pub struct QemuSource<M: Monitor> {
     tls: Option<TlsDirs>,
     job_timeout: Duration,
     nbd_timeout: Duration,
+    min_scratch_free: u64,
+    scratch_reserve: u64,
 }
 
 /// Where the certificates of NBD over TLS are.
@@ -155,7 +216,27 @@ impl<M: Monitor> QemuSource<M> {
             tls: None,
             job_timeout: Duration::from_secs(60),
             nbd_timeout: Duration::from_secs(30),
+            min_scratch_free: DEFAULT_MIN_SCRATCH_FREE,
+            scratch_reserve: DEFAULT_SCRATCH_RESERVE,
         }
+    }
+
+    /// The free space the scratch filesystem must have for a backup to begin (default
+    /// 16 MiB): less is refused with [`Error::ScratchFull`] before anything is made. What a
+    /// backup really needs there is the old contents of every cluster the guest overwrites
+    /// while it reads, which nobody knows beforehand; this only refuses the obviously too
+    /// small.
+    pub fn min_scratch_free(mut self, bytes: u64) -> Self {
+        self.min_scratch_free = bytes;
+        self
+    }
+
+    /// The free space below which a running backup gives its views up (default 1 MiB),
+    /// before the guest's writes would fail for want of scratch space (see the
+    /// [module docs](self)).
+    pub fn scratch_reserve(mut self, bytes: u64) -> Self {
+        self.scratch_reserve = bytes;
+        self
     }
 
     /// Serves the views over TLS when a backup asks for it (`BackupOptions::tls`):
@@ -431,6 +512,17 @@ impl<M: Monitor> QemuSource<M> {
         quiesce: Option<&mut dyn Quiesce>,
     ) -> Result<(Consistency, Vec<String>)> {
         ensure_private_dir(&self.scratch_dir)?;
+        let free = free_space(&self.scratch_dir)?;
+        if free < self.min_scratch_free {
+            return Err(Error::ScratchFull {
+                dir: self.scratch_dir.clone(),
+                problem: format!(
+                    "has {free} bytes free, less than the {} a backup needs to begin \
+                     (QemuSource::min_scratch_free)",
+                    self.min_scratch_free
+                ),
+            });
+        }
         for (i, disk) in disks.iter().enumerate() {
             self.add_scratch(i, &disk.node, disk.size)?;
         }
@@ -701,11 +793,25 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
             });
             granularities.push(granularity);
         }
+        // Watched from before the moment on: a guest write that fails for want of scratch
+        // space, and the VM stopping on it (see the module docs).
+        let was_running = self.call::<QueryStatus>(&())?.status == RunState::Running;
+        let subscription = self
+            .monitor
+            .subscribe(EventFilter::names(WATCHED_EVENTS))
+            .map_err(|e| monitor_error("subscribe to events", e))?;
         match self.begin_inner(request, &disks, &granularities, quiesce) {
             Ok((consistency, warnings)) => Ok(Box::new(QemuSession {
                 socket: self.scratch_dir.join(SOCKET),
+                scratch_dir: self.scratch_dir.clone(),
                 tls: request.tls.then(|| self.tls.clone()).flatten(),
-                source: self,
+                nbd_timeout: self.nbd_timeout,
+                source: Mutex::new(self),
+                watch: Mutex::new(Watch {
+                    subscription: Some(subscription),
+                    was_running,
+                    lost: None,
+                }),
                 checkpoint: request.checkpoint.clone(),
                 since: request.since.clone(),
                 disks,
@@ -714,6 +820,7 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
                 ended: false,
             })),
             Err(e) => {
+                let _ = self.monitor.unsubscribe(subscription);
                 if let Err(t) = self.teardown(disks.len()) {
                     tracing::warn!("tearing down a failed begin: {t}");
                 }
@@ -833,17 +940,34 @@ fn monitor_error(command: &str, e: qmp_proto::Error) -> Error {
     }
 }
 
-/// A backup session of [`QemuSource`].
+/// A backup session of [`QemuSource`]. The source sits behind a mutex because
+/// [`watch`](BackupSession::watch), called through `&self` while the views are read, may
+/// have to act in QEMU.
 struct QemuSession<'a, M: Monitor> {
-    source: &'a mut QemuSource<M>,
+    source: Mutex<&'a mut QemuSource<M>>,
+    watch: Mutex<Watch>,
     socket: PathBuf,
+    scratch_dir: PathBuf,
     tls: Option<TlsDirs>,
+    nbd_timeout: Duration,
     checkpoint: String,
     since: Option<String>,
     disks: Vec<SessionDisk>,
     consistency: Consistency,
     warnings: Vec<String>,
     ended: bool,
+}
+
+/// What a session's watch keeps between looks.
+#[derive(Debug)]
+struct Watch {
+    /// The events subscribed to at `begin`, until the session ends.
+    subscription: Option<SubscriptionId>,
+    /// The VM ran when the backup began: a stop on an I/O error of a disk of this session is
+    /// ended with `cont` once the views are given up.
+    was_running: bool,
+    /// Why the views were given up, once they were.
+    lost: Option<String>,
 }
 
 impl<M: Monitor> fmt::Debug for QemuSession<'_, M> {
@@ -857,25 +981,138 @@ impl<M: Monitor> fmt::Debug for QemuSession<'_, M> {
     }
 }
 
+/// Locks `mutex`, whether or not a thread panicked holding it (what it guards stays usable:
+/// every step of a session re-reads QEMU's state).
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl<M: Monitor> QemuSession<'_, M> {
     fn end(&mut self, keep_checkpoint: bool) -> Result<()> {
         self.ended = true;
-        let torn = self.source.teardown(self.disks.len());
+        let subscription = lock(&self.watch).subscription.take();
+        let source = self
+            .source
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(subscription) = subscription {
+            let _ = source.monitor.unsubscribe(subscription);
+        }
+        let torn = source.teardown(self.disks.len());
         let mut removal = Ok(());
         if !keep_checkpoint {
             for disk in &self.disks {
-                let r = self
-                    .source
-                    .call::<BlockDirtyBitmapRemove>(&BlockDirtyBitmap::new(
-                        &disk.node,
-                        &self.checkpoint,
-                    ));
+                let r = source.call::<BlockDirtyBitmapRemove>(&BlockDirtyBitmap::new(
+                    &disk.node,
+                    &self.checkpoint,
+                ));
                 if let Err(e) = r {
                     removal = Err(e);
                 }
             }
         }
         torn.map(drop).and(removal)
+    }
+
+    fn scratch_full(&self, problem: &str) -> Error {
+        Error::ScratchFull {
+            dir: self.scratch_dir.clone(),
+            problem: problem.to_owned(),
+        }
+    }
+
+    /// Why the views must be given up now, if they must: the scratch filesystem below its
+    /// reserve, a guest write to one of the disks failed for want of space, a backup job of
+    /// this session failed or ended on its own.
+    fn danger(&self, source: &mut QemuSource<M>, watch: &Watch) -> Result<Option<String>> {
+        let free = free_space(&self.scratch_dir)?;
+        let mut danger = (free < source.scratch_reserve).then(|| {
+            format!(
+                "is full: {free} bytes free, below the reserve of {} bytes \
+                 (QemuSource::scratch_reserve)",
+                source.scratch_reserve
+            )
+        });
+        let Some(subscription) = watch.subscription else {
+            return Ok(danger);
+        };
+        let ours_node = |name: &str| self.disks.iter().any(|d| d.node == name);
+        let ours_job = |id: &str| (0..self.disks.len()).any(|i| backup_job(i) == id);
+        while let Some(event) = source
+            .monitor
+            .next_event(subscription, Duration::from_millis(1))
+            .map_err(|e| monitor_error("read events", e))?
+        {
+            let data = &event.data;
+            match event.event.as_str() {
+                "BLOCK_IO_ERROR" => {
+                    let node = data["node-name"].as_str().unwrap_or_default();
+                    let device = data["device"].as_str().unwrap_or_default();
+                    if data["nospace"] == true && (ours_node(node) || ours_node(device)) {
+                        danger.get_or_insert_with(|| {
+                            format!(
+                                "is full: a guest write to disk {} failed with ENOSPC while the \
+                                 backup's copy-before-write filter saved the old data ({free} \
+                                 bytes free now)",
+                                if node.is_empty() { device } else { node }
+                            )
+                        });
+                    }
+                }
+                "BLOCK_JOB_ERROR" | "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => {
+                    let job = data["device"].as_str().unwrap_or_default();
+                    if ours_job(job) {
+                        let error = data["error"].as_str().unwrap_or("no error given");
+                        danger.get_or_insert_with(|| {
+                            format!(
+                                "holds the view of a backup job that stopped ({}: {}, {error}; \
+                                 {free} bytes free)",
+                                job, event.event
+                            )
+                        });
+                    }
+                }
+                _ => {} // STOP: the run state is looked at when the views are given up.
+            }
+        }
+        Ok(danger)
+    }
+
+    /// Gives the views up so that the guest's writes go on: the exports first (hard: no
+    /// read can follow), then the backup jobs, whose copy-before-write filters leave the
+    /// disks; a VM that ran when the backup began and stopped on an I/O error meanwhile is
+    /// continued. The scratch nodes and files go with the session's end.
+    fn give_up(&self, source: &mut QemuSource<M>, watch: &Watch) -> Vec<String> {
+        let mut problems = Vec::new();
+        for i in 0..self.disks.len() {
+            let id = export_id(i);
+            if let Err(e) = source.delete_export(&id) {
+                problems.push(format!("export {id}: {e}"));
+            }
+        }
+        for i in 0..self.disks.len() {
+            let job = backup_job(i);
+            if let Err(e) = source.end_job(&job) {
+                problems.push(format!("job {job}: {e}"));
+            }
+        }
+        if watch.was_running {
+            match source.call::<QueryStatus>(&()) {
+                Ok(status) if status.status == RunState::IoError => {
+                    match source.call::<Cont>(&()) {
+                        Ok(_) => tracing::warn!(
+                            "the VM had stopped on an I/O error during the backup: continued"
+                        ),
+                        Err(e) => problems.push(format!("cont: {e}")),
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => problems.push(format!("query-status: {e}")),
+            }
+        }
+        problems
     }
 }
 
@@ -900,6 +1137,33 @@ impl<M: Monitor> BackupSession for QemuSession<'_, M> {
         &self.warnings
     }
 
+    fn watch(&self) -> Result<()> {
+        let mut watch = lock(&self.watch);
+        if let Some(lost) = &watch.lost {
+            return Err(self.scratch_full(lost));
+        }
+        let mut source = lock(&self.source);
+        let Some(danger) = self.danger(&mut source, &watch)? else {
+            return Ok(());
+        };
+        tracing::warn!(
+            "the scratch filesystem of {} {danger}: giving the backup's views up",
+            self.scratch_dir.display()
+        );
+        let problems = self.give_up(&mut source, &watch);
+        let lost = if problems.is_empty() {
+            danger
+        } else {
+            format!(
+                "{danger}; giving the views up failed in part ({}): run `vmsdk backup cleanup`",
+                problems.join("; ")
+            )
+        };
+        let error = self.scratch_full(&lost);
+        watch.lost = Some(lost);
+        Err(error)
+    }
+
     fn open(&self, node: &str) -> Result<Box<dyn Disk>> {
         if !self.disks.iter().any(|d| d.node == node) {
             return Err(Error::NoSuchDisk {
@@ -908,7 +1172,7 @@ impl<M: Monitor> BackupSession for QemuSession<'_, M> {
             });
         }
         let mut uri = DiskUri::nbd_unix(&self.socket, node)
-            .with_timeout(self.source.nbd_timeout)
+            .with_timeout(self.nbd_timeout)
             .map_err(|e| Error::disk("build the view's URI", e))?;
         if self.since.is_some() {
             uri = uri

@@ -279,6 +279,15 @@ pub trait BackupSession: Send + fmt::Debug {
     /// checkpoint.
     fn open(&self, node: &str) -> Result<Box<dyn Disk>>;
 
+    /// Whether the views still hold the point in time, and the VM is not harmed by them.
+    /// The backup calls it often while it reads (on every progress report): a source that
+    /// must give its views up while the backup runs (QEMU's scratch filesystem runs full, and
+    /// the guest's writes would fail) does it here and answers with the reason, which the
+    /// backup then fails with. The default has nothing to watch.
+    fn watch(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// The backup's data is safely stored: removes the views, keeps the new checkpoint.
     fn finish(self: Box<Self>) -> Result<()>;
 

@@ -70,7 +70,8 @@ while [ "$n" -gt 0 ]; do
   p=$1; shift; n=$((n - 1))
   if [ -d "$p" ]; then mkdir -p "$root$p"
   else mkdir -p "$root$(dirname "$p")"; [ -e "$root$p" ] || : > "$root$p"; fi
-  mount --bind "$p" "$root$p"
+  # Recursive: a filesystem a test mounted inside its directory (a small tmpfs) is seen too.
+  mount --rbind "$p" "$root$p"
 done
 exec chroot "$@""#;
 

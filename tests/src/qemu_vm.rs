@@ -144,17 +144,44 @@ impl QemuVm {
     /// The guest writes `pattern` bytes at `offset..offset+length` of disk `name` (through
     /// the device, as the guest would: `qemu-io -d NAME-dev "write -P PATTERN OFF LEN"`).
     pub fn write(&mut self, name: &str, offset: u64, length: u64, pattern: u8) {
-        let out = self.hmp(&format!(
+        if let Err(out) = self.try_write(name, offset, length, pattern) {
+            panic!("qemu-io write on {name}: {out}");
+        }
+    }
+
+    /// Like [`write`](Self::write), for a write the test expects to fail (the guest's write
+    /// broken by a backup's copy-before-write filter): it is not recorded in the disk's
+    /// model, so a later comparison with the model shows whether it really failed. qemu-io
+    /// reports a failed write (`write failed: ...`) on QEMU's standard output only, not in
+    /// the monitor's answer, which is returned.
+    pub fn write_expecting_failure(
+        &mut self,
+        name: &str,
+        offset: u64,
+        length: u64,
+        pattern: u8,
+    ) -> String {
+        self.hmp(&format!(
             "qemu-io -d /machine/peripheral/{name}-dev/virtio-backend \"write -P {pattern} {offset} {length}\""
-        ));
+        ))
+    }
+
+    fn try_write(
+        &mut self,
+        name: &str,
+        offset: u64,
+        length: u64,
+        pattern: u8,
+    ) -> Result<(), String> {
+        let out = self.write_expecting_failure(name, offset, length, pattern);
         // qemu-io prints its report on QEMU's standard output; the monitor's answer is empty
         // unless the command failed.
-        assert!(
-            !out.to_lowercase().contains("error") && !out.contains("failed"),
-            "qemu-io write on {name}: {out}"
-        );
+        if out.to_lowercase().contains("error") || out.contains("failed") {
+            return Err(out);
+        }
         let i = self.index(name);
         self.model[i][offset as usize..(offset + length) as usize].fill(pattern);
+        Ok(())
     }
 
     /// The guest writes zeros (`write -z`).
