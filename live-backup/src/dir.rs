@@ -455,6 +455,7 @@ impl BackupDir {
                 &mut watched,
             )
             .and_then(|written| session.watch().map(|()| written))
+            .and_then(|written| session.data_written().map(|()| written))
             .map_err(|e| session.watch().err().unwrap_or(e));
         let point = match written {
             Ok((point_disks, mut partial)) => {

@@ -77,6 +77,35 @@
 //! except for adding and removing its checkpoint bitmap: the VM keeps running with writable
 //! disks.
 //!
+//! ## Half-made checkpoints
+//!
+//! The transaction also adds, per disk, a *pending marker*: a disabled persistent bitmap
+//! named after the checkpoint with `~pending` (`vmsdk-CHAIN-N~pending`, the coarsest
+//! granularity, so a few bits). Being in the same transaction, it exists exactly when the
+//! checkpoint does; being persistent, it survives with it a clean restart of the VM.
+//! [`data_written`](BackupSession::data_written), called once the point's images are
+//! written and synced and just before its manifest is stored, removes it. So `cleanup`
+//! recognises a checkpoint a killed backup left half-made without the backup directory (a
+//! checkpoint with its marker; it removes both, and markers left alone), and never removes a
+//! stored one: a backup killed between the marker's removal and the manifest's rename (a
+//! rename and a directory sync) leaves an unmarked checkpoint, which the next backup into
+//! the directory (or `cleanup` with it) removes as one no point records. Removing a
+//! checkpoint removes the checkpoint first and the marker second, so an interruption never
+//! makes a pending checkpoint look stored. [`checkpoints`](BackupSource::checkpoints) does not
+//! list markers.
+//!
+//! ## A backup still running
+//!
+//! `cleanup` must not destroy a backup in progress (its views, its not yet stored
+//! checkpoint). A session holds its scratch directory's lock file (`vmsdk.lock`, a POSIX
+//! record lock, dropped by the kernel when the process dies) from `begin` to its end;
+//! `cleanup` takes the lock of its own scratch directory and of every directory holding a
+//! `vmsdk-sc-N` node's file, and fails with [`Error::Busy`] when one is held, touching
+//! nothing; `begin` fails the same way, so two backups of one VM through one scratch
+//! directory never run at once. (QEMU serves one client per monitor: on a VM with a single
+//! QMP socket a second vmsdk cannot even connect while a backup holds it; the lock matters
+//! for VMs with several monitors.)
+//!
 //! Every command goes through qmp-proto's typed commands ([`qmp_proto::MonitorExt::call`]),
 //! checked against the QEMU version of the greeting before it is sent, and the scratch
 //! images' `blockdev-create` jobs are followed with its job helper. Only `query-name`,
@@ -122,6 +151,13 @@ const TLS_OBJECT: &str = "vmsdk-tls";
 const EXPORT_BITMAP: &str = "vmsdk-export";
 /// The NBD socket's file name in the scratch directory.
 const SOCKET: &str = "nbd.sock";
+/// A checkpoint's pending marker is named after it with this suffix (see the module docs).
+const PENDING_SUFFIX: &str = "~pending";
+/// The granularity of a pending marker: the coarsest QEMU allows (it never records anything
+/// that matters, so a few bits per disk are enough).
+const MARKER_GRANULARITY: u32 = 1 << 31;
+/// The lock file of a scratch directory, held while a backup through it runs.
+const LOCK_FILE: &str = "vmsdk.lock";
 /// [`QemuSource::min_scratch_free`]'s default.
 const DEFAULT_MIN_SCRATCH_FREE: u64 = 16 << 20;
 /// [`QemuSource::scratch_reserve`]'s default.
@@ -135,6 +171,39 @@ const WATCHED_EVENTS: [&str; 5] = [
     "BLOCK_JOB_CANCELLED",
     "STOP",
 ];
+
+/// The pending marker of `checkpoint`.
+fn pending_marker(checkpoint: &str) -> String {
+    format!("{checkpoint}{PENDING_SUFFIX}")
+}
+
+/// Takes the lock of scratch directory `dir` (its `vmsdk.lock`, created 0600): held by a
+/// backup session from `begin` to its end, and by `cleanup` while it runs. The kernel drops
+/// it when its holder dies, so a killed backup's is free.
+///
+/// A POSIX record lock (`fcntl(F_SETLK)`), which belongs to the process: it keeps other
+/// processes' backups and cleanups out, and a process never locks itself out (a session it
+/// leaked, `std::mem::forget` standing in for a killed process in tests, is cleaned up by the
+/// same process as a killed one would be).
+fn lock_scratch(dir: &Path) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::io("open", &path, e))?;
+    match rustix::fs::fcntl_lock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::AGAIN | rustix::io::Errno::ACCESS) => Err(Error::Busy {
+            dir: dir.to_owned(),
+        }),
+        Err(e) => Err(Error::io("lock", &path, e.into())),
+    }
+}
 
 /// The free bytes of the filesystem holding `dir` (for an unprivileged writer).
 fn free_space(dir: &Path) -> Result<u64> {
@@ -531,6 +600,12 @@ impl<M: Monitor> QemuSource<M> {
             actions.push(TransactionAction::BlockDirtyBitmapAdd(
                 BlockDirtyBitmapAddArgs::new(&disk.node, &request.checkpoint).persistent(true),
             ));
+            actions.push(TransactionAction::BlockDirtyBitmapAdd(
+                BlockDirtyBitmapAddArgs::new(&disk.node, pending_marker(&request.checkpoint))
+                    .persistent(true)
+                    .disabled(true)
+                    .granularity(MARKER_GRANULARITY),
+            ));
             if let Some(since) = &request.since {
                 let mut add = BlockDirtyBitmapAddArgs::new(scratch_node(i), EXPORT_BITMAP)
                     .persistent(false)
@@ -696,7 +771,7 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
                 let Some(name) = bitmap.name.as_deref() else {
                     continue;
                 };
-                if !name.starts_with(CHECKPOINT_PREFIX) {
+                if !name.starts_with(CHECKPOINT_PREFIX) || name.ends_with(PENDING_SUFFIX) {
                     continue;
                 }
                 let disk = CheckpointDisk {
@@ -742,6 +817,8 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
                     .into(),
             ));
         }
+        ensure_private_dir(&self.scratch_dir)?;
+        let lock = lock_scratch(&self.scratch_dir)?;
         let known = self.disks()?;
         let nodes = self.nodes()?;
         let mut disks = Vec::new();
@@ -804,6 +881,7 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
             Ok((consistency, warnings)) => Ok(Box::new(QemuSession {
                 socket: self.scratch_dir.join(SOCKET),
                 scratch_dir: self.scratch_dir.clone(),
+                _lock: lock,
                 tls: request.tls.then(|| self.tls.clone()).flatten(),
                 nbd_timeout: self.nbd_timeout,
                 source: Mutex::new(self),
@@ -827,10 +905,14 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
                 // The transaction is atomic: its bitmaps exist only if it succeeded, and then
                 // a later step failed.
                 for disk in &disks {
-                    let _ = self.call::<BlockDirtyBitmapRemove>(&BlockDirtyBitmap::new(
-                        &disk.node,
-                        &request.checkpoint,
-                    ));
+                    for name in [
+                        request.checkpoint.clone(),
+                        pending_marker(&request.checkpoint),
+                    ] {
+                        let _ = self.call::<BlockDirtyBitmapRemove>(&BlockDirtyBitmap::new(
+                            &disk.node, name,
+                        ));
+                    }
                 }
                 Err(e)
             }
@@ -838,16 +920,45 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
     }
 
     fn remove_checkpoint(&mut self, name: &str) -> Result<()> {
+        let marker = pending_marker(name);
         for node in self.nodes()? {
-            if Self::bitmap(&node, name).is_some() {
-                let node_name = node.node_name.unwrap_or_default();
-                self.call::<BlockDirtyBitmapRemove>(&BlockDirtyBitmap::new(node_name, name))?;
+            let node_name = node.node_name.clone().unwrap_or_default();
+            // The checkpoint first: interrupted in between, an orphaned marker is left,
+            // which `cleanup` removes, never a pending checkpoint looking stored.
+            for bitmap in [name, marker.as_str()] {
+                if Self::bitmap(&node, bitmap).is_some() {
+                    self.call::<BlockDirtyBitmapRemove>(&BlockDirtyBitmap::new(
+                        &node_name, bitmap,
+                    ))?;
+                }
             }
         }
         Ok(())
     }
 
     fn cleanup(&mut self) -> Result<CleanupReport> {
+        // A backup through this scratch directory that still runs holds its lock; one
+        // through another scratch directory holds that one's, found from its scratch
+        // node's file. Either is left alone: Busy.
+        let _lock = if self.scratch_dir.is_dir() {
+            Some(lock_scratch(&self.scratch_dir)?)
+        } else {
+            None
+        };
+        let mut _other_locks = Vec::new();
+        for node in self.nodes()? {
+            let Some(name) = node.node_name.as_deref() else {
+                continue;
+            };
+            if !name.starts_with("vmsdk-sc-") {
+                continue;
+            }
+            if let Some(dir) = Path::new(&node.file).parent() {
+                if dir != self.scratch_dir && dir.join(LOCK_FILE).is_file() {
+                    _other_locks.push(lock_scratch(dir)?);
+                }
+            }
+        }
         let mut report = CleanupReport::default();
         let mut foreign_exports = false;
         for export in self.exports()? {
@@ -917,6 +1028,48 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
                 }
             }
         }
+        // Half-made checkpoints: those with a pending marker (and orphaned markers). No
+        // backup runs (the locks above), so none of them is in the making.
+        for node in self.nodes()? {
+            let Some(node_name) = node.node_name.as_deref() else {
+                continue;
+            };
+            for bitmap in node.dirty_bitmaps.iter().flatten() {
+                let Some(marker) = bitmap.name.as_deref() else {
+                    continue;
+                };
+                let Some(checkpoint) = marker.strip_suffix(PENDING_SUFFIX) else {
+                    continue;
+                };
+                if !checkpoint.starts_with(CHECKPOINT_PREFIX) {
+                    continue;
+                }
+                if Self::bitmap(&node, checkpoint).is_some() {
+                    match self.call::<BlockDirtyBitmapRemove>(&BlockDirtyBitmap::new(
+                        node_name, checkpoint,
+                    )) {
+                        Ok(_) => report.removed.push(format!(
+                            "checkpoint {checkpoint} on {node_name} (half-made)"
+                        )),
+                        Err(e) => {
+                            report
+                                .failed
+                                .push(format!("checkpoint {checkpoint} on {node_name}: {e}"));
+                            continue;
+                        }
+                    }
+                }
+                match self.call::<BlockDirtyBitmapRemove>(&BlockDirtyBitmap::new(node_name, marker))
+                {
+                    Ok(_) => report
+                        .removed
+                        .push(format!("pending marker {marker} on {node_name}")),
+                    Err(e) => report
+                        .failed
+                        .push(format!("pending marker {marker} on {node_name}: {e}")),
+                }
+            }
+        }
         // Scratch files whose nodes died with an earlier QEMU.
         if let Ok(entries) = std::fs::read_dir(&self.scratch_dir) {
             for entry in entries.flatten() {
@@ -948,6 +1101,8 @@ struct QemuSession<'a, M: Monitor> {
     watch: Mutex<Watch>,
     socket: PathBuf,
     scratch_dir: PathBuf,
+    /// The scratch directory's lock, held until the session is dropped (after its end).
+    _lock: std::fs::File,
     tls: Option<TlsDirs>,
     nbd_timeout: Duration,
     checkpoint: String,
@@ -1001,13 +1156,25 @@ impl<M: Monitor> QemuSession<'_, M> {
             let _ = source.monitor.unsubscribe(subscription);
         }
         let torn = source.teardown(self.disks.len());
+        // Kept: stored, so its marker goes (already gone after `data_written`). Not kept:
+        // the checkpoint, then its marker.
+        let marker = pending_marker(&self.checkpoint);
+        let doomed: Vec<&str> = if keep_checkpoint {
+            vec![&marker]
+        } else {
+            vec![&self.checkpoint, &marker]
+        };
+        let nodes = source.nodes().unwrap_or_default();
         let mut removal = Ok(());
-        if !keep_checkpoint {
-            for disk in &self.disks {
-                let r = source.call::<BlockDirtyBitmapRemove>(&BlockDirtyBitmap::new(
-                    &disk.node,
-                    &self.checkpoint,
-                ));
+        for disk in &self.disks {
+            for name in &doomed {
+                let present = QemuSource::<M>::node(&nodes, &disk.node)
+                    .is_none_or(|n| QemuSource::<M>::bitmap(n, name).is_some());
+                if !present {
+                    continue;
+                }
+                let r = source
+                    .call::<BlockDirtyBitmapRemove>(&BlockDirtyBitmap::new(&disk.node, *name));
                 if let Err(e) = r {
                     removal = Err(e);
                 }
@@ -1162,6 +1329,15 @@ impl<M: Monitor> BackupSession for QemuSession<'_, M> {
         let error = self.scratch_full(&lost);
         watch.lost = Some(lost);
         Err(error)
+    }
+
+    fn data_written(&self) -> Result<()> {
+        let mut source = lock(&self.source);
+        let marker = pending_marker(&self.checkpoint);
+        for disk in &self.disks {
+            source.call::<BlockDirtyBitmapRemove>(&BlockDirtyBitmap::new(&disk.node, &marker))?;
+        }
+        Ok(())
     }
 
     fn open(&self, node: &str) -> Result<Box<dyn Disk>> {

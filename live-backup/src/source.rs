@@ -251,8 +251,11 @@ pub trait BackupSource: Send + fmt::Debug {
     fn remove_checkpoint(&mut self, name: &str) -> Result<()>;
 
     /// Removes what interrupted backups left behind (views, their exports, jobs and scratch
-    /// images): `EndAccess` "to clean up after a crash". Checkpoints stay; the backup
-    /// directory decides which of its own are stale.
+    /// images): `EndAccess` "to clean up after a crash". Of the checkpoints, only those a
+    /// backup made and never got to [`BackupSession::data_written`] go, where the source can
+    /// tell them (QEMU marks them pending); stored ones stay, and the backup directory
+    /// decides which of its own are stale. A backup still running is left alone (QEMU: its
+    /// scratch directory's lock is held), with [`Error::Busy`](crate::Error::Busy).
     fn cleanup(&mut self) -> Result<CleanupReport>;
 }
 
@@ -285,6 +288,16 @@ pub trait BackupSession: Send + fmt::Debug {
     /// the guest's writes would fail) does it here and answers with the reason, which the
     /// backup then fails with. The default has nothing to watch.
     fn watch(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The backup's data is written and synced, and its point is about to be stored: the
+    /// new checkpoint is no longer half-made. Until then a source may mark it pending so that
+    /// [`BackupSource::cleanup`] recognises it without the backup directory (QEMU removes
+    /// its pending marker here). Called just before the point is stored, so a backup killed
+    /// in between leaves an unmarked checkpoint, which the next backup into the directory
+    /// removes, rather than ever a marked stored one. The default has no marker.
+    fn data_written(&self) -> Result<()> {
         Ok(())
     }
 

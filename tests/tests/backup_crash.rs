@@ -8,7 +8,11 @@
 //! with writable disks (a `qemu-io` write succeeds), the chain still verifies,
 //! `vmsdk backup cleanup --qmp URI DIR` removes every leftover (exports, jobs, scratch nodes
 //! and files, half-made checkpoints, partial images), and the next backup restores byte for
-//! byte. Ctrl-C (SIGINT) in a phase exits 130 and leaves nothing behind.
+//! byte; `cleanup` without DIR already removes the half-made checkpoint (marked pending),
+//! never a stored one. Ctrl-C (SIGINT) in every phase (`checkpoint`, `copy`, `hash`,
+//! `stored`) exits 130 and leaves nothing behind: before `stored` the chain as it was, at
+//! `stored` the new point complete. A `cleanup` while a backup is paused (alive) is refused
+//! and leaves it alone.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -224,6 +228,48 @@ fn sigkill_in_every_phase_and_ctrl_c_leave_the_vm_usable_and_the_next_backup_cor
                 !before.is_empty(),
                 "{what}: the killed backup left something"
             );
+            // Without DIR: everything in QEMU but the stored checkpoints (at `stored`, the
+            // replaced one is still stored for all QEMU knows); the half-made checkpoint
+            // (marked pending) goes.
+            let cleaned: Value = serde_json::from_str(&ok(&[
+                "backup",
+                "cleanup",
+                "--qmp",
+                &qmp,
+                "--scratch-dir",
+                scratch,
+                "--json",
+            ]))
+            .unwrap();
+            assert_eq!(cleaned["failed"], json!([]), "{what}: {cleaned}");
+            let left = leftovers(&vm, &scratch_path, &dir_path, &keep);
+            let expected: Vec<String> = if phase == "stored" {
+                let (chain, number) = keep.rsplit_once('-').unwrap();
+                let replaced = format!("{chain}-{}", number.parse::<u32>().unwrap() - 1);
+                disks
+                    .iter()
+                    .map(|d| format!("bitmap {replaced} on {d}"))
+                    .collect()
+            } else {
+                vec![]
+            };
+            let mut in_qemu: Vec<String> = left
+                .iter()
+                .filter(|l| !l.starts_with("file "))
+                .cloned()
+                .collect();
+            in_qemu.sort();
+            assert_eq!(
+                in_qemu, expected,
+                "{what}: cleanup without DIR (before: {before:?}; cleanup: {cleaned})"
+            );
+            if phase != "stored" {
+                let removed = cleaned["removed"].to_string();
+                assert!(
+                    removed.contains("(half-made)"),
+                    "{what}: the half-made checkpoint was recognised: {cleaned}"
+                );
+            }
             let cleaned: Value = serde_json::from_str(&ok(&[
                 "backup",
                 "cleanup",
@@ -250,27 +296,72 @@ fn sigkill_in_every_phase_and_ctrl_c_leave_the_vm_usable_and_the_next_backup_cor
             latest_restores(&vm, tmp.path(), dir, &disks, phase);
         }
 
-        // Ctrl-C: exit 130, nothing left behind, the chain as it was.
-        vm.write("vda", 20 * MIB, 64 << 10, 0x7f);
-        let points_before = last_checkpoint(dir);
-        let args = create(false);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut child = paused_at(&args, "checkpoint");
-        let killed = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        let code = child.wait().unwrap().code();
-        assert_eq!(code, Some(130), "Ctrl-C exits 130 ({version})");
-        assert_eq!(last_checkpoint(dir), points_before);
-        let left = leftovers(&vm, &scratch_path, &dir_path, &points_before);
-        assert!(left.is_empty(), "Ctrl-C tore down ({version}): {left:?}");
+        // Ctrl-C in every phase: exit 130; before `stored` nothing left behind and the chain
+        // as it was, at `stored` the new point complete. While paused (the backup alive),
+        // `cleanup` refuses to touch it.
+        for (n, phase) in ["checkpoint", "copy", "hash", "stored"]
+            .into_iter()
+            .enumerate()
+        {
+            let what = format!("Ctrl-C at {phase} ({version})");
+            vm.write("vda", (20 + n as u64) * MIB, 64 << 10, 0x80 + n as u8);
+            let points_before = last_checkpoint(dir);
+            let args = create(phase == "copy");
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut child = paused_at(&args, phase);
+            if phase == "copy" {
+                // Through the VM's second monitor: the backup holds the first, and QEMU serves
+                // one client per monitor.
+                let second = format!("qmp+unix://{}", tmp.path().join("qmp-test.sock").display());
+                let refused = vmsdk(&[
+                    "backup",
+                    "cleanup",
+                    "--qmp",
+                    &second,
+                    "--scratch-dir",
+                    scratch,
+                ]);
+                let stderr = String::from_utf8_lossy(&refused.stderr);
+                assert!(
+                    !refused.status.success() && stderr.contains("in use by another backup"),
+                    "{what}: cleanup left the running backup alone: {stderr}"
+                );
+                let exports = vm.qmp_command("query-block-exports", Value::Null);
+                assert_eq!(
+                    exports.as_array().map(Vec::len),
+                    Some(disks.len()),
+                    "{what}: the running backup's exports are still there"
+                );
+            }
+            let killed = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(killed.success());
+            let code = child.wait().unwrap().code();
+            assert_eq!(code, Some(130), "{what}: exit 130");
+            let now = last_checkpoint(dir);
+            if phase == "stored" {
+                assert_ne!(now, points_before, "{what}: the new point is stored");
+            } else {
+                assert_eq!(now, points_before, "{what}: the chain as it was");
+            }
+            let left = leftovers(&vm, &scratch_path, &dir_path, &now);
+            assert!(left.is_empty(), "{what}: torn down: {left:?}");
+            let verified = ok(&["backup", "verify", "--no-progress", dir]);
+            assert!(
+                verified.lines().all(|l| l.contains(": ok ")),
+                "{what}: the chain verifies: {verified}"
+            );
+            if phase == "stored" {
+                latest_restores(&vm, tmp.path(), dir, &disks, "ctrl-c-at-stored");
+            }
+            eprintln!("{what}: exit 130, torn down");
+        }
         let args = create(false);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         ok(&args);
         latest_restores(&vm, tmp.path(), dir, &disks, "after-ctrl-c");
-        eprintln!("Ctrl-C at checkpoint: exit 130, torn down ({version})");
         vm.quit();
     });
     assert!(!ran.is_empty() || !vmsdk_tests::running_in_ci());

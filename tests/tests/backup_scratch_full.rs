@@ -105,7 +105,12 @@ fn leftovers(vm: &QemuVm, scratch: &Path, keep: &str) -> Vec<String> {
         }
     }
     for entry in std::fs::read_dir(scratch).into_iter().flatten().flatten() {
-        found.push(format!("file {}", entry.file_name().to_string_lossy()));
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // The scratch directory's lock file stays (empty; a lock is on it only while a
+        // backup runs).
+        if name != "vmsdk.lock" {
+            found.push(format!("file {name}"));
+        }
     }
     found
 }

@@ -113,9 +113,11 @@ enum BackupCommand {
         /// Where to: a path or a disk URI (nbd://, nbd+unix://, ...).
         dest: String,
     },
-    /// Remove what interrupted backups left in QEMU: exports, jobs, scratch nodes and files;
-    /// with DIR, also the checkpoints of DIR's chain that no point records (half-made by a
-    /// killed backup) and DIR's partial images.
+    /// Remove what interrupted backups left in QEMU: exports, jobs, scratch nodes and files,
+    /// and checkpoints half-made by a killed backup (marked pending until its data was
+    /// written; never a stored one); with DIR, also the checkpoints of DIR's chain that no
+    /// point records and DIR's partial images. A backup of the VM still running (its
+    /// scratch directory's lock held) is left alone: an error.
     Cleanup {
         /// The VM's QMP socket.
         #[arg(long, value_name = "URI")]
@@ -225,6 +227,15 @@ pub fn run(args: &BackupArgs) -> CliResult {
                 for line in &report.cleanup.removed {
                     eprintln!("vmsdk: removed a leftover of an interrupted backup: {line}");
                 }
+            }
+            if cancel.is_cancelled() {
+                // Ctrl-C after the point was stored: nothing was left to stop.
+                eprintln!(
+                    "vmsdk: interrupted after point {} was stored: it is complete, and what the \
+                     backup made in QEMU removed",
+                    report.point.number
+                );
+                return Ok(ExitCode::from(130));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -444,7 +455,8 @@ fn show(bar: &ProgressBar, p: &Progress) {
 
 /// A test hook, for the crash tests: with `VMSDK_TEST_PAUSE_AT=PHASE` in the environment
 /// (`checkpoint`: the point in time taken and exported; `copy`: the first progress report of
-/// the first disk's copy, inside the copy, before its image is flushed; `stored`: the point in the manifest, before the session ends and the replaced
+/// the first disk's copy, inside the copy, before its image is flushed; `hash`: the first
+/// progress report of an incremental point's block hash, read back through its chain; `stored`: the point in the manifest, before the session ends and the replaced
 /// checkpoint goes), `backup create` prints `vmsdk: test hook: paused at PHASE` on standard
 /// error when it gets there and waits, until it is killed or Ctrl-C sets the cancel token.
 /// The copy's worker threads may keep reading while the copy is paused; the backup itself
