@@ -34,8 +34,9 @@
 //! `blockdev-backup` has no way to set it): a guest write then fails with `ENOSPC`, and a
 //! device with the default `werror=enospc` stops the VM. The view itself stays right (the
 //! write never reached the disk). Verified on QEMU 7.2 and 10.0 with a tmpfs as the scratch
-//! directory (`tests/tests/backup_scratch_full.rs`: the broken write is missing from the
-//! disk afterwards).
+//! directory (`tests/tests/backup_scratch_full.rs`: a `qemu-io` write is missing from the
+//! disk afterwards; a guest's write through its virtio-blk device, from a boot sector, stops
+//! the VM with `io-error`).
 //!
 //! vmsdk keeps `blockdev-backup` (its checkpoint and view atomic in one transaction) and
 //! guards the VM around it:
@@ -45,7 +46,9 @@
 //! - while the backup reads, [`BackupSession::watch`] (called on every progress report, about
 //!   every 50 ms, and once more before the point is stored) looks at the scratch
 //!   filesystem's free space and at the events of the session (`BLOCK_IO_ERROR` with
-//!   `nospace` on one of its disks, its backup jobs failing or ending); when the free space
+//!   `nospace` on one of its disks or on the filter the job put above it, named
+//!   `vmsdk-cbw-N`, which is the device's root node while the job runs; its backup jobs
+//!   failing or ending); when the free space
 //!   falls below [`scratch_reserve`](QemuSource::scratch_reserve) or such an event came, it
 //!   gives the views up at once: the exports removed (hard: no read follows), the backup jobs
 //!   cancelled (their filters leave the disks, so the guest's next and retried writes
@@ -219,6 +222,11 @@ fn scratch_file_node(i: usize) -> String {
 }
 fn backup_job(i: usize) -> String {
     format!("vmsdk-job-{i}")
+}
+/// The copy-before-write filter backup job `i` inserts above its disk: the devices' root
+/// node while the job runs, so the node their I/O errors name.
+fn filter_node(i: usize) -> String {
+    format!("vmsdk-cbw-{i}")
 }
 fn create_job(i: usize) -> String {
     format!("vmsdk-create-{i}")
@@ -625,11 +633,12 @@ impl<M: Monitor> QemuSource<M> {
                     },
                 ));
             }
-            actions.push(TransactionAction::BlockdevBackup(
+            let mut backup =
                 BlockdevBackupArgs::new(backup_job(i), &disk.node, scratch_node(i), SyncMode::None)
                     .auto_finalize(true)
-                    .auto_dismiss(false),
-            ));
+                    .auto_dismiss(false);
+            backup.filter_node_name = Some(filter_node(i));
+            actions.push(TransactionAction::BlockdevBackup(backup));
         }
         // Checked against the greeting's version before the guest is frozen: a QEMU without
         // one of the actions (or node/name pairs in the merge, 5.0) is refused up front.
@@ -1195,17 +1204,19 @@ impl<M: Monitor> QemuSession<'_, M> {
     /// this session failed or ended on its own.
     fn danger(&self, source: &mut QemuSource<M>, watch: &Watch) -> Result<Option<String>> {
         let free = free_space(&self.scratch_dir)?;
-        let mut danger = (free < source.scratch_reserve).then(|| {
-            format!(
-                "is full: {free} bytes free, below the reserve of {} bytes \
-                 (QemuSource::scratch_reserve)",
-                source.scratch_reserve
-            )
-        });
+        // The events first: they say more than the free space.
+        let mut danger = None;
         let Some(subscription) = watch.subscription else {
-            return Ok(danger);
+            return Ok(Self::low_space(free, source.scratch_reserve));
         };
-        let ours_node = |name: &str| self.disks.iter().any(|d| d.node == name);
+        // A device's errors name its root node: our filter while the job runs.
+        let ours_node = |name: &str| {
+            self.disks
+                .iter()
+                .enumerate()
+                .find(|(i, d)| d.node == name || filter_node(*i) == name)
+                .map(|(_, d)| d.node.clone())
+        };
         let ours_job = |id: &str| (0..self.disks.len()).any(|i| backup_job(i) == id);
         while let Some(event) = source
             .monitor
@@ -1217,13 +1228,14 @@ impl<M: Monitor> QemuSession<'_, M> {
                 "BLOCK_IO_ERROR" => {
                     let node = data["node-name"].as_str().unwrap_or_default();
                     let device = data["device"].as_str().unwrap_or_default();
-                    if data["nospace"] == true && (ours_node(node) || ours_node(device)) {
+                    let disk = ours_node(node).or_else(|| ours_node(device));
+                    if let (true, Some(disk)) = (data["nospace"] == true, disk) {
                         danger.get_or_insert_with(|| {
                             format!(
-                                "is full: a guest write to disk {} failed with ENOSPC while the \
-                                 backup's copy-before-write filter saved the old data ({free} \
-                                 bytes free now)",
-                                if node.is_empty() { device } else { node }
+                                "is full: a guest write to disk {disk} failed with ENOSPC while \
+                                 the backup's copy-before-write filter was on it ({free} bytes \
+                                 free there now; if that is plenty, the disk's own storage is \
+                                 full)"
                             )
                         });
                     }
@@ -1244,7 +1256,16 @@ impl<M: Monitor> QemuSession<'_, M> {
                 _ => {} // STOP: the run state is looked at when the views are given up.
             }
         }
-        Ok(danger)
+        Ok(danger.or_else(|| Self::low_space(free, source.scratch_reserve)))
+    }
+
+    fn low_space(free: u64, reserve: u64) -> Option<String> {
+        (free < reserve).then(|| {
+            format!(
+                "is full: {free} bytes free, below the reserve of {reserve} bytes \
+                 (QemuSource::scratch_reserve)"
+            )
+        })
     }
 
     /// Gives the views up so that the guest's writes go on: the exports first (hard: no

@@ -2,6 +2,9 @@
 //! block layer, QMP and the NBD server do) with qcow2 disks, two QMP monitors (one for the
 //! code under test, one for the test's guest writes) and guest writes made at known moments
 //! through HMP's `qemu-io`, so every byte of every disk is known at every moment.
+//! [`QemuVm::start_booting`] makes one that runs and boots from its first disk instead, for
+//! guest code in a boot sector that a test wrote there (its writes go through the device, so
+//! its error policy applies, which `qemu-io` skips).
 //!
 //! The VM of a [`Generation`] is that generation's QEMU (Debian 12's 7.2 on the machine,
 //! Debian 13's 10.0 in the peer root); it is killed by its PID when dropped.
@@ -32,6 +35,33 @@ impl QemuVm {
     /// generation's qemu-img when missing. `None` (after a skip notice) when the generation or
     /// QEMU is missing outside CI.
     pub fn start(generation: Generation, dir: &Path, disks: &[(&str, u64)]) -> Option<QemuVm> {
+        Self::launch(generation, dir, disks, false)
+    }
+
+    /// Like [`start`](Self::start), but the VM runs: the firmware boots from the first disk
+    /// (which the test has made with a boot sector), and the guest's debug console (port
+    /// 0xe9) goes to `debugcon.log` in `dir` ([`debug_console`](Self::debug_console)). The
+    /// disks' model knows nothing of what the images held before, nor of the guest's writes.
+    pub fn start_booting(
+        generation: Generation,
+        dir: &Path,
+        disks: &[(&str, u64)],
+    ) -> Option<QemuVm> {
+        Self::launch(generation, dir, disks, true)
+    }
+
+    /// What the guest wrote on its debug console so far (a VM of
+    /// [`start_booting`](Self::start_booting)).
+    pub fn debug_console(&self) -> String {
+        std::fs::read_to_string(self.dir.join("debugcon.log")).unwrap_or_default()
+    }
+
+    fn launch(
+        generation: Generation,
+        dir: &Path,
+        disks: &[(&str, u64)],
+        boot: bool,
+    ) -> Option<QemuVm> {
         let qemu = generation.command("qemu-system-x86_64", "qemu-system-x86")?;
         let mut model = Vec::new();
         for (name, size) in disks {
@@ -49,8 +79,15 @@ impl QemuVm {
         }
         let mut command = qemu
             .bind(dir)
-            .args(["-S", "-nodefaults", "-display", "none", "-m", "64"])
+            .args(["-nodefaults", "-display", "none", "-m", "64"])
             .args(["-machine", "pc,accel=tcg"]);
+        command = if boot {
+            command
+                .arg("-debugcon")
+                .arg(format!("file:{}", dir.join("debugcon.log").display()))
+        } else {
+            command.arg("-S")
+        };
         for (i, socket) in ["qmp.sock", "qmp-test.sock"].iter().enumerate() {
             command = command
                 .arg("-chardev")
@@ -61,7 +98,8 @@ impl QemuVm {
                 .arg("-mon")
                 .arg(format!("chardev=mon{i},mode=control"));
         }
-        for (name, _) in disks {
+        for (i, (name, _)) in disks.iter().enumerate() {
+            let bootindex = if boot && i == 0 { ",bootindex=0" } else { "" };
             command = command
                 .arg("-blockdev")
                 .arg(format!(
@@ -71,7 +109,9 @@ impl QemuVm {
                 .arg("-blockdev")
                 .arg(format!("driver=qcow2,file={name}-file,node-name={name}"))
                 .arg("-device")
-                .arg(format!("virtio-blk-pci,drive={name},id={name}-dev"));
+                .arg(format!(
+                    "virtio-blk-pci,drive={name},id={name}-dev{bootindex}"
+                ));
         }
         // qemu-io's reports (one per write) would drown the test's output.
         let child = command.spawn(Stdio::null(), Stdio::inherit());
