@@ -324,6 +324,10 @@ impl<'de> Deserialize<'de> for Blkhash {
     }
 }
 
+/// The largest digest table [`BlkHasher::recording`] keeps in memory: 2 GiB, the
+/// `sha256/64k` digests of a 4 TiB disk.
+pub const MAX_DIGEST_TABLE: u64 = 2 << 30;
+
 /// Finished blocks not yet folded into the outer hash.
 enum Done {
     /// Digests of consecutive blocks.
@@ -338,11 +342,30 @@ struct Partial {
     filled: u64,
 }
 
+/// Where finished block digests go.
+enum Sink {
+    /// Folded into the outer hash in block order, each dropped once folded: memory for the
+    /// blocks that arrived ahead of a missing one only.
+    Stream {
+        outer: Box<Hasher>,
+        /// The next block to fold into `outer`.
+        next: u64,
+        done: BTreeMap<u64, Done>,
+    },
+    /// Every block's digest kept in a table (`digest_len` bytes per block), hashed at the end:
+    /// what [`BlkHasher::recording`] and [`BlkHasher::resume`] hand out as [`BlockDigests`].
+    Table {
+        digests: Vec<u8>,
+        /// One bit per block given since the hasher was made.
+        given: Vec<u64>,
+        given_count: u64,
+        /// Started from a previous point's digests: blocks never given keep theirs.
+        resumed: bool,
+    },
+}
+
 struct State {
-    outer: Hasher,
-    /// The next block to fold into `outer`.
-    next: u64,
-    done: BTreeMap<u64, Done>,
+    sink: Sink,
     partial: HashMap<u64, Partial>,
 }
 
@@ -374,18 +397,86 @@ impl fmt::Debug for BlkHasher {
 impl BlkHasher {
     /// A hasher for a disk of `size` bytes.
     pub fn new(spec: BlkhashSpec, size: u64) -> Self {
+        Self::with_sink(
+            spec,
+            size,
+            Sink::Stream {
+                outer: Box::new(spec.algorithm.hasher()),
+                next: 0,
+                done: BTreeMap::new(),
+            },
+        )
+    }
+
+    /// A hasher for a disk of `size` bytes that keeps every block's digest, for
+    /// [`finish_with_digests`](Self::finish_with_digests): the start of a chain of
+    /// incremental hashes ([`resume`](Self::resume)). The table takes
+    /// [`BlockDigests::table_len`] bytes of memory (1/2048 of the disk with `sha256/64k`);
+    /// a table larger than [`MAX_DIGEST_TABLE`] is an [`Error::InvalidParams`] (choose larger
+    /// blocks).
+    pub fn recording(spec: BlkhashSpec, size: u64) -> Result<Self> {
+        let blocks = size.div_ceil(spec.block_size);
+        let table = BlockDigests::table_len(spec, size)
+            .filter(|&t| t as u64 <= MAX_DIGEST_TABLE)
+            .ok_or_else(|| {
+                Error::InvalidParams(format!(
+                    "the {spec} block digests of a {size}-byte disk take more than {} bytes \
+                     (use larger blocks)",
+                    MAX_DIGEST_TABLE
+                ))
+            })?;
+        Ok(Self::with_sink(
+            spec,
+            size,
+            Sink::Table {
+                digests: vec![0u8; table],
+                given: vec![0u64; blocks.div_ceil(64) as usize],
+                given_count: 0,
+                resumed: false,
+            },
+        ))
+    }
+
+    /// A hasher that starts from the digests of the same disk at an earlier point: only the
+    /// blocks that changed since are given ([`update`](Self::update), whole blocks, or pieces
+    /// that together make whole blocks); every other block keeps its previous digest. The
+    /// result equals the hash of the whole disk read again, as long as every block that
+    /// changed is given in full.
+    pub fn resume(previous: BlockDigests) -> Self {
+        let given = vec![0u64; previous.blocks().div_ceil(64) as usize];
+        Self::with_sink(
+            previous.spec,
+            previous.size,
+            Sink::Table {
+                digests: previous.digests,
+                given,
+                given_count: 0,
+                resumed: true,
+            },
+        )
+    }
+
+    fn with_sink(spec: BlkhashSpec, size: u64, sink: Sink) -> Self {
         BlkHasher {
             spec,
             size,
             blocks: size.div_ceil(spec.block_size),
             zero_digest: OnceLock::new(),
             state: Mutex::new(State {
-                outer: spec.algorithm.hasher(),
-                next: 0,
-                done: BTreeMap::new(),
+                sink,
                 partial: HashMap::new(),
             }),
         }
+    }
+
+    /// Algorithm and block size.
+    pub fn spec(&self) -> BlkhashSpec {
+        self.spec
+    }
+
+    /// The size of the disk being hashed.
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
     fn block_len(&self, index: u64) -> u64 {
@@ -470,7 +561,7 @@ impl BlkHasher {
         let mut completed: Vec<(u64, Box<[u8]>)> = Vec::new();
         let mut state = self.lock();
         if let Some((first, done)) = whole.take() {
-            state.done.insert(first, done);
+            self.store(&mut state, first, done);
         }
         for (index, within, at) in edges {
             let block_len = self.block_len(index);
@@ -501,48 +592,300 @@ impl BlkHasher {
             .collect();
         let mut state = self.lock();
         for (index, digest) in digests {
-            state.done.insert(index, Done::Digests(vec![digest]));
+            self.store(&mut state, index, Done::Digests(vec![digest]));
         }
         self.fold(&mut state);
     }
 
-    /// Folds the finished blocks that follow the last folded one into the outer hash.
-    fn fold(&self, state: &mut State) {
-        while let Some(done) = state.done.remove(&state.next) {
-            match done {
-                Done::Digests(list) => {
-                    for d in &list {
-                        state.outer.update(d.as_bytes());
+    /// Puts the finished blocks from `first` on where they go: in order for the stream, in
+    /// their slots of the table.
+    fn store(&self, state: &mut State, first: u64, done: Done) {
+        match &mut state.sink {
+            Sink::Stream { done: waiting, .. } => {
+                waiting.insert(first, done);
+            }
+            Sink::Table {
+                digests,
+                given,
+                given_count,
+                ..
+            } => {
+                let len = self.spec.algorithm.digest_len();
+                let mut put = |index: u64, digest: &Digest| {
+                    let at = index as usize * len;
+                    digests[at..at + len].copy_from_slice(digest.as_bytes());
+                    let (word, bit) = ((index / 64) as usize, index % 64);
+                    if given[word] & (1 << bit) == 0 {
+                        given[word] |= 1 << bit;
+                        *given_count += 1;
                     }
-                    state.next += list.len() as u64;
-                }
-                Done::Zeros(n) => {
-                    let zero = self.zero_digest();
-                    for _ in 0..n {
-                        state.outer.update(zero.as_bytes());
+                };
+                match done {
+                    Done::Digests(list) => {
+                        for (i, d) in list.iter().enumerate() {
+                            put(first + i as u64, d);
+                        }
                     }
-                    state.next += n;
+                    Done::Zeros(n) => {
+                        let zero = self.zero_digest();
+                        for i in 0..n {
+                            put(first + i, &zero);
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// The hash, once every byte of the disk was given; an error names the first missing block.
+    /// Folds the finished blocks that follow the last folded one into the outer hash.
+    fn fold(&self, state: &mut State) {
+        let Sink::Stream { outer, next, done } = &mut state.sink else {
+            return;
+        };
+        while let Some(finished) = done.remove(next) {
+            match finished {
+                Done::Digests(list) => {
+                    for d in &list {
+                        outer.update(d.as_bytes());
+                    }
+                    *next += list.len() as u64;
+                }
+                Done::Zeros(n) => {
+                    let zero = self.zero_digest();
+                    for _ in 0..n {
+                        outer.update(zero.as_bytes());
+                    }
+                    *next += n;
+                }
+            }
+        }
+    }
+
+    /// The hash, once every byte of the disk was given (every changed block, for a
+    /// [`resume`](Self::resume)d hasher); an error names the first missing block.
     pub fn finish(self) -> Result<Blkhash> {
+        self.finish_inner().map(|(hash, _)| hash)
+    }
+
+    /// The hash and every block's digest, the start of the next point's
+    /// [`resume`](Self::resume). Only for a hasher made by [`recording`](Self::recording) or
+    /// [`resume`](Self::resume) (an [`Error::InvalidParams`] otherwise).
+    pub fn finish_with_digests(self) -> Result<(Blkhash, BlockDigests)> {
+        match self.finish_inner()? {
+            (hash, Some(digests)) => Ok((hash, digests)),
+            (_, None) => Err(Error::InvalidParams(
+                "this block hasher keeps no block digests (make it with BlkHasher::recording)"
+                    .into(),
+            )),
+        }
+    }
+
+    fn finish_inner(self) -> Result<(Blkhash, Option<BlockDigests>)> {
         let state = self.state.into_inner().unwrap_or_else(|e| e.into_inner());
-        if state.next != self.blocks {
+        let bs = self.spec.block_size;
+        if let Some(index) = state.partial.keys().min() {
             return Err(Error::Protocol(format!(
-                "block hash incomplete: nothing for the block at offset {}",
-                state.next * self.spec.block_size
+                "block hash incomplete: only part of the block at offset {} was given",
+                index * bs
             )));
         }
-        let mut outer = state.outer;
+        match state.sink {
+            Sink::Stream { outer, next, .. } => {
+                if next != self.blocks {
+                    return Err(Error::Protocol(format!(
+                        "block hash incomplete: nothing for the block at offset {}",
+                        next * bs
+                    )));
+                }
+                let mut outer = outer;
+                outer.update(&self.size.to_le_bytes());
+                let hash = Blkhash {
+                    spec: self.spec,
+                    size: self.size,
+                    digest: outer.finish(),
+                };
+                Ok((hash, None))
+            }
+            Sink::Table {
+                digests,
+                given,
+                given_count,
+                resumed,
+            } => {
+                if !resumed && given_count != self.blocks {
+                    let missing = (0..self.blocks)
+                        .find(|i| given[(i / 64) as usize] & (1 << (i % 64)) == 0)
+                        .unwrap_or(self.blocks);
+                    return Err(Error::Protocol(format!(
+                        "block hash incomplete: nothing for the block at offset {}",
+                        missing * bs
+                    )));
+                }
+                let digests = BlockDigests {
+                    spec: self.spec,
+                    size: self.size,
+                    digests,
+                };
+                Ok((digests.blkhash(), Some(digests)))
+            }
+        }
+    }
+}
+
+/// Every block's digest of a disk at one point, in block order: what
+/// [`BlkHasher::finish_with_digests`] hands out and [`BlkHasher::resume`] starts from, so the
+/// hash of the next point needs only the blocks that changed. Kept beside a backup as bytes
+/// ([`to_bytes`](Self::to_bytes)): a header naming the spec and the disk size, the digests, and
+/// a SHA-256 of all that, so a truncated or damaged copy is refused by
+/// [`from_bytes`](Self::from_bytes) rather than giving a wrong hash.
+#[derive(Clone, PartialEq, Eq)]
+pub struct BlockDigests {
+    spec: BlkhashSpec,
+    size: u64,
+    digests: Vec<u8>,
+}
+
+impl fmt::Debug for BlockDigests {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BlockDigests")
+            .field("spec", &self.spec.to_string())
+            .field("size", &self.size)
+            .field("blocks", &self.blocks())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The first bytes of [`BlockDigests::to_bytes`].
+const DIGESTS_MAGIC: &[u8; 8] = b"BLKDIGST";
+/// Its format version.
+const DIGESTS_VERSION: u32 = 1;
+/// Magic, version, algorithm, block size, disk size.
+const DIGESTS_HEADER: usize = 32;
+/// The SHA-256 at the end.
+const DIGESTS_TRAILER: usize = 32;
+
+impl BlockDigests {
+    /// Algorithm and block size.
+    pub fn spec(&self) -> BlkhashSpec {
+        self.spec
+    }
+
+    /// The disk size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The number of blocks.
+    pub fn blocks(&self) -> u64 {
+        self.size.div_ceil(self.spec.block_size)
+    }
+
+    /// The digest of block `index`, if the disk has that block.
+    pub fn digest(&self, index: u64) -> Option<&[u8]> {
+        let len = self.spec.algorithm.digest_len();
+        let at = usize::try_from(index).ok()?.checked_mul(len)?;
+        self.digests.get(at..at + len)
+    }
+
+    /// The block hash these digests make: the digests in order, then the size.
+    pub fn blkhash(&self) -> Blkhash {
+        let mut outer = self.spec.algorithm.hasher();
+        outer.update(&self.digests);
         outer.update(&self.size.to_le_bytes());
-        Ok(Blkhash {
+        Blkhash {
             spec: self.spec,
             size: self.size,
             digest: outer.finish(),
+        }
+    }
+
+    /// Bytes of the digest table of a disk of `size` bytes; `None` when it does not fit
+    /// this machine's memory.
+    pub fn table_len(spec: BlkhashSpec, size: u64) -> Option<usize> {
+        usize::try_from(size.div_ceil(spec.block_size))
+            .ok()?
+            .checked_mul(spec.algorithm.digest_len())
+    }
+
+    /// The length of [`to_bytes`](Self::to_bytes) for a disk of `size` bytes, to check a
+    /// file's length before reading it.
+    pub fn encoded_len(spec: BlkhashSpec, size: u64) -> Option<u64> {
+        let table = u64::try_from(Self::table_len(spec, size)?).ok()?;
+        table.checked_add((DIGESTS_HEADER + DIGESTS_TRAILER) as u64)
+    }
+
+    /// The stored form: `BLKDIGST`, version 1 (u32), algorithm (u32: 0 md5, 1 sha1,
+    /// 2 sha256, 3 sha512), block size and disk size (u64), all little-endian; the digests;
+    /// the SHA-256 of everything before it.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(DIGESTS_HEADER + self.digests.len() + DIGESTS_TRAILER);
+        out.extend_from_slice(DIGESTS_MAGIC);
+        out.extend_from_slice(&DIGESTS_VERSION.to_le_bytes());
+        out.extend_from_slice(&algorithm_code(self.spec.algorithm).to_le_bytes());
+        out.extend_from_slice(&self.spec.block_size.to_le_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&self.digests);
+        let check = BlkhashAlgorithm::Sha256.digest(&out);
+        out.extend_from_slice(check.as_bytes());
+        out
+    }
+
+    /// Reads [`to_bytes`](Self::to_bytes)'s form back; any other bytes (truncated, damaged,
+    /// another format or version, a length that does not fit the header) are an
+    /// [`Error::Format`]. Allocates no more than `bytes.len()`.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
+        let bad = |why: &str| Error::Format {
+            path: "block digests".into(),
+            reason: why.into(),
+        };
+        if bytes.len() < DIGESTS_HEADER + DIGESTS_TRAILER {
+            return Err(bad("shorter than the header"));
+        }
+        if &bytes[..8] != DIGESTS_MAGIC {
+            return Err(bad("not a block digest file (magic)"));
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4"));
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8"));
+        let version = u32_at(8);
+        if version != DIGESTS_VERSION {
+            return Err(bad(&format!(
+                "format version {version} (this reads {DIGESTS_VERSION})"
+            )));
+        }
+        let algorithm = match u32_at(12) {
+            0 => BlkhashAlgorithm::Md5,
+            1 => BlkhashAlgorithm::Sha1,
+            2 => BlkhashAlgorithm::Sha256,
+            3 => BlkhashAlgorithm::Sha512,
+            other => return Err(bad(&format!("unknown algorithm {other}"))),
+        };
+        let spec = BlkhashSpec::new(algorithm, u64_at(16))
+            .map_err(|_| bad("block size is not a power of two up to 2G"))?;
+        let size = u64_at(24);
+        if Self::encoded_len(spec, size) != Some(bytes.len() as u64) {
+            return Err(bad(&format!(
+                "{} bytes do not fit a {spec} table of a {size}-byte disk (truncated?)",
+                bytes.len()
+            )));
+        }
+        let (body, check) = bytes.split_at(bytes.len() - DIGESTS_TRAILER);
+        if BlkhashAlgorithm::Sha256.digest(body).as_bytes() != check {
+            return Err(bad("checksum mismatch (damaged)"));
+        }
+        Ok(BlockDigests {
+            spec,
+            size,
+            digests: body[DIGESTS_HEADER..].to_vec(),
         })
+    }
+}
+
+fn algorithm_code(algorithm: BlkhashAlgorithm) -> u32 {
+    match algorithm {
+        BlkhashAlgorithm::Md5 => 0,
+        BlkhashAlgorithm::Sha1 => 1,
+        BlkhashAlgorithm::Sha256 => 2,
+        BlkhashAlgorithm::Sha512 => 3,
     }
 }
 
@@ -677,6 +1020,168 @@ mod tests {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect()
+    }
+
+    #[test]
+    fn recording_and_resuming_report_missing_and_partial_blocks() {
+        let spec: BlkhashSpec = "md5/4".parse().unwrap();
+        let h = BlkHasher::recording(spec, 10).unwrap();
+        h.update(0, b"abcd");
+        h.update(8, b"ij");
+        assert!(h.finish().unwrap_err().to_string().contains("offset 4"));
+        let h = BlkHasher::recording(spec, 10).unwrap();
+        h.update(0, b"abcdefghij");
+        let (hash, digests) = h.finish_with_digests().unwrap();
+        assert_eq!(hash.hex(), reference(b"abcdefghij", spec));
+        let next = BlkHasher::resume(digests.clone());
+        next.update(5, b"X");
+        assert!(next
+            .finish()
+            .unwrap_err()
+            .to_string()
+            .contains("part of the block at offset 4"));
+        assert!(BlkHasher::new(spec, 10).finish_with_digests().is_err());
+        assert!(BlkHasher::recording(
+            BlkhashSpec::new(BlkhashAlgorithm::Sha512, 1).unwrap(),
+            1 << 40
+        )
+        .is_err());
+        assert_eq!(
+            format!("{digests:?}"),
+            "BlockDigests { spec: \"md5/4\", size: 10, blocks: 3, .. }"
+        );
+    }
+
+    #[test]
+    fn stored_digests_refuse_damage_truncation_and_other_formats() {
+        let spec: BlkhashSpec = "sha256/4k".parse().unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 7) as u8).collect();
+        let h = BlkHasher::recording(spec, data.len() as u64).unwrap();
+        h.update(0, &data);
+        let (hash, digests) = h.finish_with_digests().unwrap();
+        let bytes = digests.to_bytes();
+        assert_eq!(
+            Some(bytes.len() as u64),
+            BlockDigests::encoded_len(spec, 10_000)
+        );
+        let back = BlockDigests::from_bytes(&bytes).unwrap();
+        assert_eq!(back, digests);
+        assert_eq!(back.blkhash(), hash);
+        assert_eq!(back.digest(2).unwrap().len(), 32);
+        assert!(back.digest(3).is_none());
+        for (cut, why) in [
+            (bytes.len() - 1, "truncated"),
+            (100, "truncated"),
+            (10, "shorter"),
+        ] {
+            let e = BlockDigests::from_bytes(&bytes[..cut])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(why), "{e}");
+        }
+        let mut damaged = bytes.clone();
+        damaged[40] ^= 1;
+        assert!(BlockDigests::from_bytes(&damaged)
+            .unwrap_err()
+            .to_string()
+            .contains("damaged"));
+        let mut other = bytes.clone();
+        other[8] = 2;
+        assert!(BlockDigests::from_bytes(&other)
+            .unwrap_err()
+            .to_string()
+            .contains("version 2"));
+    }
+
+    /// The fuzz target's seeds (written by hand from the format's description) parse.
+    #[test]
+    fn the_fuzz_seeds_are_valid_tables() {
+        let seeds = concat!(env!("CARGO_MANIFEST_DIR"), "/fuzz/seeds/block_digests");
+        let data: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8 | 1).collect();
+        let two = std::fs::read(format!("{seeds}/md5-512-two-blocks.bin")).unwrap();
+        let table = BlockDigests::from_bytes(&two).unwrap();
+        assert_eq!(
+            table.blkhash().hex(),
+            reference(&data, "md5/512".parse().unwrap())
+        );
+        let empty = std::fs::read(format!("{seeds}/sha256-empty-disk.bin")).unwrap();
+        assert_eq!(
+            BlockDigests::from_bytes(&empty).unwrap().blkhash().hex(),
+            "af5570f5a1810b7af78caf4bc70a660f0df51e42baf91d4de5b2328de0e83dfc"
+        );
+    }
+
+    proptest! {
+        /// The incremental hash: the previous point's digests plus whatever changed, given in
+        /// pieces of whole blocks in any order, equals the reference of the new data.
+        #[test]
+        fn resumed_hashes_equal_the_whole_disk_read_again(
+            size in 0usize..30_000,
+            changes in proptest::collection::vec((0usize..30_000, 0usize..5000, any::<u8>()), 0..8),
+            order in any::<u64>(),
+            alg in 0usize..4,
+            shift in 0u32..13,
+        ) {
+            let algorithm = [BlkhashAlgorithm::Md5, BlkhashAlgorithm::Sha1, BlkhashAlgorithm::Sha256, BlkhashAlgorithm::Sha512][alg];
+            let spec = BlkhashSpec::new(algorithm, 1 << shift).unwrap();
+            let bs = spec.block_size as usize;
+            let old: Vec<u8> = (0..size).map(|i| if i % 3000 < 1000 { 0 } else { (i % 253) as u8 }).collect();
+            let full = BlkHasher::recording(spec, size as u64).unwrap();
+            full.update(0, &old);
+            let (first, digests) = full.finish_with_digests().unwrap();
+            prop_assert_eq!(first.hex(), reference(&old, spec));
+            let round = BlockDigests::from_bytes(&digests.to_bytes()).unwrap();
+            let mut new = old.clone();
+            let mut blocks = std::collections::BTreeSet::new();
+            for (at, len, value) in changes {
+                let at = at.min(size);
+                let stop = (at + len).min(size);
+                new[at..stop].fill(value);
+                if stop > at {
+                    blocks.extend(at / bs..=(stop - 1) / bs);
+                }
+            }
+            let next = BlkHasher::resume(round);
+            let mut blocks: Vec<usize> = blocks.into_iter().collect();
+            blocks.sort_by_key(|b| (*b as u64).wrapping_mul(order | 1));
+            for b in blocks {
+                let start = b * bs;
+                let end = (start + bs).min(size);
+                if new[start..end].iter().all(|&x| x == 0) && order % 2 == 0 {
+                    next.zeroes(start as u64, (end - start) as u64);
+                } else {
+                    // In two pieces, as a copy of unaligned changes gives them.
+                    let mid = start + (end - start) / 2;
+                    next.update(mid as u64, &new[mid..end]);
+                    next.update(start as u64, &new[start..mid]);
+                }
+            }
+            let (hash, again) = next.finish_with_digests().unwrap();
+            prop_assert_eq!(hash.hex(), reference(&new, spec));
+            prop_assert_eq!(again.blkhash(), hash);
+        }
+
+        /// Any bytes read as stored digests are refused or make a table whose encoding is
+        /// those very bytes; a changed byte of a valid encoding is always refused.
+        #[test]
+        fn stored_digests_parse_or_fail(
+            bytes in proptest::collection::vec(any::<u8>(), 0..200),
+            size in 0u64..5000,
+            flip in any::<usize>(),
+            bit in 0u8..8,
+        ) {
+            if let Ok(d) = BlockDigests::from_bytes(&bytes) {
+                prop_assert_eq!(d.to_bytes(), bytes);
+            }
+            let h = BlkHasher::recording("md5/512".parse().unwrap(), size).unwrap();
+            h.zeroes(0, size / 2);
+            h.update(size / 2, &vec![0u8; (size - size / 2) as usize]);
+            let (_, digests) = h.finish_with_digests().unwrap();
+            let mut encoded = digests.to_bytes();
+            let at = flip % encoded.len();
+            encoded[at] ^= 1 << bit;
+            prop_assert!(BlockDigests::from_bytes(&encoded).is_err());
+        }
     }
 
     proptest! {

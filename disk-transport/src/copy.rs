@@ -237,7 +237,8 @@ impl CopyOptions {
     }
     /// Also compute the source's block hash while copying, as `nbdcopy --blkhash` does
     /// ([`CopyReport::blkhash`]; default none). Whole-disk copies only: an incremental copy
-    /// does not see the whole disk, and fails with [`Error::Unsupported`] when asked.
+    /// does not see the whole disk, and fails with [`Error::Unsupported`] when asked (hash it
+    /// with the previous point's block digests: [`copy_changed_hashing`]).
     pub fn blkhash(mut self, spec: Option<BlkhashSpec>) -> Self {
         self.blkhash = spec;
         self
@@ -573,7 +574,57 @@ pub fn copy(
     } else {
         VecDeque::from([(0, setup.size)])
     };
-    run(src, dst, &setup, ranges, options, progress, started)
+    run(src, dst, &setup, ranges, options, None, progress, started)
+}
+
+/// [`copy`], feeding `hasher` (a [`BlkHasher`] for `src`'s size) with every piece copied,
+/// instead of a hasher of its own ([`CopyOptions::blkhash`], which must be unset): for a
+/// [`BlkHasher::recording`] whose block digests start the next point's incremental hash.
+pub fn copy_hashing(
+    src: &dyn Disk,
+    dst: &dyn Disk,
+    options: &CopyOptions,
+    hasher: &BlkHasher,
+    progress: &mut dyn FnMut(&CopyProgress),
+) -> CopyResult {
+    let started = Instant::now();
+    let setup = Setup::new(src, dst, options, false)
+        .and_then(|setup| check_hasher(&setup, options, hasher).map(|()| setup))
+        .map_err(|e| failed(e, 0, started))?;
+    let ranges = if setup.size == 0 {
+        VecDeque::new()
+    } else {
+        VecDeque::from([(0, setup.size)])
+    };
+    run(
+        src,
+        dst,
+        &setup,
+        ranges,
+        options,
+        Some(hasher),
+        progress,
+        started,
+    )
+}
+
+/// A hasher given to a copy must hash the source, alone.
+fn check_hasher(setup: &Setup, options: &CopyOptions, hasher: &BlkHasher) -> Result<()> {
+    if options.blkhash.is_some() {
+        return Err(Error::InvalidParams(
+            "a copy given a block hasher computes no second block hash (unset \
+             CopyOptions::blkhash)"
+                .into(),
+        ));
+    }
+    if hasher.size() != setup.size {
+        return Err(Error::InvalidParams(format!(
+            "the block hasher is for {} bytes, the copy's source has {}",
+            hasher.size(),
+            setup.size
+        )));
+    }
+    Ok(())
 }
 
 /// An incremental backup: copies what changed in `src` since the checkpoint of the dirty bitmap
@@ -626,7 +677,79 @@ pub fn copy_changed(
     }
     let ranges =
         plan_changes(&changes, setup.size, setup.align).map_err(|e| failed(e, 0, started))?;
-    run(src, dst, &setup, ranges, options, progress, started)
+    run(src, dst, &setup, ranges, options, None, progress, started)
+}
+
+/// [`copy_changed`], also computing the block hash of `src` at this point (the whole disk,
+/// not only its changes) from the changed blocks alone: `hasher` was made by
+/// [`BlkHasher::resume`] from the block digests of the previous point, the one `dst` holds.
+/// The changed ranges are widened to whole hash blocks (the unchanged rest of a partly changed
+/// block is read from `src`, which holds it as well, and written again), so every block that
+/// changed is hashed whole. [`BlkHasher::finish_with_digests`] then gives this point's hash
+/// and the digests for the next one.
+///
+/// ```
+/// use disk_transport::blkhash::{checksum, BlkHasher, BlkhashSpec};
+/// use disk_transport::copy::{copy_changed_hashing, copy_hashing, CopyOptions};
+/// use disk_transport::memory::MemoryDisk;
+/// use disk_transport::Disk;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let spec = BlkhashSpec::default();
+/// let vm = MemoryDisk::with_data(&[1u8; 1 << 20]);
+/// vm.add_dirty_bitmap("since-full")?;
+/// // The full backup, keeping its block digests.
+/// let backup = MemoryDisk::new(1 << 20);
+/// let full = BlkHasher::recording(spec, 1 << 20)?;
+/// copy_hashing(&vm, &backup, &CopyOptions::default(), &full, &mut |_| {})?;
+/// let (_, digests) = full.finish_with_digests()?;
+/// // Changes, then the incremental copy hashes what changed only.
+/// vm.write_at(&[2u8; 100], 200_000)?;
+/// let changes = vm.dirty_bitmap_handle("since-full")?;
+/// let next = BlkHasher::resume(digests);
+/// copy_changed_hashing(&changes, &backup, &CopyOptions::default(), &next, &mut |_| {})?;
+/// let (hash, _) = next.finish_with_digests()?;
+/// assert_eq!(hash, checksum(&vm, spec, &CopyOptions::default(), &mut |_| {})?);
+/// # Ok(())
+/// # }
+/// ```
+pub fn copy_changed_hashing(
+    src: &dyn Disk,
+    dst: &dyn Disk,
+    options: &CopyOptions,
+    hasher: &BlkHasher,
+    progress: &mut dyn FnMut(&CopyProgress),
+) -> CopyResult {
+    let started = Instant::now();
+    let setup = Setup::new(src, dst, options, true)
+        .and_then(|setup| check_hasher(&setup, options, hasher).map(|()| setup))
+        .map_err(|e| failed(e, 0, started))?;
+    let mut changes = Vec::new();
+    let mut at = 0;
+    while at < setup.size {
+        if options.cancelled() {
+            return Err(failed(Error::Cancelled, 0, started));
+        }
+        let length = (setup.size - at).min(DIRTY_WINDOW);
+        let window = src
+            .dirty_extents(at, length)
+            .map_err(|e| failed(e, 0, started))?;
+        changes.extend(window.into_iter().filter(|e| e.dirty));
+        at += length;
+    }
+    // Both are powers of two: the larger is a multiple of the smaller.
+    let align = setup.align.max(hasher.spec().block_size);
+    let ranges = plan_changes(&changes, setup.size, align).map_err(|e| failed(e, 0, started))?;
+    run(
+        src,
+        dst,
+        &setup,
+        ranges,
+        options,
+        Some(hasher),
+        progress,
+        started,
+    )
 }
 
 /// Copies the dirty ranges of `changes` (clean ones are ignored) from `src` to the same offsets
@@ -662,7 +785,7 @@ pub fn copy_extents(
     let setup = Setup::new(src, dst, options, true).map_err(|e| failed(e, 0, started))?;
     let ranges =
         plan_changes(changes, setup.size, setup.align).map_err(|e| failed(e, 0, started))?;
-    run(src, dst, &setup, ranges, options, progress, started)
+    run(src, dst, &setup, ranges, options, None, progress, started)
 }
 
 fn failed(error: Error, total: u64, started: Instant) -> CopyError {
@@ -745,16 +868,20 @@ impl Setup {
     }
 }
 
-/// Runs the workers over `ranges` and reports.
+/// Runs the workers over `ranges` and reports. `given` is a hasher of the caller's to feed;
+/// else one is made when [`CopyOptions::blkhash`] asks for one.
+#[allow(clippy::too_many_arguments)]
 fn run(
     src: &dyn Disk,
     dst: &dyn Disk,
     setup: &Setup,
     ranges: VecDeque<(u64, u64)>,
     options: &CopyOptions,
+    given: Option<&BlkHasher>,
     progress: &mut dyn FnMut(&CopyProgress),
     started: Instant,
 ) -> CopyResult {
+    let own = options.blkhash.map(|spec| BlkHasher::new(spec, setup.size));
     let threads = options.threads.max(1);
     let per_thread = options.requests_in_flight.max(1).div_ceil(threads);
     let total = ranges.iter().map(|r| r.1 - r.0).sum();
@@ -769,7 +896,7 @@ fn run(
         }),
         sparse_block: setup.align.max(4096) as usize,
         destination_is_zero: setup.destination_is_zero,
-        hasher: options.blkhash.map(|spec| BlkHasher::new(spec, setup.size)),
+        hasher: given.or(own.as_ref()),
         stop: AtomicBool::new(false),
         first_error: Mutex::new(None),
     };
@@ -823,7 +950,7 @@ fn run(
             return failed(error, p);
         }
     }
-    let blkhash = match shared.hasher.map(BlkHasher::finish).transpose() {
+    let blkhash = match own.map(BlkHasher::finish).transpose() {
         Ok(hash) => hash,
         Err(error) => return failed(error, p),
     };
@@ -839,7 +966,7 @@ struct WorkerShared<'a> {
     sparse_block: usize,
     destination_is_zero: bool,
     /// Fed every finished range, when a block hash was asked for.
-    hasher: Option<BlkHasher>,
+    hasher: Option<&'a BlkHasher>,
     stop: AtomicBool,
     first_error: Mutex<Option<Error>>,
 }
@@ -1137,7 +1264,7 @@ fn worker(
             if piece.kind.reads_as_zero() {
                 match w.zero_range(piece.offset, piece.length) {
                     Ok(d) => {
-                        if let Some(h) = &shared.hasher {
+                        if let Some(h) = shared.hasher {
                             h.zeroes(piece.offset, piece.length);
                         }
                         unreported.add(d);
@@ -1209,7 +1336,7 @@ fn worker(
                     let (d, result) = w.write_sparse(offset, &buf, &runs);
                     match result {
                         Ok(()) => {
-                            if let Some(h) = &shared.hasher {
+                            if let Some(h) = shared.hasher {
                                 h.update(offset, &buf);
                             }
                         }
@@ -1231,7 +1358,7 @@ fn worker(
                 ..
             } => {
                 // Hashed once it is written, so a retried piece is hashed once.
-                if let Some(h) = &shared.hasher {
+                if let Some(h) = shared.hasher {
                     h.update(offset, &buf);
                 }
                 unreported.add(CopyProgress {
@@ -1759,6 +1886,60 @@ mod tests {
         .unwrap();
         assert_eq!(report.progress.done, 1 << 20);
         assert_eq!(report.progress.read, 1 << 19);
+    }
+
+    proptest! {
+        /// An incremental copy that hashes only the changed blocks gives the hash of the whole
+        /// source read again, for hash blocks smaller than, equal to and larger than the
+        /// bitmap's granularity, and copies the source exactly.
+        #[test]
+        fn incremental_hashes_equal_whole_disk_hashes(
+            writes in proptest::collection::vec((0u64..(1 << 20), 1usize..20_000, any::<u8>()), 0..10),
+            shift in prop_oneof![Just(12u32), Just(16), Just(18)],
+            threads in 1usize..3,
+        ) {
+            let size = 1u64 << 20;
+            let spec = BlkhashSpec::new(crate::blkhash::BlkhashAlgorithm::Sha256, 1 << shift).unwrap();
+            let vm = MemoryDisk::with_data(&pattern(size as usize, 9));
+            vm.write_zeroes(300_000, 200_000).unwrap();
+            vm.add_dirty_bitmap("b").unwrap();
+            let backup = MemoryDisk::new(size);
+            let options = CopyOptions::default().threads(threads).request_size(64 << 10);
+            let full = BlkHasher::recording(spec, size).unwrap();
+            copy_hashing(&vm, &backup, &options, &full, &mut |_| {}).unwrap();
+            let (first, digests) = full.finish_with_digests().unwrap();
+            prop_assert_eq!(first, crate::blkhash::checksum(&vm, spec, &options, &mut |_| {}).unwrap());
+            for (at, len, value) in writes {
+                let len = (len as u64).min(size - at);
+                if value % 4 == 0 {
+                    vm.write_zeroes(at, len).unwrap();
+                } else {
+                    vm.write_at(&vec![value; len as usize], at).unwrap();
+                }
+            }
+            let changes = vm.dirty_bitmap_handle("b").unwrap();
+            let next = BlkHasher::resume(digests);
+            copy_changed_hashing(&changes, &backup, &options, &next, &mut |_| {}).unwrap();
+            let (hash, _) = next.finish_with_digests().unwrap();
+            prop_assert_eq!(hash, crate::blkhash::checksum(&vm, spec, &options, &mut |_| {}).unwrap());
+            prop_assert_eq!(backup.to_vec().unwrap(), vm.to_vec().unwrap());
+        }
+    }
+
+    #[test]
+    fn a_given_hasher_must_fit_the_copy() {
+        let src = MemoryDisk::new(1 << 16);
+        let dst = MemoryDisk::new(1 << 16);
+        let spec = BlkhashSpec::default();
+        let wrong = BlkHasher::new(spec, 1 << 15);
+        let e = copy_hashing(&src, &dst, &CopyOptions::default(), &wrong, &mut |_| {}).unwrap_err();
+        assert!(
+            e.to_string().contains("block hasher is for 32768 bytes"),
+            "{e}"
+        );
+        let right = BlkHasher::new(spec, 1 << 16);
+        let twice = CopyOptions::default().blkhash(Some(spec));
+        assert!(copy_hashing(&src, &dst, &twice, &right, &mut |_| {}).is_err());
     }
 
     proptest! {

@@ -5,15 +5,20 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use disk_transport::blkhash::{checksum, BlkhashSpec};
-use disk_transport::copy::{copy, copy_changed, CopyOptions, CopyProgress};
+use std::io::Write as _;
+
+use disk_transport::blkhash::{checksum, BlkHasher, Blkhash, BlkhashSpec, BlockDigests};
+use disk_transport::copy::{
+    copy, copy_changed, copy_changed_hashing, copy_hashing, CopyError, CopyOptions, CopyProgress,
+};
+use disk_transport::null::NullDisk;
 use disk_transport::qcow2::{BackingFormat, CreateOptions, Qcow2Disk};
 use disk_transport::Disk;
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::{
-    ensure_private_dir, format_blkhash, parse_blkhash, set_private, sync_dir, Manifest, Point,
-    PointDisk, PointKind,
+    create_private, ensure_private_dir, format_blkhash, parse_blkhash, set_private, sync_dir,
+    Manifest, Point, PointDisk, PointKind,
 };
 use crate::quiesce::Quiesce;
 use crate::source::{BackupSession, BackupSource, BeginRequest, Checkpoint, CleanupReport};
@@ -71,9 +76,11 @@ impl BackupOptions {
         self
     }
 
-    /// Whether an incremental point's block hash is recorded (default yes). Reading it back
-    /// reads the whole disk through the chain, which costs more than copying a few changes;
-    /// without it, `verify` checks that point's images by reading them, not against a hash.
+    /// Whether an incremental point's block hash is recorded (default yes). It is computed
+    /// from the blocks copied and the previous point's block digests (`NODE.N.blkdigests`);
+    /// only when those are missing or damaged is the point read back whole through the chain.
+    /// Without it, `verify` checks that point's images by reading them, not against a hash,
+    /// and the next incremental point reads its chain back.
     pub fn hash_incrementals(mut self, on: bool) -> Self {
         self.skip_incremental_hash = !on;
         self
@@ -337,8 +344,9 @@ impl BackupDir {
     ///
     /// In order: leftovers of interrupted backups are removed (`cleanup`), this chain's stale
     /// checkpoints too; one `begin` for every disk; each disk copied into a new qcow2 image
-    /// (`.NAME.part` until complete) and its block hash read back; the images renamed into
-    /// place; the manifest replaced atomically; the session finished; the previous
+    /// (`.NAME.part` until complete), hashed as it is copied (an incremental point from the
+    /// blocks it copies and the previous point's block digests), the block digests written
+    /// beside it (`NODE.N.blkdigests`); the images and digests renamed into place; the manifest replaced atomically; the session finished; the previous
     /// checkpoint removed. A failure before the manifest is replaced aborts the session
     /// (its checkpoint goes), removes the partial images and leaves the chain as it was.
     pub fn create(
@@ -541,7 +549,9 @@ impl BackupDir {
         let entries = std::fs::read_dir(&self.dir).map_err(|e| Error::io("read", &self.dir, e))?;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.ends_with(".qcow2.part") {
+            if name.starts_with('.')
+                && (name.ends_with(".qcow2.part") || name.ends_with(".blkdigests.part"))
+            {
                 let path = entry.path();
                 match std::fs::remove_file(&path) {
                     Ok(()) => report.removed.push(format!("file {}", path.display())),
@@ -552,7 +562,8 @@ impl BackupDir {
         Ok(report)
     }
 
-    /// Copies every disk of `session` into `.FILE.part` images and hashes them back.
+    /// Copies every disk of `session` into `.FILE.part` images, hashing what it copies, and
+    /// writes their block digests (`.NODE.N.blkdigests.part`).
     fn write_point(
         &self,
         session: &dyn BackupSession,
@@ -596,23 +607,64 @@ impl BackupDir {
                     total: p.total,
                 })
             };
-            // A full copy hashes what it reads from the view (the point itself); an overlay
-            // holds only changes, so the point's hash is read back through the chain.
-            let (copied, hash) = match plan.kind {
-                PointKind::Full => {
-                    let options = options
-                        .copy
-                        .clone()
-                        .destination_is_zero(true)
-                        .blkhash(Some(options.blkhash));
-                    let copied = copy(view.as_ref(), &image, &options, &mut report)
-                        .map_err(|e| Error::copy(what.clone(), e))?;
-                    let hash = copied.blkhash.ok_or_else(|| {
-                        Error::Source("the copy engine returned no block hash".into())
-                    })?;
+            // A full copy hashes what it reads from the view (the point itself) and keeps
+            // every block's digest; an incremental one hashes the blocks it copies (from the
+            // view too) on top of the previous point's digests. Without usable digests of the
+            // previous point, the point is read back whole through the chain.
+            let previous = match plan.kind {
+                PointKind::Incremental if !options.skip_incremental_hash => {
+                    self.previous_digests(manifest, node, options.blkhash, disk.size)
+                }
+                _ => None,
+            };
+            let mut digests = None;
+            let (copied, hash) = match (plan.kind, previous) {
+                (PointKind::Full, _) => {
+                    let full = options.copy.clone().destination_is_zero(true);
+                    match BlkHasher::recording(options.blkhash, disk.size) {
+                        Ok(hasher) => {
+                            let copied =
+                                copy_hashing(view.as_ref(), &image, &full, &hasher, &mut report)
+                                    .map_err(|e| Error::copy(what.clone(), e))?;
+                            let (hash, table) = hasher
+                                .finish_with_digests()
+                                .map_err(|e| Error::disk(format!("hash {file}"), e))?;
+                            digests = Some(table);
+                            (copied, Some(hash))
+                        }
+                        // A digest table too large to keep: the hash alone.
+                        Err(_) => {
+                            let copied = copy(
+                                view.as_ref(),
+                                &image,
+                                &full.blkhash(Some(options.blkhash)),
+                                &mut report,
+                            )
+                            .map_err(|e| Error::copy(what.clone(), e))?;
+                            let hash = copied.blkhash.ok_or_else(|| {
+                                Error::Source("the copy engine returned no block hash".into())
+                            })?;
+                            (copied, Some(hash))
+                        }
+                    }
+                }
+                (_, Some(previous)) => {
+                    let hasher = BlkHasher::resume(previous);
+                    let copied = copy_changed_hashing(
+                        view.as_ref(),
+                        &image,
+                        &options.copy,
+                        &hasher,
+                        &mut report,
+                    )
+                    .map_err(|e| Error::copy(what.clone(), e))?;
+                    let (hash, table) = hasher
+                        .finish_with_digests()
+                        .map_err(|e| Error::disk(format!("hash {file}"), e))?;
+                    digests = Some(table);
                     (copied, Some(hash))
                 }
-                _ => (
+                (_, None) => (
                     copy_changed(view.as_ref(), &image, &options.copy, &mut report)
                         .map_err(|e| Error::copy(what.clone(), e))?,
                     None,
@@ -626,24 +678,34 @@ impl BackupDir {
             let hash = match hash {
                 Some(hash) => Some(hash),
                 None if options.skip_incremental_hash => None,
-                None => Some({
+                None => {
                     let chain = Qcow2Disk::open_read_only(&part)
                         .map_err(|e| Error::disk(format!("open {file} back"), e))?;
-                    checksum(
-                        &chain,
-                        options.blkhash,
-                        &options.copy.clone().destination_is_zero(true),
-                        &mut |p| {
-                            progress(&Progress {
-                                disk: node.clone(),
-                                phase: "hash",
-                                done: p.done,
-                                total: p.total,
-                            })
-                        },
-                    )
-                    .map_err(|e| Error::copy(format!("hash {file}"), e))?
-                }),
+                    let (hash, table) = read_back_hash(&chain, disk.size, options, &mut |p| {
+                        progress(&Progress {
+                            disk: node.clone(),
+                            phase: "hash",
+                            done: p.done,
+                            total: p.total,
+                        })
+                    })
+                    .map_err(|e| Error::copy(format!("hash {file}"), e))?;
+                    digests = table;
+                    Some(hash)
+                }
+            };
+            let digests_file = match digests {
+                Some(table) => {
+                    let name = format!("{}.{number}.blkdigests", file_stem(node));
+                    let path = self.dir.join(format!(".{name}.part"));
+                    partial.paths.push(path.clone());
+                    let mut out = create_private(&path)?;
+                    out.write_all(&table.to_bytes())
+                        .and_then(|()| out.sync_all())
+                        .map_err(|e| Error::io("write", &path, e))?;
+                    Some(name)
+                }
+                None => None,
             };
             let file_size = std::fs::metadata(&part)
                 .map_err(|e| Error::io("stat", &part, e))?
@@ -656,17 +718,79 @@ impl BackupDir {
                 bytes_copied: copied.progress.read,
                 file_size,
                 blkhash: hash.as_ref().map(format_blkhash),
+                block_digests: digests_file,
             });
         }
         Ok((out, partial))
     }
 
-    /// Renames the point's images into place and replaces the manifest.
+    /// The block digests of `node` at the chain's last point, when they are there, intact,
+    /// of `spec` and `size`, and make the hash the manifest recorded for that point; `None`
+    /// (the new point's hash is then read back whole) with the reason logged otherwise.
+    fn previous_digests(
+        &self,
+        manifest: &Manifest,
+        node: &str,
+        spec: BlkhashSpec,
+        size: u64,
+    ) -> Option<BlockDigests> {
+        let disk = manifest.last()?.disk(node)?;
+        let name = disk.block_digests.as_ref()?;
+        let path = self.dir.join(name);
+        let result = (|| -> std::result::Result<BlockDigests, String> {
+            let recorded = disk
+                .blkhash
+                .as_deref()
+                .and_then(parse_blkhash)
+                .ok_or("the point has no recorded hash")?;
+            if recorded.0 != spec {
+                return Err(format!(
+                    "they are {}, this backup hashes {spec}",
+                    recorded.0
+                ));
+            }
+            let want = BlockDigests::encoded_len(spec, size).ok_or("too large")?;
+            let file = std::fs::File::open(&path).map_err(|e| e.to_string())?;
+            let have = file.metadata().map_err(|e| e.to_string())?.len();
+            if have != want {
+                return Err(format!("{have} bytes where {want} belong (truncated?)"));
+            }
+            let mut bytes = Vec::with_capacity(want as usize);
+            use std::io::Read;
+            file.take(want)
+                .read_to_end(&mut bytes)
+                .map_err(|e| e.to_string())?;
+            let table = BlockDigests::from_bytes(&bytes).map_err(|e| e.to_string())?;
+            if table.spec() != spec || table.size() != size {
+                return Err("they are of another spec or disk size".into());
+            }
+            if table.blkhash().hex() != recorded.1 {
+                return Err("they do not make the point's recorded hash".into());
+            }
+            Ok(table)
+        })();
+        match result {
+            Ok(table) => Some(table),
+            Err(why) => {
+                tracing::warn!(
+                    "block digests {} unusable ({why}): the new point is hashed by reading it \
+                     back whole",
+                    path.display()
+                );
+                None
+            }
+        }
+    }
+
+    /// Renames the point's images and block digests into place and replaces the manifest.
     fn commit(&self, point: &Point, manifest: &Manifest) -> Result<()> {
         for disk in &point.disks {
-            let part = self.dir.join(format!(".{}.part", disk.file));
-            let path = self.dir.join(&disk.file);
-            std::fs::rename(&part, &path).map_err(|e| Error::io("rename into place", &path, e))?;
+            for name in std::iter::once(&disk.file).chain(disk.block_digests.as_ref()) {
+                let part = self.dir.join(format!(".{name}.part"));
+                let path = self.dir.join(name);
+                std::fs::rename(&part, &path)
+                    .map_err(|e| Error::io("rename into place", &path, e))?;
+            }
         }
         sync_dir(&self.dir)?;
         manifest.write(&self.dir)
@@ -837,6 +961,33 @@ impl BackupDir {
             progress: report.progress,
         })
     }
+}
+
+/// The block hash of `chain` read whole, with its block digests where a table of them fits.
+fn read_back_hash(
+    chain: &Qcow2Disk,
+    size: u64,
+    options: &BackupOptions,
+    progress: &mut dyn FnMut(&CopyProgress),
+) -> std::result::Result<(Blkhash, Option<BlockDigests>), CopyError> {
+    let copy_options = options.copy.clone().destination_is_zero(true).flush(false);
+    let Ok(hasher) = BlkHasher::recording(options.blkhash, size) else {
+        return checksum(chain, options.blkhash, &copy_options, progress).map(|h| (h, None));
+    };
+    copy_hashing(
+        chain,
+        &NullDisk::new(size),
+        &copy_options,
+        &hasher,
+        progress,
+    )?;
+    hasher
+        .finish_with_digests()
+        .map(|(hash, table)| (hash, Some(table)))
+        .map_err(|error| CopyError {
+            error,
+            report: Box::default(),
+        })
 }
 
 /// A restored image holds VM data: private when it is a local file we may have created.

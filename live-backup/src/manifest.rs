@@ -50,11 +50,18 @@ pub struct PointDisk {
     pub file_size: u64,
     /// The block hash of the disk at this point: `SPEC:HEX` with nbdcopy's `--blkhash` spec
     /// (`sha256/64k:3f5a…`), so `nbdcopy --blkhash=SPEC` of a restored disk prints the same
-    /// HEX. A full point hashes what it read from the VM; an incremental one reads its chain
-    /// back, unless the backup was told not to (`BackupOptions::hash_incrementals(false)`):
-    /// then `None`.
+    /// HEX. A full point hashes what it read from the VM; an incremental one hashes the blocks
+    /// it copied on top of the previous point's [`block_digests`](Self::block_digests) (or,
+    /// without them, reads its chain back), unless the backup was told not to
+    /// (`BackupOptions::hash_incrementals(false)`): then `None`.
     #[serde(default)]
     pub blkhash: Option<String>,
+    /// The file beside the image holding every block's digest of this point
+    /// (`NODE.N.blkdigests`, [`BlockDigests`](disk_transport::blkhash::BlockDigests)'s
+    /// stored form), from which the next incremental point's hash is computed with the
+    /// changed blocks only. `None` when the point has no hash, or for chains written before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_digests: Option<String>,
 }
 
 /// One point of the chain: the disks at one checkpoint.
@@ -238,6 +245,15 @@ impl Manifest {
                         point.number, disk.file
                     ));
                 }
+                if let Some(name) = &disk.block_digests {
+                    if !is_plain_file_name(name) || disk.blkhash.is_none() {
+                        return Err(format!(
+                            "point {}: block digests {name:?} are not a plain file name in \
+                             the directory beside a recorded hash",
+                            point.number
+                        ));
+                    }
+                }
                 let want_backing = match (point.kind, previous) {
                     (PointKind::Incremental, Some(prev)) => {
                         let prev_disk = prev.disk(&disk.node).ok_or_else(|| {
@@ -381,6 +397,7 @@ mod tests {
             bytes_copied: 65536,
             file_size: 327680,
             blkhash: Some(format!("sha256/64k:{}", "0f".repeat(32))),
+            block_digests: Some(file.replace(".qcow2", ".blkdigests")),
         };
         let point = |n: u32, kind, since: Option<&str>, d| Point {
             number: n,
@@ -439,6 +456,10 @@ mod tests {
                 .contains("backing")
         );
         assert!(broken(&|m| m.points[1].since = None).contains("changes since"));
+        assert!(
+            broken(&|m| m.points[1].disks[0].block_digests = Some("../vda.blkdigests".into()))
+                .contains("block digests")
+        );
         assert!(
             broken(&|m| m.points[0].checkpoint = "libvirt-1".into()).contains("not of this chain")
         );

@@ -455,3 +455,121 @@ fn cleanup_with_the_directory_removes_half_made_checkpoints_and_partial_images()
         assert_eq!(&restored(&dir, node, 2), contents, "{node}");
     }
 }
+
+/// The block hash of `data`, read whole (the reference for the recorded ones).
+fn hash_of(data: &[u8], spec: disk_transport::blkhash::BlkhashSpec) -> String {
+    let disk = disk_transport::memory::MemoryDisk::with_data(data);
+    let hash =
+        disk_transport::blkhash::checksum(&disk, spec, &Default::default(), &mut |_| {}).unwrap();
+    format!("{spec}:{}", hash.hex())
+}
+
+/// Incremental points are hashed from the blocks they copy and the previous point's block
+/// digests, without reading the chain back ("hash" phase), and their hash is the hash of the
+/// disk at the checkpoint: many random change patterns (unaligned, zeroed, written during the
+/// backup), hash blocks smaller than, equal to and larger than the bitmap's 64 KiB.
+#[test]
+fn incremental_hashes_come_from_the_changed_blocks_and_equal_the_whole_disk_hash() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |below: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % below
+    };
+    for spec in ["sha256/64k", "md5/4k", "sha1/256k"] {
+        let spec: disk_transport::blkhash::BlkhashSpec = spec.parse().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = BackupDir::new(tmp.path().join("backups"));
+        let size = 4 * MIB + 12_345;
+        let vm = FakeVm::new("vm1").with_disk("vda", size);
+        vm.guest_write("vda", 0, &[3; 300_000]).unwrap();
+        let options = BackupOptions::new().blkhash(spec);
+        for round in 0..6 {
+            for _ in 0..next(12) {
+                let at = next(size);
+                let len = (1 + next(100_000)).min(size - at) as usize;
+                let byte = if next(4) == 0 { 0 } else { next(255) as u8 + 1 };
+                vm.guest_write("vda", at, &vec![byte; len]).unwrap();
+            }
+            let during = vec![("vda", next(size - 4096), 0xee)];
+            let captured = capture_next(&vm, during);
+            let mut phases = Vec::new();
+            let report = dir
+                .create(&mut vm.clone(), None, &options, &mut |p| {
+                    phases.push(p.phase)
+                })
+                .unwrap();
+            assert_eq!(report.point.kind == PointKind::Full, round == 0);
+            assert!(!phases.contains(&"hash"), "{spec} round {round}: read back");
+            let at_checkpoint = &captured.lock().unwrap()[0].1;
+            let disk = &report.point.disks[0];
+            assert_eq!(
+                disk.blkhash.as_deref(),
+                Some(hash_of(at_checkpoint, spec).as_str()),
+                "{spec} round {round}"
+            );
+            let digests = dir.path().join(disk.block_digests.as_ref().unwrap());
+            let mode = std::fs::metadata(&digests).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert_eq!(dir.verify(&mut |_| {}).unwrap().len(), 6);
+    }
+}
+
+/// Block digests that are damaged, truncated, missing or of another spec are never trusted:
+/// the point is read back whole, and its hash is still right.
+#[test]
+fn damaged_block_digests_fall_back_to_reading_the_point_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = BackupDir::new(tmp.path().join("backups"));
+    let vm = FakeVm::new("vm1").with_disk("vda", 2 * MIB);
+    vm.guest_write("vda", 0, &[5; 100_000]).unwrap();
+    backup(&vm, &dir, &BackupOptions::new()).unwrap();
+    type Damage<'a> = (&'a str, &'a dyn Fn(&std::path::Path));
+    let damages: [Damage<'_>; 4] = [
+        ("flipped", &|p| {
+            let mut b = std::fs::read(p).unwrap();
+            b[40] ^= 0x80;
+            std::fs::write(p, b).unwrap();
+        }),
+        ("truncated", &|p| {
+            let b = std::fs::read(p).unwrap();
+            std::fs::write(p, &b[..b.len() - 1]).unwrap();
+        }),
+        ("removed", &|p| std::fs::remove_file(p).unwrap()),
+        // Intact, but not the recorded point's: another point's digests copied over.
+        ("swapped", &|p| {
+            let other = FakeVm::new("vm2").with_disk("vda", 2 * MIB);
+            let scratch = tempfile::tempdir().unwrap();
+            let odir = BackupDir::new(scratch.path().join("b"));
+            let r = backup(&other, &odir, &BackupOptions::new()).unwrap();
+            let name = r.point.disks[0].block_digests.clone().unwrap();
+            std::fs::copy(odir.path().join(name), p).unwrap();
+        }),
+    ];
+    for (what, damage) in damages {
+        let manifest = dir.manifest().unwrap().unwrap();
+        let last = manifest.last().unwrap().disks[0]
+            .block_digests
+            .clone()
+            .unwrap();
+        damage(&dir.path().join(last));
+        vm.guest_write("vda", MIB + 3, &[what.len() as u8; 5000])
+            .unwrap();
+        let mut phases = Vec::new();
+        let report = dir
+            .create(&mut vm.clone(), None, &BackupOptions::new(), &mut |p| {
+                phases.push(p.phase)
+            })
+            .unwrap();
+        assert!(phases.contains(&"hash"), "{what}: not read back");
+        let now = vm.disk("vda").unwrap().to_vec().unwrap();
+        assert_eq!(
+            report.point.disks[0].blkhash.as_deref(),
+            Some(hash_of(&now, Default::default()).as_str()),
+            "{what}"
+        );
+    }
+    assert_eq!(dir.verify(&mut |_| {}).unwrap().len(), 5);
+}
