@@ -9,8 +9,8 @@
 //! `vmsdk backup cleanup --qmp URI DIR` removes every leftover (exports, jobs, scratch nodes
 //! and files, half-made checkpoints, partial images), and the next backup restores byte for
 //! byte; `cleanup` without DIR already removes the half-made checkpoint (marked pending),
-//! never a stored one. Ctrl-C (SIGINT) in every phase (`checkpoint`, `copy`, `hash`,
-//! `stored`) exits 130 and leaves nothing behind: before `stored` the chain as it was, at
+//! never a stored one. Ctrl-C (SIGINT) in every phase (`checkpoint`, `copy`, `hash` (the
+//! read-back of a point whose previous block digests are gone), `stored`) exits 130 and leaves nothing behind: before `stored` the chain as it was, at
 //! `stored` the new point complete. A `cleanup` while a backup is paused (alive) is refused
 //! and leaves it alone.
 
@@ -304,6 +304,17 @@ fn sigkill_in_every_phase_and_ctrl_c_leave_the_vm_usable_and_the_next_backup_cor
             .enumerate()
         {
             let what = format!("Ctrl-C at {phase} ({version})");
+            if phase == "hash" {
+                // An incremental point is hashed from the blocks it copies and the previous
+                // point's block digests; only without them (removed here) is it read back
+                // whole, the `hash` phase.
+                for entry in std::fs::read_dir(&dir_path).unwrap() {
+                    let path = entry.unwrap().path();
+                    if path.extension().is_some_and(|e| e == "blkdigests") {
+                        std::fs::remove_file(path).unwrap();
+                    }
+                }
+            }
             vm.write("vda", (20 + n as u64) * MIB, 64 << 10, 0x80 + n as u8);
             let points_before = last_checkpoint(dir);
             let args = create(phase == "copy");
