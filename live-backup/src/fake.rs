@@ -6,7 +6,9 @@
 //! for every disk (a guest write through [`FakeVm::guest_write`] falls wholly before or after
 //! it), a refused `begin` leaves nothing, an aborted session removes its checkpoint, and a
 //! session that is never ended (`std::mem::forget`, the way a killed process ends) leaves
-//! views that [`cleanup`](BackupSource::cleanup) finds and removes.
+//! views that [`cleanup`](BackupSource::cleanup) finds and removes, and a checkpoint that is
+//! pending until [`BackupSession::data_written`], which `cleanup` removes as half-made (the
+//! fake has no processes: its `cleanup` treats every session not ended as a killed one's).
 //!
 //! ```
 //! use live_backup::fake::{FakeFault, FakeVm};
@@ -59,6 +61,10 @@ pub enum FakeFault {
     },
     /// The next `finish` fails after removing its views (a monitor that went away).
     Finish,
+    /// The scratch space runs out in the next session: its
+    /// [`watch`](BackupSession::watch) gives the views up and answers
+    /// [`Error::ScratchFull`], as the QEMU source does when its scratch filesystem fills.
+    ScratchFull,
 }
 
 type Hook = Box<dyn FnMut(&FakeVm) + Send>;
@@ -74,6 +80,9 @@ struct State {
     faults: Vec<FakeFault>,
     /// Views of sessions not ended yet, by session number.
     sessions: BTreeMap<u64, Vec<String>>,
+    /// Checkpoints made by a `begin` whose data was not written yet (half-made if their
+    /// session never ends).
+    pending: BTreeSet<String>,
     next_session: u64,
     during_backup: Option<Hook>,
     log: Vec<String>,
@@ -355,6 +364,8 @@ impl BackupSource for FakeVm {
         let id = state.next_session;
         state.next_session += 1;
         state.sessions.insert(id, views.keys().cloned().collect());
+        state.pending.insert(request.checkpoint.clone());
+        let scratch_full = FakeVm::take_fault(&mut state, &FakeFault::ScratchFull);
         let hook = state.during_backup.take();
         drop(state);
         if let Some(mut hook) = hook {
@@ -375,6 +386,7 @@ impl BackupSource for FakeVm {
             views,
             consistency: Consistency::from_frozen(frozen),
             warnings,
+            scratch_full,
             ended: false,
         }))
     }
@@ -390,18 +402,27 @@ impl BackupSource for FakeVm {
         }
         state.inconsistent.retain(|(_, n)| n != name);
         state.disabled.retain(|(_, n)| n != name);
+        state.pending.remove(name);
         Ok(())
     }
 
     fn cleanup(&mut self) -> Result<CleanupReport> {
-        let removed = self.leftovers();
+        let mut removed = self.leftovers();
+        let mut failed = Vec::new();
         let mut state = self.lock();
         state.log.push("cleanup".into());
         state.sessions.clear();
-        Ok(CleanupReport {
-            removed,
-            failed: Vec::new(),
-        })
+        for name in std::mem::take(&mut state.pending) {
+            for disk in state.disks.values() {
+                if disk.dirty_bitmaps().contains(&name) {
+                    if let Err(e) = disk.remove_dirty_bitmap(&name) {
+                        failed.push(format!("checkpoint {name}: {e}"));
+                    }
+                }
+            }
+            removed.push(format!("checkpoint {name} (half-made)"));
+        }
+        Ok(CleanupReport { removed, failed })
     }
 }
 
@@ -415,6 +436,8 @@ struct FakeSession {
     views: BTreeMap<String, MemoryDisk>,
     consistency: Consistency,
     warnings: Vec<String>,
+    /// [`FakeFault::ScratchFull`] was injected for this session.
+    scratch_full: bool,
     ended: bool,
 }
 
@@ -433,6 +456,7 @@ impl FakeSession {
         self.ended = true;
         let mut state = self.vm.lock();
         state.sessions.remove(&self.id);
+        state.pending.remove(&self.checkpoint);
         state
             .log
             .push(if keep_checkpoint { "finish" } else { "abort" }.into());
@@ -473,7 +497,30 @@ impl BackupSession for FakeSession {
         &self.warnings
     }
 
+    fn watch(&self) -> Result<()> {
+        if self.scratch_full {
+            return Err(Error::ScratchFull {
+                dir: "(the fake's scratch space)".into(),
+                problem: "is full (FakeFault::ScratchFull): the views were given up".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn data_written(&self) -> Result<()> {
+        let mut state = self.vm.lock();
+        state.log.push("data-written".into());
+        state.pending.remove(&self.checkpoint);
+        Ok(())
+    }
+
     fn open(&self, node: &str) -> Result<Box<dyn Disk>> {
+        if self.scratch_full {
+            return Err(Error::ScratchFull {
+                dir: "(the fake's scratch space)".into(),
+                problem: "is full (FakeFault::ScratchFull): the views were given up".into(),
+            });
+        }
         let view = self.views.get(node).ok_or_else(|| Error::NoSuchDisk {
             disk: node.to_owned(),
             known: self.views.keys().cloned().collect(),

@@ -179,18 +179,24 @@ fn a_failed_backup_leaves_the_chain_and_the_next_one_is_correct() {
         "{report:?}"
     );
     assert!(vm.leftovers().is_empty(), "cleanup ran first");
-    // The same disks behind a VM without the injected NBD error: the next backup removes the
-    // half-made checkpoint and is a correct incremental one.
+    // And the half-made checkpoint, still pending: recognised without the manifest.
+    let half_made = chain.checkpoint_prefix() + "2";
+    let names: Vec<String> = vm
+        .clone()
+        .checkpoints()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert!(!names.contains(&half_made), "{names:?}");
+    // The same disks behind a VM without the injected NBD error: the next backup is a
+    // correct incremental one.
     let vm2 = FakeVm::new("vm1")
         .with_memory_disk("vda", vm.disk("vda").unwrap())
         .with_memory_disk("vdb", vm.disk("vdb").unwrap());
     let captured = capture_next(&vm2, vec![]);
     let report = backup(&vm2, &dir, &BackupOptions::new()).unwrap();
     assert_eq!(report.point.kind, PointKind::Incremental);
-    assert!(
-        report.removed_checkpoints.iter().any(|c| c.ends_with("-2")),
-        "{report:?}"
-    );
     for (node, contents) in captured.lock().unwrap().iter() {
         assert_eq!(&restored(&dir, node, 2), contents, "{node}");
     }
@@ -426,7 +432,9 @@ fn cleanup_with_the_directory_removes_half_made_checkpoints_and_partial_images()
     let report = dir.cleanup(&mut vm.clone()).unwrap();
     assert!(report.failed.is_empty(), "{report:?}");
     assert!(
-        report.removed.contains(&format!("checkpoint {half_made}")),
+        report
+            .removed
+            .contains(&format!("checkpoint {half_made} (half-made)")),
         "{report:?}"
     );
     assert!(
@@ -572,4 +580,101 @@ fn damaged_block_digests_fall_back_to_reading_the_point_back() {
         );
     }
     assert_eq!(dir.verify(&mut |_| {}).unwrap().len(), 5);
+}
+
+#[test]
+fn cleanup_without_the_directory_removes_half_made_checkpoints_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = BackupDir::new(tmp.path().join("backups"));
+    let vm = two_disk_vm();
+    backup(&vm, &dir, &BackupOptions::new()).unwrap();
+    let chain = dir.manifest().unwrap().unwrap();
+    let stored = chain.points[0].checkpoint.clone();
+    // Killed after its data was written, before the point was stored: no longer pending, so
+    // only the directory knows it is not a point (the next backup into it removes it).
+    let unmarked = chain.checkpoint_prefix() + "2";
+    let mut killed_process = vm.clone();
+    let session = killed_process
+        .begin(
+            &BeginRequest::full(unmarked.clone(), vec!["vda".into()]),
+            None,
+        )
+        .unwrap();
+    session.data_written().unwrap();
+    std::mem::forget(session);
+    // Killed mid-copy: pending.
+    let half_made = chain.checkpoint_prefix() + "3";
+    let mut killed_process = vm.clone();
+    let session = killed_process
+        .begin(
+            &BeginRequest::full(half_made.clone(), vec!["vda".into()]),
+            None,
+        )
+        .unwrap();
+    std::mem::forget(session);
+
+    let report = vm.clone().cleanup().unwrap();
+    assert!(
+        report
+            .removed
+            .contains(&format!("checkpoint {half_made} (half-made)")),
+        "{report:?}"
+    );
+    let mut names: Vec<String> = vm
+        .clone()
+        .checkpoints()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    names.sort();
+    assert_eq!(names, [stored.clone(), unmarked.clone()]);
+    let report = backup(&vm, &dir, &BackupOptions::new()).unwrap();
+    assert_eq!(report.point.kind, PointKind::Incremental);
+    assert!(report.removed_checkpoints.contains(&unmarked), "{report:?}");
+    let log = vm.log();
+    let written = log.iter().rposition(|l| l == "data-written").unwrap();
+    let finished = log.iter().rposition(|l| l == "finish").unwrap();
+    assert!(
+        written < finished,
+        "the data is written before the session finishes: {log:?}"
+    );
+}
+
+#[test]
+fn a_full_scratch_space_fails_the_backup_and_leaves_the_chain() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = BackupDir::new(tmp.path().join("backups"));
+    let vm = two_disk_vm();
+    backup(&vm, &dir, &BackupOptions::new()).unwrap();
+    let manifest = std::fs::read(dir.path().join("manifest.json")).unwrap();
+    vm.guest_write("vda", MIB, &[7; 4096]).unwrap();
+    vm.inject(FakeFault::ScratchFull);
+    let e = backup(&vm, &dir, &BackupOptions::new()).unwrap_err();
+    assert!(matches!(e, Error::ScratchFull { .. }), "{e}");
+    assert_eq!(
+        std::fs::read(dir.path().join("manifest.json")).unwrap(),
+        manifest,
+        "the chain as it was"
+    );
+    assert!(vm.leftovers().is_empty(), "the session was aborted");
+    let names: Vec<String> = vm
+        .clone()
+        .checkpoints()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(
+        names,
+        [dir.manifest().unwrap().unwrap().points[0]
+            .checkpoint
+            .clone()]
+    );
+    let captured = capture_next(&vm, vec![]);
+    let report = backup(&vm, &dir, &BackupOptions::new()).unwrap();
+    assert_eq!(report.point.kind, PointKind::Incremental);
+    for (node, contents) in captured.lock().unwrap().iter() {
+        assert_eq!(&restored(&dir, node, 2), contents, "{node}");
+    }
 }

@@ -1,5 +1,6 @@
 //! The crash matrix of `vmsdk backup create`, with real signals to the CLI, against a running
-//! QEMU (7.2 on the machine, 10.0 in the Debian 13 root).
+//! QEMU (7.2 on the machine, 10.0 in the Debian 13 root; the VM runs, its firmware finding
+//! nothing to boot).
 //!
 //! The CLI's test hook `VMSDK_TEST_PAUSE_AT=PHASE` stops it deterministically in a phase:
 //! `checkpoint` (after the transaction, the views exported), `copy` (mid-copy of the first
@@ -161,7 +162,10 @@ fn sigkill_in_every_phase_and_ctrl_c_leave_the_vm_usable_and_the_next_backup_cor
         }
         let tmp = tempfile::tempdir().unwrap();
         let disks = ["vda", "vdb"];
-        let Some(mut vm) = QemuVm::start(g, tmp.path(), &[("vda", 64 * MIB), ("vdb", 8 * MIB)])
+        // A running VM (its firmware finds no bootable disk and waits): every kill must leave
+        // it running.
+        let Some(mut vm) =
+            QemuVm::start_booting(g, tmp.path(), &[("vda", 64 * MIB), ("vdb", 8 * MIB)])
         else {
             return;
         };
@@ -195,6 +199,7 @@ fn sigkill_in_every_phase_and_ctrl_c_leave_the_vm_usable_and_the_next_backup_cor
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         ok(&args);
         let status = vm.qmp_command("query-status", Value::Null)["status"].clone();
+        assert_eq!(status, "running");
 
         for (n, phase) in ["checkpoint", "copy", "stored"].into_iter().enumerate() {
             let n = n as u64;
