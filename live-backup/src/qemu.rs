@@ -50,10 +50,13 @@
 //!   `vmsdk-cbw-N`, which is the device's root node while the job runs; its backup jobs
 //!   failing or ending); when the free space
 //!   falls below [`scratch_reserve`](QemuSource::scratch_reserve) or such an event came, it
-//!   gives the views up at once: the exports removed (hard: no read follows), the backup jobs
+//!   gives the views up at once: the exports removed (hard: QEMU drops the connections),
+//!   the backup jobs
 //!   cancelled (their filters leave the disks, so the guest's next and retried writes
 //!   succeed), and a VM that ran when the backup began and stopped on an I/O error since is
-//!   continued (`cont`). The backup then fails with [`Error::ScratchFull`], removes what it
+//!   continued (`cont`). Every later `watch` answers the same, and the backup checks it once
+//!   more after the last read, so a point whose views were given up is never stored, whatever
+//!   a read in flight returned: the backup fails with [`Error::ScratchFull`], removes what it
 //!   made, and the chain stays as it was.
 //!
 //! The reserve lets vmsdk act before the guest sees an error in the common case (a scratch
@@ -1218,11 +1221,20 @@ impl<M: Monitor> QemuSession<'_, M> {
                 .map(|(_, d)| d.node.clone())
         };
         let ours_job = |id: &str| (0..self.disks.len()).any(|i| backup_job(i) == id);
-        while let Some(event) = source
-            .monitor
-            .next_event(subscription, Duration::from_millis(1))
-            .map_err(|e| monitor_error("read events", e))?
-        {
+        loop {
+            // A monitor that fails here (QEMU gone) is no reason of the watch's: the reads
+            // fail on their own, with their own error.
+            let event = match source
+                .monitor
+                .next_event(subscription, Duration::from_millis(1))
+            {
+                Ok(Some(event)) => event,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!("watching the backup's events: {e}");
+                    break;
+                }
+            };
             let data = &event.data;
             match event.event.as_str() {
                 "BLOCK_IO_ERROR" => {
@@ -1268,8 +1280,8 @@ impl<M: Monitor> QemuSession<'_, M> {
         })
     }
 
-    /// Gives the views up so that the guest's writes go on: the exports first (hard: no
-    /// read can follow), then the backup jobs, whose copy-before-write filters leave the
+    /// Gives the views up so that the guest's writes go on: the exports first (hard: QEMU
+    /// drops the connections), then the backup jobs, whose copy-before-write filters leave the
     /// disks; a VM that ran when the backup began and stopped on an I/O error meanwhile is
     /// continued. The scratch nodes and files go with the session's end.
     fn give_up(&self, source: &mut QemuSource<M>, watch: &Watch) -> Vec<String> {

@@ -22,6 +22,10 @@ use crate::peers::Generation;
 #[derive(Debug)]
 pub struct QemuVm {
     child: Option<Child>,
+    /// The test's connection to its monitor, kept: QEMU may hand an event of a connection
+    /// that just closed (`BLOCK_EXPORT_DELETED` of a hard export removal) to the next one
+    /// before its greeting, so a connection per command fails now and then.
+    test_monitor: std::sync::Mutex<Option<qmp_proto::Client<std::os::unix::net::UnixStream>>>,
     generation: Generation,
     dir: PathBuf,
     disks: Vec<(String, u64)>,
@@ -117,6 +121,7 @@ impl QemuVm {
         let child = command.spawn(Stdio::null(), Stdio::inherit());
         let mut vm = QemuVm {
             child: Some(child),
+            test_monitor: std::sync::Mutex::new(None),
             generation,
             dir: dir.to_owned(),
             disks: disks.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
@@ -162,21 +167,48 @@ impl QemuVm {
         self.generation.versions(&["qemu-system-x86_64"])
     }
 
-    fn test_monitor(&self) -> qmp_proto::Client<std::os::unix::net::UnixStream> {
-        let path = self.dir.join("qmp-test.sock");
-        qmp_proto::Client::connect_unix(&path, qmp_proto::ClientConfig::default())
-            .expect("connect to the test's QMP monitor")
+    /// The test's second monitor (`qmp+unix://` URI), for a second client under test; close
+    /// the test's own connection to it first ([`close_test_monitor`](Self::close_test_monitor)):
+    /// QEMU serves one client per monitor.
+    pub fn test_qmp_uri(&self) -> String {
+        format!("qmp+unix://{}", self.dir.join("qmp-test.sock").display())
+    }
+
+    /// Closes the test's connection to its monitor; the next command opens a new one.
+    pub fn close_test_monitor(&self) {
+        *self
+            .test_monitor
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = None;
+    }
+
+    /// Runs `f` on the test's monitor connection (made on first use).
+    fn on_test_monitor<T>(
+        &self,
+        f: impl FnOnce(&mut qmp_proto::Client<std::os::unix::net::UnixStream>) -> T,
+    ) -> T {
+        let mut guard = self
+            .test_monitor
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let monitor = guard.get_or_insert_with(|| {
+            let path = self.dir.join("qmp-test.sock");
+            qmp_proto::Client::connect_unix(&path, qmp_proto::ClientConfig::default())
+                .expect("connect to the test's QMP monitor")
+        });
+        f(monitor)
     }
 
     /// Runs an HMP command on the test's monitor and returns its output.
     pub fn hmp(&self, command_line: &str) -> String {
         use qmp_proto::Monitor;
-        let mut monitor = self.test_monitor();
-        let out = monitor
-            .execute_raw(
-                "human-monitor-command",
-                Some(json!({ "command-line": command_line })),
-            )
+        let out = self
+            .on_test_monitor(|monitor| {
+                monitor.execute_raw(
+                    "human-monitor-command",
+                    Some(json!({ "command-line": command_line })),
+                )
+            })
             .unwrap_or_else(|e| panic!("HMP {command_line}: {e}"));
         out.as_str().unwrap_or_default().to_owned()
     }
@@ -252,10 +284,8 @@ impl QemuVm {
     /// A QMP command on the test's monitor.
     pub fn qmp_command(&self, command: &str, arguments: Value) -> Value {
         use qmp_proto::Monitor;
-        let mut monitor = self.test_monitor();
         let arguments = (!arguments.is_null()).then_some(arguments);
-        monitor
-            .execute_raw(command, arguments)
+        self.on_test_monitor(|monitor| monitor.execute_raw(command, arguments))
             .unwrap_or_else(|e| panic!("{command}: {e}"))
     }
 
@@ -277,6 +307,7 @@ impl QemuVm {
 
     /// Kills QEMU (SIGKILL, by PID): persistent bitmaps are not stored.
     pub fn kill(&mut self) {
+        self.close_test_monitor();
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

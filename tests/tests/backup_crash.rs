@@ -328,7 +328,8 @@ fn sigkill_in_every_phase_and_ctrl_c_leave_the_vm_usable_and_the_next_backup_cor
             if phase == "copy" {
                 // Through the VM's second monitor: the backup holds the first, and QEMU serves
                 // one client per monitor.
-                let second = format!("qmp+unix://{}", tmp.path().join("qmp-test.sock").display());
+                vm.close_test_monitor();
+                let second = vm.test_qmp_uri();
                 let refused = vmsdk(&[
                     "backup",
                     "cleanup",

@@ -356,6 +356,45 @@ fn chains_of_a_running_vm_restore_byte_for_byte_and_survive_crashes() {
         );
         assert!(source.cleanup().unwrap().is_empty(), "nothing left in QEMU");
 
+        // The exports removed under the copy (`block-export-del`, hard: QEMU drops the
+        // connections): at the copy's first progress report the first disk's copy is under
+        // way or just done, and the second disk's not begun. The backup fails with the NBD
+        // error, removes what it made; the chain stays, the VM writes on.
+        let mut removed_at = None;
+        let e = dir
+            .create(
+                &mut source,
+                None,
+                &BackupOptions::new().full(true),
+                &mut |p| {
+                    if p.phase == "copy" && removed_at.is_none() {
+                        removed_at = Some(format!("{} {}/{}", p.disk, p.done, p.total));
+                        for i in 0..2 {
+                            vm.qmp_command(
+                                "block-export-del",
+                                serde_json::json!({"id": format!("vmsdk-exp-{i}"), "mode": "hard"}),
+                            );
+                        }
+                    }
+                },
+            )
+            .unwrap_err();
+        eprintln!("backup with its exports removed at {removed_at:?}: {e}");
+        assert!(removed_at.is_some());
+        assert!(
+            matches!(
+                e,
+                live_backup::Error::Copy { .. } | live_backup::Error::Disk { .. }
+            ),
+            "an NBD error: {e}"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("manifest.json")).unwrap(),
+            before
+        );
+        assert!(source.cleanup().unwrap().is_empty(), "nothing left in QEMU");
+        vm.write("vda", 3 * MIB, 4096, 0x3e);
+
         // vmsdk killed after its transaction: the next backup removes what it left and is a
         // correct incremental one.
         let killed = source
