@@ -92,10 +92,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// Another backup of this directory is running (its lock is held).
+    /// Another backup of this directory is running (its lock is held): of a backup
+    /// directory, or of the QEMU source's scratch directory, whose lock a running backup of
+    /// the VM holds (`cleanup` then leaves everything alone).
     #[error("{} is in use by another backup (its lock file is held)", dir.display())]
     Busy {
-        /// The backup directory.
+        /// The backup or scratch directory.
         dir: PathBuf,
     },
     /// `verify` found a point whose files do not restore to the recorded hashes, or a file
