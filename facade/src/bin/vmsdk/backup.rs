@@ -49,7 +49,10 @@ enum BackupCommand {
         #[arg(long)]
         full_if_needed: bool,
         /// Where the scratch images and the NBD socket go; QEMU must be able to write there
-        /// (default /var/tmp/vmsdk-scratch-<the QMP address>).
+        /// (default /var/tmp/vmsdk-scratch-<the QMP address>). It holds the old contents of
+        /// what the guest overwrites while the backup reads: with less than 16 MiB free the
+        /// backup does not begin, and when it runs full (1 MiB left, or a guest write failing)
+        /// the backup stops and the VM writes on.
         #[arg(long, value_name = "DIR")]
         scratch_dir: Option<PathBuf>,
         /// Serve the views over TLS: QEMU's X.509 credentials (ca-cert.pem, server-cert.pem,
