@@ -1,25 +1,32 @@
 //! Benchmark: a live backup with vmsdk (pull: fleecing, NBD, the copy engine, qcow2 written
-//! and hashed back) against QEMU's own push-mode `blockdev-backup` into a qcow2 target on the
-//! same filesystem, full and incremental (5 % of the disk changed in scattered 64 KiB
-//! writes). Wall time, this process's CPU time and QEMU's CPU time, side by side.
+//! and hashed as it is read) against QEMU's own push-mode `blockdev-backup` into a qcow2 target
+//! on the same filesystem, full and incremental (5 % of the disk changed in scattered 64 KiB
+//! writes); then the restore of a four-point chain into an NBD export (qemu-nbd of a raw
+//! file) against `nbdcopy` from `qemu-nbd -r -f qcow2 NODE.4.qcow2` into the same export.
+//! Every run is printed (wall time, this process's CPU time, QEMU's or the qemu-nbds' CPU
+//! time), then the medians; vmsdk and the peer alternate which goes first.
 //!
 //! ```sh
-//! cargo run --release -p live-backup --example bench_live_backup -- [SIZE_MIB] [DIR]
+//! cargo run --release -p live-backup --example bench_live_backup -- [SIZE_MIB] [DIR] [RUNS]
 //! ```
 //!
-//! Defaults: 1024 MiB in /dev/shm (page-cached). Needs the machine's qemu-system-x86_64 and
-//! qemu-img. Starts its own QEMU (`-S`, no guest) and kills it by PID at the end.
+//! Defaults: 1024 MiB in /dev/shm (page-cached), 3 runs. Needs the machine's
+//! qemu-system-x86_64, qemu-img, qemu-nbd and nbdcopy. Starts its own QEMU (`-S`, no guest)
+//! and qemu-nbds, and kills them by PID at the end. Peak space: about five times SIZE (use a
+//! disk directory such as /var/tmp for 4 GiB).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use live_backup::qemu::QemuSource;
+use live_backup::BackupSource;
 use live_backup::{BackupDir, BackupOptions};
 use qmp_proto::cmd::{
-    BlockDirtyBitmapAddArgs, BlockdevAdd, BlockdevBackupArgs, BlockdevCreate, BlockdevCreateArgs,
-    BlockdevDel, BlockdevDelArgs, Command as QmpCommand, HumanMonitorCommand,
-    HumanMonitorCommandArgs, Transaction, TransactionAction, TransactionArgs,
+    BlockDirtyBitmap, BlockDirtyBitmapAddArgs, BlockDirtyBitmapRemove, BlockdevAdd,
+    BlockdevBackupArgs, BlockdevCreate, BlockdevCreateArgs, BlockdevDel, BlockdevDelArgs,
+    Command as QmpCommand, HumanMonitorCommand, HumanMonitorCommandArgs, Transaction,
+    TransactionAction, TransactionArgs,
 };
 use qmp_proto::types::{BlockdevCreateOptions, BlockdevOptions, SyncMode};
 use qmp_proto::{JobOptions, Monitor, MonitorExt};
@@ -93,7 +100,14 @@ fn guest_write(monitor: &mut impl Monitor, offset: u64, pattern: u8) {
 }
 
 /// QEMU's push backup of `vda` into a new qcow2 at `path` (`sync` full or incremental).
-fn push(monitor: &mut impl Monitor, path: &Path, size: u64, sync: SyncMode, tag: &str) {
+fn push(
+    monitor: &mut impl Monitor,
+    path: &Path,
+    size: u64,
+    sync: SyncMode,
+    tag: &str,
+    bitmap: &str,
+) {
     std::fs::File::create(path).unwrap();
     let file = format!("push-file-{tag}");
     let node = format!("push-{tag}");
@@ -112,10 +126,10 @@ fn push(monitor: &mut impl Monitor, path: &Path, size: u64, sync: SyncMode, tag:
     let mut actions = Vec::new();
     if sync == SyncMode::Full {
         actions.push(TransactionAction::BlockDirtyBitmapAdd(
-            BlockDirtyBitmapAddArgs::new("vda", "push-bitmap").persistent(false),
+            BlockDirtyBitmapAddArgs::new("vda", bitmap).persistent(false),
         ));
     } else {
-        backup = backup.bitmap("push-bitmap");
+        backup = backup.bitmap(bitmap);
     }
     actions.push(TransactionAction::BlockdevBackup(backup));
     job::<Transaction>(monitor, &id, &TransactionArgs::new(actions));
@@ -124,10 +138,89 @@ fn push(monitor: &mut impl Monitor, path: &Path, size: u64, sync: SyncMode, tag:
     }
 }
 
+/// The load average now (1, 5, 15 minutes).
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// The runs of one row of the table.
+#[derive(Default)]
+struct Row {
+    runs: Vec<Measure>,
+}
+
+impl Row {
+    fn medians(&self) -> (f64, f64, f64) {
+        let pick =
+            |f: fn(&Measure) -> f64| median(&mut self.runs.iter().map(f).collect::<Vec<_>>());
+        (pick(|m| m.wall), pick(|m| m.ours), pick(|m| m.qemu))
+    }
+}
+
+/// 5 % of the disk in scattered 64 KiB writes through the guest's device.
+fn scatter_writes(monitor: &mut impl Monitor, size: u64, x: &mut u64, pattern: u8) {
+    let writes = size / 20 / 65536;
+    let clusters = size / 65536;
+    for _ in 0..writes {
+        *x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let offset = (*x >> 11) % clusters * 65536;
+        guest_write(monitor, offset, pattern);
+    }
+}
+
+/// A qemu-nbd serving `image` on `socket`, killed by PID on drop.
+fn qemu_nbd(args: &[&str], image: &Path, socket: &Path) -> KillOnDrop {
+    let child = Command::new("qemu-nbd")
+        .args(args)
+        .arg("-k")
+        .arg(socket)
+        .arg(image)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start qemu-nbd");
+    while !socket.exists() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    KillOnDrop(child)
+}
+
+/// User + system CPU seconds of a finished child, from `/usr/bin/time -f "%U %S"`'s last
+/// line of standard error.
+fn time_child(cmd: &mut Command) -> f64 {
+    let out = cmd.output().expect("run under /usr/bin/time");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    last.split_whitespace()
+        .map(|v| v.parse::<f64>().unwrap_or(0.0))
+        .sum()
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let mib: u64 = args.next().map_or(1024, |s| s.parse().expect("SIZE_MIB"));
     let base = PathBuf::from(args.next().unwrap_or_else(|| "/dev/shm".into()));
+    let runs: usize = args.next().map_or(3, |s| s.parse().expect("RUNS"));
     let size = mib << 20;
     let dir = base.join(format!("vmsdk-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -195,93 +288,157 @@ fn main() {
     let mut source = QemuSource::connect(&uri, dir.join("scratch")).unwrap();
     let mut monitor =
         qmp_proto::Client::connect_unix(&qmp2, qmp_proto::ClientConfig::default()).unwrap();
-    let backups = BackupDir::new(dir.join("ours"));
-
-    let ours_full = measure(&pid, || {
-        backups
-            .create(&mut source, None, &BackupOptions::new(), &mut |_| {})
-            .unwrap();
-    });
-    let push_full = measure(&pid, || {
-        push(
-            &mut monitor,
-            &dir.join("push-full.qcow2"),
-            size,
-            SyncMode::Full,
-            "f",
-        )
-    });
-
-    // 5 % of the disk in scattered 64 KiB writes, through the guest's device.
-    let writes = size / 20 / 65536;
-    let clusters = size / 65536;
     let mut x: u64 = 12345;
-    for _ in 0..writes {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let offset = (x >> 11) % clusters * 65536;
-        guest_write(&mut monitor, offset, 7);
+    let load_before = load_average();
+    let names = [
+        "full: vmsdk pull (hashing as it reads)",
+        "full: QEMU push sync=full",
+        "5 %: vmsdk pull incremental",
+        "5 %: QEMU push sync=incremental",
+        "restore 4 points: vmsdk -> qemu-nbd",
+        "restore 4 points: nbdcopy -> qemu-nbd",
+    ];
+    let mut rows: Vec<Row> = names.iter().map(|_| Row::default()).collect();
+    let mut last_dir = None;
+    for r in 0..runs {
+        let backups = BackupDir::new(dir.join(format!("ours-{r}")));
+        let bitmap = format!("push-bitmap-{r}");
+        let ours_first = r % 2 == 0;
+        let push_full = dir.join(format!("push-full-{r}.qcow2"));
+        let push_inc = dir.join(format!("push-inc-{r}.qcow2"));
+        for incremental in [false, true] {
+            if incremental {
+                scatter_writes(&mut monitor, size, &mut x, 7 + r as u8);
+            }
+            for ours in [ours_first, !ours_first] {
+                let row = usize::from(incremental) * 2 + usize::from(!ours);
+                let mut phases = String::new();
+                let m = if ours {
+                    let started = Instant::now();
+                    let mut last = "";
+                    measure(&pid, || {
+                        backups
+                            .create(&mut source, None, &BackupOptions::new(), &mut |p| {
+                                if p.phase != last {
+                                    last = p.phase;
+                                    let at = started.elapsed().as_secs_f64();
+                                    phases.push_str(&format!(" {}@{at:.3}", p.phase));
+                                }
+                            })
+                            .unwrap();
+                    })
+                } else {
+                    let (path, sync, tag) = if incremental {
+                        (&push_inc, SyncMode::Incremental, format!("i{r}"))
+                    } else {
+                        (&push_full, SyncMode::Full, format!("f{r}"))
+                    };
+                    measure(&pid, || push(&mut monitor, path, size, sync, &tag, &bitmap))
+                };
+                println!(
+                    "run {r} {:<40} {:>7.2} s  vmsdk CPU {:>6.2} s  QEMU CPU {:>6.2} s {phases}",
+                    names[row], m.wall, m.ours, m.qemu
+                );
+                rows[row].runs.push(m);
+            }
+        }
+        // Neither chain's bitmap is needed again: fewer bitmaps for the guest's writes.
+        call::<BlockDirtyBitmapRemove>(&mut monitor, &BlockDirtyBitmap::new("vda", &bitmap));
+        let _ = std::fs::remove_file(&push_full);
+        let _ = std::fs::remove_file(&push_inc);
+        if r + 1 < runs {
+            let manifest = backups.manifest().unwrap().unwrap();
+            source
+                .remove_checkpoint(&manifest.last().unwrap().checkpoint)
+                .unwrap();
+            std::fs::remove_dir_all(backups.path()).unwrap();
+        } else {
+            last_dir = Some(backups);
+        }
     }
-    let ours_inc = measure(&pid, || {
-        backups
+
+    // The last chain gets two more points: four in all, each with 5 % changed.
+    let chain = last_dir.expect("at least one run");
+    for pattern in [11, 13] {
+        scatter_writes(&mut monitor, size, &mut x, pattern);
+        chain
             .create(&mut source, None, &BackupOptions::new(), &mut |_| {})
             .unwrap();
-    });
-    let push_inc = measure(&pid, || {
-        push(
-            &mut monitor,
-            &dir.join("push-inc.qcow2"),
-            size,
-            SyncMode::Incremental,
-            "i",
-        )
-    });
-    // The same again (another 5 %), without reading the whole chain back for its hash.
-    for _ in 0..writes {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let offset = (x >> 11) % clusters * 65536;
-        guest_write(&mut monitor, offset, 9);
     }
-    let ours_inc_nohash = measure(&pid, || {
-        backups
-            .create(
-                &mut source,
-                None,
-                &BackupOptions::new().hash_incrementals(false),
-                &mut |_| {},
-            )
-            .unwrap();
-    });
+    let manifest = chain.manifest().unwrap().unwrap();
+    assert_eq!(manifest.points.len(), 4);
+    let top = chain.path().join(&manifest.points[3].disks[0].file);
+    let target = dir.join("restore-target.raw");
+    for r in 0..runs {
+        for ours in [r % 2 == 0, r % 2 != 0] {
+            // A new sparse raw target for every run, served by a new qemu-nbd.
+            std::fs::File::create(&target)
+                .unwrap()
+                .set_len(size)
+                .unwrap();
+            let target_sock = dir.join(format!("target-{r}-{ours}.sock"));
+            let server = qemu_nbd(
+                &["-f", "raw", "-e", "4", "-t", "--cache=writeback"],
+                &target,
+                &target_sock,
+            );
+            let server_pid = server.0.id().to_string();
+            let target_uri = format!("nbd+unix:///?socket={}", target_sock.display());
+            let m = if ours {
+                measure(&server_pid, || {
+                    chain
+                        .restore(None, Some(4), &target_uri, &Default::default(), &mut |_| {})
+                        .unwrap();
+                })
+            } else {
+                let chain_sock = dir.join(format!("chain-{r}.sock"));
+                let chain_server =
+                    qemu_nbd(&["-r", "-f", "qcow2", "-e", "4", "-t"], &top, &chain_sock);
+                let chain_pid = chain_server.0.id().to_string();
+                let (q0, t0) = (
+                    cpu_seconds(&chain_pid) + cpu_seconds(&server_pid),
+                    Instant::now(),
+                );
+                let nbdcopy_cpu = time_child(
+                    Command::new("/usr/bin/time")
+                        .args(["-f", "%U %S", "nbdcopy"])
+                        .arg(format!("nbd+unix:///?socket={}", chain_sock.display()))
+                        .arg(&target_uri),
+                );
+                Measure {
+                    wall: t0.elapsed().as_secs_f64(),
+                    ours: nbdcopy_cpu,
+                    qemu: cpu_seconds(&chain_pid) + cpu_seconds(&server_pid) - q0,
+                }
+            };
+            let row = 4 + usize::from(!ours);
+            println!(
+                "run {r} {:<40} {:>7.2} s  tool CPU {:>6.2} s  qemu-nbd CPU {:>6.2} s",
+                names[row], m.wall, m.ours, m.qemu
+            );
+            rows[row].runs.push(m);
+            drop(server);
+        }
+    }
+    let _ = std::fs::remove_file(&target);
 
     let qemu_version = source.monitor().greeting().version.qemu.to_string();
     println!(
-        "live backup of a {mib} MiB random qcow2 disk in {} (QEMU {qemu_version}, -S)",
-        base.display()
+        "\nlive backup of a {mib} MiB random qcow2 disk in {} (QEMU {qemu_version}, -S), {runs} runs; \
+         load average before {load_before}, after {}",
+        base.display(),
+        load_average()
     );
     println!(
-        "{:<38} {:>8} {:>10} {:>10} {:>8}",
-        "", "wall s", "vmsdk CPU", "QEMU CPU", "speed"
+        "{:<40} {:>8} {:>10} {:>10} {:>8}",
+        "medians", "wall s", "tool CPU", "QEMU CPU", "speed"
     );
-    for (name, m, peer) in [
-        (
-            "full: vmsdk pull (hashing as it reads)",
-            &ours_full,
-            &push_full,
-        ),
-        ("full: QEMU push sync=full", &push_full, &push_full),
-        ("5 %: vmsdk pull incremental", &ours_inc, &push_inc),
-        ("5 %: vmsdk, no hash read-back", &ours_inc_nohash, &push_inc),
-        ("5 %: QEMU push sync=incremental", &push_inc, &push_inc),
-    ] {
+    for (i, name) in names.iter().enumerate() {
+        let (wall, ours, qemu) = rows[i].medians();
+        let (peer_wall, _, _) = rows[i / 2 * 2 + 1].medians();
         println!(
-            "{name:<38} {:>8.2} {:>10.2} {:>10.2} {:>7.2}x",
-            m.wall,
-            m.ours,
-            m.qemu,
-            peer.wall / m.wall
+            "{name:<40} {wall:>8.2} {ours:>10.2} {qemu:>10.2} {:>7.2}x",
+            peer_wall / wall
         );
     }
     drop(source);
