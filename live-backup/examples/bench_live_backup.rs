@@ -316,17 +316,23 @@ fn main() {
                 let m = if ours {
                     let started = Instant::now();
                     let mut last = "";
-                    measure(&pid, || {
+                    let mut copied_at = 0.0;
+                    let m = measure(&pid, || {
                         backups
                             .create(&mut source, None, &BackupOptions::new(), &mut |p| {
+                                let at = started.elapsed().as_secs_f64();
                                 if p.phase != last {
                                     last = p.phase;
-                                    let at = started.elapsed().as_secs_f64();
                                     phases.push_str(&format!(" {}@{at:.3}", p.phase));
+                                }
+                                if p.phase == "copy" && p.done == p.total {
+                                    copied_at = at;
                                 }
                             })
                             .unwrap();
-                    })
+                    });
+                    phases.push_str(&format!(" (copied@{copied_at:.3})"));
+                    m
                 } else {
                     let (path, sync, tag) = if incremental {
                         (&push_inc, SyncMode::Incremental, format!("i{r}"))

@@ -50,7 +50,9 @@
 //! - [`fake::FakeVm`]: disks in memory, guest writes and faults injected.
 //! - [`BackupDir`]: the output side. Per disk a qcow2 chain (`NODE.1.qcow2` full, then
 //!   `NODE.2.qcow2` backed by it, ...), and `manifest.json` (the VM, the disks, every point's
-//!   checkpoint, times, sizes, consistency and block hash). Files 0600, directories 0700;
+//!   checkpoint, times, sizes, consistency and block hash), with every point's block digests
+//!   beside its image (`NODE.N.blkdigests`: the next incremental point is hashed from the
+//!   blocks it copies, never by reading the chain back). Files 0600, directories 0700;
 //!   images are written as `.NAME.part` and renamed, the manifest replaced atomically, so a
 //!   failed backup leaves the previous chain and manifest as they were.
 //! - [`Quiesce`]: the guest's filesystems frozen around the checkpoint moment only and thawed
