@@ -56,10 +56,15 @@
 //!   Keep bitmaps on the VM's disk, not in backup images; read-only opens leave them alone.
 //!
 //! # Concurrency and crashes
-//! A [`Qcow2Disk`] may be shared by threads: writes to allocated clusters run in parallel,
-//! allocations and table updates are serialised by one lock. Metadata is written through as
-//! it changes (data first, then the refcount, then the table entry pointing to it), and
-//! [`Disk::flush`] is an `fsync`. A crash before a flush can leave leaked clusters that
+//! A [`Qcow2Disk`] may be shared by threads, and its data is written in parallel: allocations
+//! and table updates are serialised by one lock, data writes are not. A write that needs new
+//! clusters allocates them (refcount 1) and claims its guest clusters under the lock, writes
+//! its data outside it, then publishes the L2 entries under the lock again, so a reader never
+//! sees an entry pointing to data not written yet, and a second writer to a claimed cluster
+//! waits for the entry rather than allocate the cluster twice; a run of new clusters is
+//! contiguous at the end of the file and written with one `pwrite`. Metadata is written
+//! through as it changes (data and refcounts first, then the table entry pointing to them),
+//! and [`Disk::flush`] is an `fsync`. A crash before a flush can leave leaked clusters that
 //! `qemu-img check -r leaks` reclaims. Two processes must not write one image at once (no
 //! file locking is done).
 
@@ -72,7 +77,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
@@ -323,9 +328,19 @@ struct Metadata {
     freed: Vec<u64>,
     /// Set while the refcount table moves (its entries are written with the new table).
     moving_table: bool,
+    /// Guest clusters a writer is allocating, as (first, count): their new data is being
+    /// written outside the lock and their entries are not published yet.
+    claims: Vec<(u64, u64)>,
 }
 
 impl Metadata {
+    /// Whether a writer has claimed any guest cluster of `[first, first + count)`.
+    fn claimed(&self, first: u64, count: u64) -> bool {
+        self.claims
+            .iter()
+            .any(|&(f, n)| f < first + count && first < f + n)
+    }
+
     fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
@@ -473,6 +488,36 @@ impl Backing {
     }
 }
 
+/// Guest clusters claimed by one allocating write, and the new host clusters it has not
+/// published yet. Dropped (after publishing, on an error or a panic) it frees what was not
+/// published, drops the claim and wakes the writers waiting for it.
+struct Claim<'a> {
+    disk: &'a Qcow2Disk,
+    first: u64,
+    count: u64,
+    unpublished: Vec<Vec<u64>>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut meta = self.disk.lock();
+        for host in self.unpublished.iter().flatten() {
+            // Nothing points to it: give it back rather than leak it (a failure here leaks it,
+            // which `qemu-img check -r leaks` repairs).
+            let _ = meta.adjust_refcount(&self.disk.io, *host, -1);
+        }
+        if let Some(at) = meta
+            .claims
+            .iter()
+            .position(|&c| c == (self.first, self.count))
+        {
+            meta.claims.swap_remove(at);
+        }
+        drop(meta);
+        self.disk.published.notify_all();
+    }
+}
+
 /// An open qcow2 image and its backing chain; see the [module docs](self).
 pub struct Qcow2Disk {
     io: ImageFile,
@@ -480,6 +525,8 @@ pub struct Qcow2Disk {
     read_only: bool,
     backing: Option<Backing>,
     meta: Mutex<Metadata>,
+    /// Signalled whenever a writer publishes (or gives up) the clusters it claimed.
+    published: Condvar,
     /// Data bytes written through the page cache so far; see [`Qcow2Disk::write_back_early`].
     written: AtomicU64,
 }
@@ -604,6 +651,7 @@ impl Qcow2Disk {
             end: file_size.next_multiple_of(cluster_size),
             freed: Vec::new(),
             moving_table: false,
+            claims: Vec::new(),
         };
         let mut header = header;
         if !read_only {
@@ -623,6 +671,7 @@ impl Qcow2Disk {
             read_only,
             backing,
             meta: Mutex::new(meta),
+            published: Condvar::new(),
             written: AtomicU64::new(0),
         })
     }
@@ -996,7 +1045,10 @@ impl Qcow2Disk {
         } else {
             return Ok(false);
         };
-        let mut meta = self.lock();
+        // Clusters being allocated are left to their writer first: its entry goes in, then
+        // this unmaps it (freeing it under the writer's feet would count it twice).
+        let meta = self.lock();
+        let mut meta = self.wait_unclaimed(meta, first, count);
         let per_table = meta.l2_entries();
         let mut cluster = first;
         while cluster < first + count {
@@ -1043,93 +1095,141 @@ impl Qcow2Disk {
         (first, stop.saturating_sub(first))
     }
 
-    /// The write path for clusters that need allocating (or rewriting): under the lock.
-    fn write_allocating(&self, buf: &[u8], offset: u64) -> Result<()> {
+    /// Waits until no writer is allocating any guest cluster of `[first, first + count)`.
+    fn wait_unclaimed<'a>(
+        &'a self,
+        mut meta: MutexGuard<'a, Metadata>,
+        first: u64,
+        count: u64,
+    ) -> MutexGuard<'a, Metadata> {
+        while meta.claimed(first, count) {
+            meta = self.published.wait(meta).unwrap_or_else(|e| e.into_inner());
+        }
+        meta
+    }
+
+    /// The write path for clusters that need allocating (or rewriting). Under the lock: the
+    /// new host clusters are allocated (counted) and the guest clusters claimed, so no other
+    /// writer allocates them too. Outside it: the data is written, in parallel with other
+    /// writers. Under the lock again: the L2 entries are published, so no reader ever sees an
+    /// entry pointing to a cluster whose data is not written yet, and the old mappings freed.
+    fn write_allocating<'a>(
+        &'a self,
+        mut meta: MutexGuard<'a, Metadata>,
+        buf: &[u8],
+        offset: u64,
+        mappings: &[Mapping],
+    ) -> Result<()> {
         let cs = self.cluster_size();
-        let mut meta = self.lock();
         let first = offset / cs;
-        let last = (offset + buf.len() as u64 - 1) / cs;
-        let entries = meta.entries(&self.io, first, last - first + 1)?;
-        let mappings: Vec<Mapping> = entries
-            .iter()
-            .map(|&e| self.decode(e))
-            .collect::<Result<_>>()?;
+        let length = buf.len() as u64;
+        // Runs of clusters to allocate: (index of the first in `mappings`, its new hosts).
+        let mut runs: Vec<(usize, Vec<u64>)> = Vec::new();
         let mut i = 0usize;
         while i < mappings.len() {
-            let cluster = first + i as u64;
-            if let Mapping::Data { host, copied: true } = mappings[i] {
-                let (from, to) = piece(offset, buf.len() as u64, cluster, cs);
-                self.io.write_all_at(
-                    &buf[(from - offset) as usize..(to - offset) as usize],
-                    host + from % cs,
-                    "data",
-                )?;
+            if matches!(mappings[i], Mapping::Data { copied: true, .. }) {
                 i += 1;
                 continue;
             }
-            // A run of clusters to allocate. Whole clusters go straight from `buf`, several
-            // at once where the new clusters are contiguous; a partial one is assembled with
-            // what the cluster held (the backing file's data, zeros, the old or compressed
-            // cluster).
             let mut j = i;
             while j < mappings.len() && !matches!(mappings[j], Mapping::Data { copied: true, .. }) {
                 j += 1;
             }
-            let hosts = meta.allocate_many(&self.io, j - i)?;
-            let length = buf.len() as u64;
-            let whole = |c: u64| {
-                let (from, to) = piece(offset, length, c, cs);
-                from == c * cs && to == (c + 1) * cs
-            };
-            let written = (|| {
-                let mut k = 0usize;
-                while k < hosts.len() {
-                    let c = cluster + k as u64;
-                    let (from, to) = piece(offset, length, c, cs);
-                    if whole(c) {
-                        let mut m = k + 1;
-                        while m < hosts.len()
-                            && hosts[m] == hosts[m - 1] + cs
-                            && whole(cluster + m as u64)
-                        {
-                            m += 1;
-                        }
-                        let to = piece(offset, length, cluster + m as u64 - 1, cs).1;
-                        self.io.write_all_at(
-                            &buf[(from - offset) as usize..(to - offset) as usize],
-                            hosts[k],
-                            "data",
-                        )?;
-                        k = m;
-                    } else {
-                        let mut slot = vec![0u8; cs as usize];
-                        self.cluster_contents(c, mappings[i + k], &mut slot)?;
-                        slot[(from % cs) as usize..(from % cs + (to - from)) as usize]
-                            .copy_from_slice(
-                                &buf[(from - offset) as usize..(to - offset) as usize],
-                            );
-                        self.io.write_all_at(&slot, hosts[k], "data")?;
-                        k += 1;
+            match meta.allocate_many(&self.io, j - i) {
+                Ok(hosts) => runs.push((i, hosts)),
+                Err(e) => {
+                    for host in runs.iter().flat_map(|(_, h)| h) {
+                        let _ = meta.adjust_refcount(&self.io, *host, -1);
                     }
+                    return Err(e);
                 }
-                Ok(())
-            })();
-            if let Err(e) = written {
-                // Nothing points to the new clusters yet: give them back rather than leak them.
-                for &host in &hosts {
-                    let _ = meta.adjust_refcount(&self.io, host, -1);
-                }
-                return Err(e);
-            }
-            let new: Vec<u64> = hosts.iter().map(|h| h | COPIED).collect();
-            meta.set_entries(&self.io, cluster, &new)?;
-            for old in &mappings[i..j] {
-                meta.release(&self.io, *old)?;
             }
             i = j;
         }
+        let mut claim = Claim {
+            disk: self,
+            first,
+            count: mappings.len() as u64,
+            unpublished: runs.iter().map(|(_, h)| h.clone()).collect(),
+        };
+        meta.claims.push((first, mappings.len() as u64));
         drop(meta);
-        self.write_back_early(buf.len() as u64);
+
+        // The data, outside the lock: clusters allocated already in place, new ones at their
+        // new hosts. Whole clusters go straight from `buf`, several at once where the hosts
+        // are contiguous; a partial one is assembled with what the cluster held (the backing
+        // file's data, zeros, the old or compressed cluster), which stays as it is while the
+        // cluster is claimed.
+        let mut hosts: Vec<Option<u64>> = mappings
+            .iter()
+            .map(|m| match m {
+                Mapping::Data { host, copied: true } => Some(*host),
+                _ => None,
+            })
+            .collect();
+        for (at, new) in &runs {
+            for (k, host) in new.iter().enumerate() {
+                hosts[at + k] = Some(*host);
+            }
+        }
+        let whole = |c: u64| {
+            let (from, to) = piece(offset, length, c, cs);
+            from == c * cs && to == (c + 1) * cs
+        };
+        let mut k = 0usize;
+        while k < hosts.len() {
+            let c = first + k as u64;
+            let host = hosts[k].expect("every cluster has a host");
+            let (from, _) = piece(offset, length, c, cs);
+            let fresh = !matches!(mappings[k], Mapping::Data { copied: true, .. });
+            if fresh && !whole(c) {
+                let to = piece(offset, length, c, cs).1;
+                let mut slot = vec![0u8; cs as usize];
+                self.cluster_contents(c, mappings[k], &mut slot)?;
+                slot[(from % cs) as usize..(from % cs + (to - from)) as usize]
+                    .copy_from_slice(&buf[(from - offset) as usize..(to - offset) as usize]);
+                self.io.write_all_at(&slot, host, "data")?;
+                k += 1;
+                continue;
+            }
+            // A run of clusters written as they are (in place, or whole new ones) whose hosts
+            // follow each other.
+            let mut m = k + 1;
+            while m < hosts.len()
+                && hosts[m] == Some(host + (m - k) as u64 * cs)
+                && (matches!(mappings[m], Mapping::Data { copied: true, .. })
+                    || whole(first + m as u64))
+            {
+                m += 1;
+            }
+            let to = piece(offset, length, first + m as u64 - 1, cs).1;
+            self.io.write_all_at(
+                &buf[(from - offset) as usize..(to - offset) as usize],
+                host + from % cs,
+                "data",
+            )?;
+            k = m;
+        }
+
+        // Publish: the entries are read again (a claimed cluster's entry does not change, but
+        // what is freed is what the table says now).
+        let mut meta = self.lock();
+        for (n, (at, new)) in runs.iter().enumerate() {
+            let cluster = first + *at as u64;
+            let old = meta.entries(&self.io, cluster, new.len() as u64)?;
+            let entries: Vec<u64> = new.iter().map(|h| h | COPIED).collect();
+            // From here a failure leaves these clusters leaked at worst, never counted free
+            // while an entry may point to them.
+            claim.unpublished[n].clear();
+            meta.set_entries(&self.io, cluster, &entries)?;
+            for entry in old {
+                let mapping = self.decode(entry)?;
+                meta.release(&self.io, mapping)?;
+            }
+        }
+        drop(meta);
+        drop(claim);
+        self.write_back_early(length);
         Ok(())
     }
 
@@ -1367,14 +1467,33 @@ impl Disk for Qcow2Disk {
         let cs = self.cluster_size();
         let first = offset / cs;
         let last = (offset + buf.len() as u64 - 1) / cs;
-        let entries = self.lock().entries(&self.io, first, last - first + 1)?;
-        let mut in_place = Vec::with_capacity(entries.len());
-        for &entry in &entries {
-            match self.decode(entry)? {
-                Mapping::Data { host, copied: true } => in_place.push(host),
-                _ => return self.write_allocating(buf, offset),
+        let count = last - first + 1;
+        let mut meta = self.lock();
+        let mut in_place = Vec::with_capacity(count as usize);
+        loop {
+            let entries = meta.entries(&self.io, first, count)?;
+            let mappings: Vec<Mapping> = entries
+                .iter()
+                .map(|&e| self.decode(e))
+                .collect::<Result<_>>()?;
+            if mappings
+                .iter()
+                .all(|m| matches!(m, Mapping::Data { copied: true, .. }))
+            {
+                in_place.extend(mappings.iter().map(|m| match m {
+                    Mapping::Data { host, .. } => *host,
+                    _ => unreachable!("all allocated"),
+                }));
+                break;
             }
+            if meta.claimed(first, count) {
+                // Another writer is allocating some of these clusters: wait for its entries.
+                meta = self.wait_unclaimed(meta, first, count);
+                continue;
+            }
+            return self.write_allocating(meta, buf, offset, &mappings);
         }
+        drop(meta);
         // Every cluster is allocated and ours alone: write in place, in parallel with other
         // writers, a contiguous run at a time.
         let length = buf.len() as u64;
