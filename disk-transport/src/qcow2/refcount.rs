@@ -105,29 +105,56 @@ impl Metadata {
                 1 << self.refcount_order
             )));
         }
-        let cluster = host >> self.cluster_bits;
+        self.set_refcounts(io, host, 1, value)
+    }
+
+    /// Sets the refcounts of `count` host clusters from `host` to `value` (which must fit),
+    /// with one write per refcount block, creating blocks (and growing the table) when needed.
+    pub(super) fn set_refcounts(
+        &mut self,
+        io: &ImageFile,
+        host: u64,
+        count: u64,
+        value: u64,
+    ) -> Result<()> {
         let entries = self.block_entries();
-        let index = cluster / entries;
-        let offset = match self.block(io, index)? {
-            Some(offset) => offset,
-            None if value == 0 => return Ok(()),
-            None => {
-                if index as usize >= self.refcount_table.len() {
-                    self.grow_table(io, index)?;
-                }
-                // Growing the table may have placed the block this cluster needs already (for
-                // the new table's own clusters).
-                match self.block(io, index)? {
-                    Some(offset) => offset,
-                    None => self.new_block(io, index)?,
-                }
-            }
-        };
         let order = self.refcount_order;
-        let block = self.blocks.get_mut(offset).expect("loaded");
-        let changed = set(block, cluster % entries, order, value);
-        let bytes = block[changed.clone()].to_vec();
-        io.write_all_at(&bytes, offset + changed.start as u64, "refcount block")
+        let mut cluster = host >> self.cluster_bits;
+        let end = cluster + count;
+        while cluster < end {
+            let index = cluster / entries;
+            let n = (entries - cluster % entries).min(end - cluster);
+            let offset = match self.block(io, index)? {
+                Some(offset) => offset,
+                None if value == 0 => {
+                    cluster += n;
+                    continue;
+                }
+                None => {
+                    if index as usize >= self.refcount_table.len() {
+                        self.grow_table(io, index)?;
+                    }
+                    // Growing the table may have placed the block these clusters need already
+                    // (for the new table's own clusters).
+                    match self.block(io, index)? {
+                        Some(offset) => offset,
+                        None => self.new_block(io, index)?,
+                    }
+                }
+            };
+            // Creating the block may have dropped another from the cache, never this one.
+            let block = self.blocks.get_mut(offset).expect("loaded");
+            let (mut from, mut to) = (usize::MAX, 0);
+            for i in cluster % entries..cluster % entries + n {
+                let range = set(block, i, order, value);
+                from = from.min(range.start);
+                to = to.max(range.end);
+            }
+            let bytes = block[from..to].to_vec();
+            io.write_all_at(&bytes, offset + from as u64, "refcount block")?;
+            cluster += n;
+        }
+        Ok(())
     }
 
     /// Adds `delta` (±1) to a refcount, freeing the cluster when it drops to zero.
@@ -239,6 +266,24 @@ impl Metadata {
     /// `count` clusters, contiguous where the end of the file allows (for one write of the
     /// data).
     pub(super) fn allocate_many(&mut self, io: &ImageFile, count: usize) -> Result<Vec<u64>> {
+        let cs = self.cluster_size();
+        if self.freed.is_empty() && count > 1 {
+            // The usual case of a growing image: a run at the end of the file, counted with
+            // one write per refcount block rather than one per cluster.
+            let start = self.end;
+            let mut free = true;
+            for i in 0..count as u64 {
+                if self.refcount(io, start + i * cs)? != 0 {
+                    free = false;
+                    break;
+                }
+            }
+            if free {
+                self.end += count as u64 * cs;
+                self.set_refcounts(io, start, count as u64, 1)?;
+                return Ok((0..count as u64).map(|i| start + i * cs).collect());
+            }
+        }
         let mut hosts = Vec::with_capacity(count);
         for _ in 0..count {
             hosts.push(self.allocate(io)?);
