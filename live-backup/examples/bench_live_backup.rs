@@ -56,6 +56,15 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The benchmark's directory (GiBs of images), removed however `main` ends.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 struct Measure {
     wall: f64,
     ours: f64,
@@ -224,6 +233,7 @@ fn main() {
     let size = mib << 20;
     let dir = base.join(format!("vmsdk-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    let _remove = RemoveOnDrop(dir.clone());
 
     // A disk of random data.
     let raw = dir.join("vda.raw");
@@ -449,5 +459,4 @@ fn main() {
     }
     drop(source);
     drop(qemu);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
