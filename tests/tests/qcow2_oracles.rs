@@ -951,3 +951,73 @@ fn parallel_writers_to_the_same_and_neighbouring_clusters() {
         }
     });
 }
+
+/// Image locking as QEMU does it: while we have an image open for writing, qemu-img and
+/// qemu-io refuse it (`Failed to get shared "write" lock`, `Failed to get "write" lock`) unless
+/// told to share (`-U`), and a second writable open of ours fails; while qemu-nbd serves it
+/// writable, our writable open fails with a clear error and a read-only one works; once the
+/// other side has closed it, everything opens again.
+#[test]
+fn writable_opens_lock_the_image_against_qemu_and_qemu_against_us() {
+    for_each_generation(&["qemu-img", "qemu-io", "qemu-nbd"], |g| {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("locked.qcow2");
+        let name = image.to_str().unwrap();
+        let disk = Qcow2Disk::create(&image, &CreateOptions::new(4 * MIB)).unwrap();
+        disk.write_at(&[5u8; 4096], 0).unwrap();
+
+        let (out, err, code) = run(g, "qemu-img", &["info", "-f", "qcow2", name]);
+        assert_ne!(
+            code, 0,
+            "qemu-img info of an image open for writing ({g}): {out}"
+        );
+        assert!(
+            err.contains("Failed to get shared \"write\" lock"),
+            "{g}: {err}"
+        );
+        qemu_img_ok(g, &["info", "-U", "-f", "qcow2", name]);
+        let (out, err, code) = run(
+            g,
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 9 0 4k", name],
+        );
+        assert!(
+            code != 0 || err.contains("Failed to get") || out.contains("Failed to get"),
+            "qemu-io wrote an image open for writing ({g}): {out}{err}"
+        );
+        assert!(
+            err.contains("Failed to get \"write\" lock")
+                || out.contains("Failed to get \"write\" lock"),
+            "{g}: {out}{err}"
+        );
+        let second = Qcow2Disk::open_read_write(&image).unwrap_err();
+        assert!(second.to_string().contains("lock"), "{second}");
+        drop(disk);
+        qemu_img_ok(g, &["info", "-f", "qcow2", name]);
+        check(g, &image);
+
+        // The other way round: qemu-nbd serving the image writable.
+        let server = vmsdk_tests::disk::NbdServer::qemu_nbd_in(g, &["-f", "qcow2", name])
+            .expect("qemu-nbd is there: for_each_generation checked");
+        let refused = Qcow2Disk::open_read_write(&image).unwrap_err();
+        let text = refused.to_string();
+        assert!(
+            matches!(&refused, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::ResourceBusy),
+            "{g}: {refused:?}"
+        );
+        assert!(
+            text.contains("Failed to get") && text.contains("\"write\" lock"),
+            "{g}: {text}"
+        );
+        let reader = Qcow2Disk::open_read_only(&image).unwrap();
+        let mut first = [0u8; 4];
+        reader.read_at(&mut first, 0).unwrap();
+        assert_eq!(first, [5; 4]);
+        drop(reader);
+        drop(server);
+        let again = Qcow2Disk::open_read_write(&image).unwrap();
+        again.write_at(&[6u8; 512], 8192).unwrap();
+        drop(again);
+        check(g, &image);
+    });
+}

@@ -65,10 +65,20 @@
 //! contiguous at the end of the file and written with one `pwrite`. Metadata is written
 //! through as it changes (data and refcounts first, then the table entry pointing to them),
 //! and [`Disk::flush`] is an `fsync`. A crash before a flush can leave leaked clusters that
-//! `qemu-img check -r leaks` reclaims. Two processes must not write one image at once (no
-//! file locking is done).
+//! `qemu-img check -r leaks` reclaims.
+//!
+//! # Image locking
+//! A writable open locks the image as QEMU does (open file description locks on bytes 100 +
+//! permission and 200 + permission of the file, `block/file-posix.c`): QEMU, qemu-img and
+//! qemu-nbd refuse an image open here for writing (`Failed to get shared "write" lock`), and
+//! a writable open fails with an [`Error::Io`] of kind `ResourceBusy` while one of them has
+//! the image open for writing, or without sharing writes (`qemu-img info` without `-U`). Two
+//! writable opens of one image, even in one process, exclude each other. Read-only opens take
+//! no locks, like `qemu-img -U`.
 
 mod cluster;
+#[allow(unsafe_code)]
+mod ffi;
 mod header;
 mod refcount;
 
@@ -219,6 +229,19 @@ fn push_map(out: &mut Vec<MapEntry>, entry: MapEntry) {
 struct ImageFile {
     file: File,
     path: PathBuf,
+    /// The lock bytes this open holds ([`lock_for_writing`]).
+    locked: Vec<u64>,
+}
+
+impl Drop for ImageFile {
+    /// Releases the locks before the file closes: a child process forked by another thread
+    /// shares the open file (and so its locks) until it execs, and QEMU's tools started right
+    /// after the image is dropped must not find it still locked.
+    fn drop(&mut self) {
+        for &offset in &self.locked {
+            let _ = ffi::unlock_byte(&self.file, offset);
+        }
+    }
 }
 
 impl ImageFile {
@@ -588,10 +611,14 @@ impl Qcow2Disk {
             .write(!read_only)
             .open(path)
             .map_err(|e| Error::io(format!("open {name}"), None, e))?;
-        let io = ImageFile {
+        let mut io = ImageFile {
             file,
             path: path.to_owned(),
+            locked: Vec::new(),
         };
+        if !read_only {
+            lock_for_writing(&mut io)?;
+        }
         let file_size = io
             .file
             .metadata()
@@ -727,6 +754,7 @@ impl Qcow2Disk {
         let io = ImageFile {
             file,
             path: path.to_owned(),
+            locked: Vec::new(),
         };
         let cs = u64::from(cluster_size);
         io.file
@@ -1325,6 +1353,75 @@ fn drop_bitmaps(io: &ImageFile, header: &mut header::Header, meta: &mut Metadata
     header.extensions.retain(|(k, _)| *k != header::EXT_BITMAPS);
     for host in free {
         meta.adjust_refcount(io, host, -1)?;
+    }
+    Ok(())
+}
+
+/// QEMU's permissions (`BLK_PERM_*` bit numbers) and their names in its lock errors.
+const PERM_CONSISTENT_READ: u64 = 0;
+const PERM_WRITE: u64 = 1;
+const PERM_RESIZE: u64 = 3;
+const PERM_NAMES: [&str; 4] = ["consistent read", "write", "write unchanged", "resize"];
+/// Byte `LOCK_PERM_BASE + n` is locked (shared) by every open holding permission n, byte
+/// `LOCK_SHARED_BASE + n` by every open that does not share permission n with others
+/// (QEMU's `RAW_LOCK_PERM_BASE`, `RAW_LOCK_SHARED_BASE`; libvirt uses byte 0).
+const LOCK_PERM_BASE: u64 = 100;
+const LOCK_SHARED_BASE: u64 = 200;
+
+/// Takes the locks QEMU takes for a writer (consistent read, write and resize, sharing
+/// neither write nor resize) and checks them as QEMU does, so that QEMU, qemu-img and
+/// qemu-nbd refuse an image open here for writing ("Failed to get shared \"write\" lock"),
+/// and this open fails while one of them has the image open for writing, or open without
+/// sharing writes (as `qemu-img info` without `-U` does). Read-only opens take no locks, as
+/// `qemu-img -U` (force share): backups read images that QEMU may hold.
+fn lock_for_writing(io: &mut ImageFile) -> Result<()> {
+    let held = [PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE];
+    let unshared = [PERM_WRITE, PERM_RESIZE];
+    let path = io.path.display().to_string();
+    let failed = |what: &str, e: std::io::Error| Error::io(format!("{what} {path}"), None, e);
+    // The reason goes into the operation, which the error's text shows.
+    let busy = |reason: String| {
+        Error::io(
+            format!("lock {path}: {reason}"),
+            None,
+            std::io::ErrorKind::ResourceBusy.into(),
+        )
+    };
+    let bytes = held
+        .iter()
+        .map(|p| LOCK_PERM_BASE + p)
+        .chain(unshared.iter().map(|p| LOCK_SHARED_BASE + p));
+    for offset in bytes {
+        ffi::lock_byte_shared(&io.file, offset).map_err(|e| failed("lock", e))?;
+        io.locked.push(offset);
+    }
+    // On an error below, dropping `io` releases the locks taken above.
+    for perm in held {
+        if ffi::byte_locked_elsewhere(&io.file, LOCK_SHARED_BASE + perm)
+            .map_err(|e| failed("test the locks of", e))?
+        {
+            return Err(busy(format!(
+                "Failed to get \"{}\" lock: another process (QEMU, qemu-img, qemu-nbd) has \
+                 the image open and does not share it",
+                PERM_NAMES[perm as usize]
+            )));
+        }
+    }
+    for perm in unshared {
+        if ffi::byte_locked_elsewhere(&io.file, LOCK_PERM_BASE + perm)
+            .map_err(|e| failed("test the locks of", e))?
+        {
+            let doing = if perm == PERM_WRITE {
+                "writing"
+            } else {
+                "resizing"
+            };
+            return Err(busy(format!(
+                "Failed to get shared \"{}\" lock: another process (QEMU, qemu-img, \
+                 qemu-nbd) has the image open for {doing}",
+                PERM_NAMES[perm as usize]
+            )));
+        }
     }
     Ok(())
 }
