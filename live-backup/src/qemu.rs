@@ -436,7 +436,14 @@ impl<M: Monitor> QemuSource<M> {
 
     /// Cancels (if running), waits for and dismisses job `id`; a job that is gone is fine.
     fn end_job(&mut self, id: &str) -> Result<()> {
-        let Some(job) = self.jobs()?.into_iter().find(|j| j.id == id) else {
+        let job = self.jobs()?.into_iter().find(|j| j.id == id);
+        self.end_known_job(id, job)
+    }
+
+    /// [`end_job`](Self::end_job) of job `id` whose entry of a `query-jobs` just made is
+    /// `job` (`None`: gone), so that ending several jobs costs one query.
+    fn end_known_job(&mut self, id: &str, job: Option<JobInfo>) -> Result<()> {
+        let Some(mut job) = job else {
             return Ok(());
         };
         if !job.status.is_final() {
@@ -453,19 +460,22 @@ impl<M: Monitor> QemuSource<M> {
                 self.monitor.cancel_block_job(id, &options)
             };
             match cancel {
-                Ok(()) | Err(qmp_proto::Error::JobCancelled { .. }) => {}
+                // Followed to its end and dismissed by the helper: nothing is left of it.
+                Ok(()) | Err(qmp_proto::Error::JobCancelled { .. }) => return Ok(()),
                 // It may have concluded on its own meanwhile, or failed while cancelled: what
                 // is left of it is dismissed below.
                 Err(e) => tracing::debug!("cancelling job {id}: {e}"),
             }
+            match self.jobs()?.into_iter().find(|j| j.id == id) {
+                Some(now) => job = now,
+                None => return Ok(()),
+            }
         }
-        if let Some(job) = self.jobs()?.into_iter().find(|j| j.id == id) {
-            if !job.status.is_final() {
-                self.wait_job(id)?;
-            }
-            if job.status != qmp_proto::types::JobStatus::Null {
-                self.call::<JobDismiss>(&JobId::new(id))?;
-            }
+        if !job.status.is_final() {
+            self.wait_job(id)?;
+        }
+        if job.status != qmp_proto::types::JobStatus::Null {
+            self.call::<JobDismiss>(&JobId::new(id))?;
         }
         Ok(())
     }
@@ -493,9 +503,11 @@ impl<M: Monitor> QemuSource<M> {
         }
     }
 
-    /// Removes what a session with `count` disks made: exports, the NBD server, jobs,
-    /// scratch nodes and files. Every step is tried; the first error is returned.
-    fn teardown(&mut self, count: usize) -> Result<Vec<String>> {
+    /// Removes what a session with `count` disks made: exports, the NBD server (and its TLS
+    /// credentials when it served `tls`), jobs, scratch nodes and files. Every step is tried;
+    /// the first error is returned. Also returns the nodes as they were before the scratch
+    /// nodes went (the disks' bitmaps, for the caller; empty when the query failed).
+    fn teardown(&mut self, count: usize, tls: bool) -> (Result<Vec<String>>, Vec<BlockDeviceInfo>) {
         let mut removed = Vec::new();
         let mut first_error = None;
         let mut note = |r: Result<()>, what: String, removed: &mut Vec<String>| match r {
@@ -516,15 +528,23 @@ impl<M: Monitor> QemuSource<M> {
         if let Err(e) = self.call::<NbdServerStop>(&()) {
             tracing::debug!("nbd-server-stop: {e}");
         }
-        // Absent unless this session served TLS; its removal failing then is no error.
-        // (`object-del` has no typed form in qmp-proto.)
-        let _ = self.raw("object-del", Some(json!({ "id": TLS_OBJECT })));
+        if tls {
+            // Its removal failing is no error: a failed begin may not have made it.
+            // (`object-del` has no typed form in qmp-proto.)
+            let _ = self.raw("object-del", Some(json!({ "id": TLS_OBJECT })));
+        }
         let _ = std::fs::remove_file(self.scratch_dir.join(SOCKET));
-        for i in 0..count {
-            for job in [backup_job(i), create_job(i)] {
-                let r = self.end_job(&job);
-                note(r, format!("job {job}"), &mut removed);
+        match self.jobs() {
+            Ok(jobs) => {
+                for i in 0..count {
+                    for id in [backup_job(i), create_job(i)] {
+                        let job = jobs.iter().find(|j| j.id == id).cloned();
+                        let r = self.end_known_job(&id, job);
+                        note(r, format!("job {id}"), &mut removed);
+                    }
+                }
             }
+            Err(e) => note(Err(e), "query-jobs".into(), &mut removed),
         }
         let nodes = self.nodes().unwrap_or_default();
         for i in 0..count {
@@ -540,10 +560,11 @@ impl<M: Monitor> QemuSource<M> {
                 note(r, format!("file {}", file.display()), &mut removed);
             }
         }
-        match first_error {
+        let result = match first_error {
             Some(e) => Err(e),
             None => Ok(removed),
-        }
+        };
+        (result, nodes)
     }
 
     /// Removes export `id`, disconnecting its clients.
@@ -911,7 +932,7 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
             })),
             Err(e) => {
                 let _ = self.monitor.unsubscribe(subscription);
-                if let Err(t) = self.teardown(disks.len()) {
+                if let (Err(t), _) = self.teardown(disks.len(), request.tls) {
                     tracing::warn!("tearing down a failed begin: {t}");
                 }
                 // The transaction is atomic: its bitmaps exist only if it succeeded, and then
@@ -958,7 +979,10 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
             None
         };
         let mut _other_locks = Vec::new();
-        for node in self.nodes()? {
+        // Queried again below only when something was removed since (each query returns
+        // every node of the VM).
+        let mut nodes = self.nodes()?;
+        for node in &nodes {
             let Some(name) = node.node_name.as_deref() else {
                 continue;
             };
@@ -1003,16 +1027,21 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
                     .push(format!("TLS credentials {TLS_OBJECT}: {e}")),
             }
         }
+        let mut jobs_ended = false;
         for job in self.jobs()? {
-            let id = job.id;
+            let id = job.id.clone();
             if id.starts_with(CHECKPOINT_PREFIX) {
-                match self.end_job(&id) {
+                jobs_ended = true;
+                match self.end_known_job(&id, Some(job)) {
                     Ok(()) => report.removed.push(format!("job {id}")),
                     Err(e) => report.failed.push(format!("job {id}: {e}")),
                 }
             }
         }
-        let nodes = self.nodes()?;
+        // A job's end takes its copy-before-write filter node (`vmsdk-cbw-N`) away.
+        if jobs_ended {
+            nodes = self.nodes()?;
+        }
         // Scratch qcow2 nodes before the file nodes under them.
         let mut ours: Vec<(String, Option<String>)> = nodes
             .iter()
@@ -1023,6 +1052,10 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
             })
             .collect();
         ours.sort_by_key(|(name, _)| !name.starts_with("vmsdk-sc-"));
+        if !ours.is_empty() {
+            // Looked at again below for their bitmaps, without the nodes deleted here.
+            nodes = Vec::new();
+        }
         for (name, file) in ours {
             match self.delete_node(&name) {
                 Ok(()) => report.removed.push(format!("scratch node {name}")),
@@ -1042,7 +1075,10 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
         }
         // Half-made checkpoints: those with a pending marker (and orphaned markers). No
         // backup runs (the locks above), so none of them is in the making.
-        for node in self.nodes()? {
+        if nodes.is_empty() {
+            nodes = self.nodes()?;
+        }
+        for node in nodes {
             let Some(node_name) = node.node_name.as_deref() else {
                 continue;
             };
@@ -1167,7 +1203,7 @@ impl<M: Monitor> QemuSession<'_, M> {
         if let Some(subscription) = subscription {
             let _ = source.monitor.unsubscribe(subscription);
         }
-        let torn = source.teardown(self.disks.len());
+        let (torn, nodes) = source.teardown(self.disks.len(), self.tls.is_some());
         // Kept: stored, so its marker goes (already gone after `data_written`). Not kept:
         // the checkpoint, then its marker.
         let marker = pending_marker(&self.checkpoint);
@@ -1176,7 +1212,8 @@ impl<M: Monitor> QemuSession<'_, M> {
         } else {
             vec![&self.checkpoint, &marker]
         };
-        let nodes = source.nodes().unwrap_or_default();
+        // The nodes as they were before the scratch nodes went: the disks' bitmaps are the
+        // same now.
         let mut removal = Ok(());
         for disk in &self.disks {
             for name in &doomed {
@@ -1222,12 +1259,11 @@ impl<M: Monitor> QemuSession<'_, M> {
         };
         let ours_job = |id: &str| (0..self.disks.len()).any(|i| backup_job(i) == id);
         loop {
+            // Only the events that have arrived (a zero timeout reads without waiting: a
+            // socket's shortest timeout is a scheduler tick, paid on every progress report).
             // A monitor that fails here (QEMU gone) is no reason of the watch's: the reads
             // fail on their own, with their own error.
-            let event = match source
-                .monitor
-                .next_event(subscription, Duration::from_millis(1))
-            {
+            let event = match source.monitor.next_event(subscription, Duration::ZERO) {
                 Ok(Some(event)) => event,
                 Ok(None) => break,
                 Err(e) => {

@@ -184,6 +184,34 @@ impl<T: Transport> Io<T> {
         }
     }
 
+    /// Reads once what has already arrived, without waiting, into the session. Returns
+    /// `false` when nothing had; like [`read`](Self::read) otherwise. A transport without
+    /// non-blocking reads waits the shortest read timeout instead.
+    fn read_ready(&mut self, session: &mut Session) -> bool {
+        if self.stream.set_nonblocking(true).is_err() {
+            return self.read(session, Instant::now() + Duration::from_millis(1));
+        }
+        let result = loop {
+            match self.stream.read(&mut self.buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        // A stream left non-blocking would fail the next command's reads: that ends the
+        // session.
+        if let Err(e) = self.stream.set_nonblocking(false) {
+            session.fail(io_error(e));
+            return true;
+        }
+        match result {
+            Ok(0) => session.fail(Error::Disconnected { command: None }),
+            Ok(n) => session.receive(&self.buf[..n]),
+            Err(e) if is_timeout(&e) => return false,
+            Err(e) => session.fail(io_error(e)),
+        }
+        true
+    }
+
     /// Writes all of `bytes` within `deadline`. Returns `Ok(false)` when the deadline passed
     /// first; a request cut in the middle leaves the stream unusable, so that also ends the
     /// session.
@@ -270,7 +298,12 @@ impl<S: Transport> Monitor for Client<S> {
                 Ok(None) => {}
                 other => break other,
             }
-            if !io.read(&mut self.session, deadline) {
+            let progressed = if timeout.is_zero() {
+                io.read_ready(&mut self.session)
+            } else {
+                io.read(&mut self.session, deadline)
+            };
+            if !progressed {
                 break Ok(None);
             }
         };

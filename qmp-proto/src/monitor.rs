@@ -44,7 +44,8 @@ pub trait Monitor: Send {
     fn unsubscribe(&mut self, subscription: SubscriptionId) -> Result<()>;
 
     /// The subscription's next event, waiting at most `timeout` for one; `Ok(None)` when none
-    /// came in time.
+    /// came in time. A zero `timeout` waits for nothing: an event that has already arrived
+    /// (read without blocking), else `Ok(None)` at once.
     fn next_event(
         &mut self,
         subscription: SubscriptionId,

@@ -14,6 +14,19 @@ pub trait Transport: Read + Write + Send {
     fn set_read_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
     /// Bounds every following write; `None` blocks without limit.
     fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Makes the following reads return `WouldBlock` at once when nothing has arrived (`true`),
+    /// or wait again within the read timeout (`false`). Lets [`crate::Client`] take the events
+    /// that have already arrived without waiting (`next_event` with a zero timeout): a socket's
+    /// shortest read timeout is a scheduler tick (4 ms at 250 Hz), not the 1 ms asked for.
+    /// Transports that cannot return `Unsupported` (the default); the client then waits the
+    /// shortest timeout instead.
+    fn set_nonblocking(&mut self, nonblocking: bool) -> io::Result<()> {
+        let _ = nonblocking;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this transport has no non-blocking reads",
+        ))
+    }
 }
 
 impl Transport for UnixStream {
@@ -22,6 +35,9 @@ impl Transport for UnixStream {
     }
     fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         UnixStream::set_write_timeout(self, timeout.map(non_zero))
+    }
+    fn set_nonblocking(&mut self, nonblocking: bool) -> io::Result<()> {
+        UnixStream::set_nonblocking(self, nonblocking)
     }
 }
 
@@ -32,6 +48,9 @@ impl Transport for TcpStream {
     fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         TcpStream::set_write_timeout(self, timeout.map(non_zero))
     }
+    fn set_nonblocking(&mut self, nonblocking: bool) -> io::Result<()> {
+        TcpStream::set_nonblocking(self, nonblocking)
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
@@ -40,6 +59,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         (**self).set_write_timeout(timeout)
+    }
+    fn set_nonblocking(&mut self, nonblocking: bool) -> io::Result<()> {
+        (**self).set_nonblocking(nonblocking)
     }
 }
 
@@ -50,6 +72,9 @@ impl<T: Transport + ?Sized> Transport for &mut T {
     }
     fn set_write_timeout(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         (**self).set_write_timeout(timeout)
+    }
+    fn set_nonblocking(&mut self, nonblocking: bool) -> io::Result<()> {
+        (**self).set_nonblocking(nonblocking)
     }
 }
 

@@ -171,6 +171,31 @@ fn events_raised_while_idle_reach_a_client_on_a_real_socket() {
 }
 
 #[test]
+fn a_zero_timeout_takes_only_events_that_have_arrived() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeMonitor::new();
+    let server = fake.listen_unix(dir.path().join("qmp.sock")).unwrap();
+    let mut qemu = qmp_proto::Client::connect_unix(server.path(), ClientConfig::default()).unwrap();
+    let sub = qemu.subscribe(EventFilter::names(["STOP"])).unwrap();
+    assert!(qemu.next_event(sub, Duration::ZERO).unwrap().is_none());
+    fake.emit_event("STOP", None);
+    // The event crosses a real socket: poll until it is there (bounded).
+    let mut event = None;
+    for _ in 0..500 {
+        event = qemu.next_event(sub, Duration::ZERO).unwrap();
+        if event.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(event.expect("the event within 5 s").event, "STOP");
+    assert!(qemu.next_event(sub, Duration::ZERO).unwrap().is_none());
+    // The stream blocks again: a command's reply is waited for as before.
+    let status = qemu.call::<QueryStatus>(&()).unwrap();
+    assert!(!status.running, "the fake VM was never started");
+}
+
+#[test]
 fn scripted_faults_end_in_clear_client_errors() {
     let fake = vm();
     let config = ClientConfig::default().timeout(Duration::from_millis(300));
