@@ -76,7 +76,8 @@
 //! [`finish`](BackupSession::finish) and [`abort`](BackupSession::abort) (and drop) remove the
 //! exports and stop the NBD server, cancel and dismiss the jobs, delete the scratch nodes and
 //! their files; abort also removes the new checkpoint. Everything this source makes in QEMU
-//! is named `vmsdk-…`: exports `vmsdk-exp-N`, jobs `vmsdk-job-N` and `vmsdk-create-N`,
+//! is named `vmsdk-…`: exports `vmsdk-exp-N`, jobs `vmsdk-job-N` (and
+//! `vmsdk-create-N`, the scratch images' `blockdev-create` jobs of earlier versions),
 //! nodes `vmsdk-sc-N` (scratch) and `vmsdk-sf-N` (its file), so
 //! [`cleanup`](BackupSource::cleanup) finds what a killed backup left and removes it; it runs
 //! at the start of every backup too. A failed backup never touches the guest's own nodes
@@ -113,31 +114,33 @@
 //! for VMs with several monitors.)
 //!
 //! Every command goes through qmp-proto's typed commands ([`qmp_proto::MonitorExt::call`]),
-//! checked against the QEMU version of the greeting before it is sent, and the scratch
-//! images' `blockdev-create` jobs are followed with its job helper. Only `query-name`,
+//! checked against the QEMU version of the greeting before it is sent, and the jobs it
+//! cancels are followed with its job helper. Only `query-name`,
 //! `query-uuid`, `qom-list`, `object-add` and `object-del`, which qmp-proto has no typed
 //! form of, are sent with `execute_raw`.
 //!
-//! One scratch directory per VM: it holds the scratch images and the NBD socket, and must be
-//! writable by the QEMU process (the scratch images are created by QEMU itself with
-//! `blockdev-create`, on files this process created 0600).
+//! One scratch directory per VM: it holds the scratch images and the NBD socket, and the
+//! QEMU process must be able to write the scratch images, which this process creates (0600,
+//! empty qcow2 images made with disk-transport's qcow2 writer) and QEMU opens with
+//! `blockdev-add`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use disk_transport::qcow2::{CreateOptions, Qcow2Disk};
 use disk_transport::{Disk, DiskUri, OpenFlags};
 use qmp_proto::cmd::{
     BlockDirtyBitmap, BlockDirtyBitmapAddArgs, BlockDirtyBitmapMergeArgs, BlockDirtyBitmapRemove,
     BlockExportAdd, BlockExportAddArgs, BlockExportDel, BlockExportDelArgs, BlockdevAdd,
-    BlockdevBackupArgs, BlockdevCreate, BlockdevCreateArgs, BlockdevDel, BlockdevDelArgs, Command,
-    Cont, ExportRemoveMode, JobCancel, JobDismiss, JobId, NbdServerStart, NbdServerStartArgs,
-    NbdServerStop, QueryBlock, QueryBlockExports, QueryJobs, QueryNamedBlockNodes,
-    QueryNamedBlockNodesArgs, QueryStatus, Transaction, TransactionAction, TransactionArgs,
+    BlockdevBackupArgs, BlockdevDel, BlockdevDelArgs, Command, Cont, ExportRemoveMode, JobCancel,
+    JobDismiss, JobId, NbdServerStart, NbdServerStartArgs, NbdServerStop, QueryBlock,
+    QueryBlockExports, QueryJobs, QueryNamedBlockNodes, QueryNamedBlockNodesArgs, QueryStatus,
+    Transaction, TransactionAction, TransactionArgs,
 };
 use qmp_proto::types::{
-    BitmapRef, BlockDeviceInfo, BlockDirtyInfo, BlockExportInfo, BlockdevCreateOptions,
-    BlockdevOptions, JobInfo, JobType, RunState, SyncMode,
+    BitmapRef, BlockDeviceInfo, BlockDirtyInfo, BlockExportInfo, BlockdevOptions, JobInfo, JobType,
+    RunState, SyncMode,
 };
 use qmp_proto::{EventFilter, JobOptions, Monitor, MonitorExt, SubscriptionId};
 use serde_json::{json, Value};
@@ -230,9 +233,6 @@ fn backup_job(i: usize) -> String {
 /// node while the job runs, so the node their I/O errors name.
 fn filter_node(i: usize) -> String {
     format!("vmsdk-cbw-{i}")
-}
-fn create_job(i: usize) -> String {
-    format!("vmsdk-create-{i}")
 }
 fn export_id(i: usize) -> String {
     format!("vmsdk-exp-{i}")
@@ -537,11 +537,10 @@ impl<M: Monitor> QemuSource<M> {
         match self.jobs() {
             Ok(jobs) => {
                 for i in 0..count {
-                    for id in [backup_job(i), create_job(i)] {
-                        let job = jobs.iter().find(|j| j.id == id).cloned();
-                        let r = self.end_known_job(&id, job);
-                        note(r, format!("job {id}"), &mut removed);
-                    }
+                    let id = backup_job(i);
+                    let job = jobs.iter().find(|j| j.id == id).cloned();
+                    let r = self.end_known_job(&id, job);
+                    note(r, format!("job {id}"), &mut removed);
                 }
             }
             Err(e) => note(Err(e), "query-jobs".into(), &mut removed),
@@ -574,32 +573,30 @@ impl<M: Monitor> QemuSource<M> {
         self.call::<BlockExportDel>(&del).map(drop)
     }
 
-    /// Creates scratch image `i` of `size` bytes on top of `disk`: a 0600 file, QEMU's file
-    /// node on it, a qcow2 made by `blockdev-create`, the qcow2 node with the disk as backing.
+    /// Creates scratch image `i` of `size` bytes on top of `disk`: an empty qcow2 made here
+    /// (0600, without a backing file: QEMU is given the disk as its backing node), opened by
+    /// one `blockdev-add` of the qcow2 node with its file node inside. Made here rather than
+    /// by QEMU's `blockdev-create`, which costs a `blockdev-add` of the file node and a job
+    /// followed from its events (subscribe, create, the job's events, query-jobs, dismiss),
+    /// a few milliseconds before every backup's moment.
     fn add_scratch(&mut self, i: usize, disk: &str, size: u64) -> Result<()> {
         let path = self.scratch_dir.join(scratch_file_name(i));
         let _ = std::fs::remove_file(&path);
-        drop(crate::manifest::create_private(&path)?);
         let filename = path.to_string_lossy().into_owned();
-        self.call::<BlockdevAdd>(&BlockdevOptions::file(scratch_file_node(i), &*filename))?;
-        let job = create_job(i);
-        let create = BlockdevCreateArgs {
-            job_id: job.clone(),
-            options: BlockdevCreateOptions::qcow2(scratch_file_node(i), size),
-        };
-        let options = self.job_options();
-        // The job helper follows the job from its events, returns its error and dismisses it.
-        self.monitor
-            .run_job(&job, &options, |m| {
-                m.call::<BlockdevCreate>(&create).map(drop)
-            })
-            .map_err(|e| Error::Monitor {
-                command: BlockdevCreate::NAME.into(),
-                message: format!("creating the scratch image {filename}: {e}"),
-            })?;
+        drop(
+            Qcow2Disk::create(&path, &CreateOptions::new(size))
+                .map_err(|e| Error::disk(format!("create the scratch image {filename}"), e))?,
+        );
         set_private(&path, 0o600)?;
+        let file = json!({
+            "driver": "file",
+            "node-name": scratch_file_node(i),
+            "filename": filename,
+        });
         self.call::<BlockdevAdd>(
-            &BlockdevOptions::qcow2(scratch_node(i), scratch_file_node(i)).backing(Some(disk)),
+            &BlockdevOptions::new("qcow2", scratch_node(i))
+                .option("file", file)
+                .backing(Some(disk)),
         )?;
         Ok(())
     }
