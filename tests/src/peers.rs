@@ -159,7 +159,9 @@ impl Generation {
             Generation::Trixie => {
                 let root = trixie_root();
                 if root.join(STAMP).is_file() {
-                    Some(root)
+                    // The kernel names files in the root by their real path (a program's open
+                    // descriptors in /proc), so a root reached through a symlink is resolved.
+                    Some(root.canonicalize().unwrap_or(root))
                 } else {
                     let message = format!(
                         "the Debian 13 peer root {} is not built (`cargo xtask peer-root` builds \
