@@ -662,22 +662,27 @@ pub fn copy_changed(
 ) -> CopyResult {
     let started = Instant::now();
     let setup = Setup::new(src, dst, options, true).map_err(|e| failed(e, 0, started))?;
-    let mut changes = Vec::new();
-    let mut at = 0;
-    while at < setup.size {
-        if options.cancelled() {
-            return Err(failed(Error::Cancelled, 0, started));
-        }
-        let length = (setup.size - at).min(DIRTY_WINDOW);
-        let window = src
-            .dirty_extents(at, length)
-            .map_err(|e| failed(e, 0, started))?;
-        changes.extend(window.into_iter().filter(|e| e.dirty));
-        at += length;
-    }
+    let changes = dirty_changes(src, setup.size, options).map_err(|e| failed(e, 0, started))?;
     let ranges =
         plan_changes(&changes, setup.size, setup.align).map_err(|e| failed(e, 0, started))?;
     run(src, dst, &setup, ranges, options, None, progress, started)
+}
+
+/// The dirty extents of `src`'s bitmap over its `size` bytes, asked for [`DIRTY_WINDOW`] at a
+/// time so that a cancel is seen between two windows.
+fn dirty_changes(src: &dyn Disk, size: u64, options: &CopyOptions) -> Result<Vec<DirtyExtent>> {
+    let mut changes = Vec::new();
+    let mut at = 0;
+    while at < size {
+        if options.cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let length = (size - at).min(DIRTY_WINDOW);
+        let window = src.dirty_extents(at, length)?;
+        changes.extend(window.into_iter().filter(|e| e.dirty));
+        at += length;
+    }
+    Ok(changes)
 }
 
 /// [`copy_changed`], also computing the block hash of `src` at this point (the whole disk,
@@ -724,19 +729,7 @@ pub fn copy_changed_hashing(
     let setup = Setup::new(src, dst, options, true)
         .and_then(|setup| check_hasher(&setup, options, hasher).map(|()| setup))
         .map_err(|e| failed(e, 0, started))?;
-    let mut changes = Vec::new();
-    let mut at = 0;
-    while at < setup.size {
-        if options.cancelled() {
-            return Err(failed(Error::Cancelled, 0, started));
-        }
-        let length = (setup.size - at).min(DIRTY_WINDOW);
-        let window = src
-            .dirty_extents(at, length)
-            .map_err(|e| failed(e, 0, started))?;
-        changes.extend(window.into_iter().filter(|e| e.dirty));
-        at += length;
-    }
+    let changes = dirty_changes(src, setup.size, options).map_err(|e| failed(e, 0, started))?;
     // Both are powers of two: the larger is a multiple of the smaller.
     let align = setup.align.max(hasher.spec().block_size);
     let ranges = plan_changes(&changes, setup.size, align).map_err(|e| failed(e, 0, started))?;

@@ -281,6 +281,41 @@ impl QemuVm {
         self.model[self.index(name)].clone()
     }
 
+    /// What vmsdk made in this QEMU that a finished backup does not keep: block exports, jobs,
+    /// `vmsdk-` nodes, and bitmaps other than `keep` (unnamed ones are the copy-before-write
+    /// filter's of a backup job left running).
+    pub fn vmsdk_leftovers(&self, keep: &str) -> Vec<String> {
+        let mut found = Vec::new();
+        for export in self
+            .qmp_command("query-block-exports", Value::Null)
+            .as_array()
+            .unwrap()
+        {
+            found.push(format!("export {}", export["id"]));
+        }
+        for job in self
+            .qmp_command("query-jobs", Value::Null)
+            .as_array()
+            .unwrap()
+        {
+            found.push(format!("job {}", job["id"]));
+        }
+        let nodes = self.qmp_command("query-named-block-nodes", json!({"flat": true}));
+        for node in nodes.as_array().unwrap() {
+            let name = node["node-name"].as_str().unwrap_or_default();
+            if name.starts_with("vmsdk-") {
+                found.push(format!("node {name}"));
+            }
+            for bitmap in node["dirty-bitmaps"].as_array().into_iter().flatten() {
+                let bitmap = bitmap["name"].as_str().unwrap_or("(unnamed)");
+                if bitmap != keep {
+                    found.push(format!("bitmap {bitmap} on {name}"));
+                }
+            }
+        }
+        found
+    }
+
     /// A QMP command on the test's monitor.
     pub fn qmp_command(&self, command: &str, arguments: Value) -> Value {
         use qmp_proto::Monitor;

@@ -82,35 +82,7 @@ fn paused_at(args: &[&str], phase: &str) -> Child {
 /// Names of what vmsdk made in QEMU and `scratch`/`dir` that a finished backup does not keep:
 /// exports, jobs, `vmsdk-` nodes, bitmaps other than `keep`, scratch images, partial images.
 fn leftovers(vm: &QemuVm, scratch: &Path, dir: &Path, keep: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for export in vm
-        .qmp_command("query-block-exports", Value::Null)
-        .as_array()
-        .unwrap()
-    {
-        found.push(format!("export {}", export["id"]));
-    }
-    for job in vm
-        .qmp_command("query-jobs", Value::Null)
-        .as_array()
-        .unwrap()
-    {
-        found.push(format!("job {}", job["id"]));
-    }
-    let nodes = vm.qmp_command("query-named-block-nodes", json!({"flat": true}));
-    for node in nodes.as_array().unwrap() {
-        let name = node["node-name"].as_str().unwrap_or_default();
-        if name.starts_with("vmsdk-") {
-            found.push(format!("node {name}"));
-        }
-        for bitmap in node["dirty-bitmaps"].as_array().into_iter().flatten() {
-            // Unnamed ones are the copy-before-write filter's of a backup job left running.
-            let bitmap = bitmap["name"].as_str().unwrap_or("(unnamed)");
-            if bitmap != keep {
-                found.push(format!("bitmap {bitmap} on {name}"));
-            }
-        }
-    }
+    let mut found = vm.vmsdk_leftovers(keep);
     for d in [scratch, dir] {
         for entry in std::fs::read_dir(d).into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();

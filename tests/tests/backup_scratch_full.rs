@@ -19,7 +19,7 @@ use std::process::Command;
 use disk_transport::copy::CopyOptions;
 use live_backup::qemu::QemuSource;
 use live_backup::{BackupDir, BackupOptions, Error, PointKind};
-use serde_json::{json, Value};
+use serde_json::Value;
 use vmsdk_tests::peers::for_each_generation;
 use vmsdk_tests::qemu_vm::QemuVm;
 
@@ -76,34 +76,7 @@ impl Drop for Tmpfs {
 /// What a backup leaves in QEMU and in `scratch` that a finished one does not: exports,
 /// jobs, `vmsdk-` nodes, bitmaps other than `keep`, files.
 fn leftovers(vm: &QemuVm, scratch: &Path, keep: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for export in vm
-        .qmp_command("query-block-exports", Value::Null)
-        .as_array()
-        .unwrap()
-    {
-        found.push(format!("export {}", export["id"]));
-    }
-    for job in vm
-        .qmp_command("query-jobs", Value::Null)
-        .as_array()
-        .unwrap()
-    {
-        found.push(format!("job {}", job["id"]));
-    }
-    let nodes = vm.qmp_command("query-named-block-nodes", json!({"flat": true}));
-    for node in nodes.as_array().unwrap() {
-        let name = node["node-name"].as_str().unwrap_or_default();
-        if name.starts_with("vmsdk-") {
-            found.push(format!("node {name}"));
-        }
-        for bitmap in node["dirty-bitmaps"].as_array().into_iter().flatten() {
-            let bitmap = bitmap["name"].as_str().unwrap_or("(unnamed)");
-            if bitmap != keep {
-                found.push(format!("bitmap {bitmap} on {name}"));
-            }
-        }
-    }
+    let mut found = vm.vmsdk_leftovers(keep);
     for entry in std::fs::read_dir(scratch).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         // The scratch directory's lock file stays (empty; a lock is on it only while a
