@@ -569,12 +569,17 @@ pub fn copy(
 ) -> CopyResult {
     let started = Instant::now();
     let setup = Setup::new(src, dst, options, false).map_err(|e| failed(e, 0, started))?;
-    let ranges = if setup.size == 0 {
+    let ranges = whole_disk(setup.size);
+    run(src, dst, &setup, ranges, options, None, progress, started)
+}
+
+/// The one range a whole-disk copy plans: nothing for an empty disk.
+fn whole_disk(size: u64) -> VecDeque<(u64, u64)> {
+    if size == 0 {
         VecDeque::new()
     } else {
-        VecDeque::from([(0, setup.size)])
-    };
-    run(src, dst, &setup, ranges, options, None, progress, started)
+        VecDeque::from([(0, size)])
+    }
 }
 
 /// [`copy`], feeding `hasher` (a [`BlkHasher`] for `src`'s size) with every piece copied,
@@ -591,11 +596,7 @@ pub fn copy_hashing(
     let setup = Setup::new(src, dst, options, false)
         .and_then(|setup| check_hasher(&setup, options, hasher).map(|()| setup))
         .map_err(|e| failed(e, 0, started))?;
-    let ranges = if setup.size == 0 {
-        VecDeque::new()
-    } else {
-        VecDeque::from([(0, setup.size)])
-    };
+    let ranges = whole_disk(setup.size);
     run(
         src,
         dst,

@@ -88,6 +88,17 @@ fn leftovers(vm: &QemuVm, scratch: &Path, keep: &str) -> Vec<String> {
     found
 }
 
+/// The checkpoint of the chain's last point.
+fn last_checkpoint(dir: &BackupDir) -> String {
+    dir.manifest()
+        .unwrap()
+        .unwrap()
+        .last()
+        .unwrap()
+        .checkpoint
+        .clone()
+}
+
 /// The latest point of `disk` restores to what the VM's disk holds now.
 fn latest_restores(vm: &QemuVm, dir: &BackupDir, tmp: &Path, disk: &str, what: &str) {
     let dest = tmp.join(format!("restored-{disk}.img"));
@@ -135,14 +146,7 @@ fn a_full_scratch_filesystem_fails_the_backup_not_the_vm() {
         dir.create(&mut source(&vm), None, &BackupOptions::new(), &mut |_| {})
             .unwrap();
         let status = vm.qmp_command("query-status", Value::Null)["status"].clone();
-        let keep = dir
-            .manifest()
-            .unwrap()
-            .unwrap()
-            .last()
-            .unwrap()
-            .checkpoint
-            .clone();
+        let keep = last_checkpoint(&dir);
 
         // Too little free space to begin: refused before anything is made.
         let refused = dir
@@ -426,14 +430,7 @@ fn a_guest_stopped_by_a_full_scratch_filesystem_is_continued() {
             vm.debug_console()
         );
         assert_eq!(status(&vm), "running", "{what}: the VM runs");
-        let keep = dir
-            .manifest()
-            .unwrap()
-            .unwrap()
-            .last()
-            .unwrap()
-            .checkpoint
-            .clone();
+        let keep = last_checkpoint(&dir);
         assert_eq!(
             leftovers(&vm, &scratch, &keep),
             Vec::<String>::new(),
