@@ -360,9 +360,13 @@ struct Metadata {
     freed: Vec<u64>,
     /// Set while the refcount table moves (its entries are written with the new table).
     moving_table: bool,
-    /// Guest clusters a writer is allocating, as (first, count): their new data is being
-    /// written outside the lock and their entries are not published yet.
+    /// Guest clusters a writer is writing outside the lock, as (first, count): allocating
+    /// them (their entries are not published yet), or in place (their hosts must not be
+    /// freed until the data is in).
     claims: Vec<(u64, u64)>,
+    /// Writers waiting in [`Qcow2Disk::wait_unclaimed`]: only then does a claim's end wake
+    /// anyone (a wake-up costs a system call even when nobody waits).
+    waiting: usize,
 }
 
 impl Metadata {
@@ -520,8 +524,8 @@ impl Backing {
     }
 }
 
-/// Guest clusters claimed by one allocating write, and the new host clusters it has not
-/// published yet. Dropped (after publishing, on an error or a panic) it frees what was not
+/// Guest clusters claimed by one write, and the new host clusters it has not published yet
+/// (none for a write in place). Dropped (after publishing, on an error or a panic) it frees what was not
 /// published, drops the claim and wakes the writers waiting for it.
 struct Claim<'a> {
     disk: &'a Qcow2Disk,
@@ -545,8 +549,11 @@ impl Drop for Claim<'_> {
         {
             meta.claims.swap_remove(at);
         }
+        let wake = meta.waiting > 0;
         drop(meta);
-        self.disk.published.notify_all();
+        if wake {
+            self.disk.published.notify_all();
+        }
     }
 }
 
@@ -689,6 +696,7 @@ impl Qcow2Disk {
             freed: Vec::new(),
             moving_table: false,
             claims: Vec::new(),
+            waiting: 0,
         };
         let mut header = header;
         if !read_only {
@@ -1084,8 +1092,9 @@ impl Qcow2Disk {
         } else {
             return Ok(false);
         };
-        // Clusters being allocated are left to their writer first: its entry goes in, then
-        // this unmaps it (freeing it under the writer's feet would count it twice).
+        // Clusters being written are left to their writer first: an allocating writer's entry
+        // goes in, then this unmaps it (freeing it under the writer's feet would count it
+        // twice); a writer in place finishes before its host is freed and allocated again.
         let meta = self.lock();
         let mut meta = self.wait_unclaimed(meta, first, count);
         let per_table = meta.l2_entries();
@@ -1134,7 +1143,7 @@ impl Qcow2Disk {
         (first, stop.saturating_sub(first))
     }
 
-    /// Waits until no writer is allocating any guest cluster of `[first, first + count)`.
+    /// Waits until no writer has claimed any guest cluster of `[first, first + count)`.
     fn wait_unclaimed<'a>(
         &'a self,
         mut meta: MutexGuard<'a, Metadata>,
@@ -1142,7 +1151,9 @@ impl Qcow2Disk {
         count: u64,
     ) -> MutexGuard<'a, Metadata> {
         while meta.claimed(first, count) {
+            meta.waiting += 1;
             meta = self.published.wait(meta).unwrap_or_else(|e| e.into_inner());
+            meta.waiting -= 1;
         }
         meta
     }
@@ -1601,9 +1612,18 @@ impl Disk for Qcow2Disk {
             }
             return self.write_allocating(meta, buf, offset, &mappings);
         }
+        // Every cluster is allocated: write in place, in parallel with other writers, a
+        // contiguous run at a time. Claimed meanwhile, so that a trim or zeroing of these
+        // clusters waits: freed under this write, a cluster could be allocated again to
+        // another guest cluster, whose data this write would then overwrite.
+        meta.claims.push((first, count));
+        let claim = Claim {
+            disk: self,
+            first,
+            count,
+            unpublished: Vec::new(),
+        };
         drop(meta);
-        // Every cluster is allocated and ours alone: write in place, in parallel with other
-        // writers, a contiguous run at a time.
         let length = buf.len() as u64;
         let mut i = 0;
         while i < in_place.len() {
@@ -1620,6 +1640,7 @@ impl Disk for Qcow2Disk {
             )?;
             i = j;
         }
+        drop(claim);
         self.write_back_early(length);
         Ok(())
     }
@@ -1723,6 +1744,53 @@ impl Qcow2Disk {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// A trim racing writes in place to the same clusters must never free a host cluster a
+    /// write is still filling: allocated again to another guest cluster, that one's data
+    /// would be overwritten. Writers in place, a trimmer and an allocating writer run
+    /// together; the allocating writer's clusters must read back as it wrote them.
+    #[test]
+    fn trims_racing_writes_in_place_never_hit_other_clusters() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = 4096u64;
+        let disk = Qcow2Disk::create(
+            dir.path().join("race.qcow2"),
+            &CreateOptions::new(64 << 20).cluster_size(cs as u32),
+        )
+        .unwrap();
+        // Clusters 0..64 are rewritten in place and trimmed; 1024.. are the allocating
+        // writer's, each written once with its own pattern.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            for t in 0..2u8 {
+                let (disk, stop) = (&disk, &stop);
+                scope.spawn(move || {
+                    let buf = vec![0xA0 + t; (64 * cs) as usize];
+                    while !stop.load(Ordering::Relaxed) {
+                        disk.write_at(&buf, 0).unwrap();
+                    }
+                });
+            }
+            let (disk, stop) = (&disk, &stop);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    disk.trim(0, 64 * cs).unwrap();
+                }
+            });
+            for c in 1024..8192u64 {
+                disk.write_at(&vec![c as u8; cs as usize], c * cs).unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        let mut buf = vec![0u8; cs as usize];
+        for c in 1024..8192u64 {
+            disk.read_at(&mut buf, c * cs).unwrap();
+            assert!(
+                buf.iter().all(|&b| b == c as u8),
+                "cluster {c} was overwritten"
+            );
+        }
+    }
 
     /// A small image with data, zero clusters and an L2 table, as bytes.
     fn small_image(dir: &Path) -> Vec<u8> {
