@@ -19,9 +19,9 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::{sleep_until, timeout_at, Instant};
 
 use crate::address::Address;
-use crate::cmd::{Command, JobDismiss, JobFinalize, JobId, QueryJobs};
+use crate::cmd::{Command, JobComplete, JobDismiss, JobFinalize, JobId, QueryJobs};
 use crate::error::{connect_failed, Error, Result};
-use crate::job::{JobOptions, JobTracker};
+use crate::job::{JobOptions, JobStep, JobTracker};
 use crate::monitor::{check_command, decode, encode_arguments};
 use crate::session::{ClientConfig, EventFilter, Handshake, RequestId, Session, SubscriptionId};
 use crate::types::JobInfo;
@@ -563,7 +563,8 @@ pub struct JobFollower {
 }
 
 impl JobFollower {
-    /// Follows the job to its end, finalizing and dismissing it as `options` say; returns its
+    /// Follows the job to its end, finalizing, completing and dismissing it as `options` say;
+    /// returns its
     /// last `query-jobs` entry (`None` when it dismissed itself) or its own error
     /// ([`Error::JobFailed`], [`Error::JobCancelled`], [`Error::JobTimeout`]).
     pub async fn wait(
@@ -577,13 +578,21 @@ impl JobFollower {
             let Some(event) = self.events.next(remaining).await? else {
                 return Err(self.tracker.timed_out(options.timeout));
             };
-            if self.tracker.observe(&event)? && options.finalize {
-                let jobs = client.call::<QueryJobs>(&()).await?;
-                if self.tracker.waits_for_finalize(&jobs) {
+            match self.tracker.observe(&event, options)? {
+                Some(JobStep::Finalize) => {
+                    let jobs = client.call::<QueryJobs>(&()).await?;
+                    if self.tracker.waits_for_finalize(&jobs) {
+                        client
+                            .call::<JobFinalize>(&JobId::new(self.tracker.job()))
+                            .await?;
+                    }
+                }
+                Some(JobStep::Complete) => {
                     client
-                        .call::<JobFinalize>(&JobId::new(self.tracker.job()))
+                        .call::<JobComplete>(&JobId::new(self.tracker.job()))
                         .await?;
                 }
+                None => {}
             }
         }
         let (info, dismiss) = self

@@ -705,6 +705,12 @@ command! {
     JobCancel = "job-cancel" (JobId) -> Empty, since (3, 0)
 }
 
+command! {
+    /// `job-complete`: ends a `ready` job (a mirror pivots to its target, a commit of the
+    /// active layer drops the committed overlay).
+    JobComplete = "job-complete" (JobId) -> Empty, since (3, 0)
+}
+
 // ---- NBD exports ---------------------------------------------------------------------------
 
 /// Where the NBD server listens (`SocketAddressLegacy`).
@@ -979,6 +985,7 @@ pub const COMMANDS: &[(&str, (u32, u32))] = &[
     (JobDismiss::NAME, JobDismiss::SINCE),
     (JobFinalize::NAME, JobFinalize::SINCE),
     (JobCancel::NAME, JobCancel::SINCE),
+    (JobComplete::NAME, JobComplete::SINCE),
     (NbdServerStart::NAME, NbdServerStart::SINCE),
     (NbdServerStop::NAME, NbdServerStop::SINCE),
     (BlockExportAdd::NAME, BlockExportAdd::SINCE),

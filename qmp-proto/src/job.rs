@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::cmd::{BlockJobCancel, BlockJobCancelArgs, JobDismiss, JobFinalize, JobId, QueryJobs};
+use crate::cmd::{
+    BlockJobCancel, BlockJobCancelArgs, JobComplete, JobDismiss, JobFinalize, JobId, QueryJobs,
+};
 use crate::error::{Error, Result};
 use crate::events::{self, BlockJobEnded, JobStatusChange};
 use crate::monitor::{Monitor, MonitorExt};
@@ -21,6 +23,10 @@ pub struct JobOptions {
     pub finalize: bool,
     /// Send `job-dismiss` once the job has concluded and its error was read (default on).
     pub dismiss: bool,
+    /// Send `job-complete` when the job is `ready` (default on): a mirror, or a commit of the
+    /// active layer, then ends as it would on your own `job-complete`. Off, the helper keeps
+    /// waiting while such a job stays `ready`, until [`timeout`](Self::timeout).
+    pub complete: bool,
 }
 
 impl Default for JobOptions {
@@ -29,6 +35,7 @@ impl Default for JobOptions {
             timeout: Duration::from_secs(3600),
             finalize: true,
             dismiss: true,
+            complete: true,
         }
     }
 }
@@ -51,6 +58,21 @@ impl JobOptions {
         self.dismiss = on;
         self
     }
+
+    /// Sets [`complete`](Self::complete).
+    pub fn complete(mut self, on: bool) -> Self {
+        self.complete = on;
+        self
+    }
+}
+
+/// What the helper sends on a job's status change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JobStep {
+    /// `job-finalize`, if `query-jobs` shows the job still `pending`.
+    Finalize,
+    /// `job-complete`.
+    Complete,
 }
 
 /// What the events have told about one job so far. Shared by the blocking helper and the
@@ -83,17 +105,25 @@ impl JobTracker {
         EventFilter::names(events::JOB_EVENTS.iter().copied())
     }
 
-    /// Takes one event in; returns whether the job has just entered `pending`.
-    pub(crate) fn observe(&mut self, event: &Event) -> Result<bool> {
+    /// Takes one event in; returns what to send for it, as `options` ask.
+    pub(crate) fn observe(
+        &mut self,
+        event: &Event,
+        options: &JobOptions,
+    ) -> Result<Option<JobStep>> {
         match event.event.as_str() {
             events::JOB_STATUS_CHANGE => {
                 let change: JobStatusChange = event.data_as()?;
                 if change.id != self.job {
-                    return Ok(false);
+                    return Ok(None);
                 }
-                let pending = change.status == JobStatus::Pending;
+                let step = match change.status {
+                    JobStatus::Pending if options.finalize => Some(JobStep::Finalize),
+                    JobStatus::Ready if options.complete => Some(JobStep::Complete),
+                    _ => None,
+                };
                 self.status = Some(change.status);
-                Ok(pending)
+                Ok(step)
             }
             events::BLOCK_JOB_COMPLETED | events::BLOCK_JOB_CANCELLED => {
                 let ended: BlockJobEnded = event.data_as()?;
@@ -104,9 +134,9 @@ impl JobTracker {
                         self.completion_error = ended.error;
                     }
                 }
-                Ok(false)
+                Ok(None)
             }
-            _ => Ok(false),
+            _ => Ok(None),
         }
     }
 
@@ -199,11 +229,16 @@ fn follow<M: Monitor + ?Sized>(
         let Some(event) = monitor.next_event(subscription, remaining)? else {
             return Err(tracker.timed_out(options.timeout));
         };
-        if tracker.observe(&event)?
-            && options.finalize
-            && tracker.waits_for_finalize(&monitor.call::<QueryJobs>(&())?)
-        {
-            monitor.call::<JobFinalize>(&JobId::new(tracker.job()))?;
+        match tracker.observe(&event, options)? {
+            Some(JobStep::Finalize)
+                if tracker.waits_for_finalize(&monitor.call::<QueryJobs>(&())?) =>
+            {
+                monitor.call::<JobFinalize>(&JobId::new(tracker.job()))?;
+            }
+            Some(JobStep::Complete) => {
+                monitor.call::<JobComplete>(&JobId::new(tracker.job()))?;
+            }
+            Some(JobStep::Finalize) | None => {}
         }
     }
     let (info, dismiss) = tracker.entry(monitor.call::<QueryJobs>(&())?, options);

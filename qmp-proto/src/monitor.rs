@@ -140,8 +140,9 @@ pub trait MonitorExt: Monitor {
 
     /// Starts job `job` with `start` (a `blockdev-backup`, `blockdev-create`, a
     /// `transaction` ...) and follows it to its end from the events (`JOB_STATUS_CHANGE`,
-    /// `BLOCK_JOB_*`), finalizing and dismissing it as `options` say. The events are
-    /// subscribed to before `start` runs, so none is missed however fast the job is.
+    /// `BLOCK_JOB_*`), finalizing, completing (a `ready` mirror) and dismissing it as
+    /// `options` say. The events are subscribed to before `start` runs, so none is missed
+    /// however fast the job is.
     ///
     /// Returns the job's last `query-jobs` entry (`None` when it dismissed itself), or the
     /// job's own error ([`Error::JobFailed`], with `query-jobs`' `error` text),

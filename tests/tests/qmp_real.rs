@@ -584,6 +584,27 @@ fn async_client_runs_calls_together_and_streams_events() {
                     other => panic!("expected the job's error, got {other:?}"),
                 }
                 assert!(client.call::<QueryJobs>(&()).await.unwrap().is_empty());
+                // A mirror, completed by the follower once it is ready.
+                for node in ["mirror-source", "mirror-target"] {
+                    client
+                        .call::<BlockdevAdd>(&BlockdevOptions::null_co(node, 8 << 20))
+                        .await
+                        .unwrap();
+                }
+                let job = client.follow_job("async-mirror").await.unwrap();
+                client
+                    .execute(
+                        "blockdev-mirror",
+                        Some(serde_json::json!({
+                            "job-id": "async-mirror", "device": "mirror-source",
+                            "target": "mirror-target", "sync": "full",
+                        })),
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(job.wait(&client, &options).await.unwrap(), None);
+                assert!(client.call::<QueryJobs>(&()).await.unwrap().is_empty());
             });
     });
 }
@@ -617,6 +638,54 @@ fn run_job_finalizes_a_pending_backup_and_returns_its_info() {
         assert_eq!(info.status, JobStatus::Concluded);
         assert_eq!(info.current_progress, info.total_progress);
         assert_eq!(info.error, None);
+        assert!(client.call::<QueryJobs>(&()).unwrap().is_empty());
+    });
+}
+
+/// A mirror reaches `ready` and stays there until someone sends `job-complete`: the helper
+/// does (by default) and the job ends; told not to, it waits until its timeout with the job
+/// still `ready`, and is then cancelled.
+#[test]
+fn run_job_completes_a_ready_mirror() {
+    with_each_qemu(|_qemu, client| {
+        for node in ["source", "target", "source2", "target2"] {
+            client
+                .call::<BlockdevAdd>(&BlockdevOptions::null_co(node, 8 << 20))
+                .unwrap();
+        }
+        let mirror = |job: &'static str, source: &'static str, target: &'static str| {
+            move |m: &mut Client| {
+                m.execute_raw(
+                    "blockdev-mirror",
+                    Some(serde_json::json!({
+                        "job-id": job, "device": source, "target": target, "sync": "full",
+                    })),
+                )
+                .map(drop)
+            }
+        };
+        let options = JobOptions::default().timeout(Duration::from_secs(60));
+        let ended = client
+            .run_job("mirror", &options, mirror("mirror", "source", "target"))
+            .unwrap();
+        assert_eq!(ended, None, "a mirror dismisses itself once complete");
+        assert!(client.call::<QueryJobs>(&()).unwrap().is_empty());
+
+        let waiting = client.run_job(
+            "mirror2",
+            &options
+                .clone()
+                .complete(false)
+                .timeout(Duration::from_secs(2)),
+            mirror("mirror2", "source2", "target2"),
+        );
+        match waiting {
+            Err(Error::JobTimeout { job, status, .. }) => {
+                assert_eq!((job.as_str(), status.as_str()), ("mirror2", "ready"));
+            }
+            other => panic!("expected a timeout in ready, got {other:?}"),
+        }
+        client.cancel_block_job("mirror2", &options).unwrap();
         assert!(client.call::<QueryJobs>(&()).unwrap().is_empty());
     });
 }
