@@ -4,10 +4,11 @@
 //! writes); then the restore of a four-point chain into an NBD export (qemu-nbd of a raw
 //! file) against `nbdcopy` from `qemu-nbd -r -f qcow2 NODE.4.qcow2` into the same export.
 //!
-//! vmsdk's incremental runs twice on the same changes, on two chains: as a user gets it, also
-//! recording the point's block hash (SHA-256 of every changed 64 KiB block, work push does
-//! not do), and without the block hash (`BackupOptions::hash_incrementals(false)`), the same
-//! work as push: the changed clusters copied into a new qcow2 and synced.
+//! Each run takes the full backups, then two incrementals with each tool, each after 5 % of
+//! the disk changed: vmsdk's first as a user gets it, also recording the point's block hash
+//! (SHA-256 of every changed 64 KiB block, work push does not do), its second without the
+//! block hash (`BackupOptions::hash_incrementals(false)`): the same work as push, the changed
+//! clusters copied into a new qcow2 and synced.
 //! Every run is printed (wall time, this process's CPU time, QEMU's or the qemu-nbds' CPU
 //! time), then the medians; vmsdk and the peer alternate which goes first.
 //!
@@ -17,7 +18,7 @@
 //!
 //! Defaults: 1024 MiB in /dev/shm (page-cached), 3 runs. Needs the machine's
 //! qemu-system-x86_64, qemu-img, qemu-nbd and nbdcopy. Starts its own QEMU (`-S`, no guest)
-//! and qemu-nbds, and kills them by PID at the end. Peak space: about six times SIZE (use a
+//! and qemu-nbds, and kills them by PID at the end. Peak space: about five times SIZE (use a
 //! disk directory such as /var/tmp for 4 GiB).
 
 use std::path::{Path, PathBuf};
@@ -312,50 +313,32 @@ fn main() {
         "5 %: QEMU push sync=incremental",
         "restore 4 points: vmsdk -> qemu-nbd",
         "restore 4 points: nbdcopy -> qemu-nbd",
-        "5 %: vmsdk, no block hash (equal work)",
+        "5 % more: vmsdk, no block hash",
+        "5 % more: QEMU push sync=incremental",
     ];
-    // The row each row is compared with.
-    let peer_of = |row: usize| if row == 6 { 3 } else { row / 2 * 2 + 1 };
-    const UNHASHED: usize = 6;
     let mut rows: Vec<Row> = names.iter().map(|_| Row::default()).collect();
     let mut last_dir = None;
-    let unhashed_options = BackupOptions::new().hash_incrementals(false);
     for r in 0..runs {
         let backups = BackupDir::new(dir.join(format!("ours-{r}")));
-        // The equal-work chain: its full backup is not timed (only its incremental is).
-        let unhashed = BackupDir::new(dir.join(format!("ours-unhashed-{r}")));
-        unhashed
-            .create(&mut source, None, &unhashed_options, &mut |_| {})
-            .unwrap();
         let bitmap = format!("push-bitmap-{r}");
+        let ours_first = r % 2 == 0;
         let push_full = dir.join(format!("push-full-{r}.qcow2"));
-        let push_inc = dir.join(format!("push-inc-{r}.qcow2"));
-        for incremental in [false, true] {
-            if incremental {
-                scatter_writes(&mut monitor, size, &mut x, 7 + r as u8);
+        // Three rounds: the full backups, 5 % changed, 5 % more changed.
+        for round in 0..3usize {
+            if round > 0 {
+                scatter_writes(&mut monitor, size, &mut x, 7 + (2 * r + round) as u8);
             }
-            // Which tool goes first turns from run to run.
-            let mut order: Vec<usize> = if incremental {
-                vec![2, 3, UNHASHED]
-            } else {
-                vec![0, 1]
-            };
-            let turn = r % order.len();
-            order.rotate_left(turn);
-            for row in order {
-                let ours = row != 1 && row != 3;
-                let (chain, options) = if row == UNHASHED {
-                    (&unhashed, unhashed_options.clone())
-                } else {
-                    (&backups, BackupOptions::new())
-                };
+            // The last round's incremental leaves the block hash out: the same work as push.
+            let options = BackupOptions::new().hash_incrementals(round < 2);
+            for ours in [ours_first, !ours_first] {
+                let row = [0, 2, 6][round] + usize::from(!ours);
                 let mut phases = String::new();
                 let m = if ours {
                     let started = Instant::now();
                     let mut last = "";
                     let mut copied_at = 0.0;
                     let m = measure(&pid, || {
-                        chain
+                        backups
                             .create(&mut source, None, &options, &mut |p| {
                                 let at = started.elapsed().as_secs_f64();
                                 if p.phase != last {
@@ -371,12 +354,23 @@ fn main() {
                     phases.push_str(&format!(" (copied@{copied_at:.3})"));
                     m
                 } else {
-                    let (path, sync, tag) = if incremental {
-                        (&push_inc, SyncMode::Incremental, format!("i{r}"))
+                    // Push's incrementals clear the bitmap: each copies one round's changes.
+                    let (path, sync, tag) = if round > 0 {
+                        (
+                            dir.join(format!("push-inc-{r}-{round}.qcow2")),
+                            SyncMode::Incremental,
+                            format!("i{r}-{round}"),
+                        )
                     } else {
-                        (&push_full, SyncMode::Full, format!("f{r}"))
+                        (push_full.clone(), SyncMode::Full, format!("f{r}"))
                     };
-                    measure(&pid, || push(&mut monitor, path, size, sync, &tag, &bitmap))
+                    let m = measure(&pid, || {
+                        push(&mut monitor, &path, size, sync, &tag, &bitmap)
+                    });
+                    if round > 0 {
+                        let _ = std::fs::remove_file(&path);
+                    }
+                    m
                 };
                 println!(
                     "run {r} {:<40} {:>7.2} s  vmsdk CPU {:>6.2} s  QEMU CPU {:>6.2} s {phases}",
@@ -388,13 +382,6 @@ fn main() {
         // Neither chain's bitmap is needed again: fewer bitmaps for the guest's writes.
         call::<BlockDirtyBitmapRemove>(&mut monitor, &BlockDirtyBitmap::new("vda", &bitmap));
         let _ = std::fs::remove_file(&push_full);
-        let _ = std::fs::remove_file(&push_inc);
-        // The equal-work chain's checkpoint is not needed again either.
-        let manifest = unhashed.manifest().unwrap().unwrap();
-        source
-            .remove_checkpoint(&manifest.last().unwrap().checkpoint)
-            .unwrap();
-        std::fs::remove_dir_all(unhashed.path()).unwrap();
         if r + 1 < runs {
             let manifest = backups.manifest().unwrap().unwrap();
             source
@@ -406,14 +393,12 @@ fn main() {
         }
     }
 
-    // The last chain gets two more points: four in all, each with 5 % changed.
+    // The last chain gets one more point: four in all, each with 5 % changed.
     let chain = last_dir.expect("at least one run");
-    for pattern in [11, 13] {
-        scatter_writes(&mut monitor, size, &mut x, pattern);
-        chain
-            .create(&mut source, None, &BackupOptions::new(), &mut |_| {})
-            .unwrap();
-    }
+    scatter_writes(&mut monitor, size, &mut x, 11);
+    chain
+        .create(&mut source, None, &BackupOptions::new(), &mut |_| {})
+        .unwrap();
     let manifest = chain.manifest().unwrap().unwrap();
     assert_eq!(manifest.points.len(), 4);
     let top = chain.path().join(&manifest.points[3].disks[0].file);
@@ -482,10 +467,10 @@ fn main() {
         "{:<40} {:>8} {:>10} {:>10} {:>8}",
         "medians", "wall s", "tool CPU", "QEMU CPU", "speed"
     );
-    for i in [0, 1, 2, UNHASHED, 3, 4, 5] {
+    for i in [0, 1, 2, 3, 6, 7, 4, 5] {
         let name = names[i];
         let (wall, ours, qemu) = rows[i].medians();
-        let (peer_wall, _, _) = rows[peer_of(i)].medians();
+        let (peer_wall, _, _) = rows[i | 1].medians();
         println!(
             "{name:<40} {wall:>8.2} {ours:>10.2} {qemu:>10.2} {:>7.2}x",
             peer_wall / wall
