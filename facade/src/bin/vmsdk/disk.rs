@@ -70,9 +70,10 @@ enum DiskCommand {
         /// holds only what changed, and the chain reads as the source.
         #[arg(long, value_name = "PREV")]
         backing: Option<String>,
-        /// Bytes per request.
-        #[arg(long, default_value_t = copy::DEFAULT_REQUEST_SIZE)]
-        request_size: usize,
+        /// Bytes per request (default 524288, or 262144 when the destination is an NBD
+        /// export).
+        #[arg(long)]
+        request_size: Option<usize>,
         /// Requests in flight at once.
         #[arg(long, default_value_t = copy::DEFAULT_REQUESTS_IN_FLIGHT)]
         requests: usize,
@@ -327,8 +328,10 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
                 if let Some(n) = threads {
                     options = options.threads(*n);
                 }
+                if let Some(bytes) = request_size {
+                    options = options.request_size(*bytes);
+                }
                 let options = options
-                    .request_size(*request_size)
                     .requests_in_flight(*requests)
                     .stall_timeout(Duration::from_secs(*stall_timeout))
                     .retries(*retries)
@@ -370,9 +373,11 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
             if let Some(n) = threads {
                 options = options.threads(*n);
             }
+            if let Some(bytes) = request_size {
+                options = options.request_size(*bytes);
+            }
             let cancel = interrupt_token()?;
             let options = options
-                .request_size(*request_size)
                 .requests_in_flight(*requests)
                 .destination_is_zero(fresh)
                 .stall_timeout(Duration::from_secs(*stall_timeout))
