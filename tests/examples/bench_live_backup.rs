@@ -13,13 +13,15 @@
 //! time), then the medians; vmsdk and the peer alternate which goes first.
 //!
 //! ```sh
-//! cargo run --release -p live-backup --example bench_live_backup -- [SIZE_MIB] [DIR] [RUNS]
+//! cargo run --release -p vmsdk-tests --example bench_live_backup -- [SIZE_MIB] [DIR] [RUNS] [QEMU]
 //! ```
 //!
-//! Defaults: 1024 MiB in /dev/shm (page-cached), 3 runs. Needs the machine's
-//! qemu-system-x86_64, qemu-img, qemu-nbd and nbdcopy. Starts its own QEMU (`-S`, no guest)
-//! and qemu-nbds, and kills them by PID at the end. Peak space: about five times SIZE (use a
-//! disk directory such as /var/tmp for 4 GiB).
+//! Defaults: 1024 MiB in /dev/shm (page-cached), 3 runs, QEMU `host` (the machine's, Debian
+//! 12's 7.2); `trixie` runs Debian 13's QEMU 10.0 from the peer root (`cargo xtask peer-root`,
+//! or `$VMSDK_TRIXIE_ROOT`) as the tests do, with DIR mounted into the root. Also needs the
+//! machine's qemu-img, qemu-nbd and nbdcopy (the restore compares on the machine's). Starts its
+//! own QEMU (`-S`, no guest) and qemu-nbds, and kills them by PID at the end. Peak space:
+//! about five times SIZE (use a disk directory such as /var/tmp for 4 GiB).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,6 +38,7 @@ use qmp_proto::cmd::{
 };
 use qmp_proto::types::{BlockdevCreateOptions, BlockdevOptions, SyncMode};
 use qmp_proto::{JobOptions, Monitor, MonitorExt};
+use vmsdk_tests::peers::Generation;
 
 /// User + system CPU seconds of process `pid` ("self" for this one), from /proc.
 fn cpu_seconds(pid: &str) -> f64 {
@@ -236,6 +239,11 @@ fn main() {
     let mib: u64 = args.next().map_or(1024, |s| s.parse().expect("SIZE_MIB"));
     let base = PathBuf::from(args.next().unwrap_or_else(|| "/dev/shm".into()));
     let runs: usize = args.next().map_or(3, |s| s.parse().expect("RUNS"));
+    let generation = match args.next().as_deref() {
+        None | Some("host") => Generation::Host,
+        Some("trixie") => Generation::Trixie,
+        Some(other) => panic!("QEMU: host or trixie, not {other}"),
+    };
     let size = mib << 20;
     let dir = base.join(format!("vmsdk-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -268,7 +276,10 @@ fn main() {
     // Two monitors: one for the backup source, one for QEMU's push jobs and the writes.
     let qmp = dir.join("qmp.sock");
     let qmp2 = dir.join("qmp2.sock");
-    let child: Child = Command::new("qemu-system-x86_64")
+    let Some(qemu_command) = generation.command("qemu-system-x86_64", "qemu-system-x86") else {
+        panic!("no qemu-system-x86_64 in {generation}");
+    };
+    let child: Child = qemu_command
         .args([
             "-S",
             "-nodefaults",
@@ -290,10 +301,9 @@ fn main() {
         ))
         .args(["-blockdev", "driver=qcow2,file=vda-file,node-name=vda"])
         .args(["-device", "virtio-blk-pci,drive=vda,id=vda-dev"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start qemu-system-x86_64");
+        // Debian 13's QEMU runs in its root, with the benchmark's directory mounted in.
+        .bind(&dir)
+        .spawn(Stdio::null(), Stdio::null());
     let qemu = KillOnDrop(child);
     let pid = qemu.0.id().to_string();
     while !qmp2.exists() {
