@@ -189,7 +189,11 @@ impl Row {
     }
 }
 
-/// 5 % of the disk in scattered 64 KiB writes through the guest's device.
+/// 5 % of the disk in scattered 64 KiB writes through the guest's device, then a flush of
+/// the device. Unflushed, the writes sit in the host's page cache as the disk image's dirty
+/// pages, and whichever backup runs next pays for writing them out: QEMU 10.0 flushes the
+/// disk when a backup job's filter leaves it (100 to 450 ms on /var/tmp after 200 MiB of
+/// writes), for push and pull alike.
 fn scatter_writes(monitor: &mut impl Monitor, size: u64, x: &mut u64, pattern: u8) {
     let writes = size / 20 / 65536;
     let clusters = size / 65536;
@@ -200,6 +204,8 @@ fn scatter_writes(monitor: &mut impl Monitor, size: u64, x: &mut u64, pattern: u
         let offset = (*x >> 11) % clusters * 65536;
         guest_write(monitor, offset, pattern);
     }
+    let hmp = "qemu-io -d /machine/peripheral/vda-dev/virtio-backend flush";
+    call::<HumanMonitorCommand>(monitor, &HumanMonitorCommandArgs::new(hmp));
 }
 
 /// A qemu-nbd serving `image` on `socket`, killed by PID on drop.
