@@ -60,8 +60,8 @@ pub const DEFAULT_REQUEST_SIZE: usize = 512 * 1024;
 /// nbdcopy's 256 KiB. A server writing into a file through the page cache holds the file's
 /// inode lock for the whole of each write while its other writer threads spin on that lock;
 /// halving the writes halved that: restoring a four-deep 4 GiB qcow2 chain into a qemu-nbd 7.2
-/// export (`--cache=writeback`, a raw file on disk) took 5.8 to 7.1 s instead of 6.9 to 8.8 s,
-/// and the server 6.2 to 7.8 CPU s instead of 7.5 to 10.
+/// export (`--cache=writeback`, a raw file on disk) took 5.8 to 7.1 s instead of 6.9 to 9.6 s,
+/// and the server 6.2 to 7.8 CPU s instead of 7.5 to 10.2 (four and seven runs).
 pub const DEFAULT_REQUEST_SIZE_INTO_NBD: usize = 256 * 1024;
 /// Requests in flight unless [`CopyOptions::requests_in_flight`] says otherwise: with
 /// [`DEFAULT_REQUEST_SIZE`], 16 MiB, the bytes nbdcopy keeps in flight (64 × 256 KiB), enough

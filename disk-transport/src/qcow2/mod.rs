@@ -56,13 +56,16 @@
 //!   Keep bitmaps on the VM's disk, not in backup images; read-only opens leave them alone.
 //!
 //! # Concurrency and crashes
-//! A [`Qcow2Disk`] may be shared by threads, and its data is written in parallel: allocations
-//! and table updates are serialised by one lock, data writes are not. A write that needs new
-//! clusters allocates them (refcount 1) and claims its guest clusters under the lock, writes
-//! its data outside it, then publishes the L2 entries under the lock again, so a reader never
-//! sees an entry pointing to data not written yet, and a second writer to a claimed cluster
-//! waits for the entry rather than allocate the cluster twice; a run of new clusters is
-//! contiguous at the end of the file and written with one `pwrite`. Metadata is written
+//! A [`Qcow2Disk`] may be shared by threads: allocations and table updates are serialised by
+//! one lock, data writes are not. A write that needs new clusters allocates them (refcount 1)
+//! and claims its guest clusters under the lock, writes its data outside it, then publishes
+//! the L2 entries under the lock again, so a reader never sees an entry pointing to data not
+//! written yet, and a second writer to a claimed cluster waits for the entry rather than
+//! allocate the cluster twice; a run of new clusters is contiguous at the end of the file and
+//! written with one `pwrite`. A write in place claims its clusters too, so that a trim or
+//! zeroing of them waits for it. The `pwrite`s into the image go one at a time, as the
+//! kernel's page cache takes them (waiting in user space, not spinning in the kernel); while
+//! one thread writes, the others receive, read and hash. Metadata is written
 //! through as it changes (data and refcounts first, then the table entry pointing to them),
 //! and [`Disk::flush`] is an `fsync`. A crash before a flush can leave leaked clusters that
 //! `qemu-img check -r leaks` reclaims.
@@ -525,8 +528,8 @@ impl Backing {
 }
 
 /// Guest clusters claimed by one write, and the new host clusters it has not published yet
-/// (none for a write in place). Dropped (after publishing, on an error or a panic) it frees what was not
-/// published, drops the claim and wakes the writers waiting for it.
+/// (none for a write in place). Dropped (after publishing, on an error or a panic) it frees
+/// what was not published, drops the claim and wakes the writers waiting for it.
 struct Claim<'a> {
     disk: &'a Qcow2Disk,
     first: u64,
@@ -1160,8 +1163,8 @@ impl Qcow2Disk {
 
     /// The write path for clusters that need allocating (or rewriting). Under the lock: the
     /// new host clusters are allocated (counted) and the guest clusters claimed, so no other
-    /// writer allocates them too. Outside it: the data is written, in parallel with other
-    /// writers. Under the lock again: the L2 entries are published, so no reader ever sees an
+    /// writer allocates them too. Outside it: the data is written, while other writers
+    /// allocate, publish or write. Under the lock again: the L2 entries are published, so no reader ever sees an
     /// entry pointing to a cluster whose data is not written yet, and the old mappings freed.
     fn write_allocating<'a>(
         &'a self,
@@ -1612,8 +1615,8 @@ impl Disk for Qcow2Disk {
             }
             return self.write_allocating(meta, buf, offset, &mappings);
         }
-        // Every cluster is allocated: write in place, in parallel with other writers, a
-        // contiguous run at a time. Claimed meanwhile, so that a trim or zeroing of these
+        // Every cluster is allocated: write in place outside the metadata lock, a contiguous
+        // run at a time. Claimed meanwhile, so that a trim or zeroing of these
         // clusters waits: freed under this write, a cluster could be allocated again to
         // another guest cluster, whose data this write would then overwrite.
         meta.claims.push((first, count));
