@@ -251,6 +251,8 @@ pub struct QemuSource<M: Monitor> {
     nbd_timeout: Duration,
     min_scratch_free: u64,
     scratch_reserve: u64,
+    /// The VM's name and UUID, asked once: they are fixed for the life of a QEMU process.
+    identity: Option<VmIdentity>,
 }
 
 /// Where the certificates of NBD over TLS are.
@@ -298,6 +300,7 @@ impl<M: Monitor> QemuSource<M> {
             nbd_timeout: Duration::from_secs(30),
             min_scratch_free: DEFAULT_MIN_SCRATCH_FREE,
             scratch_reserve: DEFAULT_SCRATCH_RESERVE,
+            identity: None,
         }
     }
 
@@ -547,11 +550,14 @@ impl<M: Monitor> QemuSource<M> {
         }
         let nodes = self.nodes().unwrap_or_default();
         for i in 0..count {
-            for node in [scratch_node(i), scratch_file_node(i)] {
-                if Self::node(&nodes, &node).is_some() {
-                    let r = self.delete_node(&node);
-                    note(r, format!("scratch node {node}"), &mut removed);
-                }
+            // The file node was made inside the qcow2 node's `blockdev-add` and goes with it;
+            // alone (no qcow2 node above it) it is deleted itself.
+            let node = [scratch_node(i), scratch_file_node(i)]
+                .into_iter()
+                .find(|node| Self::node(&nodes, node).is_some());
+            if let Some(node) = node {
+                let r = self.delete_node(&node);
+                note(r, format!("scratch node {node}"), &mut removed);
             }
             let file = self.scratch_dir.join(scratch_file_name(i));
             if file.exists() {
@@ -735,21 +741,27 @@ impl<M: Monitor> QemuSource<M> {
 
 impl<M: Monitor> BackupSource for QemuSource<M> {
     fn vm(&mut self) -> Result<VmIdentity> {
+        if let Some(identity) = &self.identity {
+            return Ok(identity.clone());
+        }
         // `query-name` and `query-uuid` have no typed form in qmp-proto.
-        let name = self
-            .raw("query-name", None)
-            .ok()
-            .and_then(|v| v["name"].as_str().map(str::to_owned));
-        let uuid = self
-            .raw("query-uuid", None)
-            .ok()
-            .and_then(|v| v["UUID"].as_str().map(str::to_owned))
-            .filter(|u| u != "00000000-0000-0000-0000-000000000000");
-        Ok(VmIdentity {
-            name,
-            uuid,
+        let name = self.raw("query-name", None);
+        let uuid = self.raw("query-uuid", None);
+        let answered = name.is_ok() && uuid.is_ok();
+        let identity = VmIdentity {
+            name: name
+                .ok()
+                .and_then(|v| v["name"].as_str().map(str::to_owned)),
+            uuid: uuid
+                .ok()
+                .and_then(|v| v["UUID"].as_str().map(str::to_owned))
+                .filter(|u| u != "00000000-0000-0000-0000-000000000000"),
             hypervisor: format!("qemu {}", self.monitor.greeting().version.qemu),
-        })
+        };
+        if answered {
+            self.identity = Some(identity.clone());
+        }
+        Ok(identity)
     }
 
     fn disks(&mut self) -> Result<Vec<SourceDisk>> {
