@@ -83,6 +83,9 @@ pub(crate) struct JobTracker {
     status: Option<JobStatus>,
     cancelled: bool,
     completion_error: Option<String>,
+    /// `job-complete` was asked for: a job that is `ready` again later (after `standby`) is
+    /// completing already, and a second `job-complete` would fail.
+    complete_sent: bool,
 }
 
 impl JobTracker {
@@ -92,6 +95,7 @@ impl JobTracker {
             status: None,
             cancelled: false,
             completion_error: None,
+            complete_sent: false,
         }
     }
 
@@ -119,7 +123,10 @@ impl JobTracker {
                 }
                 let step = match change.status {
                     JobStatus::Pending if options.finalize => Some(JobStep::Finalize),
-                    JobStatus::Ready if options.complete => Some(JobStep::Complete),
+                    JobStatus::Ready if options.complete && !self.complete_sent => {
+                        self.complete_sent = true;
+                        Some(JobStep::Complete)
+                    }
                     _ => None,
                 };
                 self.status = Some(change.status);
@@ -260,5 +267,62 @@ pub(crate) fn cancel_block_job<M: Monitor + ?Sized>(
     match run_job(monitor, job, options, cancel) {
         Ok(_) | Err(Error::JobCancelled { .. }) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(job: &str, status: &str) -> Event {
+        Event {
+            event: events::JOB_STATUS_CHANGE.to_owned(),
+            data: serde_json::json!({ "id": job, "status": status }),
+            timestamp: Default::default(),
+        }
+    }
+
+    /// A mirror that is `ready`, paused into `standby` and `ready` again while completing is
+    /// asked to complete once; finalize is asked in `pending`; other jobs' events are ignored.
+    #[test]
+    fn steps_follow_the_status_changes() {
+        let options = JobOptions::default();
+        let mut tracker = JobTracker::new("m");
+        let steps: Vec<Option<JobStep>> = [
+            ("m", "created"),
+            ("m", "running"),
+            ("other", "ready"),
+            ("m", "ready"),
+            ("m", "standby"),
+            ("m", "ready"),
+            ("m", "waiting"),
+            ("m", "pending"),
+            ("m", "concluded"),
+        ]
+        .iter()
+        .map(|(job, s)| tracker.observe(&status(job, s), &options).unwrap())
+        .collect();
+        use JobStep::{Complete, Finalize};
+        assert_eq!(
+            steps,
+            [
+                None,
+                None,
+                None,
+                Some(Complete),
+                None,
+                None,
+                None,
+                Some(Finalize),
+                None
+            ]
+        );
+        assert!(tracker.is_over());
+
+        let mut waiting = JobTracker::new("m");
+        let options = JobOptions::default().complete(false).finalize(false);
+        for s in ["ready", "pending"] {
+            assert_eq!(waiting.observe(&status("m", s), &options).unwrap(), None);
+        }
     }
 }
