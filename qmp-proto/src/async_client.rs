@@ -564,8 +564,7 @@ pub struct JobFollower {
 
 impl JobFollower {
     /// Follows the job to its end, finalizing, completing and dismissing it as `options` say;
-    /// returns its
-    /// last `query-jobs` entry (`None` when it dismissed itself) or its own error
+    /// returns its last `query-jobs` entry (`None` when it dismissed itself) or its own error
     /// ([`Error::JobFailed`], [`Error::JobCancelled`], [`Error::JobTimeout`]).
     pub async fn wait(
         mut self,
