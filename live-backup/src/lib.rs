@@ -83,7 +83,8 @@ pub mod quiesce;
 mod source;
 
 pub use dir::{
-    BackupDir, BackupOptions, BackupReport, Progress, RestoreReport, VerifiedPoint, LOCK_FILE,
+    BackupDir, BackupOptions, BackupReport, Progress, RestoreReport, VerifiedPoint,
+    DEFAULT_BLKHASH, LOCK_FILE,
 };
 pub use error::{Error, Result};
 pub use manifest::{Manifest, Point, PointDisk, PointKind};

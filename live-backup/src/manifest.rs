@@ -48,9 +48,9 @@ pub struct PointDisk {
     pub bytes_copied: u64,
     /// The image file's size on disk.
     pub file_size: u64,
-    /// The block hash of the disk at this point: `SPEC:HEX` with nbdcopy's `--blkhash` spec
-    /// (`sha256/64k:3f5a…`), so `nbdcopy --blkhash=SPEC` of a restored disk prints the same
-    /// HEX. A full point hashes what it read from the VM; an incremental one hashes the blocks
+    /// The block hash of the disk at this point: `SPEC:HEX` with a spec in nbdcopy's
+    /// `--blkhash` form (`blake3/64k:3f5a…` by default; for `sha256/64k:…` and the other specs
+    /// nbdcopy knows, `nbdcopy --blkhash=SPEC` of a restored disk prints the same HEX). A full point hashes what it read from the VM; an incremental one hashes the blocks
     /// it copied on top of the previous point's [`block_digests`](Self::block_digests) (or,
     /// without them, reads its chain back), unless the backup was told not to
     /// (`BackupOptions::hash_incrementals(false)`): then `None`.

@@ -485,7 +485,7 @@ fn incremental_hashes_come_from_the_changed_blocks_and_equal_the_whole_disk_hash
         seed ^= seed << 17;
         seed % below
     };
-    for spec in ["sha256/64k", "md5/4k", "sha1/256k"] {
+    for spec in ["sha256/64k", "md5/4k", "sha1/256k", "blake3/64k"] {
         let spec: disk_transport::blkhash::BlkhashSpec = spec.parse().unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let dir = BackupDir::new(tmp.path().join("backups"));
@@ -523,6 +523,60 @@ fn incremental_hashes_come_from_the_changed_blocks_and_equal_the_whole_disk_hash
         }
         assert_eq!(dir.verify(&mut |_| {}).unwrap().len(), 6);
     }
+}
+
+/// A new chain records BLAKE3 unless told otherwise; an incremental point told nothing keeps
+/// its chain's hash (so it comes from the previous point's digests, not a read-back), and one
+/// told another hash reads its chain back to record it.
+#[test]
+fn incremental_points_keep_their_chains_block_hash() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vm = FakeVm::new("vm1").with_disk("vda", 2 * MIB);
+    vm.guest_write("vda", 0, &[5; 100_000]).unwrap();
+    let spec_of = |report: &live_backup::BackupReport| {
+        let recorded = report.point.disks[0].blkhash.clone().unwrap();
+        recorded.split_once(':').unwrap().0.to_owned()
+    };
+    let fresh = BackupDir::new(tmp.path().join("fresh"));
+    let report = backup(&vm, &fresh, &BackupOptions::new()).unwrap();
+    assert_eq!(spec_of(&report), live_backup::DEFAULT_BLKHASH.to_string());
+    assert_eq!(spec_of(&report), "blake3/64k");
+
+    let dir = BackupDir::new(tmp.path().join("sha256"));
+    let sha256: disk_transport::blkhash::BlkhashSpec = "sha256/64k".parse().unwrap();
+    let report = backup(&vm, &dir, &BackupOptions::new().blkhash(sha256)).unwrap();
+    assert_eq!(spec_of(&report), "sha256/64k");
+    for (round, (options, want, reads_back)) in [
+        (BackupOptions::new(), "sha256/64k", false),
+        (
+            BackupOptions::new().blkhash(live_backup::DEFAULT_BLKHASH),
+            "blake3/64k",
+            true,
+        ),
+        (BackupOptions::new(), "blake3/64k", false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        vm.guest_write("vda", 70_000 * round as u64, &[9 + round as u8; 4096])
+            .unwrap();
+        let mut phases = Vec::new();
+        let report = dir
+            .create(&mut vm.clone(), None, &options, &mut |p| {
+                phases.push(p.phase)
+            })
+            .unwrap();
+        assert_eq!(report.point.kind, PointKind::Incremental);
+        assert_eq!(spec_of(&report), want, "round {round}");
+        assert_eq!(phases.contains(&"hash"), reads_back, "round {round}");
+        let disk = vm.disk("vda").unwrap().to_vec().unwrap();
+        let spec = want.parse().unwrap();
+        assert_eq!(
+            report.point.disks[0].blkhash.as_deref(),
+            Some(hash_of(&disk, spec).as_str())
+        );
+    }
+    assert!(dir.verify(&mut |_| {}).unwrap().iter().all(|v| v.ok));
 }
 
 /// Block digests that are damaged, truncated, missing or of another spec are never trusted:
@@ -575,7 +629,7 @@ fn damaged_block_digests_fall_back_to_reading_the_point_back() {
         let now = vm.disk("vda").unwrap().to_vec().unwrap();
         assert_eq!(
             report.point.disks[0].blkhash.as_deref(),
-            Some(hash_of(&now, Default::default()).as_str()),
+            Some(hash_of(&now, live_backup::DEFAULT_BLKHASH).as_str()),
             "{what}"
         );
     }

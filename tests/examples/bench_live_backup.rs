@@ -6,7 +6,7 @@
 //!
 //! Each run takes the full backups, then two incrementals with each tool, each after 5 % of
 //! the disk changed: vmsdk's first as a user gets it, also recording the point's block hash
-//! (SHA-256 of every changed 64 KiB block, work push does not do), its second without the
+//! (BLAKE3 of every changed 64 KiB block, work push does not do), its second without the
 //! block hash (`BackupOptions::hash_incrementals(false)`): the same work as push, the changed
 //! clusters copied into a new qcow2 and synced.
 //! Every run is printed (wall time, this process's CPU time, QEMU's or the qemu-nbds' CPU
@@ -15,6 +15,9 @@
 //! ```sh
 //! cargo run --release -p vmsdk-tests --example bench_live_backup -- [SIZE_MIB] [DIR] [RUNS] [QEMU]
 //! ```
+//!
+//! `VMSDK_BENCH_BLKHASH=sha256/64k` makes vmsdk record that block hash instead of its default
+//! (`blake3/64k`).
 //!
 //! Defaults: 1024 MiB in /dev/shm (page-cached), 3 runs, QEMU `host` (the machine's, Debian
 //! 12's 7.2); `trixie` runs Debian 13's QEMU 10.0 from the peer root (`cargo xtask peer-root`,
@@ -352,7 +355,13 @@ fn main() {
                 scatter_writes(&mut monitor, size, &mut x, 7 + (2 * r + round) as u8);
             }
             // The last round's incremental leaves the block hash out: the same work as push.
-            let options = BackupOptions::new().hash_incrementals(round < 2);
+            let mut options = BackupOptions::new().hash_incrementals(round < 2);
+            if let Ok(spec) = std::env::var("VMSDK_BENCH_BLKHASH") {
+                options = options.blkhash(
+                    spec.parse()
+                        .expect("VMSDK_BENCH_BLKHASH: a block hash spec"),
+                );
+            }
             for ours in [ours_first, !ours_first] {
                 let row = [0, 2, 6][round] + usize::from(!ours);
                 let mut phases = String::new();
