@@ -167,6 +167,26 @@ impl NbdServer {
         server
     }
 
+    /// Waits (up to 10 s) until the server has served one client its export. qemu-nbd listens
+    /// before it opens its image, so a listening server may not hold the image yet (nor its
+    /// locks); one that completed a handshake does.
+    pub fn wait_until_serving(&self) {
+        use disk_transport::nbd::{NbdDisk, NbdOptions};
+        use disk_transport::NbdAddress;
+        let options = NbdOptions::new(NbdAddress::Unix(self.socket.clone()))
+            .export(self.export.clone())
+            .read_only(true)
+            .timeout(Duration::from_secs(10));
+        let client = NbdDisk::connect(&options).unwrap_or_else(|e| {
+            panic!(
+                "{} on {} served no client: {e}",
+                self.program,
+                self.socket.display()
+            )
+        });
+        drop(client);
+    }
+
     /// The libnbd URI of the export.
     pub fn uri(&self) -> String {
         format!(

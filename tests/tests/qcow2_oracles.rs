@@ -999,6 +999,8 @@ fn writable_opens_lock_the_image_against_qemu_and_qemu_against_us() {
         // The other way round: qemu-nbd serving the image writable.
         let server = vmsdk_tests::disk::NbdServer::qemu_nbd_in(g, &["-f", "qcow2", name])
             .expect("qemu-nbd is there: for_each_generation checked");
+        // Listening is not enough: qemu-nbd opens (and locks) the image after it listens.
+        server.wait_until_serving();
         let refused = Qcow2Disk::open_read_write(&image).unwrap_err();
         let text = refused.to_string();
         assert!(
