@@ -497,10 +497,7 @@ impl BackupDir {
                 let stored = self.commit(&point, &manifest);
                 match stored {
                     Ok(()) => partial.keep(),
-                    Err(e) => {
-                        let _ = session.abort();
-                        return Err(e);
-                    }
+                    Err(e) => return Err(Error::after_abort(e, session.abort())),
                 }
                 for disk in session.disks() {
                     progress(&Progress {
@@ -512,12 +509,7 @@ impl BackupDir {
                 }
                 point
             }
-            Err(e) => {
-                if let Err(abort) = session.abort() {
-                    tracing::warn!("aborting the backup session failed: {abort}");
-                }
-                return Err(e);
-            }
+            Err(e) => return Err(Error::after_abort(e, session.abort())),
         };
 
         // The point is safely stored: the views go, the new checkpoint stays, the one it

@@ -121,6 +121,18 @@ pub enum Error {
     /// The operation was cancelled (Ctrl-C); everything it made was torn down.
     #[error("cancelled")]
     Cancelled,
+    /// The backup failed (`source` says why), and ending its session in the source failed
+    /// too, as when QEMU was killed: what the backup made there (exports, jobs, scratch nodes
+    /// and files, its checkpoint) may be left for `cleanup`, or the next backup, to remove once
+    /// the source answers again. The chain is as it was.
+    #[error("the backup failed and could not be ended in the hypervisor ({teardown}; cleanup removes what it left once the hypervisor answers)")]
+    NotTornDown {
+        /// Why the backup failed.
+        #[source]
+        source: Box<Error>,
+        /// Why ending the session failed.
+        teardown: String,
+    },
     /// The backup source broke its contract (an answer that makes no sense).
     #[error("backup source: {0}")]
     Source(String),
@@ -155,8 +167,23 @@ impl Error {
         }
     }
 
-    /// Whether the error is a cancellation.
+    /// Whether the error is a cancellation (torn down or not).
     pub fn is_cancelled(&self) -> bool {
-        matches!(self, Error::Cancelled)
+        match self {
+            Error::Cancelled => true,
+            Error::NotTornDown { source, .. } => source.is_cancelled(),
+            _ => false,
+        }
+    }
+
+    /// `error`, unless ending the session after it failed too.
+    pub(crate) fn after_abort(error: Error, abort: Result<()>) -> Self {
+        match abort {
+            Ok(()) => error,
+            Err(teardown) => Error::NotTornDown {
+                source: Box::new(error),
+                teardown: teardown.to_string(),
+            },
+        }
     }
 }

@@ -61,6 +61,9 @@ pub enum FakeFault {
     },
     /// The next `finish` fails after removing its views (a monitor that went away).
     Finish,
+    /// The next `abort` fails and removes nothing (a QEMU that was killed): the session's
+    /// views and checkpoint stay for `cleanup`.
+    Abort,
     /// The scratch space runs out in the next session: its
     /// [`watch`](BackupSession::watch) gives the views up and answers
     /// [`Error::ScratchFull`], as the QEMU source does when its scratch filesystem fills.
@@ -455,6 +458,12 @@ impl FakeSession {
     fn end(&mut self, keep_checkpoint: bool) -> Result<()> {
         self.ended = true;
         let mut state = self.vm.lock();
+        if !keep_checkpoint && FakeVm::take_fault(&mut state, &FakeFault::Abort) {
+            return Err(Error::Monitor {
+                command: "query-jobs".into(),
+                message: "injected failure: the monitor connection closed".into(),
+            });
+        }
         state.sessions.remove(&self.id);
         state.pending.remove(&self.checkpoint);
         state

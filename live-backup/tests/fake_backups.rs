@@ -157,6 +157,26 @@ fn a_failed_backup_leaves_the_chain_and_the_next_one_is_correct() {
         manifest
     );
     assert_eq!(files(&dir), before, "no partial image left");
+    // The same with the session's end failing too (QEMU gone): the error says so and keeps
+    // the copy's error as its source; the chain is as it was, and the next backup's cleanup
+    // removes what the session left.
+    vm.inject(FakeFault::Abort);
+    let e = backup(&vm, &dir, &BackupOptions::new()).unwrap_err();
+    assert!(
+        matches!(&e, Error::NotTornDown { source, .. } if matches!(**source, Error::Copy { .. })),
+        "{e}"
+    );
+    assert!(!e.is_cancelled());
+    assert!(e.to_string().contains("monitor connection closed"), "{e}");
+    assert!(
+        !vm.leftovers().is_empty(),
+        "the failed teardown left the session"
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("manifest.json")).unwrap(),
+        manifest
+    );
+    assert_eq!(files(&dir), before, "no partial image left");
     vm.inject(FakeFault::Begin);
     backup(&vm, &dir, &BackupOptions::new()).unwrap_err();
     let chain = dir.manifest().unwrap().unwrap();

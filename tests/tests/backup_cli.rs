@@ -123,6 +123,25 @@ fn create_list_verify_restore_cleanup() {
                 std::fs::read(&dest).unwrap() == *want,
                 "point {point} restores the disk at its checkpoint"
             );
+            // `disk checksum` of the restored disk prints the hash the manifest recorded
+            // (blake3/64k unless asked otherwise).
+            let index = point.parse::<usize>().unwrap() - 1;
+            let recorded = json["manifest"]["points"][index]["disks"][0]["blkhash"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let (spec, hex) = recorded.split_once(':').unwrap();
+            assert_eq!(spec, "blake3/64k");
+            let printed = ok(&[
+                "disk",
+                "checksum",
+                "--no-progress",
+                "--blkhash",
+                spec,
+                dest.to_str().unwrap(),
+            ])
+            .unwrap();
+            assert_eq!(printed.trim(), hex, "point {point}");
         }
 
         // Into an NBD export: a writable qemu-nbd of a raw image of the disk's size.

@@ -14,6 +14,9 @@
 //! read-back of a point whose previous block digests are gone), `stored`) exits 130 and leaves nothing behind: before `stored` the chain as it was, at
 //! `stored` the new point complete. A `cleanup` while a backup is paused (alive) is refused
 //! and leaves it alone.
+//! QEMU killed (SIGKILL, by PID) while the CLI copies: the CLI exits 1 saying the backup
+//! could not be ended in QEMU, the chain is as it was, and QEMU started again on the same
+//! images gets a full backup (`--full-if-needed`) that `qemu-img compare` finds equal to them.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -40,7 +43,7 @@ fn ok(args: &[&str]) -> String {
 }
 
 /// Starts `vmsdk args` with the pause hook at `phase` and returns it once it has paused there.
-fn paused_at(args: &[&str], phase: &str) -> Child {
+fn paused_at(args: &[&str], phase: &str) -> (Child, mpsc::Receiver<String>) {
     let binary = vmsdk_tests::vmsdk_binary().expect("the vmsdk binary");
     let mut child = Command::new(binary)
         .args(args)
@@ -64,7 +67,7 @@ fn paused_at(args: &[&str], phase: &str) -> Child {
         match rx.recv_timeout(Duration::from_secs(60)) {
             Ok(line) if line.starts_with(PAUSED) => {
                 assert_eq!(line, format!("{PAUSED} {phase}"));
-                return child;
+                return (child, rx);
             }
             Ok(line) => seen.push(line),
             Err(e) => {
@@ -180,7 +183,7 @@ fn sigkill_in_every_phase_and_ctrl_c_leave_the_vm_usable_and_the_next_backup_cor
             // Mid-copy: a full copy, long enough that its first progress report is partial.
             let args = create(phase == "copy");
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let mut child = paused_at(&args, phase);
+            let (mut child, _stderr) = paused_at(&args, phase);
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
             let what = format!("SIGKILL at {phase} ({version})");
@@ -296,7 +299,7 @@ fn sigkill_in_every_phase_and_ctrl_c_leave_the_vm_usable_and_the_next_backup_cor
             let points_before = last_checkpoint(dir);
             let args = create(phase == "copy");
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let mut child = paused_at(&args, phase);
+            let (mut child, _stderr) = paused_at(&args, phase);
             if phase == "copy" {
                 // Through the VM's second monitor: the backup holds the first, and QEMU serves
                 // one client per monitor.
@@ -351,7 +354,108 @@ fn sigkill_in_every_phase_and_ctrl_c_leave_the_vm_usable_and_the_next_backup_cor
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         ok(&args);
         latest_restores(&vm, tmp.path(), dir, &disks, "after-ctrl-c");
+
+        // QEMU killed while the CLI copies (paused mid-copy, QEMU killed, then SIGUSR1 lets
+        // the copy go on): the CLI fails with exit 1 within its bounds, writes nothing into
+        // the chain, and the chain still verifies. QEMU started again on the same images has
+        // lost the checkpoint (a killed QEMU stores no persistent bitmap), so the next backup,
+        // with --full-if-needed, is a full one; it also removes the dead QEMU's scratch files.
+        let what = format!("QEMU killed mid-copy ({version})");
+        vm.write("vda", 30 * MIB, 64 << 10, 0x90);
+        let points_before = last_checkpoint(dir);
+        let args = create(true);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (mut child, stderr) = paused_at(&args, "copy");
+        vm.kill();
+        let resumed = Command::new("kill")
+            .args(["-USR1", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(resumed.success());
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{what}: vmsdk still runs after 120 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let said: Vec<String> = stderr.try_iter().collect();
+        assert_eq!(status.code(), Some(1), "{what}: exit 1: {said:?}");
+        assert!(
+            said.iter()
+                .any(|l| l.contains("could not be ended in the hypervisor")
+                    && l.contains("connection")),
+            "{what}: the error says QEMU did not answer the teardown: {said:?}"
+        );
+        eprintln!("{what}: vmsdk said {said:?}");
+        assert_eq!(
+            last_checkpoint(dir),
+            points_before,
+            "{what}: the chain as it was"
+        );
+        let partial: Vec<_> = std::fs::read_dir(&dir_path)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".part"))
+            .collect();
+        assert!(
+            partial.is_empty(),
+            "{what}: partial images left: {partial:?}"
+        );
+        let verified = ok(&["backup", "verify", "--no-progress", dir]);
+        assert!(
+            verified.lines().all(|l| l.contains(": ok ")),
+            "{what}: the chain verifies: {verified}"
+        );
+        drop(vm);
+        let vm =
+            QemuVm::start_booting(g, tmp.path(), &[("vda", 64 * MIB), ("vdb", 8 * MIB)]).unwrap();
+        let mut args = create(false);
+        args.insert(args.len() - 1, "--full-if-needed".to_owned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let text = ok(&args);
+        assert!(
+            text.contains("Full"),
+            "{what}: the next backup is full: {text}"
+        );
+        let now = last_checkpoint(dir);
+        let left = leftovers(&vm, &scratch_path, &dir_path, &now);
+        assert!(left.is_empty(), "{what}: the next backup removed {left:?}");
+        // The restarted VM's disk model starts empty: the restored points are compared with
+        // the images themselves, by qemu-img, once QEMU has closed them.
+        let mut restored = Vec::new();
+        for disk in disks {
+            let dest = tmp
+                .path()
+                .join(format!("restored-after-qemu-killed-{disk}.img"));
+            ok(&[
+                "backup",
+                "restore",
+                "--disk",
+                disk,
+                "--no-progress",
+                dir,
+                dest.to_str().unwrap(),
+            ]);
+            restored.push((disk, dest));
+        }
         vm.quit();
+        for (disk, dest) in restored {
+            let image = tmp.path().join(format!("{disk}.qcow2"));
+            let out = Command::new("qemu-img")
+                .args(["compare", "-f", "raw", "-F", "qcow2"])
+                .arg(&dest)
+                .arg(&image)
+                .output()
+                .expect("run qemu-img compare");
+            vmsdk_tests::assert_success(&out, format_args!("{what}: qemu-img compare of {disk}"));
+        }
+        eprintln!("{what}: exit 1, chain intact, next backup full and equal to the images");
     });
     assert!(!ran.is_empty() || !vmsdk_tests::running_in_ci());
 }

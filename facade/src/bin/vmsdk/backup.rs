@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -215,6 +215,11 @@ pub fn run(args: &BackupArgs) -> CliResult {
                     );
                     return Ok(ExitCode::from(130));
                 }
+                Err(e) if e.is_cancelled() => {
+                    // Interrupted, and QEMU did not answer the teardown.
+                    eprintln!("vmsdk: interrupted: {e}; {} is as it was", dir.display());
+                    return Ok(ExitCode::from(130));
+                }
                 Err(e) => return Err(e.into()),
             };
             if *json {
@@ -335,6 +340,11 @@ pub fn run(args: &BackupArgs) -> CliResult {
                 Ok(report) => report,
                 Err(BackupError::Cancelled) => {
                     eprintln!("vmsdk: interrupted: {dest} is incomplete");
+                    return Ok(ExitCode::from(130));
+                }
+                Err(e) if e.is_cancelled() => {
+                    // Interrupted, and QEMU did not answer the teardown.
+                    eprintln!("vmsdk: interrupted: {e}; {} is as it was", dir.display());
                     return Ok(ExitCode::from(130));
                 }
                 Err(e) => return Err(e.into()),
@@ -469,21 +479,33 @@ fn show(bar: &ProgressBar, p: &Progress) {
 /// A test hook, for the crash tests: with `VMSDK_TEST_PAUSE_AT=PHASE` in the environment
 /// (`checkpoint`: the point in time taken and exported; `copy`: the first progress report of
 /// the first disk's copy, inside the copy, before its image is flushed; `hash`: the first
-/// progress report of an incremental point's block hash, read back through its chain; `stored`: the point in the manifest, before the session ends and the replaced
-/// checkpoint goes), `backup create` prints `vmsdk: test hook: paused at PHASE` on standard
-/// error when it gets there and waits, until it is killed or Ctrl-C sets the cancel token.
+/// progress report of an incremental point's block hash, read back through its chain;
+/// `stored`: the point in the manifest, before the session ends and the replaced checkpoint
+/// goes), `backup create` prints `vmsdk: test hook: paused at PHASE` on standard error when it
+/// gets there and waits, until it is killed, Ctrl-C sets the cancel token, or SIGUSR1 lets it
+/// go on.
 /// The copy's worker threads may keep reading while the copy is paused; the backup itself
 /// goes no further. Not for production use: nothing but a test sets the variable.
 struct TestPause {
     phase: Option<String>,
     cancel: CancelToken,
+    /// Set by SIGUSR1: the backup goes on as if nothing happened (the test has meanwhile
+    /// broken something under it, such as killing QEMU).
+    resume: Arc<AtomicBool>,
 }
 
 impl TestPause {
     fn from_env(cancel: CancelToken) -> Self {
+        let phase = std::env::var("VMSDK_TEST_PAUSE_AT").ok();
+        let resume = Arc::new(AtomicBool::new(false));
+        if phase.is_some() {
+            // Only when a test asks to pause: otherwise SIGUSR1 keeps its default action.
+            let _ = signal_hook::flag::register(signal_hook::consts::SIGUSR1, Arc::clone(&resume));
+        }
         TestPause {
-            phase: std::env::var("VMSDK_TEST_PAUSE_AT").ok(),
+            phase,
             cancel,
+            resume,
         }
     }
 
@@ -495,7 +517,7 @@ impl TestPause {
         eprintln!("vmsdk: test hook: paused at {phase}");
         // Once: after Ctrl-C the backup goes on (and stops at the cancel token's next check).
         self.phase = None;
-        while !self.cancel.is_cancelled() {
+        while !self.cancel.is_cancelled() && !self.resume.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -106,11 +106,13 @@ enum DiskCommand {
         blkhash_file: Option<std::path::PathBuf>,
     },
     /// The block hash of a disk, as `nbdcopy --blkhash DISK null:` prints it (md5, sha1,
-    /// sha256, sha512 over blocks of SIZE; holes are not read; every core hashes).
+    /// sha256, sha512 over blocks of SIZE; holes are not read; every core hashes), or with
+    /// blake3, which nbdcopy lacks (live backups record blake3/64k by default).
     Checksum {
         /// The disk URI.
         uri: String,
-        /// Algorithm and block size, as nbdcopy takes them: sha256, md5/4k, sha512/1M.
+        /// Algorithm and block size, as nbdcopy takes them: sha256, md5/4k, sha512/1M,
+        /// blake3/64k.
         #[arg(long, value_name = "ALG[/SIZE]", default_value = "sha256/64k")]
         blkhash: String,
         /// Print JSON (algorithm, block size, disk size, digest) instead of the digest alone.
