@@ -63,7 +63,10 @@
 //! written yet, and a second writer to a claimed cluster waits for the entry rather than
 //! allocate the cluster twice; a run of new clusters is contiguous at the end of the file and
 //! written with one `pwrite`. A write in place claims its clusters too, so that a trim or
-//! zeroing of them waits for it. The `pwrite`s into the image go one at a time, as the
+//! zeroing of them waits for it. A host cluster freed while reads are in flight (a read looks
+//! its clusters up under the lock and reads outside it) is not used again until none is, so a
+//! read racing a trim never returns what another cluster, or metadata, wrote there since;
+//! the image may grow meanwhile. The `pwrite`s into the image go one at a time, as the
 //! kernel's page cache takes them (waiting in user space, not spinning in the kernel); while
 //! one thread writes, the others receive, read and hash. Metadata is written
 //! through as it changes (data and refcounts first, then the table entry pointing to them),
@@ -291,6 +294,22 @@ impl ImageFile {
     }
 }
 
+/// A read of [`Qcow2Disk::read_at`] in flight; see [`Metadata::quarantined`].
+struct ReadInFlight<'a> {
+    disk: &'a Qcow2Disk,
+}
+
+impl Drop for ReadInFlight<'_> {
+    fn drop(&mut self) {
+        let mut meta = self.disk.lock();
+        meta.reading -= 1;
+        if meta.reading == 0 && !meta.quarantined.is_empty() {
+            let quarantined = std::mem::take(&mut meta.quarantined);
+            meta.freed.extend(quarantined);
+        }
+    }
+}
+
 /// A few tables by host offset, the least recently used dropped first.
 #[derive(Debug)]
 struct TableCache<T> {
@@ -370,6 +389,12 @@ struct Metadata {
     /// Writers waiting in [`Qcow2Disk::wait_unclaimed`]: only then does a claim's end wake
     /// anyone (a wake-up costs a system call even when nobody waits).
     waiting: usize,
+    /// Reads between looking their clusters up and reading them, outside the lock.
+    reading: usize,
+    /// Host clusters freed while reads were in flight: one of those reads may still be about
+    /// to read such a cluster, so it is not handed out again (to another guest cluster, or
+    /// for metadata) until no read is in flight. Their refcounts are zero on disk already.
+    quarantined: Vec<u64>,
 }
 
 impl Metadata {
@@ -700,6 +725,8 @@ impl Qcow2Disk {
             moving_table: false,
             claims: Vec::new(),
             waiting: 0,
+            reading: 0,
+            quarantined: Vec::new(),
         };
         let mut header = header;
         if !read_only {
@@ -1521,7 +1548,14 @@ impl Disk for Qcow2Disk {
         let cs = self.cluster_size();
         let first = offset / cs;
         let last = (offset + buf.len() as u64 - 1) / cs;
-        let entries = self.lock().entries(&self.io, first, last - first + 1)?;
+        let entries = {
+            let mut meta = self.lock();
+            let entries = meta.entries(&self.io, first, last - first + 1)?;
+            meta.reading += 1;
+            entries
+        };
+        // Until the data is read, no host cluster freed meanwhile is used again.
+        let _reading = ReadInFlight { disk: self };
         let mappings: Vec<Mapping> = entries
             .iter()
             .map(|&e| self.decode(e))
@@ -1793,6 +1827,73 @@ mod tests {
                 "cluster {c} was overwritten"
             );
         }
+    }
+
+    /// A read racing a trim must never return another cluster's data: the host cluster it
+    /// looked up, freed under it and allocated again to another guest cluster, would hold
+    /// that one's data by the time the read reaches it. Readers of clusters that are trimmed
+    /// and written again (each reading as all 0x11 or all zeros) run beside an allocating
+    /// writer whose clusters hold neither byte.
+    #[test]
+    fn reads_racing_trims_never_see_other_clusters() {
+        let dir = tempfile::tempdir().unwrap();
+        let cs = 4096u64;
+        let disk = Qcow2Disk::create(
+            dir.path().join("race.qcow2"),
+            &CreateOptions::new(64 << 20).cluster_size(cs as u32),
+        )
+        .unwrap();
+        let pattern = vec![0x11u8; (16 * cs) as usize];
+        disk.write_at(&pattern, 0).unwrap();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let bad = std::sync::Mutex::new(None);
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                let (disk, stop, bad) = (&disk, &stop, &bad);
+                scope.spawn(move || {
+                    let mut buf = vec![0u8; (16 * cs) as usize];
+                    while !stop.load(Ordering::Relaxed) {
+                        disk.read_at(&mut buf, 0).unwrap();
+                        for (c, cluster) in buf.chunks(cs as usize).enumerate() {
+                            let first = cluster[0];
+                            if (first != 0x11 && first != 0) || cluster.iter().any(|&b| b != first)
+                            {
+                                *bad.lock().unwrap() = Some((c, first));
+                                stop.store(true, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                });
+            }
+            let (disk, stop, pattern) = (&disk, &stop, &pattern);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    disk.trim(0, 16 * cs).unwrap();
+                    disk.write_at(pattern, 0).unwrap();
+                }
+            });
+            // Writes and trims its own clusters over and over, so that it keeps taking freed
+            // host clusters, the readers' among them.
+            let started = std::time::Instant::now();
+            let mut c = 1024u64;
+            while !stop.load(Ordering::Relaxed)
+                && started.elapsed() < std::time::Duration::from_secs(2)
+            {
+                disk.write_at(&[0x80 | (c % 64) as u8; 4096], c * cs)
+                    .unwrap();
+                c += 1;
+                if c == 4096 {
+                    disk.trim(1024 * cs, 3072 * cs).unwrap();
+                    c = 1024;
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert_eq!(
+            *bad.lock().unwrap(),
+            None,
+            "a read returned another cluster's data (cluster, byte)"
+        );
     }
 
     /// A small image with data, zero clusters and an L2 table, as bytes.

@@ -167,7 +167,11 @@ impl Metadata {
         })?;
         self.set_refcount(io, host, next)?;
         if next == 0 {
-            self.freed.push(host);
+            if self.reading > 0 {
+                self.quarantined.push(host);
+            } else {
+                self.freed.push(host);
+            }
         }
         Ok(())
     }
