@@ -107,20 +107,26 @@ fn last_checkpoint(dir: &str) -> String {
         .to_owned()
 }
 
+/// Restores the latest point of `disk` into a new file `restored-TAG-DISK.img` in `tmp`.
+fn restore_latest(tmp: &Path, dir: &str, disk: &str, tag: &str) -> std::path::PathBuf {
+    let dest = tmp.join(format!("restored-{tag}-{disk}.img"));
+    let _ = std::fs::remove_file(&dest);
+    ok(&[
+        "backup",
+        "restore",
+        "--disk",
+        disk,
+        "--no-progress",
+        dir,
+        dest.to_str().unwrap(),
+    ]);
+    dest
+}
+
 /// The latest point of every disk restores to `vm`'s contents now.
 fn latest_restores(vm: &QemuVm, tmp: &Path, dir: &str, disks: &[&str], tag: &str) {
     for disk in disks {
-        let dest = tmp.join(format!("restored-{tag}-{disk}.img"));
-        let _ = std::fs::remove_file(&dest);
-        ok(&[
-            "backup",
-            "restore",
-            "--disk",
-            disk,
-            "--no-progress",
-            dir,
-            dest.to_str().unwrap(),
-        ]);
+        let dest = restore_latest(tmp, dir, disk, tag);
         assert!(
             std::fs::read(&dest).unwrap() == vm.contents(disk),
             "{tag}: the latest point of {disk} restores the disk byte for byte"
@@ -428,22 +434,15 @@ fn sigkill_in_every_phase_and_ctrl_c_leave_the_vm_usable_and_the_next_backup_cor
         assert!(left.is_empty(), "{what}: the next backup removed {left:?}");
         // The restarted VM's disk model starts empty: the restored points are compared with
         // the images themselves, by qemu-img, once QEMU has closed them.
-        let mut restored = Vec::new();
-        for disk in disks {
-            let dest = tmp
-                .path()
-                .join(format!("restored-after-qemu-killed-{disk}.img"));
-            ok(&[
-                "backup",
-                "restore",
-                "--disk",
-                disk,
-                "--no-progress",
-                dir,
-                dest.to_str().unwrap(),
-            ]);
-            restored.push((disk, dest));
-        }
+        let restored: Vec<_> = disks
+            .iter()
+            .map(|disk| {
+                (
+                    disk,
+                    restore_latest(tmp.path(), dir, disk, "after-qemu-killed"),
+                )
+            })
+            .collect();
         vm.quit();
         for (disk, dest) in restored {
             let image = tmp.path().join(format!("{disk}.qcow2"));

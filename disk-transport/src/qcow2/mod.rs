@@ -1782,6 +1782,17 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A 64 MiB image of 4 KiB clusters for the race tests, and its cluster size.
+    fn race_image(dir: &Path) -> (Qcow2Disk, u64) {
+        let cs = 4096u64;
+        let disk = Qcow2Disk::create(
+            dir.join("race.qcow2"),
+            &CreateOptions::new(64 << 20).cluster_size(cs as u32),
+        )
+        .unwrap();
+        (disk, cs)
+    }
+
     /// A trim racing writes in place to the same clusters must never free a host cluster a
     /// write is still filling: allocated again to another guest cluster, that one's data
     /// would be overwritten. Writers in place, a trimmer and an allocating writer run
@@ -1789,12 +1800,7 @@ mod tests {
     #[test]
     fn trims_racing_writes_in_place_never_hit_other_clusters() {
         let dir = tempfile::tempdir().unwrap();
-        let cs = 4096u64;
-        let disk = Qcow2Disk::create(
-            dir.path().join("race.qcow2"),
-            &CreateOptions::new(64 << 20).cluster_size(cs as u32),
-        )
-        .unwrap();
+        let (disk, cs) = race_image(dir.path());
         // Clusters 0..64 are rewritten in place and trimmed; 1024.. are the allocating
         // writer's, each written once with its own pattern.
         let stop = std::sync::atomic::AtomicBool::new(false);
@@ -1837,12 +1843,7 @@ mod tests {
     #[test]
     fn reads_racing_trims_never_see_other_clusters() {
         let dir = tempfile::tempdir().unwrap();
-        let cs = 4096u64;
-        let disk = Qcow2Disk::create(
-            dir.path().join("race.qcow2"),
-            &CreateOptions::new(64 << 20).cluster_size(cs as u32),
-        )
-        .unwrap();
+        let (disk, cs) = race_image(dir.path());
         let pattern = vec![0x11u8; (16 * cs) as usize];
         disk.write_at(&pattern, 0).unwrap();
         let stop = std::sync::atomic::AtomicBool::new(false);
