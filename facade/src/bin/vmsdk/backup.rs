@@ -342,11 +342,6 @@ pub fn run(args: &BackupArgs) -> CliResult {
                     eprintln!("vmsdk: interrupted: {dest} is incomplete");
                     return Ok(ExitCode::from(130));
                 }
-                Err(e) if e.is_cancelled() => {
-                    // Interrupted, and QEMU did not answer the teardown.
-                    eprintln!("vmsdk: interrupted: {e}; {} is as it was", dir.display());
-                    return Ok(ExitCode::from(130));
-                }
                 Err(e) => return Err(e.into()),
             };
             if *json {
