@@ -829,8 +829,8 @@ impl BlockDigests {
     }
 
     /// The stored form: `BLKDIGST`, version 1 (u32), algorithm (u32: 0 md5, 1 sha1,
-    /// 2 sha256, 3 sha512, 4 blake3), block size and disk size (u64), all little-endian; the digests;
-    /// the SHA-256 of everything before it.
+    /// 2 sha256, 3 sha512, 4 blake3), block size and disk size (u64), all little-endian; the
+    /// digests; the SHA-256 of everything before it.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(DIGESTS_HEADER + self.digests.len() + DIGESTS_TRAILER);
         out.extend_from_slice(DIGESTS_MAGIC);
