@@ -64,9 +64,9 @@
 //! allocate the cluster twice; a run of new clusters is contiguous at the end of the file and
 //! written with one `pwrite`. A write in place claims its clusters too, so that a trim or
 //! zeroing of them waits for it. A host cluster freed while reads are in flight (a read looks
-//! its clusters up under the lock and reads outside it) is not used again until none is, so a
-//! read racing a trim never returns what another cluster, or metadata, wrote there since;
-//! the image may grow meanwhile. The `pwrite`s into the image go one at a time, as the
+//! its clusters up under the lock and reads outside it) is not used again until those reads
+//! have ended, so a read racing a trim never returns what another cluster, or metadata, wrote
+//! there since. The `pwrite`s into the image go one at a time, as the
 //! kernel's page cache takes them (waiting in user space, not spinning in the kernel); while
 //! one thread writes, the others receive, read and hash. Metadata is written
 //! through as it changes (data and refcounts first, then the table entry pointing to them),
@@ -88,7 +88,7 @@ mod ffi;
 mod header;
 mod refcount;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -294,18 +294,26 @@ impl ImageFile {
     }
 }
 
-/// A read of [`Qcow2Disk::read_at`] in flight; see [`Metadata::quarantined`].
+/// A read of [`Qcow2Disk::read_at`] in flight, with its ticket; see
+/// [`Metadata::quarantined`].
 struct ReadInFlight<'a> {
     disk: &'a Qcow2Disk,
+    ticket: u64,
 }
 
 impl Drop for ReadInFlight<'_> {
     fn drop(&mut self) {
         let mut meta = self.disk.lock();
-        meta.reading -= 1;
-        if meta.reading == 0 && !meta.quarantined.is_empty() {
-            let quarantined = std::mem::take(&mut meta.quarantined);
-            meta.freed.extend(quarantined);
+        meta.reading.remove(&self.ticket);
+        // What was freed after every read still in flight began is safe to use again.
+        let oldest = meta.reading.first().copied().unwrap_or(meta.next_ticket);
+        while meta
+            .quarantined
+            .front()
+            .is_some_and(|&(_, freed_at)| freed_at <= oldest)
+        {
+            let (host, _) = meta.quarantined.pop_front().expect("front was checked");
+            meta.freed.push(host);
         }
     }
 }
@@ -389,12 +397,16 @@ struct Metadata {
     /// Writers waiting in [`Qcow2Disk::wait_unclaimed`]: only then does a claim's end wake
     /// anyone (a wake-up costs a system call even when nobody waits).
     waiting: usize,
-    /// Reads between looking their clusters up and reading them, outside the lock.
-    reading: usize,
-    /// Host clusters freed while reads were in flight: one of those reads may still be about
-    /// to read such a cluster, so it is not handed out again (to another guest cluster, or
-    /// for metadata) until no read is in flight. Their refcounts are zero on disk already.
-    quarantined: Vec<u64>,
+    /// The tickets of the reads between looking their clusters up and reading them, outside
+    /// the lock; each read takes the next ticket, so the first is the oldest.
+    reading: BTreeSet<u64>,
+    /// The ticket the next read takes.
+    next_ticket: u64,
+    /// Host clusters freed while reads were in flight, with the next ticket at that moment,
+    /// in that order: a read that began before may still be about to read such a cluster,
+    /// so it is not handed out again (to another guest cluster, or for metadata) until every
+    /// such read has ended. Their refcounts are zero on disk already.
+    quarantined: VecDeque<(u64, u64)>,
 }
 
 impl Metadata {
@@ -725,8 +737,9 @@ impl Qcow2Disk {
             moving_table: false,
             claims: Vec::new(),
             waiting: 0,
-            reading: 0,
-            quarantined: Vec::new(),
+            reading: BTreeSet::new(),
+            next_ticket: 0,
+            quarantined: VecDeque::new(),
         };
         let mut header = header;
         if !read_only {
@@ -1548,14 +1561,16 @@ impl Disk for Qcow2Disk {
         let cs = self.cluster_size();
         let first = offset / cs;
         let last = (offset + buf.len() as u64 - 1) / cs;
-        let entries = {
+        let (entries, ticket) = {
             let mut meta = self.lock();
             let entries = meta.entries(&self.io, first, last - first + 1)?;
-            meta.reading += 1;
-            entries
+            let ticket = meta.next_ticket;
+            meta.next_ticket += 1;
+            meta.reading.insert(ticket);
+            (entries, ticket)
         };
         // Until the data is read, no host cluster freed meanwhile is used again.
-        let _reading = ReadInFlight { disk: self };
+        let _reading = ReadInFlight { disk: self, ticket };
         let mappings: Vec<Mapping> = entries
             .iter()
             .map(|&e| self.decode(e))
@@ -1895,6 +1910,10 @@ mod tests {
             None,
             "a read returned another cluster's data (cluster, byte)"
         );
+        // Quarantined clusters are used again once the reads that saw them end: the writer's
+        // passes (12 MiB each, trimmed after) do not grow the image pass after pass.
+        let length = std::fs::metadata(dir.path().join("race.qcow2")).unwrap().len();
+        assert!(length < 24 << 20, "the image grew to {length} bytes");
     }
 
     /// A small image with data, zero clusters and an L2 table, as bytes.

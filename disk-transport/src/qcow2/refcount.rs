@@ -167,9 +167,13 @@ impl Metadata {
         })?;
         self.set_refcount(io, host, next)?;
         if next == 0 {
-            if self.reading > 0 {
-                self.quarantined.push(host);
+            if !self.reading.is_empty() {
+                let now = self.next_ticket;
+                self.quarantined.push_back((host, now));
             } else {
+                // No read in flight: whatever waited for reads to end is free too.
+                let waited = self.quarantined.drain(..).map(|(host, _)| host);
+                self.freed.extend(waited);
                 self.freed.push(host);
             }
         }
