@@ -1912,7 +1912,9 @@ mod tests {
         );
         // Quarantined clusters are used again once the reads that saw them end: the writer's
         // passes (12 MiB each, trimmed after) do not grow the image pass after pass.
-        let length = std::fs::metadata(dir.path().join("race.qcow2")).unwrap().len();
+        let length = std::fs::metadata(dir.path().join("race.qcow2"))
+            .unwrap()
+            .len();
         assert!(length < 24 << 20, "the image grew to {length} bytes");
     }
 
