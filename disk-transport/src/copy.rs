@@ -263,7 +263,16 @@ impl CopyOptions {
     }
     /// The request size for reading (no destination, or one that is not an NBD export).
     pub(crate) fn request_size_bytes(&self) -> usize {
-        self.request_size.unwrap_or(DEFAULT_REQUEST_SIZE)
+        self.request_size_into(false)
+    }
+    /// The request size asked for, else the default for a destination that is an NBD export
+    /// (`into_nbd`) or not.
+    fn request_size_into(&self, into_nbd: bool) -> usize {
+        self.request_size.unwrap_or(if into_nbd {
+            DEFAULT_REQUEST_SIZE_INTO_NBD
+        } else {
+            DEFAULT_REQUEST_SIZE
+        })
     }
     pub(crate) fn uses_extents(&self) -> bool {
         self.extents
@@ -855,12 +864,7 @@ impl Setup {
         }
         let align = u64::from(sinfo.min_block_size.max(dinfo.min_block_size).max(1));
         let max_request = u64::from(sinfo.max_request_size.min(dinfo.max_request_size)).max(align);
-        let wanted = options.request_size.unwrap_or(if dst.protocol().is_some() {
-            DEFAULT_REQUEST_SIZE_INTO_NBD
-        } else {
-            DEFAULT_REQUEST_SIZE
-        });
-        let request = (wanted as u64)
+        let request = (options.request_size_into(dst.protocol().is_some()) as u64)
             .max(u64::from(
                 sinfo.preferred_block_size.max(dinfo.preferred_block_size),
             ))

@@ -42,6 +42,7 @@ use qmp_proto::cmd::{
 use qmp_proto::types::{BlockdevCreateOptions, BlockdevOptions, SyncMode};
 use qmp_proto::{JobOptions, Monitor, MonitorExt};
 use vmsdk_tests::peers::Generation;
+use vmsdk_tests::qemu_vm::QemuVm;
 
 /// User + system CPU seconds of process `pid` ("self" for this one), from /proc.
 fn cpu_seconds(pid: &str) -> f64 {
@@ -65,7 +66,7 @@ fn clock_ticks() -> f64 {
     })
 }
 
-/// QEMU, killed by its PID however `main` ends.
+/// A qemu-nbd, killed by its PID however `main` ends.
 struct KillOnDrop(Child);
 
 impl Drop for KillOnDrop {
@@ -289,47 +290,15 @@ fn main() {
         .arg(&image));
     std::fs::remove_file(&raw).unwrap();
 
-    // Two monitors: one for the backup source, one for QEMU's push jobs and the writes.
-    let qmp = dir.join("qmp.sock");
-    let qmp2 = dir.join("qmp2.sock");
-    let Some(qemu_command) = generation.command("qemu-system-x86_64", "qemu-system-x86") else {
-        panic!("no qemu-system-x86_64 in {generation}");
-    };
-    let child: Child = qemu_command
-        .args([
-            "-S",
-            "-nodefaults",
-            "-display",
-            "none",
-            "-m",
-            "64",
-            "-machine",
-            "pc,accel=tcg",
-        ])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp2.display()))
-        .arg("-blockdev")
-        .arg(format!(
-            "driver=file,filename={},node-name=vda-file",
-            image.display()
-        ))
-        .args(["-blockdev", "driver=qcow2,file=vda-file,node-name=vda"])
-        .args(["-device", "virtio-blk-pci,drive=vda,id=vda-dev"])
-        // Debian 13's QEMU runs in its root, with the benchmark's directory mounted in.
-        .bind(&dir)
-        .spawn(Stdio::null(), Stdio::null());
-    let qemu = KillOnDrop(child);
-    let pid = qemu.0.id().to_string();
-    while !qmp2.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    let uri = format!("qmp+unix://{}", qmp.display());
-    let mut source = QemuSource::connect(&uri, dir.join("scratch")).unwrap();
+    // The tests' VM (`-S`, no guest; Debian 13's QEMU in its root with the directory mounted
+    // in), with the image made above: its first monitor for the backup source, its second for
+    // QEMU's push jobs and the guest's writes.
+    let vm = QemuVm::start(generation, &dir, &[("vda", size)])
+        .unwrap_or_else(|| panic!("no qemu-system-x86_64 in {generation}"));
+    let pid = vm.pid().expect("QEMU runs").to_string();
+    let mut source = QemuSource::connect(&vm.qmp_uri(), vm.scratch_dir()).unwrap();
     let mut monitor =
-        qmp_proto::Client::connect_unix(&qmp2, qmp_proto::ClientConfig::default()).unwrap();
+        qmp_proto::Client::connect_unix(vm.test_qmp(), qmp_proto::ClientConfig::default()).unwrap();
     let mut x: u64 = 12345;
     let load_before = load_average();
     let names = [
@@ -509,5 +478,5 @@ fn main() {
         );
     }
     drop(source);
-    drop(qemu);
+    drop(vm);
 }

@@ -128,7 +128,7 @@ impl QemuVm {
             model,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !(is_listening(&vm.qmp()) && is_listening(&vm.dir.join("qmp-test.sock"))) {
+        while !(is_listening(&vm.qmp()) && is_listening(&vm.test_qmp())) {
             if let Some(status) = vm.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("QEMU ({generation}) exited at start with {status}");
             }
@@ -167,11 +167,22 @@ impl QemuVm {
         self.generation.versions(&["qemu-system-x86_64"])
     }
 
-    /// The test's second monitor (`qmp+unix://` URI), for a second client under test; close
-    /// the test's own connection to it first ([`close_test_monitor`](Self::close_test_monitor)):
-    /// QEMU serves one client per monitor.
+    /// The socket of the test's second monitor, for a client of the test's own (a benchmark
+    /// driving QEMU's push jobs) or a second client under test; close the test's own
+    /// connection to it first ([`close_test_monitor`](Self::close_test_monitor)): QEMU serves
+    /// one client per monitor.
+    pub fn test_qmp(&self) -> PathBuf {
+        self.dir.join("qmp-test.sock")
+    }
+
+    /// `qmp+unix://` URI of [`test_qmp`](Self::test_qmp).
     pub fn test_qmp_uri(&self) -> String {
-        format!("qmp+unix://{}", self.dir.join("qmp-test.sock").display())
+        format!("qmp+unix://{}", self.test_qmp().display())
+    }
+
+    /// QEMU's process id (for its CPU time in /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Closes the test's connection to its monitor; the next command opens a new one.
@@ -192,8 +203,7 @@ impl QemuVm {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let monitor = guard.get_or_insert_with(|| {
-            let path = self.dir.join("qmp-test.sock");
-            qmp_proto::Client::connect_unix(&path, qmp_proto::ClientConfig::default())
+            qmp_proto::Client::connect_unix(self.test_qmp(), qmp_proto::ClientConfig::default())
                 .expect("connect to the test's QMP monitor")
         });
         f(monitor)
