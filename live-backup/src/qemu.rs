@@ -54,9 +54,13 @@
 //!   the backup jobs
 //!   cancelled (their filters leave the disks, so the guest's next and retried writes
 //!   succeed), and a VM that ran when the backup began and stopped on an I/O error since is
-//!   continued (`cont`). Every later `watch` answers the same, and the backup checks it once
-//!   more after the last read, so a point whose views were given up is never stored, whatever
-//!   a read in flight returned: the backup fails with [`Error::ScratchFull`], removes what it
+//!   continued (`cont`) when that error can only have been the scratch space's: every I/O
+//!   error event of the session was an ENOSPC on one of its disks, and the scratch
+//!   filesystem is below its reserve. A VM stopped by another device's error, by an error
+//!   other than ENOSPC, or by its disk's own storage running full is left stopped for its
+//!   owner, and the backup's error says so. Every later `watch` answers the same, and the
+//!   backup checks it once more after the last read, so a point whose views were given up is
+//!   never stored, whatever a read in flight returned: the backup fails with [`Error::ScratchFull`], removes what it
 //!   made, and the chain stays as it was.
 //!
 //! The reserve lets vmsdk act before the guest sees an error in the common case (a scratch
@@ -930,6 +934,7 @@ impl<M: Monitor> BackupSource for QemuSource<M> {
                 watch: Mutex::new(Watch {
                     subscription: Some(subscription),
                     was_running,
+                    foreign_error: None,
                     lost: None,
                 }),
                 checkpoint: request.checkpoint.clone(),
@@ -1176,8 +1181,16 @@ struct Watch {
     /// The events subscribed to at `begin`, until the session ends.
     subscription: Option<SubscriptionId>,
     /// The VM ran when the backup began: a stop on an I/O error of a disk of this session is
-    /// ended with `cont` once the views are given up.
+    /// ended with `cont` once the views are given up (unless [`foreign_error`] says the stop
+    /// may not be the backup's).
+    ///
+    /// [`foreign_error`]: Self::foreign_error
     was_running: bool,
+    /// The first I/O error seen during the session that is not the scratch space running
+    /// out under a disk of this session: another device's, or another errno than ENOSPC.
+    /// A VM stopped while one came is left stopped for its owner: continuing it would retry
+    /// a failed request that is none of the backup's business.
+    foreign_error: Option<String>,
     /// Why the views were given up, once they were.
     lost: Option<String>,
 }
@@ -1251,7 +1264,7 @@ impl<M: Monitor> QemuSession<'_, M> {
     /// Why the views must be given up now, if they must: the scratch filesystem below its
     /// reserve, a guest write to one of the disks failed for want of space, a backup job of
     /// this session failed or ended on its own.
-    fn danger(&self, source: &mut QemuSource<M>, watch: &Watch) -> Result<Option<String>> {
+    fn danger(&self, source: &mut QemuSource<M>, watch: &mut Watch) -> Result<Option<String>> {
         let free = free_space(&self.scratch_dir)?;
         // The events first: they say more than the free space.
         let mut danger = None;
@@ -1286,15 +1299,25 @@ impl<M: Monitor> QemuSession<'_, M> {
                     let node = data["node-name"].as_str().unwrap_or_default();
                     let device = data["device"].as_str().unwrap_or_default();
                     let disk = ours_node(node).or_else(|| ours_node(device));
-                    if let (true, Some(disk)) = (data["nospace"] == true, disk) {
-                        danger.get_or_insert_with(|| {
-                            format!(
-                                "is full: a guest write to disk {disk} failed with ENOSPC while \
-                                 the backup's copy-before-write filter was on it ({free} bytes \
-                                 free there now; if that is plenty, the disk's own storage is \
-                                 full)"
-                            )
-                        });
+                    match (data["nospace"] == true, disk) {
+                        (true, Some(disk)) => {
+                            danger.get_or_insert_with(|| {
+                                format!(
+                                    "is full: a guest write to disk {disk} failed with ENOSPC \
+                                     while the backup's copy-before-write filter was on it \
+                                     ({free} bytes free there now; if that is plenty, the \
+                                     disk's own storage is full)"
+                                )
+                            });
+                        }
+                        _ => {
+                            let what = if device.is_empty() { node } else { device };
+                            let operation = data["operation"].as_str().unwrap_or("an I/O");
+                            let reason = data["reason"].as_str().unwrap_or("no reason given");
+                            watch.foreign_error.get_or_insert_with(|| {
+                                format!("{operation} error on {what}: {reason}")
+                            });
+                        }
                     }
                 }
                 "BLOCK_JOB_ERROR" | "BLOCK_JOB_COMPLETED" | "BLOCK_JOB_CANCELLED" => {
@@ -1328,8 +1351,13 @@ impl<M: Monitor> QemuSession<'_, M> {
     /// Gives the views up so that the guest's writes go on: the exports first (hard: QEMU
     /// drops the connections), then the backup jobs, whose copy-before-write filters leave the
     /// disks; a VM that ran when the backup began and stopped on an I/O error meanwhile is
-    /// continued. The scratch nodes and files go with the session's end.
-    fn give_up(&self, source: &mut QemuSource<M>, watch: &Watch) -> Vec<String> {
+    /// continued when that error can only be the backup's: no other I/O error came (see
+    /// [`Watch::foreign_error`]) and the scratch filesystem is below its reserve (an ENOSPC
+    /// with scratch space to spare came from the disk's own storage). The scratch nodes and
+    /// files go with the session's end.
+    ///
+    /// Returns what failed, and why a stopped VM was left stopped, if it was.
+    fn give_up(&self, source: &mut QemuSource<M>, watch: &Watch) -> (Vec<String>, Option<String>) {
         let mut problems = Vec::new();
         for i in 0..self.disks.len() {
             let id = export_id(i);
@@ -1343,21 +1371,42 @@ impl<M: Monitor> QemuSession<'_, M> {
                 problems.push(format!("job {job}: {e}"));
             }
         }
+        let mut left_stopped = None;
         if watch.was_running {
             match source.call::<QueryStatus>(&()) {
                 Ok(status) if status.status == RunState::IoError => {
-                    match source.call::<Cont>(&()) {
-                        Ok(_) => tracing::warn!(
-                            "the VM had stopped on an I/O error during the backup: continued"
-                        ),
-                        Err(e) => problems.push(format!("cont: {e}")),
+                    let free = free_space(&self.scratch_dir).unwrap_or(u64::MAX);
+                    let not_ours = match &watch.foreign_error {
+                        Some(error) => Some(format!("({error})")),
+                        None if free >= source.scratch_reserve => Some(format!(
+                            "(the scratch filesystem has {free} bytes free, so the ENOSPC came \
+                             from the disk's own storage)"
+                        )),
+                        None => None,
+                    };
+                    match not_ours {
+                        Some(why) => {
+                            let why = format!(
+                                "stopped on an I/O error that is not the backup's {why}: it is \
+                                 left stopped for its owner to continue"
+                            );
+                            tracing::warn!("the VM {why}");
+                            left_stopped = Some(why);
+                        }
+                        None => match source.call::<Cont>(&()) {
+                            Ok(_) => tracing::warn!(
+                                "the VM had stopped on an I/O error of the backup's scratch \
+                                 space: continued"
+                            ),
+                            Err(e) => problems.push(format!("cont: {e}")),
+                        },
                     }
                 }
                 Ok(_) => {}
                 Err(e) => problems.push(format!("query-status: {e}")),
             }
         }
-        problems
+        (problems, left_stopped)
     }
 }
 
@@ -1388,14 +1437,18 @@ impl<M: Monitor> BackupSession for QemuSession<'_, M> {
             return Err(self.scratch_full(lost));
         }
         let mut source = lock(&self.source);
-        let Some(danger) = self.danger(&mut source, &watch)? else {
+        let Some(danger) = self.danger(&mut source, &mut watch)? else {
             return Ok(());
         };
         tracing::warn!(
             "the scratch filesystem of {} {danger}: giving the backup's views up",
             self.scratch_dir.display()
         );
-        let problems = self.give_up(&mut source, &watch);
+        let (problems, left_stopped) = self.give_up(&mut source, &watch);
+        let danger = match left_stopped {
+            Some(why) => format!("{danger}; the VM {why}"),
+            None => danger,
+        };
         let lost = if problems.is_empty() {
             danger
         } else {
@@ -1463,5 +1516,161 @@ impl<M: Monitor> Drop for QemuSession<'_, M> {
                 tracing::warn!("ending the backup session on drop: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The QEMU source against qmp-proto's fake QEMU, for what a real QEMU cannot be made to
+    //! do on demand: a VM stopped by an I/O error while a backup runs.
+
+    use std::time::{Duration, Instant};
+
+    use disk_transport::memory::MemoryDisk;
+    use qmp_proto::fake::{FakeMonitor, ImageFormat, Response, RunState as FakeRunState};
+    use serde_json::json;
+
+    use super::*;
+    use crate::BeginRequest;
+
+    const SIZE: u64 = 4 << 20;
+
+    /// A running fake VM with disk `vda` (a qcow2 node behind a device), the image its scratch
+    /// node will open in `scratch`, and the QEMU source on it.
+    fn running_vm(
+        scratch: &Path,
+        reserve: u64,
+    ) -> (
+        FakeMonitor,
+        QemuSource<qmp_proto::Client<std::os::unix::net::UnixStream>>,
+    ) {
+        let scratch_image = scratch.join(scratch_file_name(0));
+        let fake = FakeMonitor::builder()
+            .run_state(FakeRunState::Running)
+            .image(
+                "/images/vda.qcow2",
+                ImageFormat::Qcow2,
+                MemoryDisk::new(SIZE),
+            )
+            .image(
+                scratch_image.to_string_lossy(),
+                ImageFormat::Qcow2,
+                MemoryDisk::new(SIZE),
+            )
+            .build();
+        let mut setup = fake.connect().unwrap();
+        setup
+            .execute_raw(
+                "blockdev-add",
+                Some(json!({"driver": "qcow2", "node-name": "vda",
+                    "file": {"driver": "file", "filename": "/images/vda.qcow2"}})),
+            )
+            .unwrap();
+        // The fake has no devices: `query-block` shows `vda` as a virtio disk's medium.
+        fake.handler("query-block", |_, _| {
+            Response::ok(
+                json!([{"device": "", "qdev": "/machine/peripheral/vda/virtio-backend",
+                "type": "unknown", "removable": false, "locked": false,
+                "inserted": {"file": "/images/vda.qcow2", "node-name": "vda", "ro": false,
+                    "drv": "qcow2", "image": {"filename": "/images/vda.qcow2",
+                        "format": "qcow2", "virtual-size": SIZE}}}]),
+            )
+        });
+        let source = QemuSource::new(fake.connect().unwrap(), scratch)
+            .min_scratch_free(0)
+            .scratch_reserve(reserve);
+        (fake, source)
+    }
+
+    /// Calls `watch` until it gives the views up. The fake sends the events raised with
+    /// `emit_event` within 10 ms; waiting well past that first makes the first `watch` see
+    /// all of them, as a watch after the same events from a real QEMU would.
+    fn watch_until_given_up(session: &dyn BackupSession) -> Error {
+        std::thread::sleep(Duration::from_millis(300));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Err(e) = session.watch() {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "the views were never given up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn io_error(node: &str, nospace: bool) -> serde_json::Value {
+        json!({"device": "", "node-name": node, "operation": "write", "action": "stop",
+            "nospace": nospace, "reason": if nospace { "No space left on device" } else { "Input/output error" }})
+    }
+
+    #[test]
+    fn a_vm_stopped_by_the_scratch_running_full_is_continued() {
+        let dir = tempfile::tempdir().unwrap();
+        // Every byte free is below this reserve: the scratch counts as full.
+        let (fake, mut source) = running_vm(dir.path(), u64::MAX);
+        let session = source
+            .begin(&BeginRequest::full("vmsdk-t-1", vec!["vda".into()]), None)
+            .unwrap();
+        fake.state().run_state = FakeRunState::IoError;
+        fake.emit_event("BLOCK_IO_ERROR", Some(io_error(&filter_node(0), true)));
+        let error = watch_until_given_up(session.as_ref());
+        assert!(matches!(error, Error::ScratchFull { .. }), "{error}");
+        assert!(!error.to_string().contains("left stopped"), "{error}");
+        assert_eq!(fake.state().run_state, FakeRunState::Running, "continued");
+        assert!(fake.state().exports().is_empty(), "the export was removed");
+        drop(session);
+        assert!(fake.state().jobs().is_empty(), "the job was ended");
+    }
+
+    #[test]
+    fn a_vm_stopped_by_another_devices_error_is_left_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, mut source) = running_vm(dir.path(), u64::MAX);
+        let session = source
+            .begin(&BeginRequest::full("vmsdk-t-1", vec!["vda".into()]), None)
+            .unwrap();
+        // Another disk failed (EIO, werror=stop) while the scratch ran full under vda.
+        fake.state().run_state = FakeRunState::IoError;
+        fake.emit_event("BLOCK_IO_ERROR", Some(io_error("data2", false)));
+        fake.emit_event("BLOCK_IO_ERROR", Some(io_error(&filter_node(0), true)));
+        let error = watch_until_given_up(session.as_ref());
+        let message = error.to_string();
+        assert!(matches!(error, Error::ScratchFull { .. }), "{message}");
+        assert!(
+            message.contains("left stopped") && message.contains("write error on data2"),
+            "{message}"
+        );
+        assert_eq!(
+            fake.state().run_state,
+            FakeRunState::IoError,
+            "not continued"
+        );
+        assert!(
+            fake.state().exports().is_empty(),
+            "the views were still given up"
+        );
+    }
+
+    #[test]
+    fn a_vm_stopped_by_its_own_storage_running_full_is_left_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        // A reserve of 0: the scratch filesystem has space to spare, so an ENOSPC under vda
+        // came from vda's own storage.
+        let (fake, mut source) = running_vm(dir.path(), 0);
+        let session = source
+            .begin(&BeginRequest::full("vmsdk-t-1", vec!["vda".into()]), None)
+            .unwrap();
+        fake.state().run_state = FakeRunState::IoError;
+        fake.emit_event("BLOCK_IO_ERROR", Some(io_error("vda", true)));
+        let error = watch_until_given_up(session.as_ref());
+        let message = error.to_string();
+        assert!(
+            message.contains("left stopped") && message.contains("the disk's own storage"),
+            "{message}"
+        );
+        assert_eq!(
+            fake.state().run_state,
+            FakeRunState::IoError,
+            "not continued"
+        );
     }
 }
