@@ -1597,44 +1597,51 @@ mod tests {
         }
     }
 
-    fn io_error(node: &str, nospace: bool) -> serde_json::Value {
-        json!({"device": "", "node-name": node, "operation": "write", "action": "stop",
-            "nospace": nospace, "reason": if nospace { "No space left on device" } else { "Input/output error" }})
+    /// A backup of a running fake VM during which the VM stops on the I/O `errors` (node,
+    /// ENOSPC or not), with a scratch `reserve`: the error `watch` gives the views up with,
+    /// once the session has ended; and the fake, to look at what the VM was left as.
+    fn vm_stopped_during_backup(reserve: u64, errors: &[(&str, bool)]) -> (FakeMonitor, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, mut source) = running_vm(dir.path(), reserve);
+        let session = source
+            .begin(&BeginRequest::full("vmsdk-t-1", vec!["vda".into()]), None)
+            .unwrap();
+        fake.state().run_state = FakeRunState::IoError;
+        for &(node, nospace) in errors {
+            let reason = if nospace {
+                "No space left on device"
+            } else {
+                "Input/output error"
+            };
+            fake.emit_event(
+                "BLOCK_IO_ERROR",
+                Some(
+                    json!({"device": "", "node-name": node, "operation": "write",
+                    "action": "stop", "nospace": nospace, "reason": reason}),
+                ),
+            );
+        }
+        let error = watch_until_given_up(session.as_ref());
+        assert!(matches!(error, Error::ScratchFull { .. }), "{error}");
+        assert!(fake.state().exports().is_empty(), "the views were given up");
+        drop(session);
+        assert!(fake.state().jobs().is_empty(), "the job was ended");
+        (fake, error.to_string())
     }
 
     #[test]
     fn a_vm_stopped_by_the_scratch_running_full_is_continued() {
-        let dir = tempfile::tempdir().unwrap();
-        // Every byte free is below this reserve: the scratch counts as full.
-        let (fake, mut source) = running_vm(dir.path(), u64::MAX);
-        let session = source
-            .begin(&BeginRequest::full("vmsdk-t-1", vec!["vda".into()]), None)
-            .unwrap();
-        fake.state().run_state = FakeRunState::IoError;
-        fake.emit_event("BLOCK_IO_ERROR", Some(io_error(&filter_node(0), true)));
-        let error = watch_until_given_up(session.as_ref());
-        assert!(matches!(error, Error::ScratchFull { .. }), "{error}");
-        assert!(!error.to_string().contains("left stopped"), "{error}");
+        // Every byte free is below a reserve of u64::MAX: the scratch counts as full.
+        let (fake, message) = vm_stopped_during_backup(u64::MAX, &[(&filter_node(0), true)]);
+        assert!(!message.contains("left stopped"), "{message}");
         assert_eq!(fake.state().run_state, FakeRunState::Running, "continued");
-        assert!(fake.state().exports().is_empty(), "the export was removed");
-        drop(session);
-        assert!(fake.state().jobs().is_empty(), "the job was ended");
     }
 
     #[test]
     fn a_vm_stopped_by_another_devices_error_is_left_stopped() {
-        let dir = tempfile::tempdir().unwrap();
-        let (fake, mut source) = running_vm(dir.path(), u64::MAX);
-        let session = source
-            .begin(&BeginRequest::full("vmsdk-t-1", vec!["vda".into()]), None)
-            .unwrap();
         // Another disk failed (EIO, werror=stop) while the scratch ran full under vda.
-        fake.state().run_state = FakeRunState::IoError;
-        fake.emit_event("BLOCK_IO_ERROR", Some(io_error("data2", false)));
-        fake.emit_event("BLOCK_IO_ERROR", Some(io_error(&filter_node(0), true)));
-        let error = watch_until_given_up(session.as_ref());
-        let message = error.to_string();
-        assert!(matches!(error, Error::ScratchFull { .. }), "{message}");
+        let (fake, message) =
+            vm_stopped_during_backup(u64::MAX, &[("data2", false), (&filter_node(0), true)]);
         assert!(
             message.contains("left stopped") && message.contains("write error on data2"),
             "{message}"
@@ -1644,25 +1651,13 @@ mod tests {
             FakeRunState::IoError,
             "not continued"
         );
-        assert!(
-            fake.state().exports().is_empty(),
-            "the views were still given up"
-        );
     }
 
     #[test]
     fn a_vm_stopped_by_its_own_storage_running_full_is_left_stopped() {
-        let dir = tempfile::tempdir().unwrap();
         // A reserve of 0: the scratch filesystem has space to spare, so an ENOSPC under vda
         // came from vda's own storage.
-        let (fake, mut source) = running_vm(dir.path(), 0);
-        let session = source
-            .begin(&BeginRequest::full("vmsdk-t-1", vec!["vda".into()]), None)
-            .unwrap();
-        fake.state().run_state = FakeRunState::IoError;
-        fake.emit_event("BLOCK_IO_ERROR", Some(io_error("vda", true)));
-        let error = watch_until_given_up(session.as_ref());
-        let message = error.to_string();
+        let (fake, message) = vm_stopped_during_backup(0, &[("vda", true)]);
         assert!(
             message.contains("left stopped") && message.contains("the disk's own storage"),
             "{message}"
