@@ -16,6 +16,7 @@ pub mod disk;
 pub mod http;
 pub mod peers;
 pub mod qemu;
+pub mod qemu_process;
 pub mod qemu_vm;
 pub mod qga;
 pub mod qmp;

@@ -2,21 +2,18 @@
 //! with no machine, no devices and no display, its QMP socket in a temporary directory the
 //! test owns, and a second QMP socket for a second client (QEMU serves one client per monitor).
 //! Nothing runs in it; it serves block nodes, jobs, bitmaps and NBD exports over QMP. It is
-//! killed by PID when the handle drops.
+//! killed by PID when the handle drops ([`QemuProcess`]).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
 
-use crate::peers::{Generation, PeerCommand};
-
-/// How long QEMU may take to create its QMP socket.
-const START_TIMEOUT: Duration = Duration::from_secs(20);
+use crate::peers::Generation;
+use crate::qemu_process::{qemu_command, QemuProcess};
 
 /// A running QEMU with a QMP socket.
 #[derive(Debug)]
 pub struct Qemu {
-    child: Option<Child>,
+    process: QemuProcess,
     dir: tempfile::TempDir,
     socket: PathBuf,
     generation: Generation,
@@ -33,68 +30,27 @@ impl Qemu {
 
     /// Like [`Qemu::start_in`] with other machine arguments instead of `-machine none`.
     pub fn start_with(generation: Generation, machine_args: &[&str]) -> Option<Qemu> {
-        let command = generation.command("qemu-system-x86_64", "qemu-system-x86")?;
         let dir = tempfile::Builder::new()
             .prefix("qmp-test")
             .tempdir()
             .expect("temporary directory");
         let socket = dir.path().join("qmp.sock");
-        let log = dir.path().join("qemu.log");
+        let monitors = [socket.clone(), dir.path().join("qmp2.sock")];
+        let command = qemu_command(generation, dir.path(), &monitors)?
+            .args(["-S", "-no-user-config"])
+            .args(machine_args)
+            .arg("-D")
+            .arg(dir.path().join("qemu.log"));
         let version = crate::peers::peer_version(generation, "qemu-system-x86_64")
             .unwrap_or_else(|| "qemu-system-x86_64 (version unknown)".to_owned());
-        let command: PeerCommand = command
-            .args(["-S", "-nodefaults", "-display", "none", "-no-user-config"])
-            .args(machine_args)
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", socket.display()))
-            .arg("-qmp")
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                dir.path().join("qmp2.sock").display()
-            ))
-            .arg("-D")
-            .arg(&log)
-            .bind(dir.path());
-        let child = command.spawn(Stdio::null(), Stdio::piped());
-        let mut qemu = Qemu {
-            child: Some(child),
+        let process = QemuProcess::spawn(&command, &monitors, Stdio::piped(), &version);
+        Some(Qemu {
+            process,
             dir,
             socket,
             generation,
             version,
-        };
-        qemu.wait_for_socket();
-        Some(qemu)
-    }
-
-    fn wait_for_socket(&mut self) {
-        let deadline = Instant::now() + START_TIMEOUT;
-        // QEMU creates each socket file when it binds, a moment before it listens: a connect
-        // in between is refused. Wait until both monitors accept.
-        let second = self.socket.with_file_name("qmp2.sock");
-        while !(crate::disk::is_listening(&self.socket) && crate::disk::is_listening(&second)) {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().expect("wait for QEMU"))
-            {
-                let mut stderr = String::new();
-                if let Some(mut pipe) = self.child.as_mut().and_then(|c| c.stderr.take()) {
-                    use std::io::Read;
-                    let _ = pipe.read_to_string(&mut stderr);
-                }
-                panic!(
-                    "{} exited ({status}) before creating its QMP socket: {stderr}",
-                    self.version
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not listen on its QMP sockets within {START_TIMEOUT:?}",
-                self.version
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        })
     }
 
     /// The QMP socket.
@@ -129,16 +85,6 @@ impl Qemu {
 
     /// The process id (of `unshare`, which becomes QEMU through `exec`, for the root).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        // Killed by PID: this process started it; nothing else named qemu is touched.
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.pid()
     }
 }

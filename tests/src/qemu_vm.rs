@@ -10,18 +10,18 @@
 //! Debian 13's 10.0 in the peer root); it is killed by its PID when dropped.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::disk::is_listening;
 use crate::peers::Generation;
+use crate::qemu_process::{qemu_command, QemuProcess};
 
 /// A running QEMU with qcow2 disks; see the [module docs](self).
 #[derive(Debug)]
 pub struct QemuVm {
-    child: Option<Child>,
+    process: QemuProcess,
     /// The test's connection to its monitor, kept: QEMU may hand an event of a connection
     /// that just closed (`BLOCK_EXPORT_DELETED` of a hard export removal) to the next one
     /// before its greeting, so a connection per command fails now and then.
@@ -66,7 +66,6 @@ impl QemuVm {
         disks: &[(&str, u64)],
         boot: bool,
     ) -> Option<QemuVm> {
-        let qemu = generation.command("qemu-system-x86_64", "qemu-system-x86")?;
         let mut model = Vec::new();
         for (name, size) in disks {
             let image = dir.join(format!("{name}.qcow2"));
@@ -81,10 +80,13 @@ impl QemuVm {
             }
             model.push(vec![0u8; *size as usize]);
         }
-        let mut command = qemu
-            .bind(dir)
-            .args(["-nodefaults", "-display", "none", "-m", "64"])
-            .args(["-machine", "pc,accel=tcg"]);
+        let monitors = [dir.join("qmp.sock"), dir.join("qmp-test.sock")];
+        let mut command = qemu_command(generation, dir, &monitors)?.args([
+            "-m",
+            "64",
+            "-machine",
+            "pc,accel=tcg",
+        ]);
         command = if boot {
             command
                 .arg("-debugcon")
@@ -92,16 +94,6 @@ impl QemuVm {
         } else {
             command.arg("-S")
         };
-        for (i, socket) in ["qmp.sock", "qmp-test.sock"].iter().enumerate() {
-            command = command
-                .arg("-chardev")
-                .arg(format!(
-                    "socket,id=mon{i},path={},server=on,wait=off",
-                    dir.join(socket).display()
-                ))
-                .arg("-mon")
-                .arg(format!("chardev=mon{i},mode=control"));
-        }
         for (i, (name, _)) in disks.iter().enumerate() {
             let bootindex = if boot && i == 0 { ",bootindex=0" } else { "" };
             command = command
@@ -118,26 +110,20 @@ impl QemuVm {
                 ));
         }
         // qemu-io's reports (one per write) would drown the test's output.
-        let child = command.spawn(Stdio::null(), Stdio::inherit());
-        let mut vm = QemuVm {
-            child: Some(child),
+        let process = QemuProcess::spawn(
+            &command,
+            &monitors,
+            Stdio::inherit(),
+            &generation.to_string(),
+        );
+        let vm = QemuVm {
+            process,
             test_monitor: std::sync::Mutex::new(None),
             generation,
             dir: dir.to_owned(),
             disks: disks.iter().map(|(n, s)| (n.to_string(), *s)).collect(),
             model,
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !(is_listening(&vm.qmp()) && is_listening(&vm.test_qmp())) {
-            if let Some(status) = vm.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("QEMU ({generation}) exited at start with {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "QEMU did not open its QMP sockets in 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
         Some(vm)
     }
 
@@ -182,7 +168,7 @@ impl QemuVm {
 
     /// QEMU's process id (for its CPU time in /proc).
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// Closes the test's connection to its monitor; the next command opens a new one.
@@ -337,31 +323,13 @@ impl QemuVm {
     /// Quits QEMU cleanly (persistent bitmaps are stored) and waits for it.
     pub fn quit(mut self) {
         let _ = self.qmp_command("quit", Value::Null);
-        if let Some(mut child) = self.child.take() {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while child.try_wait().ok().flatten().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.wait();
-        }
+        self.close_test_monitor();
+        self.process.wait_or_kill(Duration::from_secs(20));
     }
 
     /// Kills QEMU (SIGKILL, by PID): persistent bitmaps are not stored.
     pub fn kill(&mut self) {
         self.close_test_monitor();
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for QemuVm {
-    fn drop(&mut self) {
-        self.kill();
+        self.process.kill();
     }
 }

@@ -25,7 +25,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use disk_transport::memory::MemoryDisk;
@@ -34,6 +34,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::peers::Generation;
+use crate::qemu_process::{qemu_command, QemuProcess};
 
 /// How long a reply or an awaited event may take.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -352,7 +353,7 @@ fn scrub(v: &mut Value, dir: &str) {
 /// A QEMU of one generation started for a script, killed by PID when dropped.
 #[derive(Debug)]
 pub struct QemuPeer {
-    child: Child,
+    _process: QemuProcess,
     socket: PathBuf,
 }
 
@@ -377,67 +378,30 @@ impl QemuPeer {
             );
         }
         let socket = dir.join("qmp.sock");
-        let mut command = generation
-            .command("qemu-system-x86_64", "qemu-system-x86")?
-            .args([
-                "-S",
-                "-display",
-                "none",
-                "-nodefaults",
-                "-machine",
-                "pc",
-                "-accel",
-                "tcg",
-                "-qmp",
-            ])
-            .arg(format!("unix:{},server=on,wait=off", socket.display()))
-            .bind(dir);
+        let monitors = [socket.clone()];
+        let mut command = qemu_command(generation, dir, &monitors)?
+            .args(["-S", "-machine", "pc", "-accel", "tcg"]);
         if let Some(b) = &script.balloon {
             command = command
                 .args(["-m", &b.memory_mib.to_string(), "-device"])
                 .arg(format!("virtio-balloon-pci,id={}", b.id));
         }
-        let child = command.spawn(Stdio::null(), Stdio::piped());
-        let peer = QemuPeer { child, socket };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !peer.socket.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "QEMU ({generation}) did not create its QMP socket within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(peer)
+        let process =
+            QemuProcess::spawn(&command, &monitors, Stdio::piped(), &generation.to_string());
+        Some(QemuPeer {
+            _process: process,
+            socket,
+        })
     }
 
-    /// A connection to its monitor. QEMU creates the socket file when it binds, a moment
-    /// before it listens: a refused connection is tried again for a while.
+    /// A connection to its monitor.
     ///
     /// # Panics
     ///
-    /// When QEMU does not accept it within 10 s.
+    /// When QEMU does not accept it.
     pub fn connect(&self) -> UnixStream {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match UnixStream::connect(&self.socket) {
-                Ok(stream) => return stream,
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::ConnectionRefused
-                        && Instant::now() < deadline =>
-                {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => panic!("connect to {}: {e}", self.socket.display()),
-            }
-        }
-    }
-}
-
-impl Drop for QemuPeer {
-    fn drop(&mut self) {
-        // Only the QEMU this test started, by its PID.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        UnixStream::connect(&self.socket)
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.socket.display()))
     }
 }
 
