@@ -93,6 +93,12 @@ enum DiskCommand {
         /// interrupted read) up to this many more times, waiting 1 s, 2 s, 4 s, ...
         #[arg(long, default_value_t = 0)]
         retries: u32,
+        /// Also flush the destination each time this many more bytes were written, 0 for
+        /// only at the end (default: 268435456 into an NBD export, so the server never holds
+        /// gigabytes unwritten; only at the end into files and images, which start their own
+        /// write-back as they go).
+        #[arg(long, value_name = "BYTES")]
+        flush_every: Option<u64>,
         /// No progress bar.
         #[arg(long)]
         no_progress: bool,
@@ -305,11 +311,27 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
             threads,
             stall_timeout,
             retries,
+            flush_every,
             no_progress,
             blkhash,
             blkhash_file,
         } => {
             let blkhash: Option<BlkhashSpec> = blkhash.as_deref().map(str::parse).transpose()?;
+            // The options both kinds of copy take from the command line.
+            let mut options = CopyOptions::default()
+                .requests_in_flight(*requests)
+                .stall_timeout(Duration::from_secs(*stall_timeout))
+                .retries(*retries)
+                .blkhash(blkhash);
+            if let Some(n) = threads {
+                options = options.threads(*n);
+            }
+            if let Some(bytes) = request_size {
+                options = options.request_size(*bytes);
+            }
+            if let Some(bytes) = flush_every {
+                options = options.flush_every(*bytes);
+            }
             let connections = connections.unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
             });
@@ -326,18 +348,6 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
                     blkhash_file: blkhash_file.as_deref(),
                     no_progress: *no_progress,
                 };
-                let mut options = CopyOptions::default();
-                if let Some(n) = threads {
-                    options = options.threads(*n);
-                }
-                if let Some(bytes) = request_size {
-                    options = options.request_size(*bytes);
-                }
-                let options = options
-                    .requests_in_flight(*requests)
-                    .stall_timeout(Duration::from_secs(*stall_timeout))
-                    .retries(*retries)
-                    .blkhash(blkhash);
                 return stream_copy(&stream, options);
             }
             let source = match dirty_bitmap {
@@ -371,21 +381,8 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
                 }
                 None => vmsdk::disk::open_or_create(&destination, capacity)?,
             };
-            let mut options = CopyOptions::default();
-            if let Some(n) = threads {
-                options = options.threads(*n);
-            }
-            if let Some(bytes) = request_size {
-                options = options.request_size(*bytes);
-            }
             let cancel = interrupt_token()?;
-            let options = options
-                .requests_in_flight(*requests)
-                .destination_is_zero(fresh)
-                .stall_timeout(Duration::from_secs(*stall_timeout))
-                .retries(*retries)
-                .blkhash(blkhash)
-                .cancel(cancel);
+            let options = options.destination_is_zero(fresh).cancel(cancel);
             let bar = progress_bar(*no_progress, capacity)?;
             let mut on_progress = |p: &CopyProgress| {
                 bar.set_length(p.total);
