@@ -287,7 +287,7 @@ impl CopyOptions {
         self.request_size_into(false)
     }
     /// The bytes between flushes on the way, if any, into an NBD export (`into_nbd`) or not.
-    fn flush_every_into(&self, into_nbd: bool) -> Option<u64> {
+    pub(crate) fn flush_every_into(&self, into_nbd: bool) -> Option<u64> {
         if !self.flush {
             return None;
         }

@@ -749,7 +749,7 @@ fn read_stream(mut source: StreamSource, capacity: u64, request: u64, queue: &Qu
 /// Several writes are in flight ([`CopyOptions::requests_in_flight`]); all-zero chunks are
 /// zeroed rather than written ([`CopyOptions::detect_zeroes`]) or skipped
 /// ([`CopyOptions::destination_is_zero`]); the destination is flushed at the end
-/// ([`CopyOptions::flush`]); failed writes are retried as the engine retries them
+/// ([`CopyOptions::flush`]) and on the way ([`CopyOptions::flush_every`]); failed writes are retried as the engine retries them
 /// ([`CopyOptions::retries`]). A block hash needs the size in advance, so
 /// [`CopyOptions::blkhash`] fails with [`Error::Unsupported`]: hash the destination afterwards.
 pub fn copy_from_stream(
@@ -796,6 +796,8 @@ pub fn copy_from_stream(
         callback: progress,
         last: Instant::now(),
     };
+    let flush_every = options.flush_every_into(dst.protocol().is_some());
+    let mut next_flush = flush_every;
     let (tx, rx) = mpsc::channel::<(u64, u64, Result<Vec<u8>>)>();
     // Writes submitted and not yet taken back (a Cell: the completion closure takes them).
     let in_flight = std::cell::Cell::new(0usize);
@@ -906,6 +908,12 @@ pub fn copy_from_stream(
             }
             offset += length;
             reporter.maybe(&p);
+            if let (Some(every), Some(at)) = (flush_every, next_flush) {
+                if p.written >= at {
+                    next_flush = Some((p.written / every + 1) * every);
+                    dst.flush()?;
+                }
+            }
         }
         while in_flight.get() > 0 {
             complete(&mut p, true)?;
@@ -1095,6 +1103,20 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5));
         *release.0.lock().unwrap() = true;
         release.1.notify_all();
+    }
+
+    #[test]
+    fn a_stream_flushes_its_destination_on_the_way_when_asked() {
+        let data = pattern(8 << 20, 5);
+        let dst = MemoryDisk::new(data.len() as u64);
+        let source = StreamSource::new("standard input", std::io::Cursor::new(data.clone()));
+        let options = CopyOptions::default().flush_every(1 << 20);
+        copy_from_stream(source, &dst, &options, &mut |_| {}).unwrap();
+        assert!(dst.to_vec().unwrap() == data);
+        // Writes complete while the stream is read, so at least one flush came on the way
+        // (and at most one per MiB), then the final one.
+        let flushes = dst.flush_count();
+        assert!((2..=9).contains(&flushes), "{flushes} flushes");
     }
 
     #[test]
