@@ -2,7 +2,8 @@
 //! and hashed as it is read) against QEMU's own push-mode `blockdev-backup` into a qcow2 target
 //! on the same filesystem, full and incremental (5 % of the disk changed in scattered 64 KiB
 //! writes); then the restore of a four-point chain into an NBD export (qemu-nbd of a raw
-//! file) against `nbdcopy` from `qemu-nbd -r -f qcow2 NODE.4.qcow2` into the same export.
+//! file) against `nbdcopy --flush` from `qemu-nbd -r -f qcow2 NODE.4.qcow2` into the same
+//! export (both flush the target at the end).
 //!
 //! Each run takes the full backups, then two incrementals with each tool, each after 5 % of
 //! the disk changed: vmsdk's first as a user gets it, also recording the point's block hash
@@ -434,9 +435,12 @@ fn main() {
                     cpu_seconds(&chain_pid) + cpu_seconds(&server_pid),
                     Instant::now(),
                 );
+                // `--flush`: vmsdk's restore flushes the target at the end, and nbdcopy does
+                // not unless asked; unflushed, its gigabytes of dirty pages were written back
+                // during the next run, whichever tool that was.
                 let nbdcopy_cpu = time_child(
                     Command::new("/usr/bin/time")
-                        .args(["-f", "%U %S", "nbdcopy"])
+                        .args(["-f", "%U %S", "nbdcopy", "--flush"])
                         .arg(format!("nbd+unix:///?socket={}", chain_sock.display()))
                         .arg(&target_uri),
                 );
