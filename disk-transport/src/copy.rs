@@ -287,7 +287,7 @@ impl CopyOptions {
         self.request_size_into(false)
     }
     /// The bytes between flushes on the way, if any, into an NBD export (`into_nbd`) or not.
-    pub(crate) fn flush_every_into(&self, into_nbd: bool) -> Option<u64> {
+    fn flush_every_into(&self, into_nbd: bool) -> Option<u64> {
         if !self.flush {
             return None;
         }
@@ -297,6 +297,12 @@ impl CopyOptions {
             0
         });
         (every > 0).then_some(every)
+    }
+
+    /// When to flush on the way into an NBD export (`into_nbd`) or not, if at all.
+    pub(crate) fn flush_schedule(&self, into_nbd: bool) -> Option<FlushSchedule> {
+        self.flush_every_into(into_nbd)
+            .map(|every| FlushSchedule { every, next: every })
     }
 
     /// The request size asked for, else the default for a destination that is an NBD export
@@ -850,6 +856,24 @@ fn failed(error: Error, total: u64, started: Instant) -> CopyError {
 }
 
 /// What the disks allow, checked before anything is read or written.
+/// When a copy flushes its destination on the way ([`CopyOptions::flush_every`]).
+pub(crate) struct FlushSchedule {
+    every: u64,
+    next: u64,
+}
+
+impl FlushSchedule {
+    /// Whether `written` bytes (so far, in all) call for a flush now; the next one is then
+    /// due `every` bytes further on.
+    pub(crate) fn due(&mut self, written: u64) -> bool {
+        if written < self.next {
+            return false;
+        }
+        self.next = (written / self.every + 1) * self.every;
+        true
+    }
+}
+
 struct Setup {
     size: u64,
     align: u64,
@@ -857,8 +881,6 @@ struct Setup {
     use_extents: bool,
     /// Zero ranges may be skipped.
     destination_is_zero: bool,
-    /// Written bytes between flushes on the way ([`CopyOptions::flush_every`]).
-    flush_every: Option<u64>,
 }
 
 impl Setup {
@@ -911,7 +933,6 @@ impl Setup {
             size: sinfo.capacity,
             align,
             request: request.max(align),
-            flush_every: options.flush_every_into(dst.protocol().is_some()),
             use_extents: options.extents && sinfo.can_extents,
             destination_is_zero: options.destination_is_zero && !incremental,
         })
@@ -965,17 +986,15 @@ fn run(
         }
         drop(delta_tx);
         // Every worker ends (its waits have deadlines), and with it the channel.
-        let mut next_flush = setup.flush_every;
+        let mut flushes = options.flush_schedule(dst.protocol().is_some());
         for delta in delta_rx {
             p.add(&delta);
             progress(&p);
-            if let (Some(every), Some(at)) = (setup.flush_every, next_flush) {
-                if p.written >= at && !shared.stopping() {
-                    // Here rather than in a copying thread, which would stop copying meanwhile.
-                    next_flush = Some((p.written / every + 1) * every);
-                    if let Err(e) = dst.flush() {
-                        shared.fail(e);
-                    }
+            let due = flushes.as_mut().is_some_and(|f| f.due(p.written));
+            // Here rather than in a copying thread, which would stop copying meanwhile.
+            if due && !shared.stopping() {
+                if let Err(e) = dst.flush() {
+                    shared.fail(e);
                 }
             }
         }

@@ -749,8 +749,8 @@ fn read_stream(mut source: StreamSource, capacity: u64, request: u64, queue: &Qu
 /// Several writes are in flight ([`CopyOptions::requests_in_flight`]); all-zero chunks are
 /// zeroed rather than written ([`CopyOptions::detect_zeroes`]) or skipped
 /// ([`CopyOptions::destination_is_zero`]); the destination is flushed at the end
-/// ([`CopyOptions::flush`]) and on the way ([`CopyOptions::flush_every`]); failed writes are retried as the engine retries them
-/// ([`CopyOptions::retries`]). A block hash needs the size in advance, so
+/// ([`CopyOptions::flush`]) and on the way ([`CopyOptions::flush_every`]); failed writes
+/// are retried as the engine retries them ([`CopyOptions::retries`]). A block hash needs the size in advance, so
 /// [`CopyOptions::blkhash`] fails with [`Error::Unsupported`]: hash the destination afterwards.
 pub fn copy_from_stream(
     source: StreamSource,
@@ -796,8 +796,7 @@ pub fn copy_from_stream(
         callback: progress,
         last: Instant::now(),
     };
-    let flush_every = options.flush_every_into(dst.protocol().is_some());
-    let mut next_flush = flush_every;
+    let mut flushes = options.flush_schedule(dst.protocol().is_some());
     let (tx, rx) = mpsc::channel::<(u64, u64, Result<Vec<u8>>)>();
     // Writes submitted and not yet taken back (a Cell: the completion closure takes them).
     let in_flight = std::cell::Cell::new(0usize);
@@ -908,11 +907,8 @@ pub fn copy_from_stream(
             }
             offset += length;
             reporter.maybe(&p);
-            if let (Some(every), Some(at)) = (flush_every, next_flush) {
-                if p.written >= at {
-                    next_flush = Some((p.written / every + 1) * every);
-                    dst.flush()?;
-                }
+            if flushes.as_mut().is_some_and(|f| f.due(p.written)) {
+                dst.flush()?;
             }
         }
         while in_flight.get() > 0 {

@@ -60,8 +60,8 @@
 //!   other than ENOSPC, or by its disk's own storage running full is left stopped for its
 //!   owner, and the backup's error says so. Every later `watch` answers the same, and the
 //!   backup checks it once more after the last read, so a point whose views were given up is
-//!   never stored, whatever a read in flight returned: the backup fails with [`Error::ScratchFull`], removes what it
-//!   made, and the chain stays as it was.
+//!   never stored, whatever a read in flight returned: the backup fails with
+//!   [`Error::ScratchFull`], removes what it made, and the chain stays as it was.
 //!
 //! The reserve lets vmsdk act before the guest sees an error in the common case (a scratch
 //! filesystem filling gradually); a burst of guest writes larger than the reserve between two
