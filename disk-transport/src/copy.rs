@@ -1298,9 +1298,13 @@ fn worker(
 ) {
     let (tx, rx) = mpsc::channel::<Event>();
     // A read completed by a reader thread costs a wake-up of this one; on a queue this thread
-    // drives, the read completes here. Only when the destination completes writes at once
-    // (files, `null:`): this thread waits in the source's socket, not for the destination.
-    let queue = if src.max_in_flight() > 1 && dst.max_in_flight() <= 1 {
+    // drives, the read completes here. Only when writing costs nothing (`null:`): while this
+    // thread writes, nobody reads the queue's socket, and a server such as qemu-nbd, whose
+    // socket buffer holds a few hundred KiB, stops sending. From a qemu-nbd 7.2 export into a
+    // qcow2 on tmpfs, 2 GiB took 1.33 s on queues and 0.98 s through the reader threads (the
+    // server 0.93 against 0.64 CPU s; medians of 5 interleaved runs); into `null:` both took
+    // 0.70 s, the queues with 13 % less CPU.
+    let queue = if src.max_in_flight() > 1 && dst.discards_writes() {
         SourceQueue::NotAsked
     } else {
         SourceQueue::Shared

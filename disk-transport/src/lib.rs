@@ -270,6 +270,10 @@ macro_rules! forward_disk {
                 (**self).max_in_flight()
             }
 
+            fn discards_writes(&self) -> bool {
+                (**self).discards_writes()
+            }
+
             fn protocol(&self) -> Option<ProtocolInfo> {
                 (**self).protocol()
             }

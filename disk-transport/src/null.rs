@@ -58,6 +58,10 @@ impl Disk for NullDisk {
         check_range(offset, length, self.capacity)
     }
 
+    fn discards_writes(&self) -> bool {
+        true
+    }
+
     fn submit_write(&self, offset: u64, buf: Vec<u8>, done: WriteCompletion) {
         done(self.write_at(&buf, offset).map(|()| buf));
     }
@@ -79,5 +83,9 @@ mod tests {
             d.allocated_extents(0, 100).unwrap()[0].kind,
             ExtentKind::Hole
         );
+        // Through a pointer too: the copy engine sees its destination as `&dyn Disk`.
+        let boxed: Box<dyn Disk> = Box::new(d);
+        assert!(boxed.discards_writes());
+        assert!(!crate::memory::MemoryDisk::new(100).discards_writes());
     }
 }

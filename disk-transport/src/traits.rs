@@ -140,6 +140,13 @@ pub trait Disk: Send + Sync + fmt::Debug {
         1
     }
 
+    /// Whether writes are thrown away unstored, as [`NullDisk`](crate::null::NullDisk) does
+    /// (`null:`): writing to such a disk costs nothing, which the copy engine uses to pick how
+    /// it reads (see [`driven_queue`](Disk::driven_queue)). False by default.
+    fn discards_writes(&self) -> bool {
+        false
+    }
+
     /// What the network protocol negotiated (NBD: TLS, header style, contexts, flags, block
     /// sizes), for display; `None` for local backends.
     fn protocol(&self) -> Option<ProtocolInfo> {
@@ -152,8 +159,10 @@ pub trait Disk: Send + Sync + fmt::Debug {
     ///
     /// NBD opens one more connection for each queue, without a reader thread, when the server
     /// allows several (`CAN_MULTI_CONN`) and the export is not behind TLS. The copy engine asks
-    /// for one per copying thread when its destination completes writes synchronously, so no
-    /// completion is handed from a reader thread to a copying thread.
+    /// for one per copying thread when its destination [discards writes](Disk::discards_writes),
+    /// so no completion is handed from a reader thread to a copying thread. A destination that
+    /// stores data keeps the reader threads: a copying thread busy writing cannot read its
+    /// socket, and the server stalls once its few hundred KiB of socket buffer are full.
     fn driven_queue(&self) -> Result<Option<Box<dyn DrivenQueue>>> {
         Ok(None)
     }

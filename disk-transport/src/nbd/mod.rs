@@ -14,8 +14,9 @@
 //! - Driven queues ([`Disk::driven_queue`]): on a multi-conn plaintext export, one more
 //!   connection without a reader thread, whose replies are read, and completions run, by the
 //!   one thread that drives it. The copy engine takes one per copying thread when its
-//!   destination is synchronous; a server at its limit of clients leaves the connection
-//!   unanswered, and after half a second the copy goes on through the disk's own connections.
+//!   destination discards what it is given (`null:`); a server at its limit of clients leaves
+//!   the connection unanswered, and after half a second the copy goes on through the disk's
+//!   own connections.
 //! - Every wait has a deadline ([`NbdOptions::timeout`], 30 s by default): a request without a
 //!   reply in time fails with [`Error::Timeout`] naming its offset, the connection is closed, and
 //!   every other waiting request fails too — never a hang, never a silent short read. TCP
@@ -1568,7 +1569,7 @@ mod tests {
     }
 
     #[test]
-    fn no_driven_queue_without_multi_conn_and_copies_use_one_per_thread_with_it() {
+    fn no_driven_queue_without_multi_conn_and_copies_into_a_sink_use_one_per_thread_with_it() {
         let data: Vec<u8> = (0..(3u32 << 20)).map(|i| (i / 4096 % 7) as u8).collect();
         let (_dir, address) = shuffling_server(data.clone(), 9);
         let disk = NbdDisk::connect(&NbdOptions::new(address)).unwrap();
@@ -1582,13 +1583,26 @@ mod tests {
             .request_size(65536);
         crate::copy::copy(&disk, &dst, &options, &mut |_| {}).unwrap();
         assert_eq!(dst.to_vec().unwrap(), data);
-        // A copy that reads nothing (the source is one hole) opens no queue.
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "a destination that stores data is written while the reader threads read on"
+        );
+        // Into a sink (what `checksum` and `null:` copy into) each copying thread reads its
+        // own queue, and what it read is the export's data.
+        let spec = crate::blkhash::BlkhashSpec::default();
+        let read = crate::blkhash::checksum(&disk, spec, &options, &mut |_| {}).unwrap();
+        let model = crate::memory::MemoryDisk::new(data.len() as u64);
+        model.write_at(&data, 0).unwrap();
+        let expected = crate::blkhash::checksum(&model, spec, &options, &mut |_| {}).unwrap();
+        assert_eq!(read, expected);
+        // A copy that reads nothing (the source is one hole) opens no queue, even into a sink.
         let (_dir, address, holes_accepted) =
             multi_conn_server(vec![0; 1 << 20], Default::default());
         let holes = NbdDisk::connect(&NbdOptions::new(address)).unwrap();
         let report = crate::copy::copy(
             &holes,
-            &crate::memory::MemoryDisk::new(1 << 20),
+            &crate::null::NullDisk::new(1 << 20),
             &options,
             &mut |_| {},
         )
