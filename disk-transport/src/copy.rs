@@ -75,6 +75,12 @@ pub const DEFAULT_FLUSH_EVERY_INTO_NBD: u64 = 256 << 20;
 /// [`DEFAULT_REQUEST_SIZE`], 16 MiB, the bytes nbdcopy keeps in flight (64 × 256 KiB), enough
 /// to hide a millisecond of server latency per request.
 pub const DEFAULT_REQUESTS_IN_FLIGHT: usize = 32;
+/// Requests a copying thread holds at once when both disks complete requests as they are
+/// submitted (files, qcow2 images, memory): there is no latency to hide, so more only hold
+/// more memory. Reading a four-deep qcow2 chain of 2 GiB into a raw file on tmpfs took 0.64 to
+/// 0.67 s with 2 or 4 per thread and 0.70 s with 16 (the default 32 over two threads), at a
+/// peak RSS of 10 to 12 MiB instead of 24 MiB (qemu-img convert: 0.82 s, 22 MiB).
+pub const SYNCHRONOUS_REQUESTS_PER_THREAD: usize = 4;
 /// How long a copy waits for any request to complete before giving up, unless
 /// [`CopyOptions::stall_timeout`] says otherwise.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -197,7 +203,9 @@ impl CopyOptions {
         self.request_size = Some(bytes.max(1));
         self
     }
-    /// Requests kept in flight (default [`DEFAULT_REQUESTS_IN_FLIGHT`], 32).
+    /// Requests kept in flight (default [`DEFAULT_REQUESTS_IN_FLIGHT`], 32), spread over the
+    /// threads; between two disks that complete requests as they are submitted (see
+    /// [`Disk::max_in_flight`]), at most [`SYNCHRONOUS_REQUESTS_PER_THREAD`] per thread.
     pub fn requests_in_flight(mut self, n: usize) -> Self {
         self.requests_in_flight = n.max(1);
         self
@@ -954,7 +962,10 @@ fn run(
 ) -> CopyResult {
     let own = options.blkhash.map(|spec| BlkHasher::new(spec, setup.size));
     let threads = options.threads.max(1);
-    let per_thread = options.requests_in_flight.max(1).div_ceil(threads);
+    let mut per_thread = options.requests_in_flight.max(1).div_ceil(threads);
+    if src.max_in_flight() <= 1 && dst.max_in_flight() <= 1 {
+        per_thread = per_thread.min(SYNCHRONOUS_REQUESTS_PER_THREAD);
+    }
     let total = ranges.iter().map(|r| r.1 - r.0).sum();
     let shared = WorkerShared {
         planner: Mutex::new(Planner {
@@ -1760,6 +1771,93 @@ mod tests {
         fn allocated_extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
             self.disk.allocated_extents(offset, length)
         }
+    }
+
+    /// Counts the buffers a copy holds between two synchronous disks: read from `disk` and
+    /// not yet written to the [`Written`] beside it.
+    #[derive(Debug)]
+    struct Held {
+        disk: MemoryDisk,
+        held: Arc<(
+            std::sync::atomic::AtomicUsize,
+            std::sync::atomic::AtomicUsize,
+        )>,
+    }
+
+    impl Disk for Held {
+        fn info(&self) -> Result<crate::DiskInfo> {
+            self.disk.info()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            let (held, peak) = &*self.held;
+            let now = held.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            self.disk.read_at(buf, offset)
+        }
+        fn write_at(&self, _: &[u8], _: u64) -> Result<()> {
+            unreachable!("the source is not written")
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn allocated_extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+            self.disk.allocated_extents(offset, length)
+        }
+    }
+
+    /// The destination beside a [`Held`] source.
+    #[derive(Debug)]
+    struct Written {
+        disk: MemoryDisk,
+        held: Arc<(
+            std::sync::atomic::AtomicUsize,
+            std::sync::atomic::AtomicUsize,
+        )>,
+    }
+
+    impl Disk for Written {
+        fn info(&self) -> Result<crate::DiskInfo> {
+            self.disk.info()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.disk.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            self.held.0.fetch_sub(1, Ordering::SeqCst);
+            self.disk.write_at(buf, offset)
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn allocated_extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+            self.disk.allocated_extents(offset, length)
+        }
+    }
+
+    #[test]
+    fn between_synchronous_disks_a_thread_holds_a_few_buffers_whatever_is_asked() {
+        let data = vec![0x5a; 16 << 20];
+        let held = Arc::default();
+        let src = Held {
+            disk: MemoryDisk::with_data(&data),
+            held: Arc::clone(&held),
+        };
+        let dst = Written {
+            disk: MemoryDisk::new(16 << 20),
+            held: Arc::clone(&held),
+        };
+        let options = CopyOptions::default()
+            .threads(2)
+            .requests_in_flight(256)
+            .request_size(64 << 10);
+        let report = copy(&src, &dst, &options, &mut |_| {}).unwrap();
+        assert_eq!(report.progress.read, 16 << 20);
+        assert_eq!(dst.disk.to_vec().unwrap(), data);
+        let peak = held.1.load(Ordering::SeqCst);
+        assert!(
+            (1..=2 * SYNCHRONOUS_REQUESTS_PER_THREAD).contains(&peak),
+            "{peak} buffers held at once"
+        );
     }
 
     #[test]
