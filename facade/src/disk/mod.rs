@@ -77,11 +77,23 @@ pub fn open(uri: impl IntoDiskUri, flags: OpenFlags) -> Result<Box<dyn Disk>> {
     Ok(disk_transport::factory::open(uri, flags)?)
 }
 
+/// How many NBD connections to ask for by default to reach `uri`: one over a plaintext Unix
+/// socket (a local server gains nothing from more: qemu-nbd serves them all from one thread),
+/// else one per CPU, at most 4, as nbdcopy; see
+/// [`disk_transport::factory::default_connections`].
+///
+/// ```
+/// assert_eq!(vmsdk::disk::default_connections("nbd+unix:///disk?socket=/run/s.sock"), 1);
+/// ```
+pub fn default_connections(uri: &str) -> usize {
+    disk_transport::factory::default_connections(uri)
+}
+
 /// Returns `uri` asking for up to `connections` NBD connections when it is an NBD URI that
 /// does not say `connections=` itself; any other URI comes back unchanged. The client opens
 /// more than one only when the server advertises multi-conn, so this is safe for any server.
 /// More connections pay off when each request waits on the server (a slow disk, a network,
-/// VDDK behind nbdkit): nbdcopy defaults to one per CPU, at most 4.
+/// VDDK behind nbdkit); [`default_connections`] says how many to ask for.
 ///
 /// ```
 /// let uri = vmsdk::disk::with_default_connections("nbd+unix:///disk?socket=/run/s.sock", 2);

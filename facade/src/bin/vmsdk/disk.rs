@@ -77,8 +77,9 @@ enum DiskCommand {
         /// Requests in flight at once.
         #[arg(long, default_value_t = copy::DEFAULT_REQUESTS_IN_FLIGHT)]
         requests: usize,
-        /// NBD connections per disk when the server allows multi-conn (default: one per CPU,
-        /// at most 4, as nbdcopy); a `connections=N` in the URI wins. Copying from a plaintext
+        /// NBD connections per disk when the server allows multi-conn (default: one over a
+        /// plaintext Unix socket, else one per CPU, at most 4, as nbdcopy); a `connections=N`
+        /// in the URI wins. Copying from a plaintext
         /// multi-conn export into `null:`, each copying thread also opens a connection of its
         /// own for its reads (see `Disk::driven_queue`).
         #[arg(long)]
@@ -124,7 +125,8 @@ enum DiskCommand {
         /// Print JSON (algorithm, block size, disk size, digest) instead of the digest alone.
         #[arg(long)]
         json: bool,
-        /// NBD connections when the server allows multi-conn (default: one per CPU, at most 4).
+        /// NBD connections when the server allows multi-conn (default: one over a plaintext
+        /// Unix socket, else one per CPU, at most 4).
         #[arg(long)]
         connections: Option<usize>,
         /// Hashing threads (default: one per CPU, at most 4).
@@ -332,9 +334,6 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
             if let Some(bytes) = flush_every {
                 options = options.flush_every(*bytes);
             }
-            let connections = connections.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
-            });
             if backing.is_some() && (is_stdio(source) || is_stdio(destination)) {
                 return Err("--backing creates a qcow2 overlay: name a file, not `-`".into());
             }
@@ -343,7 +342,7 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
                     source,
                     destination,
                     incremental: dirty_bitmap.is_some(),
-                    connections,
+                    connections: *connections,
                     blkhash,
                     blkhash_file: blkhash_file.as_deref(),
                     no_progress: *no_progress,
@@ -354,8 +353,8 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
                 Some(name) => with_dirty_bitmap(source, name)?,
                 None => source.clone(),
             };
-            let source = vmsdk::disk::with_default_connections(&source, connections);
-            let destination = vmsdk::disk::with_default_connections(destination, connections);
+            let source = with_connections(&source, *connections);
+            let destination = with_connections(destination, *connections);
             let src = vmsdk::disk::open(&source, OpenFlags::read_only())?;
             let capacity = src.info()?.capacity;
             if dirty_bitmap.is_some() && backing.is_none() {
@@ -449,12 +448,19 @@ pub fn run(backend: BackendChoice, args: &DiskArgs) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `uri` with the NBD connections `--connections` asked for, or else with the default for
+/// where it leads (`vmsdk::disk::default_connections`); a `connections=N` in it wins.
+fn with_connections(uri: &str, asked: Option<usize>) -> String {
+    let connections = asked.unwrap_or_else(|| vmsdk::disk::default_connections(uri));
+    vmsdk::disk::with_default_connections(uri, connections)
+}
+
 /// What `vmsdk disk copy` was asked, when one side is `-`.
 struct StreamCopy<'a> {
     source: &'a str,
     destination: &'a str,
     incremental: bool,
-    connections: usize,
+    connections: Option<usize>,
     blkhash: Option<BlkhashSpec>,
     blkhash_file: Option<&'a std::path::Path>,
     no_progress: bool,
@@ -484,7 +490,7 @@ fn stream_copy(args: &StreamCopy<'_>, options: CopyOptions) -> CliResult {
                     .into(),
             );
         }
-        let destination = vmsdk::disk::with_default_connections(args.destination, args.connections);
+        let destination = with_connections(args.destination, args.connections);
         let (dst, fresh) = if destination.starts_with(vmsdk::disk::NULL_SINK) {
             // Any length: the sink takes what comes.
             vmsdk::disk::open_or_create(&destination, i64::MAX as u64)?
@@ -514,7 +520,7 @@ fn stream_copy(args: &StreamCopy<'_>, options: CopyOptions) -> CliResult {
         bar.finish_and_clear();
         (result, capacity)
     } else {
-        let source = vmsdk::disk::with_default_connections(args.source, args.connections);
+        let source = with_connections(args.source, args.connections);
         let src = vmsdk::disk::open(&source, OpenFlags::read_only())?;
         let capacity = src.info()?.capacity;
         let bar = progress_bar(args.no_progress, capacity)?;
@@ -607,9 +613,7 @@ fn checksum(
     no_progress: bool,
 ) -> CliResult {
     let spec: BlkhashSpec = spec.parse()?;
-    let connections = connections
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)));
-    let uri = vmsdk::disk::with_default_connections(uri, connections);
+    let uri = with_connections(uri, connections);
     let disk = vmsdk::disk::open(&uri, OpenFlags::read_only())?;
     let bar = progress_bar(no_progress, disk.info()?.capacity)?;
     let mut options = CopyOptions::default().cancel(interrupt_token()?);
