@@ -1773,53 +1773,27 @@ mod tests {
         }
     }
 
-    /// Counts the buffers a copy holds between two synchronous disks: read from `disk` and
-    /// not yet written to the [`Written`] beside it.
+    /// The buffers a copy holds, and the most it held at once: reads of the source not yet
+    /// written to the destination.
+    type Held = Arc<(
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    )>;
+
+    /// A disk that counts into [`Held`]: a read takes a buffer, a write gives one back.
     #[derive(Debug)]
-    struct Held {
+    struct Counting {
         disk: MemoryDisk,
-        held: Arc<(
-            std::sync::atomic::AtomicUsize,
-            std::sync::atomic::AtomicUsize,
-        )>,
+        held: Held,
     }
 
-    impl Disk for Held {
+    impl Disk for Counting {
         fn info(&self) -> Result<crate::DiskInfo> {
             self.disk.info()
         }
         fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
             let (held, peak) = &*self.held;
-            let now = held.fetch_add(1, Ordering::SeqCst) + 1;
-            peak.fetch_max(now, Ordering::SeqCst);
-            self.disk.read_at(buf, offset)
-        }
-        fn write_at(&self, _: &[u8], _: u64) -> Result<()> {
-            unreachable!("the source is not written")
-        }
-        fn flush(&self) -> Result<()> {
-            Ok(())
-        }
-        fn allocated_extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
-            self.disk.allocated_extents(offset, length)
-        }
-    }
-
-    /// The destination beside a [`Held`] source.
-    #[derive(Debug)]
-    struct Written {
-        disk: MemoryDisk,
-        held: Arc<(
-            std::sync::atomic::AtomicUsize,
-            std::sync::atomic::AtomicUsize,
-        )>,
-    }
-
-    impl Disk for Written {
-        fn info(&self) -> Result<crate::DiskInfo> {
-            self.disk.info()
-        }
-        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            peak.fetch_max(held.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
             self.disk.read_at(buf, offset)
         }
         fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
@@ -1837,12 +1811,12 @@ mod tests {
     #[test]
     fn between_synchronous_disks_a_thread_holds_a_few_buffers_whatever_is_asked() {
         let data = vec![0x5a; 16 << 20];
-        let held = Arc::default();
-        let src = Held {
+        let held = Held::default();
+        let src = Counting {
             disk: MemoryDisk::with_data(&data),
             held: Arc::clone(&held),
         };
-        let dst = Written {
+        let dst = Counting {
             disk: MemoryDisk::new(16 << 20),
             held: Arc::clone(&held),
         };

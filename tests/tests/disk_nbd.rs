@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use disk_transport::blkhash::{checksum, BlkhashSpec};
 use disk_transport::copy::{copy, copy_changed, CopyOptions};
-use disk_transport::file::{FileDisk, FileOptions};
+use disk_transport::file::FileDisk;
+use disk_transport::memory::MemoryDisk;
 use disk_transport::nbd::{NbdDisk, NbdOptions};
 use disk_transport::{open_uri, Disk, Error, ExtentKind, NbdAddress, OpenFlags};
 use vmsdk_tests::disk::{
@@ -241,7 +242,7 @@ fn dirty_bitmap_vs_nbdinfo(g: Generation) {
 
     // Incremental backup: the backup taken when the bitmap was added, plus the dirty ranges,
     // equals the disk now.
-    let backup = disk_transport::memory::MemoryDisk::new(64 * MIB);
+    let backup = MemoryDisk::new(64 * MIB);
     backup.write_at(&[1u8; MIB as usize], 0).unwrap();
     let changed: u64 = dirty
         .iter()
@@ -343,7 +344,7 @@ fn server_errors(g: Generation) {
     assert_eq!(err.nbd_errno(), Some(5));
 
     // A copy stops with that error instead of reporting success.
-    let dst = disk_transport::memory::MemoryDisk::new(64 * MIB);
+    let dst = MemoryDisk::new(64 * MIB);
     let err = copy(&disk, &dst, &CopyOptions::default(), &mut |_| {})
         .unwrap_err()
         .error;
@@ -412,7 +413,7 @@ fn killed_server_mid_copy(g: Generation) {
         return;
     };
     let src = NbdDisk::connect(&options(&server, "").timeout(Duration::from_secs(5))).unwrap();
-    let dst = disk_transport::memory::MemoryDisk::new(64 * MIB);
+    let dst = MemoryDisk::new(64 * MIB);
     let started = Arc::new(AtomicBool::new(false));
     let flag = started.clone();
     let killer = std::thread::spawn(move || {
@@ -502,7 +503,7 @@ fn block_size_constraints(g: Generation) {
         "{err}"
     );
     // The copy engine rounds its request size to the constraints, both ways.
-    let mem = disk_transport::memory::MemoryDisk::new(8 * MIB);
+    let mem = MemoryDisk::new(8 * MIB);
     let options = CopyOptions::default().request_size(1_000_000);
     copy(&disk, &mem, &options, &mut |_| {}).unwrap();
     assert_eq!(
@@ -535,7 +536,7 @@ fn failing_destination(g: Generation) {
         return;
     };
     let dst = NbdDisk::connect(&options(&server, "")).unwrap();
-    let src = disk_transport::memory::MemoryDisk::with_data(&random_bytes(16 * MIB as usize, 4));
+    let src = MemoryDisk::with_data(&random_bytes(16 * MIB as usize, 4));
     let err = copy(&src, &dst, &CopyOptions::default(), &mut |_| {})
         .unwrap_err()
         .error;
@@ -650,14 +651,7 @@ fn driven_queues(g: Generation) {
         "{}: a copy at the client limit took {took:?}",
         server.version()
     );
-    let local = FileDisk::open(
-        &image,
-        &FileOptions {
-            read_only: true,
-            ..FileOptions::default()
-        },
-    )
-    .unwrap();
+    let local = MemoryDisk::with_data(&bytes);
     let expected = checksum(&local, spec, &two_threads, &mut |_| {}).unwrap();
     assert_eq!(read, expected, "{}", server.version());
     eprintln!("{} capped at 2 clients: read in {took:?}", server.version());

@@ -79,9 +79,9 @@ enum DiskCommand {
         requests: usize,
         /// NBD connections per disk when the server allows multi-conn (default: one over a
         /// plaintext Unix socket, else one per CPU, at most 4, as nbdcopy); a `connections=N`
-        /// in the URI wins. Copying from a plaintext
-        /// multi-conn export into `null:`, each copying thread also opens a connection of its
-        /// own for its reads (see `Disk::driven_queue`).
+        /// in the URI wins. Copying from a plaintext multi-conn export into `null:`, each
+        /// copying thread also opens a connection of its own for its reads (see
+        /// `Disk::driven_queue`).
         #[arg(long)]
         connections: Option<usize>,
         /// Copying threads (default: one per CPU, at most 4).
