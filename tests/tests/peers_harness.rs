@@ -111,8 +111,21 @@ fn a_server_socket_in_the_test_directory_is_reachable_and_killed_by_pid() {
             assert!(child.try_wait().unwrap().is_none(), "nbdkit exited");
             std::thread::sleep(Duration::from_millis(20));
         }
-        // The NBD greeting arrives through the bind-mounted directory.
-        let mut stream = UnixStream::connect(&socket).unwrap();
+        // The NBD greeting arrives through the bind-mounted directory. The socket's file
+        // appears at bind(), a moment before nbdkit listens: until then a connect is refused.
+        let mut stream = loop {
+            match UnixStream::connect(&socket) {
+                Ok(stream) => break stream,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "nbdkit did not listen within 10 s"
+                    );
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("connect to {}: {e}", socket.display()),
+            }
+        };
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
