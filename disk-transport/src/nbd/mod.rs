@@ -1592,8 +1592,7 @@ mod tests {
         // own queue, and what it read is the export's data.
         let spec = crate::blkhash::BlkhashSpec::default();
         let read = crate::blkhash::checksum(&disk, spec, &options, &mut |_| {}).unwrap();
-        let model = crate::memory::MemoryDisk::new(data.len() as u64);
-        model.write_at(&data, 0).unwrap();
+        let model = crate::memory::MemoryDisk::with_data(&data);
         let expected = crate::blkhash::checksum(&model, spec, &options, &mut |_| {}).unwrap();
         assert_eq!(read, expected);
         // A copy that reads nothing (the source is one hole) opens no queue, even into a sink.
