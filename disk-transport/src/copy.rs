@@ -188,8 +188,9 @@ impl Default for CopyOptions {
     }
 }
 
-/// One copying thread per CPU, at most 4 (nbdcopy's default connection count).
-fn default_threads() -> usize {
+/// One copying thread per CPU, at most 4 (nbdcopy's default connection count); also the
+/// NBD connections over a network ([`default_connections`](crate::factory::default_connections)).
+pub(crate) fn default_threads() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(4)
@@ -863,7 +864,6 @@ fn failed(error: Error, total: u64, started: Instant) -> CopyError {
     }
 }
 
-/// What the disks allow, checked before anything is read or written.
 /// When a copy flushes its destination on the way ([`CopyOptions::flush_every`]).
 pub(crate) struct FlushSchedule {
     every: u64,
@@ -882,6 +882,7 @@ impl FlushSchedule {
     }
 }
 
+/// What the disks allow, checked before anything is read or written.
 struct Setup {
     size: u64,
     align: u64,

@@ -159,9 +159,7 @@ pub fn default_connections(uri: &str) -> usize {
             address: NbdAddress::Tcp { .. },
             ..
         })
-        | Ok(DiskUri::Nbd { tls: Some(_), .. }) => {
-            std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
-        }
+        | Ok(DiskUri::Nbd { tls: Some(_), .. }) => crate::copy::default_threads(),
         _ => 1,
     }
 }

@@ -750,8 +750,9 @@ fn read_stream(mut source: StreamSource, capacity: u64, request: u64, queue: &Qu
 /// zeroed rather than written ([`CopyOptions::detect_zeroes`]) or skipped
 /// ([`CopyOptions::destination_is_zero`]); the destination is flushed at the end
 /// ([`CopyOptions::flush`]) and on the way ([`CopyOptions::flush_every`]); failed writes
-/// are retried as the engine retries them ([`CopyOptions::retries`]). A block hash needs the size in advance, so
-/// [`CopyOptions::blkhash`] fails with [`Error::Unsupported`]: hash the destination afterwards.
+/// are retried as the engine retries them ([`CopyOptions::retries`]). A block hash needs the
+/// size in advance, so [`CopyOptions::blkhash`] fails with [`Error::Unsupported`]: hash the
+/// destination afterwards.
 pub fn copy_from_stream(
     source: StreamSource,
     dst: &dyn Disk,
